@@ -1,0 +1,80 @@
+"""Deterministic ONNX models for tests, the demo and the benchmarks (no torch needed).
+
+* :func:`digits` — a real logistic-regression classifier trained on
+  scikit-learn's bundled digits data, with its train/test split.
+* :func:`mobilenetv2`, :func:`resnet50`, :func:`vgg16` — the ImageNet
+  architectures at their real size (3.5 M, 25.5 M and 138 M parameters) with
+  seeded random weights and batch norm folded, for latency and size benchmarks.
+  Input ``input`` float32 ``[N, 3, 224, 224]``, output ``logits`` float32
+  ``[N, 1000]``.
+* :func:`toy_multi_io` — a tiny two-input, two-output model for protocol tests.
+
+Every builder is deterministic: the same ``seed`` gives a byte-identical
+``SerializeToString()``. All models use ai.onnx opset 17 and pass
+:func:`onnx.checker.check_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx
+
+from sealedml.errors import ConfigurationError
+from sealedml.zoo.digits import DigitsModel, digits, digits_plaintext_accuracy
+from sealedml.zoo.mobilenet import mobilenetv2
+from sealedml.zoo.resnet import resnet50
+from sealedml.zoo.toy import toy_multi_io
+from sealedml.zoo.vgg import vgg16
+
+__all__ = [
+    "NAMES",
+    "DigitsModel",
+    "digits",
+    "digits_plaintext_accuracy",
+    "get",
+    "mobilenetv2",
+    "resnet50",
+    "toy_multi_io",
+    "vgg16",
+]
+
+
+def _digits_model(seed: int) -> onnx.ModelProto:
+    del seed  # the digits model is trained, not drawn at random
+    return digits().model
+
+
+_BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
+    "digits": _digits_model,
+    "mobilenetv2": mobilenetv2,
+    "resnet50": resnet50,
+    "vgg16": vgg16,
+    "toy": toy_multi_io,
+}
+
+#: Names accepted by :func:`get`.
+NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+
+def get(name: str, seed: int = 0) -> onnx.ModelProto:
+    """Return the zoo model called ``name``.
+
+    Args:
+        name: one of :data:`NAMES`: ``"digits"``, ``"mobilenetv2"``,
+            ``"resnet50"``, ``"vgg16"`` or ``"toy"``.
+        seed: weight seed of the random-weight models; ignored for
+            ``"digits"``, which is trained deterministically.
+
+    Returns:
+        A fresh :class:`onnx.ModelProto` the caller may modify.
+
+    Raises:
+        ConfigurationError: ``name`` is not a zoo model.
+    """
+    try:
+        builder = _BUILDERS[name]
+    except KeyError:
+        valid = ", ".join(NAMES)
+        raise ConfigurationError(f"unknown zoo model {name!r}; valid names: {valid}") from None
+    return builder(seed)

@@ -1,0 +1,410 @@
+"""Handlers of the ``sealedml`` commands (each returns a JSON-able dict)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sealedml.cli._common import add_json_flag
+from sealedml.errors import ConfigurationError, InputError
+
+__all__ = ["add_all"]
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+# ---------------------------------------------------------------------- shared argument groups
+def _ks(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--keyservice", required=required, metavar="URL", help="KeyService base URL")
+    p.add_argument("--keyservice-measurement", metavar="HEX",
+                   help="pin the expected KeyService measurement (default: this build's, simulated TEE)")
+
+
+def _identity(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--identity", required=True, type=Path, metavar="FILE", help="identity file")
+
+
+def _tee(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tee", default="simulated", choices=["simulated", "gramine", "tsm"],
+                   help="TEE this process runs in (default: simulated — no hardware protection)")
+
+
+def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+    from sealedml.client.trust import default_trust
+
+    identity = Identity.load(args.identity) if with_identity else None
+    return KeyServiceClient(args.keyservice, identity, trust=default_trust(args.keyservice_measurement))
+
+
+def _measurement_hex(value: str) -> str:
+    value = value.strip().lower()
+    if len(value) not in (64, 96) or any(c not in "0123456789abcdef" for c in value):
+        raise argparse.ArgumentTypeError("measurement must be 64 or 96 hex characters")
+    return value
+
+
+# ---------------------------------------------------------------------- identity / register
+def cmd_identity_new(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.client.identity import Identity
+
+    identity = Identity.generate()
+    identity.save(args.out)
+    return {"principal_id": identity.principal_id, "identity": str(args.out)}
+
+
+def cmd_register(args: argparse.Namespace) -> dict[str, Any]:
+    with _ks_client(args) as ks:
+        principal = ks.register()
+        return {"principal_id": principal, "keyservice": ks.url, "keyservice_measurement": ks.attest().measurement}
+
+
+# ---------------------------------------------------------------------- model commands
+def cmd_model_seal(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.client.owner import load_onnx, publish_model
+    from sealedml.storage.modelstore import LocalModelStore
+
+    model = load_onnx(args.input)
+    with _ks_client(args) as ks:
+        published = publish_model(model, model_id=args.model_id, keyservice=ks, store=LocalModelStore(args.store),
+                                  version=args.version)
+    return {"model_id": published.model_id, "version": published.version, "sealed_bytes": published.sealed_bytes,
+            "sealed_sha256": published.sealed_sha256, "store": str(args.store)}
+
+
+def cmd_model_allow_runtime(args: argparse.Namespace) -> dict[str, Any]:
+    with _ks_client(args) as ks:
+        ks.allow_runtime(args.model_id, args.measurement, allow=not args.remove)
+    return {"model_id": args.model_id, "measurement": args.measurement, "allowed": not args.remove}
+
+
+def cmd_model_grant(args: argparse.Namespace) -> dict[str, Any]:
+    grant = args.action == "grant"
+    with _ks_client(args) as ks:
+        ks.grant(args.model_id, args.user, grant=grant)
+    return {"model_id": args.model_id, "user_id": args.user, "granted": grant}
+
+
+def cmd_model_enable(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.attestation.measurement import measurement_for
+
+    measurements = args.measurement or [measurement_for("runtime", {"tee": "simulated"})]
+    with _ks_client(args) as ks:
+        ks.enable(args.model_id, measurements)
+        user = ks.identity.principal_id
+    return {"model_id": args.model_id, "user_id": user, "consented_measurements": measurements}
+
+
+def cmd_model_info(args: argparse.Namespace) -> dict[str, Any]:
+    with _ks_client(args) as ks:
+        return ks.model_info(args.model_id).model_dump()
+
+
+# ---------------------------------------------------------------------- infer
+def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndarray], bool]:
+    if not specs:
+        raise InputError("give --input X.npy, --input NAME=FILE.npy (repeatable), or --input FILE.npz")
+    if len(specs) == 1 and "=" not in specs[0]:
+        path = Path(specs[0])
+        data = _np_load(path)
+        if isinstance(data, np.ndarray):
+            return [data], True
+        names = list(data)
+        if all(n.startswith("arr_") for n in names):
+            return [data[f"arr_{i}"] for i in range(len(names))], True
+        return {n: data[n] for n in names}, False
+    named: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise InputError(f"--input {spec!r}: with several inputs use NAME=FILE.npy")
+        name, _, file = spec.partition("=")
+        array = _np_load(Path(file))
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"--input {spec!r}: expected a .npy file")
+        if name in named:
+            raise InputError(f"input {name!r} given twice")
+        named[name] = array
+    return named, False
+
+
+def _np_load(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a .npy/.npz file") from exc
+    if isinstance(data, np.lib.npyio.NpzFile):
+        return {k: data[k] for k in data.files}
+    return data
+
+
+def _save_outputs(outputs: dict[str, np.ndarray], out: Path) -> Path:
+    if len(outputs) == 1 and out.suffix == ".npy":
+        np.save(out, next(iter(outputs.values())))
+        return out
+    if out.suffix == ".npy":
+        # Keep the result rather than fail after the work is done.
+        target = out.with_suffix(".npz")
+        np.savez(target, **outputs)
+        print(f"note: the model has {len(outputs)} outputs; wrote {target} (.npz) instead of {out}",
+              file=sys.stderr)
+        return target
+    target = out if out.suffix == ".npz" else out.with_suffix(".npz")
+    np.savez(target, **outputs)
+    return target
+
+
+def _describe(array: np.ndarray) -> dict[str, Any]:
+    info: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    if array.size <= 64:
+        info["values"] = array.tolist()
+    return info
+
+
+def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.client.gateway import InferenceClient
+    from sealedml.client.identity import Identity
+
+    inputs, _ = _load_inputs(args.input)
+    identity = Identity.load(args.identity)
+    if not args.skip_check:
+        with _ks_client(args) as ks:
+            info = ks.model_info(args.model_id)
+        if not info.consented:
+            raise ConfigurationError(f"run `sealedml model enable {args.model_id}` first (no request key/consent)")
+    t0 = time.perf_counter()
+    with InferenceClient(args.gateway, identity) as client:
+        outputs = client.infer(args.model_id, inputs)
+        cold = client.last_cold_start
+    result: dict[str, Any] = {
+        "model_id": args.model_id,
+        "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+        "cold_start": cold,
+        "outputs": {name: _describe(value) for name, value in outputs.items()},
+    }
+    if args.out is not None:
+        result["out"] = str(_save_outputs(outputs, args.out))
+    return result
+
+
+# ---------------------------------------------------------------------- measurement
+def cmd_measurement(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.attestation.measurement import measurement_for
+    from sealedml.attestation.simulated import SIMULATED_WARNING
+
+    return {"measurement": measurement_for(args.role, {"tee": "simulated"}), "role": args.role,
+            "tee": "simulated", "warning": SIMULATED_WARNING}
+
+
+# ---------------------------------------------------------------------- servers
+def cmd_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.keyservice.server import serve
+
+    serve(args.data_dir, args.host, args.port, tee=args.tee, lease_ttl=args.lease_ttl)
+    return {"stopped": "keyservice"}
+
+
+def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.platform.server import serve
+
+    serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency,
+          max_instances=args.max_instances, keep_alive=args.keep_alive, tee=args.tee,
+          unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+    return {"stopped": "platform"}
+
+
+def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.runtime.server import serve
+
+    serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency, tee=args.tee,
+          unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+    return {"stopped": "worker"}
+
+
+def cmd_up(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml._internal.procs import ServiceProcess
+
+    data = args.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    store = data / "store"
+    with ServiceProcess.start(
+        ["keyservice", "serve", "--data-dir", str(data / "keyservice"), "--host", args.host,
+         "--port", str(args.keyservice_port), "--lease-ttl", str(args.lease_ttl)], name="keyservice",
+    ) as ks, ServiceProcess.start(
+        ["platform", "serve", "--keyservice", ks.url, "--store", str(store), "--host", args.host,
+         "--port", str(args.gateway_port)], name="platform",
+    ) as gw:
+        print(f"KeyService: {ks.url}\nGateway:    {gw.url}\nStore:      {store}\n"
+              f"Runtime measurement: {_runtime_measurement()}\n(Ctrl-C to stop)", file=sys.stderr, flush=True)
+        stop = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        try:
+            while not stop["flag"] and ks.alive() and gw.alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return {"keyservice": ks.url, "gateway": gw.url, "store": str(store), "stopped": True}
+
+
+def _runtime_measurement() -> str:
+    from sealedml.attestation.measurement import measurement_for
+
+    return measurement_for("runtime", {"tee": "simulated"})
+
+
+# ---------------------------------------------------------------------- zoo, demo, bench
+def cmd_zoo_export(args: argparse.Namespace) -> dict[str, Any]:
+    import onnx
+
+    from sealedml import zoo
+
+    model = zoo.get(args.name, seed=args.seed)
+    onnx.save(model, str(args.out))
+    result: dict[str, Any] = {"model": args.name, "out": str(args.out), "bytes": args.out.stat().st_size}
+    if args.test_data is not None:
+        if args.name != "digits":
+            raise ConfigurationError("--test-data exists for the digits model only")
+        dm = zoo.digits()
+        np.save(args.test_data, dm.x_test[: args.samples])
+        result["test_data"] = str(args.test_data)
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.cli.demo import run_demo
+
+    return run_demo(lease_ttl=args.lease_ttl, samples=args.samples, quiet=args.json)
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.bench.overhead import run_overhead
+
+    return run_overhead(args.model, requests=args.requests, warmup=args.warmup, quiet=args.json)
+
+
+# ---------------------------------------------------------------------- parser
+def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register every command."""
+
+    def command(parent: Any, name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        add_json_flag(p)
+        p.set_defaults(func=func)
+        return p
+
+    p = command(sub, "demo", cmd_demo, "run everything on one machine and print accuracy, latency, denials")
+    p.add_argument("--lease-ttl", type=int, default=2, help="key lease TTL in seconds for the demo (default 2)")
+    p.add_argument("--samples", type=int, default=None, help="test samples to run (default: whole test split)")
+
+    p = command(sub, "up", cmd_up, "run a KeyService and a platform gateway with embedded defaults")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--keyservice-port", type=int, default=8700)
+    p.add_argument("--gateway-port", type=int, default=8701)
+    p.add_argument("--lease-ttl", type=int, default=60)
+
+    ks = sub.add_parser("keyservice", help="KeyService commands").add_subparsers(dest="sub", required=True)
+    p = command(ks, "serve", cmd_keyservice_serve, "run the KeyService")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
+    p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")
+    _tee(p)
+
+    pf = sub.add_parser("platform", help="platform commands").add_subparsers(dest="sub", required=True)
+    p = command(pf, "serve", cmd_platform_serve, "run the gateway with the embedded local platform")
+    p.add_argument("--keyservice", required=True, metavar="URL")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8701)
+    p.add_argument("--concurrency", type=int, default=2, help="requests per instance at once (default 2)")
+    p.add_argument("--max-instances", type=int, default=2, help="most instances at once (default 2)")
+    p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
+    p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    _tee(p)
+
+    wk = sub.add_parser("worker", help="runtime instance commands").add_subparsers(dest="sub", required=True)
+    p = command(wk, "serve", cmd_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
+    p.add_argument("--keyservice", required=True, metavar="URL")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    _tee(p)
+
+    ident = sub.add_parser("identity", help="identity commands").add_subparsers(dest="sub", required=True)
+    p = command(ident, "new", cmd_identity_new, "create a new identity file (Ed25519 key + request-key seed)")
+    p.add_argument("--out", required=True, type=Path)
+
+    p = command(sub, "register", cmd_register, "register an identity with the KeyService")
+    _ks(p)
+    _identity(p)
+
+    model = sub.add_parser("model", help="model owner and user commands").add_subparsers(dest="sub", required=True)
+    p = command(model, "seal", cmd_model_seal, "seal an ONNX model, store it, upload its key")
+    p.add_argument("input", type=Path, metavar="IN.onnx")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--version", type=int, default=None, help="version number (default: next)")
+    _identity(p)
+    _ks(p)
+    p = command(model, "allow-runtime", cmd_model_allow_runtime, "allow a runtime measurement for a model")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--measurement", required=True, type=_measurement_hex)
+    p.add_argument("--remove", action="store_true", help="disallow instead")
+    _identity(p)
+    _ks(p)
+    for action in ("grant", "revoke"):
+        p = command(model, action, cmd_model_grant, f"{action} a user's access to a model")
+        p.add_argument("model_id", metavar="ID")
+        p.add_argument("--user", required=True, metavar="USER_ID")
+        p.set_defaults(action=action)
+        _identity(p)
+        _ks(p)
+    p = command(model, "enable", cmd_model_enable, "user: upload your request key and consent to runtimes")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--measurement", action="append", type=_measurement_hex,
+                   help="runtime measurement you consent to (repeatable; default: this build's runtime)")
+    _identity(p)
+    _ks(p)
+    p = command(model, "info", cmd_model_info, "what you may know about a model")
+    p.add_argument("model_id", metavar="ID")
+    _identity(p)
+    _ks(p)
+
+    p = command(sub, "infer", cmd_infer, "encrypted inference through the gateway")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
+    p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
+    p.add_argument("--gateway", required=True, metavar="URL")
+    p.add_argument("--skip-check", action="store_true", help="do not ask the KeyService whether you enabled the model")
+    _identity(p)
+    _ks(p)
+
+    p = command(sub, "measurement", cmd_measurement, "print this build's runtime measurement")
+    p.add_argument("--role", default="runtime", choices=["runtime", "keyservice"])
+
+    zoo = sub.add_parser("zoo", help="built-in models").add_subparsers(dest="sub", required=True)
+    p = command(zoo, "export", cmd_zoo_export, "write a built-in model as ONNX")
+    p.add_argument("name", choices=["digits", "mobilenetv2", "resnet50", "vgg16", "toy"])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-data", type=Path, default=None, help="digits only: also write test inputs (.npy)")
+    p.add_argument("--samples", type=int, default=10)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="sub", required=True)
+    p = command(bench, "overhead", cmd_bench_overhead, "secure vs plain serving vs in-process ONNX Runtime")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50", "digits", "toy"])
+    p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
+    p.add_argument("--warmup", type=int, default=5)
+
+

@@ -1,0 +1,177 @@
+"""``sealedml demo``: the whole confidential path on one machine, for real.
+
+KeyService and platform run as separate processes on free loopback ports in
+a temporary directory (its own simulated platform root included); the owner
+and users act through the same SDK the CLI uses.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sealedml._internal.procs import ServiceProcess
+from sealedml.errors import AccessDenied, SealedModelError
+
+__all__ = ["run_demo"]
+
+
+@contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = False,
+             workdir: Path | None = None) -> dict[str, Any]:
+    """Run the demo; return the results (see the ``--json`` keys in the README)."""
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    from sealedml import zoo
+    from sealedml.attestation.measurement import measurement_for
+    from sealedml.client.gateway import InferenceClient
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+    from sealedml.client.owner import publish_model
+    from sealedml.storage.modelstore import LocalModelStore
+
+    with ExitStack() as stack:
+        tmp = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sealedml-demo-")))
+        home = tmp / "home"
+        stack.enter_context(_env("SEALEDML_HOME", str(home)))
+        say(f"[demo] working in {tmp} (simulated TEE: no hardware protection)")
+        ks = stack.enter_context(ServiceProcess.start(
+            ["keyservice", "serve", "--data-dir", str(tmp / "keyservice"), "--port", "0",
+             "--lease-ttl", str(lease_ttl)], name="keyservice", log_path=tmp / "keyservice.log"))
+        store_dir = tmp / "store"
+        gw = stack.enter_context(ServiceProcess.start(
+            ["platform", "serve", "--keyservice", ks.url, "--store", str(store_dir), "--port", "0",
+             "--keep-alive", "60"], name="platform", log_path=tmp / "platform.log"))
+        say(f"[demo] KeyService {ks.url}, gateway {gw.url}")
+
+        owner, user, stranger = Identity.generate(), Identity.generate(), Identity.generate()
+        clients = {name: stack.enter_context(KeyServiceClient(ks.url, ident))
+                   for name, ident in (("owner", owner), ("user", user), ("stranger", stranger))}
+        for name, client in clients.items():
+            client.register()
+        say(f"[demo] registered owner {owner.principal_id[:8]}…, user {user.principal_id[:8]}…, "
+            f"stranger {stranger.principal_id[:8]}… (KeyService attested: {clients['owner'].attest().measurement[:16]}…)")
+
+        dm = zoo.digits()
+        store = LocalModelStore(store_dir)
+        runtime = measurement_for("runtime", {"tee": "simulated"})
+        published = publish_model(dm.model, model_id="digits", keyservice=clients["owner"], store=store)
+        clients["owner"].allow_runtime("digits", runtime)
+        clients["owner"].grant("digits", user.principal_id)
+        clients["user"].enable("digits", [runtime])
+        say(f"[demo] sealed digits v{published.version} ({published.sealed_bytes} bytes); allowed runtime "
+            f"{runtime[:16]}…; granted and enabled")
+
+        x, y = dm.x_test, dm.y_test
+        if samples is not None:
+            x, y = x[:samples], y[:samples]
+        plaintext_accuracy = float(zoo.digits_plaintext_accuracy(dm) if samples is None else
+                                   np.mean(_plain_labels(dm.model, x) == y))
+        latencies, predictions = [], []
+        cold_ms = 0.0
+        with InferenceClient(gw.url, user) as infer:
+            for i in range(len(x)):
+                t0 = time.perf_counter()
+                out = infer.infer("digits", {"input": x[i : i + 1]})
+                ms = (time.perf_counter() - t0) * 1000
+                if i == 0:
+                    cold_ms = ms
+                    say(f"[demo] first request (cold start: instance spawn, attestation, key release, "
+                        f"decrypt, session): {ms:.1f} ms")
+                else:
+                    latencies.append(ms)
+                predictions.append(int(out["label"][0]))
+                if not quiet and (i + 1) % 100 == 0:
+                    say(f"[demo] {i + 1}/{len(x)} encrypted requests")
+        accuracy = float(np.mean(np.array(predictions) == y))
+        warm_p50 = statistics.median(latencies) if latencies else cold_ms
+        say(f"[demo] accuracy {accuracy:.4f} (plaintext ONNX Runtime {plaintext_accuracy:.4f}) on {len(x)} samples; "
+            f"warm p50 {warm_p50:.2f} ms")
+
+        # A registered user without a grant is refused.
+        clients["stranger"].enable("digits", [runtime])
+        denied_unauthorized = _denied(gw.url, stranger, x[:1])
+        say(f"[demo] user without grant denied: {denied_unauthorized}")
+
+        # Revocation ends access within the lease TTL.
+        clients["owner"].grant("digits", user.principal_id, grant=False)
+        time.sleep(lease_ttl + 1.0)
+        denied_after_revoke = _denied(gw.url, user, x[:1])
+        say(f"[demo] access after revoke (waited TTL {lease_ttl}s) denied: {denied_after_revoke}")
+
+        # A tampered sealed model is rejected by the runtime.
+        publish_model(dm.model, model_id="digits-tampered", keyservice=clients["owner"], store=store)
+        clients["owner"].allow_runtime("digits-tampered", runtime)
+        clients["owner"].grant("digits-tampered", user.principal_id)
+        clients["user"].enable("digits-tampered", [runtime])
+        path = store.path("digits-tampered", 1)
+        blob = bytearray(path.read_bytes())
+        blob[-100] ^= 0x01
+        path.write_bytes(bytes(blob))
+        tampered_rejected = False
+        try:
+            with InferenceClient(gw.url, user) as infer:
+                infer.infer("digits-tampered", {"input": x[:1]})
+        except SealedModelError:
+            tampered_rejected = True
+        say(f"[demo] tampered sealed model rejected: {tampered_rejected}")
+
+        ok = (accuracy == plaintext_accuracy and denied_unauthorized and denied_after_revoke and tampered_rejected)
+        return {
+            "accuracy": accuracy,
+            "plaintext_accuracy": plaintext_accuracy,
+            "n": int(len(x)),
+            "cold_start_ms": round(cold_ms, 2),
+            "warm_p50_ms": round(warm_p50, 3),
+            "warm_p99_ms": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
+            "denied_unauthorized": denied_unauthorized,
+            "denied_after_revoke": denied_after_revoke,
+            "tampered_model_rejected": tampered_rejected,
+            "lease_ttl_s": lease_ttl,
+            "tee": "simulated",
+            "ok": ok,
+            "_exit": 0 if ok else 1,
+        }
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _denied(gateway: str, identity: Any, x: np.ndarray) -> bool:
+    from sealedml.client.gateway import InferenceClient
+
+    try:
+        with InferenceClient(gateway, identity) as infer:
+            infer.infer("digits", {"input": x})
+    except AccessDenied:
+        return True
+    return False
+
+
+def _plain_labels(model: Any, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["label"], {"input": x})[0])

@@ -1,0 +1,56 @@
+"""The ``sealedml`` command line (DESIGN §"Public command line").
+
+Every command takes ``--json``, exits 0 on success and non-zero with a
+one-line reason on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from sealedml import __version__
+from sealedml.cli import commands
+from sealedml.cli._common import run_handler
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="sealedml",
+        description="Confidential, serverless ML inference: sealed models, attested runtimes, encrypted requests.",
+    )
+    parser.add_argument("--version", action="version", version=f"sealedml {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="log level on stderr (default WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands.add_all(sub)
+    try:
+        from sealedml.cli import attest
+    except ImportError:  # pragma: no cover - optional during development
+        pass
+    else:
+        attest.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sealedml`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from sealedml._internal.serve import configure_logging
+
+    configure_logging(args.log_level)
+    logging.captureWarnings(True)
+    handler = getattr(args, "func", None)
+    if handler is None:  # pragma: no cover - argparse enforces a subcommand
+        parser.print_help()
+        return 2
+    return run_handler(handler, args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

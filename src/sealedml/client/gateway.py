@@ -1,0 +1,71 @@
+"""Encrypted inference through the gateway, as a user."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import httpx
+import numpy as np
+
+from sealedml.client.identity import Identity
+from sealedml.client.keyservice import raise_for_error
+from sealedml.envelope.request import ResponseEnvelope, open_response, seal_request
+from sealedml.errors import ServiceUnavailable
+
+__all__ = ["InferenceClient"]
+
+
+class InferenceClient:
+    """Seal requests for a model, send them to the gateway, open the answers.
+
+    Args:
+        gateway: the gateway base URL.
+        identity: the user.
+        timeout: seconds per request (cold starts included).
+    """
+
+    def __init__(self, gateway: str, identity: Identity, *, timeout: float = 300.0) -> None:
+        self.identity = identity
+        self._http = httpx.Client(base_url=gateway.rstrip("/"), timeout=timeout)
+        self.last_cold_start = False
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> InferenceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def infer(
+        self, model_id: str, inputs: Mapping[str, np.ndarray] | list[np.ndarray] | np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Run ``model_id`` on ``inputs`` (named dict, or unnamed array(s) in input order).
+
+        Raises:
+            AccessDenied: no grant, no consent, or revoked.
+            EnvelopeError / SealedModelError / InputError: as reported by the runtime.
+            ServiceUnavailable / Overloaded: platform trouble.
+        """
+        if isinstance(inputs, np.ndarray):
+            tensors, positional = {"0": inputs}, True
+        elif isinstance(inputs, list):
+            tensors, positional = {str(i): a for i, a in enumerate(inputs)}, True
+        else:
+            tensors, positional = dict(inputs), False
+        envelope, context = seal_request(
+            tensors,
+            request_key=self.identity.request_key(model_id),
+            model_id=model_id,
+            user_id=self.identity.principal_id,
+            is_positional=positional,
+        )
+        try:
+            response = self._http.post("/v1/infer", content=envelope.model_dump_json(),
+                                       headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
+        raise_for_error(response)
+        self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"
+        return open_response(context, ResponseEnvelope.parse(response.content))

@@ -1,0 +1,68 @@
+"""Owner workflow: seal a model, store it, hand its key to the KeyService."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from sealedml.client.keyservice import KeyServiceClient
+from sealedml.crypto import KEY_SIZE, random_bytes
+from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, seal_model
+from sealedml.errors import AccessDenied, ConfigurationError
+from sealedml.storage.modelstore import ModelStore
+
+__all__ = ["PublishedModel", "load_onnx", "publish_model"]
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """What :func:`publish_model` did."""
+
+    model_id: str
+    version: int
+    sealed_bytes: int
+    sealed_sha256: str
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load an ONNX file (with any external data next to it).
+
+    Raises:
+        ConfigurationError: missing or not an ONNX model.
+    """
+    if not path.is_file():
+        raise ConfigurationError(f"{path} not found")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except Exception as exc:
+        raise ConfigurationError(f"{path} is not an ONNX model") from exc
+
+
+def publish_model(
+    model: onnx.ModelProto,
+    *,
+    model_id: str,
+    keyservice: KeyServiceClient,
+    store: ModelStore,
+    version: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PublishedModel:
+    """Seal ``model`` under a fresh key, upload the key, then store the container.
+
+    The key goes to the KeyService first (HPKE-sealed after verifying its
+    attestation), so a stored container always has its key registered.
+    """
+    if version is None:
+        try:
+            registered = keyservice.model_info(model_id).current_version
+        except AccessDenied:  # a new model (or someone else's: the upload will be refused)
+            registered = 0
+        version = max(registered, store.latest_version(model_id) or 0) + 1
+    model_key = random_bytes(KEY_SIZE)
+    sealed = seal_model(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
+    keyservice.upload_model_key(model_id, version, model_key)
+    store.put(model_id, version, sealed)
+    return PublishedModel(model_id, version, len(sealed), hashlib.sha256(sealed).hexdigest())

@@ -1,0 +1,57 @@
+"""How a client decides to trust a KeyService before sending it a secret.
+
+The client fetches evidence bound to a fresh nonce and the KeyService's HPKE
+key, verifies it, and checks the measurement against the expected one. With
+the simulated TEE the expected measurement defaults to *this build's*
+KeyService measurement (the client runs the same code), and the platform root
+is this host's; ``--keyservice-measurement`` pins another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sealedml.attestation.base import Evidence, TeeType, Verifier, check_binding
+from sealedml.attestation.measurement import measurement_for
+from sealedml.attestation.policy import Policy
+from sealedml.attestation.simulated import SimulatedVerifier
+from sealedml.errors import AttestationError, ConfigurationError
+
+__all__ = ["KeyServiceTrust", "default_trust"]
+
+
+@dataclass(frozen=True)
+class KeyServiceTrust:
+    """What a client accepts as a genuine KeyService."""
+
+    policy: Policy
+    verifiers: dict[TeeType, Verifier]
+
+    def verify(self, evidence: Evidence, nonce: bytes, service_key: bytes) -> None:
+        """Verify evidence, its binding to ``nonce`` and ``service_key``, and the policy.
+
+        Raises:
+            AttestationError: the KeyService is not the one expected.
+        """
+        verifier = self.verifiers.get(evidence.tee)
+        if verifier is None:
+            raise AttestationError(f"no verifier for KeyService TEE {evidence.tee.value}")
+        claims = verifier.verify(evidence)
+        check_binding(claims, nonce, service_key)
+        self.policy.verify(claims)
+
+
+def default_trust(expected_measurement: str | None = None) -> KeyServiceTrust:
+    """Trust for a simulated KeyService on this host (this build's measurement unless pinned).
+
+    Raises:
+        ConfigurationError: no simulated platform root on this host.
+    """
+    measurement = expected_measurement or measurement_for("keyservice", {"tee": "simulated"})
+    try:
+        verifier = SimulatedVerifier()
+    except ConfigurationError:
+        raise
+    except AttestationError as exc:  # pragma: no cover - defensive
+        raise ConfigurationError(str(exc)) from exc
+    return KeyServiceTrust(Policy.for_measurements([measurement]), {TeeType.SIMULATED: verifier})

@@ -1,0 +1,61 @@
+"""AES-256-GCM with derived nonces.
+
+Nonces are never fixed (a published SeSeMI weakness was an all-zero GCM nonce):
+callers either use a fresh key per message with a random nonce, or a random
+96-bit base nonce XOR-ed with a chunk counter (TLS 1.3 style, RFC 8446 §5.3)
+under a key used for one object only.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from sealedml.errors import CryptoError
+
+__all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "aead_decrypt", "aead_encrypt", "derive_nonce"]
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+
+
+def _cipher(key: bytes) -> AESGCM:
+    if len(key) != KEY_SIZE:
+        raise CryptoError("AES-256-GCM needs a 32-byte key")
+    return AESGCM(key)
+
+
+def derive_nonce(base_nonce: bytes, index: int) -> bytes:
+    """The nonce of chunk ``index``: ``base_nonce XOR big-endian(index)``.
+
+    Raises:
+        CryptoError: wrong base size or an index that does not fit 64 bits.
+    """
+    if len(base_nonce) != NONCE_SIZE:
+        raise CryptoError("base nonce must be 12 bytes")
+    if not 0 <= index < 2**64:
+        raise CryptoError("chunk index out of range")
+    counter = index.to_bytes(NONCE_SIZE, "big")
+    return bytes(a ^ b for a, b in zip(base_nonce, counter, strict=True))
+
+
+def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """Encrypt and authenticate; returns ciphertext ‖ 16-byte tag."""
+    if len(nonce) != NONCE_SIZE:
+        raise CryptoError("nonce must be 12 bytes")
+    return _cipher(key).encrypt(nonce, plaintext, aad)
+
+
+def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    """Authenticate and decrypt.
+
+    Raises:
+        CryptoError: the ciphertext, nonce, AAD or key is wrong (no detail, by design).
+    """
+    if len(nonce) != NONCE_SIZE:
+        raise CryptoError("nonce must be 12 bytes")
+    try:
+        return _cipher(key).decrypt(nonce, ciphertext, aad)
+    except InvalidTag as exc:
+        raise CryptoError("authentication failed") from exc

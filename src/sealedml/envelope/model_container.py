@@ -1,0 +1,500 @@
+"""The sealed model container (DESIGN §crypto "Sealed model container").
+
+Layout::
+
+    MAGIC (8) ‖ header_len (u32 BE) ‖ header (canonical JSON) ‖ chunk_0 ‖ … ‖ chunk_{n-1}
+
+The header is plaintext but authenticated: every chunk's AAD carries the
+header digest ``SHA-256(MAGIC ‖ header)``, the chunk index and a last-chunk
+flag, and its nonce is ``base_nonce XOR index``. So truncation, reordering,
+swapping chunks between models or versions, and header edits all fail
+authentication. The chunk key is derived from the model key with HKDF over a
+random per-container salt and the model id and version, so reusing a model key
+for two versions still gives independent keys.
+
+The *plaintext payload* that the chunks carry is::
+
+    manifest_len (u32 BE) ‖ manifest (canonical JSON) ‖ graph (ONNX, weights external) ‖ weights
+
+The manifest lists every weight tensor with its offset and length inside the
+payload (ONNX external-data layout, 64-byte aligned), so a runtime can decrypt
+one layer at a time. Unlike the design's first sketch, the tensor index lives
+in the *encrypted* manifest rather than the plaintext header: tensor names and
+shapes describe the architecture, which an owner may consider confidential
+(docs/decisions/0002-encrypted-tensor-index.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from sealedml._internal.encoding import canonical_json, fields
+from sealedml.crypto import (
+    KEY_SIZE,
+    NONCE_SIZE,
+    TAG_SIZE,
+    aead_decrypt,
+    aead_encrypt,
+    derive_nonce,
+    hkdf_sha256,
+    random_bytes,
+)
+from sealedml.errors import CryptoError, SealedModelError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAGIC",
+    "Manifest",
+    "SealedModelHeader",
+    "SealedModelReader",
+    "TensorEntry",
+    "open_model",
+    "seal_model",
+]
+
+MAGIC = b"SMLMDL\x00\x01"
+FORMAT_VERSION = 1
+DEFAULT_CHUNK_SIZE = 256 * 1024
+_MAX_HEADER = 64 * 1024
+_MAX_MANIFEST = 64 * 1024 * 1024
+_ALIGN = 64
+_KEY_LABEL = b"sealedml/v1/model-chunk-key"
+_AAD_LABEL = b"sealedml/v1/model-chunk"
+EXTERNAL_LOCATION = "sealedml:weights"
+
+
+@dataclass(frozen=True)
+class SealedModelHeader:
+    """The parsed plaintext header of a sealed model."""
+
+    model_id: str
+    model_version: int
+    plaintext_sha256: str
+    plaintext_length: int
+    chunk_size: int
+    n_chunks: int
+    salt: bytes
+    base_nonce: bytes
+    raw: bytes
+
+    @property
+    def digest(self) -> bytes:
+        """SHA-256 over magic and header bytes; bound into every chunk's AAD."""
+        return hashlib.sha256(MAGIC + self.raw).digest()
+
+    @property
+    def data_offset(self) -> int:
+        """Where the first chunk starts in the file."""
+        return len(MAGIC) + 4 + len(self.raw)
+
+    @property
+    def sealed_length(self) -> int:
+        """Exact size of the whole container."""
+        return self.data_offset + self.plaintext_length + self.n_chunks * TAG_SIZE
+
+    @classmethod
+    def parse(cls, prefix: bytes) -> SealedModelHeader:
+        """Parse the header from the first bytes of a container.
+
+        Raises:
+            SealedModelError: bad magic, truncated or malformed header.
+        """
+        if len(prefix) < len(MAGIC) + 4 or prefix[: len(MAGIC)] != MAGIC:
+            raise SealedModelError("not a sealed model (bad magic)")
+        length = int.from_bytes(prefix[len(MAGIC) : len(MAGIC) + 4], "big")
+        if length > _MAX_HEADER:
+            raise SealedModelError("sealed model header too large")
+        raw = prefix[len(MAGIC) + 4 : len(MAGIC) + 4 + length]
+        if len(raw) != length:
+            raise SealedModelError("sealed model truncated in header")
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != FORMAT_VERSION:
+                raise SealedModelError("unsupported sealed model format")
+            header = cls(
+                model_id=str(doc["model_id"]),
+                model_version=int(doc["model_version"]),
+                plaintext_sha256=str(doc["plaintext_sha256"]),
+                plaintext_length=int(doc["plaintext_length"]),
+                chunk_size=int(doc["chunk_size"]),
+                n_chunks=int(doc["n_chunks"]),
+                salt=bytes.fromhex(doc["salt"]),
+                base_nonce=bytes.fromhex(doc["base_nonce"]),
+                raw=raw,
+            )
+        except SealedModelError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SealedModelError("malformed sealed model header") from exc
+        if canonical_json(doc) != raw:
+            raise SealedModelError("sealed model header is not canonical")
+        expected_chunks = max(1, -(-header.plaintext_length // header.chunk_size)) if header.chunk_size > 0 else -1
+        if (
+            header.chunk_size <= 0
+            or header.plaintext_length < 0
+            or header.n_chunks != expected_chunks
+            or len(header.salt) != 32
+            or len(header.base_nonce) != NONCE_SIZE
+        ):
+            raise SealedModelError("inconsistent sealed model header")
+        return header
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one weight tensor lives in the plaintext payload."""
+
+    name: str
+    offset: int
+    length: int
+    data_type: int
+    dims: tuple[int, ...]
+
+    def to_array(self, data: bytes) -> np.ndarray:
+        """View ``data`` (this tensor's bytes) as a numpy array."""
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
+        return np.frombuffer(data, dtype=dtype).reshape(self.dims)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The encrypted table of contents of a sealed model."""
+
+    graph_offset: int
+    graph_length: int
+    tensors: tuple[TensorEntry, ...]
+
+    def tensor(self, name: str) -> TensorEntry:
+        """The entry named ``name``.
+
+        Raises:
+            SealedModelError: no such tensor.
+        """
+        for entry in self.tensors:
+            if entry.name == name:
+                return entry
+        raise SealedModelError(f"no weight tensor named {name!r}")
+
+
+def _content_key(model_key: bytes, header: SealedModelHeader) -> bytes:
+    if len(model_key) != KEY_SIZE:
+        raise SealedModelError("model key must be 32 bytes")
+    info = fields(_KEY_LABEL, header.model_id, header.model_version)
+    return hkdf_sha256(model_key, salt=header.salt, info=info)
+
+
+def _chunk_aad(header_digest: bytes, index: int, last: bool) -> bytes:
+    return fields(_AAD_LABEL, header_digest, index, int(last))
+
+
+def _externalize(model: onnx.ModelProto) -> tuple[bytes, list[tuple[str, bytes, int, tuple[int, ...]]]]:
+    """Move every numeric initializer out of the graph; return (graph bytes, tensors)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's copy
+    tensors: list[tuple[str, bytes, int, tuple[int, ...]]] = []
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            continue
+        if init.data_location == TensorProto.EXTERNAL:
+            raise SealedModelError(
+                f"initializer {init.name!r} has external data: load the model with its data first"
+            )
+        array = numpy_helper.to_array(init)
+        raw = np.ascontiguousarray(array).tobytes()
+        tensors.append((init.name, raw, init.data_type, tuple(int(d) for d in init.dims)))
+        dims = list(init.dims)
+        name, dtype = init.name, init.data_type
+        init.Clear()
+        init.name, init.data_type = name, dtype
+        init.dims.extend(dims)
+        init.data_location = TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", EXTERNAL_LOCATION
+    return model.SerializeToString(), tensors
+
+
+def _build_payload(model: onnx.ModelProto) -> bytes:
+    graph, tensors = _externalize(model)
+    # Offsets depend on the manifest length, which depends on the offsets: lay
+    # out relative to the end of the manifest, then fix up.
+    rel: list[dict[str, Any]] = []
+    cursor = len(graph)
+    for name, raw, dtype, dims in tensors:
+        cursor = -(-cursor // _ALIGN) * _ALIGN
+        rel.append({"name": name, "offset": cursor, "length": len(raw), "data_type": dtype, "dims": list(dims)})
+        cursor += len(raw)
+    body_len = cursor
+    base = 0
+    for _ in range(4):  # converges in ≤ 2 rounds; offsets are aligned after the base
+        manifest = {
+            "graph": {"offset": base, "length": len(graph)},
+            "tensors": [{**t, "offset": t["offset"] + base} for t in rel],
+        }
+        mbytes = canonical_json(manifest)
+        new_base = -(-(4 + len(mbytes)) // _ALIGN) * _ALIGN
+        if new_base == base:
+            break
+        base = new_base
+    else:  # pragma: no cover - arithmetic guarantees convergence
+        raise SealedModelError("manifest layout did not converge")
+    payload = bytearray(base + body_len)
+    payload[0:4] = len(mbytes).to_bytes(4, "big")
+    payload[4 : 4 + len(mbytes)] = mbytes
+    payload[base : base + len(graph)] = graph
+    for (_, raw, _, _), t in zip(tensors, rel, strict=True):
+        start = base + t["offset"]
+        payload[start : start + len(raw)] = raw
+    return bytes(payload)
+
+
+def seal_model(
+    model: onnx.ModelProto | bytes,
+    *,
+    model_id: str,
+    model_version: int,
+    model_key: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> bytes:
+    """Seal an ONNX model into a container.
+
+    Args:
+        model: the model (a ``ModelProto`` or its serialized bytes), weights inline.
+        model_id: the owner's identifier for the model.
+        model_version: a positive version number.
+        model_key: the 32-byte model key (one per model version is recommended).
+        chunk_size: plaintext bytes per AES-GCM chunk.
+
+    Returns:
+        The sealed container bytes.
+
+    Raises:
+        SealedModelError: the model cannot be parsed or the arguments are invalid.
+    """
+    if isinstance(model, bytes | bytearray):
+        try:
+            model = onnx.ModelProto.FromString(bytes(model))
+        except Exception as exc:  # protobuf DecodeError and friends
+            raise SealedModelError("input is not an ONNX model") from exc
+    if not 1024 <= chunk_size <= 64 * 1024 * 1024:
+        raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
+    if model_version < 1:
+        raise SealedModelError("model version must be ≥ 1")
+    payload = _build_payload(model)
+    n_chunks = max(1, -(-len(payload) // chunk_size))
+    doc = {
+        "format": FORMAT_VERSION,
+        "model_id": model_id,
+        "model_version": model_version,
+        "plaintext_sha256": hashlib.sha256(payload).hexdigest(),
+        "plaintext_length": len(payload),
+        "chunk_size": chunk_size,
+        "n_chunks": n_chunks,
+        "salt": random_bytes(32).hex(),
+        "base_nonce": random_bytes(NONCE_SIZE).hex(),
+    }
+    raw = canonical_json(doc)
+    header = SealedModelHeader.parse(MAGIC + len(raw).to_bytes(4, "big") + raw)
+    key = _content_key(model_key, header)
+    out = bytearray(MAGIC + len(raw).to_bytes(4, "big") + raw)
+    digest = header.digest
+    for index in range(n_chunks):
+        chunk = payload[index * chunk_size : (index + 1) * chunk_size]
+        nonce = derive_nonce(header.base_nonce, index)
+        out += aead_encrypt(key, nonce, chunk, _chunk_aad(digest, index, index == n_chunks - 1))
+    return bytes(out)
+
+
+class SealedModelReader:
+    """Random-access, authenticated reads from a sealed model.
+
+    Decrypts only the chunks that cover a requested range, so one tensor (one
+    layer) can be decrypted at a time. Every chunk is authenticated before any
+    of its bytes are returned.
+    """
+
+    def __init__(self, source: bytes | Path | str, model_key: bytes) -> None:
+        """Open ``source`` (container bytes or a file path) with ``model_key``.
+
+        Raises:
+            SealedModelError: malformed header, truncated or extended container.
+        """
+        self._file: BinaryIO | None = None
+        if isinstance(source, bytes | bytearray | memoryview):
+            self._data: bytes | None = bytes(source)
+            size = len(self._data)
+            prefix = self._data[: len(MAGIC) + 4 + _MAX_HEADER]
+        else:
+            self._data = None
+            self._file = open(source, "rb")  # noqa: SIM115 - closed in close()
+            size = os.fstat(self._file.fileno()).st_size
+            prefix = self._file.read(len(MAGIC) + 4 + _MAX_HEADER)
+        try:
+            self.header = SealedModelHeader.parse(prefix)
+            if size != self.header.sealed_length:
+                raise SealedModelError(
+                    "sealed model truncated" if size < self.header.sealed_length else "sealed model has trailing data"
+                )
+            self._key = _content_key(model_key, self.header)
+        except BaseException:
+            self.close()
+            raise
+        self._digest = self.header.digest
+        self._manifest: Manifest | None = None
+
+    def close(self) -> None:
+        """Release the file handle (if any)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SealedModelReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ciphertext(self, index: int) -> bytes:
+        h = self.header
+        start = h.data_offset + index * (h.chunk_size + TAG_SIZE)
+        plain_len = min(h.chunk_size, h.plaintext_length - index * h.chunk_size)
+        length = plain_len + TAG_SIZE
+        if self._data is not None:
+            return self._data[start : start + length]
+        if self._file is None:
+            raise SealedModelError("reader is closed")
+        return os.pread(self._file.fileno(), length, start)
+
+    def chunk(self, index: int) -> bytes:
+        """Decrypt and authenticate chunk ``index``.
+
+        Raises:
+            SealedModelError: the chunk fails authentication (tampered, moved,
+                from another model or version, or the wrong key).
+        """
+        h = self.header
+        if not 0 <= index < h.n_chunks:
+            raise SealedModelError("chunk index out of range")
+        nonce = derive_nonce(h.base_nonce, index)
+        aad = _chunk_aad(self._digest, index, index == h.n_chunks - 1)
+        try:
+            return aead_decrypt(self._key, nonce, self._ciphertext(index), aad)
+        except CryptoError as exc:
+            raise SealedModelError(f"sealed model chunk {index} failed authentication") from exc
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Decrypt plaintext bytes ``[offset, offset + length)`` of the payload."""
+        h = self.header
+        if offset < 0 or length < 0 or offset + length > h.plaintext_length:
+            raise SealedModelError("range outside the sealed payload")
+        if length == 0:
+            return b""
+        first, last = offset // h.chunk_size, (offset + length - 1) // h.chunk_size
+        buf = b"".join(self.chunk(i) for i in range(first, last + 1))
+        start = offset - first * h.chunk_size
+        return buf[start : start + length]
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        """Every chunk in order, authenticated."""
+        for index in range(self.header.n_chunks):
+            yield self.chunk(index)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The decrypted manifest (tensor index)."""
+        if self._manifest is None:
+            length = int.from_bytes(self.read(0, 4), "big")
+            if length > min(_MAX_MANIFEST, self.header.plaintext_length - 4):
+                raise SealedModelError("malformed manifest")
+            try:
+                doc = json.loads(self.read(4, length))
+                manifest = Manifest(
+                    graph_offset=int(doc["graph"]["offset"]),
+                    graph_length=int(doc["graph"]["length"]),
+                    tensors=tuple(
+                        TensorEntry(
+                            name=str(t["name"]),
+                            offset=int(t["offset"]),
+                            length=int(t["length"]),
+                            data_type=int(t["data_type"]),
+                            dims=tuple(int(d) for d in t["dims"]),
+                        )
+                        for t in doc["tensors"]
+                    ),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SealedModelError("malformed manifest") from exc
+            self._manifest = manifest
+        return self._manifest
+
+    def graph(self) -> onnx.ModelProto:
+        """The ONNX graph with weights still external (pointing into this container)."""
+        m = self.manifest
+        try:
+            return onnx.ModelProto.FromString(self.read(m.graph_offset, m.graph_length))
+        except Exception as exc:  # protobuf errors: authenticated but not ONNX
+            raise SealedModelError("sealed payload is not an ONNX model") from exc
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Decrypt one weight tensor."""
+        entry = self.manifest.tensor(name)
+        return entry.to_array(self.read(entry.offset, entry.length))
+
+    def read_all(self) -> bytes:
+        """Decrypt the whole payload and check its SHA-256 against the header."""
+        payload = b"".join(self.iter_chunks())
+        if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), self.header.plaintext_sha256):
+            raise SealedModelError("sealed model digest mismatch")
+        return payload
+
+
+def open_model(
+    source: bytes | Path | str,
+    model_key: bytes,
+    *,
+    expected_model_id: str | None = None,
+    expected_version: int | None = None,
+) -> onnx.ModelProto:
+    """Decrypt and verify a whole sealed model; return it with weights inline.
+
+    Args:
+        source: container bytes or path.
+        model_key: the model key.
+        expected_model_id: refuse a container for another model.
+        expected_version: refuse a container of another version.
+
+    Raises:
+        SealedModelError: any authentication, integrity or identity failure.
+    """
+    with SealedModelReader(source, model_key) as reader:
+        h = reader.header
+        if expected_model_id is not None and h.model_id != expected_model_id:
+            raise SealedModelError("sealed model is for another model id")
+        if expected_version is not None and h.model_version != expected_version:
+            raise SealedModelError("sealed model is another version")
+        payload = reader.read_all()
+        # The payload is authenticated; parse it from memory.
+        length = int.from_bytes(payload[:4], "big")
+        try:
+            doc = json.loads(payload[4 : 4 + length])
+            graph_off, graph_len = int(doc["graph"]["offset"]), int(doc["graph"]["length"])
+            model = onnx.ModelProto.FromString(payload[graph_off : graph_off + graph_len])
+            spans = {t["name"]: (int(t["offset"]), int(t["length"])) for t in doc["tensors"]}
+        except Exception as exc:
+            raise SealedModelError("malformed sealed payload") from exc
+    for init in model.graph.initializer:
+        if init.name in spans and init.data_location == TensorProto.EXTERNAL:
+            off, ln = spans[init.name]
+            del init.external_data[:]
+            init.data_location = TensorProto.DEFAULT
+            init.raw_data = payload[off : off + ln]
+    return model

@@ -1,0 +1,123 @@
+"""The KeyService as an ASGI application (Starlette).
+
+Routes (all JSON; see docs/protocol.md):
+
+=======  ================================  ======================  =========
+method   path                              caller                  signed
+=======  ================================  ======================  =========
+GET      /v1/health                        anyone                  no
+GET      /v1/attestation?nonce=HEX         anyone (clients)        no
+POST     /v1/principals                    new principal           by the key being registered
+POST     /v1/models/{id}/keys              owner (first = owner)   yes
+POST     /v1/models/{id}/runtimes          owner                   yes
+POST     /v1/models/{id}/grants            owner                   yes
+POST     /v1/models/{id}/consent           user                    yes
+POST     /v1/models/{id}/info              owner or granted user   yes
+POST     /v1/release/challenge             runtime                 no (attested next)
+POST     /v1/release                       runtime                 evidence
+=======  ================================  ======================  =========
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sealedml._internal.http import error_response, json_response, read_body, read_model
+from sealedml.errors import Error, ProtocolError
+from sealedml.envelope.request import ID_PATTERN
+from sealedml.keyservice import protocol as p
+from sealedml.keyservice.service import KeyService
+
+__all__ = ["MAX_BODY", "create_app"]
+
+log = logging.getLogger(__name__)
+MAX_BODY = 256 * 1024
+_ID = re.compile(ID_PATTERN)
+
+
+
+
+def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Error as exc:
+            return error_response(exc)
+        except Exception as exc:  # last line of defence: opaque 500, logged by type
+            return error_response(exc)
+
+    return wrapped
+
+
+def _model_id(request: Request) -> str:
+    model_id = str(request.path_params["model_id"])
+    if not _ID.match(model_id):
+        raise ProtocolError("invalid model id")
+    return model_id
+
+
+def create_app(service: KeyService) -> Starlette:
+    """Build the ASGI app serving ``service``."""
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok", "service_id": service.service_id, "tee": service.attester.tee.value})
+
+    async def attestation(request: Request) -> Response:
+        try:
+            nonce = bytes.fromhex(request.query_params.get("nonce", ""))
+        except ValueError as exc:
+            raise ProtocolError("nonce must be hex") from exc
+        return json_response(await run_in_threadpool(service.attestation, nonce))
+
+    async def register(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body, p.RegisterRequest)
+        principal = await run_in_threadpool(service.register, request.headers, request.url.path, body, req)
+        return json_response({"principal_id": principal})
+
+    def signed(
+        model: type[p._Msg] | None, action: Callable[..., object]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            body = await read_body(request, MAX_BODY)
+            model_id = _model_id(request)
+            req = read_model(body, model) if model is not None else None
+            principal = await run_in_threadpool(
+                service.authenticate, request.method, request.url.path, request.headers, body
+            )
+            args = (principal, model_id) if req is None else (principal, model_id, req)
+            result = await run_in_threadpool(action, *args)
+            return json_response(result if result is not None else {"ok": True})  # type: ignore[arg-type]
+
+        return handler
+
+    async def challenge(request: Request) -> Response:
+        await read_body(request, MAX_BODY)
+        return json_response(service.challenge())
+
+    async def release(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body, p.ReleaseRequest)
+        return json_response(await run_in_threadpool(service.release, req))
+
+    routes = [
+        Route("/v1/health", _guard(health), methods=["GET"]),
+        Route("/v1/attestation", _guard(attestation), methods=["GET"]),
+        Route("/v1/principals", _guard(register), methods=["POST"]),
+        Route("/v1/models/{model_id}/keys", _guard(signed(p.ModelKeyRequest, service.upload_model_key)), methods=["POST"]),
+        Route("/v1/models/{model_id}/runtimes", _guard(signed(p.AllowRuntimeRequest, service.allow_runtime)), methods=["POST"]),
+        Route("/v1/models/{model_id}/grants", _guard(signed(p.GrantRequest, service.grant)), methods=["POST"]),
+        Route("/v1/models/{model_id}/consent", _guard(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
+        Route("/v1/models/{model_id}/info", _guard(signed(None, service.model_info)), methods=["POST"]),
+        Route("/v1/release/challenge", _guard(challenge), methods=["POST"]),
+        Route("/v1/release", _guard(release), methods=["POST"]),
+    ]
+    return Starlette(routes=routes)

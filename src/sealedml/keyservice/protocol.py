@@ -1,0 +1,191 @@
+"""KeyService wire protocol: messages, signed-call headers, HPKE info strings.
+
+Shared by the service and its clients so both sides build the same bytes.
+See docs/protocol.md for the message-by-message specification.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sealedml._internal.encoding import fields
+from sealedml.envelope.request import ID_PATTERN
+
+__all__ = [
+    "HDR_NONCE",
+    "HDR_PRINCIPAL",
+    "HDR_SIGNATURE",
+    "HDR_TIMESTAMP",
+    "MAX_PAIRS",
+    "SIGNED_CALL_WINDOW",
+    "AllowRuntimeRequest",
+    "AttestationResponse",
+    "ChallengeResponse",
+    "ConsentRequest",
+    "EvidenceMessage",
+    "GrantRequest",
+    "ModelInfoResponse",
+    "ModelKeyRequest",
+    "RegisterRequest",
+    "ReleasePair",
+    "ReleaseRequest",
+    "ReleaseResponse",
+    "consent_info",
+    "model_key_info",
+    "principal_id_for",
+    "registration_message",
+    "release_info",
+    "signed_call_message",
+]
+
+HDR_PRINCIPAL = "x-sealedml-principal"
+HDR_TIMESTAMP = "x-sealedml-timestamp"
+HDR_NONCE = "x-sealedml-nonce"
+HDR_SIGNATURE = "x-sealedml-signature"
+#: A signed call is accepted only if its timestamp is within this many seconds of the server's clock.
+SIGNED_CALL_WINDOW = 300
+#: Most (model, user) pairs one release may name.
+MAX_PAIRS = 64
+
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]*$", max_length=256)]
+B64 = Annotated[str, Field(max_length=1 << 20)]
+
+
+def principal_id_for(public_key: bytes) -> str:
+    """A principal's id: the first 128 bits of SHA-256 of its Ed25519 public key, hex."""
+    return hashlib.sha256(b"sealedml/v1/principal" + public_key).hexdigest()[:32]
+
+
+def signed_call_message(method: str, path: str, timestamp: int, nonce: str, body: bytes) -> bytes:
+    """The bytes an Ed25519 signature of a KeyService call covers."""
+    return fields(
+        b"sealedml/v1/signed-call", method.upper(), path, timestamp, nonce, hashlib.sha256(body).digest()
+    )
+
+
+def registration_message(service_id: str, public_key: bytes) -> bytes:
+    """What a registrant signs to prove possession of its key, bound to one KeyService."""
+    return fields(b"sealedml/v1/register", service_id, public_key)
+
+
+def model_key_info(service_key: bytes, model_id: str, version: int, owner: str) -> bytes:
+    """HPKE info for a model key sealed to the KeyService."""
+    return fields(b"sealedml/v1/model-key", service_key, model_id, version, owner)
+
+
+def consent_info(service_key: bytes, model_id: str, user_id: str) -> bytes:
+    """HPKE info for a user's request key sealed to the KeyService."""
+    return fields(b"sealedml/v1/request-key", service_key, model_id, user_id)
+
+
+def release_info(challenge_id: str, runtime_key: bytes) -> bytes:
+    """HPKE info for released keys sealed to a runtime."""
+    return fields(b"sealedml/v1/release", challenge_id, runtime_key)
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AttestationResponse(_Msg):
+    """``GET /v1/attestation?nonce=HEX``: the KeyService proves what it runs."""
+
+    service_id: str
+    tee: str
+    evidence: B64
+    aux: B64 = ""
+    hpke_public_key: B64
+    measurement: Hex
+
+
+class RegisterRequest(_Msg):
+    """``POST /v1/principals`` (signed with the key being registered)."""
+
+    public_key: B64
+    proof: B64
+
+
+class ModelKeyRequest(_Msg):
+    """``POST /v1/models/{id}/keys``: the owner uploads the key of one model version."""
+
+    model_version: Annotated[int, Field(ge=1, le=2**53)]
+    sealed_key: B64
+    service_key: B64
+
+
+class AllowRuntimeRequest(_Msg):
+    """``POST /v1/models/{id}/runtimes``: allow (or disallow) a runtime measurement."""
+
+    measurement: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]
+    allow: bool = True
+
+
+class GrantRequest(_Msg):
+    """``POST /v1/models/{id}/grants``: grant (or revoke) a user."""
+
+    user_id: Identifier
+    grant: bool = True
+
+
+class ConsentRequest(_Msg):
+    """``POST /v1/models/{id}/consent``: a user's request key and the runtimes it may reach."""
+
+    sealed_request_key: B64
+    service_key: B64
+    measurements: Annotated[
+        list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]], Field(min_length=1, max_length=64)
+    ]
+
+
+class ModelInfoResponse(_Msg):
+    """``POST /v1/models/{id}/info``: what the caller may know about a model."""
+
+    model_id: str
+    current_version: int
+    is_owner: bool
+    granted: bool
+    consented: bool
+
+
+class ChallengeResponse(_Msg):
+    """``POST /v1/release/challenge``: a single-use nonce for one release."""
+
+    challenge_id: str
+    nonce: B64
+    expires_in: int
+
+
+class EvidenceMessage(_Msg):
+    """Attestation evidence on the wire."""
+
+    tee: Literal["simulated", "sgx", "tdx", "sev-snp"]
+    data: B64
+    aux: B64 = ""
+
+
+class ReleasePair(_Msg):
+    """One (model, user) pair whose keys a runtime asks for."""
+
+    model_id: Identifier
+    user_id: Identifier
+
+
+class ReleaseRequest(_Msg):
+    """``POST /v1/release``: evidence bound to the challenge nonce and the runtime's HPKE key."""
+
+    challenge_id: Annotated[str, Field(max_length=64)]
+    evidence: EvidenceMessage
+    runtime_key: B64
+    pairs: Annotated[list[ReleasePair], Field(min_length=1, max_length=MAX_PAIRS)]
+
+
+class ReleaseResponse(_Msg):
+    """Released keys, HPKE-sealed to the runtime key, valid until ``expires_at``."""
+
+    sealed: B64
+    expires_at: int
+    lease_ttl: int

@@ -1,0 +1,420 @@
+"""The KeyService's logic, apart from HTTP: registration, ownership, grants,
+consent, and the attestation-gated release protocol.
+
+Order is enforced on the way in (python-tuf's TrustedMetadataSet idea):
+challenge → evidence → claims → binding → access decision → release. Every
+decision is appended to the hash-chained audit log with its exact reason;
+callers only ever see :class:`~sealedml.errors.AccessDenied` ("denied").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sealedml._internal.encoding import b64d, b64e, fields
+from sealedml._internal.paths import write_private_file_once
+from sealedml.attestation.base import Attester, Evidence, TeeType, Verifier, check_binding
+from sealedml.attestation.sealing import Sealer
+from sealedml.crypto import (
+    KEY_SIZE,
+    NONCE_SIZE,
+    HpkePrivateKey,
+    HpkePublicKey,
+    aead_decrypt,
+    aead_encrypt,
+    hpke_open,
+    hpke_seal,
+    random_bytes,
+    verify_signature,
+)
+from sealedml.errors import (
+    AccessDenied,
+    AttestationError,
+    AuthenticationError,
+    Conflict,
+    CryptoError,
+    Error,
+    NotFound,
+    Overloaded,
+    ProtocolError,
+    SignatureError,
+    StoreError,
+)
+from sealedml.keyservice import protocol as p
+from sealedml.keyservice.access import PairState, decide_pair
+from sealedml.keyservice.store import KeyStore
+
+__all__ = ["KeyService", "MasterKey", "load_master_key"]
+
+log = logging.getLogger(__name__)
+
+MASTER_FILE = "master.sealed"
+
+
+class MasterKey:
+    """The KeyService master key: wraps every secret at rest. ``repr`` hides it."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise StoreError("master key must be 32 bytes")
+        self._key = key
+
+    def wrap(self, secret: bytes, *context: str | int) -> bytes:
+        """Encrypt ``secret`` bound to ``context`` (table, ids)."""
+        nonce = random_bytes(NONCE_SIZE)
+        return nonce + aead_encrypt(self._key, nonce, secret, fields(b"sealedml/v1/at-rest", *context))
+
+    def unwrap(self, wrapped: bytes, *context: str | int) -> bytes:
+        """Decrypt a wrapped secret; raises :class:`StoreError` if it was tampered or moved."""
+        try:
+            return aead_decrypt(
+                self._key, wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], fields(b"sealedml/v1/at-rest", *context)
+            )
+        except CryptoError as exc:
+            raise StoreError("wrapped secret failed authentication") from exc
+
+    def __repr__(self) -> str:
+        return "MasterKey(…)"
+
+
+def load_master_key(data_dir: Path, sealer: Sealer) -> MasterKey:
+    """Unseal the master key from ``data_dir``, creating and sealing one on first start.
+
+    Raises:
+        StoreError: the sealed master key belongs to another build or platform.
+    """
+    path = data_dir / MASTER_FILE
+    if not path.exists():
+        fresh = random_bytes(KEY_SIZE)
+        write_private_file_once(path, sealer.seal(fresh, label="keyservice-master"))
+    return MasterKey(sealer.unseal(path.read_bytes(), label="keyservice-master"))
+
+
+@dataclass
+class _Challenge:
+    nonce: bytes
+    expires: float
+
+
+class KeyService:
+    """KeyService operations over a :class:`KeyStore`.
+
+    Args:
+        store: persistent state.
+        master: the unsealed master key.
+        attester: this KeyService's own attester (clients verify it).
+        verifiers: verifiers for the runtime TEE types this deployment accepts.
+        lease_ttl: seconds released keys stay valid in a runtime.
+        challenge_ttl: seconds a release challenge stays usable.
+        max_challenges: outstanding challenges before new ones are refused (429).
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        master: MasterKey,
+        attester: Attester,
+        verifiers: Mapping[TeeType, Verifier],
+        *,
+        lease_ttl: int = 60,
+        challenge_ttl: int = 60,
+        max_challenges: int = 10_000,
+    ) -> None:
+        self.store = store
+        self._master = master
+        self.attester = attester
+        self.verifiers = dict(verifiers)
+        self.lease_ttl = lease_ttl
+        self.challenge_ttl = challenge_ttl
+        self._max_challenges = max_challenges
+        self.service_id = store.set_meta_once("service_id", secrets.token_hex(16))
+        self._hpke = HpkePrivateKey()
+        self._hpke_public = self._hpke.public_key.to_bytes()
+        self._challenges: OrderedDict[str, _Challenge] = OrderedDict()
+        self._challenge_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ attestation of the service itself
+    def attestation(self, nonce: bytes) -> p.AttestationResponse:
+        """Evidence binding a client's ``nonce`` to this KeyService's HPKE public key."""
+        if not 16 <= len(nonce) <= 64:
+            raise ProtocolError("nonce must be 16 to 64 bytes")
+        evidence = self.attester.attest(nonce, self._hpke_public)
+        return p.AttestationResponse(
+            service_id=self.service_id,
+            tee=evidence.tee.value,
+            evidence=b64e(evidence.data),
+            aux=b64e(evidence.aux),
+            hpke_public_key=b64e(self._hpke_public),
+            measurement=self.attester.measurement,
+        )
+
+    # ------------------------------------------------------------------ signed calls
+    def authenticate(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes, *, public_key: bytes | None = None
+    ) -> str:
+        """Verify a signed call; return the caller's principal id.
+
+        ``public_key`` is given for registration (the key being registered signs).
+
+        Raises:
+            AuthenticationError: missing headers, unknown principal, bad signature,
+                stale timestamp or a replayed nonce.
+        """
+        principal = headers.get(p.HDR_PRINCIPAL, "")
+        try:
+            timestamp = int(headers.get(p.HDR_TIMESTAMP, ""))
+            nonce = headers.get(p.HDR_NONCE, "")
+            signature = b64d(headers.get(p.HDR_SIGNATURE, ""))
+        except ValueError as exc:
+            raise AuthenticationError("missing or malformed signature headers") from exc
+        if not principal or not 16 <= len(nonce) <= 64 or not nonce.isalnum():
+            raise AuthenticationError("missing or malformed signature headers")
+        key = public_key if public_key is not None else self.store.principal_key(principal)
+        if key is None:
+            self._audit_auth_failure(principal, path, "unknown principal")
+            raise AuthenticationError("unknown principal")
+        if public_key is not None and p.principal_id_for(public_key) != principal:
+            raise AuthenticationError("principal id does not match the public key")
+        try:
+            verify_signature(key, signature, p.signed_call_message(method, path, timestamp, nonce, body))
+        except SignatureError as exc:
+            self._audit_auth_failure(principal, path, "bad signature")
+            raise AuthenticationError("bad signature") from exc
+        if abs(time.time() - timestamp) > p.SIGNED_CALL_WINDOW:
+            self._audit_auth_failure(principal, path, "stale timestamp")
+            raise AuthenticationError("timestamp outside the accepted window")
+        if not self.store.use_nonce(principal, nonce, timestamp, horizon=2 * p.SIGNED_CALL_WINDOW):
+            self._audit_auth_failure(principal, path, "replayed nonce")
+            raise AuthenticationError("replayed call")
+        return principal
+
+    def _audit_auth_failure(self, principal: str, path: str, reason: str) -> None:
+        self.store.audit({"action": "authenticate", "principal": principal[:64], "path": path[:200],
+                          "decision": "deny", "reason": reason})
+
+    # ------------------------------------------------------------------ principals
+    def register(self, headers: Mapping[str, str], path: str, body: bytes, req: p.RegisterRequest) -> str:
+        """Register the key in ``req``; the call must be signed by it and carry a proof of possession."""
+        try:
+            public_key, proof = b64d(req.public_key), b64d(req.proof)
+        except ValueError as exc:
+            raise ProtocolError("malformed key or proof") from exc
+        if len(public_key) != 32:
+            raise ProtocolError("public key must be 32 bytes (Ed25519)")
+        principal = self.authenticate("POST", path, headers, body, public_key=public_key)
+        try:
+            verify_signature(public_key, proof, p.registration_message(self.service_id, public_key))
+        except SignatureError as exc:
+            self.store.audit({"action": "register", "principal": principal, "decision": "deny",
+                              "reason": "bad proof of possession"})
+            raise AuthenticationError("proof of possession does not verify") from exc
+        created = self.store.add_principal(
+            principal, public_key, {"action": "register", "principal": principal, "decision": "allow",
+                                    "reason": "proof of possession verified"},
+        )
+        log.info("principal %s %s", principal, "registered" if created else "already registered")
+        return principal
+
+    # ------------------------------------------------------------------ owner operations
+    def _open_to_service(self, sealed_b64: str, service_key_b64: str, info: bytes) -> bytes:
+        if service_key_b64 != b64e(self._hpke_public):
+            # The client attested an earlier incarnation of this service: ask it to re-attest.
+            raise Conflict("KeyService key changed: re-attest and retry")
+        try:
+            return hpke_open(self._hpke, b64d(sealed_b64), info)
+        except (ValueError, CryptoError) as exc:
+            raise ProtocolError("sealed secret does not open") from exc
+
+    def upload_model_key(self, principal: str, model_id: str, req: p.ModelKeyRequest) -> None:
+        """Store the key of a model version; the first uploader becomes the owner."""
+        key = self._open_to_service(
+            req.sealed_key, req.service_key, p.model_key_info(self._hpke_public, model_id, req.model_version, principal)
+        )
+        if len(key) != KEY_SIZE:
+            raise ProtocolError("model key must be 32 bytes")
+        wrapped = self._master.wrap(key, "model", model_id, req.model_version)
+        event = {"action": "upload_model_key", "principal": principal, "model_id": model_id,
+                 "version": req.model_version}
+        try:
+            self.store.put_model_key(model_id, principal, req.model_version, wrapped,
+                                     {**event, "decision": "allow", "reason": "owner"})
+        except Conflict as exc:
+            record = self.store.model(model_id)
+            if record is not None and record.owner_id != principal:
+                self.store.audit({**event, "decision": "deny", "reason": "not the owner"})
+                raise AccessDenied() from exc
+            self.store.audit({**event, "decision": "deny", "reason": str(exc)})
+            raise
+
+    def _require_owner(self, principal: str, model_id: str, action: str, extra: Mapping[str, Any]) -> None:
+        record = self.store.model(model_id)
+        if record is None or record.owner_id != principal:
+            reason = "no such model" if record is None else "not the owner"
+            self.store.audit({"action": action, "principal": principal, "model_id": model_id, **extra,
+                              "decision": "deny", "reason": reason})
+            raise AccessDenied()
+
+    def allow_runtime(self, principal: str, model_id: str, req: p.AllowRuntimeRequest) -> None:
+        """Allow or disallow a runtime measurement for the caller's model."""
+        extra = {"measurement": req.measurement.lower(), "allow": req.allow}
+        self._require_owner(principal, model_id, "allow_runtime", extra)
+        self.store.set_runtime_allowed(model_id, req.measurement, req.allow, {
+            "action": "allow_runtime", "principal": principal, "model_id": model_id, **extra,
+            "decision": "allow", "reason": "owner"})
+
+    def grant(self, principal: str, model_id: str, req: p.GrantRequest) -> None:
+        """Grant or revoke a user's access to the caller's model."""
+        action = "grant" if req.grant else "revoke"
+        self._require_owner(principal, model_id, action, {"user_id": req.user_id})
+        self.store.set_grant(model_id, req.user_id, req.grant, {
+            "action": action, "principal": principal, "model_id": model_id, "user_id": req.user_id,
+            "decision": "allow", "reason": "owner"})
+
+    # ------------------------------------------------------------------ user operations
+    def consent(self, principal: str, model_id: str, req: p.ConsentRequest) -> None:
+        """Store the caller's request key for a model and the runtimes it may reach."""
+        if self.store.model(model_id) is None:
+            self.store.audit({"action": "consent", "principal": principal, "model_id": model_id,
+                              "decision": "deny", "reason": "no such model"})
+            raise NotFound("no such model")
+        key = self._open_to_service(
+            req.sealed_request_key, req.service_key, p.consent_info(self._hpke_public, model_id, principal)
+        )
+        if len(key) != KEY_SIZE:
+            raise ProtocolError("request key must be 32 bytes")
+        wrapped = self._master.wrap(key, "request", model_id, principal)
+        self.store.set_consent(model_id, principal, wrapped, req.measurements, {
+            "action": "consent", "principal": principal, "model_id": model_id,
+            "measurements": sorted(m.lower() for m in req.measurements), "decision": "allow", "reason": "user"})
+
+    def model_info(self, principal: str, model_id: str) -> p.ModelInfoResponse:
+        """What the caller may know of a model (owner, or a granted user)."""
+        record = self.store.model(model_id)
+        granted = self.store.is_granted(model_id, principal)
+        if record is None or (record.owner_id != principal and not granted):
+            raise AccessDenied()
+        return p.ModelInfoResponse(
+            model_id=model_id,
+            current_version=record.current_version,
+            is_owner=record.owner_id == principal,
+            granted=granted,
+            consented=self.store.consent(model_id, principal) is not None,
+        )
+
+    # ------------------------------------------------------------------ release protocol
+    def challenge(self) -> p.ChallengeResponse:
+        """Issue a single-use nonce for one release."""
+        now = time.monotonic()
+        with self._challenge_lock:
+            while self._challenges:
+                cid, ch = next(iter(self._challenges.items()))
+                if ch.expires > now:
+                    break
+                del self._challenges[cid]
+            if len(self._challenges) >= self._max_challenges:
+                raise Overloaded("too many outstanding challenges", retry_after=1)
+            cid = secrets.token_hex(16)
+            nonce = random_bytes(32)
+            self._challenges[cid] = _Challenge(nonce, now + self.challenge_ttl)
+        return p.ChallengeResponse(challenge_id=cid, nonce=b64e(nonce), expires_in=self.challenge_ttl)
+
+    def _consume_challenge(self, challenge_id: str) -> bytes | None:
+        with self._challenge_lock:
+            ch = self._challenges.pop(challenge_id, None)
+        if ch is None or ch.expires < time.monotonic():
+            return None
+        return ch.nonce
+
+    def release(self, req: p.ReleaseRequest) -> p.ReleaseResponse:
+        """Verify evidence and access rights; return keys sealed to the runtime.
+
+        Raises:
+            AccessDenied: always opaque; the audit log has the reason.
+        """
+        pairs = [(x.model_id, x.user_id) for x in req.pairs]
+        event: dict[str, Any] = {"action": "release", "pairs": [list(x) for x in pairs],
+                                 "challenge_id": req.challenge_id}
+        try:
+            payload = self._decide_release(req, event)
+        except _Deny as deny:
+            self.store.audit({**event, "decision": "deny", "reason": deny.reason})
+            log.info("release denied (see audit log)")
+            raise AccessDenied() from None
+        expires_at = int(time.time()) + self.lease_ttl
+        payload["expires_at"] = expires_at
+        runtime_key = HpkePublicKey.from_bytes(b64d(req.runtime_key))
+        sealed = hpke_seal(runtime_key, json.dumps(payload).encode(), p.release_info(req.challenge_id, b64d(req.runtime_key)))
+        self.store.audit({**event, "decision": "allow", "reason": "evidence, grant and consent verified",
+                          "expires_at": expires_at})
+        return p.ReleaseResponse(sealed=b64e(sealed), expires_at=expires_at, lease_ttl=self.lease_ttl)
+
+    def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
+        nonce = self._consume_challenge(req.challenge_id)
+        if nonce is None:
+            raise _Deny("unknown, reused or expired challenge")
+        try:
+            runtime_key = b64d(req.runtime_key)
+            HpkePublicKey.from_bytes(runtime_key)
+            evidence = Evidence(TeeType(req.evidence.tee), b64d(req.evidence.data), b64d(req.evidence.aux))
+        except (ValueError, CryptoError) as exc:
+            raise _Deny(f"malformed release request: {type(exc).__name__}") from None
+        verifier = self.verifiers.get(evidence.tee)
+        if verifier is None:
+            raise _Deny(f"TEE type {evidence.tee.value} not accepted by this KeyService")
+        try:
+            claims = verifier.verify(evidence)
+            check_binding(claims, nonce, runtime_key)
+        except AttestationError as exc:
+            raise _Deny(f"evidence rejected: {exc.message}") from None
+        event["measurement"] = claims.measurement
+        event["tee"] = claims.tee.value
+        leases = []
+        for model_id, user_id in dict.fromkeys((x.model_id, x.user_id) for x in req.pairs):
+            state = self._pair_state(model_id, user_id)
+            reason = decide_pair(state, claims)
+            if reason is not None:
+                raise _Deny(f"{model_id}/{user_id}: {reason}")
+            if state.model is None or state.consent is None:  # decide_pair allowed: cannot happen
+                raise _Deny(f"{model_id}/{user_id}: inconsistent state")
+            wrapped = self.store.wrapped_model_key(model_id, state.model.current_version)
+            if wrapped is None:
+                raise _Deny(f"{model_id}: no key for the current version")
+            try:
+                model_key = self._master.unwrap(wrapped, "model", model_id, state.model.current_version)
+                request_key = self._master.unwrap(state.consent.wrapped_request_key, "request", model_id, user_id)
+            except StoreError as exc:
+                raise _Deny(f"{model_id}/{user_id}: stored key unusable: {exc.message}") from None
+            leases.append({
+                "model_id": model_id, "user_id": user_id, "model_version": state.model.current_version,
+                "model_key": b64e(model_key), "request_key": b64e(request_key),
+            })
+        return {"leases": leases}
+
+    def _pair_state(self, model_id: str, user_id: str) -> PairState:
+        return PairState(
+            model_id=model_id,
+            user_id=user_id,
+            model=self.store.model(model_id),
+            allowed_runtimes=self.store.allowed_runtimes(model_id),
+            granted=self.store.is_granted(model_id, user_id),
+            consent=self.store.consent(model_id, user_id),
+        )
+
+
+class _Deny(Error):
+    """Internal: a release denial with its exact reason (for the audit log only)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,92 @@
+"""The gateway: the untrusted front door that routes ciphertext to instances.
+
+It sees only the request envelope's metadata (model id, user id, sizes) and
+forwards the envelope to an instance's OpenWhisk ``/run``.
+
+Routes: ``POST /v1/infer`` (a RequestEnvelope), ``GET /v1/health``,
+``GET /v1/stats``, and for benchmarks ``POST /v1/unsafe-plaintext/{model_id}``
+(only works if the instances were started with a plaintext directory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sealedml._internal.http import error_response, json_response, read_body
+from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
+from sealedml.errors import Error, ProtocolError
+from sealedml.platform.base import Invocation, Platform
+
+__all__ = ["create_app"]
+
+_ID = re.compile(ID_PATTERN)
+MAX_BODY = 64 * 1024 * 1024
+
+
+def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return error_response(exc if isinstance(exc, Error) else exc)
+
+    return wrapped
+
+
+def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
+    """The gateway app in front of ``platform``."""
+
+    def _headers(result: object) -> dict[str, str]:
+        return {
+            "x-sealedml-cold-start": "1" if getattr(result, "cold_start", False) else "0",
+            "x-sealedml-instance": str(getattr(result, "instance_id", "")),
+        }
+
+    async def infer(request: Request) -> Response:
+        body = await read_body(request, max_body)
+        envelope = RequestEnvelope.parse(body)  # the gateway only reads metadata
+        run_body = json.dumps({"value": envelope.model_dump()}).encode()
+        result = await platform.invoke(Invocation(envelope.model_id, "/run", run_body))
+        return Response(result.body, status_code=result.status, media_type=result.content_type,
+                        headers=_headers(result))
+
+    async def plain(request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        if not _ID.match(model_id):
+            raise ProtocolError("invalid model id")
+        body = await read_body(request, max_body)
+        result = await platform.invoke(Invocation(model_id, f"/v1/unsafe-plaintext/{model_id}", body))
+        return Response(result.body, status_code=result.status, media_type=result.content_type,
+                        headers=_headers(result))
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def stats(request: Request) -> Response:
+        return json_response(platform.stats())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await platform.start()
+        try:
+            yield
+        finally:
+            await platform.stop()
+
+    return Starlette(
+        routes=[
+            Route("/v1/infer", _guard(infer), methods=["POST"]),
+            Route("/v1/unsafe-plaintext/{model_id}", _guard(plain), methods=["POST"]),
+            Route("/v1/health", _guard(health), methods=["GET"]),
+            Route("/v1/stats", _guard(stats), methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )

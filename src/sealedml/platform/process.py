@@ -1,0 +1,154 @@
+"""A runtime instance as a real OS process (``sealedml worker serve``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from sealedml.errors import ServiceUnavailable
+
+__all__ = ["InstanceSpec", "WorkerProcess"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """How to start a runtime instance."""
+
+    keyservice: str
+    store: Path
+    concurrency: int = 2
+    tee: str = "simulated"
+    host: str = "127.0.0.1"
+    start_timeout: float = 60.0
+    request_timeout: float = 300.0
+    unsafe_plaintext_dir: Path | None = None
+    extra_args: tuple[str, ...] = ()
+
+    def command(self) -> list[str]:
+        cmd = [
+            sys.executable, "-m", "sealedml", "worker", "serve",
+            "--keyservice", self.keyservice, "--store", str(self.store),
+            "--host", self.host, "--port", "0",
+            "--concurrency", str(self.concurrency), "--tee", self.tee,
+        ]
+        if self.unsafe_plaintext_dir is not None:
+            cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
+        return cmd + list(self.extra_args)
+
+
+@dataclass
+class WorkerProcess:
+    """One running instance and its bookkeeping."""
+
+    spec: InstanceSpec
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
+    url: str = ""
+    process: asyncio.subprocess.Process | None = None
+    client: httpx.AsyncClient | None = None
+    in_flight: int = 0
+    served: int = 0
+    started_at: float = 0.0
+    last_used: float = 0.0
+    models: set[str] = field(default_factory=set)
+    spawn_s: float = 0.0
+    dead: bool = False
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.concurrency
+
+    @property
+    def free(self) -> int:
+        return 0 if self.dead else self.capacity - self.in_flight
+
+    async def start(self) -> None:
+        """Spawn the process, wait for its listening line, call ``/init``.
+
+        Raises:
+            ServiceUnavailable: the process did not come up in time.
+        """
+        t0 = time.perf_counter()
+        self.process = await asyncio.create_subprocess_exec(
+            *self.spec.command(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if self.process.stdout is None:  # pragma: no cover - PIPE always gives a stream
+            raise ServiceUnavailable("no stdout from worker")
+        try:
+            while True:
+                line = await asyncio.wait_for(self.process.stdout.readline(), timeout=self.spec.start_timeout)
+                if not line:
+                    raise ServiceUnavailable(f"worker exited during start (code {await self.process.wait()})")
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "listening":
+                    self.url = str(event["url"])
+                    break
+            self.client = httpx.AsyncClient(base_url=self.url, timeout=self.spec.request_timeout,
+                                            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+            response = await self.client.post("/init", json={"value": {}})
+            if response.status_code != 200:
+                raise ServiceUnavailable(f"worker /init failed with HTTP {response.status_code}")
+        except (TimeoutError, httpx.HTTPError) as exc:
+            await self.stop()
+            raise ServiceUnavailable(f"worker did not start: {type(exc).__name__}") from exc
+        except BaseException:
+            await self.stop()
+            raise
+        self.spawn_s = time.perf_counter() - t0
+        self.started_at = self.last_used = time.time()
+        log.info("instance %s started at %s in %.3fs", self.instance_id, self.url, self.spawn_s)
+
+    async def call(self, path: str, body: bytes) -> httpx.Response:
+        """POST ``body`` to the instance.
+
+        Raises:
+            ServiceUnavailable: the instance died or the connection failed.
+        """
+        if self.client is None or self.dead:
+            raise ServiceUnavailable("instance is not running")
+        try:
+            return await self.client.post(path, content=body, headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            self.dead = True
+            raise ServiceUnavailable(f"instance {self.instance_id} failed: {type(exc).__name__}") from exc
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None and not self.dead
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Terminate the process (SIGTERM, then SIGKILL after ``grace`` seconds)."""
+        self.dead = True
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+        proc = self.process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()

@@ -1,0 +1,145 @@
+"""The runtime's HTTP face: the OpenWhisk action protocol and a native API.
+
+OpenWhisk (https://github.com/apache/openwhisk/blob/master/docs/actions-new.md):
+
+* ``POST /init`` — once per container; body ``{"value": {...}}``. A second call
+  is refused with 403, as OpenWhisk's own action proxies do.
+* ``POST /run`` — body ``{"value": <RequestEnvelope>, "activation_id": ...}``;
+  answers the ``ResponseEnvelope`` or ``{"error": code, "message": ...}``.
+
+Native: ``POST /v1/infer`` (a ``RequestEnvelope``), ``GET /v1/health``,
+``GET /v1/stats``.
+
+Benchmarks only: with ``unsafe_plaintext_dir`` set, ``POST
+/v1/unsafe-plaintext/{model_id}`` serves *unencrypted* safetensors through the
+same stack, to measure what encryption and attestation cost. It logs a warning
+and is off by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from sealedml._internal.http import error_response, json_response, read_body
+from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
+from sealedml.envelope.tensors import decode_tensors, encode_tensors
+from sealedml.errors import Error, NotFound, ProtocolError
+from sealedml.runtime.engine import LoadedModel
+from sealedml.runtime.worker import Worker
+
+__all__ = ["DEFAULT_MAX_BODY", "create_app"]
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+_ID = re.compile(ID_PATTERN)
+
+
+def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            if isinstance(exc, Error):
+                log.info("request failed: %s", exc.code)
+            return error_response(exc)
+
+    return wrapped
+
+
+def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
+               unsafe_plaintext_dir: Path | None = None) -> Starlette:
+    """Build the runtime's ASGI app around ``worker``."""
+    state = {"initialized": False}
+    plain_models: dict[str, LoadedModel] = {}
+
+    async def init(request: Request) -> Response:
+        body = await read_body(request, max_body)
+        try:
+            doc = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise ProtocolError("malformed JSON") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("value", {}), dict):
+            raise ProtocolError("init body must be {\"value\": {...}}")
+        if state["initialized"]:
+            return json_response({"error": "Cannot initialize the action more than once."}, status=403)
+        state["initialized"] = True
+        return json_response({"ok": True})
+
+    async def run(request: Request) -> Response:
+        body = await read_body(request, max_body)
+        if not state["initialized"]:
+            return json_response({"error": "not_initialized", "message": "POST /init first"}, status=403)
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ProtocolError("malformed JSON") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
+            raise ProtocolError("run body must be {\"value\": <request envelope>}")
+        envelope = RequestEnvelope.parse(doc["value"])
+        return json_response(await worker.predict(envelope))
+
+    async def infer(request: Request) -> Response:
+        body = await read_body(request, max_body)
+        envelope = RequestEnvelope.parse(body)
+        return json_response(await worker.predict(envelope))
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok", "measurement": worker.measurement})
+
+    async def stats(request: Request) -> Response:
+        return json_response(worker.describe())
+
+    async def unsafe_plain(request: Request) -> Response:
+        if unsafe_plaintext_dir is None:
+            raise NotFound("not found")
+        model_id = request.path_params["model_id"]
+        if not _ID.match(model_id):
+            raise ProtocolError("invalid model id")
+        body = await read_body(request, max_body)
+        model = plain_models.get(model_id)
+        if model is None:
+            path = unsafe_plaintext_dir / f"{model_id}.onnx"
+            if not path.is_file():
+                raise NotFound("no such plaintext model")
+            model = await worker._run_blocking(
+                lambda: LoadedModel(path.read_bytes(), model_id=model_id, version=0, threads=worker._threads)
+            )
+            plain_models[model_id] = model
+
+        def serve() -> bytes:
+            tensors, positional = decode_tensors(body)
+            return encode_tensors(model.run(model.bind_inputs(tensors, positional)))
+
+        async with worker._gate:
+            out = await worker._run_blocking(serve)
+        return Response(out, media_type="application/octet-stream")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if unsafe_plaintext_dir is not None:
+            log.warning("UNSAFE: serving plaintext models from %s (benchmark mode)", unsafe_plaintext_dir)
+        yield
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(worker.aclose(), timeout=5)
+
+    routes = [
+        Route("/init", _guard(init), methods=["POST"]),
+        Route("/run", _guard(run), methods=["POST"]),
+        Route("/v1/infer", _guard(infer), methods=["POST"]),
+        Route("/v1/health", _guard(health), methods=["GET"]),
+        Route("/v1/stats", _guard(stats), methods=["GET"]),
+        Route("/v1/unsafe-plaintext/{model_id}", _guard(unsafe_plain), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,128 @@
+"""A loaded model: one shared ONNX Runtime session serving concurrent requests.
+
+ONNX Runtime's ``InferenceSession.run`` is thread-safe, so one session (one
+copy of the weights) serves N requests at once; intra-op threads are sized so
+N × threads does not exceed the cores (no oversubscription).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from sealedml.errors import InputError, SealedModelError
+
+__all__ = ["LoadedModel", "intra_op_threads", "ort_dtype"]
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES: dict[str, np.dtype[np.generic]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+def ort_dtype(type_name: str) -> np.dtype[np.generic] | None:
+    """The numpy dtype of an ONNX Runtime tensor type name, or None if unsupported."""
+    return _ORT_TYPES.get(type_name)
+
+
+def intra_op_threads(concurrency: int, cores: int | None = None) -> int:
+    """Threads per request so that ``concurrency × threads ≤ cores``."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // max(1, concurrency))
+
+
+@dataclass(frozen=True)
+class _InputSpec:
+    name: str
+    dtype: np.dtype[np.generic]
+    rank: int | None
+
+
+class LoadedModel:
+    """A decrypted model ready to serve.
+
+    Args:
+        model: the ONNX model with weights inline.
+        model_id: for messages.
+        version: the model version.
+        threads: intra-op threads per run.
+    """
+
+    def __init__(self, model: onnx.ModelProto | bytes, *, model_id: str, version: int, threads: int = 1) -> None:
+        self.model_id = model_id
+        self.version = version
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        self.nbytes = len(data)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise SealedModelError(f"model {model_id} v{version} cannot be loaded by ONNX Runtime") from exc
+        self.inputs: list[_InputSpec] = []
+        for meta in self.session.get_inputs():
+            dtype = ort_dtype(meta.type)
+            if dtype is None:
+                raise SealedModelError(f"model {model_id}: input {meta.name} has unsupported type {meta.type}")
+            rank = len(meta.shape) if meta.shape is not None else None
+            self.inputs.append(_InputSpec(meta.name, dtype, rank))
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def bind_inputs(self, tensors: Mapping[str, np.ndarray], positional: bool) -> dict[str, np.ndarray]:
+        """Map request tensors to the model's inputs and check dtype and rank.
+
+        Raises:
+            InputError: missing, unexpected or ill-typed inputs (named in the message).
+        """
+        if positional:
+            if len(tensors) != len(self.inputs):
+                raise InputError(f"model takes {len(self.inputs)} input(s), got {len(tensors)} unnamed tensor(s)")
+            named = {spec.name: tensors[str(i)] for i, spec in enumerate(self.inputs)}
+        else:
+            expected = {s.name for s in self.inputs}
+            missing, extra = expected - set(tensors), set(tensors) - expected
+            if missing or extra:
+                raise InputError(
+                    f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}"
+                )
+            named = dict(tensors)
+        for spec in self.inputs:
+            array = named[spec.name]
+            if array.dtype != spec.dtype:
+                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
+            if spec.rank is not None and array.ndim != spec.rank:
+                raise InputError(f"input {spec.name!r} must have rank {spec.rank}, got {array.ndim}")
+        return named
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model (thread-safe; blocking).
+
+        Raises:
+            InputError: ONNX Runtime rejected the inputs (for example a wrong dimension).
+        """
+        try:
+            outputs = self.session.run(self.output_names, dict(inputs))
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"model {self.model_id} rejected the inputs: {first}") from exc
+        return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}

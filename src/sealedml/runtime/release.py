@@ -1,0 +1,97 @@
+"""The runtime side of the release protocol: challenge → evidence → sealed keys.
+
+Each release uses a fresh ephemeral HPKE key pair; the evidence binds the
+KeyService's nonce and that key, so the released keys can only be opened by
+this attested instance, for this request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import httpx
+
+from sealedml._internal.encoding import b64d, b64e
+from sealedml.attestation.base import Attester
+from sealedml.client.keyservice import raise_for_error
+from sealedml.crypto import HpkePrivateKey
+from sealedml.errors import CryptoError, ProtocolError, ServiceUnavailable
+from sealedml.keyservice import protocol as p
+
+__all__ = ["Lease", "ReleaseClient"]
+
+
+@dataclass(frozen=True, repr=False)
+class Lease:
+    """Keys of one (model, user) pair, valid until ``expires_at`` (unix seconds)."""
+
+    model_id: str
+    user_id: str
+    model_version: int
+    model_key: bytes
+    request_key: bytes
+    expires_at: float
+
+    def __repr__(self) -> str:
+        return f"Lease({self.model_id!r}, {self.user_id!r}, v{self.model_version}, expires_at={self.expires_at})"
+
+
+class ReleaseClient:
+    """Asks the KeyService for keys on behalf of an attested runtime."""
+
+    def __init__(self, keyservice_url: str, attester: Attester, *, timeout: float = 30.0) -> None:
+        self._attester = attester
+        self._http = httpx.AsyncClient(base_url=keyservice_url.rstrip("/"), timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: bytes) -> httpx.Response:
+        try:
+            response = await self._http.post(path, content=body, headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailable(f"KeyService unreachable: {type(exc).__name__}") from exc
+        raise_for_error(response)
+        return response
+
+    async def release(self, pairs: list[tuple[str, str]]) -> list[Lease]:
+        """Obtain leases for ``pairs`` of (model id, user id).
+
+        Raises:
+            AccessDenied: the KeyService refused (opaque by design).
+            ServiceUnavailable: the KeyService cannot be reached.
+            ProtocolError: the answer does not open or parse.
+        """
+        challenge = p.ChallengeResponse.model_validate_json((await self._post("/v1/release/challenge", b"{}")).content)
+        nonce = b64d(challenge.nonce)
+        key = HpkePrivateKey()
+        runtime_key = key.public_key.to_bytes()
+        evidence = self._attester.attest(nonce, runtime_key)
+        request = p.ReleaseRequest(
+            challenge_id=challenge.challenge_id,
+            evidence=p.EvidenceMessage(tee=evidence.tee.value, data=b64e(evidence.data), aux=b64e(evidence.aux)),
+            runtime_key=b64e(runtime_key),
+            pairs=[p.ReleasePair(model_id=m, user_id=u) for m, u in pairs],
+        )
+        answer = p.ReleaseResponse.model_validate_json(
+            (await self._post("/v1/release", request.model_dump_json().encode())).content
+        )
+        try:
+            payload = json.loads(key.open(b64d(answer.sealed), p.release_info(challenge.challenge_id, runtime_key)))
+            leases = [
+                Lease(
+                    model_id=str(item["model_id"]),
+                    user_id=str(item["user_id"]),
+                    model_version=int(item["model_version"]),
+                    model_key=b64d(item["model_key"]),
+                    request_key=b64d(item["request_key"]),
+                    expires_at=float(payload["expires_at"]),
+                )
+                for item in payload["leases"]
+            ]
+        except (CryptoError, ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError("release answer does not open") from exc
+        if {(x.model_id, x.user_id) for x in leases} != set(pairs):
+            raise ProtocolError("release answer does not match the request")
+        return leases

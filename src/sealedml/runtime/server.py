@@ -1,0 +1,50 @@
+"""Assemble and serve one runtime instance (``sealedml worker serve``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sealedml.attestation.base import Attester
+from sealedml.attestation.simulated import SimulatedAttester
+from sealedml.errors import ConfigurationError
+from sealedml.runtime.release import ReleaseClient
+from sealedml.runtime.worker import Worker, WorkerConfig
+from sealedml.storage.modelstore import LocalModelStore
+
+__all__ = ["build_attester", "build_worker", "serve"]
+
+
+def build_attester(tee: str) -> Attester:
+    """The attester for ``tee``.
+
+    Raises:
+        ConfigurationError: unsupported TEE.
+    """
+    if tee == "simulated":
+        return SimulatedAttester(role="runtime")
+    raise ConfigurationError(f"TEE {tee!r} is not supported by this build yet (use --tee simulated)")
+
+
+def build_worker(keyservice: str, store: Path, *, concurrency: int = 2, tee: str = "simulated",
+                 model_cache_bytes: int = 1 << 30) -> Worker:
+    """A worker reading sealed models from ``store`` and keys from ``keyservice``."""
+    if concurrency < 1:
+        raise ConfigurationError("concurrency must be ≥ 1")
+    attester = build_attester(tee)
+    return Worker(
+        attester,
+        ReleaseClient(keyservice, attester),
+        LocalModelStore(store),
+        WorkerConfig(concurrency=concurrency, model_cache_bytes=model_cache_bytes),
+    )
+
+
+def serve(keyservice: str, store: Path, host: str, port: int, *, concurrency: int = 2, tee: str = "simulated",
+          unsafe_plaintext_dir: Path | None = None) -> None:
+    """Run one runtime instance until interrupted."""
+    from sealedml._internal.serve import serve_app
+    from sealedml.runtime.app import create_app
+
+    worker = build_worker(keyservice, store, concurrency=concurrency, tee=tee)
+    app = create_app(worker, unsafe_plaintext_dir=unsafe_plaintext_dir)
+    serve_app(app, host, port, announce={"service": "worker", "measurement": worker.measurement})

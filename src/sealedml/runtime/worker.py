@@ -1,0 +1,232 @@
+"""SeMIRT: one runtime instance (one TEE) serving many requests and many models.
+
+Lifecycle like MLServer/LitServe: :meth:`Worker.load` (lease + decrypt +
+session, single-flight per model version), :meth:`Worker.predict` (open the
+request envelope, run, seal the response), :meth:`Worker.unload`.
+
+Per request: the lease of the (model, user) pair must be valid — leases expire
+after the KeyService's TTL, so revocation reaches a warm instance within the
+TTL — then the decrypted model is taken from an LRU cache (by bytes) or loaded
+once for all concurrent callers. Blocking work (decryption, ONNX Runtime) runs
+on a thread pool sized by the concurrency; the event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sealedml.attestation.base import Attester
+from sealedml.envelope.model_container import open_model
+from sealedml.envelope.request import (
+    MAX_CLOCK_SKEW,
+    RequestEnvelope,
+    ResponseEnvelope,
+    open_request,
+    seal_response,
+)
+from sealedml.errors import EnvelopeError
+from sealedml.runtime.cache import SingleFlightLRU
+from sealedml.runtime.engine import LoadedModel, intra_op_threads
+from sealedml.runtime.release import Lease, ReleaseClient
+from sealedml.storage.modelstore import ModelStore
+
+__all__ = ["Worker", "WorkerConfig", "WorkerStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Settings of one runtime instance.
+
+    Attributes:
+        concurrency: requests served at once.
+        model_cache_bytes: budget of decrypted models kept (LRU).
+        lease_margin: seconds before expiry at which a lease is renewed.
+        replay_window: seconds a request id is remembered to refuse replays.
+    """
+
+    concurrency: int = 2
+    model_cache_bytes: int = 1 << 30
+    lease_margin: float = 0.5
+    replay_window: int = 2 * MAX_CLOCK_SKEW
+
+
+@dataclass
+class WorkerStats:
+    """Counters for the stats endpoint and benchmarks."""
+
+    requests: int = 0
+    errors: int = 0
+    releases: int = 0
+    model_loads: int = 0
+    load_breakdown: list[dict[str, float]] = field(default_factory=list)
+
+
+class _ReplayCache:
+    """Remembers recent request ids so a replayed request is refused by this instance."""
+
+    def __init__(self, window: float, capacity: int = 200_000) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._window, self._capacity = window, capacity
+
+    def check_and_add(self, request_id: str, now: float) -> None:
+        while self._seen:
+            rid, ts = next(iter(self._seen.items()))
+            if now - ts <= self._window and len(self._seen) < self._capacity:
+                break
+            del self._seen[rid]
+        if request_id in self._seen:
+            raise EnvelopeError("replayed request")
+        self._seen[request_id] = now
+
+
+class Worker:
+    """The runtime's core, independent of HTTP.
+
+    Args:
+        attester: this instance's attester (evidence for key release).
+        releaser: client of the KeyService release protocol.
+        store: where sealed models are read from.
+        config: instance settings.
+    """
+
+    def __init__(self, attester: Attester, releaser: ReleaseClient, store: ModelStore,
+                 config: WorkerConfig | None = None) -> None:
+        self.attester = attester
+        self.config = config or WorkerConfig()
+        self._releaser = releaser
+        self._store = store
+        self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="semirt")
+        self._gate = asyncio.Semaphore(self.config.concurrency)
+        self._threads = intra_op_threads(self.config.concurrency)
+        self._leases: SingleFlightLRU[tuple[str, str], Lease] = SingleFlightLRU(max_bytes=1 << 62)
+        self._models: SingleFlightLRU[tuple[str, int], LoadedModel] = SingleFlightLRU(
+            self.config.model_cache_bytes, on_evict=self._evicted
+        )
+        self._replays = _ReplayCache(self.config.replay_window)
+        self.stats = WorkerStats()
+        self.started_at = time.time()
+
+    @property
+    def measurement(self) -> str:
+        return self.attester.measurement
+
+    def _evicted(self, model: LoadedModel) -> None:
+        log.info("evicted model %s v%d", model.model_id, model.version)
+
+    async def _run_blocking(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ------------------------------------------------------------------ leases
+    async def lease(self, model_id: str, user_id: str) -> Lease:
+        """A valid lease for the pair, from cache or a fresh release."""
+
+        async def load() -> tuple[Lease, int, float | None]:
+            (lease,) = await self._releaser.release([(model_id, user_id)])
+            self.stats.releases += 1
+            return lease, 1, lease.expires_at - self.config.lease_margin
+
+        return await self._leases.get((model_id, user_id), load)
+
+    # ------------------------------------------------------------------ models
+    async def load(self, lease: Lease) -> LoadedModel:
+        """The decrypted model named by ``lease`` (single-flight, LRU by bytes)."""
+        key = (lease.model_id, lease.model_version)
+
+        async def load() -> tuple[LoadedModel, int, float | None]:
+            breakdown: dict[str, float] = {}
+            t0 = time.perf_counter()
+            path = self._store.path(lease.model_id, lease.model_version)
+            breakdown["fetch_s"] = time.perf_counter() - t0
+
+            def decrypt_and_build() -> LoadedModel:
+                t1 = time.perf_counter()
+                model = open_model(path, lease.model_key, expected_model_id=lease.model_id,
+                                   expected_version=lease.model_version)
+                t2 = time.perf_counter()
+                loaded = LoadedModel(model, model_id=lease.model_id, version=lease.model_version,
+                                     threads=self._threads)
+                breakdown["decrypt_s"] = t2 - t1
+                breakdown["session_s"] = time.perf_counter() - t2
+                return loaded
+
+            loaded: LoadedModel = await self._run_blocking(decrypt_and_build)
+            self.stats.model_loads += 1
+            self.stats.load_breakdown.append(breakdown)
+            log.info("loaded model %s v%d (%d bytes)", lease.model_id, lease.model_version, loaded.nbytes)
+            return loaded, loaded.nbytes, None
+
+        return await self._models.get(key, load)
+
+    def unload(self, model_id: str) -> int:
+        """Drop every cached version of ``model_id``; return how many were dropped."""
+        victims = [k for k in self._models.keys() if k[0] == model_id]
+        for key in victims:
+            self._models.discard(key)
+        return len(victims)
+
+    @property
+    def loaded_models(self) -> list[dict[str, Any]]:
+        return [{"model_id": m, "version": v} for m, v in self._models.keys()]
+
+    # ------------------------------------------------------------------ predict
+    async def predict(self, envelope: RequestEnvelope) -> ResponseEnvelope:
+        """Serve one encrypted request.
+
+        Raises:
+            AccessDenied: no valid lease (not granted, no consent, revoked).
+            EnvelopeError: tampered, stale, replayed, or sealed for another model.
+            SealedModelError: the stored model failed authentication.
+            InputError: the tensors do not fit the model.
+        """
+        self.stats.requests += 1
+        try:
+            lease = await self.lease(envelope.model_id, envelope.user_id)
+            model = await self.load(lease)
+            async with self._gate:
+                return await self._run_blocking(self._predict_blocking, envelope, lease, model)  # type: ignore[no-any-return]
+        except BaseException:
+            self.stats.errors += 1
+            raise
+
+    def _predict_blocking(self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel) -> ResponseEnvelope:
+        opened = open_request(envelope, request_key=lease.request_key)
+        self._replays.check_and_add(envelope.request_id, time.time())
+        inputs = model.bind_inputs(opened.tensors, opened.positional)
+        outputs = model.run(inputs)
+        return seal_response(opened.context, outputs)
+
+    async def aclose(self) -> None:
+        """Stop: drop models and leases, release the thread pool."""
+        for key in self._models.keys():
+            self._models.discard(key)
+        for key in self._leases.keys():
+            self._leases.discard(key)
+        await self._releaser.aclose()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def describe(self) -> dict[str, Any]:
+        """State for the stats endpoint (ids and counters only, never keys)."""
+        return {
+            "measurement": self.measurement,
+            "tee": self.attester.tee.value,
+            "concurrency": self.config.concurrency,
+            "intra_op_threads": self._threads,
+            "models": self.loaded_models,
+            "model_cache_bytes": self._models.bytes,
+            "requests": self.stats.requests,
+            "errors": self.stats.errors,
+            "releases": self.stats.releases,
+            "model_loads": self.stats.model_loads,
+            "load_breakdown": self.stats.load_breakdown[-10:],
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
+
+

@@ -1,0 +1,98 @@
+"""The model store: untrusted storage of sealed model containers.
+
+It holds only ciphertext, so it needs no trust: the runtime authenticates
+every chunk, and the KeyService names the version a runtime must load, so the
+store cannot roll a model back to an old version either.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import re
+from pathlib import Path
+
+from sealedml.envelope.request import ID_PATTERN
+from sealedml.errors import ConfigurationError, NotFound, StoreError
+
+__all__ = ["LocalModelStore", "ModelStore"]
+
+_ID = re.compile(ID_PATTERN)
+
+
+class ModelStore(abc.ABC):
+    """Where sealed models are kept."""
+
+    @abc.abstractmethod
+    def put(self, model_id: str, version: int, sealed: bytes) -> None:
+        """Store a sealed container (atomically; never overwrites a version)."""
+
+    @abc.abstractmethod
+    def path(self, model_id: str, version: int) -> Path:
+        """A local file path of the container (for random access).
+
+        Raises:
+            NotFound: no such model version.
+        """
+
+    @abc.abstractmethod
+    def versions(self, model_id: str) -> list[int]:
+        """Stored versions of a model, ascending."""
+
+    def read(self, model_id: str, version: int) -> bytes:
+        """The whole container."""
+        return self.path(model_id, version).read_bytes()
+
+    def latest_version(self, model_id: str) -> int | None:
+        """The highest stored version, or None."""
+        versions = self.versions(model_id)
+        return versions[-1] if versions else None
+
+
+class LocalModelStore(ModelStore):
+    """A directory: ``ROOT/<model_id>/v<version>.sealed``."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create model store {self.root}: {exc.strerror}") from exc
+
+    def _dir(self, model_id: str) -> Path:
+        if not _ID.match(model_id):
+            raise StoreError("invalid model id")
+        return self.root / model_id
+
+    def put(self, model_id: str, version: int, sealed: bytes) -> None:
+        target = self._dir(model_id) / f"v{version}.sealed"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(sealed)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError as exc:
+            raise StoreError(f"{model_id} version {version} already stored") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def path(self, model_id: str, version: int) -> Path:
+        target = self._dir(model_id) / f"v{version}.sealed"
+        if not target.is_file():
+            raise NotFound(f"model {model_id} version {version} is not in the store")
+        return target
+
+    def versions(self, model_id: str) -> list[int]:
+        directory = self._dir(model_id)
+        if not directory.is_dir():
+            return []
+        found = []
+        for entry in directory.glob("v*.sealed"):
+            try:
+                found.append(int(entry.stem[1:]))
+            except ValueError:
+                continue
+        return sorted(found)
