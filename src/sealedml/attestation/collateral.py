@@ -253,6 +253,13 @@ class LocalCollateral(IntelCollateralSource):
         else:
             self._text = source
 
+    @classmethod
+    def from_text(cls, text: str) -> LocalCollateral:
+        """Collateral from JSON text (never interpreted as a path)."""
+        source = cls.__new__(cls)
+        source._text = text
+        return source
+
     def collateral_for(self, quote: bytes, *, now: datetime) -> str:
         """Return the configured collateral (``quote`` and ``now`` are not used)."""
         return self._text

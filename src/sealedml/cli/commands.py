@@ -200,8 +200,12 @@ def cmd_measurement(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.attestation.measurement import measurement_for
     from sealedml.attestation.simulated import SIMULATED_WARNING
 
-    return {"measurement": measurement_for(args.role, {"tee": "simulated"}), "role": args.role,
-            "tee": "simulated", "warning": SIMULATED_WARNING}
+    value = measurement_for(args.role, {"tee": "simulated"})
+    if not args.json:  # bare hex, for $(sealedml measurement); the warning goes to stderr
+        print(f"warning: {SIMULATED_WARNING}", file=sys.stderr)
+        print(value)
+        return {}
+    return {"measurement": value, "role": args.role, "tee": "simulated", "warning": SIMULATED_WARNING}
 
 
 # ---------------------------------------------------------------------- servers

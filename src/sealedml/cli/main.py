@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from sealedml._internal.serve import configure_logging
 
-    configure_logging(args.log_level)
+    # SEALEDML_LOG_LEVEL reaches processes started for us (workers spawned by the platform).
+    configure_logging(os.environ.get("SEALEDML_LOG_LEVEL", args.log_level))
     logging.captureWarnings(True)
     handler = getattr(args, "func", None)
     if handler is None:  # pragma: no cover - argparse enforces a subcommand

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 import httpx
 import numpy as np
 
+from sealedml._internal.httpclient import sync_client
 from sealedml.client.identity import Identity
 from sealedml.client.keyservice import raise_for_error
-from sealedml.envelope.request import ResponseEnvelope, open_response, seal_request
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 from sealedml.errors import ServiceUnavailable
 
 __all__ = ["InferenceClient"]
@@ -26,7 +27,7 @@ class InferenceClient:
 
     def __init__(self, gateway: str, identity: Identity, *, timeout: float = 300.0) -> None:
         self.identity = identity
-        self._http = httpx.Client(base_url=gateway.rstrip("/"), timeout=timeout)
+        self._http = sync_client(gateway.rstrip("/"), timeout=timeout)
         self.last_cold_start = False
 
     def close(self) -> None:
@@ -62,8 +63,8 @@ class InferenceClient:
             is_positional=positional,
         )
         try:
-            response = self._http.post("/v1/infer", content=envelope.model_dump_json(),
-                                       headers={"content-type": "application/json"})
+            response = self._http.post("/v1/infer", content=envelope.to_binary(),
+                                       headers={"content-type": BINARY_CONTENT_TYPE})
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)

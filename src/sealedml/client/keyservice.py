@@ -11,6 +11,7 @@ import httpx
 from pydantic import BaseModel
 
 from sealedml._internal.encoding import b64d, b64e
+from sealedml._internal.httpclient import sync_client
 from sealedml.attestation.base import Evidence, TeeType
 from sealedml.client.identity import Identity
 from sealedml.client.trust import KeyServiceTrust, default_trust
@@ -78,7 +79,7 @@ class KeyServiceClient:
         self.url = url.rstrip("/")
         self.identity = identity
         self._trust = trust
-        self._http = httpx.Client(base_url=self.url, timeout=timeout)
+        self._http = sync_client(self.url, timeout=timeout)
         self._attested: AttestedKeyService | None = None
 
     def close(self) -> None:

@@ -6,26 +6,28 @@ key (separate HKDF labels), so a response cannot be replayed as a request, nor
 a response to one request be accepted for another (the request id salts both
 keys and is bound in the AAD together with model id, user id and timestamp).
 
-Wire form (JSON, pydantic, frozen, extra fields forbidden)::
+Wire form (pydantic, frozen, extra fields forbidden)::
 
     RequestEnvelope  {v, model_id, user_id, request_id, timestamp, nonce, ciphertext}
     ResponseEnvelope {v, request_id, nonce, ciphertext}
 
-with ``request_id`` 32 hex chars (128 random bits), ``nonce`` and
-``ciphertext`` base64.
+with ``request_id`` 32 hex chars (128 random bits). In JSON, ``nonce`` and
+``ciphertext`` are base64; the binary framing (:meth:`_Envelope.to_binary`)
+carries the ciphertext raw (docs/decisions/0003-binary-envelope.md).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealedml._internal.encoding import b64d, b64e, fields
+from sealedml._internal.encoding import fields
 from sealedml.crypto import (
     NONCE_SIZE,
     aead_decrypt,
@@ -37,6 +39,7 @@ from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import CryptoError, EnvelopeError
 
 __all__ = [
+    "BINARY_CONTENT_TYPE",
     "ID_PATTERN",
     "MAX_CLOCK_SKEW",
     "OpenedRequest",
@@ -63,49 +66,118 @@ Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 HexId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 
 
-class RequestEnvelope(BaseModel):
+#: Content type of the binary envelope framing.
+BINARY_CONTENT_TYPE = "application/vnd.sealedml.envelope"
+_BINARY_REQUEST = b"SMLQ\x01"
+_BINARY_RESPONSE = b"SMLR\x01"
+_MAX_BINARY_HEADER = 4096
+_BYTES_AS_BASE64 = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
+
+M = TypeVar("M", bound="_Envelope")
+
+
+class _Envelope(BaseModel):
+    """Common parsing and the binary framing of both envelopes.
+
+    JSON form: every field, bytes as base64 (the OpenWhisk ``/run`` body).
+    Binary form (the native API and gateway → instance): ``MAGIC ‖ u32 header
+    length ‖ JSON of every field but the ciphertext ‖ raw ciphertext`` — no
+    base64, and the gateway forwards the bytes without re-encoding them.
+    """
+
+    model_config = _BYTES_AS_BASE64
+    _magic: ClassVar[bytes]
+
+    @classmethod
+    def parse(cls: type[M], data: bytes | str) -> M:
+        """Parse the JSON or binary form; raise :class:`EnvelopeError` on anything malformed."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        if raw.startswith(cls._magic):
+            return cls.from_binary(raw)
+        try:
+            return cls.model_validate_json(raw)
+        except ValidationError as exc:
+            raise EnvelopeError(f"malformed {cls.__name__}") from exc
+
+    def to_binary(self) -> bytes:
+        """The binary form."""
+        header = self.model_dump_json(exclude={"ciphertext"}).encode()
+        return self._magic + len(header).to_bytes(4, "big") + header + self.ciphertext  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_binary(cls: type[M], raw: bytes) -> M:
+        """Parse the binary form.
+
+        Raises:
+            EnvelopeError: bad magic, truncated or malformed header.
+        """
+        start = len(cls._magic) + 4
+        if not raw.startswith(cls._magic) or len(raw) < start:
+            raise EnvelopeError(f"malformed {cls.__name__}")
+        length = int.from_bytes(raw[len(cls._magic) : start], "big")
+        if length > _MAX_BINARY_HEADER or len(raw) < start + length:
+            raise EnvelopeError(f"malformed {cls.__name__}")
+        try:
+            header = json.loads(raw[start : start + length])
+            if not isinstance(header, dict) or "ciphertext" in header:
+                raise ValueError("bad header")
+            return cls._from_parts(header, raw[start + length :])
+        except (ValueError, ValidationError) as exc:
+            raise EnvelopeError(f"malformed {cls.__name__}") from exc
+
+    @classmethod
+    def _from_parts(cls: type[M], header: dict[str, object], ciphertext: bytes) -> M:
+        fields_json = json.dumps(header).encode()
+        partial = _HEADER_MODELS[cls].model_validate_json(fields_json)
+        return cls(**partial.__dict__, ciphertext=ciphertext)
+
+
+class RequestEnvelope(_Envelope):
     """An encrypted inference request."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    _magic = _BINARY_REQUEST
 
     v: Literal[1] = 1
     model_id: Identifier
     user_id: Identifier
     request_id: HexId
     timestamp: int
-    nonce: str
-    ciphertext: str
-
-    @classmethod
-    def parse(cls, data: bytes | str | Mapping[str, object]) -> RequestEnvelope:
-        """Parse and validate; raise :class:`EnvelopeError` on anything malformed."""
-        try:
-            if isinstance(data, Mapping):
-                return cls.model_validate(data)
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise EnvelopeError("malformed request envelope") from exc
+    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+    ciphertext: bytes
 
 
-class ResponseEnvelope(BaseModel):
+class ResponseEnvelope(_Envelope):
     """An encrypted inference response."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    _magic = _BINARY_RESPONSE
 
     v: Literal[1] = 1
     request_id: HexId
-    nonce: str
-    ciphertext: str
+    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+    ciphertext: bytes
 
-    @classmethod
-    def parse(cls, data: bytes | str | Mapping[str, object]) -> ResponseEnvelope:
-        """Parse and validate; raise :class:`EnvelopeError` on anything malformed."""
-        try:
-            if isinstance(data, Mapping):
-                return cls.model_validate(data)
-            return cls.model_validate_json(data)
-        except ValidationError as exc:
-            raise EnvelopeError("malformed response envelope") from exc
+
+class _RequestHeader(BaseModel):
+    model_config = _BYTES_AS_BASE64
+    v: Literal[1] = 1
+    model_id: Identifier
+    user_id: Identifier
+    request_id: HexId
+    timestamp: int
+    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+
+
+class _ResponseHeader(BaseModel):
+    model_config = _BYTES_AS_BASE64
+    v: Literal[1] = 1
+    request_id: HexId
+    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
+
+
+_HEADER_MODELS: dict[type[_Envelope], type[BaseModel]] = {
+    RequestEnvelope: _RequestHeader,
+    ResponseEnvelope: _ResponseHeader,
+}
 
 
 @dataclass(frozen=True)
@@ -170,17 +242,10 @@ def seal_request(
         user_id=user_id,
         request_id=rid,
         timestamp=timestamp,
-        nonce=b64e(nonce),
-        ciphertext=b64e(ciphertext),
+        nonce=nonce,
+        ciphertext=ciphertext,
     )
     return envelope, RequestContext(model_id, user_id, rid, timestamp, resp_key)
-
-
-def _b64(text: str, what: str) -> bytes:
-    try:
-        return b64d(text)
-    except ValueError as exc:
-        raise EnvelopeError(f"malformed {what}") from exc
 
 
 def open_request(
@@ -201,12 +266,9 @@ def open_request(
         raise EnvelopeError("request timestamp outside the accepted window")
     request_id = bytes.fromhex(envelope.request_id)
     req_key, resp_key = _keys(request_key, envelope.model_id, envelope.user_id, request_id)
-    nonce = _b64(envelope.nonce, "nonce")
-    if len(nonce) != NONCE_SIZE:
-        raise EnvelopeError("malformed nonce")
     aad = _aad(_REQ_AAD, envelope.model_id, envelope.user_id, envelope.request_id, envelope.timestamp)
     try:
-        plaintext = aead_decrypt(req_key, nonce, _b64(envelope.ciphertext, "ciphertext"), aad)
+        plaintext = aead_decrypt(req_key, envelope.nonce, envelope.ciphertext, aad)
     except CryptoError as exc:
         raise EnvelopeError("request failed authentication") from exc
     tensors, is_positional = decode_tensors(plaintext)
@@ -221,7 +283,7 @@ def seal_response(context: RequestContext, tensors: Mapping[str, np.ndarray]) ->
     nonce = random_bytes(NONCE_SIZE)
     aad = _aad(_RESP_AAD, context.model_id, context.user_id, context.request_id, context.timestamp)
     ciphertext = aead_encrypt(context.response_key, nonce, encode_tensors(tensors), aad)
-    return ResponseEnvelope(request_id=context.request_id, nonce=b64e(nonce), ciphertext=b64e(ciphertext))
+    return ResponseEnvelope(request_id=context.request_id, nonce=nonce, ciphertext=ciphertext)
 
 
 def open_response(context: RequestContext, envelope: ResponseEnvelope) -> dict[str, np.ndarray]:
@@ -232,12 +294,9 @@ def open_response(context: RequestContext, envelope: ResponseEnvelope) -> dict[s
     """
     if envelope.request_id != context.request_id:
         raise EnvelopeError("response is for another request")
-    nonce = _b64(envelope.nonce, "nonce")
-    if len(nonce) != NONCE_SIZE:
-        raise EnvelopeError("malformed nonce")
     aad = _aad(_RESP_AAD, context.model_id, context.user_id, context.request_id, context.timestamp)
     try:
-        plaintext = aead_decrypt(context.response_key, nonce, _b64(envelope.ciphertext, "ciphertext"), aad)
+        plaintext = aead_decrypt(context.response_key, envelope.nonce, envelope.ciphertext, aad)
     except CryptoError as exc:
         raise EnvelopeError("response failed authentication") from exc
     tensors, _ = decode_tensors(plaintext)

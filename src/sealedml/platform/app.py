@@ -1,7 +1,8 @@
 """The gateway: the untrusted front door that routes ciphertext to instances.
 
 It sees only the request envelope's metadata (model id, user id, sizes) and
-forwards the envelope to an instance's OpenWhisk ``/run``.
+forwards the envelope bytes to an instance's native ``/v1/infer`` (an
+OpenWhisk deployment would call the same instance's ``/run``).
 
 Routes: ``POST /v1/infer`` (a RequestEnvelope), ``GET /v1/health``,
 ``GET /v1/stats``, and for benchmarks ``POST /v1/unsafe-plaintext/{model_id}``
@@ -11,7 +12,6 @@ Routes: ``POST /v1/infer`` (a RequestEnvelope), ``GET /v1/health``,
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -52,9 +52,10 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
 
     async def infer(request: Request) -> Response:
         body = await read_body(request, max_body)
-        envelope = RequestEnvelope.parse(body)  # the gateway only reads metadata
-        run_body = json.dumps({"value": envelope.model_dump()}).encode()
-        result = await platform.invoke(Invocation(envelope.model_id, "/run", run_body))
+        # The gateway reads only the envelope's metadata and forwards the bytes
+        # unchanged to the instance's native endpoint (no re-encoding).
+        envelope = RequestEnvelope.parse(body)
+        result = await platform.invoke(Invocation(envelope.model_id, "/v1/infer", body))
         return Response(result.body, status_code=result.status, media_type=result.content_type,
                         headers=_headers(result))
 

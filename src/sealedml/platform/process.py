@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from sealedml._internal.httpclient import async_client
+from sealedml.envelope.request import BINARY_CONTENT_TYPE
 from sealedml.errors import ServiceUnavailable
 
 __all__ = ["InstanceSpec", "WorkerProcess"]
@@ -99,8 +101,7 @@ class WorkerProcess:
                 if isinstance(event, dict) and event.get("event") == "listening":
                     self.url = str(event["url"])
                     break
-            self.client = httpx.AsyncClient(base_url=self.url, timeout=self.spec.request_timeout,
-                                            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64))
+            self.client = async_client(self.url, timeout=self.spec.request_timeout)
             response = await self.client.post("/init", json={"value": {}})
             if response.status_code != 200:
                 raise ServiceUnavailable(f"worker /init failed with HTTP {response.status_code}")
@@ -123,7 +124,8 @@ class WorkerProcess:
         if self.client is None or self.dead:
             raise ServiceUnavailable("instance is not running")
         try:
-            return await self.client.post(path, content=body, headers={"content-type": "application/json"})
+            content_type = BINARY_CONTENT_TYPE if body.startswith(b"SMLQ") else "application/json"
+            return await self.client.post(path, content=body, headers={"content-type": content_type})
         except httpx.HTTPError as exc:
             self.dead = True
             raise ServiceUnavailable(f"instance {self.instance_id} failed: {type(exc).__name__}") from exc

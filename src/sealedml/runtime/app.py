@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import error_response, json_response, read_body
-from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import Error, NotFound, ProtocolError
 from sealedml.runtime.engine import LoadedModel
@@ -87,13 +87,16 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
             raise ProtocolError("malformed JSON") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
             raise ProtocolError("run body must be {\"value\": <request envelope>}")
-        envelope = RequestEnvelope.parse(doc["value"])
+        envelope = RequestEnvelope.parse(json.dumps(doc["value"]))
         return json_response(await worker.predict(envelope))
 
     async def infer(request: Request) -> Response:
         body = await read_body(request, max_body)
         envelope = RequestEnvelope.parse(body)
-        return json_response(await worker.predict(envelope))
+        response = await worker.predict(envelope)
+        if body.startswith(b"SMLQ"):  # answer in the framing the caller used
+            return Response(response.to_binary(), media_type=BINARY_CONTENT_TYPE)
+        return json_response(response)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok", "measurement": worker.measurement})

@@ -75,6 +75,9 @@ class LoadedModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # No spin-waiting after a run: on a shared machine idle ORT threads would
+        # otherwise burn the cores the HTTP stack and other requests need.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types

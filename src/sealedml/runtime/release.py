@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import httpx
 
 from sealedml._internal.encoding import b64d, b64e
+from sealedml._internal.httpclient import async_client
 from sealedml.attestation.base import Attester
 from sealedml.client.keyservice import raise_for_error
 from sealedml.crypto import HpkePrivateKey
@@ -42,7 +43,7 @@ class ReleaseClient:
 
     def __init__(self, keyservice_url: str, attester: Attester, *, timeout: float = 30.0) -> None:
         self._attester = attester
-        self._http = httpx.AsyncClient(base_url=keyservice_url.rstrip("/"), timeout=timeout)
+        self._http = async_client(keyservice_url.rstrip("/"), timeout=timeout)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -1,0 +1,30 @@
+"""httpx clients with TCP_NODELAY.
+
+httpcore writes request headers and body separately; without TCP_NODELAY the
+body can wait for a delayed ACK (~40 ms on Linux) on every keep-alive request.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import httpx
+
+__all__ = ["async_client", "sync_client"]
+
+_NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+
+
+def sync_client(base_url: str, *, timeout: float, **kwargs: Any) -> httpx.Client:
+    """A blocking client with TCP_NODELAY."""
+    limits = kwargs.pop("limits", httpx.Limits(max_connections=64, max_keepalive_connections=64))
+    transport = httpx.HTTPTransport(socket_options=_NODELAY, limits=limits)
+    return httpx.Client(base_url=base_url, timeout=timeout, transport=transport, **kwargs)
+
+
+def async_client(base_url: str, *, timeout: float, **kwargs: Any) -> httpx.AsyncClient:
+    """An asyncio client with TCP_NODELAY."""
+    limits = kwargs.pop("limits", httpx.Limits(max_connections=256, max_keepalive_connections=64))
+    transport = httpx.AsyncHTTPTransport(socket_options=_NODELAY, limits=limits)
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport, **kwargs)

@@ -1,0 +1,694 @@
+"""AMD SEV-SNP attestation report verification, with ``cryptography`` only.
+
+What is verified, in order (references are to the *SEV Secure Nested Paging
+Firmware ABI Specification*, AMD publication 56860, and the *Versioned Chip
+Endorsement Key (VCEK) Certificate and KDS Interface Specification*, AMD
+publication 57230):
+
+1. **Report format** — exactly 1184 bytes, VERSION 2 to 5, SIGNATURE_ALGO 1
+   (ECDSA P-384 with SHA-384), SIGNING_KEY 0 (VCEK) or 1 (VLEK)
+   (ABI spec, "ATTESTATION_REPORT Structure": Table 23 in rev. 1.57, Table 21
+   in earlier revisions).
+2. **Certificate chain** — VCEK (or VLEK) → ASK (or ASVK) → ARK, every link
+   RSASSA-PSS with SHA-384, MGF1-SHA-384 and a 48-byte salt (KDS spec §2), the
+   ARK self-signed and pinned per product (Milan, Genoa, Turin; the PEM files
+   in ``sealedml/attestation/roots`` plus their SPKI fingerprints below), each
+   certificate valid at ``now``. The product is taken from the issuer name of
+   the VCEK; the ASK of another product never verifies it.
+3. **Report signature** — ECDSA P-384 over bytes 0x000-0x29F; R and S are
+   little-endian, zero-extended to 72 bytes each, at 0x2A0 and 0x2E8 (ABI spec,
+   "ECDSA P-384 with SHA-384 Signature" format).
+4. **Certificate ↔ report binding** — the VCEK's AMD extensions (KDS spec
+   Table 8: blSPL 1.3.6.1.4.1.3704.1.3.1, teeSPL .3.2, snpSPL .3.3, ucodeSPL
+   .3.8, fmcSPL .3.9 on Turin, hwID .4) must equal the report's REPORTED_TCB
+   (decoded with the product's TCB_VERSION layout, ABI spec Table 3) and
+   CHIP_ID (the first 8 bytes on Turin, KDS spec). A VLEK has no hwID.
+
+Claims: ``measurement`` = MEASUREMENT (48 bytes hex), ``report_data`` =
+REPORT_DATA, ``debug`` = guest POLICY bit 19 (ABI spec §4.3, Guest Policy),
+details with the other report fields. SEV-SNP has no TCB-status service: the
+verifier reports ``tcb_status = "UpToDate"`` once the VCEK matches the report;
+whether that TCB is recent enough is the policy's ``min_tcb`` decision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+from sealedml.attestation.base import Claims, Evidence, TeeType, Verifier
+from sealedml.attestation.collateral import (
+    CacheDirVcekSource,
+    CertTableVcekSource,
+    FileVcekSource,
+    VcekSource,
+    load_certificate,
+    parse_snp_cert_table,
+)
+from sealedml.errors import CollateralError, ConfigurationError, EvidenceError
+
+__all__ = [
+    "PINNED_ARK_SPKI_SHA256",
+    "PRODUCTS",
+    "REPORT_SIZE",
+    "ProductRoots",
+    "SevSnpVerifier",
+    "SnpReport",
+    "decode_tcb",
+    "load_pinned_roots",
+    "parse_snp_report",
+]
+
+#: Size of ATTESTATION_REPORT (0x4A0).
+REPORT_SIZE = 0x4A0
+#: The signature covers bytes 0x000-0x29F.
+SIGNED_LEN = 0x2A0
+_SIG_R = 0x2A0
+_SIG_S = 0x2E8
+_SIG_COMPONENT = 72
+
+#: Products whose roots are pinned, in the order they are tried.
+PRODUCTS: tuple[str, ...] = ("Milan", "Genoa", "Turin")
+
+#: SHA-256 of the DER SubjectPublicKeyInfo of each product's ARK (AMD root key).
+PINNED_ARK_SPKI_SHA256: Mapping[str, str] = MappingProxyType(
+    {
+        "Milan": "9f056bee44377e29308cb5ffa895bdfb62d18881fa6bed8d6f075b0204089cb9",
+        "Genoa": "429a69c9422aa258ee4d8db5fcda9c6470ef15f8cd5a9cebd6cbc7d90b863831",
+        "Turin": "4f125410563a2ab9a50356f9243f6fe0b6f73de98603f53f90339c70e9d7ad08",
+    }
+)
+
+# AMD VCEK / VLEK certificate extensions (KDS spec, Table 8).
+_OID_PRODUCT_NAME = "1.3.6.1.4.1.3704.1.2"
+_OID_BL_SPL = "1.3.6.1.4.1.3704.1.3.1"
+_OID_TEE_SPL = "1.3.6.1.4.1.3704.1.3.2"
+_OID_SNP_SPL = "1.3.6.1.4.1.3704.1.3.3"
+_OID_UCODE_SPL = "1.3.6.1.4.1.3704.1.3.8"
+_OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"
+_OID_HWID = "1.3.6.1.4.1.3704.1.4"
+_TURIN_HWID_LEN = 8
+
+# AMD KDS certificates: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt length 48.
+_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
+
+
+def _u32(data: bytes, offset: int) -> int:
+    return int(struct.unpack_from("<I", data, offset)[0])
+
+
+def _u64(data: bytes, offset: int) -> int:
+    return int(struct.unpack_from("<Q", data, offset)[0])
+
+
+def decode_tcb(raw: int, product: str) -> dict[str, int]:
+    """Split a TCB_VERSION into its security patch levels.
+
+    Milan and Genoa (ABI spec Table 3): byte 0 boot loader, 1 TEE, 6 SNP,
+    7 microcode. Turin (family 1Ah): byte 0 FMC, 1 boot loader, 2 TEE, 3 SNP,
+    7 microcode.
+
+    Args:
+        raw: the TCB_VERSION as a little-endian u64.
+        product: ``"Milan"``, ``"Genoa"`` or ``"Turin"``.
+
+    Returns:
+        ``{"bootloader", "tee", "snp", "microcode"}`` (plus ``"fmc"`` on Turin).
+    """
+    b = raw.to_bytes(8, "little")
+    if product == "Turin":
+        return {"fmc": b[0], "bootloader": b[1], "tee": b[2], "snp": b[3], "microcode": b[7]}
+    return {"bootloader": b[0], "tee": b[1], "snp": b[6], "microcode": b[7]}
+
+
+@dataclass(frozen=True)
+class SnpReport:
+    """A parsed (not yet verified) SEV-SNP ATTESTATION_REPORT.
+
+    Attributes mirror the report fields; byte strings are raw, TCB values are
+    little-endian u64 integers. ``raw`` is the whole report.
+    """
+
+    raw: bytes
+    version: int
+    guest_svn: int
+    policy: int
+    family_id: bytes
+    image_id: bytes
+    vmpl: int
+    signature_algo: int
+    current_tcb: int
+    platform_info: int
+    author_key_en: bool
+    mask_chip_key: bool
+    signing_key: int
+    report_data: bytes
+    measurement: bytes
+    host_data: bytes
+    id_key_digest: bytes
+    author_key_digest: bytes
+    report_id: bytes
+    report_id_ma: bytes
+    reported_tcb: int
+    cpuid_fam_id: int | None
+    cpuid_mod_id: int | None
+    cpuid_step: int | None
+    chip_id: bytes
+    committed_tcb: int
+    current_version: str
+    committed_version: str
+    launch_tcb: int
+    signature_r: int
+    signature_s: int
+
+    @property
+    def debug(self) -> bool:
+        """Guest POLICY bit 19: DEBUG (the hypervisor may read and write guest memory)."""
+        return bool(self.policy >> 19 & 1)
+
+    @property
+    def signed_bytes(self) -> bytes:
+        """Bytes 0x000-0x29F, the part the signature covers."""
+        return self.raw[:SIGNED_LEN]
+
+
+def parse_snp_report(data: bytes) -> SnpReport:
+    """Parse an ATTESTATION_REPORT (offsets from the ABI spec report table).
+
+    Args:
+        data: the 1184-byte report.
+
+    Returns:
+        The parsed report.
+
+    Raises:
+        EvidenceError: wrong size, unsupported version, signature algorithm or
+            signing key.
+    """
+    raw = bytes(data)
+    if len(raw) != REPORT_SIZE:
+        raise EvidenceError(f"SEV-SNP report must be {REPORT_SIZE} bytes, got {len(raw)}")
+    version = _u32(raw, 0x00)
+    if not 2 <= version <= 5:
+        raise EvidenceError(f"unsupported SEV-SNP report version {version}")
+    signature_algo = _u32(raw, 0x34)
+    if signature_algo != 1:
+        raise EvidenceError(f"unsupported SEV-SNP signature algorithm {signature_algo}")
+    flags = _u32(raw, 0x48)
+    signing_key = flags >> 2 & 0x7  # bits 4:2; 0 = VCEK, 1 = VLEK, 7 = none
+    if signing_key not in (0, 1):
+        raise EvidenceError(f"SEV-SNP report signing key {signing_key} is not VCEK or VLEK")
+    has_cpuid = version >= 3  # CPUID_FAM_ID / MOD_ID / STEP at 0x188 since version 3
+    return SnpReport(
+        raw=raw,
+        version=version,
+        guest_svn=_u32(raw, 0x04),
+        policy=_u64(raw, 0x08),
+        family_id=raw[0x10:0x20],
+        image_id=raw[0x20:0x30],
+        vmpl=_u32(raw, 0x30),
+        signature_algo=signature_algo,
+        current_tcb=_u64(raw, 0x38),
+        platform_info=_u64(raw, 0x40),
+        author_key_en=bool(flags & 0x1),
+        mask_chip_key=bool(flags & 0x2),
+        signing_key=signing_key,
+        report_data=raw[0x50:0x90],
+        measurement=raw[0x90:0xC0],
+        host_data=raw[0xC0:0xE0],
+        id_key_digest=raw[0xE0:0x110],
+        author_key_digest=raw[0x110:0x140],
+        report_id=raw[0x140:0x160],
+        report_id_ma=raw[0x160:0x180],
+        reported_tcb=_u64(raw, 0x180),
+        cpuid_fam_id=raw[0x188] if has_cpuid else None,
+        cpuid_mod_id=raw[0x189] if has_cpuid else None,
+        cpuid_step=raw[0x18A] if has_cpuid else None,
+        chip_id=raw[0x1A0:0x1E0],
+        committed_tcb=_u64(raw, 0x1E0),
+        current_version=f"{raw[0x1EA]}.{raw[0x1E9]}.{raw[0x1E8]}",
+        committed_version=f"{raw[0x1EE]}.{raw[0x1ED]}.{raw[0x1EC]}",
+        launch_tcb=_u64(raw, 0x1F0),
+        signature_r=int.from_bytes(raw[_SIG_R : _SIG_R + _SIG_COMPONENT], "little"),
+        signature_s=int.from_bytes(raw[_SIG_S : _SIG_S + _SIG_COMPONENT], "little"),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Roots and chain
+# ---------------------------------------------------------------------------
+
+
+def _common_name(name: x509.Name) -> str:
+    values = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(values[0].value) if values else ""
+
+
+def _spki_sha256(cert: x509.Certificate) -> str:
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def _pss_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """True if ``issuer``'s RSA key signed ``cert`` with AMD's RSASSA-PSS parameters."""
+    key = issuer.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or cert.issuer != issuer.subject:
+        return False
+    try:
+        key.verify(cert.signature, cert.tbs_certificate_bytes, _PSS, hashes.SHA384())
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_valid_at(cert: x509.Certificate, at: datetime, what: str) -> None:
+    if at < cert.not_valid_before_utc:
+        raise EvidenceError(f"{what} not valid before {cert.not_valid_before_utc.isoformat()}")
+    if at > cert.not_valid_after_utc:
+        raise EvidenceError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
+
+
+@dataclass(frozen=True)
+class ProductRoots:
+    """The pinned ASK and ARK of one AMD product line.
+
+    Attributes:
+        product: ``"Milan"``, ``"Genoa"`` or ``"Turin"``.
+        ask: the AMD SEV signing key certificate (signs VCEKs).
+        ark: the AMD root key certificate (self-signed).
+    """
+
+    product: str
+    ask: x509.Certificate
+    ark: x509.Certificate
+
+    @classmethod
+    def from_pem(cls, product: str, pem: bytes, *, fingerprint: str | None = None) -> ProductRoots:
+        """Load and check an ``ask_ark_<product>.pem`` bundle (ASK first, then ARK).
+
+        Args:
+            product: the product the bundle is for.
+            pem: the two certificates.
+            fingerprint: if given, the ARK's SPKI SHA-256 must equal it.
+
+        Returns:
+            The roots.
+
+        Raises:
+            ConfigurationError: not two certificates, names not of ``product``,
+                ARK not self-signed, ASK not signed by the ARK, or fingerprint mismatch.
+        """
+        try:
+            certs = [load_certificate(block) for block in _pem_blocks(pem)]
+        except CollateralError as exc:
+            raise ConfigurationError(f"{product} roots: {exc.message}") from exc
+        if len(certs) != 2:
+            raise ConfigurationError(f"{product} roots: expected ASK and ARK certificates")
+        ask, ark = certs
+        if _common_name(ark.subject) != f"ARK-{product}":
+            raise ConfigurationError(f"{product} roots: ARK is {_common_name(ark.subject)!r}")
+        if _common_name(ask.subject) != f"SEV-{product}":
+            raise ConfigurationError(f"{product} roots: ASK is {_common_name(ask.subject)!r}")
+        if fingerprint is not None and _spki_sha256(ark) != fingerprint:
+            raise ConfigurationError(f"{product} roots: ARK key does not match the pinned key")
+        if not _pss_signed_by(ark, ark):
+            raise ConfigurationError(f"{product} roots: ARK is not self-signed")
+        if not _pss_signed_by(ask, ark):
+            raise ConfigurationError(f"{product} roots: ASK is not signed by the ARK")
+        return cls(product=product, ask=ask, ark=ark)
+
+
+def _pem_blocks(pem: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    blocks: list[bytes] = []
+    for part in pem.split(marker):
+        if b"-----BEGIN CERTIFICATE-----" in part:
+            blocks.append(part[part.index(b"-----BEGIN") :] + marker + b"\n")
+    return blocks
+
+
+_PINNED_LOCK = threading.Lock()
+_PINNED: dict[str, ProductRoots] = {}
+
+
+def load_pinned_roots() -> Mapping[str, ProductRoots]:
+    """The AMD roots shipped with the package, checked against their pinned fingerprints.
+
+    Returns:
+        ``{product: ProductRoots}`` for Milan, Genoa and Turin.
+
+    Raises:
+        ConfigurationError: a root file is missing or does not match its pin.
+    """
+    with _PINNED_LOCK:
+        if not _PINNED:
+            package = importlib.resources.files("sealedml.attestation") / "roots"
+            for product in PRODUCTS:
+                try:
+                    pem = (package / f"ask_ark_{product.lower()}.pem").read_bytes()
+                except OSError as exc:
+                    raise ConfigurationError(f"AMD {product} roots missing: {exc}") from exc
+                _PINNED[product] = ProductRoots.from_pem(
+                    product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product]
+                )
+        return MappingProxyType(dict(_PINNED))
+
+
+# ---------------------------------------------------------------------------
+# VCEK extensions
+# ---------------------------------------------------------------------------
+
+
+def _der_small_int(value: bytes, what: str) -> int:
+    """Decode a DER INTEGER in short form (the KDS SPL extensions: 0-255)."""
+    if len(value) < 3 or value[0] != 0x02 or value[1] != len(value) - 2 or value[1] > 2:
+        raise EvidenceError(f"VCEK extension {what} is not a small DER INTEGER")
+    number = int.from_bytes(value[2:], "big", signed=True)
+    if not 0 <= number <= 255:
+        raise EvidenceError(f"VCEK extension {what} out of range")
+    return number
+
+
+def _extensions(cert: x509.Certificate) -> dict[str, bytes]:
+    found: dict[str, bytes] = {}
+    try:
+        for ext in cert.extensions:
+            if isinstance(ext.value, x509.UnrecognizedExtension):
+                found[ext.oid.dotted_string] = bytes(ext.value.value)
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise EvidenceError(f"VCEK extensions malformed: {exc}") from exc
+    return found
+
+
+def _vcek_tcb(extensions: Mapping[str, bytes], product: str) -> dict[str, int]:
+    names = {
+        "bootloader": _OID_BL_SPL,
+        "tee": _OID_TEE_SPL,
+        "snp": _OID_SNP_SPL,
+        "microcode": _OID_UCODE_SPL,
+    }
+    if product == "Turin":
+        names["fmc"] = _OID_FMC_SPL
+    tcb: dict[str, int] = {}
+    for name, oid in names.items():
+        if oid not in extensions:
+            raise EvidenceError(f"VCEK lacks the {name} SPL extension ({oid})")
+        tcb[name] = _der_small_int(extensions[oid], name)
+    return tcb
+
+
+def _vcek_hwid(extensions: Mapping[str, bytes]) -> bytes | None:
+    value = extensions.get(_OID_HWID)
+    if value is None:
+        return None
+    # KDS puts the raw chip id in the extension; accept an OCTET STRING wrapper too.
+    if len(value) in (66, 10) and value[0] == 0x04 and value[1] == len(value) - 2:
+        value = value[2:]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# The verifier
+# ---------------------------------------------------------------------------
+
+
+def _utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    return now if now.tzinfo else now.replace(tzinfo=UTC)
+
+
+class SevSnpVerifier(Verifier):
+    """Verifies AMD SEV-SNP attestation reports against pinned AMD roots.
+
+    The VCEK is looked up in ``vcek_sources`` in order (default: the evidence's
+    certificate table, then ``vcek`` if given, then ``vcek_cache_dir``); each
+    candidate certificate is tried until one verifies. A verified VCEK is
+    stored in ``vcek_cache_dir`` (keyed by chip id and TCB) for later reports.
+
+    Args:
+        vcek_sources: explicit VCEK sources (replaces the defaults).
+        vcek: a VCEK / VLEK certificate file (or its DER / PEM bytes).
+        vcek_cache_dir: a cache directory of verified VCEKs.
+        roots: ``{product: PEM bytes of ASK + ARK}`` to pin instead of the
+            shipped AMD roots (test infrastructures only).
+
+    Raises:
+        ConfigurationError: unreadable VCEK file or bad roots.
+    """
+
+    tee = TeeType.SEV_SNP
+
+    def __init__(
+        self,
+        vcek_sources: Sequence[VcekSource] | None = None,
+        *,
+        vcek: Path | bytes | None = None,
+        vcek_cache_dir: Path | None = None,
+        roots: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self._cache = CacheDirVcekSource(vcek_cache_dir) if vcek_cache_dir else None
+        if vcek_sources is not None:
+            sources = list(vcek_sources)
+        else:
+            sources = [CertTableVcekSource()]
+            if isinstance(vcek, bytes):
+                sources.append(_BytesVcekSource(vcek))
+            elif vcek is not None:
+                sources.append(FileVcekSource(Path(vcek)))
+            if self._cache is not None:
+                sources.append(self._cache)
+        self._sources = sources
+        if roots is None:
+            self._roots = load_pinned_roots()
+        else:
+            self._roots = MappingProxyType(
+                {product: ProductRoots.from_pem(product, pem) for product, pem in roots.items()}
+            )
+        if not self._roots:
+            raise ConfigurationError("no AMD roots pinned")
+        self._chain_memo: dict[tuple[bytes, bytes], str | None] = {}
+        self._memo_lock = threading.Lock()
+
+    # -- chain ---------------------------------------------------------------
+
+    def _chain_product(self, vcek: x509.Certificate, table: Mapping[str, bytes]) -> str:
+        """Return the product whose pinned ARK the VCEK chains to, or raise."""
+        extra_ask = table.get("ask")
+        key = (vcek.fingerprint(hashes.SHA256()), extra_ask or b"")
+        with self._memo_lock:
+            if key in self._chain_memo:
+                product = self._chain_memo[key]
+                if product is None:
+                    raise EvidenceError("VCEK does not chain to a pinned AMD root")
+                return product
+        product = self._find_chain(vcek, extra_ask)
+        with self._memo_lock:
+            if len(self._chain_memo) > 256:
+                self._chain_memo.clear()
+            self._chain_memo[key] = product
+        if product is None:
+            raise EvidenceError("VCEK does not chain to a pinned AMD root")
+        return product
+
+    def _find_chain(self, vcek: x509.Certificate, extra_ask: bytes | None) -> str | None:
+        issuer_cn = _common_name(vcek.issuer)
+        # Try the product named by the VCEK's issuer first ("SEV-Milan",
+        # "SEV-VLEK-Genoa"), then the others in turn.
+        ordered = sorted(self._roots, key=lambda p: 0 if issuer_cn.endswith(p) else 1)
+        table_ask: x509.Certificate | None = None
+        if extra_ask:
+            try:
+                table_ask = load_certificate(extra_ask, what="ASK from the certificate table")
+            except CollateralError:
+                table_ask = None
+        for product in ordered:
+            roots = self._roots[product]
+            intermediates = [roots.ask]
+            # An intermediate from the certificate table (e.g. the ASVK of a
+            # VLEK) is used only if the pinned ARK of this product signed it.
+            if table_ask is not None and _pss_signed_by(table_ask, roots.ark):
+                intermediates.append(table_ask)
+            for intermediate in intermediates:
+                if _pss_signed_by(vcek, intermediate):
+                    return product
+        return None
+
+    def _intermediate_for(
+        self, vcek: x509.Certificate, product: str, table: Mapping[str, bytes]
+    ) -> x509.Certificate:
+        roots = self._roots[product]
+        if _pss_signed_by(vcek, roots.ask):
+            return roots.ask
+        return load_certificate(table["ask"], what="ASK from the certificate table")
+
+    # -- verification --------------------------------------------------------
+
+    def verify(self, evidence: Evidence, *, now: datetime | None = None) -> Claims:
+        """Verify an SEV-SNP report at ``now`` and return its claims.
+
+        Args:
+            evidence: ``Evidence(TeeType.SEV_SNP, report, aux=certificate table)``.
+            now: verification time for certificate validity (default: now).
+
+        Returns:
+            Claims with measurement, report data, debug flag and report details.
+
+        Raises:
+            EvidenceError: malformed report, bad signature, broken chain, or a
+                VCEK of another chip / TCB.
+            CollateralError: no VCEK found, or a VCEK / certificate table is malformed.
+        """
+        at = _utc(now)
+        if evidence.tee is not TeeType.SEV_SNP:
+            raise EvidenceError(f"{evidence.tee.value} evidence given to the sev-snp verifier")
+        report = parse_snp_report(evidence.data)
+        table = parse_snp_cert_table(evidence.aux)
+        candidates: list[tuple[VcekSource, bytes]] = []
+        for source in self._sources:
+            found = source.find(
+                chip_id=report.chip_id, reported_tcb=report.reported_tcb, aux=evidence.aux
+            )
+            if found and all(found != seen for _, seen in candidates):
+                candidates.append((source, found))
+        if not candidates:
+            raise CollateralError("no VCEK / VLEK certificate for this SEV-SNP report")
+        first_error: EvidenceError | CollateralError | None = None
+        for source, der in candidates:
+            try:
+                claims = self._verify_with(report, der, table, at)
+            except (EvidenceError, CollateralError) as exc:
+                first_error = first_error or exc
+                continue
+            if self._cache is not None and source is not self._cache:
+                self._cache.store(report.chip_id, report.reported_tcb, der)
+            return claims
+        if first_error is None:  # pragma: no cover - candidates is non-empty
+            raise EvidenceError("SEV-SNP report not verified")
+        raise first_error
+
+    def _verify_with(
+        self, report: SnpReport, vcek_bytes: bytes, table: Mapping[str, bytes], at: datetime
+    ) -> Claims:
+        vcek = load_certificate(vcek_bytes, what="VCEK")
+        product = self._chain_product(vcek, table)
+        roots = self._roots[product]
+        intermediate = self._intermediate_for(vcek, product, table)
+        _check_valid_at(roots.ark, at, f"ARK-{product}")
+        _check_valid_at(intermediate, at, f"{_common_name(intermediate.subject)} certificate")
+        _check_valid_at(vcek, at, "VCEK")
+
+        # Report signature (ECDSA P-384 / SHA-384 over 0x000-0x29F).
+        key = vcek.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
+            key.curve, ec.SECP384R1
+        ):
+            raise EvidenceError("VCEK key is not ECDSA P-384")
+        try:
+            signature = encode_dss_signature(report.signature_r, report.signature_s)
+            key.verify(signature, report.signed_bytes, ec.ECDSA(hashes.SHA384()))
+        except (InvalidSignature, ValueError) as exc:
+            raise EvidenceError("SEV-SNP report signature invalid") from exc
+
+        # The certificate must be for this chip and this TCB (KDS spec Table 8).
+        extensions = _extensions(vcek)
+        cert_tcb = _vcek_tcb(extensions, product)
+        reported = decode_tcb(report.reported_tcb, product)
+        if cert_tcb != reported:
+            raise EvidenceError(
+                f"VCEK is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}"
+            )
+        hwid = _vcek_hwid(extensions)
+        is_vlek = "VLEK" in _common_name(vcek.subject).upper()
+        if report.signing_key == 0:
+            if is_vlek or hwid is None:
+                raise EvidenceError("report is signed by a VCEK but the certificate is not a VCEK")
+            expected = report.chip_id[:_TURIN_HWID_LEN] if product == "Turin" else report.chip_id
+            if len(hwid) != len(expected) or hwid != expected:
+                raise EvidenceError("VCEK belongs to another chip (hwID != CHIP_ID)")
+        elif not is_vlek or hwid is not None:
+            raise EvidenceError("report is signed by a VLEK but the certificate is not a VLEK")
+
+        expires = min(
+            vcek.not_valid_after_utc,
+            intermediate.not_valid_after_utc,
+            roots.ark.not_valid_after_utc,
+        )
+        return Claims(
+            tee=TeeType.SEV_SNP,
+            measurement=report.measurement.hex(),
+            report_data=report.report_data,
+            debug=report.debug,
+            tcb_status="UpToDate",
+            advisory_ids=(),
+            signer=None,
+            details=MappingProxyType(self._details(report, product, extensions)),
+            collateral_expires=expires,
+        )
+
+    @staticmethod
+    def _details(
+        report: SnpReport, product: str, extensions: Mapping[str, bytes]
+    ) -> dict[str, Any]:
+        name = extensions.get(_OID_PRODUCT_NAME, b"")
+        product_name = name[2:].decode("ascii", "replace") if name[:1] == b"\x16" else product
+        details: dict[str, Any] = {
+            "version": report.version,
+            "product": product,
+            "product_name": product_name,
+            "signing_key": "vcek" if report.signing_key == 0 else "vlek",
+            "guest_svn": report.guest_svn,
+            "policy": report.policy,
+            "policy_flags": {
+                "smt": bool(report.policy >> 16 & 1),
+                "migrate_ma": bool(report.policy >> 18 & 1),
+                "debug": report.debug,
+                "single_socket": bool(report.policy >> 20 & 1),
+            },
+            "family_id": report.family_id.hex(),
+            "image_id": report.image_id.hex(),
+            "vmpl": report.vmpl,
+            "host_data": report.host_data.hex(),
+            "id_key_digest": report.id_key_digest.hex(),
+            "author_key_digest": report.author_key_digest.hex(),
+            "report_id": report.report_id.hex(),
+            "chip_id": report.chip_id.hex(),
+            "platform_info": report.platform_info,
+            "reported_tcb": decode_tcb(report.reported_tcb, product),
+            "current_tcb": decode_tcb(report.current_tcb, product),
+            "committed_tcb": decode_tcb(report.committed_tcb, product),
+            "launch_tcb": decode_tcb(report.launch_tcb, product),
+            "current_version": report.current_version,
+            "committed_version": report.committed_version,
+        }
+        if report.cpuid_fam_id is not None:
+            details["cpuid"] = {
+                "family": report.cpuid_fam_id,
+                "model": report.cpuid_mod_id,
+                "stepping": report.cpuid_step,
+            }
+        return details
+
+
+class _BytesVcekSource(VcekSource):
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+
+    def find(self, *, chip_id: bytes, reported_tcb: int, aux: bytes) -> bytes | None:
+        return self._data

@@ -1,0 +1,1 @@
+"""Benchmarks (``sealedml bench ...``): ratios measured side by side in one run."""

@@ -1,0 +1,68 @@
+"""Shared benchmark plumbing: an isolated stack of real processes, medians, ratios."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+
+from sealedml._internal.procs import ServiceProcess
+
+__all__ = ["BenchStack", "bench_stack", "median_ms", "progress"]
+
+
+def progress(msg: str, quiet: bool) -> None:
+    """A progress line on stderr (stdout stays clean for ``--json``)."""
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 3)
+
+
+@dataclass
+class BenchStack:
+    workdir: Path
+    keyservice: ServiceProcess
+    gateway: ServiceProcess
+
+    @property
+    def store(self) -> Path:
+        return self.workdir / "store"
+
+
+@contextmanager
+def bench_stack(platform_args: list[str], *, lease_ttl: int = 600) -> Iterator[BenchStack]:
+    """KeyService + gateway in a temporary directory with its own SEALEDML_HOME."""
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sealedml-bench-")))
+        old = os.environ.get("SEALEDML_HOME")
+        os.environ["SEALEDML_HOME"] = str(workdir / "home")
+
+        def restore() -> None:
+            if old is None:
+                os.environ.pop("SEALEDML_HOME", None)
+            else:
+                os.environ["SEALEDML_HOME"] = old
+
+        stack.callback(restore)
+        ks = stack.enter_context(ServiceProcess.start(
+            ["keyservice", "serve", "--data-dir", str(workdir / "ks"), "--port", "0", "--lease-ttl", str(lease_ttl)],
+            name="keyservice", log_path=workdir / "keyservice.log"))
+        gw = stack.enter_context(ServiceProcess.start(
+            ["platform", "serve", "--keyservice", ks.url, "--store", str(workdir / "store"), "--port", "0",
+             *platform_args], name="platform", log_path=workdir / "platform.log"))
+        yield BenchStack(workdir, ks, gw)
+
+
+def ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else float("nan")
+
+

@@ -1,0 +1,135 @@
+"""``sealedml bench overhead``: what confidentiality costs on the serving path.
+
+Three paths, warm, batch 1, interleaved request by request in one run so that
+machine noise hits all three alike:
+
+(a) in-process ONNX Runtime (same intra-op threads as the worker);
+(b) the same HTTP serving path — client → gateway → worker process — carrying
+    plaintext safetensors (benchmark-only endpoint, no encryption, no attestation);
+(c) the secure path: sealed model, attested key release (leases cached),
+    encrypted request and response envelopes.
+
+Reports medians and the ratios c/b and c/a, and c − a in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from sealedml.bench._harness import bench_stack, median_ms, progress, ratio
+from sealedml.runtime.engine import intra_op_threads
+
+__all__ = ["TARGETS", "run_overhead"]
+
+#: Design targets for c/b (DESIGN §"Measured targets").
+TARGETS = {"mobilenetv2": 1.10, "resnet50": 1.05}
+
+
+def _model_and_input(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    from sealedml import zoo
+
+    rng = np.random.default_rng(0)
+    if name == "digits":
+        dm = zoo.digits()
+        return dm.model, {"input": dm.x_test[:1]}
+    if name == "toy":
+        return zoo.toy_multi_io(), {"x": rng.standard_normal((1, 4), dtype=np.float32),
+                                    "idx": np.array([3], dtype=np.int64)}
+    return zoo.get(name), {"input": rng.standard_normal((1, 3, 224, 224), dtype=np.float32)}
+
+
+def run_overhead(model_name: str, *, requests: int = 60, warmup: int = 5, quiet: bool = False) -> dict[str, Any]:
+    """Run the benchmark; return medians (ms), ratios and targets."""
+    from sealedml.attestation.measurement import measurement_for
+    from sealedml.client.gateway import InferenceClient
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+    from sealedml.client.owner import publish_model
+    from sealedml.envelope.tensors import decode_tensors, encode_tensors
+    from sealedml._internal.httpclient import sync_client
+    from sealedml.storage.modelstore import LocalModelStore
+
+    progress(f"[bench] building {model_name}", quiet)
+    model, inputs = _model_and_input(model_name)
+    model_bytes = model.SerializeToString()
+    concurrency = 1
+    threads = intra_op_threads(concurrency)
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="sealedml-plain-") as plain_dir:
+        model_id = f"bench-{model_name}"
+        (Path(plain_dir) / f"{model_id}.onnx").write_bytes(model_bytes)
+        platform_args = ["--max-instances", "1", "--concurrency", str(concurrency), "--keep-alive", "3600",
+                         "--unsafe-plaintext-dir", plain_dir]
+        with bench_stack(platform_args) as stack:
+            owner, user = Identity.generate(), Identity.generate()
+            with KeyServiceClient(stack.keyservice.url, owner) as oks, KeyServiceClient(stack.keyservice.url, user) as uks:
+                oks.register()
+                uks.register()
+                runtime = measurement_for("runtime", {"tee": "simulated"})
+                publish_model(model, model_id=model_id, keyservice=oks, store=LocalModelStore(stack.store))
+                oks.allow_runtime(model_id, runtime)
+                oks.grant(model_id, user.principal_id)
+                uks.enable(model_id, [runtime])
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the worker
+            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+            plain_body = encode_tensors(inputs)
+
+            with InferenceClient(stack.gateway.url, user) as secure, sync_client(stack.gateway.url, timeout=300) as http:
+
+                def path_a() -> None:
+                    session.run(None, inputs)
+
+                def path_b() -> None:
+                    r = http.post(f"/v1/unsafe-plaintext/{model_id}", content=plain_body)
+                    r.raise_for_status()
+                    decode_tensors(r.content)
+
+                def path_c() -> None:
+                    secure.infer(model_id, inputs)
+
+                t0 = time.perf_counter()
+                path_c()  # cold start of the instance, key release, decrypt
+                cold_ms = (time.perf_counter() - t0) * 1000
+                paths = {"a_in_process": path_a, "b_plain_http": path_b, "c_secure": path_c}
+                progress(f"[bench] cold start {cold_ms:.0f} ms; warming up", quiet)
+                for _ in range(warmup):
+                    for fn in paths.values():
+                        fn()
+                samples: dict[str, list[float]] = {k: [] for k in paths}
+                order = list(paths)
+                for i in range(requests):
+                    rotated = order[i % 3 :] + order[: i % 3]  # rotate so no path always runs first
+                    for key in rotated:
+                        t = time.perf_counter()
+                        paths[key]()
+                        samples[key].append(time.perf_counter() - t)
+                    if (i + 1) % 20 == 0:
+                        progress(f"[bench] {i + 1}/{requests} rounds", quiet)
+
+    med = {k: median_ms(v) for k, v in samples.items()}
+    target = TARGETS.get(model_name)
+    c_over_b = ratio(med["c_secure"], med["b_plain_http"])
+    return {
+        "model": model_name,
+        "requests": requests,
+        "intra_op_threads": threads,
+        "median_ms": med,
+        "p90_ms": {k: round(float(np.percentile(v, 90)) * 1000, 3) for k, v in samples.items()},
+        "ratio_c_over_b": c_over_b,
+        "ratio_c_over_a": ratio(med["c_secure"], med["a_in_process"]),
+        "added_ms_c_minus_a": round(med["c_secure"] - med["a_in_process"], 3),
+        "cold_start_ms": round(cold_ms, 1),
+        "target_c_over_b": target,
+        "target_met": (c_over_b <= target) if target else None,
+    }

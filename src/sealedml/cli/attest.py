@@ -1,0 +1,179 @@
+"""``sealedml attest``: verify evidence and check policy documents offline.
+
+::
+
+    sealedml attest verify EVIDENCE --tee sgx|tdx|sev-snp
+        [--collateral FILE | --pccs-url URL [--cache-dir DIR]]
+        [--vcek FILE] [--cert-table FILE] [--policy FILE] [--now ISO8601] [--json]
+    sealedml attest policy check FILE [--json]
+
+``verify`` exits 0 when the evidence is authentic and (with ``--policy``)
+accepted, and 1 with the reason otherwise. Without ``--policy`` only
+authenticity is checked, and the verdict says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sealedml.attestation.base import Claims, Evidence, TeeType
+from sealedml.attestation.policy_document import describe_policy, load_policy
+from sealedml.attestation.registry import verifier_for
+from sealedml.cli._common import add_json_flag, run_handler
+from sealedml.errors import (
+    AttestationError,
+    CollateralError,
+    ConfigurationError,
+    EvidenceError,
+    PolicyError,
+)
+
+__all__ = ["add_parser", "handle_policy_check", "handle_verify"]
+
+_MAX_EVIDENCE = 1 << 20
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(_MAX_EVIDENCE + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > _MAX_EVIDENCE:
+        raise ConfigurationError(f"{what} {path} is too large")
+    return data
+
+
+def _parse_now(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigurationError(f"--now is not an ISO 8601 time: {text!r}") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _verifier_options(args: argparse.Namespace, tee: TeeType) -> dict[str, Any]:
+    if tee in (TeeType.SGX, TeeType.TDX):
+        if args.vcek or args.cert_table:
+            raise ConfigurationError("--vcek and --cert-table apply to sev-snp only")
+        if args.collateral and args.pccs_url:
+            raise ConfigurationError("give --collateral or --pccs-url, not both")
+        if args.collateral:
+            return {"collateral": Path(args.collateral)}
+        if args.pccs_url:
+            options: dict[str, Any] = {"pccs_url": args.pccs_url}
+            if args.cache_dir:
+                options["cache_dir"] = Path(args.cache_dir)
+            return options
+        raise ConfigurationError(f"{tee.value} verification needs --collateral or --pccs-url")
+    if args.collateral or args.pccs_url:
+        raise ConfigurationError("--collateral and --pccs-url apply to sgx and tdx only")
+    snp_options: dict[str, Any] = {}
+    if args.vcek:
+        snp_options["vcek"] = Path(args.vcek)
+    if args.cache_dir:
+        snp_options["vcek_cache_dir"] = Path(args.cache_dir)
+    return snp_options
+
+
+def _summary(claims: Claims) -> dict[str, Any]:
+    return claims.to_json()
+
+
+def handle_verify(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``attest verify``.
+
+    Returns:
+        ``{"verdict", "tee", "reason"?, "claims"?, "_exit"?}``; ``_exit`` is 1
+        when the evidence is rejected.
+
+    Raises:
+        ConfigurationError: bad flags or unreadable files.
+    """
+    tee = TeeType(args.tee)
+    evidence_bytes = _read(args.evidence, "evidence")
+    aux = _read(args.cert_table, "certificate table") if args.cert_table else b""
+    now = _parse_now(args.now)
+    policy = load_policy(Path(args.policy)) if args.policy else None
+    verifier = verifier_for(tee, **_verifier_options(args, tee))
+    result: dict[str, Any] = {"tee": tee.value}
+    try:
+        claims = verifier.verify(Evidence(tee, evidence_bytes, aux), now=now)
+    except (EvidenceError, CollateralError) as exc:
+        result.update({"verdict": "rejected", "reason": exc.message, "error": exc.code, "_exit": 1})
+        return result
+    result["claims"] = _summary(claims)
+    if policy is None:
+        result["verdict"] = "authentic (no policy checked)"
+        return result
+    try:
+        policy.verify(claims, now=now)
+    except PolicyError as exc:
+        result.update({"verdict": "rejected", "reason": exc.message, "error": exc.code, "_exit": 1})
+        return result
+    except AttestationError as exc:  # pragma: no cover - policies raise PolicyError
+        result.update({"verdict": "rejected", "reason": exc.message, "_exit": 1})
+        return result
+    result["verdict"] = "accepted"
+    return result
+
+
+def handle_policy_check(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``attest policy check``: validate a policy document and summarize it.
+
+    Raises:
+        ConfigurationError: unreadable or syntactically invalid file.
+        PolicyError: the document does not match the schema.
+    """
+    policy = load_policy(Path(args.file))
+    summary = describe_policy(policy)
+    return {"valid": True, "file": args.file, **summary}
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register ``attest verify`` and ``attest policy check`` on ``subparsers``.
+
+    Each leaf parser sets ``func`` to its handler (taking the parsed arguments
+    and returning a dict; key ``_exit`` is the exit code) and ``run`` to a
+    callable that runs it through :func:`sealedml.cli._common.run_handler`.
+
+    Args:
+        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+    """
+    attest = subparsers.add_parser("attest", help="verify attestation evidence offline")
+    commands = attest.add_subparsers(dest="attest_command", metavar="COMMAND", required=True)
+
+    verify = commands.add_parser(
+        "verify",
+        help="verify SGX / TDX / SEV-SNP evidence",
+        description="Verify evidence; exit 0 if accepted, 1 with the reason if rejected.",
+    )
+    verify.add_argument("evidence", metavar="EVIDENCE", help="quote or report file")
+    verify.add_argument(
+        "--tee",
+        required=True,
+        choices=[t.value for t in (TeeType.SGX, TeeType.TDX, TeeType.SEV_SNP)],
+    )
+    verify.add_argument("--collateral", metavar="FILE", help="DCAP collateral JSON (sgx, tdx)")
+    verify.add_argument("--pccs-url", metavar="URL", help="fetch DCAP collateral from a PCCS")
+    verify.add_argument("--cache-dir", metavar="DIR", help="collateral / VCEK cache directory")
+    verify.add_argument("--vcek", metavar="FILE", help="VCEK or VLEK certificate (sev-snp)")
+    verify.add_argument(
+        "--cert-table", metavar="FILE", help="SNP certificate table, e.g. configfs-tsm auxblob"
+    )
+    verify.add_argument("--policy", metavar="FILE", help="policy document (YAML or JSON)")
+    verify.add_argument("--now", metavar="ISO8601", help="verification time (default: now)")
+    add_json_flag(verify)
+    verify.set_defaults(func=handle_verify, run=lambda a: run_handler(handle_verify, a))
+
+    policy = commands.add_parser("policy", help="policy documents")
+    policy_commands = policy.add_subparsers(dest="policy_command", metavar="COMMAND", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy document")
+    check.add_argument("file", metavar="FILE")
+    add_json_flag(check)
+    check.set_defaults(func=handle_policy_check, run=lambda a: run_handler(handle_policy_check, a))

@@ -1,0 +1,132 @@
+"""Unit tests of the pure release decision (``keyservice.access.decide_pair``).
+
+Each denial test starts from a state that is allowed and breaks exactly one
+rule, so it fails if that rule's check were removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sealedml.attestation.base import Claims, TeeType
+from sealedml.keyservice.access import PairState, decide_pair, release_policy
+from sealedml.keyservice.store import ConsentRecord, ModelRecord
+
+RUNTIME = "ab" * 48
+OTHER = "cd" * 48
+THIRD = "ef" * 48
+
+
+def _claims(**overrides: object) -> Claims:
+    base = {"tee": TeeType.SIMULATED, "measurement": RUNTIME, "report_data": b"\x00" * 64, "debug": False}
+    return Claims(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+def _state(**overrides: object) -> PairState:
+    """A pair that is allowed: model exists, user granted and consented, runtime allowed by both."""
+    base = PairState(
+        model_id="m",
+        user_id="u",
+        model=ModelRecord("m", "owner", 1),
+        allowed_runtimes=frozenset({RUNTIME}),
+        granted=True,
+        consent=ConsentRecord("m", "u", b"wrapped", frozenset({RUNTIME})),
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+def test_allowed_pair_is_released() -> None:
+    assert decide_pair(_state(), _claims()) is None
+
+
+def test_release_rejects_unknown_model() -> None:
+    assert decide_pair(_state(model=None), _claims()) == "no such model"
+
+
+def test_release_rejects_user_not_granted() -> None:
+    assert decide_pair(_state(granted=False), _claims()) == "user not granted (or revoked) by the owner"
+
+
+def test_release_rejects_revoked_user() -> None:
+    """A revoked grant is stored as ``granted=False``: same rule, same reason."""
+    from sealedml.keyservice.store import SQLiteKeyStore
+
+    store = SQLiteKeyStore(":memory:")
+    store.put_model_key("m", "owner", 1, b"k", {"a": 1})
+    store.set_grant("m", "u", True, {"a": 2})
+    assert store.is_granted("m", "u")
+    store.set_grant("m", "u", False, {"a": 3})
+    state = _state(granted=store.is_granted("m", "u"))
+    assert decide_pair(state, _claims()) == "user not granted (or revoked) by the owner"
+
+
+def test_release_rejects_user_without_consent() -> None:
+    assert decide_pair(_state(consent=None), _claims()) == (
+        "user has not enabled the model (no request key / consent)"
+    )
+
+
+def test_release_rejects_when_owner_allows_no_runtime() -> None:
+    assert decide_pair(_state(allowed_runtimes=frozenset()), _claims()) == "owner allows no runtime measurement"
+
+
+def test_release_rejects_measurement_not_in_owner_list() -> None:
+    state = _state(allowed_runtimes=frozenset({OTHER}))
+    assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
+
+
+def test_release_rejects_measurement_not_in_user_consent() -> None:
+    state = _state(consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
+    assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
+
+
+def test_release_requires_the_intersection_of_owner_and_user_lists() -> None:
+    """Owner {A, B} and user {B, C}: only B may receive keys."""
+    state = _state(
+        allowed_runtimes=frozenset({RUNTIME, OTHER}),
+        consent=ConsentRecord("m", "u", b"w", frozenset({OTHER, THIRD})),
+    )
+    assert decide_pair(state, _claims(measurement=OTHER)) is None
+    assert decide_pair(state, _claims(measurement=RUNTIME)) == f"policy: measurement {RUNTIME} not allowed"
+    assert decide_pair(state, _claims(measurement=THIRD)) == f"policy: measurement {THIRD} not allowed"
+
+
+def test_release_rejects_user_consent_with_no_measurement() -> None:
+    state = _state(consent=ConsentRecord("m", "u", b"w", frozenset()))
+    assert decide_pair(state, _claims()) == "policy: empty policy: no measurement is allowed"
+
+
+def test_release_rejects_debug_tee() -> None:
+    assert decide_pair(_state(), _claims(debug=True)) == "policy: debug TEE not allowed"
+
+
+@pytest.mark.parametrize("status", ["OutOfDate", "ConfigurationNeeded", "Revoked", "SWHardeningNeeded", ""])
+def test_release_rejects_tcb_status_other_than_up_to_date(status: str) -> None:
+    assert decide_pair(_state(), _claims(tcb_status=status)) == f"policy: TCB status {status} not accepted"
+
+
+def test_measurements_compare_case_insensitively() -> None:
+    state = _state(allowed_runtimes=frozenset({RUNTIME.upper()}),
+                   consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME.upper()})))
+    assert decide_pair(state, _claims(measurement=RUNTIME)) is None
+
+
+def test_rules_are_checked_in_order_model_grant_consent_runtimes() -> None:
+    """The audit reason names the first rule that fails, most basic first."""
+    everything_wrong = _state(model=None, granted=False, consent=None, allowed_runtimes=frozenset())
+    assert decide_pair(everything_wrong, _claims(debug=True)) == "no such model"
+    assert decide_pair(dataclasses.replace(everything_wrong, model=ModelRecord("m", "o", 1)), _claims()) == (
+        "user not granted (or revoked) by the owner"
+    )
+
+
+def test_release_policy_is_the_intersection_and_forbids_debug() -> None:
+    policy = release_policy(_state(
+        allowed_runtimes=frozenset({RUNTIME, OTHER}),
+        consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})),
+    ))
+    assert policy.measurements == frozenset({OTHER})
+    assert policy.allow_debug is False
+    assert release_policy(_state(consent=None)).measurements == frozenset()
