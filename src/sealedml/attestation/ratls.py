@@ -697,7 +697,7 @@ class RaTlsPeerVerifier:
         Raises:
             AttestationError: no certificate, or it does not verify.
         """
-        der = ssl_object.getpeercert(binary_form=True)
+        der = ssl_object.getpeercert(True)  # positional: httpcore hands out _ssl._SSLSocket
         if not der:
             raise EvidenceError("peer presented no certificate")
         return self.verify_certificate(der)

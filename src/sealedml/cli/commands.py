@@ -219,9 +219,12 @@ def cmd_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.platform.server import serve
 
-    serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency,
-          max_instances=args.max_instances, keep_alive=args.keep_alive, tee=args.tee,
-          unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+    from sealedml.platform.pool import PoolConfig
+
+    config = PoolConfig(memory_mb=args.memory_mb, concurrency=args.concurrency, max_instances=args.max_instances,
+                        keep_alive=args.keep_alive, queue_limit=args.queue_limit, queue_timeout=args.queue_timeout)
+    serve(args.keyservice, args.store, args.host, args.port, config=config, policy=args.policy,
+          warm_pool=args.warm_pool, tee=args.tee, unsafe_plaintext_dir=args.unsafe_plaintext_dir)
     return {"stopped": "platform"}
 
 
@@ -229,7 +232,7 @@ def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.runtime.server import serve
 
     serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency, tee=args.tee,
-          unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+          model_cache_bytes=args.model_cache_mb * 1024 * 1024, unsafe_plaintext_dir=args.unsafe_plaintext_dir)
     return {"stopped": "worker"}
 
 
@@ -332,6 +335,13 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--concurrency", type=int, default=2, help="requests per instance at once (default 2)")
     p.add_argument("--max-instances", type=int, default=2, help="most instances at once (default 2)")
     p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
+    p.add_argument("--memory-mb", type=int, default=1024, help="memory limit per instance, MB (default 1024)")
+    p.add_argument("--queue-limit", type=int, default=512, help="most requests waiting per function (default 512)")
+    p.add_argument("--queue-timeout", type=float, default=60.0,
+                   help="longest wait for an instance slot before 429 (default 60 s)")
+    p.add_argument("--policy", default="sealedml", choices=["per-model", "sesemi", "sealedml"],
+                   help="routing: one function per model, or one packed pool (default sealedml)")
+    p.add_argument("--warm-pool", type=int, default=0, help="spare pre-started instances (default 0)")
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
 
@@ -342,6 +352,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
 

@@ -74,6 +74,9 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
     async def stats(request: Request) -> Response:
         return json_response(platform.stats())
 
+    async def metrics(request: Request) -> Response:
+        return Response(platform.metrics_text(), media_type="text/plain; version=0.0.4")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await platform.start()
@@ -88,6 +91,7 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
             Route("/v1/unsafe-plaintext/{model_id}", _guard(plain), methods=["POST"]),
             Route("/v1/health", _guard(health), methods=["GET"]),
             Route("/v1/stats", _guard(stats), methods=["GET"]),
+            Route("/metrics", _guard(metrics), methods=["GET"]),
         ],
         lifespan=lifespan,
     )

@@ -66,3 +66,13 @@ class Platform(abc.ABC):
     @abc.abstractmethod
     async def stop(self) -> None:
         """Stop every instance."""
+
+    def metrics_text(self) -> bytes:
+        """Prometheus exposition text (empty if the platform has no metrics)."""
+        registry = getattr(self, "metrics", None)
+        if registry is None:
+            return b""
+        from prometheus_client import generate_latest
+
+        self.stats()  # refresh gauges computed on demand (GB-seconds)
+        return bytes(generate_latest(registry.registry))

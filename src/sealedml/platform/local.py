@@ -1,13 +1,10 @@
-"""The embedded platform: runtime processes on this machine, started on demand.
+"""The embedded platform: runtime instances as processes on this machine.
 
-* cold start: no instance can take a request and fewer than ``max_instances``
-  run → spawn one (the request that caused it is counted as a cold start);
-* warm reuse: otherwise the request goes to a running instance with a free
-  slot (one holding the model preferred);
-* queueing: all instances busy and at the limit → wait (bounded queue, timeout
-  → 429 with Retry-After), never "All Busy";
-* keep-alive: instances idle longer than ``keep_alive`` seconds are stopped
-  (scale to zero).
+Functions map to pools (:mod:`sealedml.platform.pool`): with the ``per-model``
+policy every model is its own function; with a packing policy (``sesemi``,
+``sealedml``) one pool — one endpoint — serves every model (FnPacker). A warm
+pool of pre-started spare processes takes process spawn and imports off a
+cold start. A background task stops idle instances (scale to zero).
 """
 
 from __future__ import annotations
@@ -16,173 +13,142 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections import deque
 from typing import Any
 
-from sealedml.errors import Overloaded, ServiceUnavailable
 from sealedml.platform.base import Invocation, Platform, PlatformResult
+from sealedml.platform.metering import FunctionMeter, Metrics
+from sealedml.platform.policies import RoutingPolicy, policy_by_name
+from sealedml.platform.pool import InstancePool, PoolConfig
 from sealedml.platform.process import InstanceSpec, WorkerProcess
-from sealedml.platform.routing import InstanceView, pick_instance
 
-__all__ = ["LocalPlatform", "PoolConfig"]
+__all__ = ["LocalPlatform", "PoolConfig", "WarmPool"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_FUNCTION = "default"
 
-@dataclass(frozen=True)
-class PoolConfig:
-    """Limits of the instance pool.
 
-    Attributes:
-        max_instances: most instances running at once.
-        keep_alive: idle seconds before an instance is stopped.
-        queue_limit: most invocations waiting for a slot.
-        queue_timeout: longest wait for a slot, seconds.
+class WarmPool:
+    """Spare, already-started runtime processes (OpenWhisk "prewarm" containers).
+
+    A spare has spawned, imported everything and answered ``/init``; it holds
+    no model and no key. Taking one replaces it in the background.
     """
 
-    max_instances: int = 2
-    keep_alive: float = 60.0
-    queue_limit: int = 1024
-    queue_timeout: float = 120.0
+    def __init__(self, spec: InstanceSpec, size: int) -> None:
+        self.spec = spec
+        self.size = size
+        self._ready: deque[WorkerProcess] = deque()
+        self._filling = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    def _refill(self) -> None:
+        while not self._closed and len(self._ready) + self._filling < self.size:
+            self._filling += 1
+            task = asyncio.get_running_loop().create_task(self._fill_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _fill_one(self) -> None:
+        proc = WorkerProcess(self.spec)
+        try:
+            await proc.start()
+        except Exception as exc:
+            log.warning("warm pool: spare failed to start: %s", exc)
+            return
+        finally:
+            self._filling -= 1
+        if self._closed:
+            await proc.stop()
+        else:
+            self._ready.append(proc)
+
+    async def start(self) -> None:
+        self._refill()
+
+    def take(self) -> WorkerProcess | None:
+        """A ready spare (and start its replacement), or None."""
+        while self._ready:
+            proc = self._ready.popleft()
+            if proc.alive():
+                self._refill()
+                return proc
+        self._refill()
+        return None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    async def stop(self) -> None:
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        spares, self._ready = list(self._ready), deque()
+        await asyncio.gather(*(p.stop() for p in spares), return_exceptions=True)
 
 
 class LocalPlatform(Platform):
-    """Instances as local processes; see the module docstring."""
+    """Instances as local processes, one pool per function.
 
-    def __init__(self, spec: InstanceSpec, config: PoolConfig | None = None) -> None:
-        self.spec = spec
+    Args:
+        spec: how to start an instance.
+        config: each function's limits.
+        policy: routing policy name (``per-model``, ``sesemi``, ``sealedml``).
+        warm_pool: spare processes to keep started (0 = none).
+    """
+
+    def __init__(self, spec: InstanceSpec, config: PoolConfig | None = None, *, policy: str = "sealedml",
+                 warm_pool: int = 0) -> None:
         self.config = config or PoolConfig()
-        self._instances: list[WorkerProcess] = []
-        self._starting = 0
-        self._waiting = 0
-        self._cond: asyncio.Condition | None = None
+        self.spec = spec
+        self.policy: RoutingPolicy = policy_by_name(policy)
+        self.metrics = Metrics()
+        self._pools: dict[str, InstancePool] = {}
+        self._warm = WarmPool(spec, warm_pool) if warm_pool > 0 else None
         self._reaper: asyncio.Task[None] | None = None
-        self.counters: dict[str, float] = {
-            "invocations": 0, "cold_starts": 0, "instances_started": 0, "instances_stopped": 0,
-            "instance_failures": 0, "rejected": 0,
-        }
+        self.started_at = time.time()
 
-    @property
-    def cond(self) -> asyncio.Condition:
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        return self._cond
+    def function_for(self, model_id: str) -> str:
+        """The function (pool) serving ``model_id``."""
+        return model_id if self.policy.per_model_pools else DEFAULT_FUNCTION
+
+    def pool(self, function: str) -> InstancePool:
+        pool = self._pools.get(function)
+        if pool is None:
+            meter = FunctionMeter(function, self.config.memory_mb / 1024, self.metrics)
+            pool = InstancePool(function, self.config, policy_by_name(self.policy.name), meter, self._start_instance)
+            self._pools[function] = pool
+        return pool
+
+    async def _start_instance(self) -> tuple[WorkerProcess, bool]:
+        if self._warm is not None:
+            spare = self._warm.take()
+            if spare is not None:
+                return spare, True
+        proc = WorkerProcess(self.spec)
+        await proc.start()
+        return proc, False
 
     async def start(self) -> None:
+        if self._warm is not None:
+            await self._warm.start()
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever())
 
-    async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-            self._reaper = None
-        instances, self._instances = self._instances, []
-        await asyncio.gather(*(i.stop() for i in instances), return_exceptions=True)
-
-    # ------------------------------------------------------------------ acquire / release
-    def _pick(self, model_id: str) -> WorkerProcess | None:
-        views = [InstanceView(i.instance_id, i.free, i.in_flight, model_id in i.models) for i in self._instances]
-        chosen = pick_instance(views)
-        return next((i for i in self._instances if i.instance_id == chosen), None)
-
-    async def _acquire(self, model_id: str) -> tuple[WorkerProcess, bool]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.queue_timeout
-        async with self.cond:
-            if self._waiting >= self.config.queue_limit:
-                self.counters["rejected"] += 1
-                raise Overloaded("queue full", retry_after=1)
-            self._waiting += 1
-            try:
-                while True:
-                    instance = self._pick(model_id)
-                    if instance is not None:
-                        instance.in_flight += 1
-                        return instance, False
-                    if len(self._instances) + self._starting < self.config.max_instances:
-                        self._starting += 1
-                        break
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        self.counters["rejected"] += 1
-                        raise Overloaded("no instance became free in time", retry_after=1)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.cond.wait(), timeout=remaining)
-            finally:
-                self._waiting -= 1
-        instance = WorkerProcess(self.spec)
-        try:
-            await instance.start()
-        except BaseException:
-            async with self.cond:
-                self._starting -= 1
-                self.cond.notify_all()
-            raise
-        async with self.cond:
-            self._starting -= 1
-            self._instances.append(instance)
-            instance.in_flight += 1
-            self.counters["instances_started"] += 1
-            self.cond.notify_all()
-        return instance, True
-
-    async def _release(self, instance: WorkerProcess) -> None:
-        async with self.cond:
-            instance.in_flight -= 1
-            instance.last_used = time.time()
-            if instance.dead and instance in self._instances:
-                self._instances.remove(instance)
-            self.cond.notify_all()
-
-    # ------------------------------------------------------------------ invoke
     async def invoke(self, invocation: Invocation) -> PlatformResult:
-        t0 = time.perf_counter()
-        self.counters["invocations"] += 1
-        instance, cold = await self._acquire(invocation.model_id)
-        t_acquired = time.perf_counter()
-        if cold:
-            self.counters["cold_starts"] += 1
-        try:
-            response = await instance.call(invocation.path, invocation.body)
-            if response.status_code < 500:
-                instance.models.add(invocation.model_id)
-            instance.served += 1
-        except ServiceUnavailable:
-            self.counters["instance_failures"] += 1
-            log.warning("instance %s failed; replacing it", instance.instance_id)
-            asyncio.get_running_loop().create_task(instance.stop())
-            raise
-        finally:
-            await self._release(instance)
-        return PlatformResult(
-            status=response.status_code,
-            body=response.content,
-            content_type=response.headers.get("content-type", "application/json"),
-            cold_start=cold,
-            instance_id=instance.instance_id,
-            queue_s=(t_acquired - t0) if not cold else 0.0,
-            total_s=time.perf_counter() - t0,
-        )
+        return await self.pool(self.function_for(invocation.model_id)).invoke(invocation)
 
-    # ------------------------------------------------------------------ keep-alive
     async def reap(self, now: float | None = None) -> int:
-        """Stop idle instances past the keep-alive window and dead ones; return how many."""
-        now = time.time() if now is None else now
-        async with self.cond:
-            victims = [
-                i for i in self._instances
-                if (i.in_flight == 0 and now - i.last_used > self.config.keep_alive) or not i.alive()
-            ]
-            for victim in victims:
-                self._instances.remove(victim)
-            self.cond.notify_all()
-        for victim in victims:
-            await victim.stop()
-            self.counters["instances_stopped"] += 1
-            log.info("instance %s stopped (idle or dead)", victim.instance_id)
-        return len(victims)
+        """Stop idle instances in every pool; return how many stopped."""
+        stopped = 0
+        for pool in list(self._pools.values()):
+            stopped += await pool.reap(now)
+        return stopped
 
     async def _reap_forever(self) -> None:
         interval = max(0.2, min(5.0, self.config.keep_alive / 4))
@@ -193,16 +159,27 @@ class LocalPlatform(Platform):
             except Exception:  # keep the reaper alive whatever happens
                 log.exception("reaper failed")
 
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+            self._reaper = None
+        await asyncio.gather(*(p.stop() for p in self._pools.values()), return_exceptions=True)
+        if self._warm is not None:
+            await self._warm.stop()
+
     def stats(self) -> dict[str, Any]:
+        functions = {name: pool.stats() for name, pool in self._pools.items()}
+        totals = {
+            key: round(sum(f[key] for f in functions.values()), 3)
+            for key in ("gb_seconds", "busy_gb_seconds", "invocations", "failures", "rejected", "cold_starts",
+                        "model_loads")
+        }
         return {
-            **self.counters,
-            "instances": [
-                {"id": i.instance_id, "pid": i.pid, "in_flight": i.in_flight, "served": i.served,
-                 "models": sorted(i.models), "spawn_s": round(i.spawn_s, 4)}
-                for i in self._instances
-            ],
-            "starting": self._starting,
-            "waiting": self._waiting,
-            "max_instances": self.config.max_instances,
-            "keep_alive_s": self.config.keep_alive,
+            "policy": self.policy.name,
+            "warm_pool_ready": self._warm.ready if self._warm else 0,
+            "totals": totals,
+            "functions": functions,
+            "uptime_s": round(time.time() - self.started_at, 3),
         }

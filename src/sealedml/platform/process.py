@@ -32,6 +32,7 @@ class InstanceSpec:
     keyservice: str
     store: Path
     concurrency: int = 2
+    memory_mb: int = 1024
     tee: str = "simulated"
     host: str = "127.0.0.1"
     start_timeout: float = 60.0
@@ -45,6 +46,9 @@ class InstanceSpec:
             "--keyservice", self.keyservice, "--store", str(self.store),
             "--host", self.host, "--port", "0",
             "--concurrency", str(self.concurrency), "--tee", self.tee,
+            # The decrypted-model cache gets what the memory limit leaves after the
+            # runtime itself (~250 MB for Python + ONNX Runtime).
+            "--model-cache-mb", str(max(64, self.memory_mb - 250)),
         ]
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]

@@ -62,6 +62,13 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
                unsafe_plaintext_dir: Path | None = None) -> Starlette:
     """Build the runtime's ASGI app around ``worker``."""
     state = {"initialized": False}
+
+    def _with_headers(response: Response, timings: dict[str, float]) -> Response:
+        # Phase timings (standard Server-Timing, ms) and the models this instance holds:
+        # metadata the platform sees anyway, used for metering and routing.
+        response.headers["server-timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
+        response.headers["x-sealedml-models"] = ",".join(sorted({m["model_id"] for m in worker.loaded_models}))
+        return response
     plain_models: dict[str, LoadedModel] = {}
 
     async def init(request: Request) -> Response:
@@ -88,15 +95,16 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
         if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
             raise ProtocolError("run body must be {\"value\": <request envelope>}")
         envelope = RequestEnvelope.parse(json.dumps(doc["value"]))
-        return json_response(await worker.predict(envelope))
+        response, timings = await worker.predict_timed(envelope)
+        return _with_headers(json_response(response), timings)
 
     async def infer(request: Request) -> Response:
         body = await read_body(request, max_body)
         envelope = RequestEnvelope.parse(body)
-        response = await worker.predict(envelope)
+        response, timings = await worker.predict_timed(envelope)
         if body.startswith(b"SMLQ"):  # answer in the framing the caller used
-            return Response(response.to_binary(), media_type=BINARY_CONTENT_TYPE)
-        return json_response(response)
+            return _with_headers(Response(response.to_binary(), media_type=BINARY_CONTENT_TYPE), timings)
+        return _with_headers(json_response(response), timings)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok", "measurement": worker.measurement})

@@ -40,11 +40,11 @@ def build_worker(keyservice: str, store: Path, *, concurrency: int = 2, tee: str
 
 
 def serve(keyservice: str, store: Path, host: str, port: int, *, concurrency: int = 2, tee: str = "simulated",
-          unsafe_plaintext_dir: Path | None = None) -> None:
+          model_cache_bytes: int = 1 << 30, unsafe_plaintext_dir: Path | None = None) -> None:
     """Run one runtime instance until interrupted."""
     from sealedml._internal.serve import serve_app
     from sealedml.runtime.app import create_app
 
-    worker = build_worker(keyservice, store, concurrency=concurrency, tee=tee)
+    worker = build_worker(keyservice, store, concurrency=concurrency, tee=tee, model_cache_bytes=model_cache_bytes)
     app = create_app(worker, unsafe_plaintext_dir=unsafe_plaintext_dir)
     serve_app(app, host, port, announce={"service": "worker", "measurement": worker.measurement})

@@ -125,19 +125,21 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # ------------------------------------------------------------------ leases
-    async def lease(self, model_id: str, user_id: str) -> Lease:
-        """A valid lease for the pair, from cache or a fresh release."""
+    async def lease(self, model_id: str, user_id: str, timings: dict[str, float] | None = None) -> Lease:
+        """A valid lease for the pair, from cache or a fresh release (timed into ``timings``)."""
 
         async def load() -> tuple[Lease, int, float | None]:
-            (lease,) = await self._releaser.release([(model_id, user_id)])
+            (lease,), spent = await self._releaser.release_timed([(model_id, user_id)])
             self.stats.releases += 1
+            if timings is not None:
+                timings.update(spent)
             return lease, 1, lease.expires_at - self.config.lease_margin
 
         return await self._leases.get((model_id, user_id), load)
 
     # ------------------------------------------------------------------ models
-    async def load(self, lease: Lease) -> LoadedModel:
-        """The decrypted model named by ``lease`` (single-flight, LRU by bytes)."""
+    async def load(self, lease: Lease, timings: dict[str, float] | None = None) -> LoadedModel:
+        """The decrypted model named by ``lease`` (single-flight, LRU by bytes; timed into ``timings``)."""
         key = (lease.model_id, lease.model_version)
 
         async def load() -> tuple[LoadedModel, int, float | None]:
@@ -160,6 +162,9 @@ class Worker:
             loaded: LoadedModel = await self._run_blocking(decrypt_and_build)
             self.stats.model_loads += 1
             self.stats.load_breakdown.append(breakdown)
+            if timings is not None:
+                timings.update({"fetch": breakdown["fetch_s"], "decrypt": breakdown["decrypt_s"],
+                                "session": breakdown["session_s"]})
             log.info("loaded model %s v%d (%d bytes)", lease.model_id, lease.model_version, loaded.nbytes)
             return loaded, loaded.nbytes, None
 
@@ -186,22 +191,38 @@ class Worker:
             SealedModelError: the stored model failed authentication.
             InputError: the tensors do not fit the model.
         """
+        response, _ = await self.predict_timed(envelope)
+        return response
+
+    async def predict_timed(self, envelope: RequestEnvelope) -> tuple[ResponseEnvelope, dict[str, float]]:
+        """:meth:`predict`, also returning seconds per phase (attest, release, fetch,
+        decrypt, session when they happened; queue, open, compute, seal always)."""
         self.stats.requests += 1
+        timings: dict[str, float] = {}
         try:
-            lease = await self.lease(envelope.model_id, envelope.user_id)
-            model = await self.load(lease)
+            lease = await self.lease(envelope.model_id, envelope.user_id, timings)
+            model = await self.load(lease, timings)
+            t0 = time.perf_counter()
             async with self._gate:
-                return await self._run_blocking(self._predict_blocking, envelope, lease, model)  # type: ignore[no-any-return]
+                timings["queue"] = time.perf_counter() - t0
+                response = await self._run_blocking(self._predict_blocking, envelope, lease, model, timings)
+            return response, timings
         except BaseException:
             self.stats.errors += 1
             raise
 
-    def _predict_blocking(self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel) -> ResponseEnvelope:
+    def _predict_blocking(self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel,
+                          timings: dict[str, float]) -> ResponseEnvelope:
+        t0 = time.perf_counter()
         opened = open_request(envelope, request_key=lease.request_key)
         self._replays.check_and_add(envelope.request_id, time.time())
         inputs = model.bind_inputs(opened.tensors, opened.positional)
+        t1 = time.perf_counter()
         outputs = model.run(inputs)
-        return seal_response(opened.context, outputs)
+        t2 = time.perf_counter()
+        response = seal_response(opened.context, outputs)
+        timings.update({"open": t1 - t0, "compute": t2 - t1, "seal": time.perf_counter() - t2})
+        return response
 
     async def aclose(self) -> None:
         """Stop: drop models and leases, release the thread pool."""

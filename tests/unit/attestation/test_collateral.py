@@ -46,10 +46,7 @@ def _fake_pccs(collateral: dict[str, str], tee: str, fmspc: str, ca: str) -> htt
                 headers={"SGX-PCK-CRL-Issuer-Chain": quote(collateral["pck_crl_issuer_chain"])},
             )
         if path == f"/{tee}/certification/v4/tcb" and query == {"fmspc": fmspc}:
-            body = (
-                '{"tcbInfo":' + collateral["tcb_info"]
-                + ',"signature":"' + collateral["tcb_info_signature"] + '"}'
-            )
+            body = '{"tcbInfo":' + collateral["tcb_info"] + ',"signature":"' + collateral["tcb_info_signature"] + '"}'
             return httpx.Response(
                 200,
                 text=body,
@@ -57,13 +54,14 @@ def _fake_pccs(collateral: dict[str, str], tee: str, fmspc: str, ca: str) -> htt
             )
         if path == f"/{tee}/certification/v4/qe/identity":
             body = (
-                '{"enclaveIdentity": ' + collateral["qe_identity"]
-                + ', "signature": "' + collateral["qe_identity_signature"] + '"}'
+                '{"enclaveIdentity": '
+                + collateral["qe_identity"]
+                + ', "signature": "'
+                + collateral["qe_identity_signature"]
+                + '"}'
             )
             chain = quote(collateral["qe_identity_issuer_chain"])
-            return httpx.Response(
-                200, text=body, headers={"SGX-Enclave-Identity-Issuer-Chain": chain}
-            )
+            return httpx.Response(200, text=body, headers={"SGX-Enclave-Identity-Issuer-Chain": chain})
         if path == "/sgx/certification/v4/rootcacrl":
             return httpx.Response(200, text=collateral["root_ca_crl"])
         return httpx.Response(404)

@@ -140,9 +140,7 @@ def test_tdx_quote_with_sgx_collateral_is_rejected(vectors: Path) -> None:
 def test_collateral_not_yet_valid(vectors: Path) -> None:
     quote, collateral = _sgx(vectors)
     with pytest.raises(CollateralError, match="not valid before"):
-        SgxDcapVerifier(collateral).verify(
-            Evidence(TeeType.SGX, quote), now=datetime(2025, 6, 1, tzinfo=UTC)
-        )
+        SgxDcapVerifier(collateral).verify(Evidence(TeeType.SGX, quote), now=datetime(2025, 6, 1, tzinfo=UTC))
 
 
 def test_collateral_expiry_boundary(vectors: Path) -> None:
@@ -175,9 +173,7 @@ def test_tampered_tcb_info_is_collateral_error(vectors: Path) -> None:
 
 def test_naive_now_is_utc(vectors: Path) -> None:
     quote, collateral = _sgx(vectors)
-    claims = SgxDcapVerifier(collateral).verify(
-        Evidence(TeeType.SGX, quote), now=datetime(2025, 7, 1)
-    )
+    claims = SgxDcapVerifier(collateral).verify(Evidence(TeeType.SGX, quote), now=datetime(2025, 7, 1))
     assert claims.measurement == MRENCLAVE
 
 

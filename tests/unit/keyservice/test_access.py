@@ -73,12 +73,14 @@ def test_release_rejects_when_owner_allows_no_runtime() -> None:
 
 
 def test_release_rejects_measurement_not_in_owner_list() -> None:
-    state = _state(allowed_runtimes=frozenset({OTHER}))
+    state = _state(allowed_runtimes=frozenset({OTHER}),
+                   consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME, OTHER})))
     assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
 
 
 def test_release_rejects_measurement_not_in_user_consent() -> None:
-    state = _state(consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
+    state = _state(allowed_runtimes=frozenset({RUNTIME, OTHER}),
+                   consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
     assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
 
 
@@ -91,6 +93,15 @@ def test_release_requires_the_intersection_of_owner_and_user_lists() -> None:
     assert decide_pair(state, _claims(measurement=OTHER)) is None
     assert decide_pair(state, _claims(measurement=RUNTIME)) == f"policy: measurement {RUNTIME} not allowed"
     assert decide_pair(state, _claims(measurement=THIRD)) == f"policy: measurement {THIRD} not allowed"
+
+
+def test_release_rejects_disjoint_owner_and_user_lists() -> None:
+    """Owner allows only A, user consents only to B: nothing may receive the keys, not even A or B."""
+    state = _state(consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
+    for measurement in (RUNTIME, OTHER):
+        assert decide_pair(state, _claims(measurement=measurement)) == (
+            "policy: empty policy: no measurement is allowed"
+        )
 
 
 def test_release_rejects_user_consent_with_no_measurement() -> None:
