@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier
-from sealedml.attestation.collateral import build_snp_cert_table, parse_snp_cert_table
+from sealedml.attestation.collateral import LocalCollateral, build_snp_cert_table, parse_snp_cert_table
 from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.policy_document import load_policy
@@ -114,6 +114,19 @@ def test_fuzz_tdx_quote_path(quote: bytes) -> None:
         assert result.to_json() == TDX_CLAIMS
 
 
+SGX_COLLATERAL = (VECTORS / "sgx-dcap" / "collateral.json").read_bytes()
+
+
+@FUZZ
+@given(mutants(SGX_COLLATERAL))
+def test_fuzz_dcap_collateral(collateral: bytes) -> None:
+    text = collateral.decode("latin-1")
+    verifier = SgxDcapVerifier(LocalCollateral.from_text(text))
+    result = _only_package_errors(lambda: verifier.verify(Evidence(TeeType.SGX, SGX_QUOTE), now=AT))
+    if isinstance(result, Claims):  # only unsigned parts (e.g. PEM line breaks) changed
+        assert result.to_json() == SGX_CLAIMS
+
+
 # ---------------------------------------------------------------------------
 # SEV-SNP reports and certificate tables
 # ---------------------------------------------------------------------------
@@ -134,9 +147,7 @@ CERT_TABLE = build_snp_cert_table({"vcek": SNP_VCEK})
 @given(mutants(CERT_TABLE))
 def test_fuzz_snp_cert_table(table: bytes) -> None:
     _only_package_errors(lambda: parse_snp_cert_table(table))
-    result = _only_package_errors(
-        lambda: SevSnpVerifier().verify(Evidence(TeeType.SEV_SNP, SNP_REPORT, table), now=AT)
-    )
+    result = _only_package_errors(lambda: SevSnpVerifier().verify(Evidence(TeeType.SEV_SNP, SNP_REPORT, table), now=AT))
     if isinstance(result, Claims):
         assert result.to_json() == SNP_CLAIMS
 
@@ -165,9 +176,7 @@ class _HmacVerifier(Verifier):
 
     def verify(self, evidence: Evidence, *, now: datetime | None = None) -> Claims:
         body, tag = evidence.data[:-32], evidence.data[-32:]
-        if len(body) != 112 or not hmac.compare_digest(
-            tag, hmac.new(_KEY, body, hashlib.sha256).digest()
-        ):
+        if len(body) != 112 or not hmac.compare_digest(tag, hmac.new(_KEY, body, hashlib.sha256).digest()):
             raise EvidenceError("bad evidence")
         return Claims(TeeType.SIMULATED, body[:48].hex(), body[48:], False, details=MappingProxyType({}))
 
@@ -196,9 +205,7 @@ def _tlv(tag: int, body: bytes) -> bytes:
 
 
 _leaves = st.one_of(
-    st.tuples(st.sampled_from([0x02, 0x04, 0x06, 0x0C, 0x05, 0x01]), st.binary(max_size=24)).map(
-        lambda t: _tlv(*t)
-    ),
+    st.tuples(st.sampled_from([0x02, 0x04, 0x06, 0x0C, 0x05, 0x01]), st.binary(max_size=24)).map(lambda t: _tlv(*t)),
     st.just(_tlv(0x06, bytes.fromhex("2a864886f84d8a3906"))),  # 1.2.840.113741.1337.6
     st.just(_tlv(0x02, bytes.fromhex("1a7504"))),
     st.binary(max_size=8),

@@ -40,14 +40,8 @@ TDX_QUOTE = (VECTORS / "tdx" / "quote-v4.bin").read_bytes()
 SNP_REPORT = (VECTORS / "sev-snp" / "report-milan.bin").read_bytes()
 SNP_VCEK = (VECTORS / "sev-snp" / "vcek-milan.der").read_bytes()
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
-MRTD = (
-    "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407"
-    "de03ae6dc5f87f27428b2538873118b7"
-)
-SNP_MEASUREMENT = (
-    "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b"
-    "6bdf8a9ece31a5a608eb0cf2e4872b01"
-)
+MRTD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
+SNP_MEASUREMENT = "b07af9620f3b839b47996422ddec6058338951d984e312115131ea82705eaf5b6bdf8a9ece31a5a608eb0cf2e4872b01"
 PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 
 
@@ -127,9 +121,7 @@ def test_flip_samples_are_large_enough() -> None:
     assert len(SNP_SIGNED) + len(SNP_SIGNATURE) >= 200
 
 
-@pytest.mark.parametrize(
-    ("region", "positions"), [("signed region", SGX_SIGNED), ("signature", SGX_SIGNATURE)]
-)
+@pytest.mark.parametrize(("region", "positions"), [("signed region", SGX_SIGNED), ("signature", SGX_SIGNATURE)])
 def test_sgx_rejects_single_byte_flips(sgx: SgxDcapVerifier, region: str, positions: list[int]) -> None:
     accepted = []
     for position, xor in _flips(len(SGX_QUOTE), positions, SEED):
@@ -141,9 +133,7 @@ def test_sgx_rejects_single_byte_flips(sgx: SgxDcapVerifier, region: str, positi
     assert accepted == [], f"flips in the {region} accepted at {accepted}"
 
 
-@pytest.mark.parametrize(
-    ("region", "positions"), [("signed region", TDX_SIGNED), ("signature", TDX_SIGNATURE)]
-)
+@pytest.mark.parametrize(("region", "positions"), [("signed region", TDX_SIGNED), ("signature", TDX_SIGNATURE)])
 def test_tdx_rejects_single_byte_flips(tdx: TdxDcapVerifier, region: str, positions: list[int]) -> None:
     accepted = []
     for position, xor in _flips(len(TDX_QUOTE), positions, SEED + 1):
@@ -155,9 +145,7 @@ def test_tdx_rejects_single_byte_flips(tdx: TdxDcapVerifier, region: str, positi
     assert accepted == [], f"flips in the {region} accepted at {accepted}"
 
 
-@pytest.mark.parametrize(
-    ("region", "positions"), [("signed region", SNP_SIGNED), ("signature", SNP_SIGNATURE)]
-)
+@pytest.mark.parametrize(("region", "positions"), [("signed region", SNP_SIGNED), ("signature", SNP_SIGNATURE)])
 def test_snp_rejects_single_byte_flips(snp: SevSnpVerifier, region: str, positions: list[int]) -> None:
     accepted = []
     for position, xor in _flips(len(SNP_REPORT), positions, SEED + 2):
@@ -185,7 +173,12 @@ def _name(cn: str) -> x509.Name:
 
 def _vcek(issuer_name: x509.Name, signer: object, hwid: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
     """A VCEK-shaped certificate: P-384 key, AMD TCB extensions, hwID."""
-    tcb = {"1.3.6.1.4.1.3704.1.3.1": 2, "1.3.6.1.4.1.3704.1.3.2": 0, "1.3.6.1.4.1.3704.1.3.3": 5, "1.3.6.1.4.1.3704.1.3.8": 68}
+    tcb = {
+        "1.3.6.1.4.1.3704.1.3.1": 2,
+        "1.3.6.1.4.1.3704.1.3.2": 0,
+        "1.3.6.1.4.1.3704.1.3.3": 5,
+        "1.3.6.1.4.1.3704.1.3.8": 68,
+    }
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name("SEV-VCEK"))
@@ -194,9 +187,7 @@ def _vcek(issuer_name: x509.Name, signer: object, hwid: bytes, key: ec.EllipticC
         .serial_number(x509.random_serial_number())
         .not_valid_before(datetime(2020, 1, 1, tzinfo=UTC))
         .not_valid_after(datetime(2040, 1, 1, tzinfo=UTC))
-        .add_extension(
-            x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.4"), hwid), critical=False
-        )
+        .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier("1.3.6.1.4.1.3704.1.4"), hwid), critical=False)
     )
     for oid, value in tcb.items():
         builder = builder.add_extension(
@@ -266,9 +257,10 @@ def test_snp_rejects_vcek_of_another_chip_under_a_trusted_chain() -> None:
     chip = parse_snp_report(SNP_REPORT).chip_id
     report = _resign(SNP_REPORT, key)
     own = _vcek(ask.subject, ask_key, chip, key)
-    assert SevSnpVerifier(vcek=own, roots={"Milan": roots}).verify(
-        Evidence(TeeType.SEV_SNP, report), now=AT
-    ).measurement == SNP_MEASUREMENT
+    assert (
+        SevSnpVerifier(vcek=own, roots={"Milan": roots}).verify(Evidence(TeeType.SEV_SNP, report), now=AT).measurement
+        == SNP_MEASUREMENT
+    )
     other = _vcek(ask.subject, ask_key, bytes(b ^ 1 for b in chip), key)
     with pytest.raises(EvidenceError, match="another chip"):
         SevSnpVerifier(vcek=other, roots={"Milan": roots}).verify(Evidence(TeeType.SEV_SNP, report), now=AT)
@@ -291,9 +283,7 @@ def test_snp_rejects_ask_and_ark_of_the_wrong_product() -> None:
 # Policy rejections on real claims
 # ---------------------------------------------------------------------------
 
-TOLERANT_SGX = Policy.for_measurements(
-    [MRENCLAVE], tcb_statuses=frozenset({"ConfigurationAndSWHardeningNeeded"})
-)
+TOLERANT_SGX = Policy.for_measurements([MRENCLAVE], tcb_statuses=frozenset({"ConfigurationAndSWHardeningNeeded"}))
 
 
 def test_sgx_debug_enclave_rejected_by_default_policy(sgx: SgxDcapVerifier) -> None:

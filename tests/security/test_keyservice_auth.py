@@ -244,18 +244,25 @@ def test_unknown_principal_is_rejected(ks: KS) -> None:
     assert event["reason"] == "unknown principal"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keyservice/service.py KeyService.authenticate accepts any int() timestamp; one outside the signed "
-    "64-bit range makes protocol.signed_call_message (encoding.fields, int.to_bytes) raise OverflowError, "
-    "which becomes an opaque 500 instead of a 401"))
 @pytest.mark.parametrize("ts", [2**63, -(2**63) - 1, 10**30])
 def test_out_of_range_timestamp_is_rejected_not_a_server_error(ks: KS, ts: int) -> None:
+    """Regression: a timestamp outside the signed 64-bit range used to raise OverflowError while
+    building the signed message (encoding.fields), an opaque 500."""
     owner, _, model_id = ks.owned_model()
     path = f"/v1/models/{model_id}/grants"
     body = grant_body()
     headers = sign(owner, path, body)
     headers[p.HDR_TIMESTAMP] = str(ts)
     assert_unauthenticated(ks.http.post(path, content=body, headers=headers))
+
+
+def test_out_of_range_timestamp_on_registration_is_rejected_not_a_server_error(ks: KS) -> None:
+    """Registration needs no prior account, so this path is open to anyone."""
+    who = Identity.generate()
+    body = _registration(who, ks.service_id)
+    headers = sign(who, "/v1/principals", body)
+    headers[p.HDR_TIMESTAMP] = str(2**64)
+    assert_unauthenticated(ks.http.post("/v1/principals", content=body, headers=headers))
 
 
 # ---------------------------------------------------------------------------- registration
@@ -400,10 +407,8 @@ def test_model_info_denial_is_opaque(ks: KS) -> None:
         assert_denied(ks.http.post(path, content=b"", headers=sign(mallory, path, b"")))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keyservice/service.py KeyService.model_info raises AccessDenied without an audit record, although "
-    "DESIGN requires the audit log to hold every decision with its reason"))
 def test_model_info_denial_is_audited(ks: KS) -> None:
+    """Regression: model_info used to deny without an audit record (DESIGN: every decision is logged)."""
     _, _, model_id = ks.owned_model()
     mallory, _ = ks.principal()
     path = f"/v1/models/{model_id}/info"

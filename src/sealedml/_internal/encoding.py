@@ -12,7 +12,7 @@ import binascii
 import json
 from typing import Any
 
-__all__ = ["b64d", "b64e", "canonical_json", "fields"]
+__all__ = ["b64d", "b64e", "canonical_json", "fields", "loads_json"]
 
 
 def fields(label: bytes, *parts: bytes | str | int) -> bytes:
@@ -27,6 +27,24 @@ def fields(label: bytes, *parts: bytes | str | int) -> bytes:
             raw = bytes(part)
         out += len(raw).to_bytes(4, "big") + raw
     return bytes(out)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} not allowed")
+
+
+def loads_json(data: bytes | str) -> Any:
+    """``json.loads`` for untrusted input: only ``ValueError`` escapes.
+
+    Deeply nested documents (``RecursionError``), ``NaN``/``Infinity`` and
+    undecodable bytes are all reported as ``ValueError``.
+    """
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError("JSON is not UTF-8") from exc
 
 
 def canonical_json(value: Any) -> bytes:

@@ -37,12 +37,14 @@ from typing import Any
 
 import httpx
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.utils import CryptographyDeprecationWarning
 
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError
 
 __all__ = [
+    "CERTIFICATE_PARSE_ERRORS",
     "SNP_CERT_GUIDS",
     "CacheDirVcekSource",
     "CertTableVcekSource",
@@ -53,6 +55,7 @@ __all__ = [
     "PccsCollateral",
     "VcekSource",
     "build_snp_cert_table",
+    "check_certificate_fields",
     "collateral_window",
     "load_certificate",
     "parse_snp_cert_table",
@@ -88,12 +91,47 @@ def load_certificate(data: bytes, *, what: str = "certificate") -> x509.Certific
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except (ValueError, TypeError) as exc:
+                cert = x509.load_pem_x509_certificate(data)
+            else:
+                cert = x509.load_der_x509_certificate(data)
+            check_certificate_fields(cert)
+        except CERTIFICATE_PARSE_ERRORS as exc:
             raise CollateralError(f"{what} is not a valid X.509 certificate") from exc
+    return cert
+
+
+#: What ``cryptography`` raises on a certificate field that does not parse.
+CERTIFICATE_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    UnsupportedAlgorithm,
+    x509.DuplicateExtension,
+    x509.InvalidVersion,
+    x509.UnsupportedGeneralNameType,
+)
+
+
+def check_certificate_fields(cert: x509.Certificate) -> None:
+    """Parse every lazily-decoded field verifiers use, so errors surface at load time.
+
+    ``cryptography`` decodes names, extensions and keys on first access; a
+    malformed field would otherwise raise ``ValueError`` deep inside a check.
+
+    Raises:
+        Exception: one of :data:`CERTIFICATE_PARSE_ERRORS` (callers translate it).
+    """
+    cert.version  # noqa: B018 - forces decoding
+    cert.subject.rfc4514_string()
+    cert.issuer.rfc4514_string()
+    for _extension in cert.extensions:
+        pass
+    cert.public_key()
+    cert.signature_hash_algorithm  # noqa: B018 - forces decoding
+    cert.not_valid_before_utc  # noqa: B018
+    cert.not_valid_after_utc  # noqa: B018
 
 
 def _load_pem_chain(text: str, what: str) -> list[x509.Certificate]:
@@ -235,7 +273,9 @@ class LocalCollateral(IntelCollateralSource):
     """Collateral from a local JSON file (or JSON text), the same for every quote.
 
     Args:
-        source: a path to the JSON file, or the JSON text itself.
+        source: a ``Path``; or a ``str`` that is the JSON text itself if it
+            starts with ``{`` and a file path otherwise (use :meth:`from_text`
+            to pass text unambiguously).
 
     Raises:
         ConfigurationError: the file cannot be read.
@@ -451,9 +491,7 @@ class PccsCollateral(IntelCollateralSource):
                 return urllib.parse.unquote(value)
         raise CollateralError(f"PCCS response lacks header {'/'.join(names)}")
 
-    def _signed_document(
-        self, url: str, member: str, headers: Iterable[str]
-    ) -> tuple[str, str, str]:
+    def _signed_document(self, url: str, member: str, headers: Iterable[str]) -> tuple[str, str, str]:
         response = self._get(url)
         chain = self._header(response, headers)
         text = response.text
@@ -476,9 +514,7 @@ class PccsCollateral(IntelCollateralSource):
                 response = self._get(f"{self._base}/sgx/certification/v4/rootcacrl")
                 return _crl_to_hex(response.content, "root CA CRL")
             except CollateralError as exc:
-                log.info(
-                    "PCCS has no rootcacrl endpoint (%s); using the CRL distribution point", exc
-                )
+                log.info("PCCS has no rootcacrl endpoint (%s); using the CRL distribution point", exc)
         certs = _load_pem_chain(chain_pem, "issuer chain")
         if not certs:
             raise CollateralError("issuer chain is empty")
@@ -653,11 +689,7 @@ def build_snp_cert_table(certificates: Mapping[str, bytes]) -> bytes:
         if guid is None:
             raise ConfigurationError(f"unknown SNP certificate name {name!r}")
         blob = bytes(certificates[name])
-        entries += (
-            guid.bytes
-            + (header + len(body)).to_bytes(4, "little")
-            + len(blob).to_bytes(4, "little")
-        )
+        entries += guid.bytes + (header + len(body)).to_bytes(4, "little") + len(blob).to_bytes(4, "little")
         body += blob
     return entries + bytes(_ENTRY_SIZE) + body
 
@@ -725,9 +757,7 @@ class CacheDirVcekSource(VcekSource):
 
     def path_for(self, chip_id: bytes, reported_tcb: int) -> Path:
         """The cache file for ``chip_id`` at ``reported_tcb``."""
-        return (
-            self.directory / f"{bytes(chip_id).hex()}-{reported_tcb & 0xFFFFFFFFFFFFFFFF:016x}.der"
-        )
+        return self.directory / f"{bytes(chip_id).hex()}-{reported_tcb & 0xFFFFFFFFFFFFFFFF:016x}.der"
 
     def find(self, *, chip_id: bytes, reported_tcb: int, aux: bytes) -> bytes | None:
         """Return the cached certificate, if any."""

@@ -16,6 +16,12 @@ around it:
 - normalized :class:`~sealedml.attestation.base.Claims`, parsed from the
   authenticated quote body at the offsets of Intel's quote format.
 
+``dcap_qvl.QuoteVerifier.verify_with_policy`` with ``QuotePolicy.claims_only``
+is used rather than ``dcap_qvl.verify``: it runs the same verification (the two
+agree on every single-bit flip of the SGX and TDX test quotes) and also returns
+the TCB evaluation number and the collateral's issue and expiry dates, while
+leaving the TCB-status decision to :class:`~sealedml.attestation.policy.Policy`.
+
 References: "Intel SGX ECDSA Quote Library API" (DCAP), Appendix A "ECDSA
 Quote Format" — A.3 Quote Header, A.4 Enclave Report Body — and "Intel TDX
 DCAP Quoting Library API", Appendix A — A.3 Quote Header, A.3.2 TD Quote Body
@@ -281,11 +287,7 @@ class DcapVerifier(Verifier):
         if tee not in (TeeType.SGX, TeeType.TDX):
             raise ConfigurationError(f"DCAP verifies SGX and TDX quotes, not {tee.value}")
         self.tee = tee
-        self._source = (
-            collateral
-            if isinstance(collateral, IntelCollateralSource)
-            else LocalCollateral(collateral)
-        )
+        self._source = collateral if isinstance(collateral, IntelCollateralSource) else LocalCollateral(collateral)
         try:
             self._qvl = dcap_qvl.QuoteVerifier(root_ca_der)
         except Exception as exc:
@@ -310,25 +312,18 @@ class DcapVerifier(Verifier):
         """
         at = _utc(now)
         if evidence.tee is not self.tee:
-            raise EvidenceError(
-                f"{evidence.tee.value} evidence given to the {self.tee.value} verifier"
-            )
+            raise EvidenceError(f"{evidence.tee.value} evidence given to the {self.tee.value} verifier")
         quote = bytes(evidence.data)
         layout = parse_quote_layout(quote)
         if layout.tee is not self.tee:
-            raise EvidenceError(
-                f"quote v{layout.version} is a {layout.tee.value} quote, expected {self.tee.value}"
-            )
+            raise EvidenceError(f"quote v{layout.version} is a {layout.tee.value} quote, expected {self.tee.value}")
         text = self._source.collateral_for(quote, now=at)
         issued, expires = _cached_window(text)
         if at > expires:
-            raise CollateralError(
-                f"collateral expired at {expires.isoformat()} (verification time {at.isoformat()})"
-            )
+            raise CollateralError(f"collateral expired at {expires.isoformat()} (verification time {at.isoformat()})")
         if at < issued:
             raise CollateralError(
-                f"collateral not valid before {issued.isoformat()} "
-                f"(verification time {at.isoformat()})"
+                f"collateral not valid before {issued.isoformat()} (verification time {at.isoformat()})"
             )
         collateral = _collateral_object(text)
         now_secs = int(at.timestamp())
@@ -408,9 +403,7 @@ class SgxDcapVerifier(DcapVerifier):
         root_ca_der: optional replacement root CA (tests only).
     """
 
-    def __init__(
-        self, collateral: IntelCollateralSource | Path | str, *, root_ca_der: bytes | None = None
-    ) -> None:
+    def __init__(self, collateral: IntelCollateralSource | Path | str, *, root_ca_der: bytes | None = None) -> None:
         super().__init__(TeeType.SGX, collateral, root_ca_der=root_ca_der)
 
 
@@ -422,7 +415,5 @@ class TdxDcapVerifier(DcapVerifier):
         root_ca_der: optional replacement root CA (tests only).
     """
 
-    def __init__(
-        self, collateral: IntelCollateralSource | Path | str, *, root_ca_der: bytes | None = None
-    ) -> None:
+    def __init__(self, collateral: IntelCollateralSource | Path | str, *, root_ca_der: bytes | None = None) -> None:
         super().__init__(TeeType.TDX, collateral, root_ca_der=root_ca_der)

@@ -77,9 +77,7 @@ class GramineAttester(Attester):
         if layout.tee is not TeeType.SGX:
             raise AttestationError("Gramine returned a non-SGX quote")
         if not hmac.compare_digest(carried, bytes(report_data)):
-            raise AttestationError(
-                "quote does not carry the requested report data (concurrent writer?)"
-            )
+            raise AttestationError("quote does not carry the requested report data (concurrent writer?)")
         return Evidence(TeeType.SGX, quote)
 
     @property

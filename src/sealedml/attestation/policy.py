@@ -94,9 +94,7 @@ class TeeRule:
     measurements: frozenset[str] = field(default_factory=frozenset)
     signers: frozenset[str] = field(default_factory=frozenset)
     allow_debug: bool | None = None
-    reference_values: Mapping[str, frozenset[str]] = field(
-        default_factory=_empty_values, hash=False
-    )
+    reference_values: Mapping[str, frozenset[str]] = field(default_factory=_empty_values, hash=False)
     minimums: Mapping[str, int] = field(default_factory=_empty_minimums, hash=False)
 
     def __post_init__(self) -> None:
@@ -108,9 +106,7 @@ class TeeRule:
             "reference_values",
             MappingProxyType({k: _norm(v) for k, v in self.reference_values.items()}),
         )
-        object.__setattr__(
-            self, "minimums", MappingProxyType({k: int(v) for k, v in self.minimums.items()})
-        )
+        object.__setattr__(self, "minimums", MappingProxyType({k: int(v) for k, v in self.minimums.items()}))
 
     def verify(self, claims: Claims, *, policy_allows_debug: bool) -> None:
         """Raise :class:`PolicyError` unless ``claims`` satisfy this rule.
@@ -270,9 +266,7 @@ class Policy:
             at = at.replace(tzinfo=UTC)
         age = at - issued
         if self.max_collateral_age is not None and age > self.max_collateral_age:
-            raise PolicyError(
-                f"collateral issued {issued.isoformat()} is older than {self.max_collateral_age}"
-            )
+            raise PolicyError(f"collateral issued {issued.isoformat()} is older than {self.max_collateral_age}")
 
     def _debug_for(self, tee: TeeType) -> bool:
         rule = self.tee_rules.get(tee)
@@ -287,11 +281,7 @@ class Policy:
             if self.tee_types and other.tee_types
             else self.tee_types or other.tee_types
         )
-        signers = (
-            self.signers & other.signers
-            if self.signers and other.signers
-            else self.signers or other.signers
-        )
+        signers = self.signers & other.signers if self.signers and other.signers else self.signers or other.signers
         rules: dict[TeeType, TeeRule] = {}
         for tee in {*self.tee_rules, *other.tee_rules}:
             mine, theirs = self.tee_rules.get(tee), other.tee_rules.get(tee)

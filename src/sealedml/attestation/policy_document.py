@@ -93,6 +93,7 @@ _HEX = re.compile(r"^[0-9a-fA-F]*$")
 _ADVISORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_MAX_DURATION_SECONDS = 3650 * 86400
 
 
 def _hex_of(n_bytes: int) -> Any:
@@ -122,7 +123,7 @@ def parse_duration(value: str | int) -> timedelta:
     """Parse ``"30d"``, ``"12h"``, ``"90m"``, ``"3600s"``, ``"2w"`` or seconds.
 
     Raises:
-        ValueError: not a positive duration.
+        ValueError: not a positive duration of at most ten years.
     """
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30d")
@@ -135,6 +136,8 @@ def parse_duration(value: str | int) -> timedelta:
         seconds = int(match.group(1)) * _UNITS[match.group(2)]
     if seconds <= 0:
         raise ValueError("duration must be positive")
+    if seconds > _MAX_DURATION_SECONDS:
+        raise ValueError("duration must be at most 3650d")
     return timedelta(seconds=seconds)
 
 
@@ -164,10 +167,7 @@ _RTMR_KEYS = {"0": "rtmr0", "1": "rtmr1", "2": "rtmr2", "3": "rtmr3"}
 def _rtmr_keys(value: Any) -> Any:
     # YAML reads ``{0: [...]}`` with an integer key; accept 0-3 as well as "rtmr0".
     if isinstance(value, dict):
-        return {
-            (str(k) if isinstance(k, int) and not isinstance(k, bool) else k): v
-            for k, v in value.items()
-        }
+        return {(str(k) if isinstance(k, int) and not isinstance(k, bool) else k): v for k, v in value.items()}
     return value
 
 
@@ -202,9 +202,9 @@ class TdxSection(_Section):
     """Reference values for Intel TDX trust domains."""
 
     mrtd: list[Hex48] = Field(min_length=1)
-    rtmr: Annotated[
-        dict[str, list[Hex48]], BeforeValidator(_rtmr_keys), AfterValidator(_check_rtmrs)
-    ] = Field(default_factory=dict)
+    rtmr: Annotated[dict[str, list[Hex48]], BeforeValidator(_rtmr_keys), AfterValidator(_check_rtmrs)] = Field(
+        default_factory=dict
+    )
     mrseam: list[Hex48] = Field(default_factory=list)
     mrconfigid: list[Hex48] = Field(default_factory=list)
     mrowner: list[Hex48] = Field(default_factory=list)
@@ -278,9 +278,7 @@ class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc]
                     None, None, "mapping keys must be scalars", key_node.start_mark
                 ) from exc
             if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -301,9 +299,7 @@ def _read_source(source: str | bytes | Path) -> str:
         path = Path(source)
         try:
             if path.stat().st_size > MAX_POLICY_BYTES:
-                raise ConfigurationError(
-                    f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes"
-                )
+                raise ConfigurationError(f"policy file {path} is larger than {MAX_POLICY_BYTES} bytes")
             data = path.read_bytes()
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or exc
@@ -377,9 +373,7 @@ def load_policy_document(source: str | bytes | Path) -> PolicyDocument:
 
 
 def _values(**fields: list[Any]) -> dict[str, frozenset[str]]:
-    return {
-        name: frozenset(str(v).lower() for v in values) for name, values in fields.items() if values
-    }
+    return {name: frozenset(str(v).lower() for v in values) for name, values in fields.items() if values}
 
 
 def policy_from_document(document: PolicyDocument) -> Policy:
@@ -470,9 +464,7 @@ def policy_from_document(document: PolicyDocument) -> Policy:
         tcb_statuses=frozenset(document.tcb_statuses),
         tee_rules=rules,
         accepted_advisories=(
-            frozenset(document.accepted_advisories)
-            if document.accepted_advisories is not None
-            else None
+            frozenset(document.accepted_advisories) if document.accepted_advisories is not None else None
         ),
         max_collateral_age=document.max_collateral_age,
     )
@@ -518,13 +510,9 @@ def describe_policy(policy: Policy) -> dict[str, Any]:
         "measurements": sorted(policy.measurements),
         "allow_debug": policy.allow_debug,
         "tcb_statuses": sorted(policy.tcb_statuses),
-        "accepted_advisories": (
-            sorted(policy.accepted_advisories) if policy.accepted_advisories is not None else None
-        ),
+        "accepted_advisories": (sorted(policy.accepted_advisories) if policy.accepted_advisories is not None else None),
         "max_collateral_age_seconds": (
-            int(policy.max_collateral_age.total_seconds())
-            if policy.max_collateral_age is not None
-            else None
+            int(policy.max_collateral_age.total_seconds()) if policy.max_collateral_age is not None else None
         ),
         "tee_rules": rules,
     }

@@ -51,6 +51,7 @@ from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier
+from sealedml.attestation.collateral import CERTIFICATE_PARSE_ERRORS, check_certificate_fields
 from sealedml.attestation.dcap import parse_quote_layout
 from sealedml.attestation.policy import Policy
 from sealedml.errors import AttestationError, ConfigurationError, EvidenceError
@@ -185,9 +186,7 @@ def _encode_int(n: int) -> bytes:
 def _decode_int(body: bytes) -> int:
     if not body or len(body) > 8:
         raise EvidenceError("DER: bad INTEGER")
-    if len(body) > 1 and (
-        (body[0] == 0 and not body[1] & 0x80) or (body[0] == 0xFF and body[1] & 0x80)
-    ):
+    if len(body) > 1 and ((body[0] == 0 and not body[1] & 0x80) or (body[0] == 0xFF and body[1] & 0x80)):
         raise EvidenceError("DER: non-minimal INTEGER")
     return int.from_bytes(body, "big", signed=True)
 
@@ -302,9 +301,7 @@ def decode_tagged_evidence(value: bytes) -> Evidence:
 def _spki_der(public_key: Any) -> bytes:
     try:
         return bytes(
-            public_key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
+            public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
     except (AttributeError, ValueError, UnsupportedAlgorithm) as exc:
         raise EvidenceError("certificate public key cannot be encoded") from exc
@@ -326,18 +323,26 @@ def ratls_report_data(public_key: Any) -> bytes:
 
 def _load_cert(cert: x509.Certificate | bytes | str) -> x509.Certificate:
     if isinstance(cert, x509.Certificate):
+        try:
+            check_certificate_fields(cert)
+        except CERTIFICATE_PARSE_ERRORS as exc:
+            raise EvidenceError("malformed X.509 certificate") from exc
         return cert
     data = cert.encode("ascii", "replace") if isinstance(cert, str) else bytes(cert)
     if len(data) > _MAX_CERT:
         raise EvidenceError("certificate too large")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
         try:
             if data.lstrip().startswith(b"-----BEGIN"):
-                return x509.load_pem_x509_certificate(data)
-            return x509.load_der_x509_certificate(data)
-        except (ValueError, TypeError) as exc:
+                certificate = x509.load_pem_x509_certificate(data)
+            else:
+                certificate = x509.load_der_x509_certificate(data)
+            check_certificate_fields(certificate)
+        except CERTIFICATE_PARSE_ERRORS as exc:
             raise EvidenceError("not an X.509 certificate") from exc
+    return certificate
 
 
 def _unwrap_octet_string(value: bytes) -> bytes:
@@ -369,7 +374,7 @@ def extract_evidence(cert: x509.Certificate | bytes | str) -> Evidence:
     dice_value: bytes | None = None
     try:
         extensions = list(certificate.extensions)
-    except (ValueError, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
+    except CERTIFICATE_PARSE_ERRORS as exc:
         raise EvidenceError(f"certificate extensions malformed: {exc}") from exc
     for ext in extensions:
         if not isinstance(ext.value, x509.UnrecognizedExtension):
@@ -469,9 +474,7 @@ def _check_self_signed(certificate: x509.Certificate) -> None:
             algorithm = certificate.signature_hash_algorithm
             if algorithm is None:
                 raise EvidenceError("certificate signature algorithm unsupported")
-            key.verify(
-                certificate.signature, certificate.tbs_certificate_bytes, ec.ECDSA(algorithm)
-            )
+            key.verify(certificate.signature, certificate.tbs_certificate_bytes, ec.ECDSA(algorithm))
         elif isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(certificate.signature, certificate.tbs_certificate_bytes)
         else:
@@ -515,8 +518,7 @@ def verify_ratls_certificate(
     evidence = extract_evidence(certificate)
     if evidence.tee is not verifier.tee:
         raise EvidenceError(
-            f"certificate carries {evidence.tee.value} evidence, "
-            f"the verifier is for {verifier.tee.value}"
+            f"certificate carries {evidence.tee.value} evidence, the verifier is for {verifier.tee.value}"
         )
     claims = verifier.verify(evidence, now=at)
     # Gramine's binding: the first 32 bytes are SHA-256 of the DER SPKI, the rest zero.

@@ -27,15 +27,11 @@ def _dcap(tee: TeeType, options: dict[str, Any]) -> Verifier:
 
     unknown = set(options) - _DCAP_OPTIONS
     if unknown:
-        raise ConfigurationError(
-            f"unknown {tee.value} verifier options: {', '.join(sorted(unknown))}"
-        )
+        raise ConfigurationError(f"unknown {tee.value} verifier options: {', '.join(sorted(unknown))}")
     collateral = options.get("collateral")
     pccs_url = options.get("pccs_url")
     if (collateral is None) == (pccs_url is None):
-        raise ConfigurationError(
-            f"{tee.value} verification needs exactly one of collateral or pccs_url"
-        )
+        raise ConfigurationError(f"{tee.value} verification needs exactly one of collateral or pccs_url")
     source: Any = collateral
     if pccs_url is not None:
         cache_dir = options.get("cache_dir")

@@ -37,6 +37,7 @@ import hashlib
 import importlib.resources
 import struct
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sealedml.attestation.base import Claims, Evidence, TeeType, Verifier
 from sealedml.attestation.collateral import (
+    CERTIFICATE_PARSE_ERRORS,
     CacheDirVcekSource,
     CertTableVcekSource,
     FileVcekSource,
@@ -254,14 +256,14 @@ def parse_snp_report(data: bytes) -> SnpReport:
 
 
 def _common_name(name: x509.Name) -> str:
-    values = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # odd attribute lengths in untrusted certs
+        values = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     return str(values[0].value) if values else ""
 
 
 def _spki_sha256(cert: x509.Certificate) -> str:
-    der = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
@@ -364,9 +366,7 @@ def load_pinned_roots() -> Mapping[str, ProductRoots]:
                     pem = (package / f"ask_ark_{product.lower()}.pem").read_bytes()
                 except OSError as exc:
                     raise ConfigurationError(f"AMD {product} roots missing: {exc}") from exc
-                _PINNED[product] = ProductRoots.from_pem(
-                    product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product]
-                )
+                _PINNED[product] = ProductRoots.from_pem(product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product])
         return MappingProxyType(dict(_PINNED))
 
 
@@ -391,7 +391,7 @@ def _extensions(cert: x509.Certificate) -> dict[str, bytes]:
         for ext in cert.extensions:
             if isinstance(ext.value, x509.UnrecognizedExtension):
                 found[ext.oid.dotted_string] = bytes(ext.value.value)
-    except (ValueError, x509.DuplicateExtension) as exc:
+    except CERTIFICATE_PARSE_ERRORS as exc:
         raise EvidenceError(f"VCEK extensions malformed: {exc}") from exc
     return found
 
@@ -530,9 +530,7 @@ class SevSnpVerifier(Verifier):
                     return product
         return None
 
-    def _intermediate_for(
-        self, vcek: x509.Certificate, product: str, table: Mapping[str, bytes]
-    ) -> x509.Certificate:
+    def _intermediate_for(self, vcek: x509.Certificate, product: str, table: Mapping[str, bytes]) -> x509.Certificate:
         roots = self._roots[product]
         if _pss_signed_by(vcek, roots.ask):
             return roots.ask
@@ -562,9 +560,7 @@ class SevSnpVerifier(Verifier):
         table = parse_snp_cert_table(evidence.aux)
         candidates: list[tuple[VcekSource, bytes]] = []
         for source in self._sources:
-            found = source.find(
-                chip_id=report.chip_id, reported_tcb=report.reported_tcb, aux=evidence.aux
-            )
+            found = source.find(chip_id=report.chip_id, reported_tcb=report.reported_tcb, aux=evidence.aux)
             if found and all(found != seen for _, seen in candidates):
                 candidates.append((source, found))
         if not candidates:
@@ -583,9 +579,7 @@ class SevSnpVerifier(Verifier):
             raise EvidenceError("SEV-SNP report not verified")
         raise first_error
 
-    def _verify_with(
-        self, report: SnpReport, vcek_bytes: bytes, table: Mapping[str, bytes], at: datetime
-    ) -> Claims:
+    def _verify_with(self, report: SnpReport, vcek_bytes: bytes, table: Mapping[str, bytes], at: datetime) -> Claims:
         vcek = load_certificate(vcek_bytes, what="VCEK")
         product = self._chain_product(vcek, table)
         roots = self._roots[product]
@@ -596,9 +590,7 @@ class SevSnpVerifier(Verifier):
 
         # Report signature (ECDSA P-384 / SHA-384 over 0x000-0x29F).
         key = vcek.public_key()
-        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(
-            key.curve, ec.SECP384R1
-        ):
+        if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
             raise EvidenceError("VCEK key is not ECDSA P-384")
         try:
             signature = encode_dss_signature(report.signature_r, report.signature_s)
@@ -611,9 +603,7 @@ class SevSnpVerifier(Verifier):
         cert_tcb = _vcek_tcb(extensions, product)
         reported = decode_tcb(report.reported_tcb, product)
         if cert_tcb != reported:
-            raise EvidenceError(
-                f"VCEK is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}"
-            )
+            raise EvidenceError(f"VCEK is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}")
         hwid = _vcek_hwid(extensions)
         is_vlek = "VLEK" in _common_name(vcek.subject).upper()
         if report.signing_key == 0:
@@ -643,9 +633,7 @@ class SevSnpVerifier(Verifier):
         )
 
     @staticmethod
-    def _details(
-        report: SnpReport, product: str, extensions: Mapping[str, bytes]
-    ) -> dict[str, Any]:
+    def _details(report: SnpReport, product: str, extensions: Mapping[str, bytes]) -> dict[str, Any]:
         name = extensions.get(_OID_PRODUCT_NAME, b"")
         product_name = name[2:].decode("ascii", "replace") if name[:1] == b"\x16" else product
         details: dict[str, Any] = {

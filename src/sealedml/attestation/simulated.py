@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sealedml._internal.encoding import canonical_json, fields
+from sealedml._internal.encoding import canonical_json, fields, loads_json
 from sealedml._internal.paths import sealedml_home, write_private_file_once
 from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier
 from sealedml.attestation.measurement import measurement_for
@@ -150,7 +150,7 @@ class SimulatedVerifier(Verifier):
         if evidence.tee is not TeeType.SIMULATED:
             raise EvidenceError("not simulated evidence")
         try:
-            doc = json.loads(evidence.data)
+            doc = loads_json(evidence.data)
             body, signature = doc["body"], bytes.fromhex(doc["signature"])
             platform = bytes.fromhex(body["platform"])
             report_data = bytes.fromhex(body["report_data"])

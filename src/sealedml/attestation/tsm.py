@@ -68,9 +68,7 @@ class TsmAttester(Attester):
         if tee is None:
             tee = self._probe_provider()
         if tee not in (TeeType.TDX, TeeType.SEV_SNP):
-            raise AttestationError(
-                f"configfs-tsm provides TDX or SEV-SNP evidence, not {tee.value}"
-            )
+            raise AttestationError(f"configfs-tsm provides TDX or SEV-SNP evidence, not {tee.value}")
         self.tee = tee
 
     # -- filesystem operations (overridden by tests) --------------------------
@@ -164,13 +162,9 @@ class TsmAttester(Attester):
         finally:
             self._remove(entry)
         if after != before + 1:
-            raise AttestationError(
-                f"configfs-tsm report changed by another writer (generation {before} -> {after})"
-            )
+            raise AttestationError(f"configfs-tsm report changed by another writer (generation {before} -> {after})")
         if provider is not self.tee:
-            raise AttestationError(
-                f"configfs-tsm provider is {provider.value}, expected {self.tee.value}"
-            )
+            raise AttestationError(f"configfs-tsm provider is {provider.value}, expected {self.tee.value}")
         if len(outblob) > _MAX_BLOB or len(auxblob) > _MAX_BLOB:
             raise AttestationError("configfs-tsm returned an oversized blob")
         carried = self._carried_report_data(outblob)

@@ -19,17 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sealedml.attestation.base import Claims, Evidence, TeeType
+from sealedml.attestation.base import Evidence, TeeType
 from sealedml.attestation.policy_document import describe_policy, load_policy
 from sealedml.attestation.registry import verifier_for
 from sealedml.cli._common import add_json_flag, run_handler
-from sealedml.errors import (
-    AttestationError,
-    CollateralError,
-    ConfigurationError,
-    EvidenceError,
-    PolicyError,
-)
+from sealedml.errors import AttestationError, CollateralError, ConfigurationError, EvidenceError
 
 __all__ = ["add_parser", "handle_policy_check", "handle_verify"]
 
@@ -81,16 +75,12 @@ def _verifier_options(args: argparse.Namespace, tee: TeeType) -> dict[str, Any]:
     return snp_options
 
 
-def _summary(claims: Claims) -> dict[str, Any]:
-    return claims.to_json()
-
-
 def handle_verify(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``attest verify``.
 
     Returns:
-        ``{"verdict", "tee", "reason"?, "claims"?, "_exit"?}``; ``_exit`` is 1
-        when the evidence is rejected.
+        ``{"verdict", "reason"?, "error"?, "tee", "claims"?, "_exit"?}``;
+        ``_exit`` is 1 when the evidence is rejected.
 
     Raises:
         ConfigurationError: bad flags or unreadable files.
@@ -101,26 +91,24 @@ def handle_verify(args: argparse.Namespace) -> dict[str, Any]:
     now = _parse_now(args.now)
     policy = load_policy(Path(args.policy)) if args.policy else None
     verifier = verifier_for(tee, **_verifier_options(args, tee))
-    result: dict[str, Any] = {"tee": tee.value}
     try:
         claims = verifier.verify(Evidence(tee, evidence_bytes, aux), now=now)
     except (EvidenceError, CollateralError) as exc:
-        result.update({"verdict": "rejected", "reason": exc.message, "error": exc.code, "_exit": 1})
-        return result
-    result["claims"] = _summary(claims)
+        return {"verdict": "rejected", "reason": exc.message, "error": exc.code, "tee": tee.value, "_exit": 1}
     if policy is None:
-        result["verdict"] = "authentic (no policy checked)"
-        return result
+        return {"verdict": "authentic (no policy checked)", "tee": tee.value, "claims": claims.to_json()}
     try:
         policy.verify(claims, now=now)
-    except PolicyError as exc:
-        result.update({"verdict": "rejected", "reason": exc.message, "error": exc.code, "_exit": 1})
-        return result
-    except AttestationError as exc:  # pragma: no cover - policies raise PolicyError
-        result.update({"verdict": "rejected", "reason": exc.message, "_exit": 1})
-        return result
-    result["verdict"] = "accepted"
-    return result
+    except AttestationError as exc:  # PolicyError
+        return {
+            "verdict": "rejected",
+            "reason": exc.message,
+            "error": exc.code,
+            "tee": tee.value,
+            "claims": claims.to_json(),
+            "_exit": 1,
+        }
+    return {"verdict": "accepted", "tee": tee.value, "claims": claims.to_json()}
 
 
 def handle_policy_check(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,9 +151,7 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument("--pccs-url", metavar="URL", help="fetch DCAP collateral from a PCCS")
     verify.add_argument("--cache-dir", metavar="DIR", help="collateral / VCEK cache directory")
     verify.add_argument("--vcek", metavar="FILE", help="VCEK or VLEK certificate (sev-snp)")
-    verify.add_argument(
-        "--cert-table", metavar="FILE", help="SNP certificate table, e.g. configfs-tsm auxblob"
-    )
+    verify.add_argument("--cert-table", metavar="FILE", help="SNP certificate table, e.g. configfs-tsm auxblob")
     verify.add_argument("--policy", metavar="FILE", help="policy document (YAML or JSON)")
     verify.add_argument("--now", metavar="ISO8601", help="verification time (default: now)")
     add_json_flag(verify)

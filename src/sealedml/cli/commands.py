@@ -291,6 +291,15 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     return run_demo(lease_ttl=args.lease_ttl, samples=args.samples, quiet=args.json)
 
 
+def cmd_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.bench.trace import run_trace
+
+    policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
+    return run_trace(models=args.models, policies=policies, trace_file=args.trace, duration=args.duration,
+                     seed=args.seed, keep_alive=args.keep_alive, slo_ms=args.slo_ms, model_name=args.model,
+                     plot=args.plot, quiet=args.json)
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.bench.overhead import run_overhead
 
@@ -421,5 +430,16 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50", "digits", "toy"])
     p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
     p.add_argument("--warmup", type=int, default=5)
+
+    p = command(bench, "trace", cmd_bench_trace, "replay a bursty or CSV trace against each routing policy")
+    p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")
+    p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
+    p.add_argument("--trace", type=Path, default=None, help="CSV of timestamp,model rows instead of synthetic")
+    p.add_argument("--duration", type=float, default=60.0, help="synthetic trace length, seconds (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-alive", type=float, default=10.0, help="instance keep-alive, seconds (default 10)")
+    p.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO, ms (default 1000)")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "digits", "resnet50"])
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
 
 

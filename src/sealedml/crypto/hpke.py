@@ -131,8 +131,15 @@ class HpkePrivateKey:
 
 
 def hpke_seal(recipient: HpkePublicKey, plaintext: bytes, info: bytes) -> bytes:
-    """Seal ``plaintext`` to ``recipient`` (single-shot HPKE, base mode): ``enc ‖ ct``."""
-    return _SUITES[recipient.kem].encrypt(plaintext, recipient._key, info=info)
+    """Seal ``plaintext`` to ``recipient`` (single-shot HPKE, base mode): ``enc ‖ ct``.
+
+    Raises:
+        CryptoError: the recipient key is unusable (for example a low-order X25519 point).
+    """
+    try:
+        return _SUITES[recipient.kem].encrypt(plaintext, recipient._key, info=info)
+    except ValueError as exc:
+        raise CryptoError("cannot seal to this HPKE public key") from exc
 
 
 def hpke_open(recipient: HpkePrivateKey, ciphertext: bytes, info: bytes) -> bytes:

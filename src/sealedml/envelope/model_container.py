@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from sealedml._internal.encoding import canonical_json, fields
+from sealedml._internal.encoding import canonical_json, fields, loads_json
 from sealedml.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
@@ -50,6 +50,7 @@ from sealedml.crypto import (
     hkdf_sha256,
     random_bytes,
 )
+from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import CryptoError, SealedModelError
 
 __all__ = [
@@ -72,6 +73,7 @@ _ALIGN = 64
 _KEY_LABEL = b"sealedml/v1/model-chunk-key"
 _AAD_LABEL = b"sealedml/v1/model-chunk"
 EXTERNAL_LOCATION = "sealedml:weights"
+_ID = re.compile(ID_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -119,18 +121,18 @@ class SealedModelHeader:
         if len(raw) != length:
             raise SealedModelError("sealed model truncated in header")
         try:
-            doc = json.loads(raw)
-            if doc.get("format") != FORMAT_VERSION:
+            doc = loads_json(raw)
+            if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or type(doc["format"]) is not int:
                 raise SealedModelError("unsupported sealed model format")
             header = cls(
-                model_id=str(doc["model_id"]),
-                model_version=int(doc["model_version"]),
-                plaintext_sha256=str(doc["plaintext_sha256"]),
-                plaintext_length=int(doc["plaintext_length"]),
-                chunk_size=int(doc["chunk_size"]),
-                n_chunks=int(doc["n_chunks"]),
-                salt=bytes.fromhex(doc["salt"]),
-                base_nonce=bytes.fromhex(doc["base_nonce"]),
+                model_id=_typed(doc["model_id"], str),
+                model_version=_typed(doc["model_version"], int),
+                plaintext_sha256=_typed(doc["plaintext_sha256"], str),
+                plaintext_length=_typed(doc["plaintext_length"], int),
+                chunk_size=_typed(doc["chunk_size"], int),
+                n_chunks=_typed(doc["n_chunks"], int),
+                salt=bytes.fromhex(_typed(doc["salt"], str)),
+                base_nonce=bytes.fromhex(_typed(doc["base_nonce"], str)),
                 raw=raw,
             )
         except SealedModelError:
@@ -140,9 +142,12 @@ class SealedModelHeader:
         if canonical_json(doc) != raw:
             raise SealedModelError("sealed model header is not canonical")
         expected_chunks = max(1, -(-header.plaintext_length // header.chunk_size)) if header.chunk_size > 0 else -1
+        if not _ID.match(header.model_id):
+            raise SealedModelError("invalid model id in sealed model header")
         if (
             header.chunk_size <= 0
-            or header.plaintext_length < 0
+            or not 1 <= header.model_version < 2**63
+            or not 0 <= header.plaintext_length < 2**62
             or header.n_chunks != expected_chunks
             or len(header.salt) != 32
             or len(header.base_nonce) != NONCE_SIZE
@@ -185,6 +190,44 @@ class Manifest:
             if entry.name == name:
                 return entry
         raise SealedModelError(f"no weight tensor named {name!r}")
+
+
+def _typed(value: Any, kind: type) -> Any:
+    # Exact types: bool is an int in Python, and "1" or 1.5 are not versions.
+    if type(value) is not kind:
+        raise TypeError(f"expected {kind.__name__}")
+    return value
+
+
+def _parse_manifest(doc: Any, payload_length: int) -> Manifest:
+    """Validate a decoded manifest: types, dtypes, ranges inside the payload, sizes matching shapes."""
+    graph = doc["graph"]
+    manifest = Manifest(
+        graph_offset=_typed(graph["offset"], int),
+        graph_length=_typed(graph["length"], int),
+        tensors=tuple(
+            TensorEntry(
+                name=_typed(t["name"], str),
+                offset=_typed(t["offset"], int),
+                length=_typed(t["length"], int),
+                data_type=_typed(t["data_type"], int),
+                dims=tuple(_typed(d, int) for d in t["dims"]),
+            )
+            for t in doc["tensors"]
+        ),
+    )
+    spans = [(manifest.graph_offset, manifest.graph_length)] + [(t.offset, t.length) for t in manifest.tensors]
+    for offset, length in spans:
+        if offset < 0 or length < 0 or offset + length > payload_length:
+            raise ValueError("manifest range outside the payload")
+    for t in manifest.tensors:
+        try:
+            itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"unsupported tensor data type {t.data_type}") from exc
+        if any(d < 0 for d in t.dims) or int(np.prod(t.dims, dtype=np.int64)) * itemsize != t.length:
+            raise ValueError(f"tensor {t.name!r}: shape does not match its length")
+    return manifest
 
 
 def _content_key(model_key: bytes, header: SealedModelHeader) -> bytes:
@@ -416,22 +459,11 @@ class SealedModelReader:
             if length > min(_MAX_MANIFEST, self.header.plaintext_length - 4):
                 raise SealedModelError("malformed manifest")
             try:
-                doc = json.loads(self.read(4, length))
-                manifest = Manifest(
-                    graph_offset=int(doc["graph"]["offset"]),
-                    graph_length=int(doc["graph"]["length"]),
-                    tensors=tuple(
-                        TensorEntry(
-                            name=str(t["name"]),
-                            offset=int(t["offset"]),
-                            length=int(t["length"]),
-                            data_type=int(t["data_type"]),
-                            dims=tuple(int(d) for d in t["dims"]),
-                        )
-                        for t in doc["tensors"]
-                    ),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
+                doc = loads_json(self.read(4, length))
+                manifest = _parse_manifest(doc, self.header.plaintext_length)
+            except ValueError as exc:
+                raise SealedModelError(f"malformed manifest: {exc}") from exc
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise SealedModelError("malformed manifest") from exc
             self._manifest = manifest
         return self._manifest
@@ -485,11 +517,12 @@ def open_model(
         # The payload is authenticated; parse it from memory.
         length = int.from_bytes(payload[:4], "big")
         try:
-            doc = json.loads(payload[4 : 4 + length])
-            graph_off, graph_len = int(doc["graph"]["offset"]), int(doc["graph"]["length"])
-            model = onnx.ModelProto.FromString(payload[graph_off : graph_off + graph_len])
-            spans = {t["name"]: (int(t["offset"]), int(t["length"])) for t in doc["tensors"]}
-        except Exception as exc:
+            manifest = _parse_manifest(loads_json(payload[4 : 4 + length]), len(payload))
+            model = onnx.ModelProto.FromString(
+                payload[manifest.graph_offset : manifest.graph_offset + manifest.graph_length]
+            )
+            spans = {t.name: (t.offset, t.length) for t in manifest.tensors}
+        except Exception as exc:  # malformed JSON, manifest or protobuf: authenticated but unusable
             raise SealedModelError("malformed sealed payload") from exc
     for init in model.graph.initializer:
         if init.name in spans and init.data_location == TensorProto.EXTERNAL:

@@ -27,7 +27,7 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealedml._internal.encoding import fields
+from sealedml._internal.encoding import fields, loads_json
 from sealedml.crypto import (
     NONCE_SIZE,
     aead_decrypt,
@@ -91,7 +91,10 @@ class _Envelope(BaseModel):
     @classmethod
     def parse(cls: type[M], data: bytes | str) -> M:
         """Parse the JSON or binary form; raise :class:`EnvelopeError` on anything malformed."""
-        raw = data.encode() if isinstance(data, str) else bytes(data)
+        try:
+            raw = data.encode() if isinstance(data, str) else bytes(data)
+        except UnicodeEncodeError as exc:
+            raise EnvelopeError(f"malformed {cls.__name__}") from exc
         if raw.startswith(cls._magic):
             return cls.from_binary(raw)
         try:
@@ -118,7 +121,7 @@ class _Envelope(BaseModel):
         if length > _MAX_BINARY_HEADER or len(raw) < start + length:
             raise EnvelopeError(f"malformed {cls.__name__}")
         try:
-            header = json.loads(raw[start : start + length])
+            header = loads_json(raw[start : start + length])
             if not isinstance(header, dict) or "ciphertext" in header:
                 raise ValueError("bad header")
             return cls._from_parts(header, raw[start + length :])

@@ -8,13 +8,13 @@ the runtime maps them to the model's inputs in order.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import safetensors.numpy
 from safetensors import SafetensorError
 
+from sealedml._internal.encoding import loads_json
 from sealedml.errors import EnvelopeError
 
 __all__ = ["POSITIONAL_KEY", "decode_tensors", "encode_tensors", "positional"]
@@ -35,7 +35,7 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], *, is_positional: bool = F
     """
     arrays = {}
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # keeps 0-d scalars 0-d (ascontiguousarray would not)
         if array.dtype.kind not in "biuf":
             raise EnvelopeError(f"tensor {name!r}: dtype {array.dtype} is not supported")
         arrays[name] = array
@@ -57,9 +57,12 @@ def decode_tensors(data: bytes) -> tuple[dict[str, np.ndarray], bool]:
     try:
         tensors = safetensors.numpy.load(data)
         header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-    except (SafetensorError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        header = loads_json(data[8 : 8 + header_len])
+    except (SafetensorError, ValueError, TypeError, KeyError) as exc:  # KeyError: dtypes numpy lacks (BF16, F8)
         raise EnvelopeError("malformed tensor payload") from exc
+    for name, array in tensors.items():
+        if array.dtype.kind not in "biuf":
+            raise EnvelopeError(f"tensor {name!r}: dtype {array.dtype} is not supported")
     metadata = header.get("__metadata__") or {}
     is_positional = isinstance(metadata, dict) and metadata.get(POSITIONAL_KEY) == "1"
     if is_positional:

@@ -178,7 +178,7 @@ class KeyService:
             signature = b64d(headers.get(p.HDR_SIGNATURE, ""))
         except ValueError as exc:
             raise AuthenticationError("missing or malformed signature headers") from exc
-        if not principal or not 16 <= len(nonce) <= 64 or not nonce.isalnum():
+        if not principal or not 16 <= len(nonce) <= 64 or not nonce.isalnum() or not -(2**62) < timestamp < 2**62:
             raise AuthenticationError("missing or malformed signature headers")
         key = public_key if public_key is not None else self.store.principal_key(principal)
         if key is None:
@@ -303,6 +303,9 @@ class KeyService:
         record = self.store.model(model_id)
         granted = self.store.is_granted(model_id, principal)
         if record is None or (record.owner_id != principal and not granted):
+            self.store.audit({"action": "model_info", "principal": principal, "model_id": model_id,
+                              "decision": "deny", "reason": "no such model" if record is None else
+                              "neither owner nor granted"})
             raise AccessDenied()
         return p.ModelInfoResponse(
             model_id=model_id,

@@ -23,7 +23,7 @@ from starlette.routing import Route
 from sealedml._internal.http import error_response, json_response, read_body
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
 from sealedml.errors import Error, ProtocolError
-from sealedml.platform.base import Invocation, Platform
+from sealedml.platform.base import Invocation, Platform, PlatformResult
 
 __all__ = ["create_app"]
 
@@ -44,10 +44,15 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
 def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
     """The gateway app in front of ``platform``."""
 
-    def _headers(result: object) -> dict[str, str]:
+    def _headers(result: PlatformResult) -> dict[str, str]:
+        # The instance's phases plus the platform's own wait, so a client can see a cold start's breakdown.
+        timing = f"platform-queue;dur={result.queue_s * 1000:.3f}"
+        if result.server_timing:
+            timing += ", " + result.server_timing
         return {
-            "x-sealedml-cold-start": "1" if getattr(result, "cold_start", False) else "0",
-            "x-sealedml-instance": str(getattr(result, "instance_id", "")),
+            "x-sealedml-cold-start": "1" if result.cold_start else "0",
+            "x-sealedml-instance": result.instance_id,
+            "server-timing": timing,
         }
 
     async def infer(request: Request) -> Response:

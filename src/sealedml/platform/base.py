@@ -41,6 +41,7 @@ class PlatformResult:
     instance_id: str
     queue_s: float
     total_s: float
+    server_timing: str = ""
 
 
 class Platform(abc.ABC):

@@ -14,11 +14,10 @@ Policies:
   concurrent requests claims an instance and stays sticky to it; otherwise the
   request takes the first idle instance that is unclaimed or whose claimant has
   been idle for longer than twice its execution time (and claims it).
-* ``sealedml`` — ours: prefer an instance that already holds the model; when
-  those are busy, wait for one if the expected wait is shorter than loading the
-  model elsewhere; keep instances of bursty models sticky; take a free slot on
-  a non-holding instance (least valuable cached models first) before starting a
-  new instance; queue rather than fail.
+* ``sealedml`` — ours: prefer an instance that already holds the model;
+  otherwise price each option in expected seconds — wait for a slot, load the
+  model on a free slot elsewhere (more if that evicts a bursty model), or start
+  an instance — and take the cheapest; queue rather than fail.
 """
 
 from __future__ import annotations
@@ -191,40 +190,55 @@ class SeSeMIPolicy(RoutingPolicy):
 
 
 class SealedMLPolicy(RoutingPolicy):
-    """Our packing policy (see the module docstring)."""
+    """Our packing policy: every option priced in expected seconds, cheapest wins.
+
+    * a free slot on an instance holding the model: take it (cost 0);
+    * wait for a slot: the queue ahead divided by the capacity that can serve
+      it, times the execution time (plus a model load if no instance holds it);
+    * a free slot elsewhere: one model load — plus, if the instance is claimed
+      by a bursty model, that model's load time (we may evict it);
+      never a slot whose claimant has requests queued for it;
+    * a new instance: start time plus a model load (queue pressure makes this
+      win only when waiting would take longer).
+    Ties prefer routing, then waiting, then starting.
+    """
 
     name = "sealedml"
 
     def decide(self, model_id: str, state: PoolState) -> Decision:
         stats = state.stats(model_id)
-        holders = [i for i in state.instances if model_id in i.models]
+        started = [i for i in state.instances if i.started]
+        holders = [i for i in started if model_id in i.models]
         free_holders = [i for i in holders if i.free > 0]
         if free_holders:
             # Prefer the instance the model claimed, then the least loaded holder.
             return Route(min(free_holders, key=lambda i: (i.claimant != model_id, i.in_flight, i.instance_id)).instance_id)
+        exec_s = max(stats.exec_s, 1e-3)
+        options: list[tuple[tuple[float, int, int, int, int, str], Decision]] = []
         if holders:
-            # Holders are busy: waiting about one execution is cheaper than loading elsewhere.
-            queued_per_holder = (stats.queued + 1) / max(1, sum(i.capacity for i in holders))
-            expected_wait = stats.exec_s * queued_per_holder
-            if expected_wait < stats.load_s:
-                return Wait()
-        # A free slot elsewhere: avoid instances claimed by another model that is
-        # busy or bursty (keep them sticky), prefer idle ones holding the fewest models.
-        def protected(inst: InstanceState) -> bool:
-            if inst.claimant is None or inst.claimant == model_id:
-                return False
-            other = state.stats(inst.claimant)
-            return other.in_flight > 0 or other.queued > 0 or other.bursty
-
-        free = [i for i in state.instances if i.free > 0]
-        unprotected = [i for i in free if not protected(i)]
-        candidates = unprotected or ([] if state.can_start else free)
-        if candidates:
-            best = min(candidates, key=lambda i: (not i.idle, len(i.models), i.in_flight, i.instance_id))
-            return Route(best.instance_id, claim=best.claimant is None or best.idle)
+            capacity = sum(i.capacity for i in holders)
+            options.append(((exec_s * (stats.queued + 1) / capacity, 1, 0, 0, 0, ""), Wait()))
+        elif started:
+            capacity = sum(i.capacity for i in started)
+            ahead = sum(m.queued for m in state.models.values())
+            options.append(((exec_s * (ahead + 1) / capacity + stats.load_s, 1, 0, 0, 0, ""), Wait()))
+        for inst in started:
+            if inst.free <= 0:
+                continue
+            penalty = 0.0
+            if inst.claimant is not None and inst.claimant != model_id:
+                other = state.stats(inst.claimant)
+                if other.queued > 0:
+                    continue  # its own queued requests are about to take this slot
+                if other.bursty:
+                    penalty = other.load_s  # keep bursty models sticky: sharing may evict them
+            key = (stats.load_s + penalty, 0, int(not inst.idle), len(inst.models), inst.in_flight, inst.instance_id)
+            options.append((key, Route(inst.instance_id, claim=inst.claimant is None or inst.idle)))
         if state.can_start:
-            return StartInstance()
-        return Wait()
+            options.append(((state.start_s + stats.load_s, 2, 0, 0, 0, ""), StartInstance()))
+        if not options:
+            return Wait()
+        return min(options, key=lambda option: option[0])[1]
 
 
 POLICIES: dict[str, type[RoutingPolicy]] = {

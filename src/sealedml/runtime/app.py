@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from sealedml._internal.encoding import loads_json
 from sealedml._internal.http import error_response, json_response, read_body
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
@@ -74,7 +75,7 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
     async def init(request: Request) -> Response:
         body = await read_body(request, max_body)
         try:
-            doc = json.loads(body or b"{}")
+            doc = loads_json(body or b"{}")
         except ValueError as exc:
             raise ProtocolError("malformed JSON") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("value", {}), dict):
@@ -89,7 +90,7 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
         if not state["initialized"]:
             return json_response({"error": "not_initialized", "message": "POST /init first"}, status=403)
         try:
-            doc = json.loads(body)
+            doc = loads_json(body)
         except ValueError as exc:
             raise ProtocolError("malformed JSON") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):

@@ -103,28 +103,25 @@ class SingleFlightLRU(Generic[K, V]):
             self.stats.hits += 1
             return value
         pending = self._inflight.get(key)
-        if pending is not None:
+        if pending is None:
+            self.stats.misses += 1
+            # The load runs in its own task: a caller that is cancelled (its
+            # client went away) must not cancel the load the others wait for.
+            pending = asyncio.ensure_future(self._load(key, load))
+            self._inflight[key] = pending
+        else:
             self.stats.hits += 1
-            return await asyncio.shield(pending)
-        self.stats.misses += 1
-        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: K, load: Callable[[], Awaitable[tuple[V, int, float | None]]]) -> V:
         started = time.perf_counter()
         try:
             value, size, expires_at = await load()
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(exc)
-                future.exception()  # mark retrieved: waiters re-raise it themselves
-            raise
         finally:
             self._inflight.pop(key, None)
         self.stats.loads += 1
         self.stats.load_seconds.append(time.perf_counter() - started)
         self._insert(key, value, size, expires_at)
-        future.set_result(value)
         return value
 
     def _insert(self, key: K, value: V, size: int, expires_at: float | None) -> None:

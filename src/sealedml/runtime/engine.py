@@ -100,6 +100,8 @@ class LoadedModel:
         if positional:
             if len(tensors) != len(self.inputs):
                 raise InputError(f"model takes {len(self.inputs)} input(s), got {len(tensors)} unnamed tensor(s)")
+            if set(tensors) != {str(i) for i in range(len(self.inputs))}:
+                raise InputError("unnamed tensors must be numbered 0, 1, …")
             named = {spec.name: tensors[str(i)] for i, spec in enumerate(self.inputs)}
         else:
             expected = {s.name for s in self.inputs}

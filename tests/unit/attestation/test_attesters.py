@@ -203,9 +203,7 @@ def test_tsm_rejects_a_concurrent_writer(vectors: Path, tmp_path: Path) -> None:
 def test_tsm_rejects_unexpected_provider(vectors: Path, tmp_path: Path) -> None:
     _tsm_root(tmp_path)
     quote = (vectors / "tdx" / "quote-v4.bin").read_bytes()
-    attester = FakeTsm(
-        tmp_path, provider="sev_guest", template=quote, report_data_offset=568, tee=TeeType.TDX
-    )
+    attester = FakeTsm(tmp_path, provider="sev_guest", template=quote, report_data_offset=568, tee=TeeType.TDX)
     with pytest.raises(AttestationError, match="provider is sev-snp"):
         attester.evidence(bytes(64))
     with pytest.raises(AttestationError, match="unknown configfs-tsm provider"):

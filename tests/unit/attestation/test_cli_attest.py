@@ -53,7 +53,9 @@ def test_verify_with_accepting_policy(vectors: Path, tmp_path: Path) -> None:
     assert args.func(args)["verdict"] == "accepted"
 
 
-def test_verify_with_rejecting_policy_exits_1(vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_with_rejecting_policy_exits_1(
+    vectors: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(f"version: 1\nsgx:\n  mrenclave: ['{MRENCLAVE}']\n")
     args = _parse(_sgx_args(vectors, "--policy", str(policy), "--json"))
@@ -135,7 +137,7 @@ def test_policy_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\nsgx:\n  mrenclave: [nothex]\n")
     args = _parse(["attest", "policy", "check", str(bad), "--json"])
-    with pytest.raises(PolicyError, match="sgx.mrenclave.0"):
+    with pytest.raises(PolicyError, match=r"sgx\.mrenclave\.0"):
         args.func(args)
     assert args.run(args) == 1
     output = json.loads(capsys.readouterr().out)

@@ -84,7 +84,7 @@ def test_tee_rule_reference_values_and_minimums() -> None:
     policy.verify(good)
     with pytest.raises(PolicyError, match="host_data"):
         policy.verify(replace(good, details={**details, "host_data": "cd" * 32}))
-    with pytest.raises(PolicyError, match="reported_tcb.snp 4 below minimum 5"):
+    with pytest.raises(PolicyError, match=r"reported_tcb\.snp 4 below minimum 5"):
         policy.verify(replace(good, details={**details, "reported_tcb": {"snp": 4}}))
     with pytest.raises(PolicyError, match="claim guest_svn missing"):
         policy.verify(replace(good, details={k: v for k, v in details.items() if k != "guest_svn"}))
@@ -93,9 +93,7 @@ def test_tee_rule_reference_values_and_minimums() -> None:
 
 
 def test_rule_debug_override() -> None:
-    allow_sgx = Policy.for_measurements(
-        [SGX_M, TDX_M], tee_rules={TeeType.SGX: TeeRule(TeeType.SGX, allow_debug=True)}
-    )
+    allow_sgx = Policy.for_measurements([SGX_M, TDX_M], tee_rules={TeeType.SGX: TeeRule(TeeType.SGX, allow_debug=True)})
     allow_sgx.verify(_claims(debug=True))
     with pytest.raises(PolicyError, match="debug"):
         allow_sgx.verify(_claims(TeeType.TDX, TDX_M, debug=True))
@@ -107,9 +105,7 @@ def test_rule_debug_override() -> None:
 
 
 def test_intersection_cannot_reenable_debug() -> None:
-    owner = Policy.for_measurements(
-        [SGX_M], tee_rules={TeeType.SGX: TeeRule(TeeType.SGX, allow_debug=True)}
-    )
+    owner = Policy.for_measurements([SGX_M], tee_rules={TeeType.SGX: TeeRule(TeeType.SGX, allow_debug=True)})
     user = Policy.for_measurements([SGX_M])  # debug forbidden by default
     with pytest.raises(PolicyError, match="debug"):
         owner.intersect(user).verify(_claims(debug=True))
@@ -149,9 +145,7 @@ def test_accepted_advisories() -> None:
     strict = Policy.for_measurements([SGX_M], accepted_advisories=frozenset())
     with pytest.raises(PolicyError, match="advisories not accepted"):
         strict.verify(_claims(advisory_ids=("INTEL-SA-00289",)))
-    assert policy.intersect(Policy.for_measurements([SGX_M])).accepted_advisories == frozenset(
-        {"INTEL-SA-00289"}
-    )
+    assert policy.intersect(Policy.for_measurements([SGX_M])).accepted_advisories == frozenset({"INTEL-SA-00289"})
     assert policy.intersect(strict).accepted_advisories == frozenset()
 
 

@@ -105,9 +105,7 @@ def test_make_and_verify_certificate(key: object) -> None:
     claims = verify_ratls_certificate(cert_pem, HmacVerifier(), POLICY)
     assert claims.measurement == MEASUREMENT
     assert claims.report_data == ratls_report_data(cert)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     assert claims.report_data == hashlib.sha256(spki).digest() + bytes(32)
     assert serialization.load_pem_private_key(key_pem, None).public_key() == cert.public_key()
     # DER input works too.
@@ -135,7 +133,9 @@ def test_certificate_validity_and_verifier_type() -> None:
         verify_ratls_certificate(cert_pem, SgxDcapVerifier("{}"), POLICY)
 
 
-def _self_signed_with(extensions: list[x509.Extension[x509.ExtensionType]], key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+def _self_signed_with(
+    extensions: list[x509.Extension[x509.ExtensionType]], key: ec.EllipticCurvePrivateKey
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "RATLS")])
     builder = (
         x509.CertificateBuilder()
@@ -189,6 +189,7 @@ def test_dice_tagged_evidence_forms(vectors: Path) -> None:
     # OID-typed Intel quote (what encode_tagged_evidence emits for SGX/TDX).
     encoded = encode_tagged_evidence(Evidence(TeeType.TDX, quote))
     assert decode_tagged_evidence(encoded) == Evidence(TeeType.TDX, quote)
+
     # INTEGER-typed (RATS-TLS tag numbers), and a SEQUENCE OF entries.
     def octets(data: bytes) -> bytes:
         return _der(0x04, data)
@@ -233,7 +234,7 @@ def test_extract_evidence_errors() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     with pytest.raises(EvidenceError, match="no attestation evidence"):
         extract_evidence(_self_signed_with([], key))
-    with pytest.raises(EvidenceError, match="not an X.509 certificate"):
+    with pytest.raises(EvidenceError, match=r"not an X\.509 certificate"):
         extract_evidence(b"junk")
     with pytest.raises(EvidenceError):
         extract_evidence(_self_signed_with([_intel_ext(b"\x03\x00short")], key))
@@ -253,14 +254,14 @@ def test_tampered_certificate_signature_is_rejected() -> None:
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server API
+    def do_GET(self) -> None:
         body = b"attested hello"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
 
 

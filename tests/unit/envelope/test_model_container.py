@@ -6,6 +6,7 @@ The tampering matrix is in ``tests/security/test_sealed_model_tampering.py``.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 
@@ -279,7 +280,8 @@ def test_header_fields_and_layout(mlp: onnx.ModelProto) -> None:
     assert header.n_chunks == -(-header.plaintext_length // 1024)
     assert len(header.salt) == 32 and len(header.base_nonce) == NONCE_SIZE
     assert header.data_offset == len(MAGIC) + 4 + len(header.raw)
-    assert header.sealed_length == len(sealed) == header.data_offset + header.plaintext_length + header.n_chunks * TAG_SIZE
+    expected_size = header.data_offset + header.plaintext_length + header.n_chunks * TAG_SIZE
+    assert header.sealed_length == len(sealed) == expected_size
     assert header.digest == hashlib.sha256(MAGIC + header.raw).digest()
     with SealedModelReader(sealed, MODEL_KEY) as reader:
         assert reader.header == header
@@ -326,7 +328,7 @@ def test_manifest_describes_aligned_non_overlapping_tensors(mlp: onnx.ModelProto
             spans.append((entry.offset, entry.length))
         spans.sort()
         assert spans[0][0] >= 4
-        for (a_off, a_len), (b_off, _) in zip(spans, spans[1:], strict=False):
+        for (a_off, a_len), (b_off, _) in itertools.pairwise(spans):
             assert a_off + a_len <= b_off
         assert spans[-1][0] + spans[-1][1] <= length
         assert reader.manifest is manifest  # parsed once

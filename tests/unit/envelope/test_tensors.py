@@ -49,14 +49,6 @@ def test_encode_decode_roundtrip(dtype: type[np.generic], shape: tuple[int, ...]
     np.testing.assert_array_equal(out, array)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG: encode_tensors uses np.ascontiguousarray, which returns ndim >= 1, so a scalar "
-        "(0-d) tensor is sent with shape [1] (tensors.py line 38)"
-    ),
-)
 @pytest.mark.parametrize("dtype", [np.float32, np.int64, np.bool_], ids=lambda d: np.dtype(d).name)
 def test_scalar_tensor_keeps_its_shape(dtype: type[np.generic]) -> None:
     scalar = np.array(1, dtype=dtype)
@@ -234,15 +226,6 @@ def test_decode_rejects_every_truncation_of_a_valid_payload() -> None:
             decode_tensors(data[:keep])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason=(
-        "BUG: decode_tensors lets KeyError escape for dtypes that safetensors accepts but "
-        "safetensors.numpy cannot map (BF16, F8_*, F4, F6_*); it catches SafetensorError, "
-        "ValueError, TypeError and UnicodeDecodeError only"
-    ),
-)
 @pytest.mark.parametrize("dtype", ["BF16", "F8_E4M3", "F8_E5M2"])
 def test_decode_rejects_dtype_numpy_cannot_represent(dtype: str) -> None:
     count = 4 if dtype == "BF16" else 8

@@ -113,14 +113,30 @@ def test_sealedml_keeps_bursty_models_sticky():
     assert SealedMLPolicy().decide("m", s) == Route("c", claim=True)
 
 
-def test_sealedml_starts_rather_than_evict_a_busy_claimant_when_possible():
-    s = state(inst("b", in_flight=1, claimant="x"), max_instances=2, x=ModelStats(in_flight=1))
+def test_sealedml_never_takes_a_slot_its_claimants_queue_is_waiting_for():
+    s = state(inst("b", in_flight=1, claimant="x"), max_instances=1, x=ModelStats(in_flight=1, queued=3))
+    assert SealedMLPolicy().decide("m", s) == Wait()
+
+
+def test_sealedml_shares_a_busy_claimants_free_slot_when_cheaper_than_starting():
+    s = state(inst("b", in_flight=1, claimant="x"), max_instances=2, x=ModelStats(in_flight=1, load_s=0.2),
+              m=ModelStats(load_s=0.2))
+    assert SealedMLPolicy().decide("m", s) == Route("b", claim=False)
+
+
+def test_sealedml_waits_for_a_slot_rather_than_start_when_the_queue_is_short():
+    s = state(inst("a", in_flight=2, models={"x"}), max_instances=4, m=ModelStats(exec_s=0.05, load_s=0.3))
+    assert SealedMLPolicy().decide("m", s) == Wait()
+
+
+def test_sealedml_starts_an_instance_under_queue_pressure():
+    s = state(inst("a", in_flight=2, models={"x"}), max_instances=4,
+              x=ModelStats(exec_s=0.05, queued=200), m=ModelStats(exec_s=0.05, load_s=0.3))
     assert SealedMLPolicy().decide("m", s) == StartInstance()
 
 
-def test_sealedml_shares_a_protected_instance_at_the_limit_rather_than_fail():
-    s = state(inst("b", in_flight=1, claimant="x"), max_instances=1, x=ModelStats(in_flight=1))
-    assert SealedMLPolicy().decide("m", s) == Route("b", claim=False)
+def test_sealedml_starts_the_first_instance():
+    assert SealedMLPolicy().decide("m", state(max_instances=2)) == StartInstance()
 
 
 def test_sealedml_queues_at_the_limit_when_nothing_is_free():

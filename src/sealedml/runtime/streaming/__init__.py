@@ -1,0 +1,54 @@
+"""Memory-bounded execution of sealed models (after Occlumency, Lee et al., MobiCom 2019).
+
+TEEs and serverless instances charge for memory, so instead of decrypting the
+whole model the runtime can stream it: decrypt each segment's weights on demand,
+free activations after their last consumer, split layers too big for the budget,
+and decrypt segment k + 1 while segment k computes.
+
+* :func:`plan` — cut a graph into segments that fit a byte budget
+  (:mod:`.planner`, layer splitting in :mod:`.split`).
+* :class:`StreamingModel` — run a sealed model from a
+  :class:`~sealedml.envelope.model_container.SealedModelReader` with the same
+  interface as :class:`~sealedml.runtime.engine.LoadedModel` (:mod:`.executor`).
+* :class:`MemoryTracker`, :func:`process_memory` — byte accounting (:mod:`.accounting`).
+
+Typical use::
+
+    reader = SealedModelReader(path, model_key)
+    model = StreamingModel(reader, budget_bytes=32_000_000, threads=2)
+    outputs = model.run(model.bind_inputs(tensors, positional=False))
+    model.last_stats.peak_bytes  # ≤ 32 MB
+
+See ``docs/memory-bounded.md``.
+"""
+
+from __future__ import annotations
+
+from sealedml.runtime.streaming.accounting import MemoryTracker, ProcessMemory, process_memory, reset_peak_rss
+from sealedml.runtime.streaming.executor import (
+    InputSpec,
+    RunStats,
+    SegmentStats,
+    StreamingModel,
+    decrypt_reserve,
+)
+from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes, plan
+from sealedml.runtime.streaming.split import WeightSlice
+
+__all__ = [
+    "BudgetError",
+    "InputSpec",
+    "MemoryTracker",
+    "Plan",
+    "ProcessMemory",
+    "RunStats",
+    "Segment",
+    "SegmentStats",
+    "StreamingModel",
+    "WeightSlice",
+    "decrypt_reserve",
+    "format_bytes",
+    "plan",
+    "process_memory",
+    "reset_peak_rss",
+]

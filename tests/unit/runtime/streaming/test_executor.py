@@ -1,0 +1,268 @@
+"""The streaming executor (:mod:`sealedml.runtime.streaming.executor`): same outputs as the
+whole-model path, tracked peak within the budget, prefetch on or off."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from sealedml import zoo
+from sealedml.envelope.model_container import SealedModelReader, open_model, seal_model
+from sealedml.errors import ConfigurationError, InputError
+from sealedml.runtime.engine import LoadedModel
+from sealedml.runtime.streaming import BudgetError, MemoryTracker, StreamingModel, decrypt_reserve, plan
+from sealedml.runtime.streaming.accounting import process_memory
+
+KEY = bytes(range(32))
+F32 = TensorProto.FLOAT
+
+
+def mlp(seed: int = 0) -> onnx.ModelProto:
+    """A three-layer MLP: MatMul+Add (weights (64, 512), (512,)), Relu, Gemm(transB) 512→256, Relu, MatMul 256→10."""
+    rng = np.random.default_rng(seed)
+    weights = {
+        "fc1.weight": rng.standard_normal((64, 512)).astype(np.float32) * 0.1,
+        "fc1.bias": rng.standard_normal(512).astype(np.float32),
+        "fc2.weight": rng.standard_normal((256, 512)).astype(np.float32) * 0.05,
+        "fc2.bias": rng.standard_normal(256).astype(np.float32),
+        "fc3.weight": rng.standard_normal((256, 10)).astype(np.float32) * 0.1,
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc1.weight"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "fc1.bias"], ["h1"], name="fc1.add"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+        helper.make_node("Gemm", ["h2", "fc2.weight", "fc2.bias"], ["h3"], name="fc2", transB=1),
+        helper.make_node("Relu", ["h3"], ["h4"], name="relu2"),
+        helper.make_node("MatMul", ["h4", "fc3.weight"], ["logits"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", F32, ["N", 64])],
+        [helper.make_tensor_value_info("logits", F32, ["N", 10])],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def whole_outputs(sealed: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    whole = LoadedModel(open_model(sealed, KEY), model_id="m", version=1)
+    return whole.run(feeds)
+
+
+def assert_close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: float = 1e-4) -> None:
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and got[name].shape == value.shape
+        if value.dtype.kind in "iub":
+            np.testing.assert_array_equal(got[name], value)
+        else:
+            assert float(np.max(np.abs(got[name] - value))) <= tol, name
+
+
+@pytest.fixture(scope="module")
+def mlp_sealed() -> bytes:
+    return seal_model(mlp(), model_id="mlp", model_version=2, model_key=KEY, chunk_size=4096)
+
+
+@pytest.fixture(scope="module")
+def mlp_feeds() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)}
+
+
+# -- small graphs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [150_000, 300_000, 2_000_000])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_mlp_streaming_matches_whole_model_within_budget(
+    mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray], budget: int, prefetch: bool
+) -> None:
+    expected = whole_outputs(mlp_sealed, mlp_feeds)
+    with StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=budget, prefetch=prefetch) as model:
+        for _ in range(2):  # the second run must not see anything left by the first
+            got = model.run(mlp_feeds)
+            assert_close(got, expected)
+            assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
+        assert model.last_peak_bytes <= model.plan.peak_bytes
+        stats = model.last_stats
+        assert stats is not None and len(stats.segments) == len(model.plan.segments)
+        assert stats.budget_bytes == budget
+        assert stats.compute_s > 0 and stats.decrypt_s > 0 and stats.total_s >= stats.compute_s
+        assert sum(s.weight_bytes for s in stats.segments) == model.plan.weight_bytes
+        if budget == 150_000:
+            assert model.plan.splits  # fc1 (128 KiB) must be split at this budget
+
+
+def test_tight_budget_splits_and_still_matches(mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]) -> None:
+    expected = whole_outputs(mlp_sealed, mlp_feeds)
+    model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=80_000, prefetch=True)
+    strategies = {strategy for strategy, _ in model.plan.splits.values()}
+    assert strategies == {"matmul-k-rows", "gemm-out-columns"}
+    assert_close(model.run(mlp_feeds), expected)
+    assert model.last_peak_bytes is not None and model.last_peak_bytes <= 80_000
+    model.close()
+
+
+def test_toy_model_with_two_inputs_and_integer_output(toy_model: onnx.ModelProto) -> None:
+    sealed = seal_model(toy_model, model_id="toy", model_version=1, model_key=KEY)
+    feeds = {"x": np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32),
+             "idx": np.arange(3, dtype=np.int64)}
+    model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=1_000_000, batch=3)
+    assert [s.name for s in model.inputs] == ["x", "idx"]
+    assert [s.dtype for s in model.inputs] == [np.dtype(np.float32), np.dtype(np.int64)]
+    assert model.output_names == ["y", "idx_plus_one"]
+    assert (model.model_id, model.version) == ("toy", 1)
+    assert_close(model.run(model.bind_inputs(feeds, positional=False)), whole_outputs(sealed, feeds))
+    positional = model.bind_inputs({"0": feeds["x"], "1": feeds["idx"]}, positional=True)
+    assert_close(model.run(positional), whole_outputs(sealed, feeds))
+    model.close()
+
+
+def test_digits_classifier_streams_with_attribute_weights() -> None:
+    dm = zoo.digits()
+    sealed = seal_model(dm.model, model_id="digits", model_version=1, model_key=KEY)
+    feeds = {"input": np.ascontiguousarray(dm.x_test[:16])}
+    model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=1_000_000, batch=16, prefetch=False)
+    assert_close(model.run(feeds), whole_outputs(sealed, feeds))
+    # Its parameters are node attributes, so there is nothing to decrypt per run.
+    assert model.plan.weight_bytes == 0
+
+
+def test_reader_factory_opens_a_reader_per_run(tmp_path: Path, mlp_sealed: bytes,
+                                               mlp_feeds: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "mlp.sealed"
+    path.write_bytes(mlp_sealed)
+    opened: list[SealedModelReader] = []
+
+    def factory() -> SealedModelReader:
+        reader = SealedModelReader(path, KEY)
+        opened.append(reader)
+        return reader
+
+    model = StreamingModel(factory, budget_bytes=300_000)
+    model.run(mlp_feeds)
+    model.run(mlp_feeds)
+    assert len(opened) == 3  # construction + one per run
+    assert all(r._file is None for r in opened)  # each was closed after use
+    assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+    model.close()
+
+
+def test_concurrent_runs_share_one_reader(mlp_sealed: bytes) -> None:
+    model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, batch=2)
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
+    expected = [whole_outputs(mlp_sealed, f) for f in feeds]
+    results: dict[int, dict[str, np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            for _ in range(3):
+                results[i] = model.run(feeds[i])
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i in range(4):
+        assert_close(results[i], expected[i])
+    model.close()
+
+
+def test_batch_larger_than_planned_is_refused(mlp_sealed: bytes) -> None:
+    model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=300_000, batch=2, prefetch=False)
+    rng = np.random.default_rng(4)
+    model.run({"x": rng.standard_normal((1, 64)).astype(np.float32)})  # smaller batches are fine
+    with pytest.raises(InputError, match="memory plan"):
+        model.run({"x": rng.standard_normal((3, 64)).astype(np.float32)})
+    with pytest.raises(InputError, match="memory plan"):
+        model.bind_inputs({"x": rng.standard_normal((3, 64)).astype(np.float32)}, positional=False)
+    with pytest.raises(InputError, match="float32"):
+        model.bind_inputs({"x": np.zeros((1, 64), dtype=np.float64)}, positional=False)
+    with pytest.raises(InputError, match="missing"):
+        model.bind_inputs({}, positional=False)
+    with pytest.raises(InputError, match="rejected"):
+        model.run({"x": np.zeros((1, 63), dtype=np.float32)})
+
+
+def test_construction_errors(mlp_sealed: bytes) -> None:
+    reader = SealedModelReader(mlp_sealed, KEY)
+    with pytest.raises(BudgetError, match="smallest feasible budget"):
+        StreamingModel(reader, budget_bytes=5_000)
+    with pytest.raises(ConfigurationError):
+        StreamingModel(reader)  # neither budget nor plan
+    sizes = {e.name: e.length for e in reader.manifest.tensors}
+    no_prefetch = plan(reader.graph(), sizes, 300_000, prefetch=False, reserve_bytes=decrypt_reserve(4096))
+    with pytest.raises(ConfigurationError, match="prefetch"):
+        StreamingModel(reader, plan=no_prefetch, prefetch=True)
+    without_reserve = plan(reader.graph(), sizes, 300_000, prefetch=False)
+    with pytest.raises(ConfigurationError, match="reserve"):
+        StreamingModel(reader, plan=without_reserve, prefetch=False)
+    model = StreamingModel(reader, plan=no_prefetch, prefetch=False)
+    assert model.plan is no_prefetch
+    assert model.nbytes > 0 and model.nbytes < len(mlp_sealed)  # structure only, no weights
+
+
+def test_memory_tracker_counts_peak_and_refuses_underflow() -> None:
+    tracker = MemoryTracker()
+    tracker.add(10, "weights")
+    with tracker.hold(5):
+        assert tracker.current == 15
+    tracker.release(10, "weights")
+    snap = tracker.snapshot()
+    assert (snap.current, snap.peak) == (0, 15)
+    assert snap.peak_breakdown["weights"] == 10 and snap.peak_breakdown["scratch"] == 5
+    with pytest.raises(ValueError):
+        tracker.release(1, "weights")
+    with pytest.raises(ValueError):
+        tracker.add(1, "nonsense")
+    mem = process_memory()
+    assert mem.rss_bytes > 0 and mem.hwm_bytes >= mem.rss_bytes
+
+
+# -- MobileNetV2 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mobilenet() -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    sealed = seal_model(zoo.mobilenetv2(), model_id="mobilenetv2", model_version=1, model_key=KEY)
+    feeds = {"input": np.random.default_rng(5).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    return sealed, feeds, whole_outputs(sealed, feeds)
+
+
+@pytest.mark.parametrize("budget", [12_000_000, 16_000_000, 32_000_000])
+def test_mobilenet_streaming_matches_whole_model(
+    mobilenet: tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]], budget: int
+) -> None:
+    sealed, feeds, expected = mobilenet
+    reader = SealedModelReader(sealed, KEY)
+    outputs: list[dict[str, np.ndarray]] = []
+    for prefetch in (True, False):
+        with StreamingModel(reader, budget_bytes=budget, prefetch=prefetch, threads=2) as model:
+            got = model.run(feeds)
+            assert_close(got, expected)
+            assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
+            outputs.append(got)
+    # The two plans may cut in different places (so ORT fuses differently): equal within tolerance.
+    assert_close(outputs[0], outputs[1], tol=1e-5)
+
+
+@pytest.mark.slow
+def test_resnet50_at_32mb_matches_whole_model() -> None:
+    sealed = seal_model(zoo.resnet50(), model_id="resnet50", model_version=1, model_key=KEY)
+    feeds = {"input": np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
+    expected = whole_outputs(sealed, feeds)
+    with StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=32_000_000, threads=2) as model:
+        assert_close(model.run(feeds), expected)
+        assert model.last_peak_bytes is not None and model.last_peak_bytes <= 32_000_000
