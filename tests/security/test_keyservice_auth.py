@@ -82,6 +82,7 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KS]:
     state = KS(proc, workdir, http, "", [])
     try:
         state.service_id = http.get("/v1/health").json()["service_id"]
+        _SERVICE["id"] = state.service_id
         yield state
     finally:
         for client in state.clients:
@@ -90,11 +91,14 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KS]:
         proc.stop()
 
 
+_SERVICE = {"id": ""}  # the module's KeyService (set by the ks fixture); signed calls are bound to it
+
+
 def sign(identity: Identity, path: str, body: bytes, *, ts: int | None = None, nonce: str | None = None,
          principal: str | None = None) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
     nonce = nonce or secrets.token_hex(16)
-    signature = identity.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, body))
+    signature = identity.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, body, _SERVICE["id"]))
     return {
         "content-type": "application/json",
         p.HDR_PRINCIPAL: principal or identity.principal_id,
@@ -330,6 +334,21 @@ def test_registration_under_another_principal_id_is_rejected(ks: KS) -> None:
     body = _registration(who, ks.service_id)
     assert_unauthenticated(ks.http.post("/v1/principals", content=body, headers=sign(other, "/v1/principals", body)))
     assert not _is_registered(ks, who) and not _is_registered(ks, other)
+
+
+def test_registration_cannot_squat_another_principal_id(ks: KS) -> None:
+    """Mallory registers her own key (validly signed, valid proof) under the victim's principal id."""
+    victim, mallory = Identity.generate(), Identity.generate()
+    body = _registration(mallory, ks.service_id)
+    headers = sign(mallory, "/v1/principals", body, principal=victim.principal_id)
+    assert_unauthenticated(ks.http.post("/v1/principals", content=body, headers=headers))
+    # the victim's id is still free for the victim's own key
+    body = _registration(victim, ks.service_id)
+    response = ks.http.post("/v1/principals", content=body, headers=sign(victim, "/v1/principals", body))
+    assert response.status_code == 200 and response.json() == {"principal_id": victim.principal_id}
+    path = "/v1/models/nothing-here/info"
+    assert_unauthenticated(ks.http.post(path, content=b"", headers=sign(mallory, path, b"",
+                                                                       principal=victim.principal_id)))
 
 
 def test_unsigned_registration_is_rejected(ks: KS) -> None:

@@ -59,10 +59,14 @@ class Target:
     attesters: dict[bool, SimulatedAttester]  # by debug flag
 
 
+_SERVICE = {"id": ""}  # set by the target fixture: signed calls are bound to one KeyService
+
+
 def _sign(identity: Identity, path: str, body: bytes) -> dict[str, str]:
     ts, nonce = int(time.time()), secrets.token_hex(16)
     return {p.HDR_PRINCIPAL: identity.principal_id, p.HDR_TIMESTAMP: str(ts), p.HDR_NONCE: nonce,
-            p.HDR_SIGNATURE: b64e(identity.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, body))),
+            p.HDR_SIGNATURE: b64e(identity.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, body,
+                                                                                         _SERVICE["id"]))),
             "content-type": "application/json"}
 
 
@@ -75,6 +79,7 @@ def _call(client: TestClient, identity: Identity, path: str, model: p._Msg | Non
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     svc = build_keyservice(Path(tmp_path_factory.mktemp("ks-fuzz")), lease_ttl=60)
+    _SERVICE["id"] = svc.service_id
     client = TestClient(create_app(svc))
     client.__enter__()  # one event loop for all requests (much faster than one per request)
     attesters = {debug: SimulatedAttester(role="runtime", debug=debug) for debug in (False, True)}

@@ -404,6 +404,17 @@ def test_release_rejects_malformed_runtime_key(world: World, runtime_key: bytes)
     assert world.audit_for(attempt.challenge_id)["reason"].startswith("malformed release request")
 
 
+@pytest.mark.parametrize("point", [b"\x00" * 32, b"\x01" + b"\x00" * 31], ids=["zero", "one"])
+def test_release_rejects_low_order_runtime_key(world: World, point: bytes) -> None:
+    """Evidence genuinely bound to an unusable X25519 key (an attested runtime can bind any key)."""
+    low_order = b"\x00\x20" + point  # kem id 0x0020 (DHKEM X25519) ‖ point
+    attester = SimulatedAttester(role="runtime")
+    attempt = prepare(world.http, world.pair(), runtime_key=low_order,
+                      evidence=lambda nonce, key: attester.attest(nonce, low_order))
+    assert_denied(post(world.http, attempt))
+    assert world.audit_for(attempt.challenge_id)["decision"] == "deny"
+
+
 def test_release_rejects_deeply_nested_evidence(world: World) -> None:
     """Regression: SimulatedVerifier let json.loads' RecursionError escape, a 500 instead of an opaque 403."""
     attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: Evidence(TeeType.SIMULATED,

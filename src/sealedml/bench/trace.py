@@ -108,6 +108,7 @@ def run_trace(
     slo_ms: float = 1000.0,
     model_name: str = "mobilenetv2",
     plot: Path | None = None,
+    warm_pool: int = 1,
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Run the trace benchmark; return per-policy figures and the comparison."""
@@ -157,7 +158,7 @@ def run_trace(
             args = ["platform", "serve", "--keyservice", stack.keyservice.url, "--store", str(stack.store),
                     "--port", "0", "--policy", name, "--memory-mb", str(cfg.memory_mb), "--max-instances",
                     str(cfg.max_instances), "--concurrency", str(cfg.concurrency), "--keep-alive", str(keep_alive),
-                    "--queue-timeout", "120"]
+                    "--queue-timeout", "120", "--warm-pool", str(warm_pool)]
             progress(f"[trace] policy {name}: replaying …", quiet)
             with ServiceProcess.start(args, name=f"platform-{name}",
                                       log_path=stack.workdir / f"platform-{name}.log") as gw:
@@ -172,7 +173,7 @@ def run_trace(
             totals = stats.get("totals", {})
             results[name] = {
                 "config": {"memory_mb": cfg.memory_mb, "max_instances": cfg.max_instances,
-                           "concurrency": cfg.concurrency, "keep_alive_s": keep_alive},
+                           "concurrency": cfg.concurrency, "keep_alive_s": keep_alive, "warm_pool": warm_pool},
                 "gb_seconds": totals.get("gb_seconds"),
                 "busy_gb_seconds": totals.get("busy_gb_seconds"),
                 "cold_starts": totals.get("cold_starts"),
@@ -186,6 +187,7 @@ def run_trace(
                 "mean_ms": round(statistics.fmean(latencies) * 1000, 2) if latencies else None,
                 "slo_violations": sum(1 for lat, status in outcomes if status != 200 or lat * 1000 > slo_ms),
                 "_latencies": latencies,
+                "_outcomes": [(e.t, e.model, round(lat, 4), st) for e, (lat, st) in zip(events, outcomes, strict=True)],
             }
             r = results[name]
             progress(f"[trace] policy {name}: GB-s {r['gb_seconds']}, cold starts {r['cold_starts']}, "
@@ -209,6 +211,7 @@ def run_trace(
         _plot(results, plot)
     for r in results.values():
         r.pop("_latencies", None)
+        r.pop("_outcomes", None)
     return {
         "trace": {"requests": len(events), "models": len(model_ids), "duration_s": round(events[-1].t, 2),
                   "source": str(trace_file) if trace_file else f"synthetic(seed={seed})", "model": model_name},

@@ -297,7 +297,19 @@ def cmd_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
     policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
     return run_trace(models=args.models, policies=policies, trace_file=args.trace, duration=args.duration,
                      seed=args.seed, keep_alive=args.keep_alive, slo_ms=args.slo_ms, model_name=args.model,
-                     plot=args.plot, quiet=args.json)
+                     plot=args.plot, warm_pool=args.warm_pool, quiet=args.json)
+
+
+def cmd_bench_coldstart(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.bench.coldstart import run_coldstart
+
+    return run_coldstart(args.model, repeats=args.repeats, quiet=args.json)
+
+
+def cmd_bench_concurrency(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.bench.concurrency import run_concurrency
+
+    return run_concurrency(args.model, clients=args.clients, window=args.window, rounds=args.rounds, quiet=args.json)
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -431,6 +443,16 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
     p.add_argument("--warmup", type=int, default=5)
 
+    p = command(bench, "coldstart", cmd_bench_coldstart, "first request with no instance, with/without warm pool")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
+    p.add_argument("--repeats", type=int, default=5)
+
+    p = command(bench, "concurrency", cmd_bench_concurrency, "1 instance x concurrency 2 vs 2 instances x 1")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
+    p.add_argument("--clients", type=int, default=4, help="requests kept outstanding (default 4)")
+    p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window (default 5)")
+    p.add_argument("--rounds", type=int, default=3)
+
     p = command(bench, "trace", cmd_bench_trace, "replay a bursty or CSV trace against each routing policy")
     p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")
     p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
@@ -441,5 +463,6 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO, ms (default 1000)")
     p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "digits", "resnet50"])
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    p.add_argument("--warm-pool", type=int, default=1, help="spare pre-started instances per platform (default 1)")
 
 

@@ -29,6 +29,7 @@ class InferenceClient:
         self.identity = identity
         self._http = sync_client(gateway.rstrip("/"), timeout=timeout)
         self.last_cold_start = False
+        self.last_server_timing = ""
 
     def close(self) -> None:
         self._http.close()
@@ -69,4 +70,5 @@ class InferenceClient:
             raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"
+        self.last_server_timing = response.headers.get("server-timing", "")
         return open_response(context, ResponseEnvelope.parse(response.content))

@@ -105,8 +105,9 @@ class KeyServiceClient:
         if who is None:
             raise ConfigurationError("this call needs an identity (--identity FILE)")
         raw = body.model_dump_json().encode() if body is not None else b""
+        service_id = self.attest().service_id
         ts, nonce = int(time.time()), secrets.token_hex(16)
-        signature = who.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, raw))
+        signature = who.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, raw, service_id))
         headers = {
             "content-type": "application/json",
             p.HDR_PRINCIPAL: who.principal_id,

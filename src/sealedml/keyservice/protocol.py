@@ -60,10 +60,14 @@ def principal_id_for(public_key: bytes) -> str:
     return hashlib.sha256(b"sealedml/v1/principal" + public_key).hexdigest()[:32]
 
 
-def signed_call_message(method: str, path: str, timestamp: int, nonce: str, body: bytes) -> bytes:
-    """The bytes an Ed25519 signature of a KeyService call covers."""
+def signed_call_message(method: str, path: str, timestamp: int, nonce: str, body: bytes, service_id: str) -> bytes:
+    """The bytes an Ed25519 signature of a KeyService call covers.
+
+    ``service_id`` binds the call to one KeyService, so a call signed for one
+    cannot be replayed to another where the same principal is registered.
+    """
     return fields(
-        b"sealedml/v1/signed-call", method.upper(), path, timestamp, nonce, hashlib.sha256(body).digest()
+        b"sealedml/v1/signed-call", service_id, method.upper(), path, timestamp, nonce, hashlib.sha256(body).digest()
     )
 
 

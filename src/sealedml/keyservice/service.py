@@ -187,7 +187,7 @@ class KeyService:
         if public_key is not None and p.principal_id_for(public_key) != principal:
             raise AuthenticationError("principal id does not match the public key")
         try:
-            verify_signature(key, signature, p.signed_call_message(method, path, timestamp, nonce, body))
+            verify_signature(key, signature, p.signed_call_message(method, path, timestamp, nonce, body, self.service_id))
         except SignatureError as exc:
             self._audit_auth_failure(principal, path, "bad signature")
             raise AuthenticationError("bad signature") from exc
@@ -357,7 +357,12 @@ class KeyService:
         expires_at = int(time.time()) + self.lease_ttl
         payload["expires_at"] = expires_at
         runtime_key = HpkePublicKey.from_bytes(b64d(req.runtime_key))
-        sealed = hpke_seal(runtime_key, json.dumps(payload).encode(), p.release_info(req.challenge_id, b64d(req.runtime_key)))
+        try:
+            sealed = hpke_seal(runtime_key, json.dumps(payload).encode(),
+                               p.release_info(req.challenge_id, b64d(req.runtime_key)))
+        except CryptoError:  # e.g. a low-order X25519 point: evidence may bind it, HPKE cannot use it
+            self.store.audit({**event, "decision": "deny", "reason": "unusable runtime key"})
+            raise AccessDenied() from None
         self.store.audit({**event, "decision": "allow", "reason": "evidence, grant and consent verified",
                           "expires_at": expires_at})
         return p.ReleaseResponse(sealed=b64e(sealed), expires_at=expires_at, lease_ttl=self.lease_ttl)

@@ -194,9 +194,10 @@ class SealedMLPolicy(RoutingPolicy):
 
     * a free slot on an instance holding the model: take it (cost 0);
     * wait for a slot: the queue ahead divided by the capacity that can serve
-      it, times the execution time (plus a model load if no instance holds it);
-    * a free slot elsewhere: one model load — plus, if the instance is claimed
-      by a bursty model, that model's load time (we may evict it);
+      it, times the execution time (plus a model load if no instance holds it;
+      only when every slot is busy — idle capacity never frees "sooner");
+    * a free slot elsewhere: one model load — plus, if a burst of the model
+      that claimed the instance is running there, that model's load time;
       never a slot whose claimant has requests queued for it;
     * a new instance: start time plus a model load (queue pressure makes this
       win only when waiting would take longer).
@@ -215,23 +216,23 @@ class SealedMLPolicy(RoutingPolicy):
             return Route(min(free_holders, key=lambda i: (i.claimant != model_id, i.in_flight, i.instance_id)).instance_id)
         exec_s = max(stats.exec_s, 1e-3)
         options: list[tuple[tuple[float, int, int, int, int, str], Decision]] = []
+        free = [i for i in started if i.free > 0]
         if holders:
             capacity = sum(i.capacity for i in holders)
             options.append(((exec_s * (stats.queued + 1) / capacity, 1, 0, 0, 0, ""), Wait()))
-        elif started:
+        elif started and not free:
+            # Waiting only helps if a slot will free up: every slot is busy now.
             capacity = sum(i.capacity for i in started)
             ahead = sum(m.queued for m in state.models.values())
             options.append(((exec_s * (ahead + 1) / capacity + stats.load_s, 1, 0, 0, 0, ""), Wait()))
-        for inst in started:
-            if inst.free <= 0:
-                continue
+        for inst in free:
             penalty = 0.0
             if inst.claimant is not None and inst.claimant != model_id:
                 other = state.stats(inst.claimant)
                 if other.queued > 0:
                     continue  # its own queued requests are about to take this slot
-                if other.bursty:
-                    penalty = other.load_s  # keep bursty models sticky: sharing may evict them
+                if other.bursty and other.in_flight > 0:
+                    penalty = other.load_s  # a burst is running there: keep it sticky, sharing slows it
             key = (stats.load_s + penalty, 0, int(not inst.idle), len(inst.models), inst.in_flight, inst.instance_id)
             options.append((key, Route(inst.instance_id, claim=inst.claimant is None or inst.idle)))
         if state.can_start:

@@ -298,7 +298,7 @@ class InstancePool:
             self._unassign(inst, invocation.model_id, time.time())
             total = time.perf_counter() - t0
             loaded = any(p in phases for p in ("decrypt", "session"))
-            self._learn(invocation.model_id, phases)
+            self._learn(invocation.model_id, phases, time.perf_counter() - t_routed)
             self.meter.request_done(queue_s=t_routed - t0, total_s=total, cold=cold, phases=phases, ok=ok,
                                     loaded_model=loaded)
             self._dispatch()
@@ -307,13 +307,14 @@ class InstancePool:
                               cold_start=cold, instance_id=inst.instance_id, queue_s=t_routed - t0, total_s=total,
                               server_timing=response.headers.get("server-timing", ""))
 
-    def _learn(self, model_id: str, phases: dict[str, float]) -> None:
+    def _learn(self, model_id: str, phases: dict[str, float], call_s: float) -> None:
+        # Service time as the pool sees it (transfer + decrypt + compute), without loads.
         clock = self._model(model_id)
-        if "compute" in phases:
-            clock.exec_s = _ewma(clock.exec_s, phases["compute"])
         load = sum(phases.get(p, 0.0) for p in _LOAD_PHASES)
         if "decrypt" in phases or "session" in phases:
             clock.load_s = _ewma(clock.load_s, load)
+        if "compute" in phases:
+            clock.exec_s = _ewma(clock.exec_s, max(phases["compute"], call_s - load))
 
     async def _instance_failed(self, inst: _Instance) -> None:
         if inst in self._instances:

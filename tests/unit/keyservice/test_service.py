@@ -8,7 +8,7 @@ import secrets
 import sqlite3
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,11 @@ ROUTES = {"upload_model_key": "keys", "allow_runtime": "runtimes", "grant": "gra
           "model_info": "info"}
 
 
-def signed_headers(identity: Identity, path: str, body: bytes, *, ts: int | None = None,
+def signed_headers(identity: Identity, path: str, body: bytes, *, service_id: str, ts: int | None = None,
                    nonce: str | None = None, method: str = "POST") -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
     nonce = nonce or secrets.token_hex(16)
-    signature = identity.signing_key.sign(p.signed_call_message(method, path, ts, nonce, body))
+    signature = identity.signing_key.sign(p.signed_call_message(method, path, ts, nonce, body, service_id))
     return {p.HDR_PRINCIPAL: identity.principal_id, p.HDR_TIMESTAMP: str(ts), p.HDR_NONCE: nonce,
             p.HDR_SIGNATURE: b64e(signature)}
 
@@ -70,7 +70,7 @@ class Harness:
         req = p.RegisterRequest(public_key=b64e(pk),
                                 proof=b64e(identity.signing_key.sign(p.registration_message(self.svc.service_id, pk))))
         body = req.model_dump_json().encode()
-        assert self.svc.register(signed_headers(identity, "/v1/principals", body), "/v1/principals", body, req) == (
+        assert self.svc.register(signed_headers(identity, "/v1/principals", body, service_id=self.svc.service_id), "/v1/principals", body, req) == (
             identity.principal_id
         )
         return identity
@@ -78,7 +78,7 @@ class Harness:
     def call(self, identity: Identity, action: str, model_id: str, req: p._Msg | None = None) -> Any:
         path = f"/v1/models/{model_id}/{ROUTES[action]}"
         body = req.model_dump_json().encode() if req is not None else b""
-        principal = self.svc.authenticate("POST", path, signed_headers(identity, path, body), body)
+        principal = self.svc.authenticate("POST", path, signed_headers(identity, path, body, service_id=self.svc.service_id), body)
         args = (principal, model_id) if req is None else (principal, model_id, req)
         return getattr(self.svc, action)(*args)
 
@@ -101,7 +101,7 @@ class Harness:
             sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()),
             measurements=measurements or [self.runtime]))
 
-    def publish(self, model_id: str, users: list[Identity] = ()) -> tuple[Identity, bytes]:  # type: ignore[assignment]
+    def publish(self, model_id: str, users: Sequence[Identity] = ()) -> tuple[Identity, bytes]:
         owner = self.register()
         key = self.upload(owner, model_id)
         self.call(owner, "allow_runtime", model_id, p.AllowRuntimeRequest(measurement=self.runtime))
@@ -156,7 +156,7 @@ def test_register_rejects_proof_for_another_keyservice(h: Harness) -> None:
                             proof=b64e(who.signing_key.sign(p.registration_message("f" * 32, pk))))
     body = req.model_dump_json().encode()
     with pytest.raises(AuthenticationError):
-        h.svc.register(signed_headers(who, "/v1/principals", body), "/v1/principals", body, req)
+        h.svc.register(signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req)
     assert h.svc.store.principal_key(who.principal_id) is None
     assert h.last_audit(action="register")["reason"] == "bad proof of possession"
 
@@ -166,18 +166,18 @@ def test_register_rejects_a_key_that_is_not_ed25519_sized(h: Harness) -> None:
     req = p.RegisterRequest(public_key=b64e(b"k" * 31), proof=b64e(b"p" * 64))
     body = req.model_dump_json().encode()
     with pytest.raises(ProtocolError):
-        h.svc.register(signed_headers(who, "/v1/principals", body), "/v1/principals", body, req)
+        h.svc.register(signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req)
 
 
 @pytest.mark.parametrize("nonce", ["a" * 15, "a" * 65, "-" * 16, "abc def ghi jklmn", ""])
 def test_authenticate_rejects_malformed_nonce(h: Harness, nonce: str) -> None:
     who = h.register()
-    headers = signed_headers(who, "/v1/models/m/info", b"")
+    headers = signed_headers(who, "/v1/models/m/info", b"", service_id=h.svc.service_id)
     headers[p.HDR_NONCE] = nonce
     # re-sign with the malformed nonce so only its format is wrong
     ts = int(headers[p.HDR_TIMESTAMP])
     headers[p.HDR_SIGNATURE] = b64e(who.signing_key.sign(p.signed_call_message("POST", "/v1/models/m/info", ts,
-                                                                                 nonce, b"")))
+                                                                                 nonce, b"", h.svc.service_id)))
     with pytest.raises(AuthenticationError, match="malformed"):
         h.svc.authenticate("POST", "/v1/models/m/info", headers, b"")
 
@@ -185,21 +185,21 @@ def test_authenticate_rejects_malformed_nonce(h: Harness, nonce: str) -> None:
 @pytest.mark.parametrize("nonce", ["a" * 16, "Z9" * 32])
 def test_authenticate_accepts_nonce_of_16_to_64_alphanumerics(h: Harness, nonce: str) -> None:
     who = h.register()
-    headers = signed_headers(who, "/p", b"", nonce=nonce)
+    headers = signed_headers(who, "/p", b"", service_id=h.svc.service_id, nonce=nonce)
     assert h.svc.authenticate("POST", "/p", headers, b"") == who.principal_id
 
 
 @pytest.mark.parametrize("offset", [-290, 290])
 def test_authenticate_accepts_timestamps_inside_the_window(h: Harness, offset: int) -> None:
     who = h.register()
-    headers = signed_headers(who, "/p", b"", ts=int(time.time()) + offset)
+    headers = signed_headers(who, "/p", b"", service_id=h.svc.service_id, ts=int(time.time()) + offset)
     assert h.svc.authenticate("POST", "/p", headers, b"") == who.principal_id
 
 
 @pytest.mark.parametrize("offset", [-310, 310])
 def test_authenticate_rejects_timestamps_outside_the_window(h: Harness, offset: int) -> None:
     who = h.register()
-    headers = signed_headers(who, "/p", b"", ts=int(time.time()) + offset)
+    headers = signed_headers(who, "/p", b"", service_id=h.svc.service_id, ts=int(time.time()) + offset)
     with pytest.raises(AuthenticationError, match="window"):
         h.svc.authenticate("POST", "/p", headers, b"")
     assert h.last_audit(action="authenticate")["reason"] == "stale timestamp"
@@ -207,14 +207,11 @@ def test_authenticate_rejects_timestamps_outside_the_window(h: Harness, offset: 
 
 def test_authenticate_binds_the_method(h: Harness) -> None:
     who = h.register()
-    headers = signed_headers(who, "/p", b"", method="GET")
+    headers = signed_headers(who, "/p", b"", service_id=h.svc.service_id, method="GET")
     with pytest.raises(AuthenticationError, match="bad signature"):
         h.svc.authenticate("POST", "/p", headers, b"")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keyservice/protocol.py signed_call_message does not bind the KeyService (service_id), so a call "
-    "signed for one KeyService is accepted by another one the principal is registered with"))
 def test_signed_call_cannot_be_replayed_to_another_keyservice(tmp_path: Path) -> None:
     a, b = Harness(build_keyservice(tmp_path / "a")), Harness(build_keyservice(tmp_path / "b"))
     owner = a.register()
@@ -224,7 +221,7 @@ def test_signed_call_cannot_be_replayed_to_another_keyservice(tmp_path: Path) ->
     mallory = Identity.generate()
     path = "/v1/models/m/grants"
     body = p.GrantRequest(user_id=mallory.principal_id).model_dump_json().encode()
-    headers = signed_headers(owner, path, body)  # the owner grants mallory on A ...
+    headers = signed_headers(owner, path, body, service_id=a.svc.service_id)  # the owner grants mallory on A ...
     assert a.svc.authenticate("POST", path, headers, body) == owner.principal_id
     with pytest.raises(AuthenticationError):  # ... the operator replays it to B
         b.svc.authenticate("POST", path, headers, body)

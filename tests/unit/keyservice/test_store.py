@@ -359,6 +359,13 @@ def test_audit_chain_detects_an_edited_timestamp(db_path: Path) -> None:
         SQLiteKeyStore(db_path).verify_audit_chain()
 
 
+def test_audit_chain_detects_an_edited_prev_hash(db_path: Path) -> None:
+    _store_with_audit(db_path).close()
+    _tamper(db_path, "UPDATE audit SET prev_hash = ? WHERE seq = 4", ("f" * 64,))
+    with pytest.raises(StoreError, match="broken at record 4"):
+        SQLiteKeyStore(db_path).verify_audit_chain()
+
+
 def test_audit_chain_detects_a_deleted_record(db_path: Path) -> None:
     _store_with_audit(db_path).close()
     _tamper(db_path, "DELETE FROM audit WHERE seq = 3")

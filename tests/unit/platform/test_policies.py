@@ -107,10 +107,16 @@ def test_sealedml_switches_when_loading_is_cheaper_than_waiting():
 
 
 def test_sealedml_keeps_bursty_models_sticky():
-    # b is claimed by a bursty model x: m takes the unclaimed c even though b is idle too
-    s = state(inst("b", claimant="x", idle_since=99.0), inst("c", models={"y", "z"}),
-              x=ModelStats(bursty=True))
+    # b runs a burst of x: m takes c although c holds more models
+    s = state(inst("b", in_flight=1, claimant="x"), inst("c", models={"y", "z"}),
+              x=ModelStats(bursty=True, in_flight=1))
     assert SealedMLPolicy().decide("m", s) == Route("c", claim=True)
+
+
+def test_sealedml_uses_idle_capacity_rather_than_wait_for_nothing():
+    # the only instance is idle but claimed by a bursty model between bursts: use it now
+    s = state(inst("b", claimant="x", idle_since=99.9), max_instances=1, x=ModelStats(bursty=True))
+    assert SealedMLPolicy().decide("m", s) == Route("b", claim=True)
 
 
 def test_sealedml_never_takes_a_slot_its_claimants_queue_is_waiting_for():

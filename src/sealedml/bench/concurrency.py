@@ -1,0 +1,108 @@
+"""``sealedml bench concurrency``: one instance serving 2 at once vs two instances serving 1 each.
+
+Both configurations run side by side (two gateways); the same closed-loop load
+(``clients`` requests always outstanding) is applied to each in alternating
+windows, so machine noise hits both alike. Reports throughput (median over
+windows) and the workers' resident memory (VmRSS, summed over instances).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from sealedml._internal.procs import ServiceProcess
+from sealedml.bench._harness import bench_stack, progress
+from sealedml.bench._setup import publish_for_user
+
+__all__ = ["rss_bytes", "run_concurrency"]
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, seconds: float) -> int:
+    from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
+
+    done = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=gateway, timeout=120) as http:
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                env, ctx = seal_request({"input": x}, request_key=user.request_key("conc"), model_id="conc",
+                                        user_id=user.principal_id)
+                r = await http.post("/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE})
+                r.raise_for_status()
+                open_response(ctx, ResponseEnvelope.parse(r.content))
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return done
+
+
+def run_concurrency(model_name: str = "mobilenetv2", *, clients: int = 4, window: float = 5.0, rounds: int = 3,
+                    quiet: bool = False) -> dict[str, Any]:
+    """Run the comparison; return throughputs, memory and their ratios."""
+    from sealedml import zoo
+
+    model = zoo.get(model_name)
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    configs = {"one_instance_c2": ("1", "2"), "two_instances_c1": ("2", "1")}
+    with bench_stack(["--max-instances", "1", "--concurrency", "2", "--keep-alive", "3600"]) as stack:
+        user = publish_for_user(stack, model, ["conc"])
+        gateways = {"one_instance_c2": stack.gateway}
+        extra = ServiceProcess.start(
+            ["platform", "serve", "--keyservice", stack.keyservice.url, "--store", str(stack.store), "--port", "0",
+             "--max-instances", configs["two_instances_c1"][0], "--concurrency", configs["two_instances_c1"][1],
+             "--keep-alive", "3600"], name="platform-2x1", log_path=stack.workdir / "platform-2x1.log")
+        try:
+            gateways["two_instances_c1"] = extra
+            for name, gw in gateways.items():  # warm up: all instances started, model loaded
+                asyncio.run(_closed_loop(gw.url, user, x, clients, 3.0))
+            throughput: dict[str, list[float]] = {k: [] for k in gateways}
+            for r in range(rounds):
+                for name, gw in gateways.items():
+                    n = asyncio.run(_closed_loop(gw.url, user, x, clients, window))
+                    throughput[name].append(n / window)
+                    progress(f"[concurrency] round {r + 1} {name}: {n / window:.1f} req/s", quiet)
+            memory: dict[str, int] = {}
+            instances: dict[str, int] = {}
+            for name, gw in gateways.items():
+                stats = httpx.get(f"{gw.url}/v1/stats").json()
+                pids = [i["pid"] for f in stats["functions"].values() for i in f["instances"]]
+                memory[name] = sum(rss_bytes(pid) for pid in pids)
+                instances[name] = len(pids)
+        finally:
+            extra.stop()
+    med = {k: statistics.median(v) for k, v in throughput.items()}
+    tp_ratio = med["one_instance_c2"] / med["two_instances_c1"]
+    mem_ratio = memory["one_instance_c2"] / memory["two_instances_c1"] if memory["two_instances_c1"] else float("nan")
+    return {
+        "model": model_name,
+        "clients": clients,
+        "window_s": window,
+        "rounds": rounds,
+        "instances": instances,
+        "throughput_rps": {k: round(v, 2) for k, v in med.items()},
+        "rss_mb": {k: round(v / 2**20, 1) for k, v in memory.items()},
+        "throughput_ratio": round(tp_ratio, 3),
+        "memory_ratio": round(mem_ratio, 3),
+        "target": {"throughput_ratio_min": 0.9, "memory_ratio_max": 0.6},
+        "target_met": tp_ratio >= 0.9 and mem_ratio <= 0.6,
+    }
