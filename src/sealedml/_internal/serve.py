@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import sys
+import tempfile
 from typing import Any
 
 import uvicorn
@@ -41,12 +43,31 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve_app(app: Any, host: str, port: int, *, announce: dict[str, Any] | None = None,
-              log_level: str = "warning", sock: socket.socket | None = None) -> None:
-    """Serve ``app`` until SIGINT/SIGTERM; print the listening line first."""
+              log_level: str = "warning", sock: socket.socket | None = None,
+              tls: tuple[bytes, bytes] | None = None) -> None:
+    """Serve ``app`` until SIGINT/SIGTERM; print the listening line first.
+
+    ``tls`` is a (certificate PEM, key PEM) pair — an RA-TLS certificate for
+    ``--tls ra``; the files uvicorn loads them from live in a private temporary
+    directory removed at exit.
+    """
     sock = sock or bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(json.dumps({"event": "listening", "url": f"http://{shown}:{actual}", **(announce or {})}), flush=True)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30)
-    server = uvicorn.Server(config)
-    server.run(sockets=[sock])
+    scheme = "https" if tls else "http"
+    with tempfile.TemporaryDirectory(prefix="sealedml-tls-") as directory:
+        ssl_args: dict[str, Any] = {}
+        if tls is not None:
+            os.chmod(directory, 0o700)
+            for name, data in (("cert.pem", tls[0]), ("key.pem", tls[1])):
+                fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            ssl_args = {"ssl_certfile": os.path.join(directory, "cert.pem"),
+                        "ssl_keyfile": os.path.join(directory, "key.pem")}
+        print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}),
+              flush=True)
+        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
+                                **ssl_args)
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])

@@ -2,18 +2,25 @@
 
 The KeyService keeps its master key sealed this way, so a copy of its data
 directory is useless to the operator and to any other build.
+
+* simulated: a key derived from the simulated platform root and the measurement;
+* Gramine (SGX): Gramine's MRENCLAVE-bound sealing key,
+  ``/dev/attestation/keys/_sgx_mrenclave`` (SGX EGETKEY with KEYPOLICY=MRENCLAVE);
+* configfs-tsm (TDX, SEV-SNP) has no sealing primitive: a KeyService in a
+  confidential VM needs its master key from elsewhere (not in this build).
 """
 
 from __future__ import annotations
 
 import abc
+from pathlib import Path
 
 from sealedml._internal.encoding import fields
 from sealedml.attestation.simulated import SimulatedPlatform
-from sealedml.crypto import NONCE_SIZE, aead_decrypt, aead_encrypt, random_bytes
-from sealedml.errors import CryptoError, StoreError
+from sealedml.crypto import NONCE_SIZE, aead_decrypt, aead_encrypt, hkdf_sha256, random_bytes
+from sealedml.errors import ConfigurationError, CryptoError, StoreError
 
-__all__ = ["Sealer", "SimulatedSealer"]
+__all__ = ["GramineSealer", "KeySealer", "Sealer", "SimulatedSealer"]
 
 _MAGIC = b"SMLSEAL1"
 
@@ -34,11 +41,11 @@ class Sealer(abc.ABC):
         """
 
 
-class SimulatedSealer(Sealer):
-    """Sealing with a key derived from the simulated platform root and the measurement."""
+class KeySealer(Sealer):
+    """AES-256-GCM under a 32-byte key the TEE derives for this measurement."""
 
-    def __init__(self, platform: SimulatedPlatform, measurement: str) -> None:
-        self._key = platform.seal_key(measurement)
+    def __init__(self, key: bytes, measurement: str) -> None:
+        self._key = key
         self._measurement = measurement
 
     def seal(self, plaintext: bytes, *, label: str) -> bytes:
@@ -57,3 +64,32 @@ class SimulatedSealer(Sealer):
             raise StoreError(
                 "cannot unseal: sealed by another build (measurement) or platform, or tampered"
             ) from exc
+
+
+class SimulatedSealer(KeySealer):
+    """Sealing with a key derived from the simulated platform root and the measurement."""
+
+    def __init__(self, platform: SimulatedPlatform, measurement: str) -> None:
+        super().__init__(platform.seal_key(measurement), measurement)
+
+
+class GramineSealer(KeySealer):
+    """Sealing with Gramine's MRENCLAVE sealing key.
+
+    Args:
+        measurement: this enclave's MRENCLAVE (bound into the AAD as well).
+        root: filesystem root (``/`` inside the enclave; a temporary tree in tests).
+
+    Raises:
+        ConfigurationError: the sealing key file is missing (not running under Gramine).
+    """
+
+    def __init__(self, measurement: str, root: Path = Path("/")) -> None:
+        path = Path(root) / "dev" / "attestation" / "keys" / "_sgx_mrenclave"
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(f"Gramine sealing key {path} unavailable: {exc.strerror}") from exc
+        if len(raw) < 16:
+            raise ConfigurationError("Gramine sealing key too short")
+        super().__init__(hkdf_sha256(raw, info=b"sealedml/v1/gramine-seal-key"), measurement)

@@ -384,23 +384,25 @@ def format_table(result: dict[str, Any]) -> str:
             return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:,.2f}".rstrip("0").rstrip(".")
         return str(value)
 
-    head = ("| config | budget MB | segments | median ms | x whole | tracked peak MB | planned peak MB "
+    head = ("| config | budget MB | segments | load s | median ms | x whole | tracked peak MB | planned peak MB "
             "| RSS HWM MB (Δ) | decrypt ms | compute ms | wait ms | max abs diff |")
     lines = [f"**{result['model']}** — weights {result['weight_mb']} MB, batch 1, "
              f"{result['intra_op_threads']} intra-op threads, {result['repeats']} rounds", "", head,
-             "|" + "---|" * 12]
+             "|" + "---|" * 13]
     whole = result["whole"]
     rss = f"{cell(whole.get('rss_hwm_mb'))} ({cell(whole.get('rss_delta_mb'))})" if "rss_hwm_mb" in whole else "-"
-    lines.append(f"| whole model | - | 1 | {cell(whole['median_ms'])} | 1 | {cell(whole['tracked_peak_mb'])} | - "
+    lines.append(f"| whole model | - | 1 | {cell(whole['load_s'])} | {cell(whole['median_ms'])} | 1 "
+                 f"| {cell(whole['tracked_peak_mb'])} | - "
                  f"| {rss} | - | - | - | 0 |")
     for row in result["streaming"]:
         label = "streaming, prefetch" if row["prefetch"] else "streaming, serial"
         if "error" in row:
-            lines.append(f"| {label} | {cell(row['budget_mb'])} | infeasible: {row['error']} |" + " |" * 9)
+            lines.append(f"| {label} | {cell(row['budget_mb'])} | infeasible: {row['error']} |" + " |" * 10)
             continue
         rss = f"{cell(row.get('rss_hwm_mb'))} ({cell(row.get('rss_delta_mb'))})" if "rss_hwm_mb" in row else "-"
         lines.append(
-            f"| {label} | {cell(row['budget_mb'])} | {row['segments']} | {cell(row['median_ms'])} "
+            f"| {label} | {cell(row['budget_mb'])} | {row['segments']} | {cell(row['build_s'])} "
+            f"| {cell(row['median_ms'])} "
             f"| {cell(row['ratio_to_whole'])} | {cell(row['tracked_peak_mb'])} | {cell(row['planned_peak_mb'])} "
             f"| {rss} | {cell(row['decrypt_ms'])} | {cell(row['compute_ms'])} | {cell(row['wait_ms'])} "
             f"| {row['max_abs_diff']:.2e} |"

@@ -24,24 +24,38 @@ def _ks(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--keyservice", required=required, metavar="URL", help="KeyService base URL")
     p.add_argument("--keyservice-measurement", metavar="HEX",
                    help="pin the expected KeyService measurement (default: this build's, simulated TEE)")
+    real = p.add_argument_group("KeyService in a real TEE")
+    real.add_argument("--keyservice-policy", type=Path, metavar="FILE",
+                      help="attestation policy document the KeyService must satisfy (docs/attestation.md)")
+    real.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON (SGX/TDX, offline)")
+    real.add_argument("--pccs-url", metavar="URL", help="PCCS to fetch Intel collateral from")
+    real.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK certificate")
 
 
 def _identity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity", required=True, type=Path, metavar="FILE", help="identity file")
 
 
+def _tls(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--tls", default="none", choices=["none", "ra"],
+                   help=f"transport: plain HTTP, or HTTPS with an RA-TLS certificate carrying {what}'s evidence")
+
+
 def _tee(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tee", default="simulated", choices=["simulated", "gramine", "tsm"],
-                   help="TEE this process runs in (default: simulated — no hardware protection)")
+    p.add_argument("--tee", default="auto", choices=["auto", "simulated", "gramine", "tsm"],
+                   help="TEE this process runs in; auto = Gramine or configfs-tsm if present, "
+                        "else simulated (no hardware protection)")
 
 
 def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
     from sealedml.client.identity import Identity
     from sealedml.client.keyservice import KeyServiceClient
-    from sealedml.client.trust import default_trust
+    from sealedml.client.trust import trust_from_options
 
     identity = Identity.load(args.identity) if with_identity else None
-    return KeyServiceClient(args.keyservice, identity, trust=default_trust(args.keyservice_measurement))
+    trust = trust_from_options(measurement=args.keyservice_measurement, policy_file=args.keyservice_policy,
+                               collateral=args.collateral, pccs_url=args.pccs_url, vcek=args.vcek)
+    return KeyServiceClient(args.keyservice, identity, trust=trust)
 
 
 def _measurement_hex(value: str) -> str:
@@ -210,9 +224,21 @@ def cmd_measurement(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- servers
 def cmd_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.attestation.tee import VerifierOptions
     from sealedml.keyservice.server import serve
 
-    serve(args.data_dir, args.host, args.port, tee=args.tee, lease_ttl=args.lease_ttl)
+    policy = None
+    if args.policy is not None:
+        from sealedml.attestation.policy_document import load_policy
+
+        policy = load_policy(args.policy)
+    accept = tuple(t.strip() for t in args.accept.split(",") if t.strip()) if args.accept else None
+    verifiers = None
+    if accept is not None or args.collateral or args.pccs_url or args.vcek:
+        verifiers = VerifierOptions(accept=accept or ("simulated",), collateral=args.collateral,
+                                    pccs_url=args.pccs_url, cache_dir=args.cache_dir, vcek=args.vcek)
+    serve(args.data_dir, args.host, args.port, tee=args.tee, lease_ttl=args.lease_ttl, verifiers=verifiers,
+          policy=policy, tls=args.tls)
     return {"stopped": "keyservice"}
 
 
@@ -224,7 +250,7 @@ def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
     config = PoolConfig(memory_mb=args.memory_mb, concurrency=args.concurrency, max_instances=args.max_instances,
                         keep_alive=args.keep_alive, queue_limit=args.queue_limit, queue_timeout=args.queue_timeout)
     serve(args.keyservice, args.store, args.host, args.port, config=config, policy=args.policy,
-          warm_pool=args.warm_pool, tee=args.tee, unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+          warm_pool=args.warm_pool, tee=args.tee, unsafe_plaintext_dir=args.unsafe_plaintext_dir, tls=args.tls)
     return {"stopped": "platform"}
 
 
@@ -232,7 +258,8 @@ def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.runtime.server import serve
 
     serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency, tee=args.tee,
-          model_cache_bytes=args.model_cache_mb * 1024 * 1024, unsafe_plaintext_dir=args.unsafe_plaintext_dir)
+          model_cache_bytes=args.model_cache_mb * 1024 * 1024, unsafe_plaintext_dir=args.unsafe_plaintext_dir,
+          tls=args.tls)
     return {"stopped": "worker"}
 
 
@@ -345,7 +372,17 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
     p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")
+    p.add_argument("--accept", metavar="TEES",
+                   help="runtime TEE types to accept, comma-separated: simulated,sgx,tdx,sev-snp "
+                        "(default: simulated on a simulated KeyService)")
+    p.add_argument("--policy", type=Path, metavar="FILE",
+                   help="operator attestation policy (TCB statuses, minimum SVNs, debug, collateral age)")
+    p.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON for SGX/TDX (offline)")
+    p.add_argument("--pccs-url", metavar="URL", help="PCCS for Intel collateral (cached in --cache-dir)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="collateral / VCEK cache directory")
+    p.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK certificate")
     _tee(p)
+    _tls(p, "the KeyService")
 
     pf = sub.add_parser("platform", help="platform commands").add_subparsers(dest="sub", required=True)
     p = command(pf, "serve", cmd_platform_serve, "run the gateway with the embedded local platform")
@@ -365,6 +402,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--warm-pool", type=int, default=0, help="spare pre-started instances (default 0)")
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
+    _tls(p, "each instance")
 
     wk = sub.add_parser("worker", help="runtime instance commands").add_subparsers(dest="sub", required=True)
     p = command(wk, "serve", cmd_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
@@ -376,6 +414,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
+    _tls(p, "the instance")
 
     ident = sub.add_parser("identity", help="identity commands").add_subparsers(dest="sub", required=True)
     p = command(ident, "new", cmd_identity_new, "create a new identity file (Ed25519 key + request-key seed)")

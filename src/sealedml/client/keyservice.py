@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,11 +80,40 @@ class KeyServiceClient:
         self.url = url.rstrip("/")
         self.identity = identity
         self._trust = trust
-        self._http = sync_client(self.url, timeout=timeout)
+        self._timeout = timeout
+        self._client: httpx.Client | None = None
         self._attested: AttestedKeyService | None = None
 
+    @property
+    def _http(self) -> httpx.Client:
+        if self._client is None:
+            verify: ssl.SSLContext | bool = True
+            if self.url.startswith("https://"):
+                verify = self._attest_tls()
+            self._client = sync_client(self.url, timeout=self._timeout, verify=verify)
+        return self._client
+
+    def _attest_tls(self) -> ssl.SSLContext:
+        """RA-TLS: verify the evidence in the KeyService's certificate before sending anything; pin it."""
+        from sealedml.attestation.ratls import (
+            client_ssl_context,
+            extract_evidence,
+            fetch_peer_certificate,
+            verify_ratls_certificate,
+        )
+
+        parsed = httpx.URL(self.url)
+        trust = self._trust or default_trust()
+        der = fetch_peer_certificate(parsed.host, parsed.port or 443, timeout=self._timeout)
+        verifier = trust.verifiers.get(extract_evidence(der).tee)
+        if verifier is None:
+            raise AttestationError("no verifier for the TEE in the KeyService's RA-TLS certificate")
+        verify_ratls_certificate(der, verifier, trust.policy)
+        return client_ssl_context(der)
+
     def close(self) -> None:
-        self._http.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> KeyServiceClient:
         return self

@@ -12,7 +12,7 @@ A runtime may receive the keys of a (model, user) pair only if all hold:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sealedml.attestation.base import Claims
 from sealedml.attestation.policy import Policy
@@ -34,14 +34,22 @@ class PairState:
     consent: ConsentRecord | None
 
 
-def release_policy(state: PairState) -> Policy:
-    """The attestation policy for a pair: owner's allow-list ∩ user's consent."""
+def release_policy(state: PairState, base: Policy | None = None) -> Policy:
+    """The attestation policy for a pair: owner's allow-list ∩ user's consent, under the operator's ``base``.
+
+    The operator's policy contributes its TCB, debug, SVN and collateral rules;
+    its measurement list (if any) further restricts, an empty one does not.
+    """
     owner = Policy.for_measurements(state.allowed_runtimes)
     user = Policy.for_measurements(state.consent.measurements if state.consent else ())
-    return owner.intersect(user)
+    pair = owner.intersect(user)
+    if base is None:
+        return pair
+    measurements = pair.measurements & base.measurements if base.measurements else pair.measurements
+    return replace(base.intersect(pair), measurements=measurements)
 
 
-def decide_pair(state: PairState, claims: Claims) -> str | None:
+def decide_pair(state: PairState, claims: Claims, base: Policy | None = None) -> str | None:
     """Return ``None`` to allow, or the exact reason for denial."""
     if state.model is None:
         return "no such model"
@@ -52,7 +60,7 @@ def decide_pair(state: PairState, claims: Claims) -> str | None:
     if not state.allowed_runtimes:
         return "owner allows no runtime measurement"
     try:
-        release_policy(state).verify(claims)
+        release_policy(state, base).verify(claims)
     except PolicyError as exc:
         return f"policy: {exc.message}"
     return None

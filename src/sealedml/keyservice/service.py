@@ -23,6 +23,7 @@ from typing import Any
 from sealedml._internal.encoding import b64d, b64e, fields
 from sealedml._internal.paths import write_private_file_once
 from sealedml.attestation.base import Attester, Evidence, TeeType, Verifier, check_binding
+from sealedml.attestation.policy import Policy
 from sealedml.attestation.sealing import Sealer
 from sealedml.crypto import (
     KEY_SIZE,
@@ -118,6 +119,7 @@ class KeyService:
         lease_ttl: seconds released keys stay valid in a runtime.
         challenge_ttl: seconds a release challenge stays usable.
         max_challenges: outstanding challenges before new ones are refused (429).
+        policy: the operator's policy (TCB, debug, SVNs) on top of owners' and users' lists.
     """
 
     def __init__(
@@ -130,12 +132,14 @@ class KeyService:
         lease_ttl: int = 60,
         challenge_ttl: int = 60,
         max_challenges: int = 10_000,
+        policy: Policy | None = None,
     ) -> None:
         self.store = store
         self._master = master
         self.attester = attester
         self.verifiers = dict(verifiers)
         self.lease_ttl = lease_ttl
+        self.policy = policy
         self.challenge_ttl = challenge_ttl
         self._max_challenges = max_challenges
         self.service_id = store.set_meta_once("service_id", secrets.token_hex(16))
@@ -382,15 +386,18 @@ class KeyService:
             raise _Deny(f"TEE type {evidence.tee.value} not accepted by this KeyService")
         try:
             claims = verifier.verify(evidence)
+        except AttestationError as exc:
+            raise _Deny(f"evidence rejected: {exc.message}") from None
+        event["measurement"] = claims.measurement  # verified claims, recorded even if what follows denies
+        event["tee"] = claims.tee.value
+        try:
             check_binding(claims, nonce, runtime_key)
         except AttestationError as exc:
             raise _Deny(f"evidence rejected: {exc.message}") from None
-        event["measurement"] = claims.measurement
-        event["tee"] = claims.tee.value
         leases = []
         for model_id, user_id in dict.fromkeys((x.model_id, x.user_id) for x in req.pairs):
             state = self._pair_state(model_id, user_id)
-            reason = decide_pair(state, claims)
+            reason = decide_pair(state, claims, self.policy)
             if reason is not None:
                 raise _Deny(f"{model_id}/{user_id}: {reason}")
             if state.model is None or state.consent is None:  # decide_pair allowed: cannot happen

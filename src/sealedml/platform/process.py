@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class InstanceSpec:
     start_timeout: float = 60.0
     request_timeout: float = 300.0
     unsafe_plaintext_dir: Path | None = None
+    tls: str = "none"
     extra_args: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
@@ -49,6 +51,7 @@ class InstanceSpec:
             # The decrypted-model cache gets what the memory limit leaves after the
             # runtime itself (~250 MB for Python + ONNX Runtime).
             "--model-cache-mb", str(max(64, self.memory_mb - 250)),
+            "--tls", self.tls,
         ]
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
@@ -105,7 +108,14 @@ class WorkerProcess:
                 if isinstance(event, dict) and event.get("event") == "listening":
                     self.url = str(event["url"])
                     break
-            self.client = async_client(self.url, timeout=self.spec.request_timeout)
+            # The gateway is untrusted and forwards ciphertext: with an RA-TLS worker it
+            # encrypts the hop but does not judge the evidence (users' keys do that).
+            verify: ssl.SSLContext | bool = True
+            if self.url.startswith("https://"):
+                from sealedml.attestation.ratls import client_ssl_context
+
+                verify = client_ssl_context()
+            self.client = async_client(self.url, timeout=self.spec.request_timeout, verify=verify)
             response = await self.client.post("/init", json={"value": {}})
             if response.status_code != 200:
                 raise ServiceUnavailable(f"worker /init failed with HTTP {response.status_code}")

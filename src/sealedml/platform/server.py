@@ -12,12 +12,14 @@ __all__ = ["serve"]
 
 
 def serve(keyservice: str, store: Path, host: str, port: int, *, config: PoolConfig, policy: str = "sealedml",
-          warm_pool: int = 0, tee: str = "simulated", unsafe_plaintext_dir: Path | None = None) -> None:
+          warm_pool: int = 0, tee: str = "simulated", unsafe_plaintext_dir: Path | None = None,
+          tls: str = "none") -> None:
     """Run the gateway until interrupted."""
     from sealedml._internal.serve import serve_app
     from sealedml.platform.app import create_app
 
     spec = InstanceSpec(keyservice=keyservice, store=store.resolve(), concurrency=config.concurrency,
-                        memory_mb=config.memory_mb, tee=tee, unsafe_plaintext_dir=unsafe_plaintext_dir)
+                        memory_mb=config.memory_mb, tee=tee, unsafe_plaintext_dir=unsafe_plaintext_dir,
+                        tls=tls)
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool)
     serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})

@@ -8,6 +8,7 @@ this attested instance, for this request.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -44,7 +45,15 @@ class ReleaseClient:
 
     def __init__(self, keyservice_url: str, attester: Attester, *, timeout: float = 30.0) -> None:
         self._attester = attester
-        self._http = async_client(keyservice_url.rstrip("/"), timeout=timeout)
+        # Over https (a KeyService with --tls ra) the channel is encrypted but not
+        # attested here: what matters, the released keys, is HPKE-sealed to this
+        # instance's attested key, so an impostor KeyService learns nothing.
+        verify: ssl.SSLContext | bool = True
+        if keyservice_url.startswith("https://"):
+            from sealedml.attestation.ratls import client_ssl_context
+
+            verify = client_ssl_context()
+        self._http = async_client(keyservice_url.rstrip("/"), timeout=timeout, verify=verify)
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sealedml.attestation.base import Attester
-from sealedml.attestation.simulated import SimulatedAttester
+from sealedml.attestation.tee import build_attester as _build_attester
 from sealedml.errors import ConfigurationError
 from sealedml.runtime.release import ReleaseClient
 from sealedml.runtime.worker import Worker, WorkerConfig
@@ -15,14 +15,8 @@ __all__ = ["build_attester", "build_worker", "serve"]
 
 
 def build_attester(tee: str) -> Attester:
-    """The attester for ``tee``.
-
-    Raises:
-        ConfigurationError: unsupported TEE.
-    """
-    if tee == "simulated":
-        return SimulatedAttester(role="runtime")
-    raise ConfigurationError(f"TEE {tee!r} is not supported by this build yet (use --tee simulated)")
+    """The runtime's attester for ``tee`` (``simulated``, ``gramine``, ``tsm`` or ``auto``)."""
+    return _build_attester(tee, role="runtime")
 
 
 def build_worker(keyservice: str, store: Path, *, concurrency: int = 2, tee: str = "simulated",
@@ -40,11 +34,13 @@ def build_worker(keyservice: str, store: Path, *, concurrency: int = 2, tee: str
 
 
 def serve(keyservice: str, store: Path, host: str, port: int, *, concurrency: int = 2, tee: str = "simulated",
-          model_cache_bytes: int = 1 << 30, unsafe_plaintext_dir: Path | None = None) -> None:
-    """Run one runtime instance until interrupted."""
+          model_cache_bytes: int = 1 << 30, unsafe_plaintext_dir: Path | None = None, tls: str = "none") -> None:
+    """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
+    from sealedml.keyservice.server import ratls_pair
     from sealedml.runtime.app import create_app
 
     worker = build_worker(keyservice, store, concurrency=concurrency, tee=tee, model_cache_bytes=model_cache_bytes)
     app = create_app(worker, unsafe_plaintext_dir=unsafe_plaintext_dir)
-    serve_app(app, host, port, announce={"service": "worker", "measurement": worker.measurement})
+    serve_app(app, host, port, announce={"service": "worker", "measurement": worker.measurement},
+              tls=ratls_pair(worker.attester, tls))

@@ -20,10 +20,11 @@ container and ONNX Runtime:
   segment *k* computes — one segment ahead only, which the planner budgets
   for (see :mod:`.planner`).
 
-Every request re-reads the container, so a tampered chunk fails that request
-with :class:`~sealedml.errors.SealedModelError`; the model object holds no
-per-request state and keeps serving requests that do not touch a bad chunk
-(or all of them once the container is restored).
+Every request re-reads the container, so a tampered weight chunk fails the
+request with :class:`~sealedml.errors.SealedModelError`, even when the tampering
+happened after the model was loaded. The model object keeps no per-request
+state: once the container is restored (or a reader factory hands out a good
+reader) the same object serves again.
 """
 
 from __future__ import annotations
