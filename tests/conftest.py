@@ -32,23 +32,44 @@ def sealedml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["SEALEDML_HOME"] = old
 
 
-def start_keyservice(workdir: Path, *, lease_ttl: int = 60, data_dir: Path | None = None,
-                     extra: list[str] | None = None) -> ServiceProcess:
+def start_keyservice(
+    workdir: Path, *, lease_ttl: int = 60, data_dir: Path | None = None, extra: list[str] | None = None
+) -> ServiceProcess:
     """A real KeyService process on a free loopback port."""
     data_dir = data_dir or workdir / "keyservice"
     return ServiceProcess.start(
-        ["keyservice", "serve", "--data-dir", str(data_dir), "--port", "0", "--lease-ttl", str(lease_ttl),
-         *(extra or [])],
-        name="keyservice", log_path=workdir / "keyservice.log",
+        [
+            "keyservice",
+            "serve",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            "0",
+            "--lease-ttl",
+            str(lease_ttl),
+            *(extra or []),
+        ],
+        name="keyservice",
+        log_path=workdir / "keyservice.log",
     )
 
 
 def start_platform(workdir: Path, keyservice_url: str, *, extra: list[str] | None = None) -> ServiceProcess:
     """A real gateway process (it spawns real worker processes on demand)."""
     return ServiceProcess.start(
-        ["platform", "serve", "--keyservice", keyservice_url, "--store", str(workdir / "store"), "--port", "0",
-         *(extra or [])],
-        name="platform", log_path=workdir / "platform.log",
+        [
+            "platform",
+            "serve",
+            "--keyservice",
+            keyservice_url,
+            "--store",
+            str(workdir / "store"),
+            "--port",
+            "0",
+            *(extra or []),
+        ],
+        name="platform",
+        log_path=workdir / "platform.log",
     )
 
 

@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def sealedml(*args: str, cwd, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([sys.executable, "-m", "sealedml", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sealedml", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        timeout=300,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"sealedml {' '.join(args)} failed: {proc.stdout} {proc.stderr}")
     return proc
@@ -29,65 +35,159 @@ def js(proc: subprocess.CompletedProcess[str]) -> dict:
 
 def test_readme_manual_flow(tmp_path):
     w = tmp_path
-    with ServiceProcess.start(["keyservice", "serve", "--data-dir", str(w / "ks-data"), "--port", "0"],
-                              name="keyservice", log_path=w / "ks.log") as ks, \
-            ServiceProcess.start(["platform", "serve", "--keyservice", ks.url, "--store", str(w / "store"),
-                                  "--port", "0"], name="platform", log_path=w / "gw.log") as gw:
+    with (
+        ServiceProcess.start(
+            ["keyservice", "serve", "--data-dir", str(w / "ks-data"), "--port", "0"],
+            name="keyservice",
+            log_path=w / "ks.log",
+        ) as ks,
+        ServiceProcess.start(
+            ["platform", "serve", "--keyservice", ks.url, "--store", str(w / "store"), "--port", "0"],
+            name="platform",
+            log_path=w / "gw.log",
+        ) as gw,
+    ):
         owner = js(sealedml("identity", "new", "--out", "owner.json", "--json", cwd=w))
         user = js(sealedml("identity", "new", "--out", "user.json", "--json", cwd=w))
         for ident in ("owner.json", "user.json"):
             reg = js(sealedml("register", "--keyservice", ks.url, "--identity", ident, "--json", cwd=w))
             assert reg["principal_id"] in (owner["principal_id"], user["principal_id"])
-        sealedml("zoo", "export", "digits", "--out", "digits.onnx", "--test-data", "digits-x.npy", "--samples", "5",
-                 cwd=w)
-        sealed = js(sealedml("model", "seal", "digits.onnx", "--model-id", "digits", "--identity", "owner.json",
-                             "--keyservice", ks.url, "--store", "store", "--json", cwd=w))
+        sealedml(
+            "zoo", "export", "digits", "--out", "digits.onnx", "--test-data", "digits-x.npy", "--samples", "5", cwd=w
+        )
+        sealed = js(
+            sealedml(
+                "model",
+                "seal",
+                "digits.onnx",
+                "--model-id",
+                "digits",
+                "--identity",
+                "owner.json",
+                "--keyservice",
+                ks.url,
+                "--store",
+                "store",
+                "--json",
+                cwd=w,
+            )
+        )
         assert sealed["version"] == 1
         measurement = sealedml("measurement", cwd=w).stdout.strip()
         assert len(measurement) == 96
-        sealedml("model", "allow-runtime", "digits", "--measurement", measurement, "--identity", "owner.json",
-                 "--keyservice", ks.url, cwd=w)
-        sealedml("model", "grant", "digits", "--user", user["principal_id"], "--identity", "owner.json",
-                 "--keyservice", ks.url, cwd=w)
+        sealedml(
+            "model",
+            "allow-runtime",
+            "digits",
+            "--measurement",
+            measurement,
+            "--identity",
+            "owner.json",
+            "--keyservice",
+            ks.url,
+            cwd=w,
+        )
+        sealedml(
+            "model",
+            "grant",
+            "digits",
+            "--user",
+            user["principal_id"],
+            "--identity",
+            "owner.json",
+            "--keyservice",
+            ks.url,
+            cwd=w,
+        )
         # infer before enable: a clear, actionable error
-        early = sealedml("infer", "digits", "--input", "digits-x.npy", "--identity", "user.json", "--keyservice",
-                         ks.url, "--gateway", gw.url, cwd=w, check=False)
+        early = sealedml(
+            "infer",
+            "digits",
+            "--input",
+            "digits-x.npy",
+            "--identity",
+            "user.json",
+            "--keyservice",
+            ks.url,
+            "--gateway",
+            gw.url,
+            cwd=w,
+            check=False,
+        )
         assert early.returncode != 0 and "model enable" in early.stderr
         sealedml("model", "enable", "digits", "--identity", "user.json", "--keyservice", ks.url, cwd=w)
-        result = js(sealedml("infer", "digits", "--input", "digits-x.npy", "--identity", "user.json",
-                             "--keyservice", ks.url, "--gateway", gw.url, "--out", "pred.npz", "--json", cwd=w))
+        result = js(
+            sealedml(
+                "infer",
+                "digits",
+                "--input",
+                "digits-x.npy",
+                "--identity",
+                "user.json",
+                "--keyservice",
+                ks.url,
+                "--gateway",
+                gw.url,
+                "--out",
+                "pred.npz",
+                "--json",
+                cwd=w,
+            )
+        )
         assert set(result["outputs"]) == {"label", "probabilities"}
         saved = np.load(w / "pred.npz")
         from sealedml import zoo
 
         assert list(saved["label"]) == list(zoo.digits().estimator.predict(zoo.digits().x_test[:5]))
         # revoke: the command works and reports it
-        rev = js(sealedml("model", "revoke", "digits", "--user", user["principal_id"], "--identity", "owner.json",
-                          "--keyservice", ks.url, "--json", cwd=w))
+        rev = js(
+            sealedml(
+                "model",
+                "revoke",
+                "digits",
+                "--user",
+                user["principal_id"],
+                "--identity",
+                "owner.json",
+                "--keyservice",
+                ks.url,
+                "--json",
+                cwd=w,
+            )
+        )
         assert rev["granted"] is False
 
 
 def test_errors_are_one_line_and_nonzero(tmp_path):
-    missing = sealedml("register", "--keyservice", "http://127.0.0.1:9", "--identity", "nope.json", cwd=tmp_path,
-                       check=False)
+    missing = sealedml(
+        "register", "--keyservice", "http://127.0.0.1:9", "--identity", "nope.json", cwd=tmp_path, check=False
+    )
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "nope.json" in missing.stderr
-    as_json = sealedml("register", "--keyservice", "http://127.0.0.1:9", "--identity", "nope.json", "--json",
-                       cwd=tmp_path, check=False)
+    as_json = sealedml(
+        "register", "--keyservice", "http://127.0.0.1:9", "--identity", "nope.json", "--json", cwd=tmp_path, check=False
+    )
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["error"] == "configuration"
     sealedml("identity", "new", "--out", "a.json", cwd=tmp_path)
     again = sealedml("identity", "new", "--out", "a.json", cwd=tmp_path, check=False)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
-    down = sealedml("register", "--keyservice", "http://127.0.0.1:9", "--identity", "a.json", cwd=tmp_path,
-                    check=False)
+    down = sealedml("register", "--keyservice", "http://127.0.0.1:9", "--identity", "a.json", cwd=tmp_path, check=False)
     assert down.returncode == 1 and "unreachable" in down.stderr
 
 
 def test_demo_json(tmp_path):
     proc = sealedml("demo", "--json", "--samples", "60", cwd=tmp_path)
     result = json.loads(proc.stdout)
-    for key in ("accuracy", "plaintext_accuracy", "n", "cold_start_ms", "warm_p50_ms", "denied_unauthorized",
-                "denied_after_revoke", "tampered_model_rejected"):
+    for key in (
+        "accuracy",
+        "plaintext_accuracy",
+        "n",
+        "cold_start_ms",
+        "warm_p50_ms",
+        "denied_unauthorized",
+        "denied_after_revoke",
+        "tampered_model_rejected",
+    ):
         assert key in result
     assert result["accuracy"] == result["plaintext_accuracy"] and result["n"] == 60
     assert result["denied_unauthorized"] and result["denied_after_revoke"] and result["tampered_model_rejected"]

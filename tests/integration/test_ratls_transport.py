@@ -23,8 +23,9 @@ def test_encrypted_inference_over_ratls_keyservice_and_instances(tmp_path, toy_m
         owner, owner_ks = stack.principal()  # the client attests the certificate before registering
         user, user_ks = stack.principal()
         stack.publish(owner_ks, toy_model, "ratls", users=[(user, user_ks)])
-        out = stack.infer_client(user).infer("ratls", {"x": np.ones((2, 4), np.float32),
-                                                        "idx": np.array([1, 2], np.int64)})
+        out = stack.infer_client(user).infer(
+            "ratls", {"x": np.ones((2, 4), np.float32), "idx": np.array([1, 2], np.int64)}
+        )
         np.testing.assert_array_equal(out["idx_plus_one"], [2, 3])
         import httpx
 

@@ -47,8 +47,7 @@ class PinnedClock(Verifier):
 @pytest.fixture
 def keyservice(tmp_path: Path):
     service = build_keyservice(tmp_path / "ks")
-    service.verifiers[TeeType.SGX] = PinnedClock(
-        DcapVerifier(TeeType.SGX, VECTORS / "sgx-dcap" / "collateral.json"))
+    service.verifiers[TeeType.SGX] = PinnedClock(DcapVerifier(TeeType.SGX, VECTORS / "sgx-dcap" / "collateral.json"))
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

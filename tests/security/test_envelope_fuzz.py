@@ -56,8 +56,32 @@ NOW = 1_700_000_000
 
 # BUG-avoidance: every generated number is finite and inside int64.
 INTERESTING = [
-    None, True, False, 0, 1, -1, 2, 7, 1.5, -0.0, 1e18, 2**31, 2**63 - 1, -(2**63),
-    "", "1", "a", "00" * 12, "00" * 32, "zz", "\u00e9", [], {}, [1], {"a": 1}, [[[]]],
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    7,
+    1.5,
+    -0.0,
+    1e18,
+    2**31,
+    2**63 - 1,
+    -(2**63),
+    "",
+    "1",
+    "a",
+    "00" * 12,
+    "00" * 32,
+    "zz",
+    "\u00e9",
+    [],
+    {},
+    [1],
+    {"a": 1},
+    [[[]]],
 ]
 SMALL_JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=6),
@@ -131,8 +155,9 @@ SEALED_BODY = SEALED[SEALED_HEADER.data_offset :]
 
 _TENSORS = {"x": np.arange(8, dtype=np.float32).reshape(2, 4), "idx": np.array([1, 2], dtype=np.int64)}
 ENVELOPE, CONTEXT = seal_request(_TENSORS, request_key=REQUEST_KEY, model_id="toy", user_id="alice", now=NOW)
-RESPONSE = seal_response(open_request(ENVELOPE, request_key=REQUEST_KEY, now=NOW).context,
-                         {"y": np.ones((2, 3), np.float32)})
+RESPONSE = seal_response(
+    open_request(ENVELOPE, request_key=REQUEST_KEY, now=NOW).context, {"y": np.ones((2, 3), np.float32)}
+)
 REQUEST_DOC: dict[str, Any] = json.loads(ENVELOPE.model_dump_json())
 RESPONSE_DOC: dict[str, Any] = json.loads(RESPONSE.model_dump_json())
 TENSOR_BYTES = encode_tensors({"0": np.arange(6, dtype=np.int32), "1": np.array([True, False])}, is_positional=True)
@@ -175,12 +200,14 @@ def containers_with_edited_header(draw: st.DrawFn) -> bytes:
 
 
 @FUZZ
-@given(data=st.one_of(
-    st.binary(max_size=128),
-    st.binary(max_size=128).map(lambda b: MAGIC + b),
-    mutated(SEALED),
-    containers_with_edited_header(),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=128),
+        st.binary(max_size=128).map(lambda b: MAGIC + b),
+        mutated(SEALED),
+        containers_with_edited_header(),
+    )
+)
 @example(data=b"")
 @example(data=MAGIC + b"\xff\xff\xff\xff")
 @example(data=MAGIC + (2).to_bytes(4, "big") + b"{}")
@@ -210,16 +237,18 @@ def _open_request(data: bytes | str) -> object:
 
 
 @FUZZ
-@given(data=st.one_of(
-    st.binary(max_size=200),
-    st.text(max_size=200),  # hypothesis text() excludes lone surrogates (BUG-avoidance)
-    st.binary(max_size=200).map(lambda b: b"SMLQ\x01" + b),
-    VALUES.map(json.dumps),
-    edited_docs(REQUEST_DOC, ["extra", "response_key"]).map(json.dumps),
-    edited_docs(REQUEST_DOC, ["extra", "ciphertext"]).map(_binary_request),
-    mutated(ENVELOPE.to_binary()),
-    mutated(ENVELOPE.model_dump_json().encode()),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200),  # hypothesis text() excludes lone surrogates (BUG-avoidance)
+        st.binary(max_size=200).map(lambda b: b"SMLQ\x01" + b),
+        VALUES.map(json.dumps),
+        edited_docs(REQUEST_DOC, ["extra", "response_key"]).map(json.dumps),
+        edited_docs(REQUEST_DOC, ["extra", "ciphertext"]).map(_binary_request),
+        mutated(ENVELOPE.to_binary()),
+        mutated(ENVELOPE.model_dump_json().encode()),
+    )
+)
 @example(data=b"SMLQ\x01")
 @example(data=b"SMLQ\x01\x00\x00\x00\x02{}")
 @example(data=b"SMLQ\x01\x00\x00\x10\x00")
@@ -237,12 +266,14 @@ def test_fuzz_request_envelope(data: bytes | str) -> None:
 
 
 @FUZZ
-@given(data=st.one_of(
-    st.binary(max_size=200).map(lambda b: b"SMLR\x01" + b),
-    edited_docs(RESPONSE_DOC, ["extra", "model_id"]).map(json.dumps),
-    mutated(RESPONSE.to_binary()),
-    mutated(RESPONSE.model_dump_json().encode()),
-))
+@given(
+    data=st.one_of(
+        st.binary(max_size=200).map(lambda b: b"SMLR\x01" + b),
+        edited_docs(RESPONSE_DOC, ["extra", "model_id"]).map(json.dumps),
+        mutated(RESPONSE.to_binary()),
+        mutated(RESPONSE.model_dump_json().encode()),
+    )
+)
 def test_fuzz_response_envelope(data: bytes | str) -> None:
     """Parse + open at the client: typed errors only; whatever opens is the genuine response."""
 
@@ -269,8 +300,11 @@ def safetensors_payloads(draw: st.DrawFn) -> bytes:
         name = draw(st.sampled_from(["0", "1", "2", "10", "a", "-1", " 1", "01", "__metadata__"]))
         shape = draw(st.lists(st.integers(-1, 4), max_size=3))
         length = draw(st.integers(0, 24))
-        entry: Any = {"dtype": draw(st.sampled_from(_DTYPES)), "shape": shape,
-                      "data_offsets": [cursor, cursor + length]}
+        entry: Any = {
+            "dtype": draw(st.sampled_from(_DTYPES)),
+            "shape": shape,
+            "data_offsets": [cursor, cursor + length],
+        }
         if draw(st.integers(0, 5)) == 0:
             entry = draw(VALUES)
         header[name] = entry

@@ -94,8 +94,15 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KS]:
 _SERVICE = {"id": ""}  # the module's KeyService (set by the ks fixture); signed calls are bound to it
 
 
-def sign(identity: Identity, path: str, body: bytes, *, ts: int | None = None, nonce: str | None = None,
-         principal: str | None = None) -> dict[str, str]:
+def sign(
+    identity: Identity,
+    path: str,
+    body: bytes,
+    *,
+    ts: int | None = None,
+    nonce: str | None = None,
+    principal: str | None = None,
+) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
     nonce = nonce or secrets.token_hex(16)
     signature = identity.signing_key.sign(p.signed_call_message("POST", path, ts, nonce, body, _SERVICE["id"]))
@@ -143,8 +150,9 @@ def _valid_bodies() -> dict[str, bytes]:
         "keys": p.ModelKeyRequest(model_version=1, sealed_key="AAAA", service_key="AAAA").model_dump_json().encode(),
         "runtimes": p.AllowRuntimeRequest(measurement=RUNTIME).model_dump_json().encode(),
         "grants": grant_body(),
-        "consent": p.ConsentRequest(sealed_request_key="AAAA", service_key="AAAA",
-                                    measurements=[RUNTIME]).model_dump_json().encode(),
+        "consent": p.ConsentRequest(sealed_request_key="AAAA", service_key="AAAA", measurements=[RUNTIME])
+        .model_dump_json()
+        .encode(),
         "info": b"",
     }
 
@@ -152,8 +160,9 @@ def _valid_bodies() -> dict[str, bytes]:
 @pytest.mark.parametrize("route", ["keys", "runtimes", "grants", "consent", "info"])
 def test_unsigned_call_is_rejected(ks: KS, route: str) -> None:
     _, _, model_id = ks.owned_model()
-    response = ks.http.post(f"/v1/models/{model_id}/{route}", content=_valid_bodies()[route],
-                            headers={"content-type": "application/json"})
+    response = ks.http.post(
+        f"/v1/models/{model_id}/{route}", content=_valid_bodies()[route], headers={"content-type": "application/json"}
+    )
     assert_unauthenticated(response)
 
 
@@ -232,8 +241,10 @@ def test_replayed_nonce_with_a_new_signature_is_rejected(ks: KS) -> None:
     owner, _, model_id = ks.owned_model()
     path = f"/v1/models/{model_id}/grants"
     nonce = secrets.token_hex(16)
-    assert ks.http.post(path, content=grant_body("a"), headers=sign(owner, path, grant_body("a"),
-                                                                      nonce=nonce)).status_code == 200
+    assert (
+        ks.http.post(path, content=grant_body("a"), headers=sign(owner, path, grant_body("a"), nonce=nonce)).status_code
+        == 200
+    )
     response = ks.http.post(path, content=grant_body("b"), headers=sign(owner, path, grant_body("b"), nonce=nonce))
     assert_unauthenticated(response)
 
@@ -272,8 +283,9 @@ def test_out_of_range_timestamp_on_registration_is_rejected_not_a_server_error(k
 # ---------------------------------------------------------------------------- registration
 
 
-def _registration(identity: Identity, service_id: str, *, proof_key: Identity | None = None,
-                  proof_service: str | None = None) -> bytes:
+def _registration(
+    identity: Identity, service_id: str, *, proof_key: Identity | None = None, proof_service: str | None = None
+) -> bytes:
     pk = identity.signing_key.public_bytes
     prover = proof_key or identity
     proof = prover.signing_key.sign(p.registration_message(proof_service or service_id, pk))
@@ -347,8 +359,9 @@ def test_registration_cannot_squat_another_principal_id(ks: KS) -> None:
     response = ks.http.post("/v1/principals", content=body, headers=sign(victim, "/v1/principals", body))
     assert response.status_code == 200 and response.json() == {"principal_id": victim.principal_id}
     path = "/v1/models/nothing-here/info"
-    assert_unauthenticated(ks.http.post(path, content=b"", headers=sign(mallory, path, b"",
-                                                                       principal=victim.principal_id)))
+    assert_unauthenticated(
+        ks.http.post(path, content=b"", headers=sign(mallory, path, b"", principal=victim.principal_id))
+    )
 
 
 def test_unsigned_registration_is_rejected(ks: KS) -> None:
@@ -365,10 +378,14 @@ def test_unsigned_registration_is_rejected(ks: KS) -> None:
 def _sealed_upload(ks: KS, client: KeyServiceClient, identity: Identity, model_id: str, version: int) -> bytes:
     service = client.attest()
     raw = service.hpke_key.to_bytes()
-    sealed = hpke_seal(service.hpke_key, random_bytes(32),
-                       p.model_key_info(raw, model_id, version, identity.principal_id))
-    return p.ModelKeyRequest(model_version=version, sealed_key=b64e(sealed),
-                             service_key=b64e(raw)).model_dump_json().encode()
+    sealed = hpke_seal(
+        service.hpke_key, random_bytes(32), p.model_key_info(raw, model_id, version, identity.principal_id)
+    )
+    return (
+        p.ModelKeyRequest(model_version=version, sealed_key=b64e(sealed), service_key=b64e(raw))
+        .model_dump_json()
+        .encode()
+    )
 
 
 @pytest.mark.parametrize("version", [1, 2])

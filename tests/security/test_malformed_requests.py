@@ -66,9 +66,15 @@ ENDPOINTS = [
     Endpoint("gateway", "/v1/unsafe-plaintext/m-1", GATEWAY_MAX_BODY, parses_json=False),
 ]
 JSON_ENDPOINTS = [e for e in ENDPOINTS if e.parses_json]
-GET_ENDPOINTS = [("keyservice", "/v1/health"), ("keyservice", "/v1/attestation?nonce=" + "00" * 32),
-                 ("worker", "/v1/health"), ("worker", "/v1/stats"),
-                 ("gateway", "/v1/health"), ("gateway", "/v1/stats"), ("gateway", "/metrics")]
+GET_ENDPOINTS = [
+    ("keyservice", "/v1/health"),
+    ("keyservice", "/v1/attestation?nonce=" + "00" * 32),
+    ("worker", "/v1/health"),
+    ("worker", "/v1/stats"),
+    ("gateway", "/v1/health"),
+    ("gateway", "/v1/stats"),
+    ("gateway", "/metrics"),
+]
 
 MALFORMED_JSON = {
     "truncated": b'{"public_key": "AAAA", ',
@@ -90,41 +96,87 @@ WRONG_TYPES: dict[str, Any] = {
     "nested-wrong": {"value": [1, 2], "model_id": 5, "public_key": 5, "pairs": {}},
 }
 SPECIFIC_WRONG: dict[str, list[Any]] = {
-    "/v1/principals": [{"public_key": 5, "proof": "AAAA"}, {"public_key": "AAAA", "proof": ["x"]},
-                       {"public_key": "AAAA", "proof": "AAAA", "extra": 1}],
-    "/v1/models/m-1/keys": [{"model_version": "one", "sealed_key": "A", "service_key": "A"},
-                            {"model_version": 0, "sealed_key": "A", "service_key": "A"},
-                            {"model_version": 2**60, "sealed_key": "A", "service_key": "A"},
-                            {"model_version": 1.5, "sealed_key": "A", "service_key": "A"},
-                            {"model_version": 1, "sealed_key": 7, "service_key": "A"}],
-    "/v1/models/m-1/runtimes": [{"measurement": 5}, {"measurement": "zz" * 48}, {"measurement": "ab"},
-                                {"measurement": "ab" * 48, "allow": "sometimes"}],
-    "/v1/models/m-1/grants": [{"user_id": 5}, {"user_id": "../etc"}, {"user_id": "u" * 200},
-                              {"user_id": "u", "grant": [True]}],
-    "/v1/models/m-1/consent": [{"sealed_request_key": "A", "service_key": "A", "measurements": "ab" * 48},
-                               {"sealed_request_key": "A", "service_key": "A", "measurements": []},
-                               {"sealed_request_key": "A", "service_key": "A", "measurements": ["ab" * 48] * 65},
-                               {"sealed_request_key": "A", "service_key": "A", "measurements": [5]}],
+    "/v1/principals": [
+        {"public_key": 5, "proof": "AAAA"},
+        {"public_key": "AAAA", "proof": ["x"]},
+        {"public_key": "AAAA", "proof": "AAAA", "extra": 1},
+    ],
+    "/v1/models/m-1/keys": [
+        {"model_version": "one", "sealed_key": "A", "service_key": "A"},
+        {"model_version": 0, "sealed_key": "A", "service_key": "A"},
+        {"model_version": 2**60, "sealed_key": "A", "service_key": "A"},
+        {"model_version": 1.5, "sealed_key": "A", "service_key": "A"},
+        {"model_version": 1, "sealed_key": 7, "service_key": "A"},
+    ],
+    "/v1/models/m-1/runtimes": [
+        {"measurement": 5},
+        {"measurement": "zz" * 48},
+        {"measurement": "ab"},
+        {"measurement": "ab" * 48, "allow": "sometimes"},
+    ],
+    "/v1/models/m-1/grants": [
+        {"user_id": 5},
+        {"user_id": "../etc"},
+        {"user_id": "u" * 200},
+        {"user_id": "u", "grant": [True]},
+    ],
+    "/v1/models/m-1/consent": [
+        {"sealed_request_key": "A", "service_key": "A", "measurements": "ab" * 48},
+        {"sealed_request_key": "A", "service_key": "A", "measurements": []},
+        {"sealed_request_key": "A", "service_key": "A", "measurements": ["ab" * 48] * 65},
+        {"sealed_request_key": "A", "service_key": "A", "measurements": [5]},
+    ],
     "/v1/release": [
-        {"challenge_id": 5, "evidence": {"tee": "simulated", "data": ""}, "runtime_key": "",
-         "pairs": [{"model_id": "m", "user_id": "u"}]},
-        {"challenge_id": "c", "evidence": {"tee": "pentium", "data": ""}, "runtime_key": "",
-         "pairs": [{"model_id": "m", "user_id": "u"}]},
+        {
+            "challenge_id": 5,
+            "evidence": {"tee": "simulated", "data": ""},
+            "runtime_key": "",
+            "pairs": [{"model_id": "m", "user_id": "u"}],
+        },
+        {
+            "challenge_id": "c",
+            "evidence": {"tee": "pentium", "data": ""},
+            "runtime_key": "",
+            "pairs": [{"model_id": "m", "user_id": "u"}],
+        },
         {"challenge_id": "c", "evidence": {"tee": "simulated", "data": ""}, "runtime_key": "", "pairs": []},
-        {"challenge_id": "c", "evidence": {"tee": "simulated", "data": ""}, "runtime_key": "",
-         "pairs": [{"model_id": "m", "user_id": "u"}] * 65},
-        {"challenge_id": "c" * 65, "evidence": {"tee": "simulated", "data": ""}, "runtime_key": "",
-         "pairs": [{"model_id": "m", "user_id": "u"}]},
+        {
+            "challenge_id": "c",
+            "evidence": {"tee": "simulated", "data": ""},
+            "runtime_key": "",
+            "pairs": [{"model_id": "m", "user_id": "u"}] * 65,
+        },
+        {
+            "challenge_id": "c" * 65,
+            "evidence": {"tee": "simulated", "data": ""},
+            "runtime_key": "",
+            "pairs": [{"model_id": "m", "user_id": "u"}],
+        },
         {"challenge_id": "c", "evidence": "AAAA", "runtime_key": "", "pairs": [{"model_id": "m", "user_id": "u"}]},
     ],
     "/init": [{"value": 5}, {"value": []}, {"value": "x"}],
     "/run": [{"value": 5}, {"value": []}, {"value": {"model_id": 5}}, {"value": {"v": 2}}, {"activation_id": "a"}],
-    "/v1/infer": [{"v": 2, "model_id": "m", "user_id": "u", "request_id": "0" * 32, "timestamp": 0,
-                   "nonce": "", "ciphertext": ""},
-                  {"v": 1, "model_id": "m", "user_id": "u", "request_id": "xyz", "timestamp": 0,
-                   "nonce": "", "ciphertext": ""},
-                  {"v": 1, "model_id": "../m", "user_id": "u", "request_id": "0" * 32, "timestamp": "now",
-                   "nonce": "", "ciphertext": ""}],
+    "/v1/infer": [
+        {
+            "v": 2,
+            "model_id": "m",
+            "user_id": "u",
+            "request_id": "0" * 32,
+            "timestamp": 0,
+            "nonce": "",
+            "ciphertext": "",
+        },
+        {"v": 1, "model_id": "m", "user_id": "u", "request_id": "xyz", "timestamp": 0, "nonce": "", "ciphertext": ""},
+        {
+            "v": 1,
+            "model_id": "../m",
+            "user_id": "u",
+            "request_id": "0" * 32,
+            "timestamp": "now",
+            "nonce": "",
+            "ciphertext": "",
+        },
+    ],
 }
 
 
@@ -134,7 +186,8 @@ SPECIFIC_WRONG: dict[str, list[Any]] = {
 def _start_worker(keyservice_url: str, store: Path, log: Path) -> ServiceProcess:
     return ServiceProcess.start(
         ["worker", "serve", "--keyservice", keyservice_url, "--store", str(store), "--port", "0"],
-        name="worker", log_path=log,
+        name="worker",
+        log_path=log,
     )
 
 
@@ -184,8 +237,12 @@ def declared_length_request(url: str, path: str, length: int) -> tuple[int, byte
     parts = urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     with socket.create_connection((parts.hostname, parts.port), timeout=TIMEOUT) as sock:
-        sock.sendall((f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {length}\r\nConnection: close\r\n\r\n").encode())
+        sock.sendall(
+            (
+                f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
         response = http.client.HTTPResponse(sock)
         response.begin()
         return response.status, response.read()
@@ -218,15 +275,24 @@ def test_wrong_json_types_are_a_4xx(clients: dict[str, httpx.Client], endpoint: 
     assert_alive(client)
 
 
-@pytest.mark.parametrize(("service", "path", "body"), [
-    pytest.param(service, path, body, id=f"{service}:{path}:{i}")
-    for path, bodies in SPECIFIC_WRONG.items()
-    for service in (["keyservice"] if path.startswith(("/v1/principals", "/v1/models", "/v1/release"))
-                    else ["worker", "gateway"] if path == "/v1/infer" else ["worker"])
-    for i, body in enumerate(bodies)
-])
-def test_fields_of_the_wrong_type_or_out_of_range_are_a_400(clients: dict[str, httpx.Client], service: str,
-                                                            path: str, body: Any) -> None:
+@pytest.mark.parametrize(
+    ("service", "path", "body"),
+    [
+        pytest.param(service, path, body, id=f"{service}:{path}:{i}")
+        for path, bodies in SPECIFIC_WRONG.items()
+        for service in (
+            ["keyservice"]
+            if path.startswith(("/v1/principals", "/v1/models", "/v1/release"))
+            else ["worker", "gateway"]
+            if path == "/v1/infer"
+            else ["worker"]
+        )
+        for i, body in enumerate(bodies)
+    ],
+)
+def test_fields_of_the_wrong_type_or_out_of_range_are_a_400(
+    clients: dict[str, httpx.Client], service: str, path: str, body: Any
+) -> None:
     client = clients[service]
     doc = assert_json_4xx(post(client, path, json.dumps(body).encode()), 400)
     assert doc["error"] in {"protocol", "bad_envelope"}
@@ -263,8 +329,9 @@ MALFORMED_BINARY = {
 @pytest.mark.parametrize("kind", sorted(MALFORMED_BINARY))
 def test_malformed_binary_envelope_is_a_400(clients: dict[str, httpx.Client], service: str, kind: str) -> None:
     client = clients[service]
-    response = client.post("/v1/infer", content=MALFORMED_BINARY[kind],
-                           headers={"content-type": "application/vnd.sealedml.envelope"})
+    response = client.post(
+        "/v1/infer", content=MALFORMED_BINARY[kind], headers={"content-type": "application/vnd.sealedml.envelope"}
+    )
     assert assert_json_4xx(response, 400)["error"] == "bad_envelope"
     assert_alive(client)
 
@@ -333,8 +400,9 @@ def test_oversized_keyservice_body_is_a_413(clients: dict[str, httpx.Client], en
 
 
 @pytest.mark.parametrize("endpoint", [e for e in ENDPOINTS if e.service == "keyservice"], ids=str)
-def test_body_at_the_keyservice_limit_is_not_refused_as_too_large(clients: dict[str, httpx.Client],
-                                                                  endpoint: Endpoint) -> None:
+def test_body_at_the_keyservice_limit_is_not_refused_as_too_large(
+    clients: dict[str, httpx.Client], endpoint: Endpoint
+) -> None:
     client = clients["keyservice"]
     body = b"a" * endpoint.limit
     response = post(client, endpoint.path, body)
@@ -342,9 +410,9 @@ def test_body_at_the_keyservice_limit_is_not_refused_as_too_large(clients: dict[
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS, ids=str)
-def test_declared_oversized_body_is_refused_before_it_is_sent(urls: dict[str, str],
-                                                             clients: dict[str, httpx.Client],
-                                                             endpoint: Endpoint) -> None:
+def test_declared_oversized_body_is_refused_before_it_is_sent(
+    urls: dict[str, str], clients: dict[str, httpx.Client], endpoint: Endpoint
+) -> None:
     """Headers alone claiming more than the limit: refused at once, without waiting for a body."""
     result = declared_length_request(urls[endpoint.service], endpoint.path, endpoint.limit + 1)
     doc = assert_json_4xx(result, endpoint.oversized_status)
@@ -366,8 +434,9 @@ def _stream(total: int, chunk: int = 1 << 20) -> Iterator[bytes]:
 def test_streamed_oversized_body_is_a_413(clients: dict[str, httpx.Client], endpoint: Endpoint) -> None:
     """A chunked body (no Content-Length) is cut off once it passes the limit."""
     client = clients[endpoint.service]
-    response = client.post(endpoint.path, content=_stream(endpoint.limit + (1 << 20)),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        endpoint.path, content=_stream(endpoint.limit + (1 << 20)), headers={"content-type": "application/json"}
+    )
     doc = assert_json_4xx(response, endpoint.oversized_status)
     if endpoint.oversized_status == 413:
         assert doc["error"] == "too_large"
@@ -379,9 +448,13 @@ def test_streamed_oversized_body_is_a_413(clients: dict[str, httpx.Client], endp
 
 def _envelope_for_unknown_model() -> bytes:
     user = Identity.generate()
-    envelope, _ = seal_request({"x": np.zeros((1, 4), np.float32)}, request_key=user.request_key("nope"),
-                               model_id=f"nope-{secrets.token_hex(4)}", user_id=user.principal_id,
-                               is_positional=False)
+    envelope, _ = seal_request(
+        {"x": np.zeros((1, 4), np.float32)},
+        request_key=user.request_key("nope"),
+        model_id=f"nope-{secrets.token_hex(4)}",
+        user_id=user.principal_id,
+        is_positional=False,
+    )
     return json.dumps({"value": json.loads(envelope.model_dump_json()), "activation_id": "a1"}).encode()
 
 

@@ -50,8 +50,11 @@ def test_no_secret_in_any_log_or_error(tmp_path, toy_model, caplog, monkeypatch)
         owner, user, stranger = Identity.generate(), Identity.generate(), Identity.generate()
         runtime = measurement_for("runtime", {"tee": "simulated"})
         model_key = os.urandom(32)
-        with KeyServiceClient(ks.url, owner) as o, KeyServiceClient(ks.url, user) as u, \
-                KeyServiceClient(ks.url, stranger) as s:
+        with (
+            KeyServiceClient(ks.url, owner) as o,
+            KeyServiceClient(ks.url, user) as u,
+            KeyServiceClient(ks.url, stranger) as s,
+        ):
             for c in (o, u, s):
                 c.register()
             store = LocalModelStore(tmp_path / "store")

@@ -111,8 +111,15 @@ def new_challenge(http: httpx.Client) -> p.ChallengeResponse:
     return p.ChallengeResponse.model_validate_json(response.content)
 
 
-def prepare(http: httpx.Client, pairs: list[tuple[str, str]], *, evidence: EvidenceMaker | None = None,
-            challenge_id: str | None = None, runtime_key: bytes | None = None, tee: str | None = None) -> Attempt:
+def prepare(
+    http: httpx.Client,
+    pairs: list[tuple[str, str]],
+    *,
+    evidence: EvidenceMaker | None = None,
+    challenge_id: str | None = None,
+    runtime_key: bytes | None = None,
+    tee: str | None = None,
+) -> Attempt:
     """A release request as an honest runtime builds it, unless one part is overridden."""
     challenge = new_challenge(http)
     nonce = b64d(challenge.nonce)
@@ -135,8 +142,9 @@ def post(http: httpx.Client, attempt: Attempt) -> httpx.Response:
 def open_leases(attempt: Attempt, response: httpx.Response) -> dict[str, Any]:
     answer = p.ReleaseResponse.model_validate_json(response.content)
     runtime_key = attempt.key.public_key.to_bytes()
-    payload: dict[str, Any] = json.loads(attempt.key.open(b64d(answer.sealed),
-                                                          p.release_info(attempt.challenge_id, runtime_key)))
+    payload: dict[str, Any] = json.loads(
+        attempt.key.open(b64d(answer.sealed), p.release_info(attempt.challenge_id, runtime_key))
+    )
     return payload
 
 
@@ -145,9 +153,15 @@ def assert_denied(response: httpx.Response) -> None:
     assert response.json() == DENIED
 
 
-def signed_simulated_evidence(platform: SimulatedPlatform, report_data: bytes, *, issued_at: int,
-                              measurement: str | None = None, debug: bool = False,
-                              claimed_platform: bytes | None = None) -> Evidence:
+def signed_simulated_evidence(
+    platform: SimulatedPlatform,
+    report_data: bytes,
+    *,
+    issued_at: int,
+    measurement: str | None = None,
+    debug: bool = False,
+    claimed_platform: bytes | None = None,
+) -> Evidence:
     """Simulated evidence signed by ``platform``'s root, with any ``issued_at`` (for freshness tests)."""
     body = {
         "v": 1,
@@ -180,8 +194,7 @@ def test_release_returns_keys_sealed_to_the_runtime_key(world: World) -> None:
     assert time.time() + 50 < answer.expires_at <= time.time() + 61
     # the model key opens exactly the stored container of that model and version
     path = LocalModelStore(world.stack.store).path(world.model_id, lease["model_version"])
-    model = open_model(path, b64d(lease["model_key"]), expected_model_id=world.model_id,
-                       expected_version=world.version)
+    model = open_model(path, b64d(lease["model_key"]), expected_model_id=world.model_id, expected_version=world.version)
     assert [i.name for i in model.graph.input] == ["x", "idx"]
     event = world.audit_for(attempt.challenge_id)
     assert (event["decision"], event["measurement"]) == ("allow", runtime_measurement())
@@ -208,8 +221,11 @@ def test_release_client_obtains_a_lease(world: World) -> None:
             await client.aclose()
 
     (lease,) = asyncio.run(run())
-    assert (lease.model_id, lease.user_id, lease.model_version) == (world.model_id, world.user.principal_id,
-                                                                    world.version)
+    assert (lease.model_id, lease.user_id, lease.model_version) == (
+        world.model_id,
+        world.user.principal_id,
+        world.version,
+    )
     assert lease.request_key == world.user.request_key(world.model_id) and len(lease.model_key) == 32
 
 
@@ -344,8 +360,13 @@ def test_release_rejects_forged_platform_signature(world: World, tmp_path: Path)
 def test_release_rejects_rogue_signature_claiming_the_trusted_root(world: World, tmp_path: Path) -> None:
     rogue = SimulatedPlatform.load(tmp_path)
     trusted = SimulatedPlatform.load()
-    attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: signed_simulated_evidence(
-        rogue, report_data_binding(nonce, key), issued_at=int(time.time()), claimed_platform=trusted.public_key))
+    attempt = prepare(
+        world.http,
+        world.pair(),
+        evidence=lambda nonce, key: signed_simulated_evidence(
+            rogue, report_data_binding(nonce, key), issued_at=int(time.time()), claimed_platform=trusted.public_key
+        ),
+    )
     assert_denied(post(world.http, attempt))
     assert world.audit_for(attempt.challenge_id)["reason"] == (
         "evidence rejected: simulated evidence signature does not verify"
@@ -376,8 +397,13 @@ def test_release_rejects_byte_flipped_evidence(world: World, where: str) -> None
 @pytest.mark.parametrize("age", [400, -120], ids=["stale", "future"])
 def test_release_rejects_stale_evidence(world: World, age: int) -> None:
     platform = SimulatedPlatform.load()
-    attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: signed_simulated_evidence(
-        platform, report_data_binding(nonce, key), issued_at=int(time.time()) - age))
+    attempt = prepare(
+        world.http,
+        world.pair(),
+        evidence=lambda nonce, key: signed_simulated_evidence(
+            platform, report_data_binding(nonce, key), issued_at=int(time.time()) - age
+        ),
+    )
     assert_denied(post(world.http, attempt))
     assert world.audit_for(attempt.challenge_id)["reason"] == "evidence rejected: simulated evidence is stale"
 
@@ -385,8 +411,13 @@ def test_release_rejects_stale_evidence(world: World, age: int) -> None:
 def test_hand_signed_fresh_evidence_is_accepted(world: World) -> None:
     """Control for the forged-evidence tests: the hand-signing above is otherwise correct."""
     platform = SimulatedPlatform.load()
-    attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: signed_simulated_evidence(
-        platform, report_data_binding(nonce, key), issued_at=int(time.time()) - 5))
+    attempt = prepare(
+        world.http,
+        world.pair(),
+        evidence=lambda nonce, key: signed_simulated_evidence(
+            platform, report_data_binding(nonce, key), issued_at=int(time.time()) - 5
+        ),
+    )
     assert post(world.http, attempt).status_code == 200
 
 
@@ -396,8 +427,9 @@ def test_release_rejects_unaccepted_tee_type(world: World) -> None:
     assert world.audit_for(attempt.challenge_id)["reason"] == "TEE type sgx not accepted by this KeyService"
 
 
-@pytest.mark.parametrize("runtime_key", [b"", b"\x00\x20" + b"k" * 31, b"\x99\x99" + b"k" * 32],
-                         ids=["empty", "short", "unknown-kem"])
+@pytest.mark.parametrize(
+    "runtime_key", [b"", b"\x00\x20" + b"k" * 31, b"\x99\x99" + b"k" * 32], ids=["empty", "short", "unknown-kem"]
+)
 def test_release_rejects_malformed_runtime_key(world: World, runtime_key: bytes) -> None:
     attempt = prepare(world.http, world.pair(), runtime_key=runtime_key)
     assert_denied(post(world.http, attempt))
@@ -409,16 +441,16 @@ def test_release_rejects_low_order_runtime_key(world: World, point: bytes) -> No
     """Evidence genuinely bound to an unusable X25519 key (an attested runtime can bind any key)."""
     low_order = b"\x00\x20" + point  # kem id 0x0020 (DHKEM X25519) ‖ point
     attester = SimulatedAttester(role="runtime")
-    attempt = prepare(world.http, world.pair(), runtime_key=low_order,
-                      evidence=lambda nonce, key: attester.attest(nonce, low_order))
+    attempt = prepare(
+        world.http, world.pair(), runtime_key=low_order, evidence=lambda nonce, key: attester.attest(nonce, low_order)
+    )
     assert_denied(post(world.http, attempt))
     assert world.audit_for(attempt.challenge_id)["decision"] == "deny"
 
 
 def test_release_rejects_deeply_nested_evidence(world: World) -> None:
     """Regression: SimulatedVerifier let json.loads' RecursionError escape, a 500 instead of an opaque 403."""
-    attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: Evidence(TeeType.SIMULATED,
-                                                                                       b"[" * 100_000))
+    attempt = prepare(world.http, world.pair(), evidence=lambda nonce, key: Evidence(TeeType.SIMULATED, b"[" * 100_000))
     assert_denied(post(world.http, attempt))
     assert world.audit_for(attempt.challenge_id)["reason"].startswith("evidence rejected:")
 
@@ -437,8 +469,9 @@ def test_release_rejects_user_without_grant(world: World) -> None:
 def test_release_rejects_user_without_consent(world: World) -> None:
     attempt = prepare(world.http, world.pair(world.unconsented))
     assert_denied(post(world.http, attempt))
-    assert world.audit_for(attempt.challenge_id)["reason"].endswith("user has not enabled the model "
-                                                                     "(no request key / consent)")
+    assert world.audit_for(attempt.challenge_id)["reason"].endswith(
+        "user has not enabled the model (no request key / consent)"
+    )
 
 
 def test_release_rejects_model_allowed_but_user_consented_other_measurement(world: World) -> None:
@@ -449,8 +482,11 @@ def test_release_rejects_model_allowed_but_user_consented_other_measurement(worl
         f"{world.model_id}/{world.other_consent.principal_id}: policy: measurement {runtime_measurement()} not allowed"
     )
     # control: a runtime with the measurement both agreed on is served
-    agreed = prepare(world.http, world.pair(world.other_consent),
-                     evidence=SimulatedAttester(role="runtime", measurement=OTHER_MEASUREMENT).attest)
+    agreed = prepare(
+        world.http,
+        world.pair(world.other_consent),
+        evidence=SimulatedAttester(role="runtime", measurement=OTHER_MEASUREMENT).attest,
+    )
     assert post(world.http, agreed).status_code == 200
 
 

@@ -75,8 +75,9 @@ def test_untampered_request_opens() -> None:
     envelope, _ = _seal()
     opened = open_request(envelope, request_key=REQUEST_KEY, now=NOW)
     np.testing.assert_array_equal(opened.tensors["input"], TENSORS["input"])
-    np.testing.assert_array_equal(open_request(_relabel(envelope), request_key=REQUEST_KEY, now=NOW)
-                                  .tensors["input"], TENSORS["input"])
+    np.testing.assert_array_equal(
+        open_request(_relabel(envelope), request_key=REQUEST_KEY, now=NOW).tensors["input"], TENSORS["input"]
+    )
 
 
 # -- ciphertext ----------------------------------------------------------------------
@@ -84,8 +85,7 @@ def test_untampered_request_opens() -> None:
 
 def test_request_rejects_tampered_ciphertext() -> None:
     envelope, _ = _seal()
-    for position in (0, 1, len(envelope.ciphertext) // 2, len(envelope.ciphertext) - 17,
-                     len(envelope.ciphertext) - 1):
+    for position in (0, 1, len(envelope.ciphertext) // 2, len(envelope.ciphertext) - 17, len(envelope.ciphertext) - 1):
         tampered = bytearray(envelope.ciphertext)
         tampered[position] ^= 0x04
         with pytest.raises(EnvelopeError, match="failed authentication"):
@@ -123,15 +123,18 @@ def test_request_rejects_ciphertext_of_another_request() -> None:
 # -- metadata bound in the AAD and key derivation --------------------------------------------
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("model_id", "digits2"),
-    ("model_id", "Digits"),
-    ("user_id", "mallory"),
-    ("user_id", "alice2"),
-    ("request_id", "0" * 32),
-    ("timestamp", NOW + 1),
-    ("timestamp", NOW - MAX_CLOCK_SKEW),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model_id", "digits2"),
+        ("model_id", "Digits"),
+        ("user_id", "mallory"),
+        ("user_id", "alice2"),
+        ("request_id", "0" * 32),
+        ("timestamp", NOW + 1),
+        ("timestamp", NOW - MAX_CLOCK_SKEW),
+    ],
+)
 def test_request_rejects_tampered_metadata(field: str, value: object) -> None:
     envelope, _ = _seal()
     with pytest.raises(EnvelopeError, match="failed authentication"):
@@ -194,8 +197,9 @@ def test_response_replayed_to_another_request_rejected() -> None:
     with pytest.raises(EnvelopeError, match="another request"):
         open_response(context_b, response_a)
     # Relabelling the response with B's request id does not help: B's key differs.
-    relabelled = ResponseEnvelope(request_id=context_b.request_id, nonce=response_a.nonce,
-                                  ciphertext=response_a.ciphertext)
+    relabelled = ResponseEnvelope(
+        request_id=context_b.request_id, nonce=response_a.nonce, ciphertext=response_a.ciphertext
+    )
     with pytest.raises(EnvelopeError, match="failed authentication"):
         open_response(context_b, relabelled)
 
@@ -218,8 +222,9 @@ def test_response_tampered_rejected() -> None:
 def test_response_truncated_rejected() -> None:
     _, client_context, _, response = _responded()
     for keep in (0, 16, len(response.ciphertext) - 1):
-        forged = ResponseEnvelope(request_id=response.request_id, nonce=response.nonce,
-                                  ciphertext=response.ciphertext[:keep])
+        forged = ResponseEnvelope(
+            request_id=response.request_id, nonce=response.nonce, ciphertext=response.ciphertext[:keep]
+        )
         with pytest.raises(EnvelopeError, match="failed authentication"):
             open_response(client_context, forged)
 
@@ -234,16 +239,16 @@ def test_response_cannot_be_opened_as_request() -> None:
 
 def test_request_cannot_be_opened_as_response() -> None:
     request, client_context, _, _ = _responded()
-    as_response = ResponseEnvelope(request_id=request.request_id, nonce=request.nonce,
-                                   ciphertext=request.ciphertext)
+    as_response = ResponseEnvelope(request_id=request.request_id, nonce=request.nonce, ciphertext=request.ciphertext)
     with pytest.raises(EnvelopeError, match="failed authentication"):
         open_response(client_context, as_response)
 
 
 def test_response_sealed_with_context_of_other_user_rejected() -> None:
     _, client_context, server_context, _ = _responded()
-    forged_context = RequestContext(MODEL, "mallory", server_context.request_id, server_context.timestamp,
-                                    server_context.response_key)
+    forged_context = RequestContext(
+        MODEL, "mallory", server_context.request_id, server_context.timestamp, server_context.response_key
+    )
     response = seal_response(forged_context, {"label": np.array([1], np.int64)})
     with pytest.raises(EnvelopeError, match="failed authentication"):
         open_response(client_context, response)
@@ -306,26 +311,32 @@ def test_request_envelope_missing_field_rejected(missing: str) -> None:
         RequestEnvelope.parse(json.dumps(doc))
 
 
-@pytest.mark.parametrize("data", [
-    pytest.param(b"", id="empty"),
-    pytest.param(b"null", id="null"),
-    pytest.param(b"[]", id="array"),
-    pytest.param(b"{", id="truncated-json"),
-    pytest.param(b"\xff\xfe", id="not-utf8"),
-    pytest.param("{}", id="empty-object"),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"null", id="null"),
+        pytest.param(b"[]", id="array"),
+        pytest.param(b"{", id="truncated-json"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+        pytest.param("{}", id="empty-object"),
+    ],
+)
 def test_request_envelope_not_an_object_rejected(data: bytes | str) -> None:
     with pytest.raises(EnvelopeError):
         RequestEnvelope.parse(data)
 
 
-@pytest.mark.parametrize("changes", [
-    pytest.param({"nonce": "%%%"}, id="nonce-bad-base64"),
-    pytest.param({"nonce": _b64(bytes(8))}, id="nonce-8-bytes"),
-    pytest.param({"request_id": "xyz"}, id="bad-request-id"),
-    pytest.param({"model_id": "digits"}, id="extra-field"),
-    pytest.param({"v": 2}, id="unknown-version"),
-])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"nonce": "%%%"}, id="nonce-bad-base64"),
+        pytest.param({"nonce": _b64(bytes(8))}, id="nonce-8-bytes"),
+        pytest.param({"request_id": "xyz"}, id="bad-request-id"),
+        pytest.param({"model_id": "digits"}, id="extra-field"),
+        pytest.param({"v": 2}, id="unknown-version"),
+    ],
+)
 def test_malformed_response_envelope_rejected(changes: dict[str, object]) -> None:
     _, _, _, response = _responded()
     doc = json.loads(response.model_dump_json())
@@ -383,10 +394,19 @@ def test_binary_request_with_tampered_header_rejected() -> None:
         _open(RequestEnvelope.parse(_frame(magic, json.dumps(doc).encode(), body)))
 
 
-@pytest.mark.parametrize("mutation", [
-    "header-length-beyond-data", "header-length-too-large", "header-not-json", "header-is-list",
-    "ciphertext-inside-header", "extra-field", "magic-only", "bad-nonce-length",
-])
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        "header-length-beyond-data",
+        "header-length-too-large",
+        "header-not-json",
+        "header-is-list",
+        "ciphertext-inside-header",
+        "extra-field",
+        "magic-only",
+        "bad-nonce-length",
+    ],
+)
 def test_malformed_binary_request_rejected(mutation: str) -> None:
     envelope, _ = _seal()
     magic, header, body = _binary_parts(envelope)

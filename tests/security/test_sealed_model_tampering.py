@@ -131,8 +131,12 @@ def test_sealed_model_rejects_tampered_chunk(parts: Split, which: str, where: st
     n = parts.header.n_chunks
     index = {"first": 0, "second": 1, "middle": n // 2, "penultimate": n - 2, "last": n - 1}[which]
     chunk = bytearray(parts.chunks[index])
-    position = {"first-byte": 0, "middle-byte": len(chunk) // 2, "last-ciphertext-byte": len(chunk) - TAG_SIZE - 1,
-                "tag": len(chunk) - 1}[where]
+    position = {
+        "first-byte": 0,
+        "middle-byte": len(chunk) // 2,
+        "last-ciphertext-byte": len(chunk) - TAG_SIZE - 1,
+        "tag": len(chunk) - 1,
+    }[where]
     chunk[position] ^= 0x01
     chunks = list(parts.chunks)
     chunks[index] = bytes(chunk)
@@ -164,8 +168,12 @@ def test_sealed_model_rejects_tampered_chunk_in_random_access(parts: Split) -> N
 
 def test_sealed_model_rejects_truncated_model(sealed: bytes, parts: Split) -> None:
     # Drop the last chunk, the last tag, the last byte, half the chunks.
-    for data in (join(parts.header.raw, parts.chunks[:-1]), sealed[:-TAG_SIZE], sealed[:-1],
-                 join(parts.header.raw, parts.chunks[: len(parts.chunks) // 2])):
+    for data in (
+        join(parts.header.raw, parts.chunks[:-1]),
+        sealed[:-TAG_SIZE],
+        sealed[:-1],
+        join(parts.header.raw, parts.chunks[: len(parts.chunks) // 2]),
+    ):
         assert_rejected(data, match="truncated")
     # Cut inside the header, or before the header length is complete.
     for keep in (parts.header.data_offset - 1, len(MAGIC) + 4 + 10, len(MAGIC) + 4):
@@ -273,10 +281,18 @@ def _same_chunk_count_size(parts: Split) -> int:
     return next(c for c in range(CHUNK + 1, 2 * CHUNK) if -(-length // c) == n)
 
 
-@pytest.mark.parametrize("change", [
-    "model_id-same-length", "model_id-longer", "model_version", "chunk_size", "plaintext_sha256",
-    "salt", "base_nonce",
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        "model_id-same-length",
+        "model_id-longer",
+        "model_version",
+        "chunk_size",
+        "plaintext_sha256",
+        "salt",
+        "base_nonce",
+    ],
+)
 def test_sealed_model_rejects_tampered_header(parts: Split, change: str) -> None:
     doc = parts.doc
     if change == "model_id-same-length":
@@ -325,8 +341,9 @@ def test_sealed_model_rejects_rollback_to_older_version(model: onnx.ModelProto) 
         open_model(old, MODEL_KEY, expected_model_id="mlp", expected_version=2)
 
 
-@pytest.mark.parametrize("variant", ["spaces", "newline", "key-order", "duplicate-key", "unicode-unescaped",
-                                     "trailing-space", "leading-bom"])
+@pytest.mark.parametrize(
+    "variant", ["spaces", "newline", "key-order", "duplicate-key", "unicode-unescaped", "trailing-space", "leading-bom"]
+)
 def test_sealed_model_rejects_non_canonical_header(parts: Split, variant: str) -> None:
     doc = parts.doc
     if variant == "spaces":
@@ -352,8 +369,10 @@ def test_sealed_model_rejects_non_canonical_header(parts: Split, variant: str) -
     assert_rejected(data, match="not canonical")
 
 
-@pytest.mark.parametrize("magic", [b"SMLMDL\x00\x02", b"SMLMDL\x01\x01", b"PK\x03\x04\x00\x00\x00\x00",
-                                   b"\x08\x07\x12\x0csealedml", b"\x00" * 8])
+@pytest.mark.parametrize(
+    "magic",
+    [b"SMLMDL\x00\x02", b"SMLMDL\x01\x01", b"PK\x03\x04\x00\x00\x00\x00", b"\x08\x07\x12\x0csealedml", b"\x00" * 8],
+)
 def test_sealed_model_rejects_bad_magic(sealed: bytes, magic: bytes) -> None:
     assert_rejected(magic + sealed[len(MAGIC) :], match="bad magic")
 
@@ -362,23 +381,26 @@ def test_sealed_model_rejects_plain_onnx_file(model: onnx.ModelProto) -> None:
     assert_rejected(model.SerializeToString(), match="bad magic")
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"format": 2}, "unsupported"),
-    ({"format": 0}, "unsupported"),
-    ({"format": "1"}, "unsupported"),
-    ({"n_chunks": 1}, "inconsistent"),
-    ({"n_chunks": 10**6}, "inconsistent"),
-    ({"chunk_size": 0}, "inconsistent"),
-    ({"chunk_size": -1024}, "inconsistent"),
-    ({"plaintext_length": -1}, "inconsistent"),
-    ({"salt": "00" * 16}, "inconsistent"),
-    ({"base_nonce": "00" * 8}, "inconsistent"),
-    ({"salt": "zz" * 32}, "malformed"),
-    ({"base_nonce": None}, "malformed"),
-    ({"chunk_size": "big"}, "malformed"),
-    ({"model_version": None}, "malformed"),
-    ({"n_chunks": [1]}, "malformed"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"format": 2}, "unsupported"),
+        ({"format": 0}, "unsupported"),
+        ({"format": "1"}, "unsupported"),
+        ({"n_chunks": 1}, "inconsistent"),
+        ({"n_chunks": 10**6}, "inconsistent"),
+        ({"chunk_size": 0}, "inconsistent"),
+        ({"chunk_size": -1024}, "inconsistent"),
+        ({"plaintext_length": -1}, "inconsistent"),
+        ({"salt": "00" * 16}, "inconsistent"),
+        ({"base_nonce": "00" * 8}, "inconsistent"),
+        ({"salt": "zz" * 32}, "malformed"),
+        ({"base_nonce": None}, "malformed"),
+        ({"chunk_size": "big"}, "malformed"),
+        ({"model_version": None}, "malformed"),
+        ({"n_chunks": [1]}, "malformed"),
+    ],
+)
 def test_sealed_model_rejects_invalid_header_values(parts: Split, change: dict[str, object], match: str) -> None:
     doc = parts.doc
     doc.update(change)
@@ -386,8 +408,20 @@ def test_sealed_model_rejects_invalid_header_values(parts: Split, change: dict[s
         SealedModelHeader.parse(join(with_header(doc), parts.chunks))
 
 
-@pytest.mark.parametrize("missing", ["format", "model_id", "model_version", "plaintext_sha256",
-                                     "plaintext_length", "chunk_size", "n_chunks", "salt", "base_nonce"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "format",
+        "model_id",
+        "model_version",
+        "plaintext_sha256",
+        "plaintext_length",
+        "chunk_size",
+        "n_chunks",
+        "salt",
+        "base_nonce",
+    ],
+)
 def test_sealed_model_rejects_header_missing_field(parts: Split, missing: str) -> None:
     doc = parts.doc
     del doc[missing]
@@ -437,10 +471,15 @@ def test_sealed_model_header_with_out_of_range_version_rejected(parts: Split, ve
 def seal_payload(payload: bytes, *, model_id: str = "evil", version: int = 1) -> bytes:
     """Seal an arbitrary payload with the real format (what a hostile key holder can produce)."""
     doc = {
-        "format": 1, "model_id": model_id, "model_version": version,
+        "format": 1,
+        "model_id": model_id,
+        "model_version": version,
         "plaintext_sha256": hashlib.sha256(payload).hexdigest(),
-        "plaintext_length": len(payload), "chunk_size": CHUNK, "n_chunks": max(1, -(-len(payload) // CHUNK)),
-        "salt": "ab" * 32, "base_nonce": "cd" * 12,
+        "plaintext_length": len(payload),
+        "chunk_size": CHUNK,
+        "n_chunks": max(1, -(-len(payload) // CHUNK)),
+        "salt": "ab" * 32,
+        "base_nonce": "cd" * 12,
     }
     raw = canonical_json(doc)
     header = SealedModelHeader.parse(join(raw, []))
@@ -465,25 +504,34 @@ def test_seal_payload_helper_produces_valid_containers(sealed: bytes) -> None:
     assert opened.graph.name == "mlp"
 
 
-@pytest.mark.parametrize("payload", [
-    pytest.param(b"\x00\x00", id="shorter-than-manifest-length"),
-    pytest.param((10**6).to_bytes(4, "big") + b"{}", id="manifest-length-beyond-payload"),
-    pytest.param(_payload([1, 2]), id="manifest-not-object"),
-    pytest.param(_payload({"graph": {"offset": 0}}), id="manifest-missing-keys"),
-    pytest.param(_payload({"graph": {"offset": 0, "length": 1}, "tensors": [{"name": "w"}]}), id="tensor-missing-keys"),
-    pytest.param(b"\x00\x00\x00\x04\xff\xfe\xfd\xfc", id="manifest-not-utf8"),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"\x00\x00", id="shorter-than-manifest-length"),
+        pytest.param((10**6).to_bytes(4, "big") + b"{}", id="manifest-length-beyond-payload"),
+        pytest.param(_payload([1, 2]), id="manifest-not-object"),
+        pytest.param(_payload({"graph": {"offset": 0}}), id="manifest-missing-keys"),
+        pytest.param(
+            _payload({"graph": {"offset": 0, "length": 1}, "tensors": [{"name": "w"}]}), id="tensor-missing-keys"
+        ),
+        pytest.param(b"\x00\x00\x00\x04\xff\xfe\xfd\xfc", id="manifest-not-utf8"),
+    ],
+)
 def test_malformed_manifest_rejected(payload: bytes) -> None:
-    with SealedModelReader(seal_payload(payload), MODEL_KEY) as reader, \
-            pytest.raises(SealedModelError, match=r"manifest|outside the sealed payload"):
+    with (
+        SealedModelReader(seal_payload(payload), MODEL_KEY) as reader,
+        pytest.raises(SealedModelError, match=r"manifest|outside the sealed payload"),
+    ):
         _ = reader.manifest
     with pytest.raises(SealedModelError):
         open_model(seal_payload(payload), MODEL_KEY)
 
 
 def test_manifest_pointing_outside_payload_rejected() -> None:
-    manifest = {"graph": {"offset": 0, "length": 10}, "tensors": [
-        {"name": "w", "offset": 10**6, "length": 16, "data_type": 1, "dims": [4]}]}
+    manifest = {
+        "graph": {"offset": 0, "length": 10},
+        "tensors": [{"name": "w", "offset": 10**6, "length": 16, "data_type": 1, "dims": [4]}],
+    }
     with SealedModelReader(seal_payload(_payload(manifest)), MODEL_KEY) as reader:
         with pytest.raises(SealedModelError, match="outside"):
             reader.tensor("w")
@@ -502,13 +550,18 @@ def test_payload_graph_that_is_not_onnx_rejected() -> None:
         open_model(seal_payload(payload), MODEL_KEY)
 
 
-@pytest.mark.parametrize("entry", [
-    pytest.param({"data_type": 9999, "dims": [4]}, id="unknown-data-type"),
-    pytest.param({"data_type": 1, "dims": [5]}, id="dims-do-not-match-length"),
-])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        pytest.param({"data_type": 9999, "dims": [4]}, id="unknown-data-type"),
+        pytest.param({"data_type": 1, "dims": [5]}, id="dims-do-not-match-length"),
+    ],
+)
 def test_manifest_entry_inconsistent_with_data_rejected(entry: dict[str, object]) -> None:
-    manifest: dict[str, object] = {"graph": {"offset": 0, "length": 0}, "tensors": [
-        {"name": "w", "offset": 0, "length": 16, **entry}]}
+    manifest: dict[str, object] = {
+        "graph": {"offset": 0, "length": 0},
+        "tensors": [{"name": "w", "offset": 0, "length": 16, **entry}],
+    }
     payload = _payload(manifest) + bytes(64)
     with SealedModelReader(seal_payload(payload), MODEL_KEY) as reader, pytest.raises(SealedModelError):
         reader.tensor("w")

@@ -108,7 +108,8 @@ def read_model(body: bytes, model: type[M]) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        first: dict[str, Any] = dict(errors[0]) if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())) or "body"
         if first.get("type") == "json_invalid":
             raise ProtocolError("malformed JSON") from exc

@@ -24,8 +24,9 @@ def sync_client(base_url: str, *, timeout: float, verify: ssl.SSLContext | bool 
     return httpx.Client(base_url=base_url, timeout=timeout, transport=transport, **kwargs)
 
 
-def async_client(base_url: str, *, timeout: float, verify: ssl.SSLContext | bool = True,
-                 **kwargs: Any) -> httpx.AsyncClient:
+def async_client(
+    base_url: str, *, timeout: float, verify: ssl.SSLContext | bool = True, **kwargs: Any
+) -> httpx.AsyncClient:
     """An asyncio client with TCP_NODELAY (``verify`` as for :func:`sync_client`)."""
     limits = kwargs.pop("limits", httpx.Limits(max_connections=256, max_keepalive_connections=64))
     transport = httpx.AsyncHTTPTransport(socket_options=_NODELAY, limits=limits, verify=verify)

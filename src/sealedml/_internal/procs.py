@@ -25,8 +25,9 @@ __all__ = ["ServiceProcess"]
 class ServiceProcess:
     """A running ``python -m sealedml ...`` service."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], url: str, name: str, announce: dict[str, Any],
-                 log_path: Path | None) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], url: str, name: str, announce: dict[str, Any], log_path: Path | None
+    ) -> None:
         self.proc, self.url, self.name, self.announce, self.log_path = proc, url, name, announce, log_path
 
     @classmethod
@@ -53,10 +54,12 @@ class ServiceProcess:
         """
         stderr: IO[bytes] | int | None = None
         if log_path is not None:
-            stderr = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+            stderr = open(log_path, "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "sealedml", *args],
-            stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
             start_new_session=True,
         )
@@ -121,5 +124,3 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-

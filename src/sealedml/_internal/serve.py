@@ -42,9 +42,16 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_app(app: Any, host: str, port: int, *, announce: dict[str, Any] | None = None,
-              log_level: str = "warning", sock: socket.socket | None = None,
-              tls: tuple[bytes, bytes] | None = None) -> None:
+def serve_app(
+    app: Any,
+    host: str,
+    port: int,
+    *,
+    announce: dict[str, Any] | None = None,
+    log_level: str = "warning",
+    sock: socket.socket | None = None,
+    tls: tuple[bytes, bytes] | None = None,
+) -> None:
     """Serve ``app`` until SIGINT/SIGTERM; print the listening line first.
 
     ``tls`` is a (certificate PEM, key PEM) pair — an RA-TLS certificate for
@@ -63,11 +70,13 @@ def serve_app(app: Any, host: str, port: int, *, announce: dict[str, Any] | None
                 fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-            ssl_args = {"ssl_certfile": os.path.join(directory, "cert.pem"),
-                        "ssl_keyfile": os.path.join(directory, "key.pem")}
-        print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}),
-              flush=True)
-        config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30,
-                                **ssl_args)
+            ssl_args = {
+                "ssl_certfile": os.path.join(directory, "cert.pem"),
+                "ssl_keyfile": os.path.join(directory, "key.pem"),
+            }
+        print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}), flush=True)
+        config = uvicorn.Config(
+            app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args
+        )
         server = uvicorn.Server(config)
         server.run(sockets=[sock])

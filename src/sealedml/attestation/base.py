@@ -119,9 +119,7 @@ class Claims:
             "advisory_ids": list(self.advisory_ids),
             "signer": self.signer,
             "details": dict(self.details),
-            "collateral_expires": (
-                self.collateral_expires.isoformat() if self.collateral_expires else None
-            ),
+            "collateral_expires": (self.collateral_expires.isoformat() if self.collateral_expires else None),
         }
 
 

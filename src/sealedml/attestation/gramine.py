@@ -14,9 +14,8 @@ report data (another process in the enclave might have written in between).
 
 from __future__ import annotations
 
-import logging
-
 import hmac
+import logging
 import threading
 from pathlib import Path
 

@@ -61,9 +61,7 @@ class KeySealer(Sealer):
         try:
             return aead_decrypt(self._key, nonce, sealed[len(_MAGIC) + NONCE_SIZE :], aad)
         except CryptoError as exc:
-            raise StoreError(
-                "cannot unseal: sealed by another build (measurement) or platform, or tampered"
-            ) from exc
+            raise StoreError("cannot unseal: sealed by another build (measurement) or platform, or tampered") from exc
 
 
 class SimulatedSealer(KeySealer):

@@ -14,7 +14,6 @@ be unsealed by another.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass

@@ -11,7 +11,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from sealedml._internal.procs import ServiceProcess
 
 __all__ = ["BenchStack", "bench_stack", "median_ms", "progress"]
@@ -53,16 +52,41 @@ def bench_stack(platform_args: list[str], *, lease_ttl: int = 600) -> Iterator[B
                 os.environ["SEALEDML_HOME"] = old
 
         stack.callback(restore)
-        ks = stack.enter_context(ServiceProcess.start(
-            ["keyservice", "serve", "--data-dir", str(workdir / "ks"), "--port", "0", "--lease-ttl", str(lease_ttl)],
-            name="keyservice", log_path=workdir / "keyservice.log"))
-        gw = stack.enter_context(ServiceProcess.start(
-            ["platform", "serve", "--keyservice", ks.url, "--store", str(workdir / "store"), "--port", "0",
-             *platform_args], name="platform", log_path=workdir / "platform.log"))
+        ks = stack.enter_context(
+            ServiceProcess.start(
+                [
+                    "keyservice",
+                    "serve",
+                    "--data-dir",
+                    str(workdir / "ks"),
+                    "--port",
+                    "0",
+                    "--lease-ttl",
+                    str(lease_ttl),
+                ],
+                name="keyservice",
+                log_path=workdir / "keyservice.log",
+            )
+        )
+        gw = stack.enter_context(
+            ServiceProcess.start(
+                [
+                    "platform",
+                    "serve",
+                    "--keyservice",
+                    ks.url,
+                    "--store",
+                    str(workdir / "store"),
+                    "--port",
+                    "0",
+                    *platform_args,
+                ],
+                name="platform",
+                log_path=workdir / "platform.log",
+            )
+        )
         yield BenchStack(workdir, ks, gw)
 
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 4) if b else float("nan")
-
-

@@ -45,8 +45,9 @@ async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, sec
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                env, ctx = seal_request({"input": x}, request_key=user.request_key("conc"), model_id="conc",
-                                        user_id=user.principal_id)
+                env, ctx = seal_request(
+                    {"input": x}, request_key=user.request_key("conc"), model_id="conc", user_id=user.principal_id
+                )
                 r = await http.post("/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE})
                 r.raise_for_status()
                 open_response(ctx, ResponseEnvelope.parse(r.content))
@@ -56,8 +57,9 @@ async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, sec
     return done
 
 
-def run_concurrency(model_name: str = "mobilenetv2", *, clients: int = 4, window: float = 5.0, rounds: int = 3,
-                    quiet: bool = False) -> dict[str, Any]:
+def run_concurrency(
+    model_name: str = "mobilenetv2", *, clients: int = 4, window: float = 5.0, rounds: int = 3, quiet: bool = False
+) -> dict[str, Any]:
     """Run the comparison; return throughputs, memory and their ratios."""
     from sealedml import zoo
 
@@ -68,12 +70,28 @@ def run_concurrency(model_name: str = "mobilenetv2", *, clients: int = 4, window
         user = publish_for_user(stack, model, ["conc"])
         gateways = {"one_instance_c2": stack.gateway}
         extra = ServiceProcess.start(
-            ["platform", "serve", "--keyservice", stack.keyservice.url, "--store", str(stack.store), "--port", "0",
-             "--max-instances", configs["two_instances_c1"][0], "--concurrency", configs["two_instances_c1"][1],
-             "--keep-alive", "3600"], name="platform-2x1", log_path=stack.workdir / "platform-2x1.log")
+            [
+                "platform",
+                "serve",
+                "--keyservice",
+                stack.keyservice.url,
+                "--store",
+                str(stack.store),
+                "--port",
+                "0",
+                "--max-instances",
+                configs["two_instances_c1"][0],
+                "--concurrency",
+                configs["two_instances_c1"][1],
+                "--keep-alive",
+                "3600",
+            ],
+            name="platform-2x1",
+            log_path=stack.workdir / "platform-2x1.log",
+        )
         try:
             gateways["two_instances_c1"] = extra
-            for name, gw in gateways.items():  # warm up: all instances started, model loaded
+            for gw in gateways.values():  # warm up: all instances started, model loaded
                 asyncio.run(_closed_loop(gw.url, user, x, clients, 3.0))
             throughput: dict[str, list[float]] = {k: [] for k in gateways}
             for r in range(rounds):

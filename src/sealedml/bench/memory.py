@@ -50,9 +50,14 @@ TARGETS: dict[str, float] = {
 }
 
 _UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30,
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _MB = 1_000_000
@@ -109,8 +114,9 @@ def _input(seed: int) -> dict[str, np.ndarray]:
 def _rss_probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one configuration in a fresh subprocess; return its resident memory figures."""
     cmd = [sys.executable, "-c", "from sealedml.bench.memory import _rss_probe_main; _rss_probe_main()"]
-    done = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=_RSS_TIMEOUT_S,
-                          check=False)
+    done = subprocess.run(
+        cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=_RSS_TIMEOUT_S, check=False
+    )
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
         return {"error": tail[0][:300]}
@@ -132,18 +138,26 @@ def _rss_probe_main() -> None:
     if spec["mode"] == "whole":
         model = LoadedModel(open_model(spec["path"], key), model_id="bench", version=1, threads=spec["threads"])
     else:
-        model = StreamingModel(SealedModelReader(spec["path"], key), budget_bytes=spec["budget"],
-                               prefetch=spec["prefetch"], threads=spec["threads"])
+        model = StreamingModel(
+            SealedModelReader(spec["path"], key),
+            budget_bytes=spec["budget"],
+            prefetch=spec["prefetch"],
+            threads=spec["threads"],
+        )
     loaded = process_memory()
     for _ in range(spec["runs"]):
         model.run(inputs)
     after = process_memory()
-    print(json.dumps({
-        "baseline_rss_bytes": baseline.rss_bytes,
-        "loaded_rss_bytes": loaded.rss_bytes,
-        "rss_after_bytes": after.rss_bytes,
-        "hwm_bytes": after.hwm_bytes,
-    }))
+    print(
+        json.dumps(
+            {
+                "baseline_rss_bytes": baseline.rss_bytes,
+                "loaded_rss_bytes": loaded.rss_bytes,
+                "rss_after_bytes": after.rss_bytes,
+                "hwm_bytes": after.hwm_bytes,
+            }
+        )
+    )
 
 
 def run_memory(
@@ -200,16 +214,27 @@ def run_memory(
         path = Path(workdir) / f"{model}.sealed"
         path.write_bytes(sealed)
         del sealed  # streaming reads the file with pread; keep no ciphertext copy resident
-        weight_bytes, whole_row, rows = _measure(model, path, key, budgets, repeats=repeats, warmup=warmup,
-                                                 threads=threads, seed=seed, quiet=quiet)
+        weight_bytes, whole_row, rows = _measure(
+            model, path, key, budgets, repeats=repeats, warmup=warmup, threads=threads, seed=seed, quiet=quiet
+        )
         if rss:
             progress("[memory] measuring resident memory of each configuration in a subprocess", quiet)
             spec_base = {"path": str(path), "key": key.hex(), "threads": threads, "runs": 3, "seed": seed}
             whole_row.update(_rss_fields(_rss_probe({**spec_base, "mode": "whole"})))
             for row in rows.values():
                 if "median_ms" in row:
-                    row.update(_rss_fields(_rss_probe({**spec_base, "mode": "streaming",
-                                                       "budget": row["budget_bytes"], "prefetch": row["prefetch"]})))
+                    row.update(
+                        _rss_fields(
+                            _rss_probe(
+                                {
+                                    **spec_base,
+                                    "mode": "streaming",
+                                    "budget": row["budget_bytes"],
+                                    "prefetch": row["prefetch"],
+                                }
+                            )
+                        )
+                    )
 
     speedup: dict[str, float] = {}
     for budget in budgets:
@@ -255,7 +280,15 @@ def _max_diff(got: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> f
 
 
 def _measure(
-    model: str, path: Path, key: bytes, budgets: list[int], *, repeats: int, warmup: int, threads: int, seed: int,
+    model: str,
+    path: Path,
+    key: bytes,
+    budgets: list[int],
+    *,
+    repeats: int,
+    warmup: int,
+    threads: int,
+    seed: int,
     quiet: bool,
 ) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]]]:
     """The interleaved latency run; every model object is freed when it returns."""
@@ -291,14 +324,15 @@ def _measure(
                 progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {exc}", quiet)
                 continue
             configs[name] = sm
-            row.update({
-                "segments": len(sm.plan.segments),
-                "splits": {k: {"strategy": s, "pieces": p} for k, (s, p) in sm.plan.splits.items()},
-                "planned_peak_bytes": sm.plan.peak_bytes,
-                "planned_peak_mb": _mb(sm.plan.peak_bytes),
-            })
-            progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {len(sm.plan.segments)} segments",
-                     quiet)
+            row.update(
+                {
+                    "segments": len(sm.plan.segments),
+                    "splits": {k: {"strategy": s, "pieces": p} for k, (s, p) in sm.plan.splits.items()},
+                    "planned_peak_bytes": sm.plan.peak_bytes,
+                    "planned_peak_mb": _mb(sm.plan.peak_bytes),
+                }
+            )
+            progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {len(sm.plan.segments)} segments", quiet)
 
     runners: dict[str, Any] = {"whole": whole.run}
     runners.update({name: sm.run for name, sm in configs.items()})
@@ -339,18 +373,20 @@ def _measure(
         row = rows[name]
         med = statistics.median(samples[name]) * 1000
         runs = stats[name]
-        row.update({
-            "median_ms": round(med, 2),
-            "p90_ms": round(float(np.percentile(samples[name], 90)) * 1000, 2),
-            "ratio_to_whole": round(med / whole_ms, 3),
-            "tracked_peak_bytes": peaks[name],
-            "tracked_peak_mb": _mb(peaks[name]),
-            "within_budget": peaks[name] <= row["budget_bytes"],
-            "max_abs_diff": diffs[name],
-            "decrypt_ms": round(statistics.median(s.decrypt_s for s in runs) * 1000, 2),
-            "compute_ms": round(statistics.median(s.compute_s for s in runs) * 1000, 2),
-            "wait_ms": round(statistics.median(s.wait_s for s in runs) * 1000, 2),
-        })
+        row.update(
+            {
+                "median_ms": round(med, 2),
+                "p90_ms": round(float(np.percentile(samples[name], 90)) * 1000, 2),
+                "ratio_to_whole": round(med / whole_ms, 3),
+                "tracked_peak_bytes": peaks[name],
+                "tracked_peak_mb": _mb(peaks[name]),
+                "within_budget": peaks[name] <= row["budget_bytes"],
+                "max_abs_diff": diffs[name],
+                "decrypt_ms": round(statistics.median(s.decrypt_s for s in runs) * 1000, 2),
+                "compute_ms": round(statistics.median(s.compute_s for s in runs) * 1000, 2),
+                "wait_ms": round(statistics.median(s.wait_s for s in runs) * 1000, 2),
+            }
+        )
         sm.close()
     reader.close()
     weight_bytes = sum(sizes.values())
@@ -384,16 +420,24 @@ def format_table(result: dict[str, Any]) -> str:
             return f"{value:.3g}" if abs(value) < 0.01 and value != 0 else f"{value:,.2f}".rstrip("0").rstrip(".")
         return str(value)
 
-    head = ("| config | budget MB | segments | load s | median ms | x whole | tracked peak MB | planned peak MB "
-            "| RSS HWM MB (Δ) | decrypt ms | compute ms | wait ms | max abs diff |")
-    lines = [f"**{result['model']}** — weights {result['weight_mb']} MB, batch 1, "
-             f"{result['intra_op_threads']} intra-op threads, {result['repeats']} rounds", "", head,
-             "|" + "---|" * 13]
+    head = (
+        "| config | budget MB | segments | load s | median ms | x whole | tracked peak MB | planned peak MB "
+        "| RSS HWM MB (Δ) | decrypt ms | compute ms | wait ms | max abs diff |"
+    )
+    lines = [
+        f"**{result['model']}** — weights {result['weight_mb']} MB, batch 1, "
+        f"{result['intra_op_threads']} intra-op threads, {result['repeats']} rounds",
+        "",
+        head,
+        "|" + "---|" * 13,
+    ]
     whole = result["whole"]
     rss = f"{cell(whole.get('rss_hwm_mb'))} ({cell(whole.get('rss_delta_mb'))})" if "rss_hwm_mb" in whole else "-"
-    lines.append(f"| whole model | - | 1 | {cell(whole['load_s'])} | {cell(whole['median_ms'])} | 1 "
-                 f"| {cell(whole['tracked_peak_mb'])} | - "
-                 f"| {rss} | - | - | - | 0 |")
+    lines.append(
+        f"| whole model | - | 1 | {cell(whole['load_s'])} | {cell(whole['median_ms'])} | 1 "
+        f"| {cell(whole['tracked_peak_mb'])} | - "
+        f"| {rss} | - | - | - | 0 |"
+    )
     for row in result["streaming"]:
         label = "streaming, prefetch" if row["prefetch"] else "streaming, serial"
         if "error" in row:

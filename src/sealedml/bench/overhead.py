@@ -38,20 +38,22 @@ def _model_and_input(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
         dm = zoo.digits()
         return dm.model, {"input": dm.x_test[:1]}
     if name == "toy":
-        return zoo.toy_multi_io(), {"x": rng.standard_normal((1, 4), dtype=np.float32),
-                                    "idx": np.array([3], dtype=np.int64)}
+        return zoo.toy_multi_io(), {
+            "x": rng.standard_normal((1, 4), dtype=np.float32),
+            "idx": np.array([3], dtype=np.int64),
+        }
     return zoo.get(name), {"input": rng.standard_normal((1, 3, 224, 224), dtype=np.float32)}
 
 
 def run_overhead(model_name: str, *, requests: int = 60, warmup: int = 5, quiet: bool = False) -> dict[str, Any]:
     """Run the benchmark; return medians (ms), ratios and targets."""
+    from sealedml._internal.httpclient import sync_client
     from sealedml.attestation.measurement import measurement_for
     from sealedml.client.gateway import InferenceClient
     from sealedml.client.identity import Identity
     from sealedml.client.keyservice import KeyServiceClient
     from sealedml.client.owner import publish_model
     from sealedml.envelope.tensors import decode_tensors, encode_tensors
-    from sealedml._internal.httpclient import sync_client
     from sealedml.storage.modelstore import LocalModelStore
 
     progress(f"[bench] building {model_name}", quiet)
@@ -65,11 +67,22 @@ def run_overhead(model_name: str, *, requests: int = 60, warmup: int = 5, quiet:
     with tempfile.TemporaryDirectory(prefix="sealedml-plain-") as plain_dir:
         model_id = f"bench-{model_name}"
         (Path(plain_dir) / f"{model_id}.onnx").write_bytes(model_bytes)
-        platform_args = ["--max-instances", "1", "--concurrency", str(concurrency), "--keep-alive", "3600",
-                         "--unsafe-plaintext-dir", plain_dir]
+        platform_args = [
+            "--max-instances",
+            "1",
+            "--concurrency",
+            str(concurrency),
+            "--keep-alive",
+            "3600",
+            "--unsafe-plaintext-dir",
+            plain_dir,
+        ]
         with bench_stack(platform_args) as stack:
             owner, user = Identity.generate(), Identity.generate()
-            with KeyServiceClient(stack.keyservice.url, owner) as oks, KeyServiceClient(stack.keyservice.url, user) as uks:
+            with (
+                KeyServiceClient(stack.keyservice.url, owner) as oks,
+                KeyServiceClient(stack.keyservice.url, user) as uks,
+            ):
                 oks.register()
                 uks.register()
                 runtime = measurement_for("runtime", {"tee": "simulated"})
@@ -85,7 +98,10 @@ def run_overhead(model_name: str, *, requests: int = 60, warmup: int = 5, quiet:
             session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
             plain_body = encode_tensors(inputs)
 
-            with InferenceClient(stack.gateway.url, user) as secure, sync_client(stack.gateway.url, timeout=300) as http:
+            with (
+                InferenceClient(stack.gateway.url, user) as secure,
+                sync_client(stack.gateway.url, timeout=300) as http,
+            ):
 
                 def path_a() -> None:
                     session.run(None, inputs)

@@ -58,8 +58,9 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-async def _replay(gateway: str, events: list[TraceEvent], users: dict[str, Any], x: np.ndarray,
-                  timeout: float) -> list[tuple[float, int]]:
+async def _replay(
+    gateway: str, events: list[TraceEvent], users: dict[str, Any], x: np.ndarray, timeout: float
+) -> list[tuple[float, int]]:
     from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
@@ -71,12 +72,14 @@ async def _replay(gateway: str, events: list[TraceEvent], users: dict[str, Any],
             if delay > 0:
                 await asyncio.sleep(delay)
             user = users[event.model]
-            env, ctx = seal_request({"input": x}, request_key=user.request_key(event.model), model_id=event.model,
-                                    user_id=user.principal_id)
+            env, ctx = seal_request(
+                {"input": x}, request_key=user.request_key(event.model), model_id=event.model, user_id=user.principal_id
+            )
             sent = start + event.t
             try:
-                response = await client.post("/v1/infer", content=env.to_binary(),
-                                             headers={"content-type": BINARY_CONTENT_TYPE})
+                response = await client.post(
+                    "/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
+                )
             except httpx.HTTPError:
                 return time.perf_counter() - sent, 0
             if response.status_code == 200:
@@ -127,12 +130,14 @@ def run_trace(
     else:
         events = synthetic_trace(models, duration, seed=seed)
     model_ids = sorted({e.model for e in events})
-    progress(f"[trace] {len(events)} requests over {events[-1].t:.1f}s for {len(model_ids)} models; "
-             f"policies {', '.join(policies)}", quiet)
+    progress(
+        f"[trace] {len(events)} requests over {events[-1].t:.1f}s for {len(model_ids)} models; "
+        f"policies {', '.join(policies)}",
+        quiet,
+    )
 
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((1, 3, 224, 224), dtype=np.float32) if model_name != "digits" else \
-        zoo.digits().x_test[:1]
+    x = rng.standard_normal((1, 3, 224, 224), dtype=np.float32) if model_name != "digits" else zoo.digits().x_test[:1]
     results: dict[str, Any] = {}
     with bench_stack([], lease_ttl=3600) as stack:
         stack.gateway.stop()  # this benchmark starts one gateway per policy
@@ -155,25 +160,50 @@ def run_trace(
 
         for name in policies:
             cfg = DEFAULT_CONFIGS[name]
-            args = ["platform", "serve", "--keyservice", stack.keyservice.url, "--store", str(stack.store),
-                    "--port", "0", "--policy", name, "--memory-mb", str(cfg.memory_mb), "--max-instances",
-                    str(cfg.max_instances), "--concurrency", str(cfg.concurrency), "--keep-alive", str(keep_alive),
-                    "--queue-timeout", "120", "--warm-pool", str(warm_pool)]
+            args = [
+                "platform",
+                "serve",
+                "--keyservice",
+                stack.keyservice.url,
+                "--store",
+                str(stack.store),
+                "--port",
+                "0",
+                "--policy",
+                name,
+                "--memory-mb",
+                str(cfg.memory_mb),
+                "--max-instances",
+                str(cfg.max_instances),
+                "--concurrency",
+                str(cfg.concurrency),
+                "--keep-alive",
+                str(keep_alive),
+                "--queue-timeout",
+                "120",
+                "--warm-pool",
+                str(warm_pool),
+            ]
             progress(f"[trace] policy {name}: replaying …", quiet)
-            with ServiceProcess.start(args, name=f"platform-{name}",
-                                      log_path=stack.workdir / f"platform-{name}.log") as gw:
+            with ServiceProcess.start(
+                args, name=f"platform-{name}", log_path=stack.workdir / f"platform-{name}.log"
+            ) as gw:
                 t0 = time.perf_counter()
                 outcomes = asyncio.run(_replay(gw.url, events, users, x, timeout=300))
                 replay_s = time.perf_counter() - t0
-                progress(f"[trace] policy {name}: replayed in {replay_s:.1f}s; waiting for keep-alive to expire",
-                         quiet)
+                progress(f"[trace] policy {name}: replayed in {replay_s:.1f}s; waiting for keep-alive to expire", quiet)
                 stats = _wait_until_idle(gw.url, keep_alive + 30)
             latencies = [lat for lat, status in outcomes if status == 200]
             errors = sum(1 for _, status in outcomes if status != 200)
             totals = stats.get("totals", {})
             results[name] = {
-                "config": {"memory_mb": cfg.memory_mb, "max_instances": cfg.max_instances,
-                           "concurrency": cfg.concurrency, "keep_alive_s": keep_alive, "warm_pool": warm_pool},
+                "config": {
+                    "memory_mb": cfg.memory_mb,
+                    "max_instances": cfg.max_instances,
+                    "concurrency": cfg.concurrency,
+                    "keep_alive_s": keep_alive,
+                    "warm_pool": warm_pool,
+                },
                 "gb_seconds": totals.get("gb_seconds"),
                 "busy_gb_seconds": totals.get("busy_gb_seconds"),
                 "cold_starts": totals.get("cold_starts"),
@@ -190,21 +220,26 @@ def run_trace(
                 "_outcomes": [(e.t, e.model, round(lat, 4), st) for e, (lat, st) in zip(events, outcomes, strict=True)],
             }
             r = results[name]
-            progress(f"[trace] policy {name}: GB-s {r['gb_seconds']}, cold starts {r['cold_starts']}, "
-                     f"loads {r['model_loads']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
-                     f"SLO violations {r['slo_violations']}", quiet)
+            progress(
+                f"[trace] policy {name}: GB-s {r['gb_seconds']}, cold starts {r['cold_starts']}, "
+                f"loads {r['model_loads']}, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, "
+                f"SLO violations {r['slo_violations']}",
+                quiet,
+            )
 
     comparison: dict[str, Any] = {}
     if "sealedml" in results and "per-model" in results:
         a, b = results["sealedml"], results["per-model"]
         comparison["gb_seconds_per_model_over_sealedml"] = round(b["gb_seconds"] / a["gb_seconds"], 3)
         comparison["p99_sealedml_over_per_model"] = round(a["p99_ms"] / b["p99_ms"], 3)
-        comparison["target_met"] = (comparison["gb_seconds_per_model_over_sealedml"] >= 2.0
-                                    and comparison["p99_sealedml_over_per_model"] <= 1.1)
+        comparison["target_met"] = (
+            comparison["gb_seconds_per_model_over_sealedml"] >= 2.0 and comparison["p99_sealedml_over_per_model"] <= 1.1
+        )
     if "sealedml" in results and "sesemi" in results:
         a, s = results["sealedml"], results["sesemi"]
-        comparison["sealedml_not_worse_than_sesemi"] = (a["gb_seconds"] <= s["gb_seconds"] * 1.02
-                                                        and a["p99_ms"] <= s["p99_ms"] * 1.02)
+        comparison["sealedml_not_worse_than_sesemi"] = (
+            a["gb_seconds"] <= s["gb_seconds"] * 1.02 and a["p99_ms"] <= s["p99_ms"] * 1.02
+        )
         comparison["gb_seconds_sesemi_over_sealedml"] = round(s["gb_seconds"] / a["gb_seconds"], 3)
         comparison["p99_sealedml_over_sesemi"] = round(a["p99_ms"] / s["p99_ms"], 3)
     if plot is not None:
@@ -213,8 +248,13 @@ def run_trace(
         r.pop("_latencies", None)
         r.pop("_outcomes", None)
     return {
-        "trace": {"requests": len(events), "models": len(model_ids), "duration_s": round(events[-1].t, 2),
-                  "source": str(trace_file) if trace_file else f"synthetic(seed={seed})", "model": model_name},
+        "trace": {
+            "requests": len(events),
+            "models": len(model_ids),
+            "duration_s": round(events[-1].t, 2),
+            "source": str(trace_file) if trace_file else f"synthetic(seed={seed})",
+            "model": model_name,
+        },
         "slo_ms": slo_ms,
         "policies": results,
         "comparison": comparison,

@@ -65,7 +65,7 @@ def synthetic_trace(
     t = float(rng.exponential(mean_gap / 2))
     while t < duration:
         model = int(rng.choice(models, p=weights))
-        size = max(1, int(round((rng.pareto(pareto_shape) + 1) * burst_scale)))
+        size = max(1, round((rng.pareto(pareto_shape) + 1) * burst_scale))
         size = min(size, 200)
         for _ in range(size):
             if t >= duration:

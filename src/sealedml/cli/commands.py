@@ -22,11 +22,18 @@ DEFAULT_HOST = "127.0.0.1"
 # ---------------------------------------------------------------------- shared argument groups
 def _ks(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--keyservice", required=required, metavar="URL", help="KeyService base URL")
-    p.add_argument("--keyservice-measurement", metavar="HEX",
-                   help="pin the expected KeyService measurement (default: this build's, simulated TEE)")
+    p.add_argument(
+        "--keyservice-measurement",
+        metavar="HEX",
+        help="pin the expected KeyService measurement (default: this build's, simulated TEE)",
+    )
     real = p.add_argument_group("KeyService in a real TEE")
-    real.add_argument("--keyservice-policy", type=Path, metavar="FILE",
-                      help="attestation policy document the KeyService must satisfy (docs/attestation.md)")
+    real.add_argument(
+        "--keyservice-policy",
+        type=Path,
+        metavar="FILE",
+        help="attestation policy document the KeyService must satisfy (docs/attestation.md)",
+    )
     real.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON (SGX/TDX, offline)")
     real.add_argument("--pccs-url", metavar="URL", help="PCCS to fetch Intel collateral from")
     real.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK certificate")
@@ -36,15 +43,44 @@ def _identity(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity", required=True, type=Path, metavar="FILE", help="identity file")
 
 
+def _size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from sealedml.bench.memory import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad size {text!r}: use e.g. 32MB or 64MiB") from exc
+
+
+def _budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        default=None,
+        help="run models memory-bounded within SIZE per request (e.g. 32MB): weights stay sealed "
+        "and are decrypted segment by segment (docs/memory-bounded.md)",
+    )
+
+
 def _tls(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--tls", default="none", choices=["none", "ra"],
-                   help=f"transport: plain HTTP, or HTTPS with an RA-TLS certificate carrying {what}'s evidence")
+    p.add_argument(
+        "--tls",
+        default="none",
+        choices=["none", "ra"],
+        help=f"transport: plain HTTP, or HTTPS with an RA-TLS certificate carrying {what}'s evidence",
+    )
 
 
 def _tee(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tee", default="auto", choices=["auto", "simulated", "gramine", "tsm"],
-                   help="TEE this process runs in; auto = Gramine or configfs-tsm if present, "
-                        "else simulated (no hardware protection)")
+    p.add_argument(
+        "--tee",
+        default="auto",
+        choices=["auto", "simulated", "gramine", "tsm"],
+        help="TEE this process runs in; auto = Gramine or configfs-tsm if present, "
+        "else simulated (no hardware protection)",
+    )
 
 
 def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
@@ -53,8 +89,13 @@ def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
     from sealedml.client.trust import trust_from_options
 
     identity = Identity.load(args.identity) if with_identity else None
-    trust = trust_from_options(measurement=args.keyservice_measurement, policy_file=args.keyservice_policy,
-                               collateral=args.collateral, pccs_url=args.pccs_url, vcek=args.vcek)
+    trust = trust_from_options(
+        measurement=args.keyservice_measurement,
+        policy_file=args.keyservice_policy,
+        collateral=args.collateral,
+        pccs_url=args.pccs_url,
+        vcek=args.vcek,
+    )
     return KeyServiceClient(args.keyservice, identity, trust=trust)
 
 
@@ -87,10 +128,16 @@ def cmd_model_seal(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_onnx(args.input)
     with _ks_client(args) as ks:
-        published = publish_model(model, model_id=args.model_id, keyservice=ks, store=LocalModelStore(args.store),
-                                  version=args.version)
-    return {"model_id": published.model_id, "version": published.version, "sealed_bytes": published.sealed_bytes,
-            "sealed_sha256": published.sealed_sha256, "store": str(args.store)}
+        published = publish_model(
+            model, model_id=args.model_id, keyservice=ks, store=LocalModelStore(args.store), version=args.version
+        )
+    return {
+        "model_id": published.model_id,
+        "version": published.version,
+        "sealed_bytes": published.sealed_bytes,
+        "sealed_sha256": published.sealed_sha256,
+        "store": str(args.store),
+    }
 
 
 def cmd_model_allow_runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +165,8 @@ def cmd_model_enable(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_model_info(args: argparse.Namespace) -> dict[str, Any]:
     with _ks_client(args) as ks:
-        return ks.model_info(args.model_id).model_dump()
+        info: dict[str, Any] = ks.model_info(args.model_id).model_dump()
+        return info
 
 
 # ---------------------------------------------------------------------- infer
@@ -167,12 +215,11 @@ def _save_outputs(outputs: dict[str, np.ndarray], out: Path) -> Path:
     if out.suffix == ".npy":
         # Keep the result rather than fail after the work is done.
         target = out.with_suffix(".npz")
-        np.savez(target, **outputs)
-        print(f"note: the model has {len(outputs)} outputs; wrote {target} (.npz) instead of {out}",
-              file=sys.stderr)
+        np.savez(target, **outputs)  # type: ignore[arg-type]
+        print(f"note: the model has {len(outputs)} outputs; wrote {target} (.npz) instead of {out}", file=sys.stderr)
         return target
     target = out if out.suffix == ".npz" else out.with_suffix(".npz")
-    np.savez(target, **outputs)
+    np.savez(target, **outputs)  # type: ignore[arg-type]
     return target
 
 
@@ -235,31 +282,89 @@ def cmd_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
     accept = tuple(t.strip() for t in args.accept.split(",") if t.strip()) if args.accept else None
     verifiers = None
     if accept is not None or args.collateral or args.pccs_url or args.vcek:
-        verifiers = VerifierOptions(accept=accept or ("simulated",), collateral=args.collateral,
-                                    pccs_url=args.pccs_url, cache_dir=args.cache_dir, vcek=args.vcek)
-    serve(args.data_dir, args.host, args.port, tee=args.tee, lease_ttl=args.lease_ttl, verifiers=verifiers,
-          policy=policy, tls=args.tls)
+        verifiers = VerifierOptions(
+            accept=accept or ("simulated",),
+            collateral=args.collateral,
+            pccs_url=args.pccs_url,
+            cache_dir=args.cache_dir,
+            vcek=args.vcek,
+        )
+    serve(
+        args.data_dir,
+        args.host,
+        args.port,
+        tee=args.tee,
+        lease_ttl=args.lease_ttl,
+        verifiers=verifiers,
+        policy=policy,
+        tls=args.tls,
+    )
     return {"stopped": "keyservice"}
 
 
 def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.platform.server import serve
 
+    if args.engine == "ray":
+        from sealedml.platform.ray_engine import RayEngineConfig, serve_ray
+
+        serve_ray(
+            RayEngineConfig(
+                keyservice=args.keyservice,
+                store=args.store,
+                concurrency=args.concurrency,
+                max_replicas=args.max_instances,
+                keep_alive=args.keep_alive,
+                tee=args.tee,
+            ),
+            args.host,
+            args.port,
+            ray_address=args.ray_address,
+            num_cpus=args.ray_cpus,
+            temp_dir=args.ray_temp_dir,
+        )
+        return {"stopped": "platform"}
     from sealedml.platform.pool import PoolConfig
 
-    config = PoolConfig(memory_mb=args.memory_mb, concurrency=args.concurrency, max_instances=args.max_instances,
-                        keep_alive=args.keep_alive, queue_limit=args.queue_limit, queue_timeout=args.queue_timeout)
-    serve(args.keyservice, args.store, args.host, args.port, config=config, policy=args.policy,
-          warm_pool=args.warm_pool, tee=args.tee, unsafe_plaintext_dir=args.unsafe_plaintext_dir, tls=args.tls)
+    config = PoolConfig(
+        memory_mb=args.memory_mb,
+        concurrency=args.concurrency,
+        max_instances=args.max_instances,
+        keep_alive=args.keep_alive,
+        queue_limit=args.queue_limit,
+        queue_timeout=args.queue_timeout,
+    )
+    serve(
+        args.keyservice,
+        args.store,
+        args.host,
+        args.port,
+        config=config,
+        policy=args.policy,
+        warm_pool=args.warm_pool,
+        tee=args.tee,
+        unsafe_plaintext_dir=args.unsafe_plaintext_dir,
+        tls=args.tls,
+        memory_budget=args.memory_budget if _size(args.memory_budget) else None,
+    )
     return {"stopped": "platform"}
 
 
 def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.runtime.server import serve
 
-    serve(args.keyservice, args.store, args.host, args.port, concurrency=args.concurrency, tee=args.tee,
-          model_cache_bytes=args.model_cache_mb * 1024 * 1024, unsafe_plaintext_dir=args.unsafe_plaintext_dir,
-          tls=args.tls)
+    serve(
+        args.keyservice,
+        args.store,
+        args.host,
+        args.port,
+        concurrency=args.concurrency,
+        tee=args.tee,
+        model_cache_bytes=args.model_cache_mb * 1024 * 1024,
+        unsafe_plaintext_dir=args.unsafe_plaintext_dir,
+        tls=args.tls,
+        memory_budget=_size(args.memory_budget),
+    )
     return {"stopped": "worker"}
 
 
@@ -269,15 +374,44 @@ def cmd_up(args: argparse.Namespace) -> dict[str, Any]:
     data = args.data_dir.resolve()
     data.mkdir(parents=True, exist_ok=True)
     store = data / "store"
-    with ServiceProcess.start(
-        ["keyservice", "serve", "--data-dir", str(data / "keyservice"), "--host", args.host,
-         "--port", str(args.keyservice_port), "--lease-ttl", str(args.lease_ttl)], name="keyservice",
-    ) as ks, ServiceProcess.start(
-        ["platform", "serve", "--keyservice", ks.url, "--store", str(store), "--host", args.host,
-         "--port", str(args.gateway_port)], name="platform",
-    ) as gw:
-        print(f"KeyService: {ks.url}\nGateway:    {gw.url}\nStore:      {store}\n"
-              f"Runtime measurement: {_runtime_measurement()}\n(Ctrl-C to stop)", file=sys.stderr, flush=True)
+    with (
+        ServiceProcess.start(
+            [
+                "keyservice",
+                "serve",
+                "--data-dir",
+                str(data / "keyservice"),
+                "--host",
+                args.host,
+                "--port",
+                str(args.keyservice_port),
+                "--lease-ttl",
+                str(args.lease_ttl),
+            ],
+            name="keyservice",
+        ) as ks,
+        ServiceProcess.start(
+            [
+                "platform",
+                "serve",
+                "--keyservice",
+                ks.url,
+                "--store",
+                str(store),
+                "--host",
+                args.host,
+                "--port",
+                str(args.gateway_port),
+            ],
+            name="platform",
+        ) as gw,
+    ):
+        print(
+            f"KeyService: {ks.url}\nGateway:    {gw.url}\nStore:      {store}\n"
+            f"Runtime measurement: {_runtime_measurement()}\n(Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
         stop = {"flag": False}
         signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
         try:
@@ -315,16 +449,31 @@ def cmd_zoo_export(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.cli.demo import run_demo
 
-    return run_demo(lease_ttl=args.lease_ttl, samples=args.samples, quiet=args.json)
+    return run_demo(
+        lease_ttl=args.lease_ttl,
+        samples=args.samples,
+        quiet=args.json,
+        memory_budget=args.memory_budget if _size(args.memory_budget) else None,
+    )
 
 
 def cmd_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.bench.trace import run_trace
 
     policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
-    return run_trace(models=args.models, policies=policies, trace_file=args.trace, duration=args.duration,
-                     seed=args.seed, keep_alive=args.keep_alive, slo_ms=args.slo_ms, model_name=args.model,
-                     plot=args.plot, warm_pool=args.warm_pool, quiet=args.json)
+    return run_trace(
+        models=args.models,
+        policies=policies,
+        trace_file=args.trace,
+        duration=args.duration,
+        seed=args.seed,
+        keep_alive=args.keep_alive,
+        slo_ms=args.slo_ms,
+        model_name=args.model,
+        plot=args.plot,
+        warm_pool=args.warm_pool,
+        quiet=args.json,
+    )
 
 
 def cmd_bench_coldstart(args: argparse.Namespace) -> dict[str, Any]:
@@ -337,6 +486,19 @@ def cmd_bench_concurrency(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.bench.concurrency import run_concurrency
 
     return run_concurrency(args.model, clients=args.clients, window=args.window, rounds=args.rounds, quiet=args.json)
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.bench.memory import format_table, parse_sizes, run_memory
+
+    try:
+        budgets = parse_sizes(args.budget)
+    except ValueError as exc:
+        raise ConfigurationError(f"bad --budget {args.budget!r}: use e.g. 16MB,32MB,64MB") from exc
+    result = run_memory(args.model, budgets, repeats=args.repeats, quiet=args.json)
+    if not args.json:
+        print(format_table(result))
+    return result
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
@@ -358,6 +520,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = command(sub, "demo", cmd_demo, "run everything on one machine and print accuracy, latency, denials")
     p.add_argument("--lease-ttl", type=int, default=2, help="key lease TTL in seconds for the demo (default 2)")
     p.add_argument("--samples", type=int, default=None, help="test samples to run (default: whole test split)")
+    _budget(p)
 
     p = command(sub, "up", cmd_up, "run a KeyService and a platform gateway with embedded defaults")
     p.add_argument("--data-dir", required=True, type=Path)
@@ -372,11 +535,18 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
     p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")
-    p.add_argument("--accept", metavar="TEES",
-                   help="runtime TEE types to accept, comma-separated: simulated,sgx,tdx,sev-snp "
-                        "(default: simulated on a simulated KeyService)")
-    p.add_argument("--policy", type=Path, metavar="FILE",
-                   help="operator attestation policy (TCB statuses, minimum SVNs, debug, collateral age)")
+    p.add_argument(
+        "--accept",
+        metavar="TEES",
+        help="runtime TEE types to accept, comma-separated: simulated,sgx,tdx,sev-snp "
+        "(default: simulated on a simulated KeyService)",
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="operator attestation policy (TCB statuses, minimum SVNs, debug, collateral age)",
+    )
     p.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON for SGX/TDX (offline)")
     p.add_argument("--pccs-url", metavar="URL", help="PCCS for Intel collateral (cached in --cache-dir)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="collateral / VCEK cache directory")
@@ -395,14 +565,29 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
     p.add_argument("--memory-mb", type=int, default=1024, help="memory limit per instance, MB (default 1024)")
     p.add_argument("--queue-limit", type=int, default=512, help="most requests waiting per function (default 512)")
-    p.add_argument("--queue-timeout", type=float, default=60.0,
-                   help="longest wait for an instance slot before 429 (default 60 s)")
-    p.add_argument("--policy", default="sealedml", choices=["per-model", "sesemi", "sealedml"],
-                   help="routing: one function per model, or one packed pool (default sealedml)")
+    p.add_argument(
+        "--queue-timeout", type=float, default=60.0, help="longest wait for an instance slot before 429 (default 60 s)"
+    )
+    p.add_argument(
+        "--policy",
+        default="sealedml",
+        choices=["per-model", "sesemi", "sealedml"],
+        help="routing: one function per model, or one packed pool (default sealedml)",
+    )
     p.add_argument("--warm-pool", type=int, default=0, help="spare pre-started instances (default 0)")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local processes (default) or a Ray Serve deployment (pip install 'sealedml[ray]')",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--ray-temp-dir", type=Path, default=None, help="session directory of a local Ray")
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
     _tls(p, "each instance")
+    _budget(p)
 
     wk = sub.add_parser("worker", help="runtime instance commands").add_subparsers(dest="sub", required=True)
     p = command(wk, "serve", cmd_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
@@ -415,6 +600,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     _tee(p)
     _tls(p, "the instance")
+    _budget(p)
 
     ident = sub.add_parser("identity", help="identity commands").add_subparsers(dest="sub", required=True)
     p = command(ident, "new", cmd_identity_new, "create a new identity file (Ed25519 key + request-key seed)")
@@ -447,8 +633,12 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         _ks(p)
     p = command(model, "enable", cmd_model_enable, "user: upload your request key and consent to runtimes")
     p.add_argument("model_id", metavar="ID")
-    p.add_argument("--measurement", action="append", type=_measurement_hex,
-                   help="runtime measurement you consent to (repeatable; default: this build's runtime)")
+    p.add_argument(
+        "--measurement",
+        action="append",
+        type=_measurement_hex,
+        help="runtime measurement you consent to (repeatable; default: this build's runtime)",
+    )
     _identity(p)
     _ks(p)
     p = command(model, "info", cmd_model_info, "what you may know about a model")
@@ -492,6 +682,11 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window (default 5)")
     p.add_argument("--rounds", type=int, default=3)
 
+    p = command(bench, "memory", cmd_bench_memory, "whole-model vs memory-bounded execution at several budgets")
+    p.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenetv2", "vgg16"])
+    p.add_argument("--budget", default="16MB,32MB,64MB", help="comma-separated budgets (default 16MB,32MB,64MB)")
+    p.add_argument("--repeats", type=int, default=10)
+
     p = command(bench, "trace", cmd_bench_trace, "replay a bursty or CSV trace against each routing policy")
     p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")
     p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
@@ -503,5 +698,3 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "digits", "resnet50"])
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--warm-pool", type=int, default=1, help="spare pre-started instances per platform (default 1)")
-
-

@@ -38,8 +38,14 @@ def _env(key: str, value: str) -> Iterator[None]:
             os.environ[key] = old
 
 
-def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = False,
-             workdir: Path | None = None) -> dict[str, Any]:
+def run_demo(
+    *,
+    lease_ttl: int = 2,
+    samples: int | None = None,
+    quiet: bool = False,
+    workdir: Path | None = None,
+    memory_budget: str | None = None,
+) -> dict[str, Any]:
     """Run the demo; return the results (see the ``--json`` keys in the README)."""
 
     def say(msg: str) -> None:
@@ -59,22 +65,56 @@ def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = Fa
         home = tmp / "home"
         stack.enter_context(_env("SEALEDML_HOME", str(home)))
         say(f"[demo] working in {tmp} (simulated TEE: no hardware protection)")
-        ks = stack.enter_context(ServiceProcess.start(
-            ["keyservice", "serve", "--data-dir", str(tmp / "keyservice"), "--port", "0",
-             "--lease-ttl", str(lease_ttl)], name="keyservice", log_path=tmp / "keyservice.log"))
+        ks = stack.enter_context(
+            ServiceProcess.start(
+                [
+                    "keyservice",
+                    "serve",
+                    "--data-dir",
+                    str(tmp / "keyservice"),
+                    "--port",
+                    "0",
+                    "--lease-ttl",
+                    str(lease_ttl),
+                ],
+                name="keyservice",
+                log_path=tmp / "keyservice.log",
+            )
+        )
         store_dir = tmp / "store"
-        gw = stack.enter_context(ServiceProcess.start(
-            ["platform", "serve", "--keyservice", ks.url, "--store", str(store_dir), "--port", "0",
-             "--keep-alive", "60"], name="platform", log_path=tmp / "platform.log"))
+        gw = stack.enter_context(
+            ServiceProcess.start(
+                [
+                    "platform",
+                    "serve",
+                    "--keyservice",
+                    ks.url,
+                    "--store",
+                    str(store_dir),
+                    "--port",
+                    "0",
+                    "--keep-alive",
+                    "60",
+                    *(["--memory-budget", memory_budget] if memory_budget else []),
+                ],
+                name="platform",
+                log_path=tmp / "platform.log",
+            )
+        )
         say(f"[demo] KeyService {ks.url}, gateway {gw.url}")
 
         owner, user, stranger = Identity.generate(), Identity.generate(), Identity.generate()
-        clients = {name: stack.enter_context(KeyServiceClient(ks.url, ident))
-                   for name, ident in (("owner", owner), ("user", user), ("stranger", stranger))}
-        for name, client in clients.items():
+        clients = {
+            name: stack.enter_context(KeyServiceClient(ks.url, ident))
+            for name, ident in (("owner", owner), ("user", user), ("stranger", stranger))
+        }
+        for client in clients.values():
             client.register()
-        say(f"[demo] registered owner {owner.principal_id[:8]}…, user {user.principal_id[:8]}…, "
-            f"stranger {stranger.principal_id[:8]}… (KeyService attested: {clients['owner'].attest().measurement[:16]}…)")
+        say(
+            f"[demo] registered owner {owner.principal_id[:8]}…, user {user.principal_id[:8]}…, "
+            f"stranger {stranger.principal_id[:8]}… "
+            f"(KeyService attested: {clients['owner'].attest().measurement[:16]}…)"
+        )
 
         dm = zoo.digits()
         store = LocalModelStore(store_dir)
@@ -83,16 +123,20 @@ def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = Fa
         clients["owner"].allow_runtime("digits", runtime)
         clients["owner"].grant("digits", user.principal_id)
         clients["user"].enable("digits", [runtime])
-        say(f"[demo] sealed digits v{published.version} ({published.sealed_bytes} bytes); allowed runtime "
-            f"{runtime[:16]}…; granted and enabled")
+        say(
+            f"[demo] sealed digits v{published.version} ({published.sealed_bytes} bytes); allowed runtime "
+            f"{runtime[:16]}…; granted and enabled"
+        )
 
         x, y = dm.x_test, dm.y_test
         if samples is not None:
             x, y = x[:samples], y[:samples]
-        plaintext_accuracy = float(zoo.digits_plaintext_accuracy(dm) if samples is None else
-                                   np.mean(_plain_labels(dm.model, x) == y))
+        plaintext_accuracy = float(
+            zoo.digits_plaintext_accuracy(dm) if samples is None else np.mean(_plain_labels(dm.model, x) == y)
+        )
         latencies, predictions = [], []
         cold_ms = 0.0
+        peak_bytes = 0
         with InferenceClient(gw.url, user) as infer:
             for i in range(len(x)):
                 t0 = time.perf_counter()
@@ -100,17 +144,22 @@ def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = Fa
                 ms = (time.perf_counter() - t0) * 1000
                 if i == 0:
                     cold_ms = ms
-                    say(f"[demo] first request (cold start: instance spawn, attestation, key release, "
-                        f"decrypt, session): {ms:.1f} ms")
+                    say(
+                        f"[demo] first request (cold start: instance spawn, attestation, key release, "
+                        f"decrypt, session): {ms:.1f} ms"
+                    )
                 else:
                     latencies.append(ms)
                 predictions.append(int(out["label"][0]))
+                peak_bytes = max(peak_bytes, infer.last_peak_bytes or 0)
                 if not quiet and (i + 1) % 100 == 0:
                     say(f"[demo] {i + 1}/{len(x)} encrypted requests")
         accuracy = float(np.mean(np.array(predictions) == y))
         warm_p50 = statistics.median(latencies) if latencies else cold_ms
-        say(f"[demo] accuracy {accuracy:.4f} (plaintext ONNX Runtime {plaintext_accuracy:.4f}) on {len(x)} samples; "
-            f"warm p50 {warm_p50:.2f} ms")
+        say(
+            f"[demo] accuracy {accuracy:.4f} (plaintext ONNX Runtime {plaintext_accuracy:.4f}) on {len(x)} samples; "
+            f"warm p50 {warm_p50:.2f} ms"
+        )
 
         # A registered user without a grant is refused.
         clients["stranger"].enable("digits", [runtime])
@@ -140,11 +189,11 @@ def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = Fa
             tampered_rejected = True
         say(f"[demo] tampered sealed model rejected: {tampered_rejected}")
 
-        ok = (accuracy == plaintext_accuracy and denied_unauthorized and denied_after_revoke and tampered_rejected)
+        ok = accuracy == plaintext_accuracy and denied_unauthorized and denied_after_revoke and tampered_rejected
         return {
             "accuracy": accuracy,
             "plaintext_accuracy": plaintext_accuracy,
-            "n": int(len(x)),
+            "n": len(x),
             "cold_start_ms": round(cold_ms, 2),
             "warm_p50_ms": round(warm_p50, 3),
             "warm_p99_ms": round(float(np.percentile(latencies, 99)), 3) if latencies else None,
@@ -152,6 +201,8 @@ def run_demo(*, lease_ttl: int = 2, samples: int | None = None, quiet: bool = Fa
             "denied_after_revoke": denied_after_revoke,
             "tampered_model_rejected": tampered_rejected,
             "lease_ttl_s": lease_ttl,
+            "memory_budget": memory_budget,
+            "peak_tracked_bytes": peak_bytes if memory_budget else None,
             "tee": "simulated",
             "ok": ok,
             "_exit": 0 if ok else 1,

@@ -30,6 +30,7 @@ class InferenceClient:
         self._http = sync_client(gateway.rstrip("/"), timeout=timeout)
         self.last_cold_start = False
         self.last_server_timing = ""
+        self.last_peak_bytes: int | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -64,11 +65,14 @@ class InferenceClient:
             is_positional=positional,
         )
         try:
-            response = self._http.post("/v1/infer", content=envelope.to_binary(),
-                                       headers={"content-type": BINARY_CONTENT_TYPE})
+            response = self._http.post(
+                "/v1/infer", content=envelope.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
+            )
         except httpx.HTTPError as exc:
             raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"
         self.last_server_timing = response.headers.get("server-timing", "")
+        peak = response.headers.get("x-sealedml-peak-bytes")
+        self.last_peak_bytes = int(peak) if peak and peak.isdigit() else None
         return open_response(context, ResponseEnvelope.parse(response.content))

@@ -82,7 +82,9 @@ class Identity:
                 raise ConfigurationError(f"{path} is not a SealedML identity file")
             return cls(SigningKey.from_bytes(b64d(doc["ed25519"])), _seed(b64d(doc["request_seed"])))
         except FileNotFoundError as exc:
-            raise ConfigurationError(f"identity file {path} not found (create one with `sealedml identity new`)") from exc
+            raise ConfigurationError(
+                f"identity file {path} not found (create one with `sealedml identity new`)"
+            ) from exc
         except ConfigurationError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError, CryptoError) as exc:

@@ -69,8 +69,9 @@ def trust_from_options(
     accept = ["sev-snp"]
     if collateral is not None or pccs_url is not None:
         accept += ["sgx", "tdx"]
-    verifiers = build_verifiers(VerifierOptions(accept=tuple(accept), collateral=collateral, pccs_url=pccs_url,
-                                                vcek=vcek))
+    verifiers = build_verifiers(
+        VerifierOptions(accept=tuple(accept), collateral=collateral, pccs_url=pccs_url, vcek=vcek)
+    )
     return KeyServiceTrust(policy, verifiers)
 
 

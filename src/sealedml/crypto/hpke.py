@@ -48,8 +48,7 @@ class HpkePublicKey:
 
     __slots__ = ("_key", "_raw", "kem")
 
-    def __init__(self, kem: HpkeKem, key: x25519.X25519PublicKey | MLKEM768X25519PublicKey,
-                 raw: bytes) -> None:
+    def __init__(self, kem: HpkeKem, key: x25519.X25519PublicKey | MLKEM768X25519PublicKey, raw: bytes) -> None:
         self.kem = kem
         self._key = key
         self._raw = raw

@@ -249,9 +249,7 @@ def _externalize(model: onnx.ModelProto) -> tuple[bytes, list[tuple[str, bytes, 
         if init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
             continue
         if init.data_location == TensorProto.EXTERNAL:
-            raise SealedModelError(
-                f"initializer {init.name!r} has external data: load the model with its data first"
-            )
+            raise SealedModelError(f"initializer {init.name!r} has external data: load the model with its data first")
         array = numpy_helper.to_array(init)
         raw = np.ascontiguousarray(array).tobytes()
         tensors.append((init.name, raw, init.data_type, tuple(int(d) for d in init.dims)))
@@ -328,6 +326,8 @@ def seal_model(
             model = onnx.ModelProto.FromString(bytes(model))
         except Exception as exc:  # protobuf DecodeError and friends
             raise SealedModelError("input is not an ONNX model") from exc
+    if not isinstance(model, onnx.ModelProto):  # for type checkers: bytes were parsed above
+        raise SealedModelError("input is not an ONNX model")
     if not 1024 <= chunk_size <= 64 * 1024 * 1024:
         raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
     if model_version < 1:
@@ -378,7 +378,7 @@ class SealedModelReader:
             prefix = self._data[: len(MAGIC) + 4 + _MAX_HEADER]
         else:
             self._data = None
-            self._file = open(source, "rb")  # noqa: SIM115 - closed in close()
+            self._file = open(source, "rb")
             size = os.fstat(self._file.fileno()).st_size
             prefix = self._file.read(len(MAGIC) + 4 + _MAX_HEADER)
         try:
@@ -472,7 +472,8 @@ class SealedModelReader:
         """The ONNX graph with weights still external (pointing into this container)."""
         m = self.manifest
         try:
-            return onnx.ModelProto.FromString(self.read(m.graph_offset, m.graph_length))
+            graph: onnx.ModelProto = onnx.ModelProto.FromString(self.read(m.graph_offset, m.graph_length))
+            return graph
         except Exception as exc:  # protobuf errors: authenticated but not ONNX
             raise SealedModelError("sealed payload is not an ONNX model") from exc
 
@@ -518,7 +519,7 @@ def open_model(
         length = int.from_bytes(payload[:4], "big")
         try:
             manifest = _parse_manifest(loads_json(payload[4 : 4 + length]), len(payload))
-            model = onnx.ModelProto.FromString(
+            model: onnx.ModelProto = onnx.ModelProto.FromString(
                 payload[manifest.graph_offset : manifest.graph_offset + manifest.graph_length]
             )
             spans = {t.name: (t.offset, t.length) for t in manifest.tensors}

@@ -31,8 +31,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import error_response, json_response, read_body, read_model
-from sealedml.errors import Error, ProtocolError
 from sealedml.envelope.request import ID_PATTERN
+from sealedml.errors import Error, ProtocolError
 from sealedml.keyservice import protocol as p
 from sealedml.keyservice.service import KeyService
 
@@ -41,8 +41,6 @@ __all__ = ["MAX_BODY", "create_app"]
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
 _ID = re.compile(ID_PATTERN)
-
-
 
 
 def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
@@ -83,9 +81,7 @@ def create_app(service: KeyService) -> Starlette:
         principal = await run_in_threadpool(service.register, request.headers, request.url.path, body, req)
         return json_response({"principal_id": principal})
 
-    def signed(
-        model: type[p._Msg] | None, action: Callable[..., object]
-    ) -> Callable[[Request], Awaitable[Response]]:
+    def signed(model: type[p._Msg] | None, action: Callable[..., object]) -> Callable[[Request], Awaitable[Response]]:
         async def handler(request: Request) -> Response:
             body = await read_body(request, MAX_BODY)
             model_id = _model_id(request)
@@ -112,8 +108,14 @@ def create_app(service: KeyService) -> Starlette:
         Route("/v1/health", _guard(health), methods=["GET"]),
         Route("/v1/attestation", _guard(attestation), methods=["GET"]),
         Route("/v1/principals", _guard(register), methods=["POST"]),
-        Route("/v1/models/{model_id}/keys", _guard(signed(p.ModelKeyRequest, service.upload_model_key)), methods=["POST"]),
-        Route("/v1/models/{model_id}/runtimes", _guard(signed(p.AllowRuntimeRequest, service.allow_runtime)), methods=["POST"]),
+        Route(
+            "/v1/models/{model_id}/keys", _guard(signed(p.ModelKeyRequest, service.upload_model_key)), methods=["POST"]
+        ),
+        Route(
+            "/v1/models/{model_id}/runtimes",
+            _guard(signed(p.AllowRuntimeRequest, service.allow_runtime)),
+            methods=["POST"],
+        ),
         Route("/v1/models/{model_id}/grants", _guard(signed(p.GrantRequest, service.grant)), methods=["POST"]),
         Route("/v1/models/{model_id}/consent", _guard(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
         Route("/v1/models/{model_id}/info", _guard(signed(None, service.model_info)), methods=["POST"]),

@@ -30,8 +30,14 @@ def ratls_pair(attester: Attester, tls: str) -> tuple[bytes, bytes] | None:
     return make_ratls_certificate(attester)
 
 
-def build_keyservice(data_dir: Path, *, tee: str = "simulated", lease_ttl: int = 60,
-                     verifiers: VerifierOptions | None = None, policy: Policy | None = None) -> KeyService:
+def build_keyservice(
+    data_dir: Path,
+    *,
+    tee: str = "simulated",
+    lease_ttl: int = 60,
+    verifiers: VerifierOptions | None = None,
+    policy: Policy | None = None,
+) -> KeyService:
     """Open (or initialise) the KeyService state in ``data_dir``.
 
     Args:
@@ -58,13 +64,30 @@ def build_keyservice(data_dir: Path, *, tee: str = "simulated", lease_ttl: int =
     return KeyService(store, master, attester, build_verifiers(options), lease_ttl=lease_ttl, policy=policy)
 
 
-def serve(data_dir: Path, host: str, port: int, *, tee: str = "simulated", lease_ttl: int = 60,
-          verifiers: VerifierOptions | None = None, policy: Policy | None = None, tls: str = "none") -> None:
+def serve(
+    data_dir: Path,
+    host: str,
+    port: int,
+    *,
+    tee: str = "simulated",
+    lease_ttl: int = 60,
+    verifiers: VerifierOptions | None = None,
+    policy: Policy | None = None,
+    tls: str = "none",
+) -> None:
     """Run the KeyService until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
     from sealedml.keyservice.app import create_app
 
     service = build_keyservice(data_dir, tee=tee, lease_ttl=lease_ttl, verifiers=verifiers, policy=policy)
-    serve_app(create_app(service), host, port, tls=ratls_pair(service.attester, tls),
-              announce={"service": "keyservice", "measurement": service.attester.measurement,
-                        "accepts": sorted(t.value for t in service.verifiers)})
+    serve_app(
+        create_app(service),
+        host,
+        port,
+        tls=ratls_pair(service.attester, tls),
+        announce={
+            "service": "keyservice",
+            "measurement": service.attester.measurement,
+            "accepts": sorted(t.value for t in service.verifiers),
+        },
+    )

@@ -191,7 +191,9 @@ class KeyService:
         if public_key is not None and p.principal_id_for(public_key) != principal:
             raise AuthenticationError("principal id does not match the public key")
         try:
-            verify_signature(key, signature, p.signed_call_message(method, path, timestamp, nonce, body, self.service_id))
+            verify_signature(
+                key, signature, p.signed_call_message(method, path, timestamp, nonce, body, self.service_id)
+            )
         except SignatureError as exc:
             self._audit_auth_failure(principal, path, "bad signature")
             raise AuthenticationError("bad signature") from exc
@@ -204,8 +206,15 @@ class KeyService:
         return principal
 
     def _audit_auth_failure(self, principal: str, path: str, reason: str) -> None:
-        self.store.audit({"action": "authenticate", "principal": principal[:64], "path": path[:200],
-                          "decision": "deny", "reason": reason})
+        self.store.audit(
+            {
+                "action": "authenticate",
+                "principal": principal[:64],
+                "path": path[:200],
+                "decision": "deny",
+                "reason": reason,
+            }
+        )
 
     # ------------------------------------------------------------------ principals
     def register(self, headers: Mapping[str, str], path: str, body: bytes, req: p.RegisterRequest) -> str:
@@ -220,12 +229,19 @@ class KeyService:
         try:
             verify_signature(public_key, proof, p.registration_message(self.service_id, public_key))
         except SignatureError as exc:
-            self.store.audit({"action": "register", "principal": principal, "decision": "deny",
-                              "reason": "bad proof of possession"})
+            self.store.audit(
+                {"action": "register", "principal": principal, "decision": "deny", "reason": "bad proof of possession"}
+            )
             raise AuthenticationError("proof of possession does not verify") from exc
         created = self.store.add_principal(
-            principal, public_key, {"action": "register", "principal": principal, "decision": "allow",
-                                    "reason": "proof of possession verified"},
+            principal,
+            public_key,
+            {
+                "action": "register",
+                "principal": principal,
+                "decision": "allow",
+                "reason": "proof of possession verified",
+            },
         )
         log.info("principal %s %s", principal, "registered" if created else "already registered")
         return principal
@@ -248,11 +264,16 @@ class KeyService:
         if len(key) != KEY_SIZE:
             raise ProtocolError("model key must be 32 bytes")
         wrapped = self._master.wrap(key, "model", model_id, req.model_version)
-        event = {"action": "upload_model_key", "principal": principal, "model_id": model_id,
-                 "version": req.model_version}
+        event = {
+            "action": "upload_model_key",
+            "principal": principal,
+            "model_id": model_id,
+            "version": req.model_version,
+        }
         try:
-            self.store.put_model_key(model_id, principal, req.model_version, wrapped,
-                                     {**event, "decision": "allow", "reason": "owner"})
+            self.store.put_model_key(
+                model_id, principal, req.model_version, wrapped, {**event, "decision": "allow", "reason": "owner"}
+            )
         except Conflict as exc:
             record = self.store.model(model_id)
             if record is not None and record.owner_id != principal:
@@ -265,32 +286,67 @@ class KeyService:
         record = self.store.model(model_id)
         if record is None or record.owner_id != principal:
             reason = "no such model" if record is None else "not the owner"
-            self.store.audit({"action": action, "principal": principal, "model_id": model_id, **extra,
-                              "decision": "deny", "reason": reason})
+            self.store.audit(
+                {
+                    "action": action,
+                    "principal": principal,
+                    "model_id": model_id,
+                    **extra,
+                    "decision": "deny",
+                    "reason": reason,
+                }
+            )
             raise AccessDenied()
 
     def allow_runtime(self, principal: str, model_id: str, req: p.AllowRuntimeRequest) -> None:
         """Allow or disallow a runtime measurement for the caller's model."""
         extra = {"measurement": req.measurement.lower(), "allow": req.allow}
         self._require_owner(principal, model_id, "allow_runtime", extra)
-        self.store.set_runtime_allowed(model_id, req.measurement, req.allow, {
-            "action": "allow_runtime", "principal": principal, "model_id": model_id, **extra,
-            "decision": "allow", "reason": "owner"})
+        self.store.set_runtime_allowed(
+            model_id,
+            req.measurement,
+            req.allow,
+            {
+                "action": "allow_runtime",
+                "principal": principal,
+                "model_id": model_id,
+                **extra,
+                "decision": "allow",
+                "reason": "owner",
+            },
+        )
 
     def grant(self, principal: str, model_id: str, req: p.GrantRequest) -> None:
         """Grant or revoke a user's access to the caller's model."""
         action = "grant" if req.grant else "revoke"
         self._require_owner(principal, model_id, action, {"user_id": req.user_id})
-        self.store.set_grant(model_id, req.user_id, req.grant, {
-            "action": action, "principal": principal, "model_id": model_id, "user_id": req.user_id,
-            "decision": "allow", "reason": "owner"})
+        self.store.set_grant(
+            model_id,
+            req.user_id,
+            req.grant,
+            {
+                "action": action,
+                "principal": principal,
+                "model_id": model_id,
+                "user_id": req.user_id,
+                "decision": "allow",
+                "reason": "owner",
+            },
+        )
 
     # ------------------------------------------------------------------ user operations
     def consent(self, principal: str, model_id: str, req: p.ConsentRequest) -> None:
         """Store the caller's request key for a model and the runtimes it may reach."""
         if self.store.model(model_id) is None:
-            self.store.audit({"action": "consent", "principal": principal, "model_id": model_id,
-                              "decision": "deny", "reason": "no such model"})
+            self.store.audit(
+                {
+                    "action": "consent",
+                    "principal": principal,
+                    "model_id": model_id,
+                    "decision": "deny",
+                    "reason": "no such model",
+                }
+            )
             raise NotFound("no such model")
         key = self._open_to_service(
             req.sealed_request_key, req.service_key, p.consent_info(self._hpke_public, model_id, principal)
@@ -298,18 +354,35 @@ class KeyService:
         if len(key) != KEY_SIZE:
             raise ProtocolError("request key must be 32 bytes")
         wrapped = self._master.wrap(key, "request", model_id, principal)
-        self.store.set_consent(model_id, principal, wrapped, req.measurements, {
-            "action": "consent", "principal": principal, "model_id": model_id,
-            "measurements": sorted(m.lower() for m in req.measurements), "decision": "allow", "reason": "user"})
+        self.store.set_consent(
+            model_id,
+            principal,
+            wrapped,
+            req.measurements,
+            {
+                "action": "consent",
+                "principal": principal,
+                "model_id": model_id,
+                "measurements": sorted(m.lower() for m in req.measurements),
+                "decision": "allow",
+                "reason": "user",
+            },
+        )
 
     def model_info(self, principal: str, model_id: str) -> p.ModelInfoResponse:
         """What the caller may know of a model (owner, or a granted user)."""
         record = self.store.model(model_id)
         granted = self.store.is_granted(model_id, principal)
         if record is None or (record.owner_id != principal and not granted):
-            self.store.audit({"action": "model_info", "principal": principal, "model_id": model_id,
-                              "decision": "deny", "reason": "no such model" if record is None else
-                              "neither owner nor granted"})
+            self.store.audit(
+                {
+                    "action": "model_info",
+                    "principal": principal,
+                    "model_id": model_id,
+                    "decision": "deny",
+                    "reason": "no such model" if record is None else "neither owner nor granted",
+                }
+            )
             raise AccessDenied()
         return p.ModelInfoResponse(
             model_id=model_id,
@@ -350,8 +423,11 @@ class KeyService:
             AccessDenied: always opaque; the audit log has the reason.
         """
         pairs = [(x.model_id, x.user_id) for x in req.pairs]
-        event: dict[str, Any] = {"action": "release", "pairs": [list(x) for x in pairs],
-                                 "challenge_id": req.challenge_id}
+        event: dict[str, Any] = {
+            "action": "release",
+            "pairs": [list(x) for x in pairs],
+            "challenge_id": req.challenge_id,
+        }
         try:
             payload = self._decide_release(req, event)
         except _Deny as deny:
@@ -362,13 +438,15 @@ class KeyService:
         payload["expires_at"] = expires_at
         runtime_key = HpkePublicKey.from_bytes(b64d(req.runtime_key))
         try:
-            sealed = hpke_seal(runtime_key, json.dumps(payload).encode(),
-                               p.release_info(req.challenge_id, b64d(req.runtime_key)))
+            sealed = hpke_seal(
+                runtime_key, json.dumps(payload).encode(), p.release_info(req.challenge_id, b64d(req.runtime_key))
+            )
         except CryptoError:  # e.g. a low-order X25519 point: evidence may bind it, HPKE cannot use it
             self.store.audit({**event, "decision": "deny", "reason": "unusable runtime key"})
             raise AccessDenied() from None
-        self.store.audit({**event, "decision": "allow", "reason": "evidence, grant and consent verified",
-                          "expires_at": expires_at})
+        self.store.audit(
+            {**event, "decision": "allow", "reason": "evidence, grant and consent verified", "expires_at": expires_at}
+        )
         return p.ReleaseResponse(sealed=b64e(sealed), expires_at=expires_at, lease_ttl=self.lease_ttl)
 
     def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
@@ -410,10 +488,15 @@ class KeyService:
                 request_key = self._master.unwrap(state.consent.wrapped_request_key, "request", model_id, user_id)
             except StoreError as exc:
                 raise _Deny(f"{model_id}/{user_id}: stored key unusable: {exc.message}") from None
-            leases.append({
-                "model_id": model_id, "user_id": user_id, "model_version": state.model.current_version,
-                "model_key": b64e(model_key), "request_key": b64e(request_key),
-            })
+            leases.append(
+                {
+                    "model_id": model_id,
+                    "user_id": user_id,
+                    "model_version": state.model.current_version,
+                    "model_key": b64e(model_key),
+                    "request_key": b64e(request_key),
+                }
+            )
         return {"leases": leases}
 
     def _pair_state(self, model_id: str, user_id: str) -> PairState:

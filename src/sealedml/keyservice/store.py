@@ -119,7 +119,11 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     def set_consent(
-        self, model_id: str, user_id: str, wrapped_request_key: bytes, measurements: Sequence[str],
+        self,
+        model_id: str,
+        user_id: str,
+        wrapped_request_key: bytes,
+        measurements: Sequence[str],
         audit: Mapping[str, Any],
     ) -> None:
         """Store a user's wrapped request key and consented measurements (replaces earlier ones)."""
@@ -288,7 +292,9 @@ class SQLiteKeyStore(KeyStore):
             if allowed:
                 db.execute("INSERT OR IGNORE INTO runtimes VALUES (?, ?)", (model_id, measurement.lower()))
             else:
-                db.execute("DELETE FROM runtimes WHERE model_id = ? AND measurement = ?", (model_id, measurement.lower()))
+                db.execute(
+                    "DELETE FROM runtimes WHERE model_id = ? AND measurement = ?", (model_id, measurement.lower())
+                )
             self._append_audit(db, audit)
 
     def allowed_runtimes(self, model_id: str) -> frozenset[str]:
@@ -309,7 +315,11 @@ class SQLiteKeyStore(KeyStore):
         return bool(rows and rows[0][0])
 
     def set_consent(
-        self, model_id: str, user_id: str, wrapped_request_key: bytes, measurements: Sequence[str],
+        self,
+        model_id: str,
+        user_id: str,
+        wrapped_request_key: bytes,
+        measurements: Sequence[str],
         audit: Mapping[str, Any],
     ) -> None:
         with self._tx() as db:

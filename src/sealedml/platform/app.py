@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from sealedml._internal.http import error_response, json_response, read_body
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
-from sealedml.errors import Error, ProtocolError
+from sealedml.errors import ProtocolError
 from sealedml.platform.base import Invocation, Platform, PlatformResult
 
 __all__ = ["create_app"]
@@ -36,7 +36,7 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
         try:
             return await handler(request)
         except Exception as exc:
-            return error_response(exc if isinstance(exc, Error) else exc)
+            return error_response(exc)
 
     return wrapped
 
@@ -49,11 +49,14 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         timing = f"platform-queue;dur={result.queue_s * 1000:.3f}"
         if result.server_timing:
             timing += ", " + result.server_timing
-        return {
+        headers = {
             "x-sealedml-cold-start": "1" if result.cold_start else "0",
             "x-sealedml-instance": result.instance_id,
             "server-timing": timing,
         }
+        if result.peak_bytes:
+            headers["x-sealedml-peak-bytes"] = result.peak_bytes
+        return headers
 
     async def infer(request: Request) -> Response:
         body = await read_body(request, max_body)
@@ -61,8 +64,9 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         # unchanged to the instance's native endpoint (no re-encoding).
         envelope = RequestEnvelope.parse(body)
         result = await platform.invoke(Invocation(envelope.model_id, "/v1/infer", body))
-        return Response(result.body, status_code=result.status, media_type=result.content_type,
-                        headers=_headers(result))
+        return Response(
+            result.body, status_code=result.status, media_type=result.content_type, headers=_headers(result)
+        )
 
     async def plain(request: Request) -> Response:
         model_id = request.path_params["model_id"]
@@ -70,8 +74,9 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
             raise ProtocolError("invalid model id")
         body = await read_body(request, max_body)
         result = await platform.invoke(Invocation(model_id, f"/v1/unsafe-plaintext/{model_id}", body))
-        return Response(result.body, status_code=result.status, media_type=result.content_type,
-                        headers=_headers(result))
+        return Response(
+            result.body, status_code=result.status, media_type=result.content_type, headers=_headers(result)
+        )
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok"})

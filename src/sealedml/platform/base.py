@@ -42,6 +42,7 @@ class PlatformResult:
     queue_s: float
     total_s: float
     server_timing: str = ""
+    peak_bytes: str = ""
 
 
 class Platform(abc.ABC):

@@ -102,8 +102,9 @@ class LocalPlatform(Platform):
         warm_pool: spare processes to keep started (0 = none).
     """
 
-    def __init__(self, spec: InstanceSpec, config: PoolConfig | None = None, *, policy: str = "sealedml",
-                 warm_pool: int = 0) -> None:
+    def __init__(
+        self, spec: InstanceSpec, config: PoolConfig | None = None, *, policy: str = "sealedml", warm_pool: int = 0
+    ) -> None:
         self.config = config or PoolConfig()
         self.spec = spec
         self.policy: RoutingPolicy = policy_by_name(policy)
@@ -173,8 +174,15 @@ class LocalPlatform(Platform):
         functions = {name: pool.stats() for name, pool in self._pools.items()}
         totals = {
             key: round(sum(f[key] for f in functions.values()), 3)
-            for key in ("gb_seconds", "busy_gb_seconds", "invocations", "failures", "rejected", "cold_starts",
-                        "model_loads")
+            for key in (
+                "gb_seconds",
+                "busy_gb_seconds",
+                "invocations",
+                "failures",
+                "rejected",
+                "cold_starts",
+                "model_loads",
+            )
         }
         return {
             "policy": self.policy.name,

@@ -44,21 +44,43 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.invocations = Counter("sealedml_invocations", "Invocations by function and outcome",
-                                   ["function", "outcome"], registry=self.registry)
-        self.cold_starts = Counter("sealedml_cold_starts", "Invocations that waited for a new instance",
-                                   ["function"], registry=self.registry)
+        self.invocations = Counter(
+            "sealedml_invocations",
+            "Invocations by function and outcome",
+            ["function", "outcome"],
+            registry=self.registry,
+        )
+        self.cold_starts = Counter(
+            "sealedml_cold_starts", "Invocations that waited for a new instance", ["function"], registry=self.registry
+        )
         self.instances = Gauge("sealedml_instances", "Running instances", ["function"], registry=self.registry)
-        self.queue_wait = Histogram("sealedml_queue_wait_seconds", "Time waiting for an instance slot",
-                                    ["function"], buckets=_BUCKETS, registry=self.registry)
-        self.latency = Histogram("sealedml_request_seconds", "End-to-end time in the platform",
-                                 ["function"], buckets=_BUCKETS, registry=self.registry)
-        self.phase = Histogram("sealedml_phase_seconds", "Per-phase time reported by instances",
-                               ["function", "phase"], buckets=_BUCKETS, registry=self.registry)
-        self.gb_seconds = Gauge("sealedml_gb_seconds", "Billed GB-seconds (allocated or busy)",
-                                ["function", "kind"], registry=self.registry)
-        self.model_loads = Counter("sealedml_model_loads", "Models loaded into instances",
-                                   ["function"], registry=self.registry)
+        self.queue_wait = Histogram(
+            "sealedml_queue_wait_seconds",
+            "Time waiting for an instance slot",
+            ["function"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "sealedml_request_seconds",
+            "End-to-end time in the platform",
+            ["function"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.phase = Histogram(
+            "sealedml_phase_seconds",
+            "Per-phase time reported by instances",
+            ["function", "phase"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self.gb_seconds = Gauge(
+            "sealedml_gb_seconds", "Billed GB-seconds (allocated or busy)", ["function", "kind"], registry=self.registry
+        )
+        self.model_loads = Counter(
+            "sealedml_model_loads", "Models loaded into instances", ["function"], registry=self.registry
+        )
 
 
 @dataclass
@@ -120,8 +142,9 @@ class FunctionMeter:
                 clock.busy_since = None
 
     # requests ----------------------------------------------------------------------
-    def request_done(self, *, queue_s: float, total_s: float, cold: bool, phases: dict[str, float],
-                     ok: bool, loaded_model: bool) -> None:
+    def request_done(
+        self, *, queue_s: float, total_s: float, cold: bool, phases: dict[str, float], ok: bool, loaded_model: bool
+    ) -> None:
         with self._lock:
             self.invocations += 1
             self.queue_waits.append(queue_s)

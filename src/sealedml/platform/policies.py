@@ -35,8 +35,8 @@ __all__ = [
     "PoolState",
     "Route",
     "RoutingPolicy",
-    "SealedMLPolicy",
     "SeSeMIPolicy",
+    "SealedMLPolicy",
     "StartInstance",
     "Wait",
     "policy_by_name",
@@ -213,7 +213,9 @@ class SealedMLPolicy(RoutingPolicy):
         free_holders = [i for i in holders if i.free > 0]
         if free_holders:
             # Prefer the instance the model claimed, then the least loaded holder.
-            return Route(min(free_holders, key=lambda i: (i.claimant != model_id, i.in_flight, i.instance_id)).instance_id)
+            return Route(
+                min(free_holders, key=lambda i: (i.claimant != model_id, i.in_flight, i.instance_id)).instance_id
+            )
         exec_s = max(stats.exec_s, 1e-3)
         options: list[tuple[tuple[float, int, int, int, int, str], Decision]] = []
         free = [i for i in started if i.free > 0]
@@ -242,9 +244,7 @@ class SealedMLPolicy(RoutingPolicy):
         return min(options, key=lambda option: option[0])[1]
 
 
-POLICIES: dict[str, type[RoutingPolicy]] = {
-    p.name: p for p in (PerModelPolicy, SeSeMIPolicy, SealedMLPolicy)
-}
+POLICIES: dict[str, type[RoutingPolicy]] = {p.name: p for p in (PerModelPolicy, SeSeMIPolicy, SealedMLPolicy)}
 
 
 def policy_by_name(name: str) -> RoutingPolicy:

@@ -112,8 +112,14 @@ class InstancePool:
         start_instance: coroutine returning a started instance (warm pool or spawn).
     """
 
-    def __init__(self, name: str, config: PoolConfig, policy: RoutingPolicy, meter: FunctionMeter,
-                 start_instance: Callable[[], Awaitable[tuple[WorkerProcess, bool]]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: PoolConfig,
+        policy: RoutingPolicy,
+        meter: FunctionMeter,
+        start_instance: Callable[[], Awaitable[tuple[WorkerProcess, bool]]],
+    ) -> None:
         self.name = name
         self.config = config
         self.policy = policy
@@ -142,17 +148,33 @@ class InstancePool:
         models = {}
         for model_id, clock in self._models.items():
             recent = [t for t in clock.arrivals if now - t <= 2.0]
-            models[model_id] = ModelStats(exec_s=clock.exec_s, load_s=clock.load_s,
-                                          in_flight=in_flight.get(model_id, 0), queued=queued.get(model_id, 0),
-                                          bursty=len(recent) >= 3)
+            models[model_id] = ModelStats(
+                exec_s=clock.exec_s,
+                load_s=clock.load_s,
+                in_flight=in_flight.get(model_id, 0),
+                queued=queued.get(model_id, 0),
+                bursty=len(recent) >= 3,
+            )
         instances = tuple(
-            InstanceState(instance_id=i.instance_id, capacity=self.config.concurrency, in_flight=i.in_flight,
-                          models=frozenset(i.models), claimant=i.claimant,
-                          claimant_idle_since=i.claimant_idle_since, started=not i.process.dead)
+            InstanceState(
+                instance_id=i.instance_id,
+                capacity=self.config.concurrency,
+                in_flight=i.in_flight,
+                models=frozenset(i.models),
+                claimant=i.claimant,
+                claimant_idle_since=i.claimant_idle_since,
+                started=not i.process.dead,
+            )
             for i in self._instances
         )
-        return PoolState(now=now, instances=instances, max_instances=self.config.max_instances,
-                         starting=self._starting, models=models, start_s=self._start_s)
+        return PoolState(
+            now=now,
+            instances=instances,
+            max_instances=self.config.max_instances,
+            starting=self._starting,
+            models=models,
+            start_s=self._start_s,
+        )
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
@@ -245,8 +267,14 @@ class InstancePool:
         inst = _Instance(process)
         self._instances.append(inst)
         self.meter.instance_started(inst.instance_id)
-        self.meter.starts.append({"instance": inst.instance_id, "spawn_s": round(process.spawn_s, 4),
-                                  "warm_pool": from_warm_pool, "ready_s": round(time.perf_counter() - t0, 4)})
+        self.meter.starts.append(
+            {
+                "instance": inst.instance_id,
+                "spawn_s": round(process.spawn_s, 4),
+                "warm_pool": from_warm_pool,
+                "ready_s": round(time.perf_counter() - t0, 4),
+            }
+        )
         self._dispatch()
 
     # ------------------------------------------------------------------ invoke
@@ -271,8 +299,10 @@ class InstancePool:
                 self._unassign(inst, invocation.model_id, time.time())
                 self._dispatch()
             self.meter.request_rejected()
-            raise Overloaded(f"function {self.name}: no instance free within {self.config.queue_timeout:.0f}s",
-                             retry_after=max(1.0, self._model(invocation.model_id).exec_s * len(self._queue))) from None
+            raise Overloaded(
+                f"function {self.name}: no instance free within {self.config.queue_timeout:.0f}s",
+                retry_after=max(1.0, self._model(invocation.model_id).exec_s * len(self._queue)),
+            ) from None
         except BaseException:
             if waiter in self._queue:
                 self._queue.remove(waiter)
@@ -299,13 +329,21 @@ class InstancePool:
             total = time.perf_counter() - t0
             loaded = any(p in phases for p in ("decrypt", "session"))
             self._learn(invocation.model_id, phases, time.perf_counter() - t_routed)
-            self.meter.request_done(queue_s=t_routed - t0, total_s=total, cold=cold, phases=phases, ok=ok,
-                                    loaded_model=loaded)
+            self.meter.request_done(
+                queue_s=t_routed - t0, total_s=total, cold=cold, phases=phases, ok=ok, loaded_model=loaded
+            )
             self._dispatch()
-        return PlatformResult(status=response.status_code, body=response.content,
-                              content_type=response.headers.get("content-type", "application/json"),
-                              cold_start=cold, instance_id=inst.instance_id, queue_s=t_routed - t0, total_s=total,
-                              server_timing=response.headers.get("server-timing", ""))
+        return PlatformResult(
+            status=response.status_code,
+            body=response.content,
+            content_type=response.headers.get("content-type", "application/json"),
+            cold_start=cold,
+            instance_id=inst.instance_id,
+            queue_s=t_routed - t0,
+            total_s=total,
+            server_timing=response.headers.get("server-timing", ""),
+            peak_bytes=response.headers.get("x-sealedml-peak-bytes", ""),
+        )
 
     def _learn(self, model_id: str, phases: dict[str, float], call_s: float) -> None:
         # Service time as the pool sees it (transfer + decrypt + compute), without loads.
@@ -329,8 +367,11 @@ class InstancePool:
     async def reap(self, now: float | None = None) -> int:
         """Stop instances idle past the keep-alive window, and dead ones; return how many."""
         now = time.time() if now is None else now
-        victims = [i for i in self._instances
-                   if (i.in_flight == 0 and now - i.last_used > self.config.keep_alive) or not i.process.alive()]
+        victims = [
+            i
+            for i in self._instances
+            if (i.in_flight == 0 and now - i.last_used > self.config.keep_alive) or not i.process.alive()
+        ]
         for inst in victims:
             self._instances.remove(inst)
             self.meter.instance_stopped(inst.instance_id, now)
@@ -370,8 +411,14 @@ class InstancePool:
             "queued": len(self._queue),
             "starting": self._starting,
             "instances": [
-                {"id": i.instance_id, "pid": i.process.pid, "in_flight": i.in_flight, "models": sorted(i.models),
-                 "claimant": i.claimant, "spawn_s": round(i.process.spawn_s, 4)}
+                {
+                    "id": i.instance_id,
+                    "pid": i.process.pid,
+                    "in_flight": i.in_flight,
+                    "models": sorted(i.models),
+                    "claimant": i.claimant,
+                    "spawn_s": round(i.process.spawn_s, 4),
+                }
                 for i in self._instances
             ],
         }

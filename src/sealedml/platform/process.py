@@ -40,19 +40,37 @@ class InstanceSpec:
     request_timeout: float = 300.0
     unsafe_plaintext_dir: Path | None = None
     tls: str = "none"
+    memory_budget: str | None = None
     extra_args: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
         cmd = [
-            sys.executable, "-m", "sealedml", "worker", "serve",
-            "--keyservice", self.keyservice, "--store", str(self.store),
-            "--host", self.host, "--port", "0",
-            "--concurrency", str(self.concurrency), "--tee", self.tee,
+            sys.executable,
+            "-m",
+            "sealedml",
+            "worker",
+            "serve",
+            "--keyservice",
+            self.keyservice,
+            "--store",
+            str(self.store),
+            "--host",
+            self.host,
+            "--port",
+            "0",
+            "--concurrency",
+            str(self.concurrency),
+            "--tee",
+            self.tee,
             # The decrypted-model cache gets what the memory limit leaves after the
             # runtime itself (~250 MB for Python + ONNX Runtime).
-            "--model-cache-mb", str(max(64, self.memory_mb - 250)),
-            "--tls", self.tls,
+            "--model-cache-mb",
+            str(max(64, self.memory_mb - 250)),
+            "--tls",
+            self.tls,
         ]
+        if self.memory_budget:
+            cmd += ["--memory-budget", self.memory_budget]
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
         return cmd + list(self.extra_args)
@@ -91,7 +109,9 @@ class WorkerProcess:
         """
         t0 = time.perf_counter()
         self.process = await asyncio.create_subprocess_exec(
-            *self.spec.command(), stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+            *self.spec.command(),
+            stdout=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         if self.process.stdout is None:  # pragma: no cover - PIPE always gives a stream

@@ -11,15 +11,33 @@ from sealedml.platform.process import InstanceSpec
 __all__ = ["serve"]
 
 
-def serve(keyservice: str, store: Path, host: str, port: int, *, config: PoolConfig, policy: str = "sealedml",
-          warm_pool: int = 0, tee: str = "simulated", unsafe_plaintext_dir: Path | None = None,
-          tls: str = "none") -> None:
+def serve(
+    keyservice: str,
+    store: Path,
+    host: str,
+    port: int,
+    *,
+    config: PoolConfig,
+    policy: str = "sealedml",
+    warm_pool: int = 0,
+    tee: str = "simulated",
+    unsafe_plaintext_dir: Path | None = None,
+    tls: str = "none",
+    memory_budget: str | None = None,
+) -> None:
     """Run the gateway until interrupted."""
     from sealedml._internal.serve import serve_app
     from sealedml.platform.app import create_app
 
-    spec = InstanceSpec(keyservice=keyservice, store=store.resolve(), concurrency=config.concurrency,
-                        memory_mb=config.memory_mb, tee=tee, unsafe_plaintext_dir=unsafe_plaintext_dir,
-                        tls=tls)
+    spec = InstanceSpec(
+        keyservice=keyservice,
+        store=store.resolve(),
+        concurrency=config.concurrency,
+        memory_mb=config.memory_mb,
+        tee=tee,
+        unsafe_plaintext_dir=unsafe_plaintext_dir,
+        tls=tls,
+        memory_budget=memory_budget,
+    )
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool)
     serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})

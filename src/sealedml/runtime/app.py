@@ -59,17 +59,22 @@ def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Reque
     return wrapped
 
 
-def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
-               unsafe_plaintext_dir: Path | None = None) -> Starlette:
+def create_app(
+    worker: Worker, *, max_body: int = DEFAULT_MAX_BODY, unsafe_plaintext_dir: Path | None = None
+) -> Starlette:
     """Build the runtime's ASGI app around ``worker``."""
     state = {"initialized": False}
 
     def _with_headers(response: Response, timings: dict[str, float]) -> Response:
         # Phase timings (standard Server-Timing, ms) and the models this instance holds:
         # metadata the platform sees anyway, used for metering and routing.
+        peak = timings.pop("_peak_bytes", None)
+        if peak is not None:
+            response.headers["x-sealedml-peak-bytes"] = str(int(peak))
         response.headers["server-timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
         response.headers["x-sealedml-models"] = ",".join(sorted({m["model_id"] for m in worker.loaded_models}))
         return response
+
     plain_models: dict[str, LoadedModel] = {}
 
     async def init(request: Request) -> Response:
@@ -79,7 +84,7 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
         except ValueError as exc:
             raise ProtocolError("malformed JSON") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("value", {}), dict):
-            raise ProtocolError("init body must be {\"value\": {...}}")
+            raise ProtocolError('init body must be {"value": {...}}')
         if state["initialized"]:
             return json_response({"error": "Cannot initialize the action more than once."}, status=403)
         state["initialized"] = True
@@ -94,7 +99,7 @@ def create_app(worker: Worker, *, max_body: int = DEFAULT_MAX_BODY,
         except ValueError as exc:
             raise ProtocolError("malformed JSON") from exc
         if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
-            raise ProtocolError("run body must be {\"value\": <request envelope>}")
+            raise ProtocolError('run body must be {"value": <request envelope>}')
         envelope = RequestEnvelope.parse(json.dumps(doc["value"]))
         response, timings = await worker.predict_timed(envelope)
         return _with_headers(json_response(response), timings)

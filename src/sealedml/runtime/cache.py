@@ -90,9 +90,7 @@ class SingleFlightLRU(Generic[K, V]):
         if entry is not None and self._on_evict is not None:
             self._on_evict(entry.value)
 
-    async def get(
-        self, key: K, load: Callable[[], Awaitable[tuple[V, int, float | None]]]
-    ) -> V:
+    async def get(self, key: K, load: Callable[[], Awaitable[tuple[V, int, float | None]]]) -> V:
         """Return the value for ``key``, loading it once for all concurrent callers.
 
         ``load`` returns ``(value, size_bytes, expires_at or None)``. If it

@@ -17,12 +17,14 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sealedml.attestation.base import Attester
-from sealedml.envelope.model_container import open_model
+from sealedml.envelope.model_container import SealedModelReader, open_model
 from sealedml.envelope.request import (
     MAX_CLOCK_SKEW,
     RequestEnvelope,
@@ -30,7 +32,7 @@ from sealedml.envelope.request import (
     open_request,
     seal_response,
 )
-from sealedml.errors import EnvelopeError
+from sealedml.errors import EnvelopeError, SealedModelError
 from sealedml.runtime.cache import SingleFlightLRU
 from sealedml.runtime.engine import LoadedModel, intra_op_threads
 from sealedml.runtime.release import Lease, ReleaseClient
@@ -48,12 +50,18 @@ class WorkerConfig:
     Attributes:
         concurrency: requests served at once.
         model_cache_bytes: budget of decrypted models kept (LRU).
+        memory_budget: if set, run models memory-bounded (Occlumency): weights stay
+            sealed and are decrypted per segment for each request, within this many
+            bytes of decrypted weights plus live activations per request.
+        stream_prefetch: decrypt segment k+1 while segment k computes.
         lease_margin: seconds before expiry at which a lease is renewed.
         replay_window: seconds a request id is remembered to refuse replays.
     """
 
     concurrency: int = 2
     model_cache_bytes: int = 1 << 30
+    memory_budget: int | None = None
+    stream_prefetch: bool = True
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
 
@@ -66,6 +74,7 @@ class WorkerStats:
     errors: int = 0
     releases: int = 0
     model_loads: int = 0
+    peak_bytes: int = 0
     load_breakdown: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -97,8 +106,9 @@ class Worker:
         config: instance settings.
     """
 
-    def __init__(self, attester: Attester, releaser: ReleaseClient, store: ModelStore,
-                 config: WorkerConfig | None = None) -> None:
+    def __init__(
+        self, attester: Attester, releaser: ReleaseClient, store: ModelStore, config: WorkerConfig | None = None
+    ) -> None:
         self.attester = attester
         self.config = config or WorkerConfig()
         self._releaser = releaser
@@ -150,11 +160,14 @@ class Worker:
 
             def decrypt_and_build() -> LoadedModel:
                 t1 = time.perf_counter()
-                model = open_model(path, lease.model_key, expected_model_id=lease.model_id,
-                                   expected_version=lease.model_version)
+                if self.config.memory_budget is not None:
+                    streaming: LoadedModel = self._streaming(path, lease, breakdown, t1)
+                    return streaming
+                model = open_model(
+                    path, lease.model_key, expected_model_id=lease.model_id, expected_version=lease.model_version
+                )
                 t2 = time.perf_counter()
-                loaded = LoadedModel(model, model_id=lease.model_id, version=lease.model_version,
-                                     threads=self._threads)
+                loaded = LoadedModel(model, model_id=lease.model_id, version=lease.model_version, threads=self._threads)
                 breakdown["decrypt_s"] = t2 - t1
                 breakdown["session_s"] = time.perf_counter() - t2
                 return loaded
@@ -163,12 +176,42 @@ class Worker:
             self.stats.model_loads += 1
             self.stats.load_breakdown.append(breakdown)
             if timings is not None:
-                timings.update({"fetch": breakdown["fetch_s"], "decrypt": breakdown["decrypt_s"],
-                                "session": breakdown["session_s"]})
+                timings.update(
+                    {
+                        "fetch": breakdown["fetch_s"],
+                        "decrypt": breakdown["decrypt_s"],
+                        "session": breakdown["session_s"],
+                    }
+                )
             log.info("loaded model %s v%d (%d bytes)", lease.model_id, lease.model_version, loaded.nbytes)
             return loaded, loaded.nbytes, None
 
         return await self._models.get(key, load)
+
+    def _streaming(self, path: Path, lease: Lease, breakdown: dict[str, float], t1: float) -> Any:
+        """A memory-bounded model: segment sessions now, weights decrypted per request."""
+        from sealedml.runtime.streaming import StreamingModel
+
+        def reader() -> SealedModelReader:
+            opened = SealedModelReader(path, lease.model_key)
+            if (opened.header.model_id, opened.header.model_version) != (lease.model_id, lease.model_version):
+                opened.close()
+                raise SealedModelError("sealed model is for another model id or version")
+            return opened
+
+        reader().close()  # authenticate the header against the lease before planning
+        breakdown["decrypt_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        model = StreamingModel(
+            reader,
+            budget_bytes=self.config.memory_budget,
+            threads=self._threads,
+            prefetch=self.config.stream_prefetch,
+            model_id=lease.model_id,
+            version=lease.model_version,
+        )
+        breakdown["session_s"] = time.perf_counter() - t2
+        return model
 
     def unload(self, model_id: str) -> int:
         """Drop every cached version of ``model_id``; return how many were dropped."""
@@ -194,14 +237,23 @@ class Worker:
         response, _ = await self.predict_timed(envelope)
         return response
 
-    async def predict_timed(self, envelope: RequestEnvelope) -> tuple[ResponseEnvelope, dict[str, float]]:
+    async def predict_timed(
+        self,
+        envelope: RequestEnvelope,
+        *,
+        load: Callable[[Lease, dict[str, float]], Awaitable[LoadedModel]] | None = None,
+    ) -> tuple[ResponseEnvelope, dict[str, float]]:
         """:meth:`predict`, also returning seconds per phase (attest, release, fetch,
-        decrypt, session when they happened; queue, open, compute, seal always)."""
+        decrypt, session when they happened; queue, open, compute, seal always).
+
+        ``load`` replaces the worker's own model cache (the Ray engine passes Ray
+        Serve's multiplexed loader so its router knows which replica holds which model).
+        """
         self.stats.requests += 1
         timings: dict[str, float] = {}
         try:
             lease = await self.lease(envelope.model_id, envelope.user_id, timings)
-            model = await self.load(lease, timings)
+            model = await (load or self.load)(lease, timings)
             t0 = time.perf_counter()
             async with self._gate:
                 timings["queue"] = time.perf_counter() - t0
@@ -211,14 +263,21 @@ class Worker:
             self.stats.errors += 1
             raise
 
-    def _predict_blocking(self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel,
-                          timings: dict[str, float]) -> ResponseEnvelope:
+    def _predict_blocking(
+        self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel, timings: dict[str, float]
+    ) -> ResponseEnvelope:
         t0 = time.perf_counter()
         opened = open_request(envelope, request_key=lease.request_key)
         self._replays.check_and_add(envelope.request_id, time.time())
         inputs = model.bind_inputs(opened.tensors, opened.positional)
         t1 = time.perf_counter()
-        outputs = model.run(inputs)
+        run_with_stats = getattr(model, "run_with_stats", None)
+        if run_with_stats is not None:  # memory-bounded: report this request's tracked peak
+            outputs, stats = run_with_stats(inputs)
+            timings["_peak_bytes"] = float(stats.peak_bytes)  # not a phase: the app sends it as its own header
+            self.stats.peak_bytes = max(self.stats.peak_bytes, stats.peak_bytes)
+        else:
+            outputs = model.run(inputs)
         t2 = time.perf_counter()
         response = seal_response(opened.context, outputs)
         timings.update({"open": t1 - t0, "compute": t2 - t1, "seal": time.perf_counter() - t2})
@@ -226,10 +285,10 @@ class Worker:
 
     async def aclose(self) -> None:
         """Stop: drop models and leases, release the thread pool."""
-        for key in self._models.keys():
-            self._models.discard(key)
-        for key in self._leases.keys():
-            self._leases.discard(key)
+        for model_key in self._models.keys():
+            self._models.discard(model_key)
+        for lease_key in self._leases.keys():
+            self._leases.discard(lease_key)
         await self._releaser.aclose()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -247,7 +306,18 @@ class Worker:
             "releases": self.stats.releases,
             "model_loads": self.stats.model_loads,
             "load_breakdown": self.stats.load_breakdown[-10:],
+            "memory_budget": self.config.memory_budget,
+            "peak_tracked_bytes": self.stats.peak_bytes,
+            "rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }
 
 
+def _rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0

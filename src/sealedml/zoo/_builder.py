@@ -100,9 +100,7 @@ class GraphBuilder:
             The input tensor name.
         """
         self._graph.input.append(
-            helper.make_tensor_value_info(
-                name, TensorProto.FLOAT, ["N", channels, IMAGE_SIZE, IMAGE_SIZE]
-            )
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", channels, IMAGE_SIZE, IMAGE_SIZE])
         )
         return name
 
@@ -125,16 +123,12 @@ class GraphBuilder:
         values *= np.float32(std)
         return values
 
-    def _weight_and_bias(
-        self, name: str, shape: tuple[int, ...], fan_in: int, gain: float
-    ) -> tuple[str, str]:
+    def _weight_and_bias(self, name: str, shape: tuple[int, ...], fan_in: int, gain: float) -> tuple[str, str]:
         weight = self._initializer(f"{name}.weight", self._normal(shape, gain / math.sqrt(fan_in)))
         bias = self._initializer(f"{name}.bias", self._normal((shape[0],), BIAS_STD))
         return weight, bias
 
-    def _node(
-        self, op: str, inputs: list[str], name: str, output: str | None = None, **attrs: Any
-    ) -> str:
+    def _node(self, op: str, inputs: list[str], name: str, output: str | None = None, **attrs: Any) -> str:
         self._claim(name)
         if output is None:
             output = name
@@ -175,9 +169,7 @@ class GraphBuilder:
         if in_ch % group or out_ch % group:
             raise ValueError(f"{name}: channels {in_ch}->{out_ch} not divisible by {group}")
         fan_in = in_ch // group * kernel * kernel
-        weight, bias = self._weight_and_bias(
-            name, (out_ch, in_ch // group, kernel, kernel), fan_in, gain
-        )
+        weight, bias = self._weight_and_bias(name, (out_ch, in_ch // group, kernel, kernel), fan_in, gain)
         pad = kernel // 2
         return self._node(
             "Conv",
@@ -315,8 +307,6 @@ class GraphBuilder:
         if self._built:
             raise RuntimeError("GraphBuilder.build() called twice")
         self._built = True
-        self._graph.output.append(
-            helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes])
-        )
+        self._graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", classes]))
         onnx.checker.check_model(self._model)
         return self._model

@@ -3,8 +3,9 @@
 The data set (1,797 8x8 grey-scale images, 10 classes) ships with
 scikit-learn, so nothing is downloaded. The model is a
 ``StandardScaler`` + ``LogisticRegression`` pipeline trained on raw pixel
-intensities (0..16) and converted to ONNX with skl2onnx; the scaler is part of
-the ONNX graph, so clients send raw pixels.
+intensities (0..16) and written as an ONNX graph directly (MatMul/Add/Softmax/
+ArgMax with the parameters as initializers); the scaler is part of the graph,
+so clients send raw pixels.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
-from skl2onnx import to_onnx
-from skl2onnx.common.data_types import FloatTensorType
+from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
@@ -33,7 +32,6 @@ _FEATURES = 64
 _TEST_SIZE = 0.25
 _SPLIT_SEED = 0
 _MAX_ITER = 1000
-_ML_OPSET = 3
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,23 +66,44 @@ def _read_only(array: np.ndarray) -> np.ndarray:
 
 
 def _convert(estimator: Pipeline) -> onnx.ModelProto:
-    model: onnx.ModelProto = to_onnx(
-        estimator,
-        initial_types=[("input", FloatTensorType([None, _FEATURES]))],
-        options={"zipmap": False},
-        target_opset={"": OPSET, "ai.onnx.ml": _ML_OPSET},
+    """Build the ONNX graph directly from the fitted pipeline.
+
+    ``(x - mean) / scale`` (the scaler), ``@ coef.T + intercept`` (the logits),
+    then ``Softmax`` (probabilities) and ``ArgMax`` (the label: the classes are
+    0..9). Every parameter is an initializer rather than a node attribute (as
+    skl2onnx's ML operators would make them), so sealed copies keep their
+    weights in the per-tensor layout and memory-bounded execution streams them.
+    """
+    scaler: StandardScaler = estimator.named_steps["scaler"]
+    classifier: LogisticRegression = estimator.named_steps["classifier"]
+    if list(classifier.classes_) != list(range(len(classifier.classes_))):
+        raise ValueError("digits classes must be 0..9 for ArgMax to be the label")
+    inits = [
+        numpy_helper.from_array(np.asarray(scaler.mean_, np.float32), "scaler.mean"),
+        numpy_helper.from_array(np.asarray(scaler.scale_, np.float32), "scaler.scale"),
+        numpy_helper.from_array(np.ascontiguousarray(classifier.coef_.T, np.float32), "classifier.weight"),
+        numpy_helper.from_array(np.asarray(classifier.intercept_, np.float32), "classifier.bias"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["input", "scaler.mean"], ["centered"], name="scaler.sub"),
+        helper.make_node("Div", ["centered", "scaler.scale"], ["scaled"], name="scaler.div"),
+        helper.make_node("MatMul", ["scaled", "classifier.weight"], ["matmul"], name="classifier.matmul"),
+        helper.make_node("Add", ["matmul", "classifier.bias"], ["logits"], name="classifier.add"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+        helper.make_node("ArgMax", ["logits"], ["label"], name="argmax", axis=1, keepdims=0),
+    ]
+    classes = len(classifier.classes_)
+    graph = helper.make_graph(
+        nodes,
+        "digits",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", _FEATURES])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", classes]),
+        ],
+        inits,
     )
-    # skl2onnx 1.20 lists the default domain twice in opset_import; keep one
-    # entry per domain (the highest version) so strict consumers accept it.
-    versions: dict[str, int] = {}
-    for opset in model.opset_import:
-        versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
-    del model.opset_import[:]
-    for domain, version in sorted(versions.items()):
-        model.opset_import.append(helper.make_opsetid(domain, version))
-    # Name the dynamic batch dimension like the other zoo models do.
-    for value in (*model.graph.input, *model.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=8)
     model.producer_name = "sealedml.zoo"
     model.doc_string = "digits: StandardScaler + LogisticRegression (scikit-learn load_digits)"
     onnx.checker.check_model(model)

@@ -27,9 +27,7 @@ _PROJECT_GAIN = 1.0
 _RESIDUAL_PROJECT_GAIN = 0.5
 
 
-def _inverted_residual(
-    b: GraphBuilder, x: str, index: int, in_ch: int, out_ch: int, stride: int, expand: int
-) -> str:
+def _inverted_residual(b: GraphBuilder, x: str, index: int, in_ch: int, out_ch: int, stride: int, expand: int) -> str:
     prefix = f"features.{index}.conv"
     hidden = in_ch * expand
     layer = 0

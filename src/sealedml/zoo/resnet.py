@@ -30,9 +30,7 @@ def _bottleneck(b: GraphBuilder, x: str, prefix: str, in_ch: int, width: int, st
     h = b.conv(h, f"{prefix}.conv3", width, out_ch, 1, gain=_BRANCH_GAIN)
     shortcut = x
     if stride != 1 or in_ch != out_ch:
-        shortcut = b.conv(
-            x, f"{prefix}.downsample.0", in_ch, out_ch, 1, stride=stride, gain=_SHORTCUT_GAIN
-        )
+        shortcut = b.conv(x, f"{prefix}.downsample.0", in_ch, out_ch, 1, stride=stride, gain=_SHORTCUT_GAIN)
     h = b.add(shortcut, h, f"{prefix}.add")
     return b.relu(h, f"{prefix}.relu3")
 

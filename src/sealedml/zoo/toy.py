@@ -37,9 +37,7 @@ def toy_multi_io(seed: int = 0) -> onnx.ModelProto:
     bias = rng.standard_normal((_OUT_FEATURES,), dtype=np.float32)
     graph = helper.make_graph(
         nodes=[
-            helper.make_node(
-                "MatMul", ["x", "linear.weight"], ["linear.matmul"], name="linear.matmul"
-            ),
+            helper.make_node("MatMul", ["x", "linear.weight"], ["linear.matmul"], name="linear.matmul"),
             helper.make_node("Add", ["linear.matmul", "linear.bias"], ["y"], name="linear.add"),
             helper.make_node("Add", ["idx", "one"], ["idx_plus_one"], name="increment"),
         ],

@@ -24,9 +24,7 @@ NONCE = bytes(range(100, 112))
 # McGrew & Viega, "The Galois/Counter Mode of Operation (GCM)", test cases 13,
 # 14 and 16 (AES-256). Each: key, nonce, plaintext, aad, ciphertext, tag (hex).
 GCM_VECTORS = [
-    pytest.param(
-        "00" * 32, "00" * 12, "", "", "", "530f8afbc74536b9a963b4f1c4cb738b", id="tc13-empty"
-    ),
+    pytest.param("00" * 32, "00" * 12, "", "", "", "530f8afbc74536b9a963b4f1c4cb738b", id="tc13-empty"),
     pytest.param(
         "00" * 32,
         "00" * 12,

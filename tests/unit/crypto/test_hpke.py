@@ -62,10 +62,13 @@ def test_hpke_open_by_wrong_recipient_raises_crypto_error(keys: dict[HpkeKem, Hp
         HpkePrivateKey(kem).open(ciphertext, INFO)
 
 
-@pytest.mark.parametrize(("sealed_for", "opened_by"), [
-    (HpkeKem.X25519, HpkeKem.MLKEM768_X25519),
-    (HpkeKem.MLKEM768_X25519, HpkeKem.X25519),
-])
+@pytest.mark.parametrize(
+    ("sealed_for", "opened_by"),
+    [
+        (HpkeKem.X25519, HpkeKem.MLKEM768_X25519),
+        (HpkeKem.MLKEM768_X25519, HpkeKem.X25519),
+    ],
+)
 def test_hpke_open_with_other_kem_raises_crypto_error(
     keys: dict[HpkeKem, HpkePrivateKey], sealed_for: HpkeKem, opened_by: HpkeKem
 ) -> None:
@@ -100,10 +103,13 @@ def test_hpke_open_of_tampered_ciphertext_raises_crypto_error(
 # -- public key encoding (kem id ‖ key bytes) --------------------------------------
 
 
-@pytest.mark.parametrize(("kem", "prefix", "length"), [
-    (HpkeKem.X25519, b"\x00\x20", 2 + X25519_PUBLIC_LEN),
-    (HpkeKem.MLKEM768_X25519, b"\x64\x7a", 2 + MLKEM768_PUBLIC_LEN + X25519_PUBLIC_LEN),
-])
+@pytest.mark.parametrize(
+    ("kem", "prefix", "length"),
+    [
+        (HpkeKem.X25519, b"\x00\x20", 2 + X25519_PUBLIC_LEN),
+        (HpkeKem.MLKEM768_X25519, b"\x64\x7a", 2 + MLKEM768_PUBLIC_LEN + X25519_PUBLIC_LEN),
+    ],
+)
 def test_hpke_public_key_encoding_is_kem_id_then_key_bytes(
     keys: dict[HpkeKem, HpkePrivateKey], kem: HpkeKem, prefix: bytes, length: int
 ) -> None:
@@ -203,11 +209,13 @@ def test_hpke_private_key_repr_does_not_contain_private_key(monkeypatch: pytest.
     x_seed = bytes(range(1, 33))
     m_seed = bytes(range(64, 128))
     monkeypatch.setattr(
-        hpke_module.x25519.X25519PrivateKey, "generate",
+        hpke_module.x25519.X25519PrivateKey,
+        "generate",
         staticmethod(lambda: x25519.X25519PrivateKey.from_private_bytes(x_seed)),
     )
     monkeypatch.setattr(
-        hpke_module.mlkem.MLKEM768PrivateKey, "generate",
+        hpke_module.mlkem.MLKEM768PrivateKey,
+        "generate",
         staticmethod(lambda: mlkem.MLKEM768PrivateKey.from_seed_bytes(m_seed)),
     )
     key = HpkePrivateKey(kem)

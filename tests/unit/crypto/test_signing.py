@@ -80,9 +80,19 @@ def test_verify_rejects_tampered_signature(position: int) -> None:
         verify_signature(key.public_bytes, bytes(signature), b"message")
 
 
-@pytest.mark.parametrize(("key_len", "sig_len"), [
-    (0, 64), (31, 64), (33, 64), (64, 64), (32, 0), (32, 63), (32, 65), (32, 128),
-])
+@pytest.mark.parametrize(
+    ("key_len", "sig_len"),
+    [
+        (0, 64),
+        (31, 64),
+        (33, 64),
+        (64, 64),
+        (32, 0),
+        (32, 63),
+        (32, 65),
+        (32, 128),
+    ],
+)
 def test_verify_rejects_malformed_lengths(key_len: int, sig_len: int) -> None:
     key = SigningKey.generate()
     public = (key.public_bytes * 2)[:key_len]

@@ -239,8 +239,7 @@ def test_reader_read_ranges_across_chunk_boundaries(mlp: onnx.ModelProto) -> Non
         payload = reader.read_all()
         assert b"".join(reader.iter_chunks()) == payload
         n = len(payload)
-        for offset, length in [(0, 0), (0, 1), (1023, 2), (1024, 1024), (1000, 3000), (n - 1, 1), (0, n),
-                               (n, 0)]:
+        for offset, length in [(0, 0), (0, 1), (1023, 2), (1024, 1024), (1000, 3000), (n - 1, 1), (0, n), (n, 0)]:
             assert reader.read(offset, length) == payload[offset : offset + length]
 
 
@@ -293,8 +292,17 @@ def test_header_is_canonical_json_with_documented_fields(mlp: onnx.ModelProto) -
     header = SealedModelHeader.parse(sealed)
     doc = json.loads(header.raw)
     assert canonical_json(doc) == header.raw
-    assert set(doc) == {"format", "model_id", "model_version", "plaintext_sha256", "plaintext_length",
-                        "chunk_size", "n_chunks", "salt", "base_nonce"}
+    assert set(doc) == {
+        "format",
+        "model_id",
+        "model_version",
+        "plaintext_sha256",
+        "plaintext_length",
+        "chunk_size",
+        "n_chunks",
+        "salt",
+        "base_nonce",
+    }
     assert doc["format"] == 1
 
 
@@ -357,8 +365,15 @@ def _plaintext_length(model: onnx.ModelProto) -> int:
 @pytest.mark.parametrize("chunk", ["1k", "1500", "4k", "exact", "exact-minus-one", "exact-plus-one", "64m"])
 def test_chunk_size_variants_roundtrip(mlp: onnx.ModelProto, chunk: str) -> None:
     length = _plaintext_length(mlp)
-    chunk_size = {"1k": 1024, "1500": 1500, "4k": 4096, "exact": length, "exact-minus-one": length - 1,
-                  "exact-plus-one": length + 1, "64m": 64 * 1024 * 1024}[chunk]
+    chunk_size = {
+        "1k": 1024,
+        "1500": 1500,
+        "4k": 4096,
+        "exact": length,
+        "exact-minus-one": length - 1,
+        "exact-plus-one": length + 1,
+        "64m": 64 * 1024 * 1024,
+    }[chunk]
     sealed = seal_model(mlp, model_id="mlp", model_version=1, model_key=MODEL_KEY, chunk_size=chunk_size)
     header = SealedModelHeader.parse(sealed)
     assert header.n_chunks == -(-length // chunk_size)

@@ -12,9 +12,17 @@ from sealedml.envelope.tensors import POSITIONAL_KEY, decode_tensors, encode_ten
 from sealedml.errors import EnvelopeError
 
 DTYPES = [
-    np.float16, np.float32, np.float64,
-    np.int8, np.int16, np.int32, np.int64,
-    np.uint8, np.uint16, np.uint32, np.uint64,
+    np.float16,
+    np.float32,
+    np.float64,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.uint16,
+    np.uint32,
+    np.uint64,
     np.bool_,
 ]
 SHAPES = [(0,), (1,), (3,), (0, 4), (2, 3), (2, 1, 3, 2)]
@@ -115,16 +123,23 @@ def test_positional_order_is_restored_whatever_the_insertion_order() -> None:
     assert [int(v[0]) for v in out.values()] == list(range(11))
 
 
-@pytest.mark.parametrize("array", [
-    pytest.param(np.array(["a", "bc"]), id="unicode-str"),
-    pytest.param(np.array([b"a", b"bc"]), id="bytes"),
-    pytest.param(np.array([{"a": 1}, None], dtype=object), id="object"),
-    pytest.param(np.array([1 + 2j], dtype=np.complex64), id="complex64"),
-    pytest.param(np.array(["2024-01-01"], dtype="datetime64[D]"), id="datetime"),
-    pytest.param(np.array([1], dtype=np.longdouble) if np.dtype(np.longdouble).itemsize > 8
-                 else np.array([1], dtype="timedelta64[s]"), id="longdouble-or-timedelta"),
-    pytest.param(np.zeros(2, dtype=[("a", np.int32), ("b", np.float32)]), id="structured"),
-])
+@pytest.mark.parametrize(
+    "array",
+    [
+        pytest.param(np.array(["a", "bc"]), id="unicode-str"),
+        pytest.param(np.array([b"a", b"bc"]), id="bytes"),
+        pytest.param(np.array([{"a": 1}, None], dtype=object), id="object"),
+        pytest.param(np.array([1 + 2j], dtype=np.complex64), id="complex64"),
+        pytest.param(np.array(["2024-01-01"], dtype="datetime64[D]"), id="datetime"),
+        pytest.param(
+            np.array([1], dtype=np.longdouble)
+            if np.dtype(np.longdouble).itemsize > 8
+            else np.array([1], dtype="timedelta64[s]"),
+            id="longdouble-or-timedelta",
+        ),
+        pytest.param(np.zeros(2, dtype=[("a", np.int32), ("b", np.float32)]), id="structured"),
+    ],
+)
 def test_encode_rejects_unsupported_dtype(array: np.ndarray) -> None:
     with pytest.raises(EnvelopeError):
         encode_tensors({"x": array, "ok": np.zeros(1)})
@@ -176,40 +191,77 @@ MALFORMED = [
     pytest.param((8).to_bytes(8, "little") + b"not json", id="header-not-json"),
     pytest.param((8).to_bytes(8, "little") + b"[1,2,3] ", id="header-not-object"),
     pytest.param((8).to_bytes(8, "little") + b"\xff\xfe\xfd\xfc\xfb\xfa\xf9\xf8", id="header-not-utf8"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, _F32_1),
-                 id="data-truncated"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, _F32_1),
-                 id="shape-does-not-match-length"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, _F32_1 * 2),
-                 id="hole-before-data"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                               "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="overlapping-tensors"),
-    pytest.param(_safetensors({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="unknown-dtype"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="negative-dim"),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, _F32_1), id="data-truncated"
+    ),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, _F32_1),
+        id="shape-does-not-match-length",
+    ),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, _F32_1 * 2), id="hole-before-data"
+    ),
+    pytest.param(
+        _safetensors(
+            {
+                "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            },
+            _F32_1,
+        ),
+        id="overlapping-tensors",
+    ),
+    pytest.param(
+        _safetensors({"x": {"dtype": "Q4", "shape": [1], "data_offsets": [0, 4]}}, _F32_1), id="unknown-dtype"
+    ),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, _F32_1), id="negative-dim"
+    ),
     pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [1]}}, _F32_1), id="missing-offsets"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1)[:-1],
-                 id="last-byte-dropped"),
-    pytest.param(_safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1) + b"\x00",
-                 id="trailing-byte"),
-    pytest.param(_safetensors({"__metadata__": {POSITIONAL_KEY: "1"},
-                               "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="positional-non-integer-name"),
-    pytest.param(_safetensors({"__metadata__": {POSITIONAL_KEY: "1"},
-                               "0": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-                               "2": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, _F32_1 * 2),
-                 id="positional-gap"),
-    pytest.param(_safetensors({"__metadata__": {POSITIONAL_KEY: "1"},
-                               "1": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="positional-not-starting-at-zero"),
-    pytest.param(_safetensors({"__metadata__": {POSITIONAL_KEY: "1"},
-                               "00": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="positional-leading-zero"),
-    pytest.param(_safetensors({"__metadata__": {POSITIONAL_KEY: "1"},
-                               " 0": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1),
-                 id="positional-space"),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1)[:-1], id="last-byte-dropped"
+    ),
+    pytest.param(
+        _safetensors({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1) + b"\x00",
+        id="trailing-byte",
+    ),
+    pytest.param(
+        _safetensors(
+            {"__metadata__": {POSITIONAL_KEY: "1"}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1
+        ),
+        id="positional-non-integer-name",
+    ),
+    pytest.param(
+        _safetensors(
+            {
+                "__metadata__": {POSITIONAL_KEY: "1"},
+                "0": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                "2": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            _F32_1 * 2,
+        ),
+        id="positional-gap",
+    ),
+    pytest.param(
+        _safetensors(
+            {"__metadata__": {POSITIONAL_KEY: "1"}, "1": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, _F32_1
+        ),
+        id="positional-not-starting-at-zero",
+    ),
+    pytest.param(
+        _safetensors(
+            {"__metadata__": {POSITIONAL_KEY: "1"}, "00": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            _F32_1,
+        ),
+        id="positional-leading-zero",
+    ),
+    pytest.param(
+        _safetensors(
+            {"__metadata__": {POSITIONAL_KEY: "1"}, " 0": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}},
+            _F32_1,
+        ),
+        id="positional-space",
+    ),
 ]
 
 

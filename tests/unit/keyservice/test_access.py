@@ -63,9 +63,7 @@ def test_release_rejects_revoked_user() -> None:
 
 
 def test_release_rejects_user_without_consent() -> None:
-    assert decide_pair(_state(consent=None), _claims()) == (
-        "user has not enabled the model (no request key / consent)"
-    )
+    assert decide_pair(_state(consent=None), _claims()) == ("user has not enabled the model (no request key / consent)")
 
 
 def test_release_rejects_when_owner_allows_no_runtime() -> None:
@@ -73,14 +71,16 @@ def test_release_rejects_when_owner_allows_no_runtime() -> None:
 
 
 def test_release_rejects_measurement_not_in_owner_list() -> None:
-    state = _state(allowed_runtimes=frozenset({OTHER}),
-                   consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME, OTHER})))
+    state = _state(
+        allowed_runtimes=frozenset({OTHER}), consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME, OTHER}))
+    )
     assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
 
 
 def test_release_rejects_measurement_not_in_user_consent() -> None:
-    state = _state(allowed_runtimes=frozenset({RUNTIME, OTHER}),
-                   consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
+    state = _state(
+        allowed_runtimes=frozenset({RUNTIME, OTHER}), consent=ConsentRecord("m", "u", b"w", frozenset({OTHER}))
+    )
     assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
 
 
@@ -119,8 +119,10 @@ def test_release_rejects_tcb_status_other_than_up_to_date(status: str) -> None:
 
 
 def test_measurements_compare_case_insensitively() -> None:
-    state = _state(allowed_runtimes=frozenset({RUNTIME.upper()}),
-                   consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME.upper()})))
+    state = _state(
+        allowed_runtimes=frozenset({RUNTIME.upper()}),
+        consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME.upper()})),
+    )
     assert decide_pair(state, _claims(measurement=RUNTIME)) is None
 
 
@@ -134,10 +136,12 @@ def test_rules_are_checked_in_order_model_grant_consent_runtimes() -> None:
 
 
 def test_release_policy_is_the_intersection_and_forbids_debug() -> None:
-    policy = release_policy(_state(
-        allowed_runtimes=frozenset({RUNTIME, OTHER}),
-        consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})),
-    ))
+    policy = release_policy(
+        _state(
+            allowed_runtimes=frozenset({RUNTIME, OTHER}),
+            consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})),
+        )
+    )
     assert policy.measurements == frozenset({OTHER})
     assert policy.allow_debug is False
     assert release_policy(_state(consent=None)).measurements == frozenset()

@@ -32,17 +32,34 @@ from sealedml.keyservice import protocol as p
 from sealedml.keyservice import service as service_module
 from sealedml.keyservice.service import KeyService
 
-ROUTES = {"upload_model_key": "keys", "allow_runtime": "runtimes", "grant": "grants", "consent": "consent",
-          "model_info": "info"}
+ROUTES = {
+    "upload_model_key": "keys",
+    "allow_runtime": "runtimes",
+    "grant": "grants",
+    "consent": "consent",
+    "model_info": "info",
+}
 
 
-def signed_headers(identity: Identity, path: str, body: bytes, *, service_id: str, ts: int | None = None,
-                   nonce: str | None = None, method: str = "POST") -> dict[str, str]:
+def signed_headers(
+    identity: Identity,
+    path: str,
+    body: bytes,
+    *,
+    service_id: str,
+    ts: int | None = None,
+    nonce: str | None = None,
+    method: str = "POST",
+) -> dict[str, str]:
     ts = int(time.time()) if ts is None else ts
     nonce = nonce or secrets.token_hex(16)
     signature = identity.signing_key.sign(p.signed_call_message(method, path, ts, nonce, body, service_id))
-    return {p.HDR_PRINCIPAL: identity.principal_id, p.HDR_TIMESTAMP: str(ts), p.HDR_NONCE: nonce,
-            p.HDR_SIGNATURE: b64e(signature)}
+    return {
+        p.HDR_PRINCIPAL: identity.principal_id,
+        p.HDR_TIMESTAMP: str(ts),
+        p.HDR_NONCE: nonce,
+        p.HDR_SIGNATURE: b64e(signature),
+    }
 
 
 @dataclass
@@ -67,23 +84,30 @@ class Harness:
     def register(self, identity: Identity | None = None) -> Identity:
         identity = identity or Identity.generate()
         pk = identity.signing_key.public_bytes
-        req = p.RegisterRequest(public_key=b64e(pk),
-                                proof=b64e(identity.signing_key.sign(p.registration_message(self.svc.service_id, pk))))
-        body = req.model_dump_json().encode()
-        assert self.svc.register(signed_headers(identity, "/v1/principals", body, service_id=self.svc.service_id), "/v1/principals", body, req) == (
-            identity.principal_id
+        req = p.RegisterRequest(
+            public_key=b64e(pk), proof=b64e(identity.signing_key.sign(p.registration_message(self.svc.service_id, pk)))
         )
+        body = req.model_dump_json().encode()
+        assert self.svc.register(
+            signed_headers(identity, "/v1/principals", body, service_id=self.svc.service_id),
+            "/v1/principals",
+            body,
+            req,
+        ) == (identity.principal_id)
         return identity
 
     def call(self, identity: Identity, action: str, model_id: str, req: p._Msg | None = None) -> Any:
         path = f"/v1/models/{model_id}/{ROUTES[action]}"
         body = req.model_dump_json().encode() if req is not None else b""
-        principal = self.svc.authenticate("POST", path, signed_headers(identity, path, body, service_id=self.svc.service_id), body)
+        principal = self.svc.authenticate(
+            "POST", path, signed_headers(identity, path, body, service_id=self.svc.service_id), body
+        )
         args = (principal, model_id) if req is None else (principal, model_id, req)
         return getattr(self.svc, action)(*args)
 
-    def model_key_request(self, model_id: str, version: int, key: bytes, owner: str,
-                          service_key: HpkePublicKey | None = None) -> p.ModelKeyRequest:
+    def model_key_request(
+        self, model_id: str, version: int, key: bytes, owner: str, service_key: HpkePublicKey | None = None
+    ) -> p.ModelKeyRequest:
         sk = service_key or self.service_key
         sealed = hpke_seal(sk, key, p.model_key_info(sk.to_bytes(), model_id, version, owner))
         return p.ModelKeyRequest(model_version=version, sealed_key=b64e(sealed), service_key=b64e(sk.to_bytes()))
@@ -97,9 +121,16 @@ class Harness:
     def enable(self, user: Identity, model_id: str, measurements: list[str] | None = None) -> None:
         sk = self.service_key
         sealed = hpke_seal(sk, user.request_key(model_id), p.consent_info(sk.to_bytes(), model_id, user.principal_id))
-        self.call(user, "consent", model_id, p.ConsentRequest(
-            sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()),
-            measurements=measurements or [self.runtime]))
+        self.call(
+            user,
+            "consent",
+            model_id,
+            p.ConsentRequest(
+                sealed_request_key=b64e(sealed),
+                service_key=b64e(sk.to_bytes()),
+                measurements=measurements or [self.runtime],
+            ),
+        )
 
     def publish(self, model_id: str, users: Sequence[Identity] = ()) -> tuple[Identity, bytes]:
         owner = self.register()
@@ -115,12 +146,14 @@ class Harness:
         key = HpkePrivateKey()
         runtime_key = key.public_key.to_bytes()
         evidence = (attester or self.attester).attest(b64d(challenge.nonce), runtime_key)
-        response = self.svc.release(p.ReleaseRequest(
-            challenge_id=challenge.challenge_id,
-            evidence=p.EvidenceMessage(tee=evidence.tee.value, data=b64e(evidence.data), aux=b64e(evidence.aux)),
-            runtime_key=b64e(runtime_key),
-            pairs=[p.ReleasePair(model_id=m, user_id=u) for m, u in pairs],
-        ))
+        response = self.svc.release(
+            p.ReleaseRequest(
+                challenge_id=challenge.challenge_id,
+                evidence=p.EvidenceMessage(tee=evidence.tee.value, data=b64e(evidence.data), aux=b64e(evidence.aux)),
+                runtime_key=b64e(runtime_key),
+                pairs=[p.ReleasePair(model_id=m, user_id=u) for m, u in pairs],
+            )
+        )
         payload = json.loads(key.open(b64d(response.sealed), p.release_info(challenge.challenge_id, runtime_key)))
         return Released(response, payload)
 
@@ -152,11 +185,12 @@ def test_register_is_idempotent_and_audited(h: Harness) -> None:
 def test_register_rejects_proof_for_another_keyservice(h: Harness) -> None:
     who = Identity.generate()
     pk = who.signing_key.public_bytes
-    req = p.RegisterRequest(public_key=b64e(pk),
-                            proof=b64e(who.signing_key.sign(p.registration_message("f" * 32, pk))))
+    req = p.RegisterRequest(public_key=b64e(pk), proof=b64e(who.signing_key.sign(p.registration_message("f" * 32, pk))))
     body = req.model_dump_json().encode()
     with pytest.raises(AuthenticationError):
-        h.svc.register(signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req)
+        h.svc.register(
+            signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req
+        )
     assert h.svc.store.principal_key(who.principal_id) is None
     assert h.last_audit(action="register")["reason"] == "bad proof of possession"
 
@@ -166,7 +200,9 @@ def test_register_rejects_a_key_that_is_not_ed25519_sized(h: Harness) -> None:
     req = p.RegisterRequest(public_key=b64e(b"k" * 31), proof=b64e(b"p" * 64))
     body = req.model_dump_json().encode()
     with pytest.raises(ProtocolError):
-        h.svc.register(signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req)
+        h.svc.register(
+            signed_headers(who, "/v1/principals", body, service_id=h.svc.service_id), "/v1/principals", body, req
+        )
 
 
 @pytest.mark.parametrize("nonce", ["a" * 15, "a" * 65, "-" * 16, "abc def ghi jklmn", ""])
@@ -176,8 +212,9 @@ def test_authenticate_rejects_malformed_nonce(h: Harness, nonce: str) -> None:
     headers[p.HDR_NONCE] = nonce
     # re-sign with the malformed nonce so only its format is wrong
     ts = int(headers[p.HDR_TIMESTAMP])
-    headers[p.HDR_SIGNATURE] = b64e(who.signing_key.sign(p.signed_call_message("POST", "/v1/models/m/info", ts,
-                                                                                 nonce, b"", h.svc.service_id)))
+    headers[p.HDR_SIGNATURE] = b64e(
+        who.signing_key.sign(p.signed_call_message("POST", "/v1/models/m/info", ts, nonce, b"", h.svc.service_id))
+    )
     with pytest.raises(AuthenticationError, match="malformed"):
         h.svc.authenticate("POST", "/v1/models/m/info", headers, b"")
 
@@ -340,8 +377,9 @@ def test_consent_key_sealed_for_another_user_does_not_open(h: Harness) -> None:
     h.upload(owner, "m")
     sk = h.service_key
     sealed = hpke_seal(sk, user.request_key("m"), p.consent_info(sk.to_bytes(), "m", user.principal_id))
-    captured = p.ConsentRequest(sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()),
-                                measurements=[h.runtime])
+    captured = p.ConsentRequest(
+        sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()), measurements=[h.runtime]
+    )
     with pytest.raises(ProtocolError):
         h.call(mallory, "consent", "m", captured)
     assert h.svc.store.consent("m", mallory.principal_id) is None
@@ -418,9 +456,12 @@ def test_release_challenge_is_single_use(h: Harness) -> None:
     challenge = h.svc.challenge()
     key = HpkePrivateKey().public_key.to_bytes()
     evidence = h.attester.attest(b64d(challenge.nonce), key)
-    req = p.ReleaseRequest(challenge_id=challenge.challenge_id,
-                           evidence=p.EvidenceMessage(tee="simulated", data=b64e(evidence.data)),
-                           runtime_key=b64e(key), pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)])
+    req = p.ReleaseRequest(
+        challenge_id=challenge.challenge_id,
+        evidence=p.EvidenceMessage(tee="simulated", data=b64e(evidence.data)),
+        runtime_key=b64e(key),
+        pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)],
+    )
     h.svc.release(req)
     with pytest.raises(AccessDenied):
         h.svc.release(req)
@@ -433,9 +474,12 @@ def test_release_rejects_expired_challenge(h: Harness, monkeypatch: pytest.Monke
     challenge = h.svc.challenge()
     key = HpkePrivateKey().public_key.to_bytes()
     evidence = h.attester.attest(b64d(challenge.nonce), key)
-    req = p.ReleaseRequest(challenge_id=challenge.challenge_id,
-                           evidence=p.EvidenceMessage(tee="simulated", data=b64e(evidence.data)),
-                           runtime_key=b64e(key), pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)])
+    req = p.ReleaseRequest(
+        challenge_id=challenge.challenge_id,
+        evidence=p.EvidenceMessage(tee="simulated", data=b64e(evidence.data)),
+        runtime_key=b64e(key),
+        pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)],
+    )
     later = time.monotonic() + h.svc.challenge_ttl + 1
     monkeypatch.setattr(service_module, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: later))
     with pytest.raises(AccessDenied):
@@ -458,8 +502,9 @@ def test_release_rejects_a_stored_key_moved_to_another_model(h: Harness, tmp_pat
     h.publish("a", [user])
     h.publish("b", [user])
     db = sqlite3.connect(str(tmp_path / "ks" / "keyservice.sqlite3"))
-    db.execute("UPDATE model_keys SET wrapped = (SELECT wrapped FROM model_keys WHERE model_id = 'a') "
-               "WHERE model_id = 'b'")
+    db.execute(
+        "UPDATE model_keys SET wrapped = (SELECT wrapped FROM model_keys WHERE model_id = 'a') WHERE model_id = 'b'"
+    )
     db.commit()
     db.close()
     h.release([("a", user.principal_id)])
@@ -489,5 +534,11 @@ def test_audit_chain_verifies_after_a_full_workflow(h: Harness) -> None:
         h.release([("m", stranger.principal_id)])
     n = h.svc.store.verify_audit_chain()
     actions = [r.event["action"] for r in h.svc.store.audit_records()]
-    assert n == len(actions) and {"register", "upload_model_key", "allow_runtime", "grant", "consent",
-                                  "release"} <= set(actions)
+    assert n == len(actions) and {
+        "register",
+        "upload_model_key",
+        "allow_runtime",
+        "grant",
+        "consent",
+        "release",
+    } <= set(actions)

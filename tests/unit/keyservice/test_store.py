@@ -262,11 +262,15 @@ def test_refused_write_leaves_no_audit_record(db_path: Path) -> None:
     assert store.verify_audit_chain() == 1
 
 
-@pytest.mark.parametrize("write", [
-    lambda s: s.set_runtime_allowed("missing", M1, True, {}),
-    lambda s: s.set_grant("missing", "u", True, {}),
-    lambda s: s.set_consent("missing", "u", b"rk", [M1], {}),
-], ids=["runtime", "grant", "consent"])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda s: s.set_runtime_allowed("missing", M1, True, {}),
+        lambda s: s.set_grant("missing", "u", True, {}),
+        lambda s: s.set_consent("missing", "u", b"rk", [M1], {}),
+    ],
+    ids=["runtime", "grant", "consent"],
+)
 def test_writes_about_an_unknown_model_are_refused(db_path: Path, write: Callable[[SQLiteKeyStore], None]) -> None:
     store = SQLiteKeyStore(db_path)
     with pytest.raises(NotFound):
@@ -346,8 +350,11 @@ def test_audit_chain_verifies_and_links_every_record(db_path: Path) -> None:
 
 def test_audit_chain_detects_an_edited_event(db_path: Path) -> None:
     _store_with_audit(db_path).close()
-    _tamper(db_path, "UPDATE audit SET event = ? WHERE seq = 3",
-            ('{"action":"release","decision":"allow","reason":"reason 2"}',))
+    _tamper(
+        db_path,
+        "UPDATE audit SET event = ? WHERE seq = 3",
+        ('{"action":"release","decision":"allow","reason":"reason 2"}',),
+    )
     with pytest.raises(StoreError, match="broken at record 3"):
         SQLiteKeyStore(db_path).verify_audit_chain()
 
@@ -386,8 +393,9 @@ def test_audit_chain_detects_a_rehashed_record(db_path: Path) -> None:
     db = sqlite3.connect(str(db_path))
     seq, ts, prev = db.execute("SELECT seq, ts, prev_hash FROM audit WHERE seq = 2").fetchone()
     forged = {"action": "release", "decision": "allow", "reason": "forged"}
-    db.execute("UPDATE audit SET event = ?, hash = ? WHERE seq = 2",
-               (json.dumps(forged), chain_hash(prev, seq, ts, forged)))
+    db.execute(
+        "UPDATE audit SET event = ?, hash = ? WHERE seq = 2", (json.dumps(forged), chain_hash(prev, seq, ts, forged))
+    )
     db.commit()
     db.close()
     with pytest.raises(StoreError, match="broken at record 3"):

@@ -18,15 +18,16 @@ from sealedml.platform.policies import (
 )
 
 
-def inst(iid: str, *, in_flight: int = 0, models=(), claimant=None, idle_since=None, capacity: int = 2,
-         started: bool = True) -> InstanceState:
+def inst(
+    iid: str, *, in_flight: int = 0, models=(), claimant=None, idle_since=None, capacity: int = 2, started: bool = True
+) -> InstanceState:
     return InstanceState(iid, capacity, in_flight, frozenset(models), claimant, idle_since, started)
 
 
-def state(*instances: InstanceState, max_instances: int = 4, starting: int = 0, now: float = 100.0,
-          **models: ModelStats) -> PoolState:
-    return PoolState(now=now, instances=instances, max_instances=max_instances, starting=starting,
-                     models=models)
+def state(
+    *instances: InstanceState, max_instances: int = 4, starting: int = 0, now: float = 100.0, **models: ModelStats
+) -> PoolState:
+    return PoolState(now=now, instances=instances, max_instances=max_instances, starting=starting, models=models)
 
 
 # ---------------------------------------------------------------- per-model
@@ -108,8 +109,9 @@ def test_sealedml_switches_when_loading_is_cheaper_than_waiting():
 
 def test_sealedml_keeps_bursty_models_sticky():
     # b runs a burst of x: m takes c although c holds more models
-    s = state(inst("b", in_flight=1, claimant="x"), inst("c", models={"y", "z"}),
-              x=ModelStats(bursty=True, in_flight=1))
+    s = state(
+        inst("b", in_flight=1, claimant="x"), inst("c", models={"y", "z"}), x=ModelStats(bursty=True, in_flight=1)
+    )
     assert SealedMLPolicy().decide("m", s) == Route("c", claim=True)
 
 
@@ -125,8 +127,12 @@ def test_sealedml_never_takes_a_slot_its_claimants_queue_is_waiting_for():
 
 
 def test_sealedml_shares_a_busy_claimants_free_slot_when_cheaper_than_starting():
-    s = state(inst("b", in_flight=1, claimant="x"), max_instances=2, x=ModelStats(in_flight=1, load_s=0.2),
-              m=ModelStats(load_s=0.2))
+    s = state(
+        inst("b", in_flight=1, claimant="x"),
+        max_instances=2,
+        x=ModelStats(in_flight=1, load_s=0.2),
+        m=ModelStats(load_s=0.2),
+    )
     assert SealedMLPolicy().decide("m", s) == Route("b", claim=False)
 
 
@@ -136,8 +142,12 @@ def test_sealedml_waits_for_a_slot_rather_than_start_when_the_queue_is_short():
 
 
 def test_sealedml_starts_an_instance_under_queue_pressure():
-    s = state(inst("a", in_flight=2, models={"x"}), max_instances=4,
-              x=ModelStats(exec_s=0.05, queued=200), m=ModelStats(exec_s=0.05, load_s=0.3))
+    s = state(
+        inst("a", in_flight=2, models={"x"}),
+        max_instances=4,
+        x=ModelStats(exec_s=0.05, queued=200),
+        m=ModelStats(exec_s=0.05, load_s=0.3),
+    )
     assert SealedMLPolicy().decide("m", s) == StartInstance()
 
 

@@ -65,8 +65,13 @@ def pools(draw: st.DrawFn, busy: bool = False) -> PoolState:
         for m in MODELS
         if draw(st.booleans())
     }
-    return PoolState(now=draw(st.floats(100, 200)), instances=tuple(members), max_instances=max_instances,
-                     starting=starting, models=stats)
+    return PoolState(
+        now=draw(st.floats(100, 200)),
+        instances=tuple(members),
+        max_instances=max_instances,
+        starting=starting,
+        models=stats,
+    )
 
 
 def _by_id(state: PoolState, decision: Route) -> InstanceState:

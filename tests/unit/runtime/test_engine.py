@@ -87,14 +87,17 @@ def test_misnamed_input_reports_both_sides(toy: LoadedModel) -> None:
         toy.bind_inputs({"X": x, "idx": idx}, positional=False)
 
 
-@pytest.mark.parametrize(("name", "bad"), [
-    ("x", np.zeros((2, 4), np.float64)),
-    ("x", np.zeros((2, 4), np.float16)),
-    ("x", np.zeros((2, 4), np.int32)),
-    ("idx", np.zeros(2, np.int32)),
-    ("idx", np.zeros(2, np.uint64)),
-    ("idx", np.zeros(2, np.bool_)),
-])
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("x", np.zeros((2, 4), np.float64)),
+        ("x", np.zeros((2, 4), np.float16)),
+        ("x", np.zeros((2, 4), np.int32)),
+        ("idx", np.zeros(2, np.int32)),
+        ("idx", np.zeros(2, np.uint64)),
+        ("idx", np.zeros(2, np.bool_)),
+    ],
+)
 def test_wrong_dtype_is_rejected_with_input_name(toy: LoadedModel, name: str, bad: np.ndarray) -> None:
     x, idx = _inputs(2)
     tensors = {"x": x, "idx": idx, name: bad}
@@ -102,12 +105,15 @@ def test_wrong_dtype_is_rejected_with_input_name(toy: LoadedModel, name: str, ba
         toy.bind_inputs(tensors, positional=False)
 
 
-@pytest.mark.parametrize(("name", "bad"), [
-    ("x", np.zeros(4, np.float32)),
-    ("x", np.zeros((1, 2, 4), np.float32)),
-    ("x", np.array(1.0, np.float32)),
-    ("idx", np.zeros((2, 1), np.int64)),
-])
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("x", np.zeros(4, np.float32)),
+        ("x", np.zeros((1, 2, 4), np.float32)),
+        ("x", np.array(1.0, np.float32)),
+        ("idx", np.zeros((2, 1), np.int64)),
+    ],
+)
 def test_wrong_rank_is_rejected_with_input_name(toy: LoadedModel, name: str, bad: np.ndarray) -> None:
     x, idx = _inputs(2)
     tensors = {"x": x, "idx": idx, name: bad}
@@ -116,9 +122,7 @@ def test_wrong_rank_is_rejected_with_input_name(toy: LoadedModel, name: str, bad
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
-def test_run_returns_correct_values(
-    toy: LoadedModel, toy_weights: tuple[np.ndarray, np.ndarray], batch: int
-) -> None:
+def test_run_returns_correct_values(toy: LoadedModel, toy_weights: tuple[np.ndarray, np.ndarray], batch: int) -> None:
     weight, bias = toy_weights
     x, idx = _inputs(batch)
     out = toy.run(toy.bind_inputs({"x": x, "idx": idx}, positional=False))
@@ -155,7 +159,8 @@ def test_positional_inputs_with_non_index_names_raise_input_error(toy: LoadedMod
 
 def test_unloadable_model_raises_sealed_model_error() -> None:
     graph = helper.make_graph(
-        [helper.make_node("NoSuchOp", ["x"], ["y"])], "broken",
+        [helper.make_node("NoSuchOp", ["x"], ["y"])],
+        "broken",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
@@ -168,7 +173,8 @@ def test_unloadable_model_raises_sealed_model_error() -> None:
 
 def test_model_with_unsupported_input_type_raises_sealed_model_error() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["s"], ["t"])], "strings",
+        [helper.make_node("Identity", ["s"], ["t"])],
+        "strings",
         [helper.make_tensor_value_info("s", TensorProto.STRING, [1])],
         [helper.make_tensor_value_info("t", TensorProto.STRING, [1])],
     )
@@ -177,10 +183,16 @@ def test_model_with_unsupported_input_type_raises_sealed_model_error() -> None:
         LoadedModel(model, model_id="strings", version=1)
 
 
-@pytest.mark.parametrize(("name", "dtype"), [
-    ("tensor(float)", np.float32), ("tensor(int64)", np.int64), ("tensor(bool)", np.bool_),
-    ("tensor(uint8)", np.uint8), ("tensor(float16)", np.float16),
-])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [
+        ("tensor(float)", np.float32),
+        ("tensor(int64)", np.int64),
+        ("tensor(bool)", np.bool_),
+        ("tensor(uint8)", np.uint8),
+        ("tensor(float16)", np.float16),
+    ],
+)
 def test_ort_dtype_maps_supported_types(name: str, dtype: type[np.generic]) -> None:
     assert ort_dtype(name) == np.dtype(dtype)
 
@@ -193,16 +205,19 @@ def test_ort_dtype_returns_none_for_unsupported_types(name: str) -> None:
 # -- intra-op threads -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("concurrency", "cores", "expected"), [
-    (2, 2, 1),
-    (1, 2, 2),
-    (4, 2, 1),
-    (3, 8, 2),
-    (1, 16, 16),
-    (16, 16, 1),
-    (0, 4, 4),
-    (-3, 4, 4),
-])
+@pytest.mark.parametrize(
+    ("concurrency", "cores", "expected"),
+    [
+        (2, 2, 1),
+        (1, 2, 2),
+        (4, 2, 1),
+        (3, 8, 2),
+        (1, 16, 16),
+        (16, 16, 1),
+        (0, 4, 4),
+        (-3, 4, 4),
+    ],
+)
 def test_intra_op_threads(concurrency: int, cores: int, expected: int) -> None:
     assert intra_op_threads(concurrency, cores=cores) == expected
 

@@ -46,9 +46,7 @@ def resnet() -> onnx.ModelProto:
 
 @pytest.fixture(params=["mobilenetv2", "resnet50"])
 def cnn(request: pytest.FixtureRequest) -> onnx.ModelProto:
-    model: onnx.ModelProto = request.getfixturevalue(
-        {"mobilenetv2": "mobilenet", "resnet50": "resnet"}[request.param]
-    )
+    model: onnx.ModelProto = request.getfixturevalue({"mobilenetv2": "mobilenet", "resnet50": "resnet"}[request.param])
     return model
 
 
@@ -63,9 +61,7 @@ def test_digits_accuracy_and_onnx_matches_sklearn() -> None:
     labels, probabilities = _session(dm.model).run(None, {"input": dm.x_test})
     np.testing.assert_array_equal(labels, dm.estimator.predict(dm.x_test))
     assert accuracy == pytest.approx(float(np.mean(labels == dm.y_test)))
-    np.testing.assert_allclose(
-        probabilities, dm.estimator.predict_proba(dm.x_test), rtol=0, atol=1e-4
-    )
+    np.testing.assert_allclose(probabilities, dm.estimator.predict_proba(dm.x_test), rtol=0, atol=1e-4)
 
 
 def test_digits_data_split() -> None:
@@ -140,11 +136,7 @@ def test_mobilenetv2_structure(mobilenet: onnx.ModelProto) -> None:
     # stem + 2 convs in the t=1 block + 3 in each of the 16 others + final 1x1
     assert ops.count("Conv") == 1 + 2 + 16 * 3 + 1
     assert ops.count("Add") == 10  # identity shortcuts: blocks with stride 1 and same width
-    groups = [
-        next(a.i for a in n.attribute if a.name == "group")
-        for n in mobilenet.graph.node
-        if n.op_type == "Conv"
-    ]
+    groups = [next(a.i for a in n.attribute if a.name == "group") for n in mobilenet.graph.node if n.op_type == "Conv"]
     assert sum(g > 1 for g in groups) == 17  # one depthwise conv per inverted residual
     weights = {t.name: tuple(t.dims) for t in mobilenet.graph.initializer}
     assert weights["features.0.weight"] == (32, 3, 3, 3)

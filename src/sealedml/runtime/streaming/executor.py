@@ -223,8 +223,9 @@ class StreamingModel:
                 if budget_bytes is None:
                     raise ConfigurationError("give a memory budget or a plan")
                 sizes = {name: entry.length for name, entry in self._entries.items()}
-                plan = make_plan(reader.graph(), sizes, budget_bytes, batch=batch, prefetch=prefetch,
-                                 reserve_bytes=reserve)
+                plan = make_plan(
+                    reader.graph(), sizes, budget_bytes, batch=batch, prefetch=prefetch, reserve_bytes=reserve
+                )
         finally:
             if self._factory is not None:
                 reader.close()
@@ -250,8 +251,9 @@ class StreamingModel:
             data = plan.segment_model(segment.index).SerializeToString()
             nbytes += len(data)
             try:
-                session = ort.InferenceSession(data, segment_session_options(threads),
-                                               providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(
+                    data, segment_session_options(threads), providers=["CPUExecutionProvider"]
+                )
             except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
                 raise SealedModelError(
                     f"model {self.model_id} v{self.version}: segment {segment.index} cannot be loaded"
@@ -316,13 +318,18 @@ class StreamingModel:
         return named
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model within the budget (thread-safe; blocking).
+        """Run the model within the budget (thread-safe; blocking); see :meth:`run_with_stats`."""
+        outputs, _ = self.run_with_stats(inputs)
+        return outputs
+
+    def run_with_stats(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
+        """Run the model within the budget (thread-safe; blocking); also return this run's figures.
 
         Args:
             inputs: tensors keyed by input name (see :meth:`bind_inputs`).
 
         Returns:
-            The outputs keyed by name.
+            The outputs keyed by name, and this run's :class:`RunStats` (peak bytes, times).
 
         Raises:
             SealedModelError: a weight chunk failed authentication (tampered, truncated,
@@ -344,9 +351,10 @@ class StreamingModel:
         reader = self._open_reader()
         pending: Future[_Loaded] | None = None
         segment_stats: list[SegmentStats] = []
+        pool = self._pool
         try:
-            if self._pool is not None and self.plan.segments:
-                pending = self._pool.submit(self._decrypt, reader, self.plan.segments[0], tracker)
+            if pool is not None and self.plan.segments:
+                pending = self._prefetch(pool, reader, self.plan.segments[0], tracker)
             for k, segment in enumerate(self.plan.segments):
                 waited = 0.0
                 if pending is not None:
@@ -356,9 +364,9 @@ class StreamingModel:
                     finally:
                         pending = None
                     waited = time.perf_counter() - t0
-                    if self._pool is not None and k + 1 < len(self.plan.segments):
+                    if pool is not None and k + 1 < len(self.plan.segments):
                         # One segment ahead only: the planner budgeted for exactly this.
-                        pending = self._pool.submit(self._decrypt, reader, self.plan.segments[k + 1], tracker)
+                        pending = self._prefetch(pool, reader, self.plan.segments[k + 1], tracker)
                 else:
                     loaded = self._decrypt(reader, segment, tracker)
                 compute = self._compute(segment, env, loaded, tracker)
@@ -382,7 +390,7 @@ class StreamingModel:
         )
         with self._lock:
             self._last_stats = stats
-        return outputs
+        return outputs, stats
 
     @property
     def last_stats(self) -> RunStats | None:
@@ -397,9 +405,13 @@ class StreamingModel:
         return stats.peak_bytes if stats is not None else None
 
     def close(self) -> None:
-        """Stop the prefetch threads (pending work finishes first). Idempotent."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """Stop the prefetch threads (pending work finishes first). Idempotent.
+
+        Later runs still work, without prefetch.
+        """
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __enter__(self) -> StreamingModel:
         return self
@@ -476,8 +488,7 @@ class StreamingModel:
             tracker.release(scratch, "scratch")
         return _Loaded(arrays, held, time.perf_counter() - started)
 
-    def _compute(self, segment: Segment, env: dict[str, np.ndarray], loaded: _Loaded,
-                 tracker: MemoryTracker) -> float:
+    def _compute(self, segment: Segment, env: dict[str, np.ndarray], loaded: _Loaded, tracker: MemoryTracker) -> float:
         """Run one segment; drop its weights and the activations it was the last consumer of."""
         feeds: dict[str, np.ndarray] = {name: env[name] for name in segment.inputs}
         feeds.update(loaded.arrays)
@@ -508,6 +519,15 @@ class StreamingModel:
                 tracker.release(dropped.nbytes)
         return elapsed
 
+    def _prefetch(
+        self, pool: ThreadPoolExecutor, reader: SealedModelReader, segment: Segment, tracker: MemoryTracker
+    ) -> Future[_Loaded] | None:
+        """Start decrypting ``segment`` in the background; None if the pool was closed meanwhile."""
+        try:
+            return pool.submit(self._decrypt, reader, segment, tracker)
+        except RuntimeError:  # close() raced with this run: decrypt inline instead
+            return None
+
     def _abandon(self, pending: Future[_Loaded], tracker: MemoryTracker) -> None:
         """After a failed run: wait for an in-flight prefetch and drop what it decrypted."""
         if pending.cancel():
@@ -518,4 +538,3 @@ class StreamingModel:
             return
         loaded.arrays.clear()
         tracker.release(loaded.nbytes, "weights")
-

@@ -100,8 +100,16 @@ class BudgetError(ConfigurationError):
     code = "budget"
 
     def __init__(
-        self, *, tensor: str, kind: str, needed_bytes: int, node: str, node_bytes: int, budget: int,
-        minimum_budget: int, prefetch: bool,
+        self,
+        *,
+        tensor: str,
+        kind: str,
+        needed_bytes: int,
+        node: str,
+        node_bytes: int,
+        budget: int,
+        minimum_budget: int,
+        prefetch: bool,
     ) -> None:
         self.tensor = tensor
         self.kind = kind
@@ -284,6 +292,32 @@ class _Base:
     estimated: tuple[str, ...]
 
 
+def _probe(model: onnx.ModelProto, weights: frozenset[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose sealed weights are data-less stubs (shape inference needs
+    only their dims and type, and an inline model may carry hundreds of megabytes)."""
+    graph = model.graph
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.functions.extend(model.functions)
+    probe.graph.name = graph.name
+    probe.graph.node.extend(graph.node)
+    probe.graph.input.extend(graph.input)
+    probe.graph.output.extend(graph.output)
+    probe.graph.sparse_initializer.extend(graph.sparse_initializer)
+    for init in graph.initializer:
+        if init.name not in weights:
+            probe.graph.initializer.append(init)
+            continue
+        stub = probe.graph.initializer.add()
+        stub.name, stub.data_type = init.name, init.data_type
+        stub.dims.extend(init.dims)
+        stub.data_location = TensorProto.EXTERNAL
+        entry = stub.external_data.add()
+        entry.key, entry.value = "location", "sealedml:weights"
+    return probe
+
+
 def _infer(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, tuple[int, ...] | None]]:
     """Element type and shape of every value, with every symbolic dimension set to ``batch``."""
     probe = onnx.ModelProto()
@@ -358,7 +392,8 @@ def _analyze(model: onnx.ModelProto, weight_sizes: Mapping[str, int], batch: int
         node_weights = tuple(dict.fromkeys(weights[name] for name in node.input if name in weights))
         ops.append(Op(copy, node_weights, copy.name))
 
-    first, second = _infer(model, batch), _infer(model, batch + 1)
+    probe = _probe(model, frozenset(weights))
+    first, second = _infer(probe, batch), _infer(probe, batch + 1)
     infos: dict[str, TensorInfo] = {}
     for name, (elem_type, shape) in first.items():
         if name in weights or name in constants:
@@ -476,8 +511,8 @@ class _Violation:
     tensor_bytes: int
 
 
-def _violations(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[_Violation]:
-    """Nodes that cannot fit even as single-node segments.
+def _violations(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[tuple[int, int]]:
+    """Nodes that cannot fit even as single-node segments, as ``(index, bytes needed)``.
 
     A plan exists iff every node fits alone and, with prefetch, every node's working
     set plus the next node's weights fits: any segment containing node i holds at
@@ -485,28 +520,26 @@ def _violations(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> 
     segment or prefetched during it. (Shared weights make this sufficient rather
     than exact, which only errs on the safe side.)
     """
-    found: list[_Violation] = []
-    for i, op in enumerate(exp.ops):
+    found: list[tuple[int, int]] = []
+    for i in range(life.n):
         need = life.op_weights[i] + life.live_at[i]
         if prefetch and i + 1 < life.n:
             need += life.op_weights[i + 1]
-        if need <= limit:
-            continue
-        candidates: list[tuple[int, str, str]] = [
-            (life.size[name], name, "activation")
-            for name, p in life.produced.items()
-            if max(p, 0) <= i <= life.last[name] and p <= i
-        ]
-        candidates.extend((w.nbytes, w.name, "weight") for w in op.weights)
-        if prefetch and i + 1 < life.n:
-            candidates.extend((w.nbytes, w.name, "weight") for w in exp.ops[i + 1].weights)
-        nbytes, name, kind = max(candidates, default=(0, op.node.name, "activation"))
-        tensor = name
-        for w in (*op.weights, *(exp.ops[i + 1].weights if prefetch and i + 1 < life.n else ())):
-            if w.name == name:
-                tensor = w.tensor
-        found.append(_Violation(i, op.source, need, tensor, kind, nbytes))
+        if need > limit:
+            found.append((i, need))
     return found
+
+
+def _describe(exp: _Expanded, life: _Liveness, i: int, need: int, prefetch: bool) -> _Violation:
+    """Name the largest tensor at node ``i``: the bottleneck reported to the user."""
+    op = exp.ops[i]
+    weights = (*op.weights, *(exp.ops[i + 1].weights if prefetch and i + 1 < life.n else ()))
+    candidates: list[tuple[int, str, str]] = [
+        (life.size[name], name, "activation") for name, p in life.produced.items() if max(p, 0) <= i <= life.last[name]
+    ]
+    candidates.extend((w.nbytes, w.tensor, "weight") for w in weights)
+    nbytes, name, kind = max(candidates, default=(0, op.node.name, "activation"))
+    return _Violation(i, op.source, need, name, kind, nbytes)
 
 
 class _Infeasible(Exception):
@@ -530,27 +563,35 @@ def _initial_pieces(base: _Base, index: int, live: int, limit: int, prefetch: bo
     return max(2, min(units, math.ceil(op.weight_bytes / allowance)))
 
 
+def _activation_floor(base: _Base) -> tuple[int, _Expanded, _Liveness]:
+    """The largest set of activations alive at one node of the unsplit graph.
+
+    Splitting never lowers it (a split layer's last piece still sees its input and the
+    whole output), so no budget below it (plus the reserve) can work.
+    """
+    exp = _expand(base, {})
+    life = _liveness(exp, base)
+    return max(life.live_at, default=0), exp, life
+
+
 def _fit(base: _Base, limit: int, prefetch: bool) -> tuple[_Expanded, _Liveness, dict[int, int]]:
     """Split nodes until every node fits ``limit`` alone; raise :class:`_Infeasible` if impossible."""
+    floor, exp, base_life = _activation_floor(base)
+    if floor > limit:
+        i = base_life.live_at.index(floor)
+        raise _Infeasible(_describe(exp, base_life, i, floor + base_life.op_weights[i], prefetch))
     pieces: dict[int, int] = {}
-    base_life: _Liveness | None = None
+    life = base_life
     for _ in range(_MAX_SPLIT_ROUNDS):
-        exp = _expand(base, pieces)
-        life = _liveness(exp, base)
-        if base_life is None:
-            base_life = life
         bad = _violations(exp, life, limit, prefetch)
         if not bad:
             return exp, life, pieces
         progressed = False
-        for violation in bad:
-            i = violation.index
+        for i, _need in bad:
             culprits = {exp.origin[i]}
             if prefetch and i + 1 < life.n:
                 culprits.add(exp.origin[i + 1])
-            splittable = [
-                c for c in culprits if pieces.get(c, 1) < split_units(base.ops[c], base.infos)
-            ]
+            splittable = [c for c in culprits if pieces.get(c, 1) < split_units(base.ops[c], base.infos)]
             if not splittable:
                 continue
             # Split the heavier candidate: that is the one whose weights crowd the budget.
@@ -558,12 +599,16 @@ def _fit(base: _Base, limit: int, prefetch: bool) -> tuple[_Expanded, _Liveness,
             if target in pieces:
                 pieces[target] = min(split_units(base.ops[target], base.infos), pieces[target] * 2)
             else:
-                # The first round ran unsplit, so its liveness is indexed like base.ops.
+                # base_life comes from the unsplit graph, so it is indexed like base.ops.
                 pieces[target] = _initial_pieces(base, target, base_life.live_at[target], limit, prefetch)
             progressed = True
         if not progressed:
-            raise _Infeasible(max(bad, key=lambda v: v.node_bytes))
-    raise _Infeasible(max(bad, key=lambda v: v.node_bytes))  # pragma: no cover - doubling ends long before
+            i, need = max(bad, key=lambda v: v[1])
+            raise _Infeasible(_describe(exp, life, i, need, prefetch))
+        exp = _expand(base, pieces)
+        life = _liveness(exp, base)
+    i, need = max(bad, key=lambda v: v[1])  # pragma: no cover - doubling ends long before
+    raise _Infeasible(_describe(exp, life, i, need, prefetch))  # pragma: no cover
 
 
 def _minimum_budget(base: _Base, start: int, prefetch: bool, reserve: int) -> int:
@@ -576,8 +621,11 @@ def _minimum_budget(base: _Base, start: int, prefetch: bool, reserve: int) -> in
             return False
         return True
 
-    lo = max(start, reserve)
-    hi = max(2 * lo, reserve + 1, 1 << 20)
+    floor = _activation_floor(base)[0] + reserve
+    if floor > start and feasible(floor):
+        return floor  # activation-bound: the floor is exact
+    lo = max(start, floor - 1)
+    hi = max(2 * lo, floor, 1 << 20)
     while not feasible(hi):
         lo, hi = hi, hi * 2
         if hi > 1 << 50:  # pragma: no cover - would need petabytes of activations
@@ -677,8 +725,9 @@ def _cut(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[tu
     return cuts[::-1]
 
 
-def _segments(exp: _Expanded, life: _Liveness, base: _Base, cuts: Sequence[tuple[int, int]],
-              prefetch: bool) -> tuple[Segment, ...]:
+def _segments(
+    exp: _Expanded, life: _Liveness, base: _Base, cuts: Sequence[tuple[int, int]], prefetch: bool
+) -> tuple[Segment, ...]:
     skip = base.weight_names | set(exp.constants) | {w.name for op in exp.ops for w in op.weights}
     out: list[Segment] = []
     weights_of: list[tuple[WeightSlice, ...]] = []
@@ -688,12 +737,11 @@ def _segments(exp: _Expanded, life: _Liveness, base: _Base, cuts: Sequence[tuple
         ops = exp.ops[a:b]
         consumed = dict.fromkeys(name for op in ops for name in op.inputs if name not in skip)
         inputs = tuple(name for name in consumed if life.produced.get(name, -1) < a)
-        outputs = tuple(
-            name for op in ops for name in op.outputs if life.last[name] >= b or name in base.outputs
-        )
+        outputs = tuple(name for op in ops for name in op.outputs if life.last[name] >= b or name in base.outputs)
         held = [name for name, p in life.produced.items() if p < a <= life.last[name]]
         release = tuple(
-            name for name, p in life.produced.items()
+            name
+            for name, p in life.produced.items()
             if p < a and life.last[name] < b and name not in base.outputs and (life.last[name] >= a or k == 0)
         )
         held_bytes = sum(life.size[name] for name in held)
@@ -705,8 +753,9 @@ def _segments(exp: _Expanded, life: _Liveness, base: _Base, cuts: Sequence[tuple
             act = max(act, life.live_at[i] + dead_held)
         weight_bytes = sum(w.nbytes for w in weights_of[k])
         prefetch_bytes = sum(w.nbytes for w in weights_of[k + 1]) if prefetch and k + 1 < len(cuts) else 0
-        out.append(Segment(k, ops, weights_of[k], inputs, outputs, release, held_bytes, weight_bytes, act,
-                           prefetch_bytes))
+        out.append(
+            Segment(k, ops, weights_of[k], inputs, outputs, release, held_bytes, weight_bytes, act, prefetch_bytes)
+        )
     return tuple(out)
 
 
@@ -755,8 +804,14 @@ def plan(
         v = exc.violation
         minimum = _minimum_budget(base, budget_bytes, prefetch, reserve_bytes)
         raise BudgetError(
-            tensor=v.tensor, kind=v.kind, needed_bytes=v.tensor_bytes, node=v.node, node_bytes=v.node_bytes,
-            budget=budget_bytes, minimum_budget=minimum, prefetch=prefetch,
+            tensor=v.tensor,
+            kind=v.kind,
+            needed_bytes=v.tensor_bytes,
+            node=v.node,
+            node_bytes=v.node_bytes,
+            budget=budget_bytes,
+            minimum_budget=minimum,
+            prefetch=prefetch,
         ) from None
     cuts = _cut(exp, life, limit, prefetch)
     segments = _segments(exp, life, base, cuts, prefetch)

@@ -41,7 +41,9 @@ def mlp(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("MatMul", ["h4", "fc3.weight"], ["logits"], name="fc3"),
     ]
     graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", F32, ["N", 64])],
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", F32, ["N", 64])],
         [helper.make_tensor_value_info("logits", F32, ["N", 10])],
         [numpy_helper.from_array(a, n) for n, a in weights.items()],
     )
@@ -109,10 +111,21 @@ def test_tight_budget_splits_and_still_matches(mlp_sealed: bytes, mlp_feeds: dic
     model.close()
 
 
+def test_closed_model_still_runs_without_prefetch(mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]) -> None:
+    model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=300_000, prefetch=True)
+    first = model.run(mlp_feeds)
+    model.close()
+    model.close()
+    assert_close(model.run(mlp_feeds), first, tol=0.0)
+    assert all(s.wait_s == 0.0 for s in model.last_stats.segments)
+
+
 def test_toy_model_with_two_inputs_and_integer_output(toy_model: onnx.ModelProto) -> None:
     sealed = seal_model(toy_model, model_id="toy", model_version=1, model_key=KEY)
-    feeds = {"x": np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32),
-             "idx": np.arange(3, dtype=np.int64)}
+    feeds = {
+        "x": np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32),
+        "idx": np.arange(3, dtype=np.int64),
+    }
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=1_000_000, batch=3)
     assert [s.name for s in model.inputs] == ["x", "idx"]
     assert [s.dtype for s in model.inputs] == [np.dtype(np.float32), np.dtype(np.int64)]
@@ -124,18 +137,19 @@ def test_toy_model_with_two_inputs_and_integer_output(toy_model: onnx.ModelProto
     model.close()
 
 
-def test_digits_classifier_streams_with_attribute_weights() -> None:
+def test_digits_classifier_streams_its_weights() -> None:
     dm = zoo.digits()
     sealed = seal_model(dm.model, model_id="digits", model_version=1, model_key=KEY)
     feeds = {"input": np.ascontiguousarray(dm.x_test[:16])}
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=1_000_000, batch=16, prefetch=False)
     assert_close(model.run(feeds), whole_outputs(sealed, feeds))
-    # Its parameters are node attributes, so there is nothing to decrypt per run.
-    assert model.plan.weight_bytes == 0
+    # Its parameters are initializers (scaler mean/scale, weight, bias): decrypted per run.
+    assert model.plan.weight_bytes == (64 + 64 + 64 * 10 + 10) * 4
 
 
-def test_reader_factory_opens_a_reader_per_run(tmp_path: Path, mlp_sealed: bytes,
-                                               mlp_feeds: dict[str, np.ndarray]) -> None:
+def test_reader_factory_opens_a_reader_per_run(
+    tmp_path: Path, mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]
+) -> None:
     path = tmp_path / "mlp.sealed"
     path.write_bytes(mlp_sealed)
     opened: list[SealedModelReader] = []

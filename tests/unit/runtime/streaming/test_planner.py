@@ -19,8 +19,12 @@ F32 = TensorProto.FLOAT
 KEY = bytes(range(32))
 
 
-def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outputs: list[onnx.ValueInfoProto],
-           weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    weights: dict[str, np.ndarray],
+) -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in weights.items()])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
@@ -41,8 +45,12 @@ def residual_mlp() -> onnx.ModelProto:
         helper.make_node("MatMul", ["s", "w3"], ["h3"], name="mm3"),
         helper.make_node("Relu", ["h3"], ["y"], name="relu3"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["N", 256])],
-                  [helper.make_tensor_value_info("y", F32, ["N", 256])], weights)
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["N", 256])],
+        [helper.make_tensor_value_info("y", F32, ["N", 256])],
+        weights,
+    )
 
 
 def check_plan(p: Plan, model: onnx.ModelProto) -> None:
@@ -113,7 +121,9 @@ def test_prefetch_plan_bounds_each_segment_plus_the_next_segments_weights() -> N
     tighter = plan(model, sizes, 200_000, prefetch=True)
     check_plan(tighter, model)
     assert {name: strategy for name, (strategy, _) in tighter.splits.items()} == {
-        "mm1": "matmul-k-rows", "mm2": "matmul-k-rows", "mm3": "matmul-k-rows"
+        "mm1": "matmul-k-rows",
+        "mm2": "matmul-k-rows",
+        "mm3": "matmul-k-rows",
     }
     p = plan(model, sizes, 600_000, prefetch=True)
     check_plan(p, model)

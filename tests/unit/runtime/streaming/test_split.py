@@ -25,8 +25,13 @@ def _whole(name: str, array: np.ndarray) -> WeightSlice:
     return WeightSlice.whole(name, F32, array.shape, array.nbytes)
 
 
-def _run(nodes: list[onnx.NodeProto], inputs: dict[str, np.ndarray], weights: dict[str, np.ndarray],
-         constants: list[TensorProto], output: str) -> np.ndarray:
+def _run(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, np.ndarray],
+    weights: dict[str, np.ndarray],
+    constants: list[TensorProto],
+    output: str,
+) -> np.ndarray:
     graph = helper.make_graph(
         nodes,
         "g",
@@ -46,8 +51,14 @@ def _slice_bytes(full: dict[str, np.ndarray], weight: WeightSlice) -> np.ndarray
     return np.frombuffer(chunk, dtype=np.float32).reshape(weight.dims)
 
 
-def _check_split(node: onnx.NodeProto, x: np.ndarray, weights: dict[str, np.ndarray],
-                 infos: dict[str, TensorInfo], pieces: int, strategy: str) -> None:
+def _check_split(
+    node: onnx.NodeProto,
+    x: np.ndarray,
+    weights: dict[str, np.ndarray],
+    infos: dict[str, TensorInfo],
+    pieces: int,
+    strategy: str,
+) -> None:
     op = Op(node, tuple(_whole(n, a) for n, a in weights.items()), node.name)
     assert split_strategy(op, infos) == strategy
     expected = _run([node], {"x": x}, weights, [], "y")

@@ -1,0 +1,250 @@
+"""The Ray Serve engine: the same runtime as a Ray Serve deployment, for clusters.
+
+``sealedml platform serve --engine ray`` deploys two Ray Serve deployments:
+
+* ``sealedml-runtime`` — one replica = one runtime instance (a
+  :class:`~sealedml.runtime.worker.Worker`: its own attester, key leases and
+  model cache); ``max_ongoing_requests`` = the instance concurrency;
+  autoscaling from zero to ``max_replicas`` on ongoing requests, back to zero
+  after the keep-alive window; **model multiplexing**: requests carry their
+  model id as Ray Serve's multiplexed model id, so the router prefers a replica
+  that already holds the model, and each replica keeps up to
+  ``max_models_per_replica`` decrypted models (Ray's LRU).
+* ``sealedml-gateway`` — the HTTP ingress (same API as the embedded gateway:
+  ``POST /v1/infer``, ``GET /v1/health``, ``GET /v1/stats``); it reads only the
+  envelope's metadata and forwards the bytes.
+
+Ray is an optional dependency (``pip install sealedml[ray]``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from sealedml.errors import ConfigurationError
+
+__all__ = ["RayEngineConfig", "build_app", "serve_ray"]
+
+log = logging.getLogger(__name__)
+
+
+class RayEngineConfig:
+    """Settings of the Ray Serve deployment (mirrors the embedded platform's flags)."""
+
+    def __init__(
+        self,
+        *,
+        keyservice: str,
+        store: Path,
+        concurrency: int = 2,
+        max_replicas: int = 2,
+        keep_alive: float = 60.0,
+        max_models_per_replica: int = 4,
+        tee: str = "simulated",
+        replica_cpus: float = 1.0,
+    ) -> None:
+        self.keyservice = keyservice
+        self.store = Path(store).resolve()
+        self.concurrency = concurrency
+        self.max_replicas = max_replicas
+        self.keep_alive = keep_alive
+        self.max_models_per_replica = max_models_per_replica
+        self.tee = tee
+        self.replica_cpus = replica_cpus
+
+
+def _require_ray() -> Any:
+    try:
+        import ray
+        from ray import serve
+    except ImportError as exc:
+        raise ConfigurationError("the Ray engine needs Ray Serve: pip install 'sealedml[ray]'") from exc
+    return ray, serve
+
+
+_, _serve = _require_ray()
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse, Response  # noqa: E402
+
+from sealedml._internal.http import error_response, status_for  # noqa: E402
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, RequestEnvelope  # noqa: E402
+from sealedml.errors import Error  # noqa: E402
+
+#: Decrypted models one replica keeps (Ray Serve's multiplexing LRU).
+MAX_MODELS_PER_REPLICA = 4
+
+
+# Deployments live at module level so Ray pickles them by reference (the
+# package is importable in every worker); settings arrive through ``bind``.
+@_serve.deployment(name="sealedml-runtime")
+class RuntimeReplica:
+    """One runtime instance inside a Ray actor."""
+
+    def __init__(self, config: RayEngineConfig) -> None:
+        from sealedml.runtime.server import build_worker
+
+        self.worker = build_worker(config.keyservice, config.store, concurrency=config.concurrency, tee=config.tee)
+        # Created here, in the replica: a ContextVar cannot be pickled with the class.
+        self._current: contextvars.ContextVar[tuple[Any, dict[str, float]]] = contextvars.ContextVar("lease")
+
+    @_serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)  # type: ignore[untyped-decorator]
+    async def get_model(self, model_id: str) -> Any:
+        lease, timings = self._current.get()
+        if lease.model_id != model_id:  # cannot happen: the gateway sets both from one envelope
+            raise ConfigurationError("multiplexed model id does not match the request")
+        return await self.worker.load(lease, timings)
+
+    async def _load(self, lease: Any, timings: dict[str, float]) -> Any:
+        token = self._current.set((lease, timings))
+        try:
+            model = await self.get_model(lease.model_id)
+        finally:
+            self._current.reset(token)
+        if model.version != lease.model_version:  # a newer version was published: load it
+            model = await self.worker.load(lease, timings)
+        return model
+
+    async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            envelope = RequestEnvelope.parse(body)
+            response, timings = await self.worker.predict_timed(envelope, load=self._load)
+        except Error as exc:
+            return status_for(exc), json.dumps({"error": exc.code, "message": exc.message}).encode(), {}
+        timings.pop("_peak_bytes", None)
+        timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
+        return 200, response.to_binary(), {"server-timing": timing}
+
+
+@_serve.deployment(name="sealedml-gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Gateway:
+    """HTTP ingress: reads the envelope's metadata only and forwards the bytes."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        try:
+            if request.method == "GET" and path == "/v1/health":
+                return JSONResponse({"status": "ok", "engine": "ray"})
+            if request.method == "GET" and path == "/v1/stats":
+                return JSONResponse(_ray_stats())
+            if request.method == "POST" and path == "/v1/infer":
+                body = await request.body()
+                if len(body) > 64 * 1024 * 1024:
+                    return JSONResponse({"error": "too_large", "message": "body too large"}, status_code=413)
+                envelope = RequestEnvelope.parse(body)
+                handle = self.runtime.options(multiplexed_model_id=envelope.model_id)
+                status, out, headers = await handle.predict.remote(body)
+                media = BINARY_CONTENT_TYPE if status == 200 else "application/json"
+                return Response(out, status_code=status, media_type=media, headers=headers)
+            return JSONResponse({"error": "not_found", "message": "not found"}, status_code=404)
+        except Error as exc:
+            return error_response(exc)
+
+
+def build_app(config: RayEngineConfig) -> Any:
+    """The Ray Serve application: the gateway bound to the autoscaled, multiplexed runtime."""
+    runtime = RuntimeReplica.options(  # type: ignore[attr-defined]
+        max_ongoing_requests=config.concurrency,
+        ray_actor_options={"num_cpus": config.replica_cpus},
+        autoscaling_config={
+            "min_replicas": 0,
+            "initial_replicas": 0,
+            "max_replicas": config.max_replicas,
+            "target_ongoing_requests": config.concurrency,
+            "upscale_delay_s": 0.0,
+            "downscale_delay_s": config.keep_alive,
+            "downscale_to_zero_delay_s": config.keep_alive,
+            "metrics_interval_s": 1.0,
+            "look_back_period_s": 2.0,
+        },
+    )
+    return Gateway.bind(runtime.bind(config))  # type: ignore[attr-defined]
+
+
+def _ray_stats() -> dict[str, Any]:
+    _, serve = _require_ray()
+    status = serve.status()
+    apps: dict[str, Any] = {}
+    for app_name, app in status.applications.items():
+        deployments = {}
+        for name, dep in app.deployments.items():
+            counts = {str(k.value if hasattr(k, "value") else k): v for k, v in dep.replica_states.items()}
+            deployments[name] = {
+                "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                "replicas": counts,
+            }
+        apps[app_name] = deployments
+    return {"engine": "ray", "applications": apps}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def serve_ray(
+    config: RayEngineConfig,
+    host: str,
+    port: int,
+    *,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    temp_dir: Path | None = None,
+) -> None:
+    """Start (or join) Ray, deploy SealedML on Ray Serve, and block until SIGINT/SIGTERM.
+
+    Args:
+        config: deployment settings.
+        host: HTTP host of Ray Serve's proxy.
+        port: HTTP port (0 = a free port; the URL is printed).
+        ray_address: an existing cluster (``ray://`` or ``auto``); default: start a local one.
+        num_cpus: CPUs of a local Ray (default: all).
+        temp_dir: Ray's session directory for a local Ray (default: a new temporary directory).
+    """
+    ray, serve = _require_ray()
+    port = port or _free_port(host)
+    owned_tmp = None
+    if ray_address is None and temp_dir is None:
+        owned_tmp = tempfile.mkdtemp(prefix="sr-")
+        temp_dir = Path(owned_tmp)
+    ray.init(
+        address=ray_address,
+        num_cpus=num_cpus if ray_address is None else None,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="sealedml",
+        _temp_dir=str(temp_dir) if ray_address is None else None,
+        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("SEALEDML_")}},
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(config), name="sealedml", route_prefix="/")
+        print(
+            json.dumps({"event": "listening", "url": f"http://{host}:{port}", "service": "platform", "engine": "ray"}),
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if owned_tmp is not None:
+                import shutil
+
+                shutil.rmtree(owned_tmp, ignore_errors=True)

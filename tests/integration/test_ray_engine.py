@@ -1,0 +1,84 @@
+"""The Ray Serve engine serves encrypted inference end to end: scale from zero, two models on one replica."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from sealedml._internal.procs import ServiceProcess
+from tests.conftest import Stack, start_keyservice
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+def _replicas(gateway: str) -> dict[str, int]:
+    stats = httpx.get(f"{gateway}/v1/stats", timeout=30).json()
+    return stats["applications"]["sealedml"]["sealedml-runtime"]["replicas"]
+
+
+def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, monkeypatch):
+    home_before = set(Path.home().iterdir()) if Path.home().exists() else set()
+    ray_dir = Path("/tmp") / f"sr{tmp_path.name[-12:]}"  # short: Ray's socket paths must fit 107 bytes
+    ks = start_keyservice(tmp_path)
+    gw = None
+    try:
+        gw = ServiceProcess.start(
+            [
+                "platform",
+                "serve",
+                "--engine",
+                "ray",
+                "--keyservice",
+                ks.url,
+                "--store",
+                str(tmp_path / "store"),
+                "--port",
+                "0",
+                "--max-instances",
+                "1",
+                "--concurrency",
+                "2",
+                "--keep-alive",
+                "30",
+                "--ray-cpus",
+                "2",
+                "--ray-temp-dir",
+                str(ray_dir),
+            ],
+            name="ray-platform",
+            log_path=tmp_path / "ray-platform.log",
+            timeout=240,
+        )
+        stack = Stack(tmp_path, ks, gw)
+        owner, owner_ks = stack.principal()
+        user, user_ks = stack.principal()
+        stack.publish(owner_ks, toy_model, "ray-a", users=[(user, user_ks)])
+        from sealedml import zoo
+
+        stack.publish(owner_ks, zoo.digits().model, "ray-b", users=[(user, user_ks)])
+
+        assert sum(v for k, v in _replicas(gw.url).items() if "RUNNING" in k) == 0  # scaled to zero
+        client = stack.infer_client(user)
+        client._http.timeout = httpx.Timeout(240)
+        out = client.infer("ray-a", {"x": np.ones((1, 4), np.float32), "idx": np.array([4], np.int64)})
+        assert int(out["idx_plus_one"][0]) == 5  # the first request scaled the runtime up from zero
+        dm = zoo.digits()
+        labels = client.infer("ray-b", dm.x_test[:5])["label"]
+        assert list(labels) == list(dm.estimator.predict(dm.x_test[:5]))
+        running = {k: v for k, v in _replicas(gw.url).items() if "RUNNING" in k}
+        assert sum(running.values()) == 1  # both models multiplexed on the single replica
+        for client_ in stack.clients:
+            client_.close()  # type: ignore[attr-defined]
+    finally:
+        if gw is not None:
+            gw.stop(grace=60)
+        ks.stop()
+        import shutil
+
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    home_after = set(Path.home().iterdir()) if Path.home().exists() else set()
+    assert not {p.name for p in home_after - home_before if p.name.startswith(".ray") or p.name == "ray"}
