@@ -155,7 +155,7 @@ SPECIFIC_WRONG: dict[str, list[Any]] = {
         {"challenge_id": "c", "evidence": "AAAA", "runtime_key": "", "pairs": [{"model_id": "m", "user_id": "u"}]},
     ],
     "/init": [{"value": 5}, {"value": []}, {"value": "x"}],
-    "/run": [{"value": 5}, {"value": []}, {"value": {"model_id": 5}}, {"value": {"v": 2}}, {"activation_id": "a"}],
+    "/run": [{"value": 5}, {"value": []}, {"value": "x"}],
     "/v1/infer": [
         {
             "v": 2,
@@ -271,8 +271,22 @@ def test_wrong_json_types_are_a_4xx(clients: dict[str, httpx.Client], endpoint: 
     expected = endpoint.malformed_status
     if endpoint.path == "/init" and kind == "unknown-field":
         expected = 403  # OpenWhisk init bodies may carry other keys: valid, but this worker is initialised
-    assert_json_4xx(post(client, endpoint.path, json.dumps(WRONG_TYPES[kind]).encode()), expected)
+    response = post(client, endpoint.path, json.dumps(WRONG_TYPES[kind]).encode())
+    if endpoint.path == "/run" and kind == "unknown-field":
+        # OpenWhisk: a missing "value" is {} — the action runs and refuses it as an application error
+        assert response.status_code == 200 and response.json()["error"] == "bad_envelope"
+    else:
+        assert_json_4xx(response, expected)
     assert_alive(client)
+
+
+@pytest.mark.parametrize("value", [{"model_id": 5}, {"v": 2}, {}], ids=["model-id-type", "version", "empty"])
+def test_run_refuses_malformed_envelopes_as_openwhisk_application_errors(
+    clients: dict[str, httpx.Client], value: dict[str, Any]
+) -> None:
+    response = post(clients["worker"], "/run", json.dumps({"value": value, "activation_id": "a"}).encode())
+    assert response.status_code == 200 and response.json()["error"] == "bad_envelope"
+    assert_alive(clients["worker"])
 
 
 @pytest.mark.parametrize(
@@ -471,9 +485,10 @@ def test_worker_follows_the_openwhisk_init_protocol(stack: Any, tmp_path: Path) 
             second = post(client, "/init", b'{"value": {"name": "again"}}')
             assert_json_4xx(second, 403)
             assert "more than once" in second.json()["error"]
-            # now /run serves: a well-formed request for a model nobody published is an opaque denial
-            doc = assert_json_4xx(post(client, "/run", run_body), 403)
-            assert doc == {"error": "denied", "message": "denied"}
+            # now /run serves: a well-formed request for a model nobody published is an opaque
+            # denial, reported as an OpenWhisk application error (200 + error: container kept)
+            denied = post(client, "/run", run_body)
+            assert denied.status_code == 200 and denied.json() == {"error": "denied", "message": "denied"}
             assert_alive(client)
     finally:
         worker.stop()

@@ -34,5 +34,18 @@ def write_private_file_once(path: Path, data: bytes) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:
+        # No hard links (Gramine does not implement link/linkat): create-exclusive
+        # directly. A crash mid-write leaves a short file, which unsealing rejects.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return True
     finally:
         tmp.unlink(missing_ok=True)

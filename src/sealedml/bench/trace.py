@@ -89,6 +89,14 @@ async def _replay(
         return await asyncio.gather(*(one(e) for e in events))
 
 
+def _wait_for_warm_pool(gateway: str, spares: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(f"{gateway}/v1/stats", timeout=10).json().get("warm_pool_ready", 0) >= spares:
+            return
+        time.sleep(0.2)
+
+
 def _wait_until_idle(gateway: str, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     stats: dict[str, Any] = {}
@@ -188,6 +196,7 @@ def run_trace(
             with ServiceProcess.start(
                 args, name=f"platform-{name}", log_path=stack.workdir / f"platform-{name}.log"
             ) as gw:
+                _wait_for_warm_pool(gw.url, warm_pool)  # every policy starts from the same state
                 t0 = time.perf_counter()
                 outcomes = asyncio.run(_replay(gw.url, events, users, x, timeout=300))
                 replay_s = time.perf_counter() - t0

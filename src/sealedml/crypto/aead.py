@@ -13,7 +13,15 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealedml.errors import CryptoError
 
-__all__ = ["KEY_SIZE", "NONCE_SIZE", "TAG_SIZE", "aead_decrypt", "aead_encrypt", "derive_nonce"]
+__all__ = [
+    "KEY_SIZE",
+    "NONCE_SIZE",
+    "TAG_SIZE",
+    "aead_decrypt",
+    "aead_decrypt_into",
+    "aead_encrypt",
+    "derive_nonce",
+]
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -59,3 +67,39 @@ def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byt
         return _cipher(key).decrypt(nonce, ciphertext, aad)
     except InvalidTag as exc:
         raise CryptoError("authentication failed") from exc
+
+
+def aead_decrypt_into(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, aad: bytes, out: memoryview) -> int:
+    """Authenticate and decrypt ``ciphertext`` (ciphertext ‖ 16-byte tag) straight into ``out``.
+
+    No intermediate plaintext object: the caller's buffer (e.g. a slice of a NumPy
+    weight array) receives the plaintext. ``cryptography``'s ``decrypt_into`` writes
+    the plaintext *before* the tag check completes, so on failure ``out`` is zeroed
+    here: no unauthenticated plaintext is left behind.
+
+    Args:
+        key: the 32-byte key.
+        nonce: the 12-byte nonce.
+        ciphertext: ciphertext followed by its tag (any bytes-like object).
+        aad: associated data.
+        out: a writable buffer of exactly ``len(ciphertext) - TAG_SIZE`` bytes.
+
+    Returns:
+        The number of plaintext bytes written.
+
+    Raises:
+        CryptoError: a wrong nonce or buffer size, or the ciphertext, nonce, AAD or key is
+            wrong (no detail, by design).
+    """
+    if len(nonce) != NONCE_SIZE:
+        raise CryptoError("nonce must be 12 bytes")
+    target = memoryview(out)
+    size = memoryview(ciphertext).nbytes - TAG_SIZE
+    if size < 0 or target.nbytes != size:
+        raise CryptoError("output buffer must be the ciphertext length minus the tag")
+    try:
+        written: int = _cipher(key).decrypt_into(nonce, ciphertext, aad, target)
+    except InvalidTag as exc:
+        target.cast("B")[:] = bytes(size)
+        raise CryptoError("authentication failed") from exc
+    return written

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from sealedml.attestation.base import Claims
-from sealedml.attestation.policy import Policy
+from sealedml.attestation.policy import DEFAULT_TCB_STATUSES, Policy
 from sealedml.errors import PolicyError
 from sealedml.keyservice.store import ConsentRecord, ModelRecord
 
@@ -40,8 +40,11 @@ def release_policy(state: PairState, base: Policy | None = None) -> Policy:
     The operator's policy contributes its TCB, debug, SVN and collateral rules;
     its measurement list (if any) further restricts, an empty one does not.
     """
-    owner = Policy.for_measurements(state.allowed_runtimes)
-    user = Policy.for_measurements(state.consent.measurements if state.consent else ())
+    # Owners and users choose measurements; TCB statuses are the operator's call
+    # (default: UpToDate only), so an operator policy can accept e.g. SWHardeningNeeded.
+    statuses = base.tcb_statuses if base is not None else DEFAULT_TCB_STATUSES
+    owner = Policy.for_measurements(state.allowed_runtimes, tcb_statuses=statuses)
+    user = Policy.for_measurements(state.consent.measurements if state.consent else (), tcb_statuses=statuses)
     pair = owner.intersect(user)
     if base is None:
         return pair

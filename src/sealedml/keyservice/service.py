@@ -44,7 +44,6 @@ from sealedml.errors import (
     Conflict,
     CryptoError,
     Error,
-    NotFound,
     Overloaded,
     ProtocolError,
     SignatureError,
@@ -347,7 +346,7 @@ class KeyService:
                     "reason": "no such model",
                 }
             )
-            raise NotFound("no such model")
+            raise AccessDenied()  # opaque: existence of model ids is not revealed
         key = self._open_to_service(
             req.sealed_request_key, req.service_key, p.consent_info(self._hpke_public, model_id, principal)
         )

@@ -91,6 +91,12 @@ def create_app(
         return json_response({"ok": True})
 
     async def run(request: Request) -> Response:
+        # OpenWhisk semantics: a body that is not {"value": {...}} is a protocol error
+        # (4xx); everything the action itself refuses — a denied user, a tampered or
+        # malformed envelope, a model failing authentication — is an *application
+        # error*: HTTP 200 with {"error": ...}. Any non-200 answer makes OpenWhisk's
+        # invoker destroy the container (ContainerProxy), dropping its decrypted
+        # models and leases and failing its other in-flight activations.
         body = await read_body(request, max_body)
         if not state["initialized"]:
             return json_response({"error": "not_initialized", "message": "POST /init first"}, status=403)
@@ -98,10 +104,17 @@ def create_app(
             doc = loads_json(body)
         except ValueError as exc:
             raise ProtocolError("malformed JSON") from exc
-        if not isinstance(doc, dict) or not isinstance(doc.get("value"), dict):
+        if not isinstance(doc, dict) or not isinstance(doc.get("value", {}), dict):
             raise ProtocolError('run body must be {"value": <request envelope>}')
-        envelope = RequestEnvelope.parse(json.dumps(doc["value"]))
-        response, timings = await worker.predict_timed(envelope)
+        try:
+            # OpenWhisk merges parameters bound with `wsk action create -p` into every
+            # activation's value: keep only the envelope's own fields.
+            value = {k: v for k, v in doc.get("value", {}).items() if k in RequestEnvelope.model_fields}
+            envelope = RequestEnvelope.parse(json.dumps(value))
+            response, timings = await worker.predict_timed(envelope)
+        except Error as exc:
+            log.info("activation failed: %s", exc.code)
+            return json_response({"error": exc.code, "message": exc.message}, status=200)
         return _with_headers(json_response(response), timings)
 
     async def infer(request: Request) -> Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -84,8 +85,13 @@ class _ReplayCache:
     def __init__(self, window: float, capacity: int = 200_000) -> None:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._window, self._capacity = window, capacity
+        self._lock = threading.Lock()  # called from the request thread pool
 
     def check_and_add(self, request_id: str, now: float) -> None:
+        with self._lock:
+            self._check_and_add(request_id, now)
+
+    def _check_and_add(self, request_id: str, now: float) -> None:
         while self._seen:
             rid, ts = next(iter(self._seen.items()))
             if now - ts <= self._window and len(self._seen) < self._capacity:

@@ -145,3 +145,13 @@ def test_release_policy_is_the_intersection_and_forbids_debug() -> None:
     assert policy.measurements == frozenset({OTHER})
     assert policy.allow_debug is False
     assert release_policy(_state(consent=None)).measurements == frozenset()
+
+
+def test_operator_policy_can_accept_more_tcb_statuses_than_the_default() -> None:
+    from sealedml.attestation.policy import Policy
+
+    state = _state()
+    claims = _claims(tcb_status="SWHardeningNeeded")
+    assert decide_pair(state, claims) is not None  # default: UpToDate only
+    operator = Policy(tcb_statuses=frozenset({"UpToDate", "SWHardeningNeeded"}))
+    assert decide_pair(state, claims, operator) is None

@@ -23,7 +23,6 @@ from sealedml.errors import (
     AccessDenied,
     AuthenticationError,
     Conflict,
-    NotFound,
     Overloaded,
     ProtocolError,
 )
@@ -365,9 +364,9 @@ def test_owner_operations_on_unknown_model_are_denied_like_non_owner(h: Harness,
     assert h.last_audit(action=action, decision="deny")["reason"] == "no such model"
 
 
-def test_consent_to_unknown_model_is_not_found(h: Harness) -> None:
+def test_consent_to_unknown_model_is_denied_opaquely(h: Harness) -> None:
     user = h.register()
-    with pytest.raises(NotFound):
+    with pytest.raises(AccessDenied):
         h.enable(user, "missing")
     assert h.last_audit(action="consent")["reason"] == "no such model"
 

@@ -12,19 +12,30 @@ container and ONNX Runtime:
 * One ONNX Runtime session per planned segment, built once at construction.
   Its weights are graph **inputs**, not initializers, so no plaintext weight
   stays resident between requests: only the graph structure does.
-* Per request, each segment's weights are decrypted (every AES-GCM chunk
-  authenticated) into fresh buffers just before the segment runs, fed to the
-  session, and dropped as soon as it returns. Activations are dropped after
-  their last consumer segment.
+* **Optimized segments** (``optimize=True``, the default): at construction each
+  segment is optimized once by ONNX Runtime with its real weights
+  (:mod:`.optimize`: NCHWc layout, reordered and padded weights, written to an
+  in-memory file only); the optimized weights are re-encrypted under a key that
+  exists only in this process into a spill file (:mod:`.spill`) and the plaintext
+  is dropped. Per request each segment's weights are decrypted from the spill
+  straight into the arrays fed to the optimized graph. A segment whose
+  optimization fails, changes its interface, disagrees with ONNX Runtime's own
+  output on a probe input, or whose optimized weights would break the budget
+  runs the unoptimized path below instead.
+* **Sealed segments** (``optimize=False``, and the fallback): each segment's
+  weights are decrypted from the sealed container (every AES-GCM chunk
+  authenticated) into fresh buffers just before the segment runs.
+* Either way the weights are dropped as soon as the segment returns, and
+  activations after their last consumer segment.
 * With ``prefetch=True`` a background thread decrypts segment *k + 1* while
-  segment *k* computes — one segment ahead only, which the planner budgets
-  for (see :mod:`.planner`).
+  segment *k* computes — one segment ahead only, which the planner budgets for
+  (see :mod:`.planner`).
 
-Every request re-reads the container, so a tampered weight chunk fails the
-request with :class:`~sealedml.errors.SealedModelError`, even when the tampering
-happened after the model was loaded. The model object keeps no per-request
-state: once the container is restored (or a reader factory hands out a good
-reader) the same object serves again.
+A chunk that fails authentication fails the request with
+:class:`~sealedml.errors.SealedModelError`. The model object keeps no
+per-request state: a sealed segment serves again once the container is
+restored; an optimized segment whose spill chunk was tampered with is rebuilt
+from the sealed container at the start of the next request.
 """
 
 from __future__ import annotations
@@ -44,17 +55,22 @@ from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
 from sealedml.runtime.streaming.accounting import MemoryTracker
-from sealedml.runtime.streaming.planner import Plan, Segment
+from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
+from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
+from sealedml.runtime.streaming.spill import SpillEntry, SpillFile
 
 __all__ = [
+    "DEFAULT_SPILL_CHUNK",
     "InputSpec",
+    "LoadStats",
     "ReaderSource",
     "RunStats",
     "SegmentStats",
     "StreamingModel",
     "decrypt_reserve",
     "segment_session_options",
+    "spill_chunk_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,9 +78,17 @@ log = logging.getLogger(__name__)
 #: A reader, or a function returning a fresh reader for each request (closed after it).
 ReaderSource = SealedModelReader | Callable[[], SealedModelReader]
 
+#: Largest plaintext chunk of the spill file (the scratch reserve may make it smaller).
+DEFAULT_SPILL_CHUNK = 1 << 20
+#: When the executor plans itself, a spill chunk may take up to this share of the budget.
+_SPILL_SHARE = 32
+#: Re-plans with more headroom when optimized weights outgrow the plan (then per-segment fallback).
+_MAX_REPLANS = 2
+_HEADROOM_QUANTUM = 64 * 1024
+
 
 def decrypt_reserve(chunk_size: int) -> int:
-    """Scratch bytes one decrypting thread holds besides the weight buffers.
+    """Scratch bytes one decrypting thread holds besides the weight buffers (sealed path).
 
     One ciphertext chunk being read, its plaintext, and the previous chunk's
     plaintext kept for a tensor that starts inside it.
@@ -76,6 +100,22 @@ def decrypt_reserve(chunk_size: int) -> int:
         The bytes the planner must keep out of the budget.
     """
     return 3 * chunk_size + TAG_SIZE
+
+
+def spill_chunk_size(requested: int, reserve: int) -> int:
+    """The spill chunk: at most ``requested`` bytes, its ciphertext buffer within ``reserve``.
+
+    Args:
+        requested: the preferred plaintext chunk size.
+        reserve: the scratch bytes one decrypting thread may hold.
+
+    Returns:
+        A positive size, a multiple of 4 KiB when at least 4 KiB.
+    """
+    size = min(requested, reserve - TAG_SIZE)
+    if size >= 4096:
+        size -= size % 4096
+    return max(1, size)
 
 
 def segment_session_options(threads: int) -> ort.SessionOptions:
@@ -114,7 +154,7 @@ class SegmentStats:
 
     Attributes:
         index: the segment.
-        weight_bytes: bytes decrypted for it.
+        weight_bytes: bytes decrypted for it (optimized weights for an optimized segment).
         decrypt_s: seconds spent decrypting its weights (on the prefetch thread when prefetching).
         wait_s: seconds the compute thread waited for those weights.
         compute_s: seconds in ONNX Runtime.
@@ -154,6 +194,37 @@ class RunStats:
     segments: tuple[SegmentStats, ...]
 
 
+@dataclass(frozen=True)
+class LoadStats:
+    """What construction did (the optimized-segment pass in particular).
+
+    Attributes:
+        total_s: construction wall time (planning, optimization, sessions).
+        optimize_s: time of the optimization pass: decrypting the container, ONNX Runtime's
+            optimizer, spilling, verification and runtime sessions (0 when not optimizing).
+        plans: plans made (more than one when optimized weights outgrew the first plan).
+        headroom_bytes: budget held back for optimized weights larger than the originals.
+        optimized_segments: segments running the optimized graph.
+        fallbacks: ``(segment, reason)`` for every segment that runs the unoptimized path
+            although optimization was asked for.
+        weight_bytes: bytes of weights decrypted per run with the final segment modes.
+        sealed_weight_bytes: bytes of the plan's original weights (``plan.weight_bytes``).
+        spill_bytes: size of the spill file (ciphertext and tags, superseded builds included).
+        nchwc_nodes: NCHWc kernels in the optimized segment graphs.
+    """
+
+    total_s: float
+    optimize_s: float
+    plans: int
+    headroom_bytes: int
+    optimized_segments: int
+    fallbacks: tuple[tuple[int, str], ...]
+    weight_bytes: int
+    sealed_weight_bytes: int
+    spill_bytes: int
+    nchwc_nodes: int
+
+
 @dataclass
 class _Loaded:
     """Decrypted weights of one segment (owned by exactly one run)."""
@@ -163,33 +234,91 @@ class _Loaded:
     seconds: float
 
 
+@dataclass(frozen=True)
+class _State:
+    """How one segment runs; replaced as a whole when a segment is rebuilt.
+
+    ``entry`` is the segment's spill entry when it runs optimized, None when its
+    weights come from the sealed container.
+    """
+
+    session: ort.InferenceSession
+    entry: SpillEntry | None
+    weight_bytes: int
+    graph_bytes: int
+    nchwc_nodes: int = 0
+
+    @property
+    def optimized(self) -> bool:
+        return self.entry is not None
+
+
+@dataclass(frozen=True)
+class _Built:
+    """An optimized segment: its runtime session and spilled weights."""
+
+    state: _State
+
+
+class _Readers:
+    """The container reader of one run, opened on first use (optimized runs may need none)."""
+
+    def __init__(self, model: StreamingModel) -> None:
+        self._model = model
+        self._reader: SealedModelReader | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> SealedModelReader:
+        with self._lock:
+            if self._reader is None:
+                self._reader = self._model._open_reader()
+            return self._reader
+
+    def close(self) -> None:
+        with self._lock:
+            reader, self._reader = self._reader, None
+        if reader is not None and self._model._factory is not None:
+            reader.close()
+
+
 class StreamingModel:
     """A sealed model executed segment by segment within a memory budget.
 
     Same interface as :class:`~sealedml.runtime.engine.LoadedModel` (``model_id``,
     ``version``, ``nbytes``, ``inputs``, ``output_names``, ``bind_inputs``, ``run``),
-    plus ``plan``, ``last_peak_bytes`` and ``last_stats``. ``run`` is thread-safe;
-    the budget is *per run*, so N concurrent runs may hold N budgets.
+    plus ``plan``, ``last_peak_bytes``, ``last_stats``, ``load_stats`` and
+    ``segment_modes``. ``run`` is thread-safe; the budget is *per run*, so N concurrent
+    runs may hold N budgets.
 
     Args:
         source: the container reader (shared by all runs: reads are ``pread`` or
-            slices of immutable bytes), or a factory returning a fresh reader per run.
-            Every reader must be for the same sealed container as the first.
+            slices of immutable bytes), or a factory returning a fresh reader per run
+            that needs the container. Every reader must be for the same sealed
+            container as the first.
         budget_bytes: the per-run memory budget; required unless ``plan`` is given.
         plan: a ready plan (from :func:`~sealedml.runtime.streaming.planner.plan` over
             this container's graph); its reserve must cover :func:`decrypt_reserve`.
+            A given plan is never re-planned: optimized segments whose weights would
+            not fit it run unoptimized.
         batch: the largest batch to plan for (when ``plan`` is not given).
         threads: ONNX Runtime intra-op threads per run.
         prefetch: decrypt segment k + 1 on a background thread while segment k computes.
         prefetch_workers: background threads shared by concurrent runs.
         model_id: for messages; defaults to the container's.
         version: defaults to the container's.
+        optimize: optimize every segment once at construction and stream its optimized
+            weights from an ephemeral-key spill file (see the module docstring).
+        verify: with ``optimize``, check each optimized runtime graph against ONNX
+            Runtime's own output for a random probe input (falls back on a mismatch).
+        spill_dir: directory of the spill file (default: the system temp directory).
+        spill_chunk: preferred plaintext bytes per spill chunk (smaller when the
+            scratch reserve requires it).
 
     Raises:
         BudgetError: no plan fits ``budget_bytes``.
         ConfigurationError: inconsistent arguments.
-        SealedModelError: the container header, manifest or graph fails authentication,
-            or ONNX Runtime rejects a segment.
+        SealedModelError: the container header, manifest, graph or (when optimizing) a
+            weight chunk fails authentication, or ONNX Runtime rejects a segment.
     """
 
     def __init__(
@@ -204,7 +333,12 @@ class StreamingModel:
         prefetch_workers: int = 2,
         model_id: str | None = None,
         version: int | None = None,
+        optimize: bool = True,
+        verify: bool = True,
+        spill_dir: str | None = None,
+        spill_chunk: int = DEFAULT_SPILL_CHUNK,
     ) -> None:
+        started = time.perf_counter()
         self._reader: SealedModelReader | None
         self._factory: Callable[[], SealedModelReader] | None
         if isinstance(source, SealedModelReader):
@@ -213,55 +347,71 @@ class StreamingModel:
         else:
             self._reader, self._factory = None, source
             reader = source()
+        if spill_chunk < 1:
+            raise ConfigurationError("spill_chunk must be positive")
+        self.prefetch = prefetch
+        self.threads = threads
+        self._verify = verify
+        self._lock = threading.Lock()
+        self._rebuild_lock = threading.Lock()
+        self._stale: set[int] = set()
+        self._spill: SpillFile | None = None
+        self._scratch = threading.local()
         try:
             header = reader.header
             self._header_raw = header.raw
             self._chunk_size = header.chunk_size
             self._entries: dict[str, TensorEntry] = {entry.name: entry for entry in reader.manifest.tensors}
             reserve = decrypt_reserve(self._chunk_size)
+            planned_here = plan is None
+            graph = None
+            sizes = {name: entry.length for name, entry in self._entries.items()}
             if plan is None:
                 if budget_bytes is None:
                     raise ConfigurationError("give a memory budget or a plan")
-                sizes = {name: entry.length for name, entry in self._entries.items()}
-                plan = make_plan(
-                    reader.graph(), sizes, budget_bytes, batch=batch, prefetch=prefetch, reserve_bytes=reserve
+                graph = reader.graph()
+                scratch = reserve
+                if optimize:
+                    own = spill_chunk_size(spill_chunk, min(spill_chunk, budget_bytes // _SPILL_SHARE) + TAG_SIZE)
+                    scratch = max(reserve, own + TAG_SIZE)
+                plan = make_plan(graph, sizes, budget_bytes, batch=batch, prefetch=prefetch, reserve_bytes=scratch)
+            if budget_bytes is not None and budget_bytes != plan.budget_bytes:
+                raise ConfigurationError("budget_bytes disagrees with the plan's budget")
+            if prefetch and not plan.prefetch:
+                raise ConfigurationError("this plan leaves no room for prefetch; plan with prefetch=True")
+            if plan.reserve_bytes < reserve:
+                raise ConfigurationError(f"the plan must reserve ≥ {reserve} bytes for decryption scratch")
+            self._check_plan(plan)
+            #: Scratch one decrypting thread may hold (the plan's reserve without any headroom).
+            self._scratch_reserve = plan.reserve_bytes
+            self.plan = plan
+            self.model_id = model_id if model_id is not None else header.model_id
+            self.version = version if version is not None else header.model_version
+            self._states: list[_State] = []
+            optimize_s = 0.0
+            plans = 1
+            fallbacks: dict[int, str] = {}
+            if optimize and not memfd_supported():
+                log.warning("model %s: no memfd_create here; optimized segments disabled", self.model_id)
+                fallbacks = {k: "memfd_create unavailable" for k in range(len(plan.segments))}
+            elif optimize:
+                t0 = time.perf_counter()
+                self._spill = SpillFile(spill_chunk_size(spill_chunk, plan.reserve_bytes), spill_dir)
+                plans, fallbacks = self._prepare_optimized(
+                    reader, graph, sizes, batch=batch, replan=planned_here, max_replans=_MAX_REPLANS
                 )
+                optimize_s = time.perf_counter() - t0
+            else:
+                self._states = [self._sealed_state(segment) for segment in self.plan.segments]
+        except BaseException:
+            if self._spill is not None:
+                self._spill.close()
+            raise
         finally:
             if self._factory is not None:
                 reader.close()
-        if budget_bytes is not None and budget_bytes != plan.budget_bytes:
-            raise ConfigurationError("budget_bytes disagrees with the plan's budget")
-        if prefetch and not plan.prefetch:
-            raise ConfigurationError("this plan leaves no room for prefetch; plan with prefetch=True")
-        if plan.reserve_bytes < reserve:
-            raise ConfigurationError(f"the plan must reserve ≥ {reserve} bytes for decryption scratch")
-        for segment in plan.segments:
-            for weight in segment.weights:
-                entry = self._entries.get(weight.tensor)
-                if entry is None or weight.byte_start + weight.nbytes > entry.length:
-                    raise ConfigurationError(f"plan reads weight {weight.name!r} that the container does not hold")
-        self.plan = plan
-        self.model_id = model_id if model_id is not None else header.model_id
-        self.version = version if version is not None else header.model_version
-        self.prefetch = prefetch
-        self.threads = threads
-        self._sessions: list[ort.InferenceSession] = []
-        nbytes = 0
-        for segment in plan.segments:
-            data = plan.segment_model(segment.index).SerializeToString()
-            nbytes += len(data)
-            try:
-                session = ort.InferenceSession(
-                    data, segment_session_options(threads), providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-                raise SealedModelError(
-                    f"model {self.model_id} v{self.version}: segment {segment.index} cannot be loaded"
-                ) from exc
-            self._sessions.append(session)
-        #: Bytes resident between requests: the segment graphs, which hold no weights.
-        #: The per-run working set is bounded by ``plan.budget_bytes`` instead.
-        self.nbytes = nbytes
+        plan = self.plan
+        self._headroom = plan.reserve_bytes - self._scratch_reserve
         self.inputs: list[InputSpec] = []
         for name in plan.inputs:
             info = plan.infos.get(name)
@@ -278,10 +428,47 @@ class StreamingModel:
             if prefetch
             else None
         )
-        self._lock = threading.Lock()
         self._last_stats: RunStats | None = None
+        self.load_stats = LoadStats(
+            total_s=time.perf_counter() - started,
+            optimize_s=optimize_s,
+            plans=plans,
+            headroom_bytes=self._headroom,
+            optimized_segments=sum(s.optimized for s in self._states),
+            fallbacks=tuple(sorted(fallbacks.items())) if optimize else (),
+            weight_bytes=sum(s.weight_bytes for s in self._states),
+            sealed_weight_bytes=plan.weight_bytes,
+            spill_bytes=self._spill.size if self._spill is not None else 0,
+            nchwc_nodes=sum(s.nchwc_nodes for s in self._states),
+        )
+        if optimize:
+            log.info(
+                "model %s: %d/%d segments optimized (%d NCHWc nodes) in %.2f s; %d plan(s), headroom %s",
+                self.model_id,
+                self.load_stats.optimized_segments,
+                len(plan.segments),
+                self.load_stats.nchwc_nodes,
+                optimize_s,
+                plans,
+                format_bytes(self._headroom),
+            )
 
     # ----------------------------------------------------------------- LoadedModel API
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes resident between requests: the segment graphs, which hold no weights.
+
+        The per-run working set is bounded by ``plan.budget_bytes`` instead.
+        """
+        with self._lock:
+            return sum(state.graph_bytes for state in self._states)
+
+    @property
+    def segment_modes(self) -> tuple[str, ...]:
+        """Per segment, ``"optimized"`` (spilled optimized weights) or ``"sealed"`` (from the container)."""
+        with self._lock:
+            return tuple("optimized" if state.optimized else "sealed" for state in self._states)
 
     def bind_inputs(self, tensors: Mapping[str, np.ndarray], positional: bool) -> dict[str, np.ndarray]:
         """Map request tensors to the model's inputs and check dtype, rank and batch.
@@ -332,8 +519,8 @@ class StreamingModel:
             The outputs keyed by name, and this run's :class:`RunStats` (peak bytes, times).
 
         Raises:
-            SealedModelError: a weight chunk failed authentication (tampered, truncated,
-                or another container); the model stays usable.
+            SealedModelError: a weight chunk (sealed container or spill file) failed
+                authentication, or a segment to rebuild could not be; the model stays usable.
             InputError: missing inputs, a batch larger than planned, or ONNX Runtime
                 rejected the inputs.
         """
@@ -341,6 +528,22 @@ class StreamingModel:
         if missing:
             raise InputError(f"missing input(s) {missing}")
         self._check_batch(inputs)
+        readers = _Readers(self)
+        try:
+            if self._stale:
+                # A spill chunk failed authentication in an earlier run: rebuild those
+                # segments from the sealed container before this run (outside its budget,
+                # like construction).
+                self._rebuild_stale(readers)
+            with self._lock:
+                states = list(self._states)
+            return self._run(inputs, states, readers)
+        finally:
+            readers.close()
+
+    def _run(
+        self, inputs: Mapping[str, np.ndarray], states: list[_State], readers: _Readers
+    ) -> tuple[dict[str, np.ndarray], RunStats]:
         started = time.perf_counter()
         tracker = MemoryTracker(self.model_id)
         env: dict[str, np.ndarray] = {}
@@ -348,14 +551,14 @@ class StreamingModel:
             env[name] = np.asarray(inputs[name])
             if name in self._tracked_inputs:
                 tracker.add(env[name].nbytes)
-        reader = self._open_reader()
         pending: Future[_Loaded] | None = None
         segment_stats: list[SegmentStats] = []
         pool = self._pool
+        segments = self.plan.segments
         try:
-            if pool is not None and self.plan.segments:
-                pending = self._prefetch(pool, reader, self.plan.segments[0], tracker)
-            for k, segment in enumerate(self.plan.segments):
+            if pool is not None and segments:
+                pending = self._prefetch(pool, readers, 0, states[0], tracker)
+            for k, segment in enumerate(segments):
                 waited = 0.0
                 if pending is not None:
                     t0 = time.perf_counter()
@@ -364,18 +567,16 @@ class StreamingModel:
                     finally:
                         pending = None
                     waited = time.perf_counter() - t0
-                    if pool is not None and k + 1 < len(self.plan.segments):
+                    if pool is not None and k + 1 < len(segments):
                         # One segment ahead only: the planner budgeted for exactly this.
-                        pending = self._prefetch(pool, reader, self.plan.segments[k + 1], tracker)
+                        pending = self._prefetch(pool, readers, k + 1, states[k + 1], tracker)
                 else:
-                    loaded = self._decrypt(reader, segment, tracker)
-                compute = self._compute(segment, env, loaded, tracker)
+                    loaded = self._load(readers, k, states[k], tracker)
+                compute = self._compute(segment, states[k].session, env, loaded, tracker)
                 segment_stats.append(SegmentStats(k, loaded.nbytes, loaded.seconds, waited, compute))
         finally:
             if pending is not None:
                 self._abandon(pending, tracker)
-            if self._factory is not None:
-                reader.close()
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -407,7 +608,8 @@ class StreamingModel:
     def close(self) -> None:
         """Stop the prefetch threads (pending work finishes first). Idempotent.
 
-        Later runs still work, without prefetch.
+        Later runs still work, without prefetch (the spill file stays open until the
+        object is garbage-collected).
         """
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -418,6 +620,199 @@ class StreamingModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # ----------------------------------------------------------------- construction
+
+    def _check_plan(self, plan: Plan) -> None:
+        for segment in plan.segments:
+            for weight in segment.weights:
+                entry = self._entries.get(weight.tensor)
+                if entry is None or weight.byte_start + weight.nbytes > entry.length:
+                    raise ConfigurationError(f"plan reads weight {weight.name!r} that the container does not hold")
+
+    def _session(self, data: bytes, index: int) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(data, segment_session_options(self.threads), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise SealedModelError(
+                f"model {self.model_id} v{self.version}: segment {index} cannot be loaded"
+            ) from exc
+
+    def _sealed_state(self, segment: Segment, plan: Plan | None = None) -> _State:
+        """The unoptimized path: weights from the sealed container as graph inputs."""
+        data = (plan or self.plan).segment_model(segment.index).SerializeToString()
+        return _State(self._session(data, segment.index), None, segment.weight_bytes, len(data))
+
+    def _pair_peaks(self, plan: Plan, weights: list[int]) -> list[int]:
+        """Tracked-peak bound of each segment: its weights and activation peak, the next
+        segment's weights when prefetching, and one decrypting thread's scratch."""
+        n = len(plan.segments)
+        peaks = []
+        for k, segment in enumerate(plan.segments):
+            ahead = weights[k + 1] if self.prefetch and k + 1 < n else 0
+            peaks.append(weights[k] + segment.activation_peak_bytes + ahead + self._scratch_reserve)
+        return peaks
+
+    def _prepare_optimized(
+        self,
+        reader: SealedModelReader,
+        graph: object,
+        sizes: Mapping[str, int],
+        *,
+        batch: int,
+        replan: bool,
+        max_replans: int,
+    ) -> tuple[int, dict[int, str]]:
+        """Optimize every segment; re-plan with headroom while optimized weights outgrow the plan.
+
+        NCHWc pads channels to the SIMD block, so a segment's optimized weights can be
+        larger than its original ones. The bound that must hold for every segment k is
+        ``W'(k) + activations(k) + W'(k + 1) (prefetch) + scratch ≤ budget``. If it does
+        not, the plan is made again with the excess kept out of the budget (``reserve``
+        grows by that headroom), re-optimizing only segments that changed; after
+        ``max_replans`` (or with a given plan, or when the smaller budget is infeasible)
+        the offending segments fall back to their original weights, for which the plan
+        holds by construction.
+        """
+        plan = self.plan
+        budget = plan.budget_bytes
+        cache: dict[tuple[object, ...], _Built | str] = {}
+        plans = 1
+        while True:
+            built = [self._build_cached(reader, plan, segment, cache) for segment in plan.segments]
+            weights = [
+                b.state.weight_bytes if isinstance(b, _Built) else s.weight_bytes
+                for b, s in zip(built, plan.segments, strict=True)
+            ]
+            excess = max(self._pair_peaks(plan, weights), default=0) - budget
+            if excess <= 0 or not replan or plans > max_replans:
+                break
+            headroom = plan.reserve_bytes - self._scratch_reserve
+            headroom += -(-excess // _HEADROOM_QUANTUM) * _HEADROOM_QUANTUM
+            try:
+                plan = make_plan(
+                    graph,  # type: ignore[arg-type]
+                    sizes,
+                    budget,
+                    batch=batch,
+                    prefetch=plan.prefetch,
+                    reserve_bytes=self._scratch_reserve + headroom,
+                )
+            except BudgetError:
+                break
+            plans += 1
+        # Fall back, segment by segment, where optimized weights still do not fit.
+        optimized = [isinstance(b, _Built) for b in built]
+        fallbacks = {k: b for k, b in enumerate(built) if isinstance(b, str)}
+        n = len(plan.segments)
+        while True:
+            weights = [
+                b.state.weight_bytes if optimized[k] and isinstance(b, _Built) else plan.segments[k].weight_bytes
+                for k, b in enumerate(built)
+            ]
+            peaks = self._pair_peaks(plan, weights)
+            over = [k for k in range(n) if peaks[k] > budget]
+            if not over:
+                break
+            changed = False
+            for k in over:
+                for j in (k, k + 1) if self.prefetch and k + 1 < n else (k,):
+                    b = built[j]
+                    if optimized[j] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[j].weight_bytes:
+                        optimized[j] = False
+                        fallbacks[j] = (
+                            f"optimized weights ({format_bytes(b.state.weight_bytes)}, originally "
+                            f"{format_bytes(plan.segments[j].weight_bytes)}) do not fit the budget"
+                        )
+                        changed = True
+            if not changed:  # pragma: no cover - the plan holds for the original weights
+                raise ConfigurationError("segment weights do not fit the plan")
+        self.plan = plan
+        states: list[_State] = []
+        for k, segment in enumerate(plan.segments):
+            b = built[k]
+            if optimized[k] and isinstance(b, _Built):
+                states.append(b.state)
+            else:
+                if k in fallbacks:
+                    log.warning("model %s: segment %d runs unoptimized: %s", self.model_id, k, fallbacks[k])
+                states.append(self._sealed_state(segment, plan))
+        self._states = states
+        return plans, fallbacks
+
+    def _build_cached(
+        self, reader: SealedModelReader, plan: Plan, segment: Segment, cache: dict[tuple[object, ...], _Built | str]
+    ) -> _Built | str:
+        key = (segment.node_names, tuple(w.name for w in segment.weights), segment.inputs, segment.outputs)
+        if key not in cache:
+            cache[key] = self._build(reader, plan, segment)
+        return cache[key]
+
+    def _probe(self, plan: Plan, segment: Segment) -> dict[str, np.ndarray] | None:
+        """Random activation inputs for checking an optimized segment (batch axes set to 1)."""
+        rng = np.random.default_rng(segment.index)
+        feeds: dict[str, np.ndarray] = {}
+        for name in segment.inputs:
+            info = plan.infos.get(name)
+            if info is None or info.dims is None or info.elem_type == 0 or any(d < 0 for d in info.dims):
+                return None
+            dims = tuple(1 if info.symbolic and info.symbolic[axis] else d for axis, d in enumerate(info.dims))
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(info.elem_type))
+            if dtype.kind == "f":
+                feeds[name] = rng.standard_normal(dims).astype(dtype)
+            else:
+                feeds[name] = np.zeros(dims, dtype=dtype)
+        return feeds
+
+    def _build(self, reader: SealedModelReader, plan: Plan, segment: Segment) -> _Built | str:
+        """Optimize one segment with its real weights and spill them; a reason string on failure.
+
+        Raises:
+            SealedModelError: the container's weight chunks fail authentication.
+        """
+        assert self._spill is not None
+        loaded = self._decrypt(reader, segment, MemoryTracker())
+        probe = self._probe(plan, segment) if self._verify else None
+        try:
+            opt = optimize_segment(
+                plan.segment_model(segment.index),
+                loaded.arrays,
+                inputs=segment.inputs,
+                outputs=segment.outputs,
+                constants=plan.constants,
+                threads=self.threads,
+                probe=probe,
+            )
+        except OptimizationError as exc:
+            return str(exc)
+        finally:
+            loaded.arrays.clear()
+        try:
+            session = ort.InferenceSession(
+                opt.graph, segment_session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT's own exception types
+            opt.drop()
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            return f"ONNX Runtime rejected the optimized graph with weights as inputs: {first}"
+        entry = self._spill.write(opt.tensors)
+        reference = opt.reference
+        state = _State(session, entry, entry.nbytes, len(opt.graph), opt.nchwc_nodes)
+        opt.drop()  # the plaintext optimized weights: only the spill (ciphertext) keeps them
+        if reference is not None and probe is not None:
+            # Round trip through the spill, exactly as a request does, then compare with what
+            # ONNX Runtime computed with the same weights as constants.
+            spilled = self._decrypt_spill(segment.index, state, MemoryTracker(), mark_stale=False)
+            try:
+                got = session.run(list(segment.outputs), {**probe, **spilled.arrays})
+            except Exception as exc:  # ORT's own exception types
+                return f"the optimized graph fails with weights as inputs: {str(exc).strip()[:200]}"
+            finally:
+                spilled.arrays.clear()
+            for name, value, expected in zip(segment.outputs, got, reference.values(), strict=True):
+                if not _close(np.asarray(value), expected):
+                    return f"optimized output {name!r} differs from ONNX Runtime's reference"
+        return _Built(state)
 
     # ----------------------------------------------------------------- internals
 
@@ -446,11 +841,88 @@ class StreamingModel:
             raise SealedModelError("the sealed container changed since the model was planned")
         return reader
 
-    def _decrypt(self, reader: SealedModelReader, segment: Segment, tracker: MemoryTracker) -> _Loaded:
-        """Decrypt one segment's weights into fresh buffers (Occlumency's on-demand weight loading).
+    def _rebuild_stale(self, readers: _Readers) -> None:
+        """Rebuild segments whose spill failed authentication, from the sealed container.
 
-        Reads only the chunks covering each weight slice; each chunk is authenticated
-        before its bytes are used. Chunks shared by adjacent tensors are decrypted once.
+        A segment whose rebuilt optimized weights no longer fit next to its neighbours,
+        or whose optimization now fails, switches to the sealed path.
+        """
+        with self._rebuild_lock:
+            for k in sorted(self._stale):
+                segment = self.plan.segments[k]
+                built = self._build(readers.get(), self.plan, segment)
+                state = built.state if isinstance(built, _Built) else self._sealed_state(segment)
+                if state.optimized:
+                    with self._lock:
+                        weights = [s.weight_bytes for s in self._states]
+                    weights[k] = state.weight_bytes
+                    if any(p > self.plan.budget_bytes for p in self._pair_peaks(self.plan, weights)):
+                        state = self._sealed_state(segment)
+                log.warning(
+                    "model %s: segment %d rebuilt after a spill authentication failure (%s)",
+                    self.model_id,
+                    k,
+                    "optimized" if state.optimized else "unoptimized",
+                )
+                with self._lock:
+                    self._states[k] = state
+                    self._stale.discard(k)
+
+    def _mark_stale(self, index: int, state: _State) -> None:
+        with self._lock:
+            if self._states[index] is state:
+                self._stale.add(index)
+
+    def _scratch_view(self, nbytes: int) -> memoryview:
+        """This thread's reusable ciphertext buffer (never holds plaintext)."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.nbytes < nbytes:
+            buf = np.empty(nbytes, dtype=np.uint8)
+            self._scratch.buf = buf
+        return memoryview(buf)[:nbytes]
+
+    def _load(self, readers: _Readers, index: int, state: _State, tracker: MemoryTracker) -> _Loaded:
+        """Decrypt segment ``index``'s weights: from the spill when optimized, else from the container."""
+        if state.entry is not None:
+            return self._decrypt_spill(index, state, tracker)
+        return self._decrypt(readers.get(), self.plan.segments[index], tracker)
+
+    def _decrypt_spill(self, index: int, state: _State, tracker: MemoryTracker, *, mark_stale: bool = True) -> _Loaded:
+        """Decrypt an optimized segment's weights from the spill file straight into their arrays.
+
+        One ``pread`` per chunk into this thread's ciphertext buffer, then AES-GCM
+        decryption into the weight array itself: no intermediate plaintext copy.
+        """
+        assert self._spill is not None and state.entry is not None
+        started = time.perf_counter()
+        scratch_bytes = self._spill.chunk_size + TAG_SIZE
+        arrays: dict[str, np.ndarray] = {}
+        held = 0
+        tracker.add(scratch_bytes, "scratch")
+        try:
+            scratch = self._scratch_view(scratch_bytes)
+            for tensor in state.entry.tensors:
+                buf = np.empty(tensor.nbytes, dtype=np.uint8)
+                tracker.add(tensor.nbytes, "weights")
+                held += tensor.nbytes
+                self._spill.read_into(tensor, memoryview(buf), scratch)
+                arrays[tensor.name] = buf.view(tensor.dtype).reshape(tensor.dims)
+        except BaseException as exc:
+            arrays.clear()
+            tracker.release(held, "weights")
+            if mark_stale and isinstance(exc, SealedModelError):
+                self._mark_stale(index, state)
+            raise
+        finally:
+            tracker.release(scratch_bytes, "scratch")
+        return _Loaded(arrays, held, time.perf_counter() - started)
+
+    def _decrypt(self, reader: SealedModelReader, segment: Segment, tracker: MemoryTracker) -> _Loaded:
+        """Decrypt one segment's weights from the sealed container into fresh buffers.
+
+        Occlumency's on-demand weight loading: reads only the chunks covering each weight
+        slice; each chunk is authenticated before its bytes are used. Chunks shared by
+        adjacent tensors are decrypted once.
         """
         started = time.perf_counter()
         chunk_size = self._chunk_size
@@ -488,7 +960,14 @@ class StreamingModel:
             tracker.release(scratch, "scratch")
         return _Loaded(arrays, held, time.perf_counter() - started)
 
-    def _compute(self, segment: Segment, env: dict[str, np.ndarray], loaded: _Loaded, tracker: MemoryTracker) -> float:
+    def _compute(
+        self,
+        segment: Segment,
+        session: ort.InferenceSession,
+        env: dict[str, np.ndarray],
+        loaded: _Loaded,
+        tracker: MemoryTracker,
+    ) -> float:
         """Run one segment; drop its weights and the activations it was the last consumer of."""
         feeds: dict[str, np.ndarray] = {name: env[name] for name in segment.inputs}
         feeds.update(loaded.arrays)
@@ -496,7 +975,7 @@ class StreamingModel:
         tracker.add(segment.internal_bytes, "estimated")
         started = time.perf_counter()
         try:
-            values = self._sessions[segment.index].run(list(segment.outputs), feeds)
+            values = session.run(list(segment.outputs), feeds)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise InputError(f"model {self.model_id} rejected the inputs: {first}") from exc
@@ -520,11 +999,11 @@ class StreamingModel:
         return elapsed
 
     def _prefetch(
-        self, pool: ThreadPoolExecutor, reader: SealedModelReader, segment: Segment, tracker: MemoryTracker
+        self, pool: ThreadPoolExecutor, readers: _Readers, index: int, state: _State, tracker: MemoryTracker
     ) -> Future[_Loaded] | None:
-        """Start decrypting ``segment`` in the background; None if the pool was closed meanwhile."""
+        """Start decrypting segment ``index`` in the background; None if the pool was closed meanwhile."""
         try:
-            return pool.submit(self._decrypt, reader, segment, tracker)
+            return pool.submit(self._load, readers, index, state, tracker)
         except RuntimeError:  # close() raced with this run: decrypt inline instead
             return None
 
@@ -538,3 +1017,13 @@ class StreamingModel:
             return
         loaded.arrays.clear()
         tracker.release(loaded.nbytes, "weights")
+
+
+def _close(got: np.ndarray, expected: np.ndarray) -> bool:
+    """Whether a runtime output matches ONNX Runtime's reference (float tolerance, NaN-aware)."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return False
+    if expected.dtype.kind not in "fc":
+        return bool(np.array_equal(got, expected))
+    scale = float(np.max(np.abs(expected), initial=0.0, where=np.isfinite(expected)))
+    return bool(np.allclose(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True))
