@@ -36,41 +36,18 @@ def start_keyservice(
     workdir: Path, *, lease_ttl: int = 60, data_dir: Path | None = None, extra: list[str] | None = None
 ) -> ServiceProcess:
     """A real KeyService process on a free loopback port."""
-    data_dir = data_dir or workdir / "keyservice"
-    return ServiceProcess.start(
-        [
-            "keyservice",
-            "serve",
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            "0",
-            "--lease-ttl",
-            str(lease_ttl),
-            *(extra or []),
-        ],
-        name="keyservice",
+    return ServiceProcess.keyservice(
+        data_dir or workdir / "keyservice",
+        "--lease-ttl",
+        str(lease_ttl),
+        *(extra or []),
         log_path=workdir / "keyservice.log",
     )
 
 
 def start_platform(workdir: Path, keyservice_url: str, *, extra: list[str] | None = None) -> ServiceProcess:
     """A real gateway process (it spawns real worker processes on demand)."""
-    return ServiceProcess.start(
-        [
-            "platform",
-            "serve",
-            "--keyservice",
-            keyservice_url,
-            "--store",
-            str(workdir / "store"),
-            "--port",
-            "0",
-            *(extra or []),
-        ],
-        name="platform",
-        log_path=workdir / "platform.log",
-    )
+    return ServiceProcess.platform(keyservice_url, workdir / "store", *(extra or []), log_path=workdir / "platform.log")
 
 
 @dataclass

@@ -89,6 +89,34 @@ class ServiceProcess:
             )
         return cls(proc, str(found["url"]), name, found, log_path)
 
+    @classmethod
+    def keyservice(
+        cls,
+        data_dir: Path,
+        *extra: str,
+        log_path: Path | None = None,
+        port: int = 0,
+        env: Mapping[str, str] | None = None,
+    ) -> ServiceProcess:
+        """``sealedml keyservice serve --data-dir DATA_DIR --port PORT EXTRA...``."""
+        args = ["keyservice", "serve", "--data-dir", str(data_dir), "--port", str(port), *extra]
+        return cls.start(args, name="keyservice", log_path=log_path, env=env)
+
+    @classmethod
+    def platform(
+        cls,
+        keyservice_url: str,
+        store: Path,
+        *extra: str,
+        log_path: Path | None = None,
+        port: int = 0,
+        name: str = "platform",
+        timeout: float = 60.0,
+    ) -> ServiceProcess:
+        """``sealedml platform serve --keyservice URL --store STORE --port PORT EXTRA...``."""
+        args = ["platform", "serve", "--keyservice", keyservice_url, "--store", str(store), "--port", str(port), *extra]
+        return cls.start(args, name=name, log_path=log_path, timeout=timeout)
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 

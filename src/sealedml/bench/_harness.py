@@ -53,37 +53,12 @@ def bench_stack(platform_args: list[str], *, lease_ttl: int = 600) -> Iterator[B
 
         stack.callback(restore)
         ks = stack.enter_context(
-            ServiceProcess.start(
-                [
-                    "keyservice",
-                    "serve",
-                    "--data-dir",
-                    str(workdir / "ks"),
-                    "--port",
-                    "0",
-                    "--lease-ttl",
-                    str(lease_ttl),
-                ],
-                name="keyservice",
-                log_path=workdir / "keyservice.log",
+            ServiceProcess.keyservice(
+                workdir / "ks", "--lease-ttl", str(lease_ttl), log_path=workdir / "keyservice.log"
             )
         )
         gw = stack.enter_context(
-            ServiceProcess.start(
-                [
-                    "platform",
-                    "serve",
-                    "--keyservice",
-                    ks.url,
-                    "--store",
-                    str(workdir / "store"),
-                    "--port",
-                    "0",
-                    *platform_args,
-                ],
-                name="platform",
-                log_path=workdir / "platform.log",
-            )
+            ServiceProcess.platform(ks.url, workdir / "store", *platform_args, log_path=workdir / "platform.log")
         )
         yield BenchStack(workdir, ks, gw)
 

@@ -69,23 +69,16 @@ def run_concurrency(
     with bench_stack(["--max-instances", "1", "--concurrency", "2", "--keep-alive", "3600"]) as stack:
         user = publish_for_user(stack, model, ["conc"])
         gateways = {"one_instance_c2": stack.gateway}
-        extra = ServiceProcess.start(
-            [
-                "platform",
-                "serve",
-                "--keyservice",
-                stack.keyservice.url,
-                "--store",
-                str(stack.store),
-                "--port",
-                "0",
-                "--max-instances",
-                configs["two_instances_c1"][0],
-                "--concurrency",
-                configs["two_instances_c1"][1],
-                "--keep-alive",
-                "3600",
-            ],
+        n_instances, concurrency = configs["two_instances_c1"]
+        extra = ServiceProcess.platform(
+            stack.keyservice.url,
+            stack.store,
+            "--max-instances",
+            n_instances,
+            "--concurrency",
+            concurrency,
+            "--keep-alive",
+            "3600",
             name="platform-2x1",
             log_path=stack.workdir / "platform-2x1.log",
         )

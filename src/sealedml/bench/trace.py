@@ -168,33 +168,18 @@ def run_trace(
 
         for name in policies:
             cfg = DEFAULT_CONFIGS[name]
-            args = [
-                "platform",
-                "serve",
-                "--keyservice",
-                stack.keyservice.url,
-                "--store",
-                str(stack.store),
-                "--port",
-                "0",
-                "--policy",
-                name,
-                "--memory-mb",
-                str(cfg.memory_mb),
-                "--max-instances",
-                str(cfg.max_instances),
-                "--concurrency",
-                str(cfg.concurrency),
-                "--keep-alive",
-                str(keep_alive),
-                "--queue-timeout",
-                "120",
-                "--warm-pool",
-                str(warm_pool),
+            flags = [
+                *("--policy", name, "--memory-mb", str(cfg.memory_mb)),
+                *("--max-instances", str(cfg.max_instances), "--concurrency", str(cfg.concurrency)),
+                *("--keep-alive", str(keep_alive), "--queue-timeout", "120", "--warm-pool", str(warm_pool)),
             ]
             progress(f"[trace] policy {name}: replaying …", quiet)
-            with ServiceProcess.start(
-                args, name=f"platform-{name}", log_path=stack.workdir / f"platform-{name}.log"
+            with ServiceProcess.platform(
+                stack.keyservice.url,
+                stack.store,
+                *flags,
+                name=f"platform-{name}",
+                log_path=stack.workdir / f"platform-{name}.log",
             ) as gw:
                 _wait_for_warm_pool(gw.url, warm_pool)  # every policy starts from the same state
                 t0 = time.perf_counter()

@@ -66,40 +66,14 @@ def run_demo(
         stack.enter_context(_env("SEALEDML_HOME", str(home)))
         say(f"[demo] working in {tmp} (simulated TEE: no hardware protection)")
         ks = stack.enter_context(
-            ServiceProcess.start(
-                [
-                    "keyservice",
-                    "serve",
-                    "--data-dir",
-                    str(tmp / "keyservice"),
-                    "--port",
-                    "0",
-                    "--lease-ttl",
-                    str(lease_ttl),
-                ],
-                name="keyservice",
-                log_path=tmp / "keyservice.log",
+            ServiceProcess.keyservice(
+                tmp / "keyservice", "--lease-ttl", str(lease_ttl), log_path=tmp / "keyservice.log"
             )
         )
         store_dir = tmp / "store"
+        budget = ["--memory-budget", memory_budget] if memory_budget else []
         gw = stack.enter_context(
-            ServiceProcess.start(
-                [
-                    "platform",
-                    "serve",
-                    "--keyservice",
-                    ks.url,
-                    "--store",
-                    str(store_dir),
-                    "--port",
-                    "0",
-                    "--keep-alive",
-                    "60",
-                    *(["--memory-budget", memory_budget] if memory_budget else []),
-                ],
-                name="platform",
-                log_path=tmp / "platform.log",
-            )
+            ServiceProcess.platform(ks.url, store_dir, "--keep-alive", "60", *budget, log_path=tmp / "platform.log")
         )
         say(f"[demo] KeyService {ks.url}, gateway {gw.url}")
 
