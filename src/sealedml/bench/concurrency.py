@@ -35,6 +35,11 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def _instance_pids(gateway: str) -> list[int]:
+    stats = httpx.get(f"{gateway}/v1/stats").json()
+    return [i["pid"] for f in stats["functions"].values() for i in f["instances"]]
+
+
 async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, seconds: float) -> int:
     from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 
@@ -66,7 +71,10 @@ def run_concurrency(
     model = zoo.get(model_name)
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
     configs = {"one_instance_c2": ("1", "2"), "two_instances_c1": ("2", "1")}
-    with bench_stack(["--max-instances", "1", "--concurrency", "2", "--keep-alive", "3600"]) as stack:
+    # per-model routing: start an instance whenever none has a free slot, so the 2 x 1
+    # configuration really runs two instances (a packing policy might rather queue).
+    common = ["--policy", "per-model", "--keep-alive", "3600"]
+    with bench_stack(["--max-instances", "1", "--concurrency", "2", *common]) as stack:
         user = publish_for_user(stack, model, ["conc"])
         gateways = {"one_instance_c2": stack.gateway}
         n_instances, concurrency = configs["two_instances_c1"]
@@ -77,8 +85,7 @@ def run_concurrency(
             n_instances,
             "--concurrency",
             concurrency,
-            "--keep-alive",
-            "3600",
+            *common,
             name="platform-2x1",
             log_path=stack.workdir / "platform-2x1.log",
         )
@@ -86,6 +93,9 @@ def run_concurrency(
             gateways["two_instances_c1"] = extra
             for gw in gateways.values():  # warm up: all instances started, model loaded
                 asyncio.run(_closed_loop(gw.url, user, x, clients, 3.0))
+            started = {name: _instance_pids(gw.url) for name, gw in gateways.items()}
+            if len(started["two_instances_c1"]) != 2 or len(started["one_instance_c2"]) != 1:
+                raise RuntimeError(f"unexpected instance counts after warm-up: {started}")
             throughput: dict[str, list[float]] = {k: [] for k in gateways}
             for r in range(rounds):
                 for name, gw in gateways.items():
@@ -95,8 +105,7 @@ def run_concurrency(
             memory: dict[str, int] = {}
             instances: dict[str, int] = {}
             for name, gw in gateways.items():
-                stats = httpx.get(f"{gw.url}/v1/stats").json()
-                pids = [i["pid"] for f in stats["functions"].values() for i in f["instances"]]
+                pids = _instance_pids(gw.url)
                 memory[name] = sum(rss_bytes(pid) for pid in pids)
                 instances[name] = len(pids)
         finally:
