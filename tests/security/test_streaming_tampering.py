@@ -1,15 +1,23 @@
-"""Streaming execution over a tampered container: every attack ends the request in a typed
-``SealedModelError``, and the model object keeps serving afterwards.
+"""Streaming execution over a tampered container or spill file: every attack ends the request in a
+typed ``SealedModelError``, and the model object keeps serving afterwards.
 
-The streaming executor (``sealedml.runtime.streaming``) re-reads the sealed container on every
-request and authenticates each AES-GCM chunk before using its bytes, so tampering *after* the
-model was loaded is still caught — unlike the whole-model path, which decrypts once. A failed
-request leaves no state behind: its decrypted weights, its in-flight prefetch and its
-activations are dropped, and the next request starts clean.
+Sealed segments (``optimize=False``, and the fallback of the optimized mode) re-read the sealed
+container on every request and authenticate each AES-GCM chunk before using its bytes, so
+tampering *after* the model was loaded is still caught — unlike the whole-model path, which
+decrypts once. A failed request leaves no state behind: its decrypted weights, its in-flight
+prefetch and its activations are dropped, and the next request starts clean.
+
+Optimized segments (the default) authenticate the whole container once, at load, and from then on
+read only their spill file, sealed under a key that exists only in the process: a tampered,
+moved or truncated spill chunk fails the request, and the next request rebuilds that segment
+from the (re-authenticated) sealed container. No plaintext weight — original or reordered by
+ONNX Runtime — is ever written to disk.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -22,6 +30,8 @@ from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, seal_model
 from sealedml.errors import InputError, SealedModelError
 from sealedml.runtime.streaming import StreamingModel
+from sealedml.runtime.streaming.accounting import MemoryTracker
+from sealedml.runtime.streaming.optimize import optimize_segment
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(32, 64))
@@ -80,7 +90,7 @@ def test_tampered_weight_chunk_fails_the_run_and_the_model_keeps_serving(
 ) -> None:
     path = tmp_path / "model.sealed"
     path.write_bytes(sealed)
-    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch, optimize=False)
     segments = model.plan.segments
     assert len(segments) >= 2
     where = [k for k, seg in enumerate(segments) if any(w.tensor == tensor for w in seg.weights)]
@@ -109,7 +119,7 @@ def test_tampered_copy_fails_only_the_request_that_reads_it(sealed: bytes, feeds
     def next_reader() -> SealedModelReader:
         return SealedModelReader(queue.pop(0), KEY)
 
-    model = StreamingModel(next_reader, budget_bytes=BUDGET)
+    model = StreamingModel(next_reader, budget_bytes=BUDGET, optimize=False)
     with pytest.raises(SealedModelError):
         model.run(feeds)
     assert model.run(feeds)["r3"].shape == (1, 64)
@@ -121,7 +131,7 @@ def test_resealed_container_is_refused_instead_of_misread(sealed: bytes, feeds: 
     # offsets belong to the first container, so a swap must fail loudly.
     other = seal_model(mlp(), model_id="mlp", model_version=1, model_key=KEY, chunk_size=CHUNK)
     queue = [sealed, other]
-    model = StreamingModel(lambda: SealedModelReader(queue.pop(0), KEY), budget_bytes=BUDGET)
+    model = StreamingModel(lambda: SealedModelReader(queue.pop(0), KEY), budget_bytes=BUDGET, optimize=False)
     with pytest.raises(SealedModelError, match="changed"):
         model.run(feeds)
 
@@ -137,7 +147,7 @@ def test_moved_chunk_fails_authentication(tmp_path: Path, sealed: bytes, feeds: 
     data[start_a : start_a + stride] = sealed[start_b : start_b + stride]  # valid ciphertext, wrong place
     path = tmp_path / "moved.sealed"
     path.write_bytes(sealed)
-    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, optimize=False)
     path.write_bytes(bytes(data))
     with pytest.raises(SealedModelError):
         model.run(feeds)
@@ -146,7 +156,7 @@ def test_moved_chunk_fails_authentication(tmp_path: Path, sealed: bytes, feeds: 
 def test_truncated_container_fails_the_run(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]) -> None:
     path = tmp_path / "model.sealed"
     path.write_bytes(sealed)
-    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=True)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=True, optimize=False)
     path.write_bytes(sealed[: len(sealed) - 3000])
     with pytest.raises(SealedModelError):
         model.run(feeds)
@@ -155,3 +165,209 @@ def test_truncated_container_fails_the_run(tmp_path: Path, sealed: bytes, feeds:
 def test_wrong_key_fails_at_construction(sealed: bytes) -> None:
     with pytest.raises(SealedModelError):
         StreamingModel(SealedModelReader(sealed, OTHER_KEY), budget_bytes=BUDGET)
+
+
+# -- optimized segments: the spill file ------------------------------------------------------------
+
+
+def spill_chunk(model: StreamingModel, segment: int, chunk: int = 0) -> tuple[int, int, int]:
+    """(spill fd, file offset, length) of one chunk of an optimized segment's spilled weights."""
+    state = model._states[segment]
+    assert state.entry is not None and model._spill is not None
+    c = state.entry.chunks[chunk]
+    return model._spill.fileno, c.file_offset, c.length
+
+
+def flip_at(fd: int, offset: int) -> None:
+    byte = os.pread(fd, 1, offset)
+    os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
+
+
+def test_optimized_mode_authenticates_the_container_at_load(tmp_path: Path, sealed: bytes) -> None:
+    path = tmp_path / "model.sealed"
+    path.write_bytes(flip(sealed, weight_chunk_offset(sealed, "w3")))
+    with pytest.raises(SealedModelError, match="failed authentication"):
+        StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET)
+
+
+def test_optimized_mode_reads_the_container_only_at_load(
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]
+) -> None:
+    # By design: after load the spill is the authority. Tampering with the container afterwards
+    # is not noticed until a segment has to be rebuilt from it (next test).
+    path = tmp_path / "model.sealed"
+    path.write_bytes(sealed)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET)
+    assert set(model.segment_modes) == {"optimized"}
+    good = model.run(feeds)
+    path.write_bytes(flip(sealed, weight_chunk_offset(sealed, "w1")))
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    model.close()
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], prefetch: bool, where: str
+) -> None:
+    path = tmp_path / "model.sealed"
+    path.write_bytes(sealed)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch)
+    assert len(model.plan.segments) >= 2 and set(model.segment_modes) == {"optimized"}
+    good = model.run(feeds)
+    threads_before = threading.active_count()
+    size_before = model._spill.size if model._spill else 0
+    segment = 0 if where == "first" else len(model.plan.segments) - 1
+    fd, offset, length = spill_chunk(model, segment, chunk=1)
+    flip_at(fd, offset + length // 2)
+
+    with pytest.raises(SealedModelError, match=r"spill chunk .* failed authentication") as info:
+        model.run(feeds)
+    assert not isinstance(info.value, InputError)
+    assert threading.active_count() <= threads_before + 2  # no prefetch thread leaked
+    # The next request rebuilds the segment from the sealed container, under fresh nonces
+    # at the end of the spill file, and serves the same answer.
+    again = model.run(feeds)
+    np.testing.assert_array_equal(again["r3"], good["r3"])
+    assert model.segment_modes[segment] == "optimized"
+    assert model._spill is not None and model._spill.size > size_before
+    assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    model.close()
+
+
+def test_moved_and_truncated_spill_chunks_fail(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]) -> None:
+    model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True)
+    good = model.run(feeds)
+    fd, first, length = spill_chunk(model, 0, chunk=0)
+    _, second, length2 = spill_chunk(model, 0, chunk=1)
+    assert length == length2
+    os.pwrite(fd, os.pread(fd, length, first), second)  # an authentic chunk at the wrong place
+    with pytest.raises(SealedModelError):
+        model.run(feeds)
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])  # rebuilt
+    assert model._spill is not None
+    last = model._states[-1].entry
+    assert last is not None
+    # Cut into the last segment's weights (and the rebuilt first segment, appended after them):
+    # one failed request, then every truncated segment is rebuilt.
+    os.ftruncate(fd, last.offset + 10)
+    with pytest.raises(SealedModelError, match=r"truncated|failed authentication"):
+        model.run(feeds)
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    model.close()
+
+
+def test_rebuild_needs_an_authentic_container(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "model.sealed"
+    path.write_bytes(sealed)
+    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=False)
+    good = model.run(feeds)
+    fd, offset, _ = spill_chunk(model, 0)
+    flip_at(fd, offset + 5)
+    path.write_bytes(flip(sealed, weight_chunk_offset(sealed, "w0")))  # and the container too
+    with pytest.raises(SealedModelError, match="spill"):
+        model.run(feeds)
+    for _ in range(2):  # the rebuild reads the tampered container: refused, every time
+        with pytest.raises(SealedModelError, match=r"sealed model chunk .* failed authentication"):
+            model.run(feeds)
+    path.write_bytes(sealed)
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    model.close()
+
+
+def conv_gemm() -> onnx.ModelProto:
+    """Convolutions (ONNX Runtime reorders their weights to NCHWc) and a Gemm (kept as is)."""
+    rng = np.random.default_rng(3)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((20, 16, 3, 3)) * 0.1).astype(np.float32), "conv0.weight"),
+        numpy_helper.from_array((rng.standard_normal((32, 20, 3, 3)) * 0.1).astype(np.float32), "conv1.weight"),
+        numpy_helper.from_array((rng.standard_normal(32) * 0.1).astype(np.float32), "conv1.bias"),
+        numpy_helper.from_array((rng.standard_normal((10, 32 * 14 * 14)) * 0.01).astype(np.float32), "fc.weight"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv0.weight"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["c1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p1"], ["f"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["f", "fc.weight"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def probes(data: bytes, count: int = 4, width: int = 48) -> list[bytes]:
+    """A few windows of ``data`` that are mostly non-zero (NCHWc padding is zeros)."""
+    found: list[bytes] = []
+    step = max(width, len(data) // (count + 1))
+    for start in range(0, max(0, len(data) - width), step):
+        window = data[start : start + width]
+        if sum(b != 0 for b in window) >= width // 2:
+            found.append(window)
+    return found[:count] or ([data] if data.strip(b"\x00") else [])
+
+
+def test_no_plaintext_weight_touches_disk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sealed = seal_model(conv_gemm(), model_id="cg", model_version=1, model_key=KEY, chunk_size=4096)
+    store = tmp_path / "store"
+    scratch = tmp_path / "tmpdir"
+    workdir = tmp_path / "cwd"
+    for d in (store, scratch, workdir):
+        d.mkdir()
+    (store / "model.sealed").write_bytes(sealed)
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(workdir)
+    x = {"x": np.random.default_rng(0).standard_normal((1, 16, 28, 28)).astype(np.float32)}
+
+    model = StreamingModel(SealedModelReader(store / "model.sealed", KEY), budget_bytes=400_000, prefetch=True)
+    assert set(model.segment_modes) == {"optimized"} and model.load_stats.nchwc_nodes > 0
+    model.run(x)
+
+    # Known plaintext: every original weight, and every optimized (reordered, padded) weight,
+    # recomputed here the same way the executor computes it.
+    reader = SealedModelReader(sealed, KEY)
+    secrets = [reader.read(e.offset, e.length) for e in reader.manifest.tensors if e.length >= 48]
+    for segment in model.plan.segments:
+        loaded = model._decrypt(reader, segment, MemoryTracker())
+        opt = optimize_segment(
+            model.plan.segment_model(segment.index),
+            loaded.arrays,
+            inputs=segment.inputs,
+            outputs=segment.outputs,
+            constants=model.plan.constants,
+        )
+        secrets += [view.tobytes() for _, _, _, view in opt.tensors if view.nbytes >= 48]
+    needles = [probe for secret in secrets for probe in probes(secret)]
+    assert len(needles) >= 8
+
+    # Everything written under TMPDIR and the working directory: named files, and files
+    # this process holds open there (the spill file is anonymous: O_TMPFILE or unlinked).
+    written: list[bytes] = []
+    for root in (scratch, workdir):
+        for dirpath, _, names in os.walk(root):
+            written += [Path(dirpath, name).read_bytes() for name in names]
+    spill_seen = False
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(scratch)) or target.startswith(str(workdir)):
+            with open(f"/proc/self/fd/{fd}", "rb") as handle:
+                written.append(handle.read())
+            spill_seen = spill_seen or int(fd) == (model._spill.fileno if model._spill else -1)
+    assert spill_seen, "the spill file should live in $TMPDIR"
+    assert sum(map(len, written)) >= model.load_stats.weight_bytes  # the spill (ciphertext) was scanned
+    for blob in written:
+        for needle in needles:
+            assert needle not in blob
+    model.close()

@@ -7,14 +7,19 @@ every configuration alike:
   :class:`~sealedml.runtime.engine.LoadedModel` (the default runtime path);
 * **streaming** at each budget, with and without prefetch — a
   :class:`~sealedml.runtime.streaming.StreamingModel` that decrypts each
-  segment's weights per request.
+  segment's weights per request: by default its *optimized* segments (ONNX
+  Runtime's NCHWc graphs, weights streamed from the ephemeral-key spill file);
+  with ``baseline=True`` also the unoptimized segments (weights straight from
+  the sealed container) for comparison.
 
 Reported per configuration: median latency and its ratio to whole, the tracked
 peak (decrypted weights + live activations; for whole: model bytes + the
 activation peak), the planned peak, the largest output difference from whole,
-time split into decrypt / compute / waiting for prefetch, and — each in a fresh
+time split into decrypt / compute / waiting for prefetch, the load time (for
+optimized segments: the one-off optimization pass) and — each in a fresh
 subprocess, so allocator state from one configuration cannot hide another's —
-the process's resident high-water mark (``VmHWM``).
+the process's resident high-water mark (``VmHWM``), during loading and during
+the runs separately.
 
 Sizes: ``parse_size`` reads ``MB`` as 10^6 bytes and ``MiB`` as 2^20 (likewise
 k/K and G), so ``32MB`` is 32,000,000 bytes, matching the planner's messages.
@@ -128,7 +133,7 @@ def _rss_probe_main() -> None:
     """Subprocess entry point of :func:`_rss_probe` (spec as JSON on stdin, result as JSON on stdout)."""
     from sealedml.envelope.model_container import SealedModelReader, open_model
     from sealedml.runtime.engine import LoadedModel
-    from sealedml.runtime.streaming import StreamingModel, process_memory
+    from sealedml.runtime.streaming import StreamingModel, process_memory, reset_peak_rss
 
     spec = json.loads(sys.stdin.read())
     key = bytes.fromhex(spec["key"])
@@ -143,8 +148,11 @@ def _rss_probe_main() -> None:
             budget_bytes=spec["budget"],
             prefetch=spec["prefetch"],
             threads=spec["threads"],
+            optimize=spec.get("optimize", True),
         )
     loaded = process_memory()
+    # Separate the load-time peak (the optimization pass) from the per-request peak.
+    reset = reset_peak_rss()
     for _ in range(spec["runs"]):
         model.run(inputs)
     after = process_memory()
@@ -153,8 +161,10 @@ def _rss_probe_main() -> None:
             {
                 "baseline_rss_bytes": baseline.rss_bytes,
                 "loaded_rss_bytes": loaded.rss_bytes,
+                "load_hwm_bytes": loaded.hwm_bytes,
                 "rss_after_bytes": after.rss_bytes,
-                "hwm_bytes": after.hwm_bytes,
+                "hwm_bytes": max(after.hwm_bytes, loaded.hwm_bytes),
+                "run_hwm_bytes": after.hwm_bytes if reset else None,
             }
         )
     )
@@ -170,6 +180,8 @@ def run_memory(
     threads: int | None = None,
     rss: bool = True,
     seed: int = 0,
+    optimize: bool = True,
+    baseline: bool = False,
 ) -> dict[str, Any]:
     """Compare whole-model execution with streaming execution at each budget.
 
@@ -183,6 +195,9 @@ def run_memory(
             cores, as a worker serving one request at a time).
         rss: also measure each configuration's resident high-water mark in a subprocess.
         seed: input seed.
+        optimize: stream optimized segments (the default of ``StreamingModel``).
+        baseline: with ``optimize``, also measure the unoptimized segments (rows with
+            ``"optimized": False``; their speedups under ``prefetch_speedup_unoptimized``).
 
     Returns:
         A JSON-serialisable dict: ``whole`` and ``streaming`` (one entry per budget and
@@ -214,8 +229,18 @@ def run_memory(
         path = Path(workdir) / f"{model}.sealed"
         path.write_bytes(sealed)
         del sealed  # streaming reads the file with pread; keep no ciphertext copy resident
+        modes = [optimize] + ([False] if baseline and optimize else [])
         weight_bytes, whole_row, rows = _measure(
-            model, path, key, budgets, repeats=repeats, warmup=warmup, threads=threads, seed=seed, quiet=quiet
+            model,
+            path,
+            key,
+            budgets,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+            seed=seed,
+            quiet=quiet,
+            modes=modes,
         )
         if rss:
             progress("[memory] measuring resident memory of each configuration in a subprocess", quiet)
@@ -231,16 +256,19 @@ def run_memory(
                                     "mode": "streaming",
                                     "budget": row["budget_bytes"],
                                     "prefetch": row["prefetch"],
+                                    "optimize": row["optimized"],
                                 }
                             )
                         )
                     )
 
     speedup: dict[str, float] = {}
+    speedup_unoptimized: dict[str, float] = {}
     for budget in budgets:
-        on, off = rows.get(f"{budget}/prefetch", {}), rows.get(f"{budget}/serial", {})
-        if "median_ms" in on and "median_ms" in off:
-            speedup[str(budget)] = round(off["median_ms"] / on["median_ms"], 3)
+        for suffix, target in (("", speedup), ("/unoptimized", speedup_unoptimized)):
+            on, off = rows.get(f"{budget}/prefetch{suffix}", {}), rows.get(f"{budget}/serial{suffix}", {})
+            if "median_ms" in on and "median_ms" in off:
+                target[str(budget)] = round(off["median_ms"] / on["median_ms"], 3)
     streaming = list(rows.values())
     measured = [r for r in streaming if "median_ms" in r]
     targets: dict[str, Any] = {
@@ -254,6 +282,9 @@ def run_memory(
             targets["resnet50_32mb_ratio"] = at32["ratio_to_whole"]
             targets["resnet50_32mb_ratio_met"] = at32["ratio_to_whole"] <= TARGETS["resnet50_32mb_ratio"]
             targets["resnet50_32mb_peak_met"] = at32["within_budget"]
+        serial32 = rows.get(f"{32 * _MB}/serial")
+        if serial32 and "median_ms" in serial32:
+            targets["resnet50_32mb_ratio_serial"] = serial32["ratio_to_whole"]
     if model == "vgg16":
         at64 = rows.get(f"{64 * _MB}/prefetch")
         if at64 and "tracked_peak_bytes" in at64:
@@ -271,6 +302,7 @@ def run_memory(
         "whole": whole_row,
         "streaming": streaming,
         "prefetch_speedup": speedup,
+        "prefetch_speedup_unoptimized": speedup_unoptimized,
         "targets": targets,
     }
 
@@ -290,6 +322,7 @@ def _measure(
     threads: int,
     seed: int,
     quiet: bool,
+    modes: list[bool],
 ) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]]]:
     """The interleaved latency run; every model object is freed when it returns."""
     from sealedml.envelope.model_container import SealedModelReader, open_model
@@ -309,30 +342,55 @@ def _measure(
 
     configs: dict[str, StreamingModel] = {}
     rows: dict[str, dict[str, Any]] = {}
-    for budget in budgets:
-        for prefetch in (True, False):
-            name = f"{budget}/{'prefetch' if prefetch else 'serial'}"
-            row: dict[str, Any] = {"budget_bytes": budget, "budget_mb": _mb(budget), "prefetch": prefetch}
-            rows[name] = row
-            try:
-                t0 = time.perf_counter()
-                sm = StreamingModel(reader, budget_bytes=budget, prefetch=prefetch, threads=threads)
-                row["build_s"] = round(time.perf_counter() - t0, 3)
-            except BudgetError as exc:
-                row["error"] = str(exc)
-                row["minimum_budget_bytes"] = exc.minimum_budget
-                progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {exc}", quiet)
-                continue
-            configs[name] = sm
-            row.update(
-                {
-                    "segments": len(sm.plan.segments),
-                    "splits": {k: {"strategy": s, "pieces": p} for k, (s, p) in sm.plan.splits.items()},
-                    "planned_peak_bytes": sm.plan.peak_bytes,
-                    "planned_peak_mb": _mb(sm.plan.peak_bytes),
+    for optimized in modes:
+        for budget in budgets:
+            for prefetch in (True, False):
+                name = f"{budget}/{'prefetch' if prefetch else 'serial'}" + ("" if optimized else "/unoptimized")
+                row: dict[str, Any] = {
+                    "budget_bytes": budget,
+                    "budget_mb": _mb(budget),
+                    "prefetch": prefetch,
+                    "optimized": optimized,
                 }
-            )
-            progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {len(sm.plan.segments)} segments", quiet)
+                rows[name] = row
+                try:
+                    t0 = time.perf_counter()
+                    sm = StreamingModel(
+                        reader, budget_bytes=budget, prefetch=prefetch, threads=threads, optimize=optimized
+                    )
+                    row["build_s"] = round(time.perf_counter() - t0, 3)
+                except BudgetError as exc:
+                    row["error"] = str(exc)
+                    row["minimum_budget_bytes"] = exc.minimum_budget
+                    progress(f"[memory] {model} {_mb(budget)} MB prefetch={prefetch}: {exc}", quiet)
+                    continue
+                configs[name] = sm
+                ls = sm.load_stats
+                row.update(
+                    {
+                        "segments": len(sm.plan.segments),
+                        "optimized_segments": ls.optimized_segments,
+                        "fallbacks": [{"segment": k, "reason": r} for k, r in ls.fallbacks],
+                        "plans": ls.plans,
+                        "headroom_bytes": ls.headroom_bytes,
+                        "optimize_s": round(ls.optimize_s, 3),
+                        "nchwc_nodes": ls.nchwc_nodes,
+                        "decrypted_weight_mb": _mb(ls.weight_bytes),
+                        "spill_mb": _mb(ls.spill_bytes),
+                        "splits": {k: {"strategy": s, "pieces": p} for k, (s, p) in sm.plan.splits.items()},
+                        # The bound with the weights each segment actually decrypts (optimized
+                        # weights may be padded): what the tracked peak must stay under.
+                        "planned_peak_bytes": sm.peak_bound_bytes,
+                        "planned_peak_mb": _mb(sm.peak_bound_bytes),
+                        "plan_peak_mb": _mb(sm.plan.peak_bytes),
+                    }
+                )
+                progress(
+                    f"[memory] {model} {_mb(budget)} MB prefetch={prefetch} optimize={optimized}: "
+                    f"{len(sm.plan.segments)} segments ({ls.optimized_segments} optimized), built in "
+                    f"{row['build_s']} s",
+                    quiet,
+                )
 
     runners: dict[str, Any] = {"whole": whole.run}
     runners.update({name: sm.run for name, sm in configs.items()})
@@ -396,11 +454,17 @@ def _measure(
 def _rss_fields(probe: dict[str, Any]) -> dict[str, Any]:
     if "error" in probe:
         return {"rss_error": probe["error"]}
-    return {
+    fields = {
         "rss_hwm_mb": _mb(probe["hwm_bytes"]),
         "rss_baseline_mb": _mb(probe["baseline_rss_bytes"]),
         "rss_delta_mb": _mb(probe["hwm_bytes"] - probe["baseline_rss_bytes"]),
     }
+    if probe.get("load_hwm_bytes") is not None:
+        fields["rss_load_delta_mb"] = _mb(probe["load_hwm_bytes"] - probe["baseline_rss_bytes"])
+        fields["rss_loaded_delta_mb"] = _mb(probe["loaded_rss_bytes"] - probe["baseline_rss_bytes"])
+    if probe.get("run_hwm_bytes") is not None:
+        fields["rss_run_delta_mb"] = _mb(probe["run_hwm_bytes"] - probe["baseline_rss_bytes"])
+    return fields
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -421,37 +485,46 @@ def format_table(result: dict[str, Any]) -> str:
         return str(value)
 
     head = (
-        "| config | budget MB | segments | load s | median ms | x whole | tracked peak MB | planned peak MB "
-        "| RSS HWM MB (Δ) | decrypt ms | compute ms | wait ms | max abs diff |"
+        "| config | budget MB | segments (optimized) | load s | median ms | x whole | tracked peak MB "
+        "| planned peak MB | RSS HWM MB (Δ) | RSS Δ load / runs MB | decrypt ms | compute ms | wait ms "
+        "| max abs diff |"
     )
     lines = [
         f"**{result['model']}** — weights {result['weight_mb']} MB, batch 1, "
         f"{result['intra_op_threads']} intra-op threads, {result['repeats']} rounds",
         "",
         head,
-        "|" + "---|" * 13,
+        "|" + "---|" * 14,
     ]
     whole = result["whole"]
     rss = f"{cell(whole.get('rss_hwm_mb'))} ({cell(whole.get('rss_delta_mb'))})" if "rss_hwm_mb" in whole else "-"
     lines.append(
         f"| whole model | - | 1 | {cell(whole['load_s'])} | {cell(whole['median_ms'])} | 1 "
         f"| {cell(whole['tracked_peak_mb'])} | - "
-        f"| {rss} | - | - | - | 0 |"
+        f"| {rss} | - | - | - | - | 0 |"
     )
     for row in result["streaming"]:
-        label = "streaming, prefetch" if row["prefetch"] else "streaming, serial"
+        kind = "optimized" if row.get("optimized", False) else "unoptimized"
+        label = f"{kind}, {'prefetch' if row['prefetch'] else 'serial'}"
         if "error" in row:
-            lines.append(f"| {label} | {cell(row['budget_mb'])} | infeasible: {row['error']} |" + " |" * 10)
+            lines.append(f"| {label} | {cell(row['budget_mb'])} | infeasible: {row['error']} |" + " |" * 11)
             continue
         rss = f"{cell(row.get('rss_hwm_mb'))} ({cell(row.get('rss_delta_mb'))})" if "rss_hwm_mb" in row else "-"
+        split_rss = (
+            f"{cell(row.get('rss_load_delta_mb'))} / {cell(row.get('rss_run_delta_mb'))}"
+            if "rss_load_delta_mb" in row
+            else "-"
+        )
+        segments = f"{row['segments']} ({row.get('optimized_segments', 0)})"
         lines.append(
-            f"| {label} | {cell(row['budget_mb'])} | {row['segments']} | {cell(row['build_s'])} "
+            f"| {label} | {cell(row['budget_mb'])} | {segments} | {cell(row['build_s'])} "
             f"| {cell(row['median_ms'])} "
             f"| {cell(row['ratio_to_whole'])} | {cell(row['tracked_peak_mb'])} | {cell(row['planned_peak_mb'])} "
-            f"| {rss} | {cell(row['decrypt_ms'])} | {cell(row['compute_ms'])} | {cell(row['wait_ms'])} "
-            f"| {row['max_abs_diff']:.2e} |"
+            f"| {rss} | {split_rss} | {cell(row['decrypt_ms'])} | {cell(row['compute_ms'])} "
+            f"| {cell(row['wait_ms'])} | {row['max_abs_diff']:.2e} |"
         )
-    if result["prefetch_speedup"]:
-        parts = ", ".join(f"{cell(int(b) / _MB)} MB: {s}x" for b, s in result["prefetch_speedup"].items())
-        lines += ["", f"Prefetch speedup (serial / prefetch median): {parts}"]
+    for key, label in (("prefetch_speedup", "optimized"), ("prefetch_speedup_unoptimized", "unoptimized")):
+        if result.get(key):
+            parts = ", ".join(f"{cell(int(b) / _MB)} MB: {s}x" for b, s in result[key].items())
+            lines += ["", f"Prefetch speedup, {label} (serial / prefetch median): {parts}"]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from sealedml.errors import InputError, SealedModelError
 
-__all__ = ["LoadedModel", "intra_op_threads", "ort_dtype"]
+__all__ = ["InputSpec", "LoadedModel", "bind_inputs", "intra_op_threads", "ort_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,43 @@ def intra_op_threads(concurrency: int, cores: int | None = None) -> int:
 
 
 @dataclass(frozen=True)
-class _InputSpec:
+class InputSpec:
+    """One model input: name, dtype and rank (None if unknown)."""
+
     name: str
     dtype: np.dtype[np.generic]
     rank: int | None
+
+
+def bind_inputs(
+    specs: Sequence[InputSpec], tensors: Mapping[str, np.ndarray], positional: bool
+) -> dict[str, np.ndarray]:
+    """Map request tensors to a model's inputs and check dtype and rank.
+
+    Positional tensors (``"0"``, ``"1"``, …) map to the inputs in order.
+
+    Raises:
+        InputError: missing, unexpected or ill-typed inputs (named in the message).
+    """
+    if positional:
+        if len(tensors) != len(specs):
+            raise InputError(f"model takes {len(specs)} input(s), got {len(tensors)} unnamed tensor(s)")
+        if set(tensors) != {str(i) for i in range(len(specs))}:
+            raise InputError("unnamed tensors must be numbered 0, 1, …")
+        named = {spec.name: tensors[str(i)] for i, spec in enumerate(specs)}
+    else:
+        expected = {s.name for s in specs}
+        missing, extra = expected - set(tensors), set(tensors) - expected
+        if missing or extra:
+            raise InputError(f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        named = dict(tensors)
+    for spec in specs:
+        array = named[spec.name]
+        if array.dtype != spec.dtype:
+            raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
+        if spec.rank is not None and array.ndim != spec.rank:
+            raise InputError(f"input {spec.name!r} must have rank {spec.rank}, got {array.ndim}")
+    return named
 
 
 class LoadedModel:
@@ -82,42 +115,18 @@ class LoadedModel:
             self.session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise SealedModelError(f"model {model_id} v{version} cannot be loaded by ONNX Runtime") from exc
-        self.inputs: list[_InputSpec] = []
+        self.inputs: list[InputSpec] = []
         for meta in self.session.get_inputs():
             dtype = ort_dtype(meta.type)
             if dtype is None:
                 raise SealedModelError(f"model {model_id}: input {meta.name} has unsupported type {meta.type}")
             rank = len(meta.shape) if meta.shape is not None else None
-            self.inputs.append(_InputSpec(meta.name, dtype, rank))
+            self.inputs.append(InputSpec(meta.name, dtype, rank))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def bind_inputs(self, tensors: Mapping[str, np.ndarray], positional: bool) -> dict[str, np.ndarray]:
-        """Map request tensors to the model's inputs and check dtype and rank.
-
-        Raises:
-            InputError: missing, unexpected or ill-typed inputs (named in the message).
-        """
-        if positional:
-            if len(tensors) != len(self.inputs):
-                raise InputError(f"model takes {len(self.inputs)} input(s), got {len(tensors)} unnamed tensor(s)")
-            if set(tensors) != {str(i) for i in range(len(self.inputs))}:
-                raise InputError("unnamed tensors must be numbered 0, 1, …")
-            named = {spec.name: tensors[str(i)] for i, spec in enumerate(self.inputs)}
-        else:
-            expected = {s.name for s in self.inputs}
-            missing, extra = expected - set(tensors), set(tensors) - expected
-            if missing or extra:
-                raise InputError(
-                    f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}"
-                )
-            named = dict(tensors)
-        for spec in self.inputs:
-            array = named[spec.name]
-            if array.dtype != spec.dtype:
-                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
-            if spec.rank is not None and array.ndim != spec.rank:
-                raise InputError(f"input {spec.name!r} must have rank {spec.rank}, got {array.ndim}")
-        return named
+        """Map request tensors to the model's inputs (see :func:`bind_inputs`)."""
+        return bind_inputs(self.inputs, tensors, positional)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model (thread-safe; blocking).

@@ -10,6 +10,9 @@ and decrypt segment k + 1 while segment k computes.
 * :class:`StreamingModel` — run a sealed model from a
   :class:`~sealedml.envelope.model_container.SealedModelReader` with the same
   interface as :class:`~sealedml.runtime.engine.LoadedModel` (:mod:`.executor`).
+* Optimized segments (the default): ONNX Runtime's NCHWc graph of each segment, built once
+  at load (:mod:`.optimize`), its reordered weights streamed from a spill file sealed under
+  an ephemeral in-memory key (:mod:`.spill`).
 * :class:`MemoryTracker`, :func:`process_memory` — byte accounting (:mod:`.accounting`).
 
 Typical use::
@@ -27,10 +30,12 @@ from __future__ import annotations
 from sealedml.runtime.streaming.accounting import MemoryTracker, ProcessMemory, process_memory, reset_peak_rss
 from sealedml.runtime.streaming.executor import (
     InputSpec,
+    LoadStats,
     RunStats,
     SegmentStats,
     StreamingModel,
     decrypt_reserve,
+    spill_chunk_size,
 )
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes, plan
 from sealedml.runtime.streaming.split import WeightSlice
@@ -38,6 +43,7 @@ from sealedml.runtime.streaming.split import WeightSlice
 __all__ = [
     "BudgetError",
     "InputSpec",
+    "LoadStats",
     "MemoryTracker",
     "Plan",
     "ProcessMemory",
@@ -51,4 +57,5 @@ __all__ = [
     "plan",
     "process_memory",
     "reset_peak_rss",
+    "spill_chunk_size",
 ]

@@ -48,17 +48,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnx import helper
 
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
-from sealedml.runtime.streaming.accounting import MemoryTracker
+from sealedml.runtime.engine import InputSpec, bind_inputs
+from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
-from sealedml.runtime.streaming.spill import SpillEntry, SpillFile
+from sealedml.runtime.streaming.spill import ALIGN, SpillEntry, SpillFile
 
 __all__ = [
     "DEFAULT_SPILL_CHUNK",
@@ -137,15 +139,6 @@ def segment_session_options(threads: int) -> ort.SessionOptions:
     # instead of staying reserved per session (there is one session per segment).
     options.enable_cpu_mem_arena = False
     return options
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input: name, dtype and rank (as ``LoadedModel.inputs``)."""
-
-    name: str
-    dtype: np.dtype[np.generic]
-    rank: int | None
 
 
 @dataclass(frozen=True)
@@ -392,8 +385,10 @@ class StreamingModel:
             plans = 1
             fallbacks: dict[int, str] = {}
             if optimize and not memfd_supported():
+                # Optimized weights would have to go through a file: refuse, run unoptimized.
                 log.warning("model %s: no memfd_create here; optimized segments disabled", self.model_id)
                 fallbacks = {k: "memfd_create unavailable" for k in range(len(plan.segments))}
+                self._states = [self._sealed_state(segment) for segment in self.plan.segments]
             elif optimize:
                 t0 = time.perf_counter()
                 self._spill = SpillFile(spill_chunk_size(spill_chunk, plan.reserve_bytes), spill_dir)
@@ -465,6 +460,18 @@ class StreamingModel:
             return sum(state.graph_bytes for state in self._states)
 
     @property
+    def peak_bound_bytes(self) -> int:
+        """The tracked-peak bound with the weights each segment decrypts now (≤ the budget).
+
+        ``plan.peak_bytes`` with every segment's weights replaced by what it actually
+        decrypts (optimized weights are padded and aligned, so they may differ), the next
+        segment's when prefetching, and one decrypting thread's scratch.
+        """
+        with self._lock:
+            weights = [state.weight_bytes for state in self._states]
+        return max(self._pair_peaks(self.plan, weights), default=self._scratch_reserve)
+
+    @property
     def segment_modes(self) -> tuple[str, ...]:
         """Per segment, ``"optimized"`` (spilled optimized weights) or ``"sealed"`` (from the container)."""
         with self._lock:
@@ -483,24 +490,7 @@ class StreamingModel:
         Raises:
             InputError: missing, unexpected or ill-typed inputs, or a batch larger than planned.
         """
-        if positional:
-            if len(tensors) != len(self.inputs):
-                raise InputError(f"model takes {len(self.inputs)} input(s), got {len(tensors)} unnamed tensor(s)")
-            named = {spec.name: tensors[str(i)] for i, spec in enumerate(self.inputs)}
-        else:
-            expected = {s.name for s in self.inputs}
-            missing, extra = expected - set(tensors), set(tensors) - expected
-            if missing or extra:
-                raise InputError(
-                    f"inputs do not match the model: missing {sorted(missing)}, unexpected {sorted(extra)}"
-                )
-            named = dict(tensors)
-        for spec in self.inputs:
-            array = named[spec.name]
-            if array.dtype != spec.dtype:
-                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {array.dtype}")
-            if spec.rank is not None and array.ndim != spec.rank:
-                raise InputError(f"input {spec.name!r} must have rank {spec.rank}, got {array.ndim}")
+        named = bind_inputs(self.inputs, tensors, positional)
         self._check_batch(named)
         return named
 
@@ -551,32 +541,40 @@ class StreamingModel:
             env[name] = np.asarray(inputs[name])
             if name in self._tracked_inputs:
                 tracker.add(env[name].nbytes)
-        pending: Future[_Loaded] | None = None
+        pending: _Pending | None = None
         segment_stats: list[SegmentStats] = []
         pool = self._pool
         segments = self.plan.segments
+        released = 0  # weight bytes the previous segment gave back when it finished
         try:
-            if pool is not None and segments:
-                pending = self._prefetch(pool, readers, 0, states[0], tracker)
             for k, segment in enumerate(segments):
                 waited = 0.0
-                if pending is not None:
-                    t0 = time.perf_counter()
+                if k == 0 and pool is not None:
+                    # Nothing computes yet, so nothing to overlap: decrypt inline (no hand-off),
+                    # then keep one segment ahead from here on.
+                    loaded = self._load(readers, 0, states[0], tracker)
+                    if len(segments) > 1:
+                        pending = self._start(pool, readers, 1, states[1], tracker)
+                elif pending is not None:
                     try:
-                        loaded = pending.result()
+                        # The compute thread decrypts the chunks the prefetch thread has not
+                        # reached — but only when the weights it just released cover its own
+                        # scratch buffer, so two decrypting threads stay within the plan's bound.
+                        loaded, waited = pending.finish(help_allowed=released >= self._scratch_bytes)
                     finally:
                         pending = None
-                    waited = time.perf_counter() - t0
                     if pool is not None and k + 1 < len(segments):
                         # One segment ahead only: the planner budgeted for exactly this.
-                        pending = self._prefetch(pool, readers, k + 1, states[k + 1], tracker)
+                        pending = self._start(pool, readers, k + 1, states[k + 1], tracker)
                 else:
                     loaded = self._load(readers, k, states[k], tracker)
+                weight_bytes = loaded.nbytes
                 compute = self._compute(segment, states[k].session, env, loaded, tracker)
-                segment_stats.append(SegmentStats(k, loaded.nbytes, loaded.seconds, waited, compute))
+                released = weight_bytes
+                segment_stats.append(SegmentStats(k, weight_bytes, loaded.seconds, waited, compute))
         finally:
             if pending is not None:
-                self._abandon(pending, tracker)
+                pending.abandon()
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -634,9 +632,7 @@ class StreamingModel:
         try:
             return ort.InferenceSession(data, segment_session_options(self.threads), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise SealedModelError(
-                f"model {self.model_id} v{self.version}: segment {index} cannot be loaded"
-            ) from exc
+            raise SealedModelError(f"model {self.model_id} v{self.version}: segment {index} cannot be loaded") from exc
 
     def _sealed_state(self, segment: Segment, plan: Plan | None = None) -> _State:
         """The unoptimized path: weights from the sealed container as graph inputs."""
@@ -656,7 +652,7 @@ class StreamingModel:
     def _prepare_optimized(
         self,
         reader: SealedModelReader,
-        graph: object,
+        graph: onnx.ModelProto | None,
         sizes: Mapping[str, int],
         *,
         batch: int,
@@ -667,28 +663,41 @@ class StreamingModel:
 
         NCHWc pads channels to the SIMD block, so a segment's optimized weights can be
         larger than its original ones. The bound that must hold for every segment k is
-        ``W'(k) + activations(k) + W'(k + 1) (prefetch) + scratch ≤ budget``. If it does
-        not, the plan is made again with the excess kept out of the budget (``reserve``
-        grows by that headroom), re-optimizing only segments that changed; after
-        ``max_replans`` (or with a given plan, or when the smaller budget is infeasible)
-        the offending segments fall back to their original weights, for which the plan
-        holds by construction.
+        ``W'(k) + activations(k) + W'(k + 1) (prefetch) + scratch ≤ budget``. Each pass
+        optimizes the plan's segments (re-using segments already optimized by an earlier
+        pass) and, where the bound fails, falls back to the original weights of the
+        segments that grew — the plan holds for those by construction. While some did, and
+        the plan is the executor's own, the plan is made again with the excess kept out of
+        the budget (``reserve`` grows by that headroom). More headroom can split layers,
+        and NCHWc pads every piece, so the pass kept is the one that runs the most
+        optimized — by original weight bytes — then the fewest segments, not necessarily the last.
         """
         plan = self.plan
         budget = plan.budget_bytes
         cache: dict[tuple[object, ...], _Built | str] = {}
-        plans = 1
+        plans = 0
+        best: tuple[tuple[int, int], Plan, list[_Built | str], list[bool], dict[int, str]] | None = None
         while True:
+            plans += 1
             built = [self._build_cached(reader, plan, segment, cache) for segment in plan.segments]
+            optimized, fallbacks, grown = self._assign(plan, built)
+            # Original weight bytes served by optimized segments: a proxy for the compute
+            # that gets the fast kernels (node counts would favour split plans).
+            score = (
+                sum(segment.weight_bytes for segment, on in zip(plan.segments, optimized, strict=True) if on),
+                -len(plan.segments),
+            )
+            if best is None or score > best[0]:
+                best = (score, plan, built, optimized, fallbacks)
+            if not grown or not replan or plans > max_replans:
+                break
             weights = [
                 b.state.weight_bytes if isinstance(b, _Built) else s.weight_bytes
                 for b, s in zip(built, plan.segments, strict=True)
             ]
             excess = max(self._pair_peaks(plan, weights), default=0) - budget
-            if excess <= 0 or not replan or plans > max_replans:
-                break
             headroom = plan.reserve_bytes - self._scratch_reserve
-            headroom += -(-excess // _HEADROOM_QUANTUM) * _HEADROOM_QUANTUM
+            headroom += max(1, -(-excess // _HEADROOM_QUANTUM)) * _HEADROOM_QUANTUM
             try:
                 plan = make_plan(
                     graph,  # type: ignore[arg-type]
@@ -700,33 +709,7 @@ class StreamingModel:
                 )
             except BudgetError:
                 break
-            plans += 1
-        # Fall back, segment by segment, where optimized weights still do not fit.
-        optimized = [isinstance(b, _Built) for b in built]
-        fallbacks = {k: b for k, b in enumerate(built) if isinstance(b, str)}
-        n = len(plan.segments)
-        while True:
-            weights = [
-                b.state.weight_bytes if optimized[k] and isinstance(b, _Built) else plan.segments[k].weight_bytes
-                for k, b in enumerate(built)
-            ]
-            peaks = self._pair_peaks(plan, weights)
-            over = [k for k in range(n) if peaks[k] > budget]
-            if not over:
-                break
-            changed = False
-            for k in over:
-                for j in (k, k + 1) if self.prefetch and k + 1 < n else (k,):
-                    b = built[j]
-                    if optimized[j] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[j].weight_bytes:
-                        optimized[j] = False
-                        fallbacks[j] = (
-                            f"optimized weights ({format_bytes(b.state.weight_bytes)}, originally "
-                            f"{format_bytes(plan.segments[j].weight_bytes)}) do not fit the budget"
-                        )
-                        changed = True
-            if not changed:  # pragma: no cover - the plan holds for the original weights
-                raise ConfigurationError("segment weights do not fit the plan")
+        _, plan, built, optimized, fallbacks = best
         self.plan = plan
         states: list[_State] = []
         for k, segment in enumerate(plan.segments):
@@ -740,12 +723,50 @@ class StreamingModel:
         self._states = states
         return plans, fallbacks
 
+    def _assign(self, plan: Plan, built: list[_Built | str]) -> tuple[list[bool], dict[int, str], bool]:
+        """Which segments run optimized: every one that was optimized, except those whose
+        grown weights break a segment's bound (then the original weights, which fit).
+
+        Returns:
+            Per segment whether it runs optimized, the fallback reasons, and whether any
+            segment fell back for lack of budget.
+        """
+        optimized = [isinstance(b, _Built) for b in built]
+        fallbacks = {k: b for k, b in enumerate(built) if isinstance(b, str)}
+        grown = False
+        n = len(plan.segments)
+        while True:
+            weights = [
+                b.state.weight_bytes if optimized[k] and isinstance(b, _Built) else plan.segments[k].weight_bytes
+                for k, b in enumerate(built)
+            ]
+            peaks = self._pair_peaks(plan, weights)
+            over = [k for k in range(n) if peaks[k] > plan.budget_bytes]
+            if not over:
+                return optimized, fallbacks, grown
+            changed = False
+            for k in over:
+                for j in (k, k + 1) if self.prefetch and k + 1 < n else (k,):
+                    b = built[j]
+                    if optimized[j] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[j].weight_bytes:
+                        optimized[j] = False
+                        fallbacks[j] = (
+                            f"optimized weights ({_size(b.state.weight_bytes)}, originally "
+                            f"{_size(plan.segments[j].weight_bytes)}) do not fit the budget"
+                        )
+                        changed = grown = True
+            if not changed:  # pragma: no cover - the plan holds for the original weights
+                raise ConfigurationError("segment weights do not fit the plan")
+
     def _build_cached(
         self, reader: SealedModelReader, plan: Plan, segment: Segment, cache: dict[tuple[object, ...], _Built | str]
     ) -> _Built | str:
         key = (segment.node_names, tuple(w.name for w in segment.weights), segment.inputs, segment.outputs)
         if key not in cache:
             cache[key] = self._build(reader, plan, segment)
+            # One segment's plaintext and ONNX Runtime's copies of it are gone: hand the pages
+            # back before the next segment, so the load-time peak stays near one segment's worth.
+            trim_heap()
         return cache[key]
 
     def _probe(self, plan: Plan, segment: Segment) -> dict[str, np.ndarray] | None:
@@ -795,9 +816,9 @@ class StreamingModel:
             opt.drop()
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             return f"ONNX Runtime rejected the optimized graph with weights as inputs: {first}"
-        entry = self._spill.write(opt.tensors)
+        entry = self._spill.write(segment.index, opt.tensors)
         reference = opt.reference
-        state = _State(session, entry, entry.nbytes, len(opt.graph), opt.nchwc_nodes)
+        state = _State(session, entry, _blob_bytes(entry), len(opt.graph), opt.nchwc_nodes)
         opt.drop()  # the plaintext optimized weights: only the spill (ciphertext) keeps them
         if reference is not None and probe is not None:
             # Round trip through the spill, exactly as a request does, then compare with what
@@ -848,7 +869,9 @@ class StreamingModel:
         or whose optimization now fails, switches to the sealed path.
         """
         with self._rebuild_lock:
-            for k in sorted(self._stale):
+            with self._lock:
+                todo = sorted(self._stale)
+            for k in todo:
                 segment = self.plan.segments[k]
                 built = self._build(readers.get(), self.plan, segment)
                 state = built.state if isinstance(built, _Built) else self._sealed_state(segment)
@@ -867,11 +890,17 @@ class StreamingModel:
                 with self._lock:
                     self._states[k] = state
                     self._stale.discard(k)
+            trim_heap()
 
     def _mark_stale(self, index: int, state: _State) -> None:
+        """Rebuild segment ``index`` on the next run — and every segment a truncation cut off."""
+        size = self._spill.file_size() if self._spill is not None else 0
         with self._lock:
             if self._states[index] is state:
                 self._stale.add(index)
+            for k, other in enumerate(self._states):
+                if other.entry is not None and other.entry.offset + other.entry.length > size:
+                    self._stale.add(k)
 
     def _scratch_view(self, nbytes: int) -> memoryview:
         """This thread's reusable ciphertext buffer (never holds plaintext)."""
@@ -879,7 +908,8 @@ class StreamingModel:
         if buf is None or buf.nbytes < nbytes:
             buf = np.empty(nbytes, dtype=np.uint8)
             self._scratch.buf = buf
-        return memoryview(buf)[:nbytes]
+        view: memoryview = buf.data
+        return view[:nbytes]
 
     def _load(self, readers: _Readers, index: int, state: _State, tracker: MemoryTracker) -> _Loaded:
         """Decrypt segment ``index``'s weights: from the spill when optimized, else from the container."""
@@ -888,27 +918,28 @@ class StreamingModel:
         return self._decrypt(readers.get(), self.plan.segments[index], tracker)
 
     def _decrypt_spill(self, index: int, state: _State, tracker: MemoryTracker, *, mark_stale: bool = True) -> _Loaded:
-        """Decrypt an optimized segment's weights from the spill file straight into their arrays.
+        """Decrypt an optimized segment's weights from the spill file straight into one buffer.
 
-        One ``pread`` per chunk into this thread's ciphertext buffer, then AES-GCM
-        decryption into the weight array itself: no intermediate plaintext copy.
+        One allocation per segment (its tensors are aligned views of it), one ``pread`` per
+        chunk into this thread's ciphertext buffer, then AES-GCM decryption into the weight
+        buffer itself: no intermediate plaintext copy.
         """
         assert self._spill is not None and state.entry is not None
+        entry = state.entry
         started = time.perf_counter()
         scratch_bytes = self._spill.chunk_size + TAG_SIZE
-        arrays: dict[str, np.ndarray] = {}
         held = 0
         tracker.add(scratch_bytes, "scratch")
         try:
             scratch = self._scratch_view(scratch_bytes)
-            for tensor in state.entry.tensors:
-                buf = np.empty(tensor.nbytes, dtype=np.uint8)
-                tracker.add(tensor.nbytes, "weights")
-                held += tensor.nbytes
-                self._spill.read_into(tensor, memoryview(buf), scratch)
-                arrays[tensor.name] = buf.view(tensor.dtype).reshape(tensor.dims)
+            raw = np.empty(_blob_bytes(entry), dtype=np.uint8)
+            tracker.add(raw.nbytes, "weights")
+            held = raw.nbytes
+            shift = -raw.ctypes.data % ALIGN
+            blob = raw[shift : shift + entry.nbytes]
+            self._spill.read_into(entry, blob.data, scratch)
+            arrays = entry.views(blob)
         except BaseException as exc:
-            arrays.clear()
             tracker.release(held, "weights")
             if mark_stale and isinstance(exc, SealedModelError):
                 self._mark_stale(index, state)
@@ -998,25 +1029,180 @@ class StreamingModel:
                 tracker.release(dropped.nbytes)
         return elapsed
 
-    def _prefetch(
-        self, pool: ThreadPoolExecutor, readers: _Readers, index: int, state: _State, tracker: MemoryTracker
-    ) -> Future[_Loaded] | None:
-        """Start decrypting segment ``index`` in the background; None if the pool was closed meanwhile."""
-        try:
-            return pool.submit(self._load, readers, index, state, tracker)
-        except RuntimeError:  # close() raced with this run: decrypt inline instead
-            return None
+    @property
+    def _scratch_bytes(self) -> int:
+        """Scratch one thread holds while decrypting spill chunks."""
+        return self._spill.chunk_size + TAG_SIZE if self._spill is not None else 0
 
-    def _abandon(self, pending: Future[_Loaded], tracker: MemoryTracker) -> None:
-        """After a failed run: wait for an in-flight prefetch and drop what it decrypted."""
-        if pending.cancel():
+    def _start(
+        self, pool: ThreadPoolExecutor, readers: _Readers, index: int, state: _State, tracker: MemoryTracker
+    ) -> _Pending | None:
+        """Start decrypting segment ``index`` in the background.
+
+        Returns None for a sealed segment if the pool was closed meanwhile (the caller then
+        decrypts inline); a spill job always comes back (without a worker it is decrypted
+        entirely by the compute thread).
+        """
+        if state.entry is None:
+            try:
+                future = pool.submit(self._load, readers, index, state, tracker)
+            except RuntimeError:  # close() raced with this run: decrypt inline instead
+                return None
+            return _SealedPending(future, tracker)
+        job = _SpillJob(self, index, state, tracker)
+        try:
+            pool.submit(job.work)
+        except RuntimeError:  # close() raced with this run
+            job.solo = True
+        return job
+
+
+class _SealedPending:
+    """A sealed segment being decrypted from the container by the prefetch thread."""
+
+    def __init__(self, future: Future[_Loaded], tracker: MemoryTracker) -> None:
+        self._future = future
+        self._tracker = tracker
+
+    def finish(self, help_allowed: bool) -> tuple[_Loaded, float]:
+        """Wait for the weights; returns them and the seconds waited."""
+        del help_allowed  # container chunks are decrypted by one thread
+        started = time.perf_counter()
+        loaded = self._future.result()
+        return loaded, time.perf_counter() - started
+
+    def abandon(self) -> None:
+        """After a failed run: wait for the decryption and drop what it produced."""
+        if self._future.cancel():
             return
         try:
-            loaded = pending.result()
+            loaded = self._future.result()
         except BaseException:  # the run already failed; its error is the one to report
             return
         loaded.arrays.clear()
-        tracker.release(loaded.nbytes, "weights")
+        self._tracker.release(loaded.nbytes, "weights")
+
+
+class _SpillJob:
+    """One optimized segment's spill entry being decrypted, shared chunk by chunk.
+
+    The prefetch thread claims chunks in order while the previous segment computes; when
+    the compute thread reaches this segment it claims the rest itself instead of waiting
+    (on two cores the prefetch thread rarely finishes first: ONNX Runtime keeps both
+    busy). Chunks are disjoint parts of one weight buffer, so the threads never touch the
+    same bytes. The first failure stops further claims and is raised by :meth:`finish`.
+    """
+
+    def __init__(self, model: StreamingModel, index: int, state: _State, tracker: MemoryTracker) -> None:
+        assert model._spill is not None and state.entry is not None
+        self._model = model
+        self._spill = model._spill
+        self._index = index
+        self._state = state
+        self._entry = state.entry
+        self._tracker = tracker
+        self._raw: np.ndarray | None = np.empty(_blob_bytes(self._entry), dtype=np.uint8)
+        tracker.add(self._raw.nbytes, "weights")
+        self._nbytes = self._raw.nbytes
+        shift = -self._raw.ctypes.data % ALIGN
+        self._blob = self._raw[shift : shift + self._entry.nbytes]
+        self._n = len(self._entry.chunks)
+        self._next = 0
+        self._in_flight = 0
+        self._error: BaseException | None = None
+        self._busy = 0.0
+        self._settled = False
+        self._cond = threading.Condition()
+        #: No worker will come (the pool was closed): the compute thread does everything.
+        self.solo = False
+
+    def _claim_locked(self) -> int:
+        if self._error is not None or self._next >= self._n:
+            return -1
+        index = self._next
+        self._next += 1
+        self._in_flight += 1
+        return index
+
+    def work(self) -> None:
+        """Decrypt chunks until none is left to claim (any thread)."""
+        scratch_bytes = self._spill.chunk_size + TAG_SIZE
+        with self._cond:
+            index = self._claim_locked()
+            if index < 0:
+                return
+            self._tracker.add(scratch_bytes, "scratch")
+        scratch = self._model._scratch_view(scratch_bytes)
+        out = self._blob.data
+        while index >= 0:
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                self._spill.read_chunk(self._entry, index, out, scratch)
+            except BaseException as exc:  # recorded and raised by finish() in the compute thread
+                error = exc
+            with self._cond:
+                self._busy += time.perf_counter() - started
+                self._in_flight -= 1
+                if error is not None and self._error is None:
+                    self._error = error
+                index = self._claim_locked()
+                if index < 0:
+                    # Give the scratch back before anyone can see the job complete.
+                    self._tracker.release(scratch_bytes, "scratch")
+                self._cond.notify_all()
+
+    def finish(self, help_allowed: bool) -> tuple[_Loaded, float]:
+        """The decrypted weights (after helping, if allowed); and the seconds this took.
+
+        Raises:
+            SealedModelError: a chunk was short or failed authentication (the segment is
+                then rebuilt at the start of the next run).
+        """
+        started = time.perf_counter()
+        if help_allowed or self.solo:
+            self.work()
+        with self._cond:
+            while self._in_flight or (self._error is None and self._next < self._n):
+                self._cond.wait()
+            error = self._error
+        waited = time.perf_counter() - started
+        if error is not None:
+            self._release()
+            if isinstance(error, SealedModelError):
+                self._model._mark_stale(self._index, self._state)
+            raise error
+        self._settled = True
+        arrays = self._entry.views(self._blob)
+        self._raw = None
+        return _Loaded(arrays, self._nbytes, self._busy), waited
+
+    def abandon(self) -> None:
+        """After a failed run: stop claiming, wait for chunks in flight, drop the buffer."""
+        with self._cond:
+            self._next = self._n
+            while self._in_flight:
+                self._cond.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if not self._settled:
+            self._settled = True
+            self._raw = None
+            self._tracker.release(self._nbytes, "weights")
+
+
+_Pending = _SealedPending | _SpillJob
+
+
+def _blob_bytes(entry: SpillEntry) -> int:
+    """Bytes one run holds for a spill entry: its blob plus room to align the blob's start."""
+    return entry.nbytes + ALIGN
+
+
+def _size(nbytes: int) -> str:
+    """Bytes for a message: kB below 100 kB, MB above (decimal units, as the planner)."""
+    return f"{nbytes / 1000:.1f} kB" if nbytes < 100_000 else format_bytes(nbytes)
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> bool:

@@ -91,12 +91,15 @@ def test_mlp_streaming_matches_whole_model_within_budget(
             got = model.run(mlp_feeds)
             assert_close(got, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
-        assert model.last_peak_bytes <= model.plan.peak_bytes
+        assert model.last_peak_bytes <= model.peak_bound_bytes <= budget
+        if not model.load_stats.optimized_segments:
+            assert model.peak_bound_bytes <= model.plan.peak_bytes
         stats = model.last_stats
         assert stats is not None and len(stats.segments) == len(model.plan.segments)
         assert stats.budget_bytes == budget
         assert stats.compute_s > 0 and stats.decrypt_s > 0 and stats.total_s >= stats.compute_s
-        assert sum(s.weight_bytes for s in stats.segments) == model.plan.weight_bytes
+        # Optimized segments decrypt their (possibly padded) optimized weights instead.
+        assert sum(s.weight_bytes for s in stats.segments) == model.load_stats.weight_bytes
         if budget == 150_000:
             assert model.plan.splits  # fc1 (128 KiB) must be split at this budget
 
@@ -147,8 +150,9 @@ def test_digits_classifier_streams_its_weights() -> None:
     assert model.plan.weight_bytes == (64 + 64 + 64 * 10 + 10) * 4
 
 
-def test_reader_factory_opens_a_reader_per_run(
-    tmp_path: Path, mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]
+@pytest.mark.parametrize("optimize", [True, False])
+def test_reader_factory_opens_a_reader_per_run_that_needs_one(
+    tmp_path: Path, mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray], optimize: bool
 ) -> None:
     path = tmp_path / "mlp.sealed"
     path.write_bytes(mlp_sealed)
@@ -159,10 +163,11 @@ def test_reader_factory_opens_a_reader_per_run(
         opened.append(reader)
         return reader
 
-    model = StreamingModel(factory, budget_bytes=300_000)
+    model = StreamingModel(factory, budget_bytes=300_000, optimize=optimize)
     model.run(mlp_feeds)
     model.run(mlp_feeds)
-    assert len(opened) == 3  # construction + one per run
+    # Sealed segments read the container per run; optimized ones read only the spill file.
+    assert len(opened) == (1 if optimize else 3)
     assert all(r._file is None for r in opened)  # each was closed after use
     assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
     model.close()
@@ -262,14 +267,18 @@ def test_mobilenet_streaming_matches_whole_model(
     sealed, feeds, expected = mobilenet
     reader = SealedModelReader(sealed, KEY)
     outputs: list[dict[str, np.ndarray]] = []
-    for prefetch in (True, False):
-        with StreamingModel(reader, budget_bytes=budget, prefetch=prefetch, threads=2) as model:
+    for prefetch, optimize in ((True, True), (False, True), (True, False)):
+        with StreamingModel(reader, budget_bytes=budget, prefetch=prefetch, threads=2, optimize=optimize) as model:
             got = model.run(feeds)
             assert_close(got, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
+            if optimize:
+                assert set(model.segment_modes) == {"optimized"}
+                assert model.load_stats.nchwc_nodes > 0
             outputs.append(got)
-    # The two plans may cut in different places (so ORT fuses differently): equal within tolerance.
+    # The plans may cut in different places (so ORT fuses differently): equal within tolerance.
     assert_close(outputs[0], outputs[1], tol=1e-5)
+    assert_close(outputs[0], outputs[2], tol=1e-5)
 
 
 @pytest.mark.slow
@@ -278,5 +287,7 @@ def test_resnet50_at_32mb_matches_whole_model() -> None:
     feeds = {"input": np.random.default_rng(6).standard_normal((1, 3, 224, 224)).astype(np.float32)}
     expected = whole_outputs(sealed, feeds)
     with StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=32_000_000, threads=2) as model:
+        assert set(model.segment_modes) == {"optimized"}
         assert_close(model.run(feeds), expected)
         assert model.last_peak_bytes is not None and model.last_peak_bytes <= 32_000_000
+        assert model.last_peak_bytes <= model.plan.budget_bytes
