@@ -495,7 +495,7 @@ def cmd_bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         budgets = parse_sizes(args.budget)
     except ValueError as exc:
         raise ConfigurationError(f"bad --budget {args.budget!r}: use e.g. 16MB,32MB,64MB") from exc
-    result = run_memory(args.model, budgets, repeats=args.repeats, quiet=args.json)
+    result = run_memory(args.model, budgets, repeats=args.repeats, threads=args.threads, quiet=args.json)
     if not args.json:
         print(format_table(result))
     return result
@@ -686,6 +686,13 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenetv2", "vgg16"])
     p.add_argument("--budget", default="16MB,32MB,64MB", help="comma-separated budgets (default 16MB,32MB,64MB)")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every configuration (default: all cores; an instance serving "
+        "N requests at once gives each cores/N)",
+    )
 
     p = command(bench, "trace", cmd_bench_trace, "replay a bursty or CSV trace against each routing policy")
     p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")

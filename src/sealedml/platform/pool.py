@@ -33,7 +33,7 @@ from sealedml.platform.policies import (
     RoutingPolicy,
     StartInstance,
 )
-from sealedml.platform.process import WorkerProcess
+from sealedml.platform.process import InstanceNotRunning, WorkerProcess
 
 __all__ = ["InstancePool", "PoolConfig"]
 
@@ -279,7 +279,21 @@ class InstancePool:
 
     # ------------------------------------------------------------------ invoke
     async def invoke(self, invocation: Invocation) -> PlatformResult:
-        """Queue, route, call, account (see the module docstring)."""
+        """Queue, route, call, account (see the module docstring).
+
+        A request routed to an instance that died before the request was sent
+        goes back to the queue (at most twice): only requests actually in
+        flight on a crashed instance fail.
+        """
+        for attempt in range(3):
+            try:
+                return await self._invoke_once(invocation)
+            except InstanceNotRunning:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _invoke_once(self, invocation: Invocation) -> PlatformResult:
         if len(self._queue) >= self.config.queue_limit:
             self.meter.request_rejected()
             raise Overloaded(f"function {self.name}: queue full", retry_after=max(1.0, self._start_s))

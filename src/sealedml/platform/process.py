@@ -21,9 +21,13 @@ from sealedml._internal.httpclient import async_client
 from sealedml.envelope.request import BINARY_CONTENT_TYPE
 from sealedml.errors import ServiceUnavailable
 
-__all__ = ["InstanceSpec", "WorkerProcess"]
+__all__ = ["InstanceNotRunning", "InstanceSpec", "WorkerProcess"]
 
 log = logging.getLogger(__name__)
+
+
+class InstanceNotRunning(ServiceUnavailable):
+    """The instance was gone before the request was sent: safe to route the request elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +160,7 @@ class WorkerProcess:
             ServiceUnavailable: the instance died or the connection failed.
         """
         if self.client is None or self.dead:
-            raise ServiceUnavailable("instance is not running")
+            raise InstanceNotRunning(f"instance {self.instance_id} is not running")
         try:
             content_type = BINARY_CONTENT_TYPE if body.startswith(b"SMLQ") else "application/json"
             return await self.client.post(path, content=body, headers={"content-type": content_type})
