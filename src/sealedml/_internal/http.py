@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -30,7 +31,7 @@ from sealedml.errors import (
     ServiceUnavailable,
 )
 
-__all__ = ["BodyTooLarge", "error_response", "json_response", "read_body", "read_model", "status_for"]
+__all__ = ["BodyTooLarge", "error_response", "guarded", "json_response", "read_body", "read_model", "status_for"]
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -69,6 +70,21 @@ def error_response(exc: BaseException) -> JSONResponse:
         return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status_for(exc), headers=headers)
     log.error("internal error: %s", type(exc).__name__)
     return JSONResponse({"error": "internal", "message": "internal error"}, status_code=500)
+
+
+def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a route handler: SealedML errors become their JSON error response (their code
+    logged at INFO), anything else an opaque 500 logged by type only."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:  # the last line of defence of every server
+            if isinstance(exc, Error):
+                log.info("%s %s failed: %s", request.method, request.url.path, exc.code)
+            return error_response(exc)
+
+    return wrapped
 
 
 def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Response:

@@ -87,6 +87,7 @@ class _Envelope(BaseModel):
 
     model_config = _BYTES_AS_BASE64
     _magic: ClassVar[bytes]
+    ciphertext: bytes
 
     @classmethod
     def parse(cls: type[M], data: bytes | str) -> M:
@@ -105,8 +106,7 @@ class _Envelope(BaseModel):
     def to_binary(self) -> bytes:
         """The binary form."""
         header = self.model_dump_json(exclude={"ciphertext"}).encode()
-        ciphertext: bytes = getattr(self, "ciphertext")  # noqa: B009 - declared by both subclasses
-        return self._magic + len(header).to_bytes(4, "big") + header + ciphertext
+        return self._magic + len(header).to_bytes(4, "big") + header + self.ciphertext
 
     @classmethod
     def from_binary(cls: type[M], raw: bytes) -> M:
@@ -125,15 +125,12 @@ class _Envelope(BaseModel):
             header = loads_json(raw[start : start + length])
             if not isinstance(header, dict) or "ciphertext" in header:
                 raise ValueError("bad header")
-            return cls._from_parts(header, raw[start + length :])
+            # Validate the header fields with the envelope's own schema (empty
+            # ciphertext), then attach the raw ciphertext without re-encoding it.
+            shell = cls.model_validate_json(json.dumps({**header, "ciphertext": ""}))
         except (ValueError, ValidationError) as exc:
             raise EnvelopeError(f"malformed {cls.__name__}") from exc
-
-    @classmethod
-    def _from_parts(cls: type[M], header: dict[str, object], ciphertext: bytes) -> M:
-        fields_json = json.dumps(header).encode()
-        partial = _HEADER_MODELS[cls].model_validate_json(fields_json)
-        return cls(**partial.__dict__, ciphertext=ciphertext)  # type: ignore[call-arg]
+        return shell.model_copy(update={"ciphertext": raw[start + length :]})
 
 
 class RequestEnvelope(_Envelope):
@@ -159,29 +156,6 @@ class ResponseEnvelope(_Envelope):
     request_id: HexId
     nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
     ciphertext: bytes
-
-
-class _RequestHeader(BaseModel):
-    model_config = _BYTES_AS_BASE64
-    v: Literal[1] = 1
-    model_id: Identifier
-    user_id: Identifier
-    request_id: HexId
-    timestamp: int
-    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
-
-
-class _ResponseHeader(BaseModel):
-    model_config = _BYTES_AS_BASE64
-    v: Literal[1] = 1
-    request_id: HexId
-    nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
-
-
-_HEADER_MODELS: dict[type[_Envelope], type[BaseModel]] = {
-    RequestEnvelope: _RequestHeader,
-    ResponseEnvelope: _ResponseHeader,
-}
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sealedml._internal.http import error_response, json_response, read_body, read_model
+from sealedml._internal.http import guarded, json_response, read_body, read_model
 from sealedml.envelope.request import ID_PATTERN
-from sealedml.errors import Error, ProtocolError
+from sealedml.errors import ProtocolError
 from sealedml.keyservice import protocol as p
 from sealedml.keyservice.service import KeyService
 
@@ -41,18 +41,6 @@ __all__ = ["MAX_BODY", "create_app"]
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
 _ID = re.compile(ID_PATTERN)
-
-
-def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Error as exc:
-            return error_response(exc)
-        except Exception as exc:  # last line of defence: opaque 500, logged by type
-            return error_response(exc)
-
-    return wrapped
 
 
 def _model_id(request: Request) -> str:
@@ -105,21 +93,21 @@ def create_app(service: KeyService) -> Starlette:
         return json_response(await run_in_threadpool(service.release, req))
 
     routes = [
-        Route("/v1/health", _guard(health), methods=["GET"]),
-        Route("/v1/attestation", _guard(attestation), methods=["GET"]),
-        Route("/v1/principals", _guard(register), methods=["POST"]),
+        Route("/v1/health", guarded(health), methods=["GET"]),
+        Route("/v1/attestation", guarded(attestation), methods=["GET"]),
+        Route("/v1/principals", guarded(register), methods=["POST"]),
         Route(
-            "/v1/models/{model_id}/keys", _guard(signed(p.ModelKeyRequest, service.upload_model_key)), methods=["POST"]
+            "/v1/models/{model_id}/keys", guarded(signed(p.ModelKeyRequest, service.upload_model_key)), methods=["POST"]
         ),
         Route(
             "/v1/models/{model_id}/runtimes",
-            _guard(signed(p.AllowRuntimeRequest, service.allow_runtime)),
+            guarded(signed(p.AllowRuntimeRequest, service.allow_runtime)),
             methods=["POST"],
         ),
-        Route("/v1/models/{model_id}/grants", _guard(signed(p.GrantRequest, service.grant)), methods=["POST"]),
-        Route("/v1/models/{model_id}/consent", _guard(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
-        Route("/v1/models/{model_id}/info", _guard(signed(None, service.model_info)), methods=["POST"]),
-        Route("/v1/release/challenge", _guard(challenge), methods=["POST"]),
-        Route("/v1/release", _guard(release), methods=["POST"]),
+        Route("/v1/models/{model_id}/grants", guarded(signed(p.GrantRequest, service.grant)), methods=["POST"]),
+        Route("/v1/models/{model_id}/consent", guarded(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
+        Route("/v1/models/{model_id}/info", guarded(signed(None, service.model_info)), methods=["POST"]),
+        Route("/v1/release/challenge", guarded(challenge), methods=["POST"]),
+        Route("/v1/release", guarded(release), methods=["POST"]),
     ]
     return Starlette(routes=routes)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sealedml._internal.http import error_response, json_response, read_body
+from sealedml._internal.http import guarded, json_response, read_body
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
 from sealedml.errors import ProtocolError
 from sealedml.platform.base import Invocation, Platform, PlatformResult
@@ -29,16 +29,6 @@ __all__ = ["create_app"]
 
 _ID = re.compile(ID_PATTERN)
 MAX_BODY = 64 * 1024 * 1024
-
-
-def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            return error_response(exc)
-
-    return wrapped
 
 
 def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
@@ -97,11 +87,11 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/v1/infer", _guard(infer), methods=["POST"]),
-            Route("/v1/unsafe-plaintext/{model_id}", _guard(plain), methods=["POST"]),
-            Route("/v1/health", _guard(health), methods=["GET"]),
-            Route("/v1/stats", _guard(stats), methods=["GET"]),
-            Route("/metrics", _guard(metrics), methods=["GET"]),
+            Route("/v1/infer", guarded(infer), methods=["POST"]),
+            Route("/v1/unsafe-plaintext/{model_id}", guarded(plain), methods=["POST"]),
+            Route("/v1/health", guarded(health), methods=["GET"]),
+            Route("/v1/stats", guarded(stats), methods=["GET"]),
+            Route("/metrics", guarded(metrics), methods=["GET"]),
         ],
         lifespan=lifespan,
     )

@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.encoding import loads_json
-from sealedml._internal.http import error_response, json_response, read_body
+from sealedml._internal.http import guarded, json_response, read_body
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import Error, NotFound, ProtocolError
@@ -45,18 +45,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 
 _ID = re.compile(ID_PATTERN)
-
-
-def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def wrapped(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            if isinstance(exc, Error):
-                log.info("request failed: %s", exc.code)
-            return error_response(exc)
-
-    return wrapped
 
 
 def create_app(
@@ -165,11 +153,11 @@ def create_app(
             await asyncio.wait_for(worker.aclose(), timeout=5)
 
     routes = [
-        Route("/init", _guard(init), methods=["POST"]),
-        Route("/run", _guard(run), methods=["POST"]),
-        Route("/v1/infer", _guard(infer), methods=["POST"]),
-        Route("/v1/health", _guard(health), methods=["GET"]),
-        Route("/v1/stats", _guard(stats), methods=["GET"]),
-        Route("/v1/unsafe-plaintext/{model_id}", _guard(unsafe_plain), methods=["POST"]),
+        Route("/init", guarded(init), methods=["POST"]),
+        Route("/run", guarded(run), methods=["POST"]),
+        Route("/v1/infer", guarded(infer), methods=["POST"]),
+        Route("/v1/health", guarded(health), methods=["GET"]),
+        Route("/v1/stats", guarded(stats), methods=["GET"]),
+        Route("/v1/unsafe-plaintext/{model_id}", guarded(unsafe_plain), methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
