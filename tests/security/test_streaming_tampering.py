@@ -170,17 +170,59 @@ def test_wrong_key_fails_at_construction(sealed: bytes) -> None:
 # -- optimized segments: the spill file ------------------------------------------------------------
 
 
-def spill_chunk(model: StreamingModel, segment: int, chunk: int = 0) -> tuple[int, int, int]:
-    """(spill fd, file offset, length) of one chunk of an optimized segment's spilled weights."""
-    state = model._states[segment]
-    assert state.entry is not None and model._spill is not None
-    c = state.entry.chunks[chunk]
-    return model._spill.fileno, c.file_offset, c.length
+class SpillAccess:
+    """Raw read/write access to a model's spill store by store position: the test plays the attacker.
+
+    A file-backed store is rewritten through its descriptor; an in-memory one through its
+    buffers (an attacker who can write the process's private memory could also read the
+    key, so for memory this stands in for a bug or a fault rather than a realistic attack).
+    """
+
+    def __init__(self, model: StreamingModel) -> None:
+        assert model._spill is not None
+        self.model = model
+        self.store = model._spill
+
+    def chunk(self, segment: int, chunk: int = 0) -> tuple[int, int]:
+        """(store position, length) of one chunk of an optimized segment's spilled weights."""
+        entry = self.model._states[segment].entry
+        assert entry is not None
+        c = entry.chunks[chunk]
+        return c.position, c.length
+
+    def _locate(self, position: int) -> tuple[memoryview, int]:
+        for state in self.model._states:
+            entry = state.entry
+            if entry is not None and entry.offset <= position < entry.offset + entry.length:
+                return self.store.stored(entry), position - entry.offset
+        raise AssertionError(f"no live entry at {position}")
+
+    def read(self, position: int, length: int) -> bytes:
+        if not self.store.in_memory:
+            return os.pread(self.store.fileno, length, position)
+        view, local = self._locate(position)
+        return bytes(view[local : local + length])
+
+    def write(self, position: int, data: bytes) -> None:
+        if not self.store.in_memory:
+            os.pwrite(self.store.fileno, data, position)
+            return
+        view, local = self._locate(position)
+        view[local : local + len(data)] = data
+
+    def flip(self, position: int) -> None:
+        self.write(position, bytes([self.read(position, 1)[0] ^ 0x01]))
 
 
-def flip_at(fd: int, offset: int) -> None:
-    byte = os.pread(fd, 1, offset)
-    os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
+BACKINGS = ["memory", "file"]
+
+
+def spill_dir(backing: str, tmp_path: Path) -> str | None:
+    if backing == "memory":
+        return None
+    directory = tmp_path / "spill"
+    directory.mkdir(exist_ok=True)
+    return str(directory)
 
 
 def test_optimized_mode_authenticates_the_container_at_load(tmp_path: Path, sealed: bytes) -> None:
@@ -205,53 +247,88 @@ def test_optimized_mode_reads_the_container_only_at_load(
     model.close()
 
 
+@pytest.mark.parametrize("backing", BACKINGS)
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
-    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], prefetch: bool, where: str
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], prefetch: bool, where: str, backing: str
 ) -> None:
     path = tmp_path / "model.sealed"
     path.write_bytes(sealed)
-    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch)
+    model = StreamingModel(
+        SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch, spill_dir=spill_dir(backing, tmp_path)
+    )
     assert len(model.plan.segments) >= 2 and set(model.segment_modes) == {"optimized"}
+    assert model._spill is not None and model._spill.in_memory == (backing == "memory")
     good = model.run(feeds)
     threads_before = threading.active_count()
-    size_before = model._spill.size if model._spill else 0
+    written_before = model._spill.size
     segment = 0 if where == "first" else len(model.plan.segments) - 1
-    fd, offset, length = spill_chunk(model, segment, chunk=1)
-    flip_at(fd, offset + length // 2)
+    old_entry = model._states[segment].entry
+    spill = SpillAccess(model)
+    position, length = spill.chunk(segment, chunk=1)
+    spill.flip(position + length // 2)
 
     with pytest.raises(SealedModelError, match=r"spill chunk .* failed authentication") as info:
         model.run(feeds)
     assert not isinstance(info.value, InputError)
     assert threading.active_count() <= threads_before + 2  # no prefetch thread leaked
     # The next request rebuilds the segment from the sealed container, under fresh nonces
-    # at the end of the spill file, and serves the same answer.
+    # in a new entry, and serves the same answer.
     again = model.run(feeds)
     np.testing.assert_array_equal(again["r3"], good["r3"])
     assert model.segment_modes[segment] == "optimized"
-    assert model._spill is not None and model._spill.size > size_before
+    new_entry = model._states[segment].entry
+    assert old_entry is not None and new_entry is not None and new_entry.entry_id > old_entry.entry_id
+    assert {c.nonce for c in new_entry.chunks}.isdisjoint(c.nonce for c in old_entry.chunks)
+    if backing == "memory":
+        assert model._spill.size == written_before  # the superseded entry's ciphertext is dropped
+        assert not model._spill.intact(old_entry)
+    else:
+        assert model._spill.size > written_before  # a file only grows
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
     np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
     model.close()
 
 
-def test_moved_and_truncated_spill_chunks_fail(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]) -> None:
-    model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True)
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], backing: str) -> None:
+    model = StreamingModel(
+        SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir(backing, tmp_path)
+    )
     good = model.run(feeds)
-    fd, first, length = spill_chunk(model, 0, chunk=0)
-    _, second, length2 = spill_chunk(model, 0, chunk=1)
+    spill = SpillAccess(model)
+    first, length = spill.chunk(0, chunk=0)
+    second, length2 = spill.chunk(0, chunk=1)
     assert length == length2
-    os.pwrite(fd, os.pread(fd, length, first), second)  # an authentic chunk at the wrong place
-    with pytest.raises(SealedModelError):
+    spill.write(second, spill.read(first, length))  # an authentic chunk at the wrong place
+    with pytest.raises(SealedModelError, match="failed authentication"):
         model.run(feeds)
     np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])  # rebuilt
+    # An authentic chunk of another segment's entry, at the same index: the AAD binds the entry.
+    first, length = spill.chunk(0, chunk=0)  # segment 0 was rebuilt into a new entry
+    other, other_length = spill.chunk(1, chunk=0)
+    if other_length == length:
+        spill.write(first, spill.read(other, length))
+        with pytest.raises(SealedModelError, match="failed authentication"):
+            model.run(feeds)
+        np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    model.close()
+
+
+def test_truncated_spill_file_fails_then_every_cut_segment_is_rebuilt(
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]
+) -> None:
+    model = StreamingModel(
+        SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir("file", tmp_path)
+    )
+    good = model.run(feeds)
     assert model._spill is not None
     last = model._states[-1].entry
     assert last is not None
-    # Cut into the last segment's weights (and the rebuilt first segment, appended after them):
-    # one failed request, then every truncated segment is rebuilt.
-    os.ftruncate(fd, last.offset + 10)
+    # Cut into the last segment's weights: one failed request, then every truncated segment
+    # is rebuilt.
+    os.ftruncate(model._spill.fileno, last.offset + 10)
     with pytest.raises(SealedModelError, match=r"truncated|failed authentication"):
         model.run(feeds)
     np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
@@ -259,13 +336,19 @@ def test_moved_and_truncated_spill_chunks_fail(tmp_path: Path, sealed: bytes, fe
     model.close()
 
 
-def test_rebuild_needs_an_authentic_container(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray]) -> None:
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_rebuild_needs_an_authentic_container(
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], backing: str
+) -> None:
     path = tmp_path / "model.sealed"
     path.write_bytes(sealed)
-    model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=False)
+    model = StreamingModel(
+        SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=False, spill_dir=spill_dir(backing, tmp_path)
+    )
     good = model.run(feeds)
-    fd, offset, _ = spill_chunk(model, 0)
-    flip_at(fd, offset + 5)
+    spill = SpillAccess(model)
+    position, _ = spill.chunk(0)
+    spill.flip(position + 5)
     path.write_bytes(flip(sealed, weight_chunk_offset(sealed, "w0")))  # and the container too
     with pytest.raises(SealedModelError, match="spill"):
         model.run(feeds)
@@ -328,7 +411,10 @@ def test_no_plaintext_weight_touches_disk(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.chdir(workdir)
     x = {"x": np.random.default_rng(0).standard_normal((1, 16, 28, 28)).astype(np.float32)}
 
-    model = StreamingModel(SealedModelReader(store / "model.sealed", KEY), budget_bytes=400_000, prefetch=True)
+    # The file-backed spill (the in-memory one writes nothing anywhere).
+    model = StreamingModel(
+        SealedModelReader(store / "model.sealed", KEY), budget_bytes=400_000, prefetch=True, spill_dir=str(scratch)
+    )
     assert set(model.segment_modes) == {"optimized"} and model.load_stats.nchwc_nodes > 0
     model.run(x)
 

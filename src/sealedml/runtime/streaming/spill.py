@@ -1,39 +1,52 @@
-"""The spill file: optimized segment weights re-encrypted under an ephemeral key on untrusted disk.
+"""The spill store: optimized segment weights re-encrypted under an ephemeral key.
 
 The optimized-segment mode of :class:`~sealedml.runtime.streaming.StreamingModel`
 turns each segment's weights into ONNX Runtime's reordered (NCHWc) layout once,
 at load. Those reordered weights are plaintext that the sealed container does
 not hold, and keeping them resident would defeat the memory budget, so they
-are sealed again — by this module — into a *spill file*:
+are sealed again — by this module — into a *spill store*:
 
-* **Key.** A fresh random AES-256 key per :class:`SpillFile` (one per model
+* **Key.** A fresh random AES-256 key per :class:`SpillStore` (one per model
   instance), from the OS CSPRNG, held only in this process's memory. It is
   never written anywhere, so the spill is unreadable after the process exits
   and useless to any other process.
 * **Nonces.** ``base_nonce XOR counter`` (:func:`~sealedml.crypto.derive_nonce`),
-  where the counter numbers *every chunk ever written* to this file — a
+  where the counter numbers *every chunk ever written* to this store — a
   rebuilt segment gets new counters, so no nonce is used twice under the key.
 * **Layout.** One *entry* per segment build: the segment's tensors packed into
   one blob (each at a 64-byte aligned offset), cut into chunks of
-  ``chunk_size`` plaintext bytes (ciphertext ‖ tag), written back to back. A
-  segment's weights are therefore one contiguous byte range, read front to
-  back with one ``pread`` per chunk into a reusable ciphertext buffer and
-  decrypted straight into one weight buffer
+  ``chunk_size`` plaintext bytes (ciphertext ‖ tag), stored back to back. A
+  segment's weights are therefore one contiguous byte range, decrypted chunk by
+  chunk straight into one weight buffer
   (:func:`~sealedml.crypto.aead.aead_decrypt_into`) whose slices are the
-  tensors: no intermediate plaintext object, no copy, and one allocation per
-  segment however many small tensors it has.
+  tensors: no intermediate plaintext object, and one allocation per segment
+  however many small tensors it has.
 * **AAD.** Binds the entry (one per build), the segment, the chunk index, the
   last-chunk flag, the blob length and a digest of the tensor table (names,
   types, shapes, offsets). A chunk moved, swapped, truncated or replayed from
   an older entry fails authentication.
-* **File.** :func:`tempfile.TemporaryFile` in the system temp directory (or
-  ``directory``): on Linux an ``O_TMPFILE`` file that never has a name,
-  elsewhere a file unlinked right after creation. It holds ciphertext only.
 
-Reads use ``pread`` rather than ``mmap``: a mapped file that an attacker
-truncates turns the next read into ``SIGBUS`` (killing the worker), whereas a
-short ``pread`` is an ordinary :class:`~sealedml.errors.SealedModelError`.
-``mmap`` would save the kernel's copy (measured: ~4–5 ms per 100 MB).
+Where the ciphertext lives (``directory``):
+
+* **In memory** (the default, ``directory=None``): one private, anonymous
+  buffer per entry — Occlumency's "encrypted weights in untrusted DRAM". Chunks
+  are decrypted straight from it: no copy, no scratch buffer. The process's
+  resident set grows by the ciphertext (about the model's size), which is not
+  plaintext and not part of the budget; the benchmark reports RSS so the cost
+  is visible. The buffers are private to the process, so nobody can rewrite a
+  chunk between its authentication and its decryption (a shared mapping —
+  ``mmap`` of a file or a memfd another process can write — would allow that
+  double fetch, and a truncated file mapping kills the reader with
+  ``SIGBUS``; neither is used).
+* **On disk** (``directory=DIR``): :func:`tempfile.TemporaryFile` in ``DIR`` —
+  on Linux an ``O_TMPFILE`` file that never has a name, elsewhere a file
+  unlinked right after creation. Each chunk is read with one ``pread`` into the
+  reading thread's ciphertext buffer and decrypted from there, so the file may
+  be rewritten or truncated at any time: a short read or a changed chunk is an
+  ordinary :class:`~sealedml.errors.SealedModelError`. It keeps the ciphertext
+  out of the resident set at the cost of the kernel's copy (measured: ~5–7 ms
+  per 100 MB) — the choice for a TEE whose process memory is the protected,
+  scarce kind (an SGX enclave under Gramine).
 """
 
 from __future__ import annotations
@@ -52,7 +65,7 @@ from sealedml.crypto import NONCE_SIZE, TAG_SIZE, aead_encrypt, derive_nonce, ra
 from sealedml.crypto.aead import aead_decrypt_into
 from sealedml.errors import CryptoError, SealedModelError
 
-__all__ = ["ALIGN", "SpillChunk", "SpillEntry", "SpillFile", "SpillTensor"]
+__all__ = ["ALIGN", "SpillChunk", "SpillEntry", "SpillStore", "SpillTensor"]
 
 _AAD_LABEL = b"sealedml/v1/spill-chunk"
 _KEY_SIZE = 32
@@ -65,14 +78,15 @@ class SpillChunk:
     """One AES-GCM chunk of a spill entry.
 
     Attributes:
-        file_offset: where its ciphertext ‖ tag starts in the spill file.
+        position: where its ciphertext ‖ tag starts in the store (the file offset of a
+            file-backed store).
         length: ciphertext ‖ tag bytes.
         start: offset of its plaintext inside the entry's blob.
         nonce: its nonce.
         aad: its associated data.
     """
 
-    file_offset: int
+    position: int
     length: int
     start: int
     nonce: bytes
@@ -105,13 +119,13 @@ class SpillTensor:
 
 @dataclass(frozen=True)
 class SpillEntry:
-    """One segment's weights in the spill file: a contiguous byte range.
+    """One segment's weights in the spill store: a contiguous byte range.
 
     Attributes:
         entry_id: unique per build (bound into every chunk's AAD).
         segment: the plan segment it was built for.
-        offset: first byte in the file.
-        length: bytes in the file (ciphertext and tags).
+        offset: its first byte in the store.
+        length: its bytes in the store (ciphertext and tags).
         nbytes: plaintext bytes of the blob (tensors and alignment padding).
         tensors: the tensors, in blob order.
         chunks: the chunks, in file order.
@@ -149,27 +163,31 @@ def _bytes(data: memoryview) -> memoryview:
     return view
 
 
-class SpillFile:
-    """An append-only file of AES-256-GCM chunks under a key that exists only in memory.
+class SpillStore:
+    """An append-only store of AES-256-GCM chunks under a key that exists only in memory.
 
-    Thread-safe: writes reserve their byte range under a lock; reads are ``pread``.
+    Thread-safe: writes reserve their byte range under a lock; reads never modify
+    the store, and chunks of one entry may be read by several threads at once.
 
     Args:
-        chunk_size: plaintext bytes per chunk (a reader's scratch buffer is this plus
-            the 16-byte tag).
-        directory: where to create the file (default: :func:`tempfile.gettempdir`,
-            i.e. ``$TMPDIR`` or ``/tmp``).
+        chunk_size: plaintext bytes per chunk.
+        directory: ``None`` keeps the ciphertext in private memory (zero-copy reads);
+            a directory puts it in an anonymous file there (``pread`` into a scratch
+            buffer per reading thread). See the module docstring.
 
     Raises:
         ValueError: a chunk size below 1 byte.
+        OSError: the file could not be created.
     """
 
     def __init__(self, chunk_size: int, directory: str | None = None) -> None:
         if chunk_size < 1:
             raise ValueError("spill chunk size must be positive")
         self.chunk_size = chunk_size
-        self._file = tempfile.TemporaryFile(prefix="sealedml-spill-", dir=directory)
-        self._fd = self._file.fileno()
+        self._file = tempfile.TemporaryFile(prefix="sealedml-spill-", dir=directory) if directory is not None else None
+        self._fd = self._file.fileno() if self._file is not None else -1
+        #: Memory backing: each live entry's ciphertext, by entry id.
+        self._buffers: dict[int, bytearray] = {}
         self._key = random_bytes(_KEY_SIZE)
         self._base_nonce = random_bytes(NONCE_SIZE)
         self._lock = threading.Lock()
@@ -178,23 +196,64 @@ class SpillFile:
         self._entries = 0
 
     @property
+    def in_memory(self) -> bool:
+        """Whether the ciphertext is held in memory (else in an anonymous file)."""
+        return self._file is None
+
+    @property
+    def scratch_bytes(self) -> int:
+        """Ciphertext buffer one reading thread needs: a chunk and its tag (0 in memory)."""
+        return 0 if self._file is None else self.chunk_size + TAG_SIZE
+
+    @property
     def size(self) -> int:
-        """Bytes written so far (including entries superseded by rebuilds)."""
+        """Ciphertext bytes held: in memory, the live entries; on disk, everything written."""
         with self._lock:
+            if self._file is None:
+                return sum(len(buf) for buf in self._buffers.values())
             return self._end
 
     @property
     def fileno(self) -> int:
-        """The file descriptor (for tests and diagnostics; the content is ciphertext)."""
+        """The file descriptor of a file-backed store (for tests and diagnostics; ciphertext only).
+
+        Raises:
+            ValueError: the store is in memory.
+        """
+        if self._file is None:
+            raise ValueError("this spill store is in memory")
         return self._fd
 
-    def file_size(self) -> int:
-        """The file's current size on disk (smaller than :attr:`size` if someone truncated it)."""
-        return os.fstat(self._fd).st_size
+    def stored(self, entry: SpillEntry) -> memoryview:
+        """The ciphertext of an in-memory entry, writable (for tests and diagnostics).
+
+        Raises:
+            ValueError: the store is file-backed, or the entry was discarded.
+        """
+        with self._lock:
+            buf = self._buffers.get(entry.entry_id) if self._file is None else None
+        if buf is None:
+            raise ValueError("no in-memory ciphertext for this entry")
+        return memoryview(buf)
+
+    def intact(self, entry: SpillEntry) -> bool:
+        """Whether all of ``entry``'s ciphertext is still there (a file may have been truncated)."""
+        if self._file is None:
+            with self._lock:
+                return entry.entry_id in self._buffers
+        return os.fstat(self._fd).st_size >= entry.offset + entry.length
+
+    def discard(self, entry: SpillEntry) -> None:
+        """Drop a superseded entry's ciphertext (in memory; a file only grows). Idempotent."""
+        with self._lock:
+            self._buffers.pop(entry.entry_id, None)
 
     def close(self) -> None:
-        """Close the file (its storage is released: it has no name). Idempotent."""
-        self._file.close()
+        """Release the ciphertext (a file has no name, so closing deletes it). Idempotent."""
+        with self._lock:
+            self._buffers.clear()
+        if self._file is not None:
+            self._file.close()
 
     def write(self, segment: int, tensors: list[tuple[str, int, tuple[int, ...], memoryview]]) -> SpillEntry:
         """Encrypt and append one segment's tensors as one contiguous entry.
@@ -224,6 +283,7 @@ class SpillFile:
             self._end += length
             first_counter = self._counter
             self._counter += count
+        memory = bytearray(length) if self._file is None else None
         chunks: list[SpillChunk] = []
         position = offset
         plaintext = bytearray(min(chunk, nbytes))
@@ -239,31 +299,37 @@ class SpillFile:
             nonce = derive_nonce(self._base_nonce, first_counter + c)
             aad = fields(_AAD_LABEL, entry_id, segment, c, int(c == count - 1), nbytes, table)
             sealed = aead_encrypt(self._key, nonce, piece, aad)  # type: ignore[arg-type]
-            if os.pwrite(self._fd, sealed, position) != len(sealed):
+            if memory is not None:
+                memory[position - offset : position - offset + len(sealed)] = sealed
+            elif os.pwrite(self._fd, sealed, position) != len(sealed):
                 raise OSError("short write to the spill file")
             chunks.append(SpillChunk(position, len(sealed), start, nonce, aad))
             position += len(sealed)
         piece = memoryview(plaintext)
         piece[:] = bytes(len(plaintext))  # best effort: no plaintext left in the staging buffer
+        if memory is not None:
+            with self._lock:
+                self._buffers[entry_id] = memory
         return SpillEntry(entry_id, segment, offset, length, nbytes, tuple(placed), tuple(chunks))
 
-    def read_into(self, entry: SpillEntry, out: memoryview, scratch: memoryview) -> None:
+    def read_into(self, entry: SpillEntry, out: memoryview, scratch: memoryview | None = None) -> None:
         """Read, authenticate and decrypt ``entry``'s blob into ``out``, chunk by chunk.
 
         Args:
             entry: what to read.
             out: a writable byte buffer of ``entry.nbytes`` bytes.
-            scratch: a writable byte buffer of at least ``chunk_size + 16`` bytes for
-                the ciphertext (one per reading thread).
+            scratch: for a file-backed store, a writable buffer of at least
+                :attr:`scratch_bytes` for the ciphertext (one per reading thread).
 
         Raises:
-            SealedModelError: a chunk is short (truncated file) or fails authentication;
-                the failed chunk's part of ``out`` holds no unauthenticated plaintext.
+            SealedModelError: a chunk is short (truncated file), missing (discarded entry)
+                or fails authentication; the failed chunk's part of ``out`` holds no
+                unauthenticated plaintext.
         """
         for index in range(len(entry.chunks)):
             self.read_chunk(entry, index, out, scratch)
 
-    def read_chunk(self, entry: SpillEntry, index: int, out: memoryview, scratch: memoryview) -> None:
+    def read_chunk(self, entry: SpillEntry, index: int, out: memoryview, scratch: memoryview | None = None) -> None:
         """Read, authenticate and decrypt chunk ``index`` of ``entry`` into its place in ``out``.
 
         Chunks of one entry may be read by several threads at once (each with its own
@@ -273,16 +339,27 @@ class SpillFile:
             entry: the entry.
             index: the chunk.
             out: a writable byte buffer of ``entry.nbytes`` bytes (the whole blob).
-            scratch: a writable byte buffer of at least ``chunk_size + 16`` bytes.
+            scratch: for a file-backed store, a writable buffer of at least
+                :attr:`scratch_bytes` bytes.
 
         Raises:
-            SealedModelError: the chunk is short (truncated file) or fails authentication.
+            SealedModelError: the chunk is short (truncated file), missing (discarded
+                entry) or fails authentication.
         """
         c = entry.chunks[index]
-        ct = scratch[: c.length]
-        got = os.preadv(self._fd, [ct], c.file_offset)
-        if got != c.length:
-            raise SealedModelError(f"spill file truncated (segment {entry.segment})")
+        ct: memoryview | bytearray
+        if self._file is None:
+            buf = self._buffers.get(entry.entry_id)
+            if buf is None:
+                raise SealedModelError(f"spill entry of segment {entry.segment} was discarded")
+            local = c.position - entry.offset
+            ct = memoryview(buf)[local : local + c.length]
+        else:
+            if scratch is None or scratch.nbytes < c.length:
+                raise ValueError("a file-backed spill store needs a scratch buffer of scratch_bytes")
+            ct = scratch[: c.length]
+            if os.preadv(self._fd, [ct], c.position) != c.length:
+                raise SealedModelError(f"spill file truncated (segment {entry.segment})")
         try:
             aead_decrypt_into(self._key, c.nonce, ct, c.aad, out[c.start : c.start + c.length - TAG_SIZE])
         except CryptoError as exc:
