@@ -8,7 +8,7 @@ every configuration alike:
 * **streaming** at each budget, with and without prefetch — a
   :class:`~sealedml.runtime.streaming.StreamingModel` that decrypts each
   segment's weights per request: by default its *optimized* segments (ONNX
-  Runtime's NCHWc graphs, weights streamed from the ephemeral-key spill file);
+  Runtime's NCHWc graphs, weights streamed from the ephemeral-key spill);
   with ``baseline=True`` also the unoptimized segments (weights straight from
   the sealed container) for comparison.
 

@@ -11,7 +11,7 @@ and decrypt segment k + 1 while segment k computes.
   :class:`~sealedml.envelope.model_container.SealedModelReader` with the same
   interface as :class:`~sealedml.runtime.engine.LoadedModel` (:mod:`.executor`).
 * Optimized segments (the default): ONNX Runtime's NCHWc graph of each segment, built once
-  at load (:mod:`.optimize`), its reordered weights streamed from a spill file sealed under
+  at load (:mod:`.optimize`), its reordered weights streamed from a spill sealed under
   an ephemeral in-memory key (:mod:`.spill`).
 * :class:`MemoryTracker`, :func:`process_memory` — byte accounting (:mod:`.accounting`).
 

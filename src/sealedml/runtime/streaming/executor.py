@@ -16,7 +16,7 @@ container and ONNX Runtime:
   segment is optimized once by ONNX Runtime with its real weights
   (:mod:`.optimize`: NCHWc layout, reordered and padded weights, written to an
   in-memory file only); the optimized weights are re-encrypted under a key that
-  exists only in this process into a spill file (:mod:`.spill`) and the plaintext
+  exists only in this process into a spill (:mod:`.spill`) and the plaintext
   is dropped. Per request each segment's weights are decrypted from the spill
   straight into the arrays fed to the optimized graph. A segment whose
   optimization fails, changes its interface, disagrees with ONNX Runtime's own
@@ -81,7 +81,7 @@ log = logging.getLogger(__name__)
 #: A reader, or a function returning a fresh reader for each request (closed after it).
 ReaderSource = SealedModelReader | Callable[[], SealedModelReader]
 
-#: Largest plaintext chunk of the spill file (the scratch reserve may make it smaller).
+#: Largest plaintext chunk of the spill (the scratch reserve may make it smaller).
 DEFAULT_SPILL_CHUNK = 1 << 20
 #: When the executor plans itself, a spill chunk may take up to this share of the budget.
 _SPILL_SHARE = 32
@@ -203,7 +203,7 @@ class LoadStats:
             although optimization was asked for.
         weight_bytes: bytes of weights decrypted per run with the final segment modes.
         sealed_weight_bytes: bytes of the plan's original weights (``plan.weight_bytes``).
-        spill_bytes: size of the spill file (ciphertext and tags, superseded builds included).
+        spill_bytes: ciphertext bytes in the spill after load (tags included).
         nchwc_nodes: NCHWc kernels in the optimized segment graphs.
     """
 
@@ -301,7 +301,7 @@ class StreamingModel:
         model_id: for messages; defaults to the container's.
         version: defaults to the container's.
         optimize: optimize every segment once at construction and stream its optimized
-            weights from an ephemeral-key spill file (see the module docstring).
+            weights from an ephemeral-key spill (see the module docstring).
         verify: with ``optimize``, check each optimized runtime graph against ONNX
             Runtime's own output for a random probe input (falls back on a mismatch).
         spill_dir: keep the spill's ciphertext in an anonymous file in this directory
@@ -516,7 +516,7 @@ class StreamingModel:
             The outputs keyed by name, and this run's :class:`RunStats` (peak bytes, times).
 
         Raises:
-            SealedModelError: a weight chunk (sealed container or spill file) failed
+            SealedModelError: a weight chunk (sealed container or spill) failed
                 authentication, or a segment to rebuild could not be; the model stays usable.
             InputError: missing inputs, a batch larger than planned, or ONNX Runtime
                 rejected the inputs.

@@ -18,7 +18,7 @@ segment feeds its weights as graph inputs, so it would run the generic kernels
 3. the graph is read back, checked (same inputs and outputs as the segment,
    no external data), and every initializer that is not one of the plan's
    structural constants is taken out and becomes a graph *input* of the runtime
-   segment graph. The caller seals those tensors into the spill file
+   segment graph. The caller seals those tensors into the spill
    (:mod:`.spill`) and drops the plaintext.
 
 Verified empirically (ONNX Runtime 1.31): the optimized graph with its reordered
