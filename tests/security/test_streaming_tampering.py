@@ -307,12 +307,13 @@ def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str,
     np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])  # rebuilt
     # An authentic chunk of another segment's entry, at the same index: the AAD binds the entry.
     first, length = spill.chunk(0, chunk=0)  # segment 0 was rebuilt into a new entry
-    other, other_length = spill.chunk(1, chunk=0)
-    if other_length == length:
-        spill.write(first, spill.read(other, length))
-        with pytest.raises(SealedModelError, match="failed authentication"):
-            model.run(feeds)
-        np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    # (a segment whose first chunk is as long: a same-size swap)
+    others = [spill.chunk(k, chunk=0) for k in range(1, len(model.plan.segments))]
+    other = next(position for position, size in others if size == length)
+    spill.write(first, spill.read(other, length))
+    with pytest.raises(SealedModelError, match="failed authentication"):
+        model.run(feeds)
+    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
     model.close()
 
 

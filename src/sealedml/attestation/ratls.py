@@ -38,7 +38,6 @@ import socket
 import ssl
 import tempfile
 import threading
-import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,14 +46,13 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
 from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier
-from sealedml.attestation.collateral import CERTIFICATE_PARSE_ERRORS, check_certificate_fields
+from sealedml.attestation.collateral import CERTIFICATE_PARSE_ERRORS, check_certificate_fields, load_certificate
 from sealedml.attestation.dcap import parse_quote_layout
 from sealedml.attestation.policy import Policy
-from sealedml.errors import AttestationError, ConfigurationError, EvidenceError
+from sealedml.errors import AttestationError, CollateralError, ConfigurationError, EvidenceError
 
 __all__ = [
     "DICE_TAGGED_EVIDENCE_OID",
@@ -331,18 +329,10 @@ def _load_cert(cert: x509.Certificate | bytes | str) -> x509.Certificate:
     data = cert.encode("ascii", "replace") if isinstance(cert, str) else bytes(cert)
     if len(data) > _MAX_CERT:
         raise EvidenceError("certificate too large")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                certificate = x509.load_pem_x509_certificate(data)
-            else:
-                certificate = x509.load_der_x509_certificate(data)
-            check_certificate_fields(certificate)
-        except CERTIFICATE_PARSE_ERRORS as exc:
-            raise EvidenceError("not an X.509 certificate") from exc
-    return certificate
+    try:
+        return load_certificate(data)
+    except CollateralError as exc:
+        raise EvidenceError("not an X.509 certificate") from exc
 
 
 def _unwrap_octet_string(value: bytes) -> bytes:
