@@ -58,6 +58,7 @@ from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
 from sealedml.runtime.engine import InputSpec, bind_inputs
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
+from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
@@ -370,11 +371,11 @@ class StreamingModel:
                 if optimize:
                     own = spill_chunk_size(spill_chunk, min(spill_chunk, budget_bytes // _SPILL_SHARE) + TAG_SIZE)
                     scratch = max(reserve, own + TAG_SIZE)
-                plan = make_plan(graph, sizes, budget_bytes, batch=batch, prefetch=prefetch, reserve_bytes=scratch)
+                # The fewest segments, each filling the budget: prefetch decrypts as much of the
+                # next segment as the headroom beside the current one allows (see _ahead_bytes).
+                plan = make_plan(graph, sizes, budget_bytes, batch=batch, prefetch=False, reserve_bytes=scratch)
             if budget_bytes is not None and budget_bytes != plan.budget_bytes:
                 raise ConfigurationError("budget_bytes disagrees with the plan's budget")
-            if prefetch and not plan.prefetch:
-                raise ConfigurationError("this plan leaves no room for prefetch; plan with prefetch=True")
             if plan.reserve_bytes < reserve:
                 raise ConfigurationError(f"the plan must reserve ≥ {reserve} bytes for decryption scratch")
             self._check_plan(plan)
@@ -430,6 +431,11 @@ class StreamingModel:
             if prefetch
             else None
         )
+        # Optimized segments decrypt into reused, wiped buffers (see .buffers): segment k+1
+        # fills one slot while segment k computes from the other.
+        self._buffers = BufferPool(
+            max((s.weight_bytes for s in self._states if s.optimized), default=0), 2 if prefetch else 1
+        )
         self._last_stats: RunStats | None = None
         self.load_stats = LoadStats(
             total_s=time.perf_counter() - started,
@@ -477,6 +483,18 @@ class StreamingModel:
         with self._lock:
             weights = [state.weight_bytes for state in self._states]
         return max(self._pair_peaks(self.plan, weights), default=self._scratch_reserve)
+
+    @property
+    def prefetch_ahead_bytes(self) -> tuple[int, ...]:
+        """Per segment k, the bytes of segment k + 1's weights decrypted while k computes.
+
+        What the budget leaves beside segment k, at most all of segment k + 1's weights;
+        the rest is decrypted (by two threads) once segment k has released its own. All
+        zeros without prefetch.
+        """
+        with self._lock:
+            weights = [state.weight_bytes for state in self._states]
+        return tuple(self._ahead_bytes(self.plan, weights))
 
     @property
     def segment_modes(self) -> tuple[str, ...]:
@@ -552,36 +570,38 @@ class StreamingModel:
         segment_stats: list[SegmentStats] = []
         pool = self._pool
         segments = self.plan.segments
-        released = 0  # weight bytes the previous segment gave back when it finished
+        weights = [state.weight_bytes for state in states]
+        ahead = self._ahead_bytes(self.plan, weights)
+        # A second decrypting thread holds a second scratch buffer: only where the budget has room.
+        scratch = self._scratch_bytes
+        help_ok = [peak + scratch <= self.plan.budget_bytes for peak in self._solo_peaks(self.plan, weights)]
+        buffers = self._buffers.borrow() if any(state.optimized for state in states) else None
         try:
             for k, segment in enumerate(segments):
                 waited = 0.0
-                if k == 0 and pool is not None:
-                    # Nothing computes yet, so nothing to overlap: decrypt inline (no hand-off),
-                    # then keep one segment ahead from here on.
-                    loaded = self._load(readers, 0, states[0], tracker)
-                    if len(segments) > 1:
-                        pending = self._start(pool, readers, 1, states[1], tracker)
-                elif pending is not None:
+                if pending is None and pool is not None and states[k].optimized:
+                    # The first segment (or one whose prefetch could not start): nothing computes
+                    # yet, so the prefetch thread and this one decrypt it together.
+                    pending = self._start(pool, readers, k, states[k], tracker, buffers, None)
+                if pending is not None:
                     try:
                         # The compute thread decrypts the chunks the prefetch thread has not
-                        # reached — but only when the weights it just released cover its own
-                        # scratch buffer, so two decrypting threads stay within the plan's bound.
-                        loaded, waited = pending.finish(help_allowed=released >= self._scratch_bytes)
+                        # reached (when the budget has room for its scratch buffer too).
+                        loaded, waited = pending.finish(help_allowed=help_ok[k])
                     finally:
                         pending = None
-                    if pool is not None and k + 1 < len(segments):
-                        # One segment ahead only: the planner budgeted for exactly this.
-                        pending = self._start(pool, readers, k + 1, states[k + 1], tracker)
                 else:
-                    loaded = self._load(readers, k, states[k], tracker)
-                weight_bytes = loaded.nbytes
+                    loaded = self._load(readers, k, states[k], tracker, buffers)
+                if pool is not None and k + 1 < len(segments):
+                    # One segment ahead only, and only as much of it as the budget leaves.
+                    pending = self._start(pool, readers, k + 1, states[k + 1], tracker, buffers, ahead[k])
                 compute = self._compute(segment, states[k].session, env, loaded, tracker)
-                released = weight_bytes
-                segment_stats.append(SegmentStats(k, weight_bytes, loaded.seconds, waited, compute))
+                segment_stats.append(SegmentStats(k, loaded.nbytes, loaded.seconds, waited, compute))
         finally:
             if pending is not None:
-                pending.abandon()
+                pending.abandon()  # waits for chunks in flight: nothing writes the buffers after it
+            if buffers is not None:
+                self._buffers.give_back(buffers)  # zeroes the plaintext the run left behind
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -646,15 +666,32 @@ class StreamingModel:
         data = (plan or self.plan).segment_model(segment.index).SerializeToString()
         return _State(self._session(data, segment.index), None, segment.weight_bytes, len(data))
 
+    def _solo_peaks(self, plan: Plan, weights: list[int]) -> list[int]:
+        """Per segment: its weights, its activation peak and one decrypting thread's scratch."""
+        return [
+            w + segment.activation_peak_bytes + self._scratch_reserve
+            for w, segment in zip(weights, plan.segments, strict=True)
+        ]
+
+    def _ahead_bytes(self, plan: Plan, weights: list[int]) -> list[int]:
+        """Per segment k: how many bytes of segment k + 1's weights may be decrypted while k computes.
+
+        Whatever the budget leaves beside segment k — all of segment k + 1's weights for a
+        plan made with ``prefetch=True``, often only part of them for the executor's own
+        plans (the fewest segments, each filling the budget); the rest is decrypted once
+        segment k has released its weights. 0 without prefetch.
+        """
+        n = len(weights)
+        solo = self._solo_peaks(plan, weights)
+        return [
+            min(weights[k + 1], max(0, plan.budget_bytes - solo[k])) if self.prefetch and k + 1 < n else 0
+            for k in range(n)
+        ]
+
     def _pair_peaks(self, plan: Plan, weights: list[int]) -> list[int]:
-        """Tracked-peak bound of each segment: its weights and activation peak, the next
-        segment's weights when prefetching, and one decrypting thread's scratch."""
-        n = len(plan.segments)
-        peaks = []
-        for k, segment in enumerate(plan.segments):
-            ahead = weights[k + 1] if self.prefetch and k + 1 < n else 0
-            peaks.append(weights[k] + segment.activation_peak_bytes + ahead + self._scratch_reserve)
-        return peaks
+        """Tracked-peak bound of each segment: :meth:`_solo_peaks` plus what it decrypts ahead."""
+        ahead = self._ahead_bytes(plan, weights)
+        return [peak + extra for peak, extra in zip(self._solo_peaks(plan, weights), ahead, strict=True)]
 
     def _prepare_optimized(
         self,
@@ -753,15 +790,16 @@ class StreamingModel:
                 return optimized, fallbacks, grown
             changed = False
             for k in over:
-                for j in (k, k + 1) if self.prefetch and k + 1 < n else (k,):
-                    b = built[j]
-                    if optimized[j] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[j].weight_bytes:
-                        optimized[j] = False
-                        fallbacks[j] = (
-                            f"optimized weights ({_size(b.state.weight_bytes)}, originally "
-                            f"{_size(plan.segments[j].weight_bytes)}) do not fit the budget"
-                        )
-                        changed = grown = True
+                # Prefetch only takes what the budget leaves, so only a segment's own grown
+                # weights can break its bound.
+                b = built[k]
+                if optimized[k] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[k].weight_bytes:
+                    optimized[k] = False
+                    fallbacks[k] = (
+                        f"optimized weights ({_size(b.state.weight_bytes)}, originally "
+                        f"{_size(plan.segments[k].weight_bytes)}) do not fit the budget"
+                    )
+                    changed = grown = True
             if not changed:  # pragma: no cover - the plan holds for the original weights
                 raise ConfigurationError("segment weights do not fit the plan")
 
@@ -922,18 +960,30 @@ class StreamingModel:
         view: memoryview = buf.data
         return view[:nbytes]
 
-    def _load(self, readers: _Readers, index: int, state: _State, tracker: MemoryTracker) -> _Loaded:
+    def _load(
+        self, readers: _Readers, index: int, state: _State, tracker: MemoryTracker, buffers: WeightBuffers | None
+    ) -> _Loaded:
         """Decrypt segment ``index``'s weights: from the spill when optimized, else from the container."""
         if state.entry is not None:
-            return self._decrypt_spill(index, state, tracker)
+            buffer = buffers.for_segment(index) if buffers is not None else None
+            return self._decrypt_spill(index, state, tracker, buffer=buffer)
         return self._decrypt(readers.get(), self.plan.segments[index], tracker)
 
-    def _decrypt_spill(self, index: int, state: _State, tracker: MemoryTracker, *, mark_stale: bool = True) -> _Loaded:
+    def _decrypt_spill(
+        self,
+        index: int,
+        state: _State,
+        tracker: MemoryTracker,
+        *,
+        buffer: WeightBuffer | None = None,
+        mark_stale: bool = True,
+    ) -> _Loaded:
         """Decrypt an optimized segment's weights from the spill straight into one buffer.
 
-        One allocation per segment (its tensors are aligned views of it); AES-GCM decrypts
-        each chunk into it directly (from memory, or from this thread's ciphertext buffer
-        after a ``pread``): no plaintext copy.
+        The run's reused ``buffer`` slot, or a fresh allocation without one (its tensors
+        are aligned views of it); AES-GCM decrypts each chunk into it directly (from
+        memory, or from this thread's ciphertext buffer after a ``pread``): no plaintext
+        copy.
         """
         assert self._spill is not None and state.entry is not None
         entry = state.entry
@@ -943,11 +993,9 @@ class StreamingModel:
         tracker.add(scratch_bytes, "scratch")
         try:
             scratch = self._scratch_view(scratch_bytes) if scratch_bytes else None
-            raw = np.empty(_blob_bytes(entry), dtype=np.uint8)
-            tracker.add(raw.nbytes, "weights")
-            held = raw.nbytes
-            shift = -raw.ctypes.data % ALIGN
-            blob = raw[shift : shift + entry.nbytes]
+            held = _blob_bytes(entry)
+            tracker.add(held, "weights")
+            blob = _weight_blob(entry, buffer)
             self._spill.read_into(entry, blob.data, scratch)
             arrays = entry.views(blob)
         except BaseException as exc:
@@ -1046,25 +1094,37 @@ class StreamingModel:
         return self._spill.scratch_bytes if self._spill is not None else 0
 
     def _start(
-        self, pool: ThreadPoolExecutor, readers: _Readers, index: int, state: _State, tracker: MemoryTracker
+        self,
+        pool: ThreadPoolExecutor,
+        readers: _Readers,
+        index: int,
+        state: _State,
+        tracker: MemoryTracker,
+        buffers: WeightBuffers | None,
+        ahead: int | None,
     ) -> _Pending | None:
         """Start decrypting segment ``index`` in the background.
 
-        Returns None for a sealed segment if the pool was closed meanwhile (the caller then
-        decrypts inline); a spill job always comes back (without a worker it is decrypted
-        entirely by the compute thread).
+        Args:
+            ahead: bytes of its weights that may be decrypted before :meth:`_SpillJob.finish`
+                (while the previous segment still holds its own); None for all of them.
+
+        Returns None when a sealed segment does not fit ``ahead`` whole, or the pool was
+        closed meanwhile (the caller then decrypts inline); a spill job always comes back
+        (without a worker it is decrypted entirely by the compute thread).
         """
         if state.entry is None:
+            if ahead is not None and ahead < state.weight_bytes:
+                return None  # container reads are not split: decrypt it once the budget allows
             try:
-                future = pool.submit(self._load, readers, index, state, tracker)
+                future = pool.submit(self._load, readers, index, state, tracker, None)
             except RuntimeError:  # close() raced with this run: decrypt inline instead
                 return None
             return _SealedPending(future, tracker)
-        job = _SpillJob(self, index, state, tracker)
-        try:
-            pool.submit(job.work)
-        except RuntimeError:  # close() raced with this run
-            job.solo = True
+        job = _SpillJob(
+            self, index, state, tracker, buffers.for_segment(index) if buffers is not None else None, pool, ahead
+        )
+        job.submit()
         return job
 
 
@@ -1119,14 +1179,28 @@ class _SealedPending:
 class _SpillJob:
     """One optimized segment's spill entry being decrypted, shared chunk by chunk.
 
-    The prefetch thread claims chunks in order while the previous segment computes; when
-    the compute thread reaches this segment it claims the rest itself instead of waiting
-    (on two cores the prefetch thread rarely finishes first: ONNX Runtime keeps both
-    busy). Chunks are disjoint parts of one weight buffer, so the threads never touch the
-    same bytes. The first failure stops further claims and is raised by :meth:`finish`.
+    The prefetch thread claims chunks in order while the previous segment computes — at
+    most ``ahead`` bytes of them, what the budget leaves beside that segment. When the
+    compute thread reaches this segment (the previous one has released its weights) it
+    lifts the limit, wakes the prefetch thread again if it had stopped there, and claims
+    chunks itself instead of waiting: two threads decrypt the rest (``cryptography``
+    releases the GIL for AES-GCM). On two cores ONNX Runtime keeps both busy, so the
+    idle-priority prefetch thread gets little done during compute and most of a segment
+    is decrypted this way. Chunks are disjoint parts of one weight buffer, so the threads
+    never touch the same bytes. The first failure stops further claims and is raised by
+    :meth:`finish`.
     """
 
-    def __init__(self, model: StreamingModel, index: int, state: _State, tracker: MemoryTracker) -> None:
+    def __init__(
+        self,
+        model: StreamingModel,
+        index: int,
+        state: _State,
+        tracker: MemoryTracker,
+        buffer: WeightBuffer | None,
+        pool: ThreadPoolExecutor,
+        ahead: int | None,
+    ) -> None:
         assert model._spill is not None and state.entry is not None
         self._model = model
         self._spill = model._spill
@@ -1134,14 +1208,17 @@ class _SpillJob:
         self._state = state
         self._entry = state.entry
         self._tracker = tracker
-        self._raw: np.ndarray | None = np.empty(_blob_bytes(self._entry), dtype=np.uint8)
-        tracker.add(self._raw.nbytes, "weights")
-        self._nbytes = self._raw.nbytes
-        shift = -self._raw.ctypes.data % ALIGN
-        self._blob = self._raw[shift : shift + self._entry.nbytes]
+        self._pool = pool
+        self._nbytes = _blob_bytes(self._entry)
         self._n = len(self._entry.chunks)
+        # Chunks claimable before finish(): the longest prefix whose plaintext fits ``ahead``.
+        self._limit = self._n if ahead is None else _chunks_within(self._entry, ahead)
+        self._counted = self._nbytes if self._limit == self._n else _prefix_bytes(self._entry, self._limit)
+        tracker.add(self._counted, "weights")
+        self._blob = _weight_blob(self._entry, buffer)
         self._next = 0
         self._in_flight = 0
+        self._workers = 0  # prefetch-thread calls of work() submitted and not yet finished
         self._error: BaseException | None = None
         self._busy = 0.0
         self._settled = False
@@ -1149,8 +1226,27 @@ class _SpillJob:
         #: No worker will come (the pool was closed): the compute thread does everything.
         self.solo = False
 
+    def submit(self) -> None:
+        """Have a prefetch thread claim chunks (up to the current limit)."""
+        with self._cond:
+            self._workers += 1
+        try:
+            self._pool.submit(self._work_as_worker)
+        except RuntimeError:  # close() raced with this run
+            with self._cond:
+                self._workers -= 1
+            self.solo = True
+
+    def _work_as_worker(self) -> None:
+        try:
+            self.work()
+        finally:
+            with self._cond:
+                self._workers -= 1
+                self._cond.notify_all()
+
     def _claim_locked(self) -> int:
-        if self._error is not None or self._next >= self._n:
+        if self._error is not None or self._next >= self._limit:
             return -1
         index = self._next
         self._next += 1
@@ -1188,11 +1284,23 @@ class _SpillJob:
     def finish(self, help_allowed: bool) -> tuple[_Loaded, float]:
         """The decrypted weights (after helping, if allowed); and the seconds this took.
 
+        Call it once the previous segment has released its weights: the rest of this
+        segment's weights is counted from here on.
+
         Raises:
             SealedModelError: a chunk was short or failed authentication (the segment is
                 then rebuilt at the start of the next run).
         """
         started = time.perf_counter()
+        with self._cond:
+            lifted = self._limit < self._n
+            if lifted:
+                self._tracker.add(self._nbytes - self._counted, "weights")
+                self._counted = self._nbytes
+                self._limit = self._n
+            idle = self._workers == 0
+        if lifted and idle and not self.solo:
+            self.submit()  # the prefetch thread stopped at the old limit: wake it again
         if help_allowed or self.solo:
             self.work()
         with self._cond:
@@ -1207,7 +1315,6 @@ class _SpillJob:
             raise error
         self._settled = True
         arrays = self._entry.views(self._blob)
-        self._raw = None
         return _Loaded(arrays, self._nbytes, self._busy), waited
 
     def abandon(self) -> None:
@@ -1221,8 +1328,7 @@ class _SpillJob:
     def _release(self) -> None:
         if not self._settled:
             self._settled = True
-            self._raw = None
-            self._tracker.release(self._nbytes, "weights")
+            self._tracker.release(self._counted, "weights")
 
 
 _Pending = _SealedPending | _SpillJob
@@ -1231,6 +1337,28 @@ _Pending = _SealedPending | _SpillJob
 def _blob_bytes(entry: SpillEntry) -> int:
     """Bytes one run holds for a spill entry: its blob plus room to align the blob's start."""
     return entry.nbytes + ALIGN
+
+
+def _chunks_within(entry: SpillEntry, nbytes: int) -> int:
+    """How many leading chunks of ``entry`` end within its first ``nbytes`` plaintext bytes."""
+    return sum(1 for chunk in entry.chunks if chunk.start + chunk.length - TAG_SIZE <= nbytes)
+
+
+def _prefix_bytes(entry: SpillEntry, chunks: int) -> int:
+    """Plaintext bytes up to the end of the first ``chunks`` chunks (0 for none)."""
+    if chunks == 0:
+        return 0
+    last = entry.chunks[chunks - 1]
+    return last.start + last.length - TAG_SIZE
+
+
+def _weight_blob(entry: SpillEntry, buffer: WeightBuffer | None) -> np.ndarray:
+    """Where a spill entry's weights are decrypted to: the run's slot, or a fresh aligned buffer."""
+    if buffer is not None:
+        return buffer.take(entry.nbytes)
+    raw = np.empty(_blob_bytes(entry), dtype=np.uint8)
+    shift = -raw.ctypes.data % ALIGN
+    return raw[shift : shift + entry.nbytes]
 
 
 def _size(nbytes: int) -> str:

@@ -223,8 +223,6 @@ def test_construction_errors(mlp_sealed: bytes) -> None:
         StreamingModel(reader)  # neither budget nor plan
     sizes = {e.name: e.length for e in reader.manifest.tensors}
     no_prefetch = plan(reader.graph(), sizes, 300_000, prefetch=False, reserve_bytes=decrypt_reserve(4096))
-    with pytest.raises(ConfigurationError, match="prefetch"):
-        StreamingModel(reader, plan=no_prefetch, prefetch=True)
     without_reserve = plan(reader.graph(), sizes, 300_000, prefetch=False)
     with pytest.raises(ConfigurationError, match="reserve"):
         StreamingModel(reader, plan=without_reserve, prefetch=False)
@@ -291,3 +289,56 @@ def test_resnet50_at_32mb_matches_whole_model() -> None:
         assert_close(model.run(feeds), expected)
         assert model.last_peak_bytes is not None and model.last_peak_bytes <= 32_000_000
         assert model.last_peak_bytes <= model.plan.budget_bytes
+
+
+# -- prefetch within the budget's headroom ------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_prefetch_decrypts_ahead_only_what_the_budget_leaves(
+    mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray], optimize: bool
+) -> None:
+    expected = whole_outputs(mlp_sealed, mlp_feeds)
+    budget = 150_000
+    with StreamingModel(
+        SealedModelReader(mlp_sealed, KEY), budget_bytes=budget, prefetch=True, optimize=optimize
+    ) as model:
+        assert not model.plan.prefetch  # its own plan: the fewest segments, each filling the budget
+        weights = [s.weight_bytes for s in model.plan.segments]
+        ahead = model.prefetch_ahead_bytes
+        assert len(ahead) == len(weights) and ahead[-1] == 0
+        assert all(0 <= a <= w for a, w in zip(ahead, weights[1:], strict=False))
+        assert any(0 < a < w for a, w in zip(ahead, weights[1:], strict=False))  # partly ahead
+        for _ in range(3):
+            assert_close(model.run(mlp_feeds), expected)
+            assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
+        assert model.peak_bound_bytes <= budget
+
+
+def test_a_plan_made_for_prefetch_prefetches_whole_segments(
+    mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]
+) -> None:
+    reader = SealedModelReader(mlp_sealed, KEY)
+    sizes = {e.name: e.length for e in reader.manifest.tensors}
+    paired = plan(reader.graph(), sizes, 300_000, prefetch=True, reserve_bytes=decrypt_reserve(4096))
+    with StreamingModel(reader, plan=paired, prefetch=True, optimize=False) as model:
+        weights = [s.weight_bytes for s in paired.segments]
+        assert model.prefetch_ahead_bytes == (*weights[1:], 0)
+        assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+        assert model.last_peak_bytes is not None and model.last_peak_bytes <= 300_000
+    with StreamingModel(reader, plan=paired, prefetch=False, optimize=False) as serial:
+        assert set(serial.prefetch_ahead_bytes) == {0}
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_no_plaintext_weight_stays_in_the_reused_buffers(
+    mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray], prefetch: bool
+) -> None:
+    with StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=prefetch) as model:
+        assert model.load_stats.optimized_segments > 0
+        model.run(mlp_feeds)
+        pool = model._buffers
+        assert pool.idle == (2 if prefetch else 1)
+        for buffer in pool._idle:
+            assert buffer.dirty == 0
+            assert not np.any(buffer._base), "plaintext left in a weight buffer after the run"
