@@ -1238,12 +1238,7 @@ class _SpillJob:
             self.solo = True
 
     def _work_as_worker(self) -> None:
-        try:
-            self.work()
-        finally:
-            with self._cond:
-                self._workers -= 1
-                self._cond.notify_all()
+        self.work(worker=True)
 
     def _claim_locked(self) -> int:
         if self._error is not None or self._next >= self._limit:
@@ -1253,15 +1248,33 @@ class _SpillJob:
         self._in_flight += 1
         return index
 
-    def work(self) -> None:
-        """Decrypt chunks until none is left to claim (any thread)."""
+    def work(self, worker: bool = False) -> None:
+        """Decrypt chunks until none is left to claim (any thread).
+
+        ``worker``: called from the pool (see :meth:`submit`). Such a call stops counting
+        as a worker under the same lock as its last failed claim, so :meth:`finish`
+        never mistakes a worker that stopped at the old limit for a running one.
+        """
         scratch_bytes = self._spill.scratch_bytes
         with self._cond:
             index = self._claim_locked()
             if index < 0:
+                if worker:
+                    self._workers -= 1
+                    self._cond.notify_all()
                 return
             self._tracker.add(scratch_bytes, "scratch")
-        scratch = self._model._scratch_view(scratch_bytes) if scratch_bytes else None
+        try:
+            scratch = self._model._scratch_view(scratch_bytes) if scratch_bytes else None
+        except BaseException as exc:  # e.g. MemoryError: give the chunk back as failed
+            with self._cond:
+                self._in_flight -= 1
+                self._error = self._error or exc
+                self._tracker.release(scratch_bytes, "scratch")
+                if worker:
+                    self._workers -= 1
+                self._cond.notify_all()
+            return
         out = self._blob.data
         while index >= 0:
             started = time.perf_counter()
@@ -1279,6 +1292,8 @@ class _SpillJob:
                 if index < 0:
                     # Give the scratch back before anyone can see the job complete.
                     self._tracker.release(scratch_bytes, "scratch")
+                    if worker:
+                        self._workers -= 1
                 self._cond.notify_all()
 
     def finish(self, help_allowed: bool) -> tuple[_Loaded, float]:
