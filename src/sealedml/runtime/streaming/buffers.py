@@ -30,14 +30,14 @@ import numpy as np
 
 from sealedml.runtime.streaming.spill import ALIGN
 
-__all__ = ["BufferPool", "WeightBuffer", "WeightBuffers"]
+__all__ = ["BufferPool", "WeightBuffer", "WeightBuffers", "aligned_empty"]
 
 
 class WeightBuffer:
     """One reusable, aligned buffer for a segment's decrypted weights."""
 
     def __init__(self, capacity: int) -> None:
-        self._base = _aligned(capacity)
+        self._base = aligned_empty(capacity)
         #: Bytes from the start that may hold plaintext (zero once wiped).
         self.dirty = 0
 
@@ -55,7 +55,7 @@ class WeightBuffer:
         """
         if nbytes > self.capacity:
             self.wipe()
-            self._base = _aligned(nbytes)
+            self._base = aligned_empty(nbytes)
         elif self.dirty > nbytes:
             self._base[nbytes : self.dirty] = 0
         self.dirty = nbytes
@@ -68,7 +68,7 @@ class WeightBuffer:
             self.dirty = 0
 
 
-def _aligned(capacity: int) -> np.ndarray:
+def aligned_empty(capacity: int) -> np.ndarray:
     """A ``capacity``-byte array starting on an :data:`ALIGN` boundary (keeps its allocation alive)."""
     raw = np.empty(capacity + ALIGN, dtype=np.uint8)
     shift = -raw.ctypes.data % ALIGN

@@ -28,8 +28,10 @@ container and ONNX Runtime:
 * Either way the weights are dropped as soon as the segment returns, and
   activations after their last consumer segment.
 * With ``prefetch=True`` a background thread decrypts segment *k + 1* while
-  segment *k* computes — one segment ahead only, which the planner budgets for
-  (see :mod:`.planner`).
+  segment *k* computes — one segment ahead only, and only as much of it as the
+  budget leaves beside *k* (all of it for a plan made with ``prefetch=True``,
+  see :mod:`.planner`); once *k* has released its weights, the compute thread
+  and the background thread decrypt the rest together.
 
 A chunk that fails authentication fails the request with
 :class:`~sealedml.errors.SealedModelError`. The model object keeps no
@@ -58,7 +60,7 @@ from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
 from sealedml.runtime.engine import InputSpec, bind_inputs
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
-from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers
+from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers, aligned_empty
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
@@ -1369,11 +1371,7 @@ def _prefix_bytes(entry: SpillEntry, chunks: int) -> int:
 
 def _weight_blob(entry: SpillEntry, buffer: WeightBuffer | None) -> np.ndarray:
     """Where a spill entry's weights are decrypted to: the run's slot, or a fresh aligned buffer."""
-    if buffer is not None:
-        return buffer.take(entry.nbytes)
-    raw = np.empty(_blob_bytes(entry), dtype=np.uint8)
-    shift = -raw.ctypes.data % ALIGN
-    return raw[shift : shift + entry.nbytes]
+    return buffer.take(entry.nbytes) if buffer is not None else aligned_empty(entry.nbytes)
 
 
 def _size(nbytes: int) -> str:

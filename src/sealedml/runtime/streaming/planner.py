@@ -27,6 +27,10 @@ therefore bounds, for every adjacent pair, ``peak(k) + weights(k + 1)`` —
 not each segment alone — so the tracked peak stays within the budget. This
 wastes less than planning every segment to half the budget: a segment
 whose neighbour is light may use almost the whole budget.
+:class:`~sealedml.runtime.streaming.StreamingModel` plans with
+``prefetch=False`` itself (the fewest segments) and prefetches only what the
+budget leaves beside each segment; a paired plan is for callers that pass one
+in (see docs/memory-bounded.md for the measured trade-off).
 
 ``reserve_bytes`` is held back from the budget for the decryption scratch
 buffers (a few AES-GCM chunks).
