@@ -603,7 +603,9 @@ class StreamingModel:
             if pending is not None:
                 pending.abandon()  # waits for chunks in flight: nothing writes the buffers after it
             if buffers is not None:
-                self._buffers.give_back(buffers)  # zeroes the plaintext the run left behind
+                # Zeroes the plaintext the run left behind: on a prefetch thread, after the
+                # outputs are returned (a run that borrows the set before then wipes it first).
+                self._buffers.give_back(buffers, pool.submit if pool is not None else None)
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -633,7 +635,8 @@ class StreamingModel:
         return stats.peak_bytes if stats is not None else None
 
     def close(self) -> None:
-        """Stop the prefetch threads (pending work finishes first). Idempotent.
+        """Stop the prefetch threads (pending work, weight-buffer wipes included, finishes
+        first). Idempotent.
 
         Later runs still work, without prefetch (the spill stays until the object is
         garbage-collected).
@@ -641,6 +644,7 @@ class StreamingModel:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        self._buffers.drain()  # wipes still queued (none once the pool has run them)
 
     def __enter__(self) -> StreamingModel:
         return self

@@ -1,11 +1,14 @@
-"""Reused weight buffers: aligned, hold no plaintext outside what a segment uses, wiped on return."""
+"""Reused weight buffers: aligned, hold no plaintext outside what a segment uses, wiped on return
+(now or in the background, but always before anyone borrows them again)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer
+from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers
 from sealedml.runtime.streaming.spill import ALIGN
 
 
@@ -23,6 +26,13 @@ def test_take_is_aligned_and_zeroes_what_a_larger_segment_left_behind() -> None:
     assert buffer.dirty == 4_000
     assert not np.any(first[4_000:]), "the tail of the earlier segment must be zeroed"
     assert np.all(second == 7)  # the part handed out is overwritten by decryption, not wiped
+
+
+def test_a_new_buffer_holds_only_zeros() -> None:
+    for capacity in (1_000, 3 << 20):  # heap-allocated and mmap-allocated sizes
+        freed = np.full(capacity + ALIGN, 0xAB, dtype=np.uint8)  # the heap may hand this memory out again
+        del freed
+        assert not np.any(WeightBuffer(capacity)._base)
 
 
 def test_take_grows_after_wiping_the_old_storage() -> None:
@@ -50,6 +60,57 @@ def test_pool_wipes_on_return_and_keeps_a_bounded_number() -> None:
         assert not np.any(view), "a returned buffer must hold only zeros"
     again = pool.borrow()
     assert all(slot.dirty == 0 for slot in again.slots)
+
+
+def _dirty_set(pool: BufferPool, value: int) -> tuple[WeightBuffers, list[np.ndarray]]:
+    """Borrow a set and fill each slot with plaintext-like bytes; the set and views of them."""
+    borrowed = pool.borrow()
+    views = [borrowed.for_segment(k).take(pool.capacity) for k in range(pool.slots)]
+    for view in views:
+        _fill(view, value)
+    return borrowed, views
+
+
+def test_background_wipe_runs_later_and_keeps_the_set() -> None:
+    pool = BufferPool(4_096, slots=2)
+    borrowed, views = _dirty_set(pool, 5)
+    jobs: list[Callable[[], None]] = []
+    pool.give_back(borrowed, jobs.append)
+    assert pool.dirty == 1 and pool.idle == 0
+    assert all(np.all(view == 5) for view in views)  # not wiped yet: the job has not run
+    jobs.pop()()
+    assert pool.dirty == 0 and pool.idle == 2
+    assert not any(np.any(view) for view in views)
+
+
+def test_borrow_wipes_a_set_whose_background_wipe_has_not_run() -> None:
+    pool = BufferPool(4_096, slots=2)
+    borrowed, views = _dirty_set(pool, 8)
+    returned = list(borrowed.slots)
+    jobs: list[Callable[[], None]] = []
+    pool.give_back(borrowed, jobs.append)
+    again = pool.borrow()
+    assert {id(s) for s in again.slots} == {id(s) for s in returned}  # reused, not reallocated
+    assert not any(np.any(view) for view in views), "a borrowed buffer must hold only zeros"
+    assert all(slot.dirty == 0 for slot in again.slots)
+    jobs.pop()()  # the late background job finds nothing left to wipe
+    assert pool.dirty == 0 and pool.idle == 0
+
+
+def test_wipe_happens_now_when_the_background_is_gone_and_drain_wipes_the_rest() -> None:
+    pool = BufferPool(4_096, slots=1)
+
+    def shut_down(job: Callable[[], None]) -> None:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+
+    borrowed, views = _dirty_set(pool, 3)
+    pool.give_back(borrowed, shut_down)
+    assert pool.dirty == 0 and not np.any(views[0])
+    borrowed, later = _dirty_set(pool, 4)
+    pool.give_back(borrowed, lambda job: None)  # never runs the job
+    assert pool.dirty == 1
+    pool.drain()
+    assert pool.dirty == 0 and pool.idle == 1 and not np.any(later[0])
 
 
 def test_pool_rejects_nonsense() -> None:
