@@ -191,3 +191,28 @@ def test_demo_json(tmp_path):
         assert key in result
     assert result["accuracy"] == result["plaintext_accuracy"] and result["n"] == 60
     assert result["denied_unauthorized"] and result["denied_after_revoke"] and result["tampered_model_rejected"]
+
+
+def test_demo_memory_budget_keeps_accuracy(tmp_path):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    proc = sealedml(
+        "demo", "--json", "--samples", "60", "--memory-budget", "2MB", "--spill-dir", str(spill), cwd=tmp_path
+    )
+    result = json.loads(proc.stdout)
+    assert result["ok"] and result["n"] == 60
+    assert result["accuracy"] == result["plaintext_accuracy"]
+    assert result["memory_budget"] == "2MB" and result["spill_dir"] == str(spill.resolve())
+    assert 0 < result["peak_tracked_bytes"] <= 2_000_000
+    assert list(spill.iterdir()) == []  # the spill file never has a name
+
+
+def test_spill_dir_is_checked_before_anything_starts(tmp_path):
+    no_budget = sealedml("demo", "--spill-dir", str(tmp_path), cwd=tmp_path, check=False)
+    assert no_budget.returncode == 1 and "--spill-dir needs --memory-budget" in no_budget.stderr
+    missing = sealedml(
+        "worker", "serve", "--keyservice", "http://127.0.0.1:9", "--store", str(tmp_path / "store"),
+        "--memory-budget", "2MB", "--spill-dir", str(tmp_path / "nope"),
+        cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert missing.returncode == 1 and "not a directory" in missing.stderr

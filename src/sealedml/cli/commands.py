@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -62,6 +63,29 @@ def _budget(p: argparse.ArgumentParser) -> None:
         help="run models memory-bounded within SIZE per request (e.g. 32MB): weights stay sealed "
         "and are decrypted segment by segment (docs/memory-bounded.md)",
     )
+    p.add_argument(
+        "--spill-dir",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="with --memory-budget: keep the re-encrypted weights (the spill) in an anonymous file "
+        "in DIR instead of process memory; for a TEE whose process memory is the scarce, protected "
+        "kind (SGX). Default: process memory",
+    )
+
+
+def _spill_dir(args: argparse.Namespace) -> str | None:
+    """``--spill-dir`` checked: an existing, writable directory, and only with ``--memory-budget``."""
+    directory: Path | None = args.spill_dir
+    if directory is None:
+        return None
+    if not args.memory_budget:
+        raise ConfigurationError("--spill-dir needs --memory-budget (only memory-bounded models spill)")
+    if not directory.is_dir():
+        raise ConfigurationError(f"--spill-dir {directory}: not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"--spill-dir {directory}: not writable")
+    return str(directory.resolve())
 
 
 def _tls(p: argparse.ArgumentParser, what: str) -> None:
@@ -346,6 +370,7 @@ def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         unsafe_plaintext_dir=args.unsafe_plaintext_dir,
         tls=args.tls,
         memory_budget=args.memory_budget if _size(args.memory_budget) else None,
+        spill_dir=_spill_dir(args),
     )
     return {"stopped": "platform"}
 
@@ -364,6 +389,7 @@ def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         unsafe_plaintext_dir=args.unsafe_plaintext_dir,
         tls=args.tls,
         memory_budget=_size(args.memory_budget),
+        spill_dir=_spill_dir(args),
     )
     return {"stopped": "worker"}
 
@@ -454,6 +480,7 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
         samples=args.samples,
         quiet=args.json,
         memory_budget=args.memory_budget if _size(args.memory_budget) else None,
+        spill_dir=_spill_dir(args),
     )
 
 

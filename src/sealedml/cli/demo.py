@@ -45,6 +45,7 @@ def run_demo(
     quiet: bool = False,
     workdir: Path | None = None,
     memory_budget: str | None = None,
+    spill_dir: str | None = None,
 ) -> dict[str, Any]:
     """Run the demo; return the results (see the ``--json`` keys in the README)."""
 
@@ -72,6 +73,8 @@ def run_demo(
         )
         store_dir = tmp / "store"
         budget = ["--memory-budget", memory_budget] if memory_budget else []
+        if memory_budget and spill_dir:
+            budget += ["--spill-dir", spill_dir]
         gw = stack.enter_context(
             ServiceProcess.platform(ks.url, store_dir, "--keep-alive", "60", *budget, log_path=tmp / "platform.log")
         )
@@ -176,6 +179,7 @@ def run_demo(
             "tampered_model_rejected": tampered_rejected,
             "lease_ttl_s": lease_ttl,
             "memory_budget": memory_budget,
+            "spill_dir": spill_dir if memory_budget else None,
             "peak_tracked_bytes": peak_bytes if memory_budget else None,
             "tee": "simulated",
             "ok": ok,

@@ -45,6 +45,7 @@ class InstanceSpec:
     unsafe_plaintext_dir: Path | None = None
     tls: str = "none"
     memory_budget: str | None = None
+    spill_dir: str | None = None
     extra_args: tuple[str, ...] = ()
 
     def command(self) -> list[str]:
@@ -75,6 +76,8 @@ class InstanceSpec:
         ]
         if self.memory_budget:
             cmd += ["--memory-budget", self.memory_budget]
+            if self.spill_dir:
+                cmd += ["--spill-dir", self.spill_dir]
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
         return cmd + list(self.extra_args)

@@ -24,6 +24,7 @@ def serve(
     unsafe_plaintext_dir: Path | None = None,
     tls: str = "none",
     memory_budget: str | None = None,
+    spill_dir: str | None = None,
 ) -> None:
     """Run the gateway until interrupted."""
     from sealedml._internal.serve import serve_app
@@ -38,6 +39,7 @@ def serve(
         unsafe_plaintext_dir=unsafe_plaintext_dir,
         tls=tls,
         memory_budget=memory_budget,
+        spill_dir=spill_dir,
     )
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool)
     serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})

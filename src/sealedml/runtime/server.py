@@ -27,6 +27,7 @@ def build_worker(
     tee: str = "simulated",
     model_cache_bytes: int = 1 << 30,
     memory_budget: int | None = None,
+    spill_dir: str | None = None,
 ) -> Worker:
     """A worker reading sealed models from ``store`` and keys from ``keyservice``."""
     if concurrency < 1:
@@ -36,7 +37,12 @@ def build_worker(
         attester,
         ReleaseClient(keyservice, attester),
         LocalModelStore(store),
-        WorkerConfig(concurrency=concurrency, model_cache_bytes=model_cache_bytes, memory_budget=memory_budget),
+        WorkerConfig(
+            concurrency=concurrency,
+            model_cache_bytes=model_cache_bytes,
+            memory_budget=memory_budget,
+            spill_dir=spill_dir,
+        ),
     )
 
 
@@ -52,6 +58,7 @@ def serve(
     unsafe_plaintext_dir: Path | None = None,
     tls: str = "none",
     memory_budget: int | None = None,
+    spill_dir: str | None = None,
 ) -> None:
     """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
@@ -65,6 +72,7 @@ def serve(
         tee=tee,
         model_cache_bytes=model_cache_bytes,
         memory_budget=memory_budget,
+        spill_dir=spill_dir,
     )
     app = create_app(worker, unsafe_plaintext_dir=unsafe_plaintext_dir)
     serve_app(

@@ -54,6 +54,8 @@ class WorkerConfig:
         memory_budget: if set, run models memory-bounded (Occlumency): weights stay
             sealed and are decrypted per segment for each request, within this many
             bytes of decrypted weights plus live activations per request.
+        spill_dir: with ``memory_budget``: keep each model's re-encrypted weights in an
+            anonymous file in this directory instead of process memory.
         stream_prefetch: decrypt segment k+1 while segment k computes.
         lease_margin: seconds before expiry at which a lease is renewed.
         replay_window: seconds a request id is remembered to refuse replays.
@@ -62,6 +64,7 @@ class WorkerConfig:
     concurrency: int = 2
     model_cache_bytes: int = 1 << 30
     memory_budget: int | None = None
+    spill_dir: str | None = None
     stream_prefetch: bool = True
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
@@ -213,6 +216,7 @@ class Worker:
             budget_bytes=self.config.memory_budget,
             threads=self._threads,
             prefetch=self.config.stream_prefetch,
+            spill_dir=self.config.spill_dir,
             model_id=lease.model_id,
             version=lease.model_version,
         )
@@ -313,6 +317,8 @@ class Worker:
             "model_loads": self.stats.model_loads,
             "load_breakdown": self.stats.load_breakdown[-10:],
             "memory_budget": self.config.memory_budget,
+            # Where memory-bounded models keep their re-encrypted weights.
+            "spill": None if self.config.memory_budget is None else ("file" if self.config.spill_dir else "memory"),
             "peak_tracked_bytes": self.stats.peak_bytes,
             "rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self.started_at, 3),

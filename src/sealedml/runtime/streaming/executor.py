@@ -802,8 +802,8 @@ class StreamingModel:
                 if optimized[k] and isinstance(b, _Built) and b.state.weight_bytes > plan.segments[k].weight_bytes:
                     optimized[k] = False
                     fallbacks[k] = (
-                        f"optimized weights ({_size(b.state.weight_bytes)}, originally "
-                        f"{_size(plan.segments[k].weight_bytes)}) do not fit the budget"
+                        f"optimized weights ({format_bytes(b.state.weight_bytes)}, originally "
+                        f"{format_bytes(plan.segments[k].weight_bytes)}) do not fit the budget"
                     )
                     changed = grown = True
             if not changed:  # pragma: no cover - the plan holds for the original weights
@@ -1376,11 +1376,6 @@ def _prefix_bytes(entry: SpillEntry, chunks: int) -> int:
 def _weight_blob(entry: SpillEntry, buffer: WeightBuffer | None) -> np.ndarray:
     """Where a spill entry's weights are decrypted to: the run's slot, or a fresh aligned buffer."""
     return buffer.take(entry.nbytes) if buffer is not None else aligned_empty(entry.nbytes)
-
-
-def _size(nbytes: int) -> str:
-    """Bytes for a message: kB below 100 kB, MB above (decimal units, as the planner)."""
-    return f"{nbytes / 1000:.1f} kB" if nbytes < 100_000 else format_bytes(nbytes)
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> bool:

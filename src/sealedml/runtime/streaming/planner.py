@@ -67,6 +67,7 @@ __all__ = [
     "plan",
 ]
 
+_KB = 1_000
 _MB = 1_000_000
 #: Binary search for the smallest feasible budget stops at this relative precision.
 _SEARCH_PRECISION = 1e-3
@@ -74,17 +75,18 @@ _MAX_SPLIT_ROUNDS = 200
 
 
 def format_bytes(nbytes: int, *, ceil: bool = False) -> str:
-    """Format a byte count in megabytes (10^6 bytes) with one decimal.
+    """Format a byte count in decimal units with one decimal: kilobytes below 100 kB, else megabytes.
 
     Args:
         nbytes: the count.
         ceil: round up instead of to nearest (for minimums, so the printed value suffices).
 
     Returns:
-        For example ``"12.3 MB"``.
+        For example ``"12.3 MB"`` or ``"40.5 kB"``.
     """
-    tenths = math.ceil(nbytes / (_MB / 10)) if ceil else round(nbytes / (_MB / 10))
-    return f"{tenths / 10:.1f} MB"
+    unit, name = (_KB, "kB") if nbytes < 100 * _KB else (_MB, "MB")
+    tenths = math.ceil(nbytes / (unit / 10)) if ceil else round(nbytes / (unit / 10))
+    return f"{tenths / 10:.1f} {name}"
 
 
 class BudgetError(ConfigurationError):
@@ -99,6 +101,7 @@ class BudgetError(ConfigurationError):
         budget: the budget that was asked for.
         minimum_budget: the smallest budget (bytes) for which a plan exists, with the
             same batch, prefetch and reserve settings.
+        reserve: bytes of the budget held back for decryption scratch (0 if none).
     """
 
     code = "budget"
@@ -114,6 +117,7 @@ class BudgetError(ConfigurationError):
         budget: int,
         minimum_budget: int,
         prefetch: bool,
+        reserve: int = 0,
     ) -> None:
         self.tensor = tensor
         self.kind = kind
@@ -121,10 +125,13 @@ class BudgetError(ConfigurationError):
         self.node = node
         self.budget = budget
         self.minimum_budget = minimum_budget
+        self.reserve = reserve
         mode = "with prefetch" if prefetch else "without prefetch"
+        # The reserve is what makes small models' budgets infeasible; say so.
+        held = f"; {format_bytes(reserve)} of the budget is held for decryption scratch" if reserve else ""
         super().__init__(
             f"budget {format_bytes(budget)} too small: {kind} {tensor!r} needs {format_bytes(needed_bytes)} "
-            f"(node {node!r} needs {format_bytes(node_bytes)} {mode}); "
+            f"(node {node!r} needs {format_bytes(node_bytes)} {mode}){held}; "
             f"smallest feasible budget is {format_bytes(minimum_budget, ceil=True)}"
         )
 
@@ -816,6 +823,7 @@ def plan(
             budget=budget_bytes,
             minimum_budget=minimum,
             prefetch=prefetch,
+            reserve=reserve_bytes,
         ) from None
     cuts = _cut(exp, life, limit, prefetch)
     segments = _segments(exp, life, base, cuts, prefetch)

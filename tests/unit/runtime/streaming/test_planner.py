@@ -267,9 +267,22 @@ def test_bad_arguments_are_configuration_errors() -> None:
         plan(model, wrong, 1_000_000)
 
 
-def test_format_bytes_uses_decimal_megabytes() -> None:
+def test_format_bytes_uses_decimal_units() -> None:
     assert format_bytes(12_345_678) == "12.3 MB"
     assert format_bytes(12_300_001, ceil=True) == "12.4 MB"
+    assert format_bytes(100_000) == "0.1 MB"
+    assert format_bytes(40_520) == "40.5 kB"  # small models' budgets do not all print as "0.0 MB"
+    assert format_bytes(40_501, ceil=True) == "40.6 kB"
+
+
+def test_budget_error_names_the_decryption_reserve() -> None:
+    model = residual_mlp()  # 256 KiB weights, 1 kB activations per row
+    with pytest.raises(BudgetError) as caught:
+        plan(model, _sizes(model), 50_000, reserve_bytes=45_000)
+    message = str(caught.value)
+    assert "45.0 kB of the budget is held for decryption scratch" in message
+    assert caught.value.reserve == 45_000
+    assert caught.value.minimum_budget > 50_000
 
 
 @pytest.fixture(scope="module")
