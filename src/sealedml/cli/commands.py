@@ -79,7 +79,7 @@ def _spill_dir(args: argparse.Namespace) -> str | None:
     directory: Path | None = args.spill_dir
     if directory is None:
         return None
-    if not args.memory_budget:
+    if not _size(args.memory_budget):
         raise ConfigurationError("--spill-dir needs --memory-budget (only memory-bounded models spill)")
     if not directory.is_dir():
         raise ConfigurationError(f"--spill-dir {directory}: not a directory")

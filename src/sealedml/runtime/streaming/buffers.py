@@ -36,7 +36,7 @@ import numpy as np
 
 from sealedml.runtime.streaming.spill import ALIGN
 
-__all__ = ["BufferPool", "WeightBuffer", "WeightBuffers", "aligned_empty"]
+__all__ = ["BufferPool", "WeightBuffer", "WeightBuffers", "aligned_array"]
 
 #: Runs a callable in the background, e.g. ``ThreadPoolExecutor.submit``.
 Submit = Callable[[Callable[[], None]], object]
@@ -49,7 +49,7 @@ class WeightBuffer:
         # Zeroed, not just allocated: a small allocation may reuse heap memory that held
         # anything, and everything past ``dirty`` must be zeros. (Large ones are fresh
         # zero pages either way, so this costs nothing where it matters.)
-        self._base = aligned_empty(capacity, zeroed=True)
+        self._base = aligned_array(capacity, zeroed=True)
         #: Bytes from the start that may hold plaintext (zero once wiped).
         self.dirty = 0
 
@@ -67,7 +67,7 @@ class WeightBuffer:
         """
         if nbytes > self.capacity:
             self.wipe()
-            self._base = aligned_empty(nbytes, zeroed=True)
+            self._base = aligned_array(nbytes, zeroed=True)
         elif self.dirty > nbytes:
             self._base[nbytes : self.dirty] = 0
         self.dirty = nbytes
@@ -80,7 +80,7 @@ class WeightBuffer:
             self.dirty = 0
 
 
-def aligned_empty(capacity: int, *, zeroed: bool = False) -> np.ndarray:
+def aligned_array(capacity: int, *, zeroed: bool = False) -> np.ndarray:
     """A ``capacity``-byte array starting on an :data:`ALIGN` boundary (keeps its allocation alive).
 
     Uninitialized unless ``zeroed``: for a buffer about to be overwritten whole.
@@ -99,11 +99,6 @@ class WeightBuffers:
     def for_segment(self, index: int) -> WeightBuffer:
         """The slot segment ``index`` is decrypted into."""
         return self.slots[index % len(self.slots)]
-
-    def wipe(self) -> None:
-        """Zero every slot's plaintext."""
-        for slot in self.slots:
-            slot.wipe()
 
 
 class BufferPool:

@@ -60,7 +60,7 @@ from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
 from sealedml.runtime.engine import InputSpec, bind_inputs
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
-from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers, aligned_empty
+from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers, aligned_array
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
@@ -1375,7 +1375,7 @@ def _prefix_bytes(entry: SpillEntry, chunks: int) -> int:
 
 def _weight_blob(entry: SpillEntry, buffer: WeightBuffer | None) -> np.ndarray:
     """Where a spill entry's weights are decrypted to: the run's slot, or a fresh aligned buffer."""
-    return buffer.take(entry.nbytes) if buffer is not None else aligned_empty(entry.nbytes)
+    return buffer.take(entry.nbytes) if buffer is not None else aligned_array(entry.nbytes)
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> bool:
