@@ -131,6 +131,17 @@ class MemoryTracker:
         finally:
             self.release(nbytes, kind)
 
+    def held(self, kind: str) -> int:
+        """Bytes of ``kind`` held now.
+
+        Raises:
+            ValueError: unknown kind.
+        """
+        with self._lock:
+            if kind not in self._by_kind:
+                raise ValueError(f"unknown memory kind {kind!r}")
+            return self._by_kind[kind]
+
     @property
     def current(self) -> int:
         """Bytes held now."""

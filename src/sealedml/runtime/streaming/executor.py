@@ -18,20 +18,23 @@ container and ONNX Runtime:
   in-memory file only); the optimized weights are re-encrypted under a key that
   exists only in this process into a spill (:mod:`.spill`) and the plaintext
   is dropped. Per request each segment's weights are decrypted from the spill
-  straight into the arrays fed to the optimized graph. A segment whose
+  straight into the run's weight arena (:mod:`.arena`), whose slices are the
+  arrays fed to the optimized graph. A segment whose
   optimization fails, changes its interface, disagrees with ONNX Runtime's own
   output on a probe input, or whose optimized weights would break the budget
   runs the unoptimized path below instead.
 * **Sealed segments** (``optimize=False``, and the fallback): each segment's
   weights are decrypted from the sealed container (every AES-GCM chunk
   authenticated) into fresh buffers just before the segment runs.
-* Either way the weights are dropped as soon as the segment returns, and
-  activations after their last consumer segment.
+* Sealed weights are dropped as soon as the segment returns. Arena bytes stay
+  counted until a later segment overwrites them or they are zeroed (when the
+  budget needs the room, and at the end of the run). Activations are dropped
+  after their last consumer segment.
 * With ``prefetch=True`` a background thread decrypts segment *k + 1* while
-  segment *k* computes — one segment ahead only, and only as much of it as the
-  budget leaves beside *k* (all of it for a plan made with ``prefetch=True``,
-  see :mod:`.planner`); once *k* has released its weights, the compute thread
-  and the background thread decrypt the rest together.
+  segment *k* computes. That is one segment ahead only, and only the chunks
+  clear of *k*'s bytes in the arena that the budget has room for (a sealed
+  *k + 1* only whole). Once *k* is done, the compute thread and the background
+  thread decrypt the rest together.
 
 A chunk that fails authentication fails the request with
 :class:`~sealedml.errors.SealedModelError`. The model object keeps no
@@ -43,10 +46,11 @@ from the sealed container at the start of the next request.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -60,11 +64,19 @@ from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
 from sealedml.runtime.engine import InputSpec, bind_inputs
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
-from sealedml.runtime.streaming.buffers import BufferPool, WeightBuffer, WeightBuffers, aligned_array
+from sealedml.runtime.streaming.arena import (
+    ArenaPool,
+    ArenaSegment,
+    Step,
+    WeightArena,
+    aligned_array,
+    capacity_for,
+    schedule,
+)
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
 from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
 from sealedml.runtime.streaming.planner import plan as make_plan
-from sealedml.runtime.streaming.spill import ALIGN, SpillEntry, SpillStore
+from sealedml.runtime.streaming.spill import SpillEntry, SpillStore
 
 __all__ = [
     "DEFAULT_SPILL_CHUNK",
@@ -229,6 +241,8 @@ class _Loaded:
     arrays: dict[str, np.ndarray]
     nbytes: int
     seconds: float
+    #: In the run's arena, which counts its own bytes (they stay counted until zeroed).
+    in_arena: bool = False
 
 
 @dataclass(frozen=True)
@@ -374,7 +388,7 @@ class StreamingModel:
                     own = spill_chunk_size(spill_chunk, min(spill_chunk, budget_bytes // _SPILL_SHARE) + TAG_SIZE)
                     scratch = max(reserve, own + TAG_SIZE)
                 # The fewest segments, each filling the budget: prefetch decrypts as much of the
-                # next segment as the headroom beside the current one allows (see _ahead_bytes).
+                # next segment as the arena and the budget leave beside the current one (.arena).
                 plan = make_plan(graph, sizes, budget_bytes, batch=batch, prefetch=False, reserve_bytes=scratch)
             if budget_bytes is not None and budget_bytes != plan.budget_bytes:
                 raise ConfigurationError("budget_bytes disagrees with the plan's budget")
@@ -433,11 +447,10 @@ class StreamingModel:
             if prefetch
             else None
         )
-        # Optimized segments decrypt into reused, wiped buffers (see .buffers): segment k+1
-        # fills one slot while segment k computes from the other.
-        self._buffers = BufferPool(
-            max((s.weight_bytes for s in self._states if s.optimized), default=0), 2 if prefetch else 1
-        )
+        # Optimized segments decrypt into a reused, wiped arena per run (see .arena), laid
+        # out once per set of segment states.
+        self._arenas = ArenaPool()
+        self._schedule: tuple[tuple[_State, ...], tuple[Step, ...]] | None = None
         self._last_stats: RunStats | None = None
         self.load_stats = LoadStats(
             total_s=time.perf_counter() - started,
@@ -476,27 +489,29 @@ class StreamingModel:
 
     @property
     def peak_bound_bytes(self) -> int:
-        """The tracked-peak bound with the weights each segment decrypts now (≤ the budget).
+        """The tracked-peak bound of a run with the segments as they are now (≤ the budget).
 
-        ``plan.peak_bytes`` with every segment's weights replaced by what it actually
-        decrypts (optimized weights are padded and aligned, so they may differ), the next
-        segment's when prefetching, and one decrypting thread's scratch.
+        Per segment: the arena bytes that may hold plaintext (the segment's own and stale
+        ones the budget has room for; see :mod:`.arena`), a sealed segment's weights, its
+        activation peak, one decrypting thread's scratch, and what is decrypted ahead for
+        the next segment.
         """
         with self._lock:
-            weights = [state.weight_bytes for state in self._states]
-        return max(self._pair_peaks(self.plan, weights), default=self._scratch_reserve)
+            states = list(self._states)
+        return max((step.peak for step in self._steps(states)), default=self._scratch_reserve)
 
     @property
     def prefetch_ahead_bytes(self) -> tuple[int, ...]:
         """Per segment k, the bytes of segment k + 1's weights decrypted while k computes.
 
-        What the budget leaves beside segment k, at most all of segment k + 1's weights;
-        the rest is decrypted (by two threads) once segment k has released its own. All
-        zeros without prefetch.
+        An optimized segment's chunks clear of segment k's bytes in the arena, as far as
+        the budget leaves room; a sealed one whole or not at all. The rest is decrypted
+        (by two threads) once segment k is done. All zeros without prefetch.
         """
         with self._lock:
-            weights = [state.weight_bytes for state in self._states]
-        return tuple(self._ahead_bytes(self.plan, weights))
+            states = list(self._states)
+        steps = self._steps(states)
+        return (*(step.ahead_bytes for step in steps[1:]), 0) if steps else ()
 
     @property
     def segment_modes(self) -> tuple[str, ...]:
@@ -572,40 +587,39 @@ class StreamingModel:
         segment_stats: list[SegmentStats] = []
         pool = self._pool
         segments = self.plan.segments
-        weights = [state.weight_bytes for state in states]
-        ahead = self._ahead_bytes(self.plan, weights)
-        # A second decrypting thread holds a second scratch buffer: only where the budget has room.
-        scratch = self._scratch_bytes
-        help_ok = [peak + scratch <= self.plan.budget_bytes for peak in self._solo_peaks(self.plan, weights)]
-        buffers = self._buffers.borrow() if any(state.optimized for state in states) else None
+        steps = self._steps(states)
+        arena = _RunArena(self._arenas, states, tracker)
         try:
             for k, segment in enumerate(segments):
                 waited = 0.0
-                if pending is None and pool is not None and states[k].optimized:
-                    # The first segment (or one whose prefetch could not start): nothing computes
-                    # yet, so the prefetch thread and this one decrypt it together.
-                    pending = self._start(pool, readers, k, states[k], tracker, buffers, None)
+                if not states[k].optimized:
+                    # Stale plaintext the budget has no room for beside these weights goes first.
+                    arena.trim(steps[k])
+                elif pending is None:
+                    # The first segment (or one not prefetched): nothing computes yet, so the
+                    # prefetch thread and this one decrypt it together.
+                    pending = self._start(pool, readers, k, states[k], arena, steps[k], early=False)
                 if pending is not None:
                     try:
                         # The compute thread decrypts the chunks the prefetch thread has not
                         # reached (when the budget has room for its scratch buffer too).
-                        loaded, waited = pending.finish(help_allowed=help_ok[k])
+                        loaded, waited = pending.finish(help_allowed=steps[k].help)
                     finally:
                         pending = None
                 else:
-                    loaded = self._load(readers, k, states[k], tracker, buffers)
+                    loaded = self._load_sealed(readers, k, tracker)
                 if pool is not None and k + 1 < len(segments):
-                    # One segment ahead only, and only as much of it as the budget leaves.
-                    pending = self._start(pool, readers, k + 1, states[k + 1], tracker, buffers, ahead[k])
+                    # One segment ahead only, and only as much of it as the arena and the
+                    # budget leave beside this one.
+                    pending = self._start(pool, readers, k + 1, states[k + 1], arena, steps[k + 1], early=True)
                 compute = self._compute(segment, states[k].session, env, loaded, tracker)
                 segment_stats.append(SegmentStats(k, loaded.nbytes, loaded.seconds, waited, compute))
         finally:
             if pending is not None:
-                pending.abandon()  # waits for chunks in flight: nothing writes the buffers after it
-            if buffers is not None:
-                # Zeroes the plaintext the run left behind: on a prefetch thread, after the
-                # outputs are returned (a run that borrows the set before then wipes it first).
-                self._buffers.give_back(buffers, pool.submit if pool is not None else None)
+                pending.abandon()  # waits for chunks in flight: nothing writes the arena after it
+            # Zeroes the plaintext the run left behind: on a prefetch thread, after the
+            # outputs are returned (a run that borrows the arena before then wipes it first).
+            arena.give_back(pool.submit if pool is not None else None)
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -635,8 +649,8 @@ class StreamingModel:
         return stats.peak_bytes if stats is not None else None
 
     def close(self) -> None:
-        """Stop the prefetch threads (pending work, weight-buffer wipes included, finishes
-        first). Idempotent.
+        """Stop the prefetch threads (pending work, arena wipes included, finishes first).
+        Idempotent.
 
         Later runs still work, without prefetch (the spill stays until the object is
         garbage-collected).
@@ -644,7 +658,7 @@ class StreamingModel:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        self._buffers.drain()  # wipes still queued (none once the pool has run them)
+        self._arenas.drain()  # wipes still queued (none once the pool has run them)
 
     def __enter__(self) -> StreamingModel:
         return self
@@ -679,25 +693,26 @@ class StreamingModel:
             for w, segment in zip(weights, plan.segments, strict=True)
         ]
 
-    def _ahead_bytes(self, plan: Plan, weights: list[int]) -> list[int]:
-        """Per segment k: how many bytes of segment k + 1's weights may be decrypted while k computes.
-
-        Whatever the budget leaves beside segment k — all of segment k + 1's weights for a
-        plan made with ``prefetch=True``, often only part of them for the executor's own
-        plans (the fewest segments, each filling the budget); the rest is decrypted once
-        segment k has released its weights. 0 without prefetch.
-        """
-        n = len(weights)
-        solo = self._solo_peaks(plan, weights)
-        return [
-            min(weights[k + 1], max(0, plan.budget_bytes - solo[k])) if self.prefetch and k + 1 < n else 0
-            for k in range(n)
+    def _steps(self, states: Sequence[_State]) -> tuple[Step, ...]:
+        """The arena schedule of a run with these segment states (cached until a rebuild)."""
+        with self._lock:
+            cached = self._schedule
+        if cached is not None and len(cached[0]) == len(states) and all(map(operator.is_, cached[0], states)):
+            return cached[1]
+        segments = [
+            _arena_segment(state, segment.activation_peak_bytes)
+            for state, segment in zip(states, self.plan.segments, strict=True)
         ]
-
-    def _pair_peaks(self, plan: Plan, weights: list[int]) -> list[int]:
-        """Tracked-peak bound of each segment: :meth:`_solo_peaks` plus what it decrypts ahead."""
-        ahead = self._ahead_bytes(plan, weights)
-        return [peak + extra for peak, extra in zip(self._solo_peaks(plan, weights), ahead, strict=True)]
+        steps = schedule(
+            segments,
+            budget=self.plan.budget_bytes,
+            scratch=self._scratch_reserve,
+            second_scratch=self._scratch_bytes,
+            prefetch=self.prefetch,
+        )
+        with self._lock:
+            self._schedule = (tuple(states), steps)
+        return steps
 
     def _prepare_optimized(
         self,
@@ -745,7 +760,7 @@ class StreamingModel:
                 b.state.weight_bytes if isinstance(b, _Built) else s.weight_bytes
                 for b, s in zip(built, plan.segments, strict=True)
             ]
-            excess = max(self._pair_peaks(plan, weights), default=0) - budget
+            excess = max(self._solo_peaks(plan, weights), default=0) - budget
             headroom = plan.reserve_bytes - self._scratch_reserve
             headroom += max(1, -(-excess // _HEADROOM_QUANTUM)) * _HEADROOM_QUANTUM
             try:
@@ -790,7 +805,7 @@ class StreamingModel:
                 b.state.weight_bytes if optimized[k] and isinstance(b, _Built) else plan.segments[k].weight_bytes
                 for k, b in enumerate(built)
             ]
-            peaks = self._pair_peaks(plan, weights)
+            peaks = self._solo_peaks(plan, weights)
             over = [k for k in range(n) if peaks[k] > plan.budget_bytes]
             if not over:
                 return optimized, fallbacks, grown
@@ -869,7 +884,7 @@ class StreamingModel:
             return f"ONNX Runtime rejected the optimized graph with weights as inputs: {first}"
         entry = self._spill.write(segment.index, opt.tensors)
         reference = opt.reference
-        state = _State(session, entry, _blob_bytes(entry), len(opt.graph), opt.nchwc_nodes)
+        state = _State(session, entry, entry.nbytes, len(opt.graph), opt.nchwc_nodes)
         opt.drop()  # the plaintext optimized weights: only the spill (ciphertext) keeps them
         if reference is not None and probe is not None:
             # Round trip through the spill, exactly as a request does, then compare with what
@@ -930,7 +945,7 @@ class StreamingModel:
                     with self._lock:
                         weights = [s.weight_bytes for s in self._states]
                     weights[k] = state.weight_bytes
-                    if any(p > self.plan.budget_bytes for p in self._pair_peaks(self.plan, weights)):
+                    if any(p > self.plan.budget_bytes for p in self._solo_peaks(self.plan, weights)):
                         state = self._sealed_state(segment)
                 log.warning(
                     "model %s: segment %d rebuilt after a spill authentication failure (%s)",
@@ -966,13 +981,8 @@ class StreamingModel:
         view: memoryview = buf.data
         return view[:nbytes]
 
-    def _load(
-        self, readers: _Readers, index: int, state: _State, tracker: MemoryTracker, buffers: WeightBuffers | None
-    ) -> _Loaded:
-        """Decrypt segment ``index``'s weights: from the spill when optimized, else from the container."""
-        if state.entry is not None:
-            buffer = buffers.for_segment(index) if buffers is not None else None
-            return self._decrypt_spill(index, state, tracker, buffer=buffer)
+    def _load_sealed(self, readers: _Readers, index: int, tracker: MemoryTracker) -> _Loaded:
+        """Decrypt sealed segment ``index``'s weights from the container (any thread)."""
         return self._decrypt(readers.get(), self.plan.segments[index], tracker)
 
     def _decrypt_spill(
@@ -981,15 +991,14 @@ class StreamingModel:
         state: _State,
         tracker: MemoryTracker,
         *,
-        buffer: WeightBuffer | None = None,
         mark_stale: bool = True,
     ) -> _Loaded:
-        """Decrypt an optimized segment's weights from the spill straight into one buffer.
+        """Decrypt an optimized segment's weights from the spill straight into one fresh buffer.
 
-        The run's reused ``buffer`` slot, or a fresh allocation without one (its tensors
-        are aligned views of it); AES-GCM decrypts each chunk into it directly (from
-        memory, or from this thread's ciphertext buffer after a ``pread``): no plaintext
-        copy.
+        For checking a segment at load time (runs decrypt into their arena through a
+        :class:`_SpillJob`). The tensors are aligned views of the buffer; AES-GCM decrypts
+        each chunk into it directly (from memory, or from this thread's ciphertext buffer
+        after a ``pread``): no plaintext copy.
         """
         assert self._spill is not None and state.entry is not None
         entry = state.entry
@@ -999,9 +1008,9 @@ class StreamingModel:
         tracker.add(scratch_bytes, "scratch")
         try:
             scratch = self._scratch_view(scratch_bytes) if scratch_bytes else None
-            held = _blob_bytes(entry)
+            held = entry.nbytes
             tracker.add(held, "weights")
-            blob = _weight_blob(entry, buffer)
+            blob = aligned_array(entry.nbytes)
             self._spill.read_into(entry, blob.data, scratch)
             arrays = entry.views(blob)
         except BaseException as exc:
@@ -1081,7 +1090,8 @@ class StreamingModel:
             # Drop the plaintext weights as soon as the segment has run.
             feeds.clear()
             loaded.arrays.clear()
-            tracker.release(loaded.nbytes, "weights")
+            if not loaded.in_arena:  # arena bytes stay counted until overwritten or zeroed
+                tracker.release(loaded.nbytes, "weights")
         for name, value in zip(segment.outputs, values, strict=True):
             array = np.asarray(value)
             env[name] = array
@@ -1101,36 +1111,41 @@ class StreamingModel:
 
     def _start(
         self,
-        pool: ThreadPoolExecutor,
+        pool: ThreadPoolExecutor | None,
         readers: _Readers,
         index: int,
         state: _State,
-        tracker: MemoryTracker,
-        buffers: WeightBuffers | None,
-        ahead: int | None,
+        arena: _RunArena,
+        step: Step,
+        *,
+        early: bool,
     ) -> _Pending | None:
-        """Start decrypting segment ``index`` in the background.
+        """Start decrypting segment ``index``.
 
         Args:
-            ahead: bytes of its weights that may be decrypted before :meth:`_SpillJob.finish`
-                (while the previous segment still holds its own); None for all of them.
+            pool: the prefetch threads (None without prefetch: the compute thread then
+                decrypts the segment alone in :meth:`_SpillJob.finish`).
+            arena: the run's arena, where optimized segments go.
+            step: the segment's place in the arena schedule.
+            early: while the previous segment still computes: only the chunks ``step``
+                allows ahead (a sealed segment only when it fits whole), the rest once the
+                previous segment is done.
 
-        Returns None when a sealed segment does not fit ``ahead`` whole, or the pool was
+        Returns None for a sealed segment that does not fit ahead, or when the pool was
         closed meanwhile (the caller then decrypts inline); a spill job always comes back
         (without a worker it is decrypted entirely by the compute thread).
         """
         if state.entry is None:
-            if ahead is not None and ahead < state.weight_bytes:
+            if pool is None or (early and step.ahead_bytes < state.weight_bytes):
                 return None  # container reads are not split: decrypt it once the budget allows
             try:
-                future = pool.submit(self._load, readers, index, state, tracker, None)
+                future = pool.submit(self._load_sealed, readers, index, arena.tracker)
             except RuntimeError:  # close() raced with this run: decrypt inline instead
                 return None
-            return _SealedPending(future, tracker)
-        job = _SpillJob(
-            self, index, state, tracker, buffers.for_segment(index) if buffers is not None else None, pool, ahead
-        )
-        job.submit()
+            return _SealedPending(future, arena.tracker)
+        job = _SpillJob(self, index, state, arena, step, pool, early=early)
+        if pool is not None:
+            job.submit()
         return job
 
 
@@ -1183,18 +1198,19 @@ class _SealedPending:
 
 
 class _SpillJob:
-    """One optimized segment's spill entry being decrypted, shared chunk by chunk.
+    """One optimized segment's spill entry being decrypted into the run's arena, chunk by chunk.
 
-    The prefetch thread claims chunks in order while the previous segment computes — at
-    most ``ahead`` bytes of them, what the budget leaves beside that segment. When the
-    compute thread reaches this segment (the previous one has released its weights) it
-    lifts the limit, wakes the prefetch thread again if it had stopped there, and claims
-    chunks itself instead of waiting: two threads decrypt the rest (``cryptography``
-    releases the GIL for AES-GCM). On two cores ONNX Runtime keeps both busy, so the
-    idle-priority prefetch thread gets little done during compute and most of a segment
-    is decrypted this way. Chunks are disjoint parts of one weight buffer, so the threads
-    never touch the same bytes. The first failure stops further claims and is raised by
-    :meth:`finish`.
+    Created early — while the previous segment computes — the prefetch thread claims the
+    chunks the arena schedule allows ahead (:class:`~.arena.Step`): those clear of the
+    running segment's bytes, from the far end of the arena, within what the budget
+    leaves. When the compute thread reaches this segment (the previous one is done) it
+    zeroes the stale bytes the schedule says the budget has no room for, lifts the limit,
+    wakes the prefetch thread again if it had stopped there, and claims chunks itself
+    instead of waiting: two threads decrypt the rest (``cryptography`` releases the GIL
+    for AES-GCM). On two cores ONNX Runtime keeps both busy, so the idle-priority
+    prefetch thread gets little done during compute and most of a segment is decrypted
+    this way. Chunks are disjoint parts of the arena, so the threads never touch the same
+    bytes. The first failure stops further claims and is raised by :meth:`finish`.
     """
 
     def __init__(
@@ -1202,10 +1218,11 @@ class _SpillJob:
         model: StreamingModel,
         index: int,
         state: _State,
-        tracker: MemoryTracker,
-        buffer: WeightBuffer | None,
-        pool: ThreadPoolExecutor,
-        ahead: int | None,
+        arena: _RunArena,
+        step: Step,
+        pool: ThreadPoolExecutor | None,
+        *,
+        early: bool,
     ) -> None:
         assert model._spill is not None and state.entry is not None
         self._model = model
@@ -1213,27 +1230,35 @@ class _SpillJob:
         self._index = index
         self._state = state
         self._entry = state.entry
-        self._tracker = tracker
+        self._arena = arena
+        self._step = step
+        self._tracker = arena.tracker
         self._pool = pool
-        self._nbytes = _blob_bytes(self._entry)
         self._n = len(self._entry.chunks)
-        # Chunks claimable before finish(): the longest prefix whose plaintext fits ``ahead``.
-        self._limit = self._n if ahead is None else _chunks_within(self._entry, ahead)
-        self._counted = self._nbytes if self._limit == self._n else _prefix_bytes(self._entry, self._limit)
-        tracker.add(self._counted, "weights")
-        self._blob = _weight_blob(self._entry, buffer)
+        self._order = list(range(self._n - 1, -1, -1)) if step.reverse else list(range(self._n))
+        self._blob = arena.blob(step.offset, self._entry.nbytes)
+        self._turned = not early
+        if early:
+            self._limit = min(step.ahead, self._n)
+            arena.count(step.ahead_growth)
+        else:
+            arena.trim(step)
+            arena.count(step.ahead_growth + step.growth)
+            self._limit = self._n
         self._next = 0
         self._in_flight = 0
         self._workers = 0  # prefetch-thread calls of work() submitted and not yet finished
         self._error: BaseException | None = None
         self._busy = 0.0
-        self._settled = False
         self._cond = threading.Condition()
-        #: No worker will come (the pool was closed): the compute thread does everything.
-        self.solo = False
+        #: No worker will come (no pool, or it was closed): the compute thread does everything.
+        self.solo = pool is None
 
     def submit(self) -> None:
         """Have a prefetch thread claim chunks (up to the current limit)."""
+        if self._pool is None:
+            self.solo = True
+            return
         with self._cond:
             self._workers += 1
         try:
@@ -1249,7 +1274,7 @@ class _SpillJob:
     def _claim_locked(self) -> int:
         if self._error is not None or self._next >= self._limit:
             return -1
-        index = self._next
+        index = self._order[self._next]
         self._next += 1
         self._in_flight += 1
         return index
@@ -1305,77 +1330,98 @@ class _SpillJob:
     def finish(self, help_allowed: bool) -> tuple[_Loaded, float]:
         """The decrypted weights (after helping, if allowed); and the seconds this took.
 
-        Call it once the previous segment has released its weights: the rest of this
-        segment's weights is counted from here on.
+        Call it once the previous segment has run: its bytes in the arena are stale now.
 
         Raises:
             SealedModelError: a chunk was short or failed authentication (the segment is
                 then rebuilt at the start of the next run).
         """
         started = time.perf_counter()
-        with self._cond:
-            lifted = self._limit < self._n
-            if lifted:
-                self._tracker.add(self._nbytes - self._counted, "weights")
-                self._counted = self._nbytes
+        if not self._turned:
+            # The previous segment is done: zero the stale bytes the budget has no room for
+            # (outside this segment's range, so no chunk in flight is touched), then allow
+            # every chunk.
+            self._turned = True
+            self._arena.trim(self._step)
+            self._arena.count(self._step.growth)
+            with self._cond:
                 self._limit = self._n
-            idle = self._workers == 0
-        if lifted and idle and not self.solo:
-            self.submit()  # the prefetch thread stopped at the old limit: wake it again
+                idle = self._workers == 0
+            if idle and not self.solo:
+                self.submit()  # the prefetch thread stopped at the old limit: wake it again
         if help_allowed or self.solo:
             self.work()
         with self._cond:
             while self._in_flight or (self._error is None and self._next < self._n):
                 self._cond.wait()
             error = self._error
-        waited = time.perf_counter() - started
+        # Without a prefetch thread the compute thread decrypted it all: no waiting.
+        waited = time.perf_counter() - started if self._pool is not None else 0.0
         if error is not None:
-            self._release()
             if isinstance(error, SealedModelError):
                 self._model._mark_stale(self._index, self._state)
             raise error
-        self._settled = True
         arrays = self._entry.views(self._blob)
-        return _Loaded(arrays, self._nbytes, self._busy), waited
+        return _Loaded(arrays, self._entry.nbytes, self._busy, in_arena=True), waited
 
     def abandon(self) -> None:
-        """After a failed run: stop claiming, wait for chunks in flight, drop the buffer."""
+        """After a failed run: stop claiming and wait for chunks in flight (the arena is wiped later)."""
         with self._cond:
             self._next = self._n
             while self._in_flight:
                 self._cond.wait()
-        self._release()
 
-    def _release(self) -> None:
-        if not self._settled:
-            self._settled = True
-            self._tracker.release(self._counted, "weights")
+
+class _RunArena:
+    """A run's weight arena, and the bytes of it the run's tracker counts as weights.
+
+    The counts follow the arena schedule (:func:`~.arena.schedule`): what each step marks
+    and zeroes. A run with only sealed segments borrows no arena.
+    """
+
+    def __init__(self, pool: ArenaPool, states: Sequence[_State], tracker: MemoryTracker) -> None:
+        self.tracker = tracker
+        self._pool = pool
+        capacity = capacity_for([_arena_segment(state, 0) for state in states])
+        self._arena: WeightArena | None = pool.borrow(capacity) if any(s.optimized for s in states) else None
+        self._counted = 0
+
+    def blob(self, offset: int, nbytes: int) -> np.ndarray:
+        """Where a segment's weights are decrypted to (marked in the arena from now on)."""
+        assert self._arena is not None
+        return self._arena.view(offset, nbytes)
+
+    def count(self, nbytes: int) -> None:
+        """Count ``nbytes`` more of the arena as (possibly) holding plaintext."""
+        self.tracker.add(nbytes, "weights")
+        self._counted += nbytes
+
+    def trim(self, step: Step) -> None:
+        """Zero the stale ranges ``step`` has no room for."""
+        if self._arena is None or not step.zero:
+            return
+        self._arena.zero(step.zero)
+        self.tracker.release(step.zeroed_bytes, "weights")
+        self._counted -= step.zeroed_bytes
+
+    def give_back(self, wipe_with: Callable[[Callable[[], None]], object] | None) -> None:
+        """End of the run: stop counting the arena and hand it back for its wipe."""
+        self.tracker.release(self._counted, "weights")
+        self._counted = 0
+        if self._arena is not None:
+            arena, self._arena = self._arena, None
+            self._pool.give_back(arena, wipe_with)
+
+
+def _arena_segment(state: _State, activation_bytes: int) -> ArenaSegment:
+    """What the arena schedule needs of a segment state."""
+    if state.entry is None:
+        return ArenaSegment(activation_bytes, sealed_bytes=state.weight_bytes)
+    chunks = tuple((c.start, c.start + c.length - TAG_SIZE) for c in state.entry.chunks)
+    return ArenaSegment(activation_bytes, blob_bytes=state.entry.nbytes, chunks=chunks)
 
 
 _Pending = _SealedPending | _SpillJob
-
-
-def _blob_bytes(entry: SpillEntry) -> int:
-    """Bytes one run holds for a spill entry: its blob plus room to align the blob's start."""
-    return entry.nbytes + ALIGN
-
-
-def _chunks_within(entry: SpillEntry, nbytes: int) -> int:
-    """How many leading chunks of ``entry`` end within its first ``nbytes`` plaintext bytes."""
-    return sum(1 for chunk in entry.chunks if chunk.start + chunk.length - TAG_SIZE <= nbytes)
-
-
-def _prefix_bytes(entry: SpillEntry, chunks: int) -> int:
-    """Plaintext bytes up to the end of the first ``chunks`` chunks (0 for none)."""
-    if chunks == 0:
-        return 0
-    last = entry.chunks[chunks - 1]
-    return last.start + last.length - TAG_SIZE
-
-
-def _weight_blob(entry: SpillEntry, buffer: WeightBuffer | None) -> np.ndarray:
-    """Where a spill entry's weights are decrypted to: the run's slot, or a fresh aligned buffer."""
-    return buffer.take(entry.nbytes) if buffer is not None else aligned_array(entry.nbytes)
 
 
 def _close(got: np.ndarray, expected: np.ndarray) -> bool:
