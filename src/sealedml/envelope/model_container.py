@@ -50,6 +50,7 @@ from sealedml.crypto import (
     hkdf_sha256,
     random_bytes,
 )
+from sealedml.crypto.aead import aead_decrypt_into
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import CryptoError, SealedModelError
 
@@ -431,6 +432,34 @@ class SealedModelReader:
         aad = _chunk_aad(self._digest, index, index == h.n_chunks - 1)
         try:
             return aead_decrypt(self._key, nonce, self._ciphertext(index), aad)
+        except CryptoError as exc:
+            raise SealedModelError(f"sealed model chunk {index} failed authentication") from exc
+
+    def chunk_into(self, index: int, out: memoryview) -> int:
+        """Decrypt and authenticate chunk ``index`` into the front of ``out``.
+
+        For callers that must be able to wipe the plaintext afterwards (an immutable
+        ``bytes`` from :meth:`chunk` lingers in freed memory until reused).
+
+        Args:
+            index: the chunk.
+            out: a writable byte buffer of at least the header's chunk size.
+
+        Returns:
+            The chunk's plaintext length (the last chunk may be short).
+
+        Raises:
+            SealedModelError: the index is out of range, or the chunk fails
+                authentication (``out`` then holds no unauthenticated plaintext).
+        """
+        h = self.header
+        if not 0 <= index < h.n_chunks:
+            raise SealedModelError("chunk index out of range")
+        size = min(h.chunk_size, h.plaintext_length - index * h.chunk_size)
+        nonce = derive_nonce(h.base_nonce, index)
+        aad = _chunk_aad(self._digest, index, index == h.n_chunks - 1)
+        try:
+            return aead_decrypt_into(self._key, nonce, self._ciphertext(index), aad, out[:size])
         except CryptoError as exc:
             raise SealedModelError(f"sealed model chunk {index} failed authentication") from exc
 

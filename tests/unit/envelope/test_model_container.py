@@ -258,6 +258,24 @@ def test_reader_chunk_index_out_of_range_raises(mlp: onnx.ModelProto) -> None:
                 reader.chunk(index)
 
 
+def test_chunk_into_matches_chunk_and_fails_closed(mlp: onnx.ModelProto) -> None:
+    sealed = bytearray(seal_model(mlp, model_id="mlp", model_version=1, model_key=MODEL_KEY, chunk_size=1024))
+    with SealedModelReader(bytes(sealed), MODEL_KEY) as reader:
+        out = bytearray(1024)
+        for index in range(reader.header.n_chunks):  # the last chunk is short
+            n = reader.chunk_into(index, memoryview(out))
+            assert bytes(out[:n]) == reader.chunk(index)
+        with pytest.raises(SealedModelError, match="out of range"):
+            reader.chunk_into(reader.header.n_chunks, memoryview(out))
+        offset = reader.header.data_offset
+    sealed[offset + 5] ^= 1  # the first chunk's ciphertext
+    with SealedModelReader(bytes(sealed), MODEL_KEY) as tampered:
+        out = bytearray(b"\xaa" * 1024)
+        with pytest.raises(SealedModelError, match="chunk 0 failed authentication"):
+            tampered.chunk_into(0, memoryview(out))
+        assert out == bytes(1024), "no unauthenticated plaintext may be left in the buffer"
+
+
 def test_unknown_tensor_name_raises(mlp: onnx.ModelProto) -> None:
     sealed = seal_model(mlp, model_id="mlp", model_version=1, model_key=MODEL_KEY)
     with SealedModelReader(sealed, MODEL_KEY) as reader:

@@ -1027,7 +1027,8 @@ class StreamingModel:
 
         Occlumency's on-demand weight loading: reads only the chunks covering each weight
         slice; each chunk is authenticated before its bytes are used. Chunks shared by
-        adjacent tensors are decrypted once.
+        adjacent tensors are decrypted once, into one reused chunk buffer that is zeroed
+        at the end (freed memory is not cleared, so nothing is left to linger in it).
         """
         started = time.perf_counter()
         chunk_size = self._chunk_size
@@ -1035,12 +1036,16 @@ class StreamingModel:
         arrays: dict[str, np.ndarray] = {}
         held = 0
         tracker.add(scratch, "scratch")
+        plain = np.empty(chunk_size, dtype=np.uint8)
         try:
-            cached_index, cached = -1, b""
+            cached_index, cached = -1, 0
+            chunk = memoryview(plain.data)
             for weight in sorted(segment.weights, key=lambda w: self._entries[w.tensor].offset + w.byte_start):
                 buf = np.empty(weight.nbytes, dtype=np.uint8)
                 tracker.add(weight.nbytes, "weights")
                 held += weight.nbytes
+                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(weight.data_type))
+                arrays[weight.name] = buf.view(dtype).reshape(weight.dims)
                 start = self._entries[weight.tensor].offset + weight.byte_start
                 end = start + weight.nbytes
                 view = memoryview(buf.data)
@@ -1048,20 +1053,19 @@ class StreamingModel:
                 while pos < end:
                     index = pos // chunk_size
                     if index != cached_index:
-                        cached_index, cached = index, reader.chunk(index)
+                        cached_index, cached = index, reader.chunk_into(index, chunk)
                     lo = pos - index * chunk_size
-                    n = min(len(cached) - lo, end - pos)
+                    n = min(cached - lo, end - pos)
                     if n <= 0:
                         raise SealedModelError("weight range runs past the sealed payload")
-                    view[pos - start : pos - start + n] = memoryview(cached)[lo : lo + n]
+                    view[pos - start : pos - start + n] = chunk[lo : lo + n]
                     pos += n
-                dtype = np.dtype(helper.tensor_dtype_to_np_dtype(weight.data_type))
-                arrays[weight.name] = buf.view(dtype).reshape(weight.dims)
         except BaseException:
-            arrays.clear()
+            _wipe(arrays)
             tracker.release(held, "weights")
             raise
         finally:
+            plain[:] = 0
             tracker.release(scratch, "scratch")
         return _Loaded(arrays, held, time.perf_counter() - started)
 
@@ -1089,8 +1093,10 @@ class StreamingModel:
             tracker.release(segment.internal_bytes, "estimated")
             # Drop the plaintext weights as soon as the segment has run.
             feeds.clear()
-            loaded.arrays.clear()
-            if not loaded.in_arena:  # arena bytes stay counted until overwritten or zeroed
+            if loaded.in_arena:
+                loaded.arrays.clear()  # arena bytes stay counted until overwritten or zeroed
+            else:
+                _wipe(loaded.arrays)  # fresh buffers: zeroed before the allocator gets them back
                 tracker.release(loaded.nbytes, "weights")
         for name, value in zip(segment.outputs, values, strict=True):
             array = np.asarray(value)
@@ -1193,7 +1199,7 @@ class _SealedPending:
             loaded = self._future.result()
         except BaseException:  # the run already failed; its error is the one to report
             return
-        loaded.arrays.clear()
+        _wipe(loaded.arrays)
         self._tracker.release(loaded.nbytes, "weights")
 
 
@@ -1411,6 +1417,13 @@ class _RunArena:
         if self._arena is not None:
             arena, self._arena = self._arena, None
             self._pool.give_back(arena, wipe_with)
+
+
+def _wipe(arrays: dict[str, np.ndarray]) -> None:
+    """Zero a sealed segment's weight buffers and drop them."""
+    for array in arrays.values():
+        array[...] = 0
+    arrays.clear()
 
 
 def _arena_segment(state: _State, activation_bytes: int) -> ArenaSegment:

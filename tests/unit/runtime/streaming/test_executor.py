@@ -396,3 +396,29 @@ def test_every_plaintext_byte_in_the_arena_is_counted(
     # Stale weights are really there: after the first segment the arena holds more than the
     # running segment alone (which is why they must be counted).
     assert any(plaintext > max(s.weight_bytes for s in model._states) // 2 for plaintext, _ in checks[1:])
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_the_sealed_path_zeroes_the_weights_it_decrypted(
+    monkeypatch: pytest.MonkeyPatch, mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray], prefetch: bool
+) -> None:
+    """Freed memory is not cleared: a sealed segment's fresh weight buffers (and the chunk
+    buffer they were copied from) are zeroed before the allocator gets them back."""
+    from sealedml.runtime.streaming import executor as executor_module
+
+    handed_out: list[np.ndarray] = []
+    decrypt = executor_module.StreamingModel._decrypt
+
+    def spy(self: StreamingModel, reader: SealedModelReader, segment, tracker):  # type: ignore[no-untyped-def]
+        loaded = decrypt(self, reader, segment, tracker)
+        handed_out.extend(loaded.arrays.values())  # keeps the memory alive to look at it
+        return loaded
+
+    monkeypatch.setattr(executor_module.StreamingModel, "_decrypt", spy)
+    with StreamingModel(
+        SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=prefetch, optimize=False
+    ) as model:
+        assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+    assert handed_out and sum(a.nbytes for a in handed_out) == model.plan.weight_bytes
+    for array in handed_out:
+        assert not np.any(array), "a sealed weight buffer was dropped holding plaintext"
