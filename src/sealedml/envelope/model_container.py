@@ -418,6 +418,14 @@ class SealedModelReader:
             raise SealedModelError("reader is closed")
         return os.pread(self._file.fileno(), length, start)
 
+    def _sealed_chunk(self, index: int) -> tuple[bytes, bytes, bytes]:
+        """Nonce, AAD and ciphertext ‖ tag of chunk ``index``."""
+        h = self.header
+        if not 0 <= index < h.n_chunks:
+            raise SealedModelError("chunk index out of range")
+        nonce = derive_nonce(h.base_nonce, index)
+        return nonce, _chunk_aad(self._digest, index, index == h.n_chunks - 1), self._ciphertext(index)
+
     def chunk(self, index: int) -> bytes:
         """Decrypt and authenticate chunk ``index``.
 
@@ -425,13 +433,9 @@ class SealedModelReader:
             SealedModelError: the chunk fails authentication (tampered, moved,
                 from another model or version, or the wrong key).
         """
-        h = self.header
-        if not 0 <= index < h.n_chunks:
-            raise SealedModelError("chunk index out of range")
-        nonce = derive_nonce(h.base_nonce, index)
-        aad = _chunk_aad(self._digest, index, index == h.n_chunks - 1)
+        nonce, aad, ciphertext = self._sealed_chunk(index)
         try:
-            return aead_decrypt(self._key, nonce, self._ciphertext(index), aad)
+            return aead_decrypt(self._key, nonce, ciphertext, aad)
         except CryptoError as exc:
             raise SealedModelError(f"sealed model chunk {index} failed authentication") from exc
 
@@ -452,14 +456,9 @@ class SealedModelReader:
             SealedModelError: the index is out of range, or the chunk fails
                 authentication (``out`` then holds no unauthenticated plaintext).
         """
-        h = self.header
-        if not 0 <= index < h.n_chunks:
-            raise SealedModelError("chunk index out of range")
-        size = min(h.chunk_size, h.plaintext_length - index * h.chunk_size)
-        nonce = derive_nonce(h.base_nonce, index)
-        aad = _chunk_aad(self._digest, index, index == h.n_chunks - 1)
+        nonce, aad, ciphertext = self._sealed_chunk(index)
         try:
-            return aead_decrypt_into(self._key, nonce, self._ciphertext(index), aad, out[:size])
+            return aead_decrypt_into(self._key, nonce, ciphertext, aad, out[: len(ciphertext) - TAG_SIZE])
         except CryptoError as exc:
             raise SealedModelError(f"sealed model chunk {index} failed authentication") from exc
 

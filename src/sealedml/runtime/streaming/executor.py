@@ -450,7 +450,7 @@ class StreamingModel:
         # Optimized segments decrypt into a reused, wiped arena per run (see .arena), laid
         # out once per set of segment states.
         self._arenas = ArenaPool()
-        self._schedule: tuple[tuple[_State, ...], tuple[Step, ...]] | None = None
+        self._schedule: tuple[tuple[_State, ...], _Layout] | None = None
         self._last_stats: RunStats | None = None
         self.load_stats = LoadStats(
             total_s=time.perf_counter() - started,
@@ -498,7 +498,7 @@ class StreamingModel:
         """
         with self._lock:
             states = list(self._states)
-        return max((step.peak for step in self._steps(states)), default=self._scratch_reserve)
+        return max((step.peak for step in self._layout(states).steps), default=self._scratch_reserve)
 
     @property
     def prefetch_ahead_bytes(self) -> tuple[int, ...]:
@@ -510,7 +510,7 @@ class StreamingModel:
         """
         with self._lock:
             states = list(self._states)
-        steps = self._steps(states)
+        steps = self._layout(states).steps
         return (*(step.ahead_bytes for step in steps[1:]), 0) if steps else ()
 
     @property
@@ -587,8 +587,9 @@ class StreamingModel:
         segment_stats: list[SegmentStats] = []
         pool = self._pool
         segments = self.plan.segments
-        steps = self._steps(states)
-        arena = _RunArena(self._arenas, states, tracker)
+        layout = self._layout(states)
+        steps = layout.steps
+        arena = _RunArena(self._arenas, layout.capacity, tracker)
         try:
             for k, segment in enumerate(segments):
                 waited = 0.0
@@ -693,7 +694,7 @@ class StreamingModel:
             for w, segment in zip(weights, plan.segments, strict=True)
         ]
 
-    def _steps(self, states: Sequence[_State]) -> tuple[Step, ...]:
+    def _layout(self, states: Sequence[_State]) -> _Layout:
         """The arena schedule of a run with these segment states (cached until a rebuild)."""
         with self._lock:
             cached = self._schedule
@@ -703,16 +704,19 @@ class StreamingModel:
             _arena_segment(state, segment.activation_peak_bytes)
             for state, segment in zip(states, self.plan.segments, strict=True)
         ]
-        steps = schedule(
-            segments,
-            budget=self.plan.budget_bytes,
-            scratch=self._scratch_reserve,
-            second_scratch=self._scratch_bytes,
-            prefetch=self.prefetch,
+        layout = _Layout(
+            capacity_for(segments) if any(state.optimized for state in states) else None,
+            schedule(
+                segments,
+                budget=self.plan.budget_bytes,
+                scratch=self._scratch_reserve,
+                second_scratch=self._scratch_bytes,
+                prefetch=self.prefetch,
+            ),
         )
         with self._lock:
-            self._schedule = (tuple(states), steps)
-        return steps
+            self._schedule = (tuple(states), layout)
+        return layout
 
     def _prepare_optimized(
         self,
@@ -873,7 +877,7 @@ class StreamingModel:
         except OptimizationError as exc:
             return str(exc)
         finally:
-            loaded.arrays.clear()
+            _wipe(loaded.arrays)
         try:
             session = ort.InferenceSession(
                 opt.graph, segment_session_options(self.threads), providers=["CPUExecutionProvider"]
@@ -889,13 +893,13 @@ class StreamingModel:
         if reference is not None and probe is not None:
             # Round trip through the spill, exactly as a request does, then compare with what
             # ONNX Runtime computed with the same weights as constants.
-            spilled = self._decrypt_spill(segment.index, state, MemoryTracker(), mark_stale=False)
+            spilled = self._spilled_weights(entry)
             try:
-                got = session.run(list(segment.outputs), {**probe, **spilled.arrays})
+                got = session.run(list(segment.outputs), {**probe, **spilled})
             except Exception as exc:  # ORT's own exception types
                 return f"the optimized graph fails with weights as inputs: {str(exc).strip()[:200]}"
             finally:
-                spilled.arrays.clear()
+                _wipe(spilled)
             for name, value, expected in zip(segment.outputs, got, reference.values(), strict=True):
                 if not _close(np.asarray(value), expected):
                     return f"optimized output {name!r} differs from ONNX Runtime's reference"
@@ -985,42 +989,18 @@ class StreamingModel:
         """Decrypt sealed segment ``index``'s weights from the container (any thread)."""
         return self._decrypt(readers.get(), self.plan.segments[index], tracker)
 
-    def _decrypt_spill(
-        self,
-        index: int,
-        state: _State,
-        tracker: MemoryTracker,
-        *,
-        mark_stale: bool = True,
-    ) -> _Loaded:
-        """Decrypt an optimized segment's weights from the spill straight into one fresh buffer.
+    def _spilled_weights(self, entry: SpillEntry) -> dict[str, np.ndarray]:
+        """Decrypt a spill entry into one fresh buffer, to check a segment at load time.
 
-        For checking a segment at load time (runs decrypt into their arena through a
-        :class:`_SpillJob`). The tensors are aligned views of the buffer; AES-GCM decrypts
-        each chunk into it directly (from memory, or from this thread's ciphertext buffer
-        after a ``pread``): no plaintext copy.
+        Runs decrypt into their arena through a :class:`_SpillJob` instead. The tensors are
+        aligned views of the buffer; zero them with :func:`_wipe` when done.
         """
-        assert self._spill is not None and state.entry is not None
-        entry = state.entry
-        started = time.perf_counter()
+        assert self._spill is not None
         scratch_bytes = self._spill.scratch_bytes
-        held = 0
-        tracker.add(scratch_bytes, "scratch")
-        try:
-            scratch = self._scratch_view(scratch_bytes) if scratch_bytes else None
-            held = entry.nbytes
-            tracker.add(held, "weights")
-            blob = aligned_array(entry.nbytes)
-            self._spill.read_into(entry, blob.data, scratch)
-            arrays = entry.views(blob)
-        except BaseException as exc:
-            tracker.release(held, "weights")
-            if mark_stale and isinstance(exc, SealedModelError):
-                self._mark_stale(index, state)
-            raise
-        finally:
-            tracker.release(scratch_bytes, "scratch")
-        return _Loaded(arrays, held, time.perf_counter() - started)
+        scratch = self._scratch_view(scratch_bytes) if scratch_bytes else None
+        blob = aligned_array(entry.nbytes)
+        self._spill.read_into(entry, blob.data, scratch)
+        return entry.views(blob)
 
     def _decrypt(self, reader: SealedModelReader, segment: Segment, tracker: MemoryTracker) -> _Loaded:
         """Decrypt one segment's weights from the sealed container into fresh buffers.
@@ -1378,6 +1358,14 @@ class _SpillJob:
                 self._cond.wait()
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """A run's arena size (None: no optimized segment, no arena) and schedule."""
+
+    capacity: int | None
+    steps: tuple[Step, ...]
+
+
 class _RunArena:
     """A run's weight arena, and the bytes of it the run's tracker counts as weights.
 
@@ -1385,11 +1373,10 @@ class _RunArena:
     and zeroes. A run with only sealed segments borrows no arena.
     """
 
-    def __init__(self, pool: ArenaPool, states: Sequence[_State], tracker: MemoryTracker) -> None:
+    def __init__(self, pool: ArenaPool, capacity: int | None, tracker: MemoryTracker) -> None:
         self.tracker = tracker
         self._pool = pool
-        capacity = capacity_for([_arena_segment(state, 0) for state in states])
-        self._arena: WeightArena | None = pool.borrow(capacity) if any(s.optimized for s in states) else None
+        self._arena: WeightArena | None = pool.borrow(capacity) if capacity is not None else None
         self._counted = 0
 
     def blob(self, offset: int, nbytes: int) -> np.ndarray:
