@@ -12,7 +12,7 @@
   report. Sources: the SNP certificate table that comes with the report
   (:class:`CertTableVcekSource`), a file (:class:`FileVcekSource`), or a cache
   directory keyed by chip id and TCB (:class:`CacheDirVcekSource`). The AMD
-  roots (ARK, ASK) are pinned in the package, never taken from collateral.
+  roots (ARK, ASK, ASVK) are pinned in the package, never taken from collateral.
 
 Collateral is *not* trusted: verifiers check its signatures against pinned
 roots. A source only decides what to hand to the verifier, and freshness is
@@ -710,14 +710,45 @@ class VcekSource(abc.ABC):
             CollateralError: the source is corrupt.
         """
 
+    def find_all(self, *, chip_id: bytes, reported_tcb: int, aux: bytes, signing_key: str) -> tuple[bytes, ...]:
+        """Every certificate this source offers for a report, the likeliest first.
+
+        The SEV-SNP verifier calls this; by default it is :meth:`find`'s answer.
+
+        Args:
+            chip_id: the report's 64-byte CHIP_ID.
+            reported_tcb: the report's REPORTED_TCB as an integer (little-endian u64).
+            aux: the certificate table that came with the evidence (may be empty).
+            signing_key: ``"vcek"`` or ``"vlek"``, the report's SIGNING_KEY.
+
+        Returns:
+            The certificates (DER or PEM), possibly none.
+
+        Raises:
+            CollateralError: the source is corrupt.
+        """
+        found = self.find(chip_id=chip_id, reported_tcb=reported_tcb, aux=aux)
+        return (found,) if found else ()
+
 
 class CertTableVcekSource(VcekSource):
-    """The VCEK (or, failing that, the VLEK) from the evidence's certificate table."""
+    """The VCEK or VLEK from the evidence's certificate table."""
 
     def find(self, *, chip_id: bytes, reported_tcb: int, aux: bytes) -> bytes | None:
-        """Return the table's VCEK or VLEK entry, if any."""
+        """Return the table's VCEK or, failing that, its VLEK entry, if any."""
         table = parse_snp_cert_table(aux)
         return table.get("vcek") or table.get("vlek")
+
+    def find_all(self, *, chip_id: bytes, reported_tcb: int, aux: bytes, signing_key: str) -> tuple[bytes, ...]:
+        """Return the table's entry named like the report's signing key, then the other one.
+
+        The other entry is still offered so that a report whose table carries
+        only the wrong kind of key is rejected with that reason, not with
+        "no certificate".
+        """
+        table = parse_snp_cert_table(aux)
+        order = ("vlek", "vcek") if signing_key == "vlek" else ("vcek", "vlek")
+        return tuple(table[name] for name in order if table.get(name))
 
 
 class FileVcekSource(VcekSource):

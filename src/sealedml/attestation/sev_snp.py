@@ -9,26 +9,39 @@ publication 57230):
    (ECDSA P-384 with SHA-384), SIGNING_KEY 0 (VCEK) or 1 (VLEK)
    (ABI spec, "ATTESTATION_REPORT Structure": Table 23 in rev. 1.57, Table 21
    in earlier revisions).
-2. **Certificate chain** — VCEK (or VLEK) → ASK (or ASVK) → ARK, every link
-   RSASSA-PSS with SHA-384, MGF1-SHA-384 and a 48-byte salt (KDS spec §2), the
-   ARK self-signed and pinned per product (Milan, Genoa, Turin; the PEM files
-   in ``sealedml/attestation/roots`` plus their SPKI fingerprints below), each
-   certificate valid at ``now``. The product is taken from the issuer name of
-   the VCEK; the ASK of another product never verifies it.
+2. **Certificate chain, chosen by SIGNING_KEY** — a VCEK-signed report
+   (SIGNING_KEY 0) verifies only with a certificate that chains VCEK → ASK →
+   ARK; a VLEK-signed report (SIGNING_KEY 1) only with one that chains VLEK →
+   ASVK → ARK (KDS spec: AMD's ASK signs chip-unique VCEKs, the ASVK signs the
+   Versioned Loaded Endorsement Keys that cloud providers load with the ABI
+   spec's SNP_VLEK_LOAD instead).
+   Every link is RSASSA-PSS with SHA-384, MGF1-SHA-384 and a 48-byte salt, the
+   ARK self-signed and pinned per product (Milan, Genoa, Turin): the ASK, ARK
+   and ASVK ship in ``sealedml/attestation/roots/ask_ark_asvk_<product>.pem``
+   and are checked at load against the ARK's SPKI fingerprint below (ASK and
+   ASVK signed by the ARK). Each certificate must be valid at ``now``. The
+   product is tried first from the issuer name of the certificate; another
+   product's ASK or ASVK never verifies it. An ASVK from the certificate table
+   is used only if its name is ``SEV-VLEK-<product>`` and the pinned ARK of that
+   product signed it. A VLEK offered for a VCEK-signed report, or a VCEK for a
+   VLEK-signed one, is an :class:`~sealedml.errors.EvidenceError`.
 3. **Report signature** — ECDSA P-384 over bytes 0x000-0x29F; R and S are
    little-endian, zero-extended to 72 bytes each, at 0x2A0 and 0x2E8 (ABI spec,
    "ECDSA P-384 with SHA-384 Signature" format).
-4. **Certificate ↔ report binding** — the VCEK's AMD extensions (KDS spec
-   Table 8: blSPL 1.3.6.1.4.1.3704.1.3.1, teeSPL .3.2, snpSPL .3.3, ucodeSPL
-   .3.8, fmcSPL .3.9 on Turin, hwID .4) must equal the report's REPORTED_TCB
-   (decoded with the product's TCB_VERSION layout, ABI spec Table 3) and
-   CHIP_ID (the first 8 bytes on Turin, KDS spec). A VLEK has no hwID.
+4. **Certificate ↔ report binding** — the certificate's AMD extensions (KDS
+   spec Table 8: blSPL 1.3.6.1.4.1.3704.1.3.1, teeSPL .3.2, snpSPL .3.3,
+   ucodeSPL .3.8, fmcSPL .3.9 on Turin, hwID .4) must equal the report's
+   REPORTED_TCB (decoded with the product's TCB_VERSION layout, ABI spec
+   Table 3); a VCEK's hwID must equal CHIP_ID (the first 8 bytes on Turin, KDS
+   spec). A VLEK is not chip-unique and must have no hwID.
 
 Claims: ``measurement`` = MEASUREMENT (48 bytes hex), ``report_data`` =
 REPORT_DATA, ``debug`` = guest POLICY bit 19 (ABI spec §4.3, Guest Policy),
-details with the other report fields. SEV-SNP has no TCB-status service: the
-verifier reports ``tcb_status = "UpToDate"`` once the VCEK matches the report;
-whether that TCB is recent enough is the policy's ``min_tcb`` decision.
+details with the other report fields, among them ``signing_key`` (``"vcek"`` or
+``"vlek"``: the kind of the certificate that verified the report, which always
+equals the report's SIGNING_KEY). SEV-SNP has no TCB-status service: the
+verifier reports ``tcb_status = "UpToDate"`` once the certificate matches the
+report; whether that TCB is recent enough is the policy's ``min_tcb`` decision.
 """
 
 from __future__ import annotations
@@ -73,6 +86,7 @@ __all__ = [
     "decode_tcb",
     "load_pinned_roots",
     "parse_snp_report",
+    "roots_bundle_product",
 ]
 
 #: Size of ATTESTATION_REPORT (0x4A0).
@@ -288,52 +302,95 @@ def _check_valid_at(cert: x509.Certificate, at: datetime, what: str) -> None:
 
 @dataclass(frozen=True)
 class ProductRoots:
-    """The pinned ASK and ARK of one AMD product line.
+    """The pinned ASK, ARK and (optionally) ASVK of one AMD product line.
 
     Attributes:
         product: ``"Milan"``, ``"Genoa"`` or ``"Turin"``.
-        ask: the AMD SEV signing key certificate (signs VCEKs).
-        ark: the AMD root key certificate (self-signed).
+        ask: the AMD SEV signing key certificate, ``SEV-<product>`` (signs VCEKs).
+        ark: the AMD root key certificate, ``ARK-<product>`` (self-signed).
+        asvk: the AMD SEV VLEK signing key certificate, ``SEV-VLEK-<product>``
+            (signs VLEKs), or ``None`` if not pinned.
     """
 
     product: str
     ask: x509.Certificate
     ark: x509.Certificate
+    asvk: x509.Certificate | None = None
 
     @classmethod
     def from_pem(cls, product: str, pem: bytes, *, fingerprint: str | None = None) -> ProductRoots:
-        """Load and check an ``ask_ark_<product>.pem`` bundle (ASK first, then ARK).
+        """Load and check a roots bundle: ASK, then ARK, then optionally ASVK.
+
+        This is the order of ``ask_ark_asvk_<product>.pem`` (AMD KDS
+        ``cert_chain`` followed by the ASVK); an ``ask_ark_<product>.pem`` of
+        ASK and ARK only pins no ASVK.
 
         Args:
             product: the product the bundle is for.
-            pem: the two certificates.
+            pem: the two or three certificates.
             fingerprint: if given, the ARK's SPKI SHA-256 must equal it.
 
         Returns:
             The roots.
 
         Raises:
-            ConfigurationError: not two certificates, names not of ``product``,
-                ARK not self-signed, ASK not signed by the ARK, or fingerprint mismatch.
+            ConfigurationError: not two or three certificates, names not of
+                ``product``, ARK not self-signed, ASK or ASVK not signed by the
+                ARK (RSASSA-PSS, SHA-384, salt 48), or fingerprint mismatch.
         """
         try:
             certs = [load_certificate(block) for block in _pem_blocks(pem)]
         except CollateralError as exc:
             raise ConfigurationError(f"{product} roots: {exc.message}") from exc
-        if len(certs) != 2:
-            raise ConfigurationError(f"{product} roots: expected ASK and ARK certificates")
-        ask, ark = certs
+        if len(certs) not in (2, 3):
+            raise ConfigurationError(f"{product} roots: expected ASK, ARK and optionally ASVK certificates")
+        ask, ark = certs[0], certs[1]
+        asvk = certs[2] if len(certs) == 3 else None
         if _common_name(ark.subject) != f"ARK-{product}":
             raise ConfigurationError(f"{product} roots: ARK is {_common_name(ark.subject)!r}")
         if _common_name(ask.subject) != f"SEV-{product}":
             raise ConfigurationError(f"{product} roots: ASK is {_common_name(ask.subject)!r}")
+        if asvk is not None and _common_name(asvk.subject) != f"SEV-VLEK-{product}":
+            raise ConfigurationError(f"{product} roots: ASVK is {_common_name(asvk.subject)!r}")
         if fingerprint is not None and _spki_sha256(ark) != fingerprint:
             raise ConfigurationError(f"{product} roots: ARK key does not match the pinned key")
         if not _pss_signed_by(ark, ark):
             raise ConfigurationError(f"{product} roots: ARK is not self-signed")
         if not _pss_signed_by(ask, ark):
             raise ConfigurationError(f"{product} roots: ASK is not signed by the ARK")
-        return cls(product=product, ask=ask, ark=ark)
+        if asvk is not None and not _pss_signed_by(asvk, ark):
+            raise ConfigurationError(f"{product} roots: ASVK is not signed by the ARK")
+        return cls(product=product, ask=ask, ark=ark, asvk=asvk)
+
+
+def roots_bundle_product(pem: bytes) -> str:
+    """The product of an AMD roots bundle, read from its ARK's name ``ARK-<product>``.
+
+    Used to pin bundles whose product is not given separately (``sealedml
+    attest verify --amd-roots FILE``). The bundle itself is checked by
+    :meth:`ProductRoots.from_pem` when a verifier pins it.
+
+    Args:
+        pem: a bundle of ASK, ARK and optionally ASVK (PEM).
+
+    Returns:
+        One of :data:`PRODUCTS`.
+
+    Raises:
+        ConfigurationError: unreadable certificates, no single ``ARK-<product>``
+            certificate, or a product other than Milan, Genoa and Turin.
+    """
+    try:
+        certs = [load_certificate(block) for block in _pem_blocks(pem)]
+    except CollateralError as exc:
+        raise ConfigurationError(f"AMD roots: {exc.message}") from exc
+    arks = {_common_name(cert.subject) for cert in certs if _common_name(cert.subject).startswith("ARK-")}
+    if len(arks) != 1:
+        raise ConfigurationError("AMD roots: expected one ARK certificate named ARK-<product>")
+    product = arks.pop().removeprefix("ARK-")
+    if product not in PRODUCTS:
+        raise ConfigurationError(f"AMD roots: unknown product {product!r}; expected one of {', '.join(PRODUCTS)}")
+    return product
 
 
 def _pem_blocks(pem: bytes) -> list[bytes]:
@@ -352,21 +409,30 @@ _PINNED: dict[str, ProductRoots] = {}
 def load_pinned_roots() -> Mapping[str, ProductRoots]:
     """The AMD roots shipped with the package, checked against their pinned fingerprints.
 
+    Each product's ``roots/ask_ark_asvk_<product>.pem`` holds its ASK, ARK and
+    ASVK, as AMD's key distribution service serves them.
+
     Returns:
-        ``{product: ProductRoots}`` for Milan, Genoa and Turin.
+        ``{product: ProductRoots}`` for Milan, Genoa and Turin, each with its ASVK.
 
     Raises:
-        ConfigurationError: a root file is missing or does not match its pin.
+        ConfigurationError: a root file is missing, lacks the ASVK or does not
+            match its pin.
     """
     with _PINNED_LOCK:
         if not _PINNED:
             package = importlib.resources.files("sealedml.attestation") / "roots"
+            loaded: dict[str, ProductRoots] = {}  # all or nothing: a failure leaves none pinned
             for product in PRODUCTS:
                 try:
-                    pem = (package / f"ask_ark_{product.lower()}.pem").read_bytes()
+                    pem = (package / f"ask_ark_asvk_{product.lower()}.pem").read_bytes()
                 except OSError as exc:
                     raise ConfigurationError(f"AMD {product} roots missing: {exc}") from exc
-                _PINNED[product] = ProductRoots.from_pem(product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product])
+                roots = ProductRoots.from_pem(product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product])
+                if roots.asvk is None:
+                    raise ConfigurationError(f"AMD {product} roots lack the ASVK")
+                loaded[product] = roots
+            _PINNED.update(loaded)
         return MappingProxyType(dict(_PINNED))
 
 
@@ -434,20 +500,44 @@ def _utc(now: datetime | None) -> datetime:
     return now if now.tzinfo else now.replace(tzinfo=UTC)
 
 
+#: SIGNING_KEY values (ABI spec, report table) and the names used in claims.
+_SIGNING_KEYS: Mapping[int, str] = MappingProxyType({0: "vcek", 1: "vlek"})
+#: The AMD intermediate that signs each kind of endorsement key.
+_INTERMEDIATE_NAMES: Mapping[str, str] = MappingProxyType({"vcek": "ASK", "vlek": "ASVK"})
+#: Certificate-table entries that may carry an ASVK (the GHCB table has no ASVK
+#: GUID: hosts put the ASVK of a VLEK in the ASK slot).
+_TABLE_ASVK_ENTRIES = ("asvk", "ask")
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """A certificate's verified path to a pinned ARK."""
+
+    product: str
+    kind: str  # "vcek" (through the ASK) or "vlek" (through the ASVK)
+    intermediate: x509.Certificate
+
+
 class SevSnpVerifier(Verifier):
     """Verifies AMD SEV-SNP attestation reports against pinned AMD roots.
 
-    The VCEK is looked up in ``vcek_sources`` in order (default: the evidence's
-    certificate table, then ``vcek`` if given, then ``vcek_cache_dir``); each
-    candidate certificate is tried until one verifies. A verified VCEK is
-    stored in ``vcek_cache_dir`` (keyed by chip id and TCB) for later reports.
+    The report's SIGNING_KEY decides the chain: a VCEK-signed report needs a
+    certificate signed by a pinned ASK, a VLEK-signed report one signed by a
+    pinned ASVK (or by an ASVK from the certificate table that a pinned ARK
+    signed). The certificate is looked up in ``vcek_sources`` in order
+    (default: the evidence's certificate table, then ``vcek`` if given, then
+    ``vcek_cache_dir``); each candidate is tried until one verifies. A verified
+    certificate is stored in ``vcek_cache_dir`` (keyed by chip id and TCB) for
+    later reports.
 
     Args:
-        vcek_sources: explicit VCEK sources (replaces the defaults).
-        vcek: a VCEK / VLEK certificate file (or its DER / PEM bytes).
-        vcek_cache_dir: a cache directory of verified VCEKs.
-        roots: ``{product: PEM bytes of ASK + ARK}`` to pin instead of the
-            shipped AMD roots (test infrastructures only).
+        vcek_sources: explicit VCEK / VLEK sources (replaces the defaults).
+        vcek: a VCEK or VLEK certificate file (or its DER / PEM bytes).
+        vcek_cache_dir: a cache directory of verified certificates.
+        roots: ``{product: PEM bytes of ASK + ARK [+ ASVK]}`` to pin instead of
+            the shipped AMD roots (test infrastructures, or pinning a subset of
+            products); without an ASVK a product verifies VLEKs only through an
+            ASVK from the certificate table.
 
     Raises:
         ConfigurationError: unreadable VCEK file or bad roots.
@@ -483,58 +573,80 @@ class SevSnpVerifier(Verifier):
             )
         if not self._roots:
             raise ConfigurationError("no AMD roots pinned")
-        self._chain_memo: dict[tuple[bytes, bytes], str | None] = {}
+        # Outcome of each (certificate, signing key, table ASVKs) chain search:
+        # the chain, or why there is none.
+        self._chain_memo: dict[tuple[bytes, str, tuple[bytes, ...]], _Chain | str] = {}
         self._memo_lock = threading.Lock()
 
     # -- chain ---------------------------------------------------------------
 
-    def _chain_product(self, vcek: x509.Certificate, table: Mapping[str, bytes]) -> str:
-        """Return the product whose pinned ARK the VCEK chains to, or raise."""
-        extra_ask = table.get("ask")
-        key = (vcek.fingerprint(hashes.SHA256()), extra_ask or b"")
+    def _chain(self, cert: x509.Certificate, kind: str, table: Mapping[str, bytes]) -> _Chain:
+        """Return the verified chain of ``cert`` for a report signed by ``kind``, or raise."""
+        table_asvks = tuple(table[name] for name in _TABLE_ASVK_ENTRIES if table.get(name))
+        key = (cert.fingerprint(hashes.SHA256()), kind, table_asvks)
         with self._memo_lock:
-            if key in self._chain_memo:
-                product = self._chain_memo[key]
-                if product is None:
-                    raise EvidenceError("VCEK does not chain to a pinned AMD root")
-                return product
-        product = self._find_chain(vcek, extra_ask)
-        with self._memo_lock:
-            if len(self._chain_memo) > 256:
-                self._chain_memo.clear()
-            self._chain_memo[key] = product
-        if product is None:
-            raise EvidenceError("VCEK does not chain to a pinned AMD root")
-        return product
+            outcome = self._chain_memo.get(key)
+        if outcome is None:
+            outcome = self._search(cert, kind, table_asvks)
+            with self._memo_lock:
+                if len(self._chain_memo) > 256:
+                    self._chain_memo.clear()
+                self._chain_memo[key] = outcome
+        if isinstance(outcome, str):
+            raise EvidenceError(outcome)
+        return outcome
 
-    def _find_chain(self, vcek: x509.Certificate, extra_ask: bytes | None) -> str | None:
-        issuer_cn = _common_name(vcek.issuer)
-        # Try the product named by the VCEK's issuer first ("SEV-Milan",
+    def _search(self, cert: x509.Certificate, kind: str, table_asvks: tuple[bytes, ...]) -> _Chain | str:
+        """The chain of ``cert`` through the intermediate for ``kind``, or the reason there is none."""
+        asvks: list[x509.Certificate] = []
+        for raw in table_asvks:
+            try:
+                asvks.append(load_certificate(raw, what="ASVK from the certificate table"))
+            except CollateralError:
+                continue
+        chain = self._find_chain(cert, kind, asvks)
+        if chain is not None:
+            return chain
+        # Name the mix-up when the certificate is the other kind of key.
+        other = "vlek" if kind == "vcek" else "vcek"
+        wrong = self._find_chain(cert, other, asvks)
+        if wrong is not None:
+            return (
+                f"report is signed by a {kind.upper()} but the certificate is not a {kind.upper()}: "
+                f"it is a {other.upper()} (issued by the {_INTERMEDIATE_NAMES[other]} "
+                f"{_common_name(wrong.intermediate.subject)!r})"
+            )
+        return f"{kind.upper()} does not chain to a pinned AMD root through an {_INTERMEDIATE_NAMES[kind]}"
+
+    def _find_chain(self, cert: x509.Certificate, kind: str, table_asvks: Sequence[x509.Certificate]) -> _Chain | None:
+        issuer_cn = _common_name(cert.issuer)
+        # Try the product named by the certificate's issuer first ("SEV-Milan",
         # "SEV-VLEK-Genoa"), then the others in turn.
         ordered = sorted(self._roots, key=lambda p: 0 if issuer_cn.endswith(p) else 1)
-        table_ask: x509.Certificate | None = None
-        if extra_ask:
-            try:
-                table_ask = load_certificate(extra_ask, what="ASK from the certificate table")
-            except CollateralError:
-                table_ask = None
         for product in ordered:
-            roots = self._roots[product]
-            intermediates = [roots.ask]
-            # An intermediate from the certificate table (e.g. the ASVK of a
-            # VLEK) is used only if the pinned ARK of this product signed it.
-            if table_ask is not None and _pss_signed_by(table_ask, roots.ark):
-                intermediates.append(table_ask)
-            for intermediate in intermediates:
-                if _pss_signed_by(vcek, intermediate):
-                    return product
+            for intermediate in self._intermediates(product, kind, table_asvks):
+                if _pss_signed_by(cert, intermediate):
+                    return _Chain(product=product, kind=kind, intermediate=intermediate)
         return None
 
-    def _intermediate_for(self, vcek: x509.Certificate, product: str, table: Mapping[str, bytes]) -> x509.Certificate:
+    def _intermediates(
+        self, product: str, kind: str, table_asvks: Sequence[x509.Certificate]
+    ) -> list[x509.Certificate]:
+        """The certificates of ``product`` that may sign a ``kind`` key: the ASK, or the ASVKs."""
         roots = self._roots[product]
-        if _pss_signed_by(vcek, roots.ask):
-            return roots.ask
-        return load_certificate(table["ask"], what="ASK from the certificate table")
+        if kind == "vcek":
+            return [roots.ask]  # the ASK is pinned; one from the table is never needed
+        found = [roots.asvk] if roots.asvk is not None else []
+        for asvk in table_asvks:
+            # An ASVK from the certificate table counts only if it is this
+            # product's ASVK and the pinned ARK signed it.
+            if (
+                asvk not in found
+                and _common_name(asvk.subject) == f"SEV-VLEK-{product}"
+                and _pss_signed_by(asvk, roots.ark)
+            ):
+                found.append(asvk)
+        return found
 
     # -- verification --------------------------------------------------------
 
@@ -549,26 +661,32 @@ class SevSnpVerifier(Verifier):
             Claims with measurement, report data, debug flag and report details.
 
         Raises:
-            EvidenceError: malformed report, bad signature, broken chain, or a
-                VCEK of another chip / TCB.
-            CollateralError: no VCEK found, or a VCEK / certificate table is malformed.
+            EvidenceError: malformed report, bad signature, broken chain, a
+                VLEK for a VCEK-signed report or the reverse, or a VCEK of
+                another chip / TCB.
+            CollateralError: no VCEK / VLEK found, or a certificate / certificate
+                table is malformed.
         """
         at = _utc(now)
         if evidence.tee is not TeeType.SEV_SNP:
             raise EvidenceError(f"{evidence.tee.value} evidence given to the sev-snp verifier")
         report = parse_snp_report(evidence.data)
+        kind = _SIGNING_KEYS[report.signing_key]
         table = parse_snp_cert_table(evidence.aux)
         candidates: list[tuple[VcekSource, bytes]] = []
         for source in self._sources:
-            found = source.find(chip_id=report.chip_id, reported_tcb=report.reported_tcb, aux=evidence.aux)
-            if found and all(found != seen for _, seen in candidates):
-                candidates.append((source, found))
+            found = source.find_all(
+                chip_id=report.chip_id, reported_tcb=report.reported_tcb, aux=evidence.aux, signing_key=kind
+            )
+            for der in found:
+                if all(der != seen for _, seen in candidates):
+                    candidates.append((source, der))
         if not candidates:
             raise CollateralError("no VCEK / VLEK certificate for this SEV-SNP report")
         first_error: EvidenceError | CollateralError | None = None
         for source, der in candidates:
             try:
-                claims = self._verify_with(report, der, table, at)
+                claims = self._verify_with(report, kind, der, table, at)
             except (EvidenceError, CollateralError) as exc:
                 first_error = first_error or exc
                 continue
@@ -579,44 +697,54 @@ class SevSnpVerifier(Verifier):
             raise EvidenceError("SEV-SNP report not verified")
         raise first_error
 
-    def _verify_with(self, report: SnpReport, vcek_bytes: bytes, table: Mapping[str, bytes], at: datetime) -> Claims:
-        vcek = load_certificate(vcek_bytes, what="VCEK")
-        product = self._chain_product(vcek, table)
+    def _verify_with(
+        self, report: SnpReport, kind: str, cert_bytes: bytes, table: Mapping[str, bytes], at: datetime
+    ) -> Claims:
+        name = kind.upper()
+        cert = load_certificate(cert_bytes, what=name)
+        chain = self._chain(cert, kind, table)
+        product = chain.product
         roots = self._roots[product]
-        intermediate = self._intermediate_for(vcek, product, table)
+        intermediate = chain.intermediate
         _check_valid_at(roots.ark, at, f"ARK-{product}")
         _check_valid_at(intermediate, at, f"{_common_name(intermediate.subject)} certificate")
-        _check_valid_at(vcek, at, "VCEK")
+        _check_valid_at(cert, at, name)
 
         # Report signature (ECDSA P-384 / SHA-384 over 0x000-0x29F).
-        key = vcek.public_key()
+        key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
-            raise EvidenceError("VCEK key is not ECDSA P-384")
+            raise EvidenceError(f"{name} key is not ECDSA P-384")
         try:
             signature = encode_dss_signature(report.signature_r, report.signature_s)
             key.verify(signature, report.signed_bytes, ec.ECDSA(hashes.SHA384()))
         except (InvalidSignature, ValueError) as exc:
             raise EvidenceError("SEV-SNP report signature invalid") from exc
 
-        # The certificate must be for this chip and this TCB (KDS spec Table 8).
-        extensions = _extensions(vcek)
+        # The certificate must be for this TCB, and a VCEK for this chip (KDS spec Table 8).
+        extensions = _extensions(cert)
         cert_tcb = _vcek_tcb(extensions, product)
         reported = decode_tcb(report.reported_tcb, product)
         if cert_tcb != reported:
-            raise EvidenceError(f"VCEK is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}")
+            raise EvidenceError(f"{name} is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}")
+        # The chain already decided the kind; the name and hwID must agree with it.
         hwid = _vcek_hwid(extensions)
-        is_vlek = "VLEK" in _common_name(vcek.subject).upper()
-        if report.signing_key == 0:
-            if is_vlek or hwid is None:
-                raise EvidenceError("report is signed by a VCEK but the certificate is not a VCEK")
+        subject = _common_name(cert.subject)
+        named_vlek = "VLEK" in subject.upper()
+        if chain.kind == "vcek":
+            if named_vlek:
+                raise EvidenceError(f"report is signed by a VCEK but the certificate is not a VCEK (named {subject!r})")
+            if hwid is None:
+                raise EvidenceError("report is signed by a VCEK but the certificate is not a VCEK (it has no hwID)")
             expected = report.chip_id[:_TURIN_HWID_LEN] if product == "Turin" else report.chip_id
             if len(hwid) != len(expected) or hwid != expected:
                 raise EvidenceError("VCEK belongs to another chip (hwID != CHIP_ID)")
-        elif not is_vlek or hwid is not None:
-            raise EvidenceError("report is signed by a VLEK but the certificate is not a VLEK")
+        elif not named_vlek:
+            raise EvidenceError(f"report is signed by a VLEK but the certificate is not a VLEK (named {subject!r})")
+        elif hwid is not None:
+            raise EvidenceError("report is signed by a VLEK but the certificate is not a VLEK (it has a hwID)")
 
         expires = min(
-            vcek.not_valid_after_utc,
+            cert.not_valid_after_utc,
             intermediate.not_valid_after_utc,
             roots.ark.not_valid_after_utc,
         )
@@ -628,19 +756,22 @@ class SevSnpVerifier(Verifier):
             tcb_status="UpToDate",
             advisory_ids=(),
             signer=None,
-            details=MappingProxyType(self._details(report, product, extensions)),
+            details=MappingProxyType(self._details(report, chain, extensions)),
             collateral_expires=expires,
         )
 
     @staticmethod
-    def _details(report: SnpReport, product: str, extensions: Mapping[str, bytes]) -> dict[str, Any]:
+    def _details(report: SnpReport, chain: _Chain, extensions: Mapping[str, bytes]) -> dict[str, Any]:
+        product = chain.product
         name = extensions.get(_OID_PRODUCT_NAME, b"")
         product_name = name[2:].decode("ascii", "replace") if name[:1] == b"\x16" else product
         details: dict[str, Any] = {
             "version": report.version,
             "product": product,
             "product_name": product_name,
-            "signing_key": "vcek" if report.signing_key == 0 else "vlek",
+            # The kind of the certificate that verified the report (its chain
+            # went through the ASK or the ASVK); it equals SIGNING_KEY.
+            "signing_key": chain.kind,
             "guest_svn": report.guest_svn,
             "policy": report.policy,
             "policy_flags": {

@@ -4,12 +4,20 @@
 
     sealedml attest verify EVIDENCE --tee sgx|tdx|sev-snp
         [--collateral FILE | --pccs-url URL [--cache-dir DIR]]
-        [--vcek FILE] [--cert-table FILE] [--policy FILE] [--now ISO8601] [--json]
+        [--vcek FILE] [--cert-table FILE] [--amd-roots FILE ...]
+        [--policy FILE] [--now ISO8601] [--json]
     sealedml attest policy check FILE [--json]
 
 ``verify`` exits 0 when the evidence is authentic and (with ``--policy``)
 accepted, and 1 with the reason otherwise. Without ``--policy`` only
 authenticity is checked, and the verdict says so.
+
+For SEV-SNP, ``--vcek`` takes the VCEK or the VLEK that signed the report (the
+report's SIGNING_KEY says which, and the certificate must chain through the
+matching AMD ASK or ASVK). ``--amd-roots FILE`` (repeatable) pins a bundle of
+ASK, ARK and optionally ASVK for the product named by the ARK
+(``ARK-<product>``) and replaces all the shipped AMD roots for that run: for
+test infrastructures, or to trust only a subset of products.
 """
 
 from __future__ import annotations
@@ -51,10 +59,27 @@ def _parse_now(text: str | None) -> datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _amd_roots(paths: list[str]) -> dict[str, bytes]:
+    """Read ``--amd-roots`` bundles into ``{product: PEM}``, the product named by each ARK."""
+    from sealedml.attestation.sev_snp import roots_bundle_product
+
+    roots: dict[str, bytes] = {}
+    for path in paths:
+        pem = _read(path, "AMD roots")
+        try:
+            product = roots_bundle_product(pem)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--amd-roots {path}: {exc.message}") from exc
+        if product in roots:
+            raise ConfigurationError(f"--amd-roots gives {product} roots twice")
+        roots[product] = pem
+    return roots
+
+
 def _verifier_options(args: argparse.Namespace, tee: TeeType) -> dict[str, Any]:
     if tee in (TeeType.SGX, TeeType.TDX):
-        if args.vcek or args.cert_table:
-            raise ConfigurationError("--vcek and --cert-table apply to sev-snp only")
+        if args.vcek or args.cert_table or args.amd_roots:
+            raise ConfigurationError("--vcek, --cert-table and --amd-roots apply to sev-snp only")
         if args.collateral and args.pccs_url:
             raise ConfigurationError("give --collateral or --pccs-url, not both")
         if args.collateral:
@@ -72,6 +97,8 @@ def _verifier_options(args: argparse.Namespace, tee: TeeType) -> dict[str, Any]:
         snp_options["vcek"] = Path(args.vcek)
     if args.cache_dir:
         snp_options["vcek_cache_dir"] = Path(args.cache_dir)
+    if args.amd_roots:
+        snp_options["roots"] = _amd_roots(args.amd_roots)
     return snp_options
 
 
@@ -150,8 +177,23 @@ def add_parser(subparsers: Any) -> None:
     verify.add_argument("--collateral", metavar="FILE", help="DCAP collateral JSON (sgx, tdx)")
     verify.add_argument("--pccs-url", metavar="URL", help="fetch DCAP collateral from a PCCS")
     verify.add_argument("--cache-dir", metavar="DIR", help="collateral / VCEK cache directory")
-    verify.add_argument("--vcek", metavar="FILE", help="VCEK or VLEK certificate (sev-snp)")
+    verify.add_argument(
+        "--vcek",
+        metavar="FILE",
+        help="VCEK or VLEK certificate (sev-snp); it must be the kind of key the report's SIGNING_KEY names",
+    )
     verify.add_argument("--cert-table", metavar="FILE", help="SNP certificate table, e.g. configfs-tsm auxblob")
+    verify.add_argument(
+        "--amd-roots",
+        metavar="FILE",
+        action="append",
+        default=[],
+        help=(
+            "AMD roots to pin instead of the shipped ones (sev-snp; repeatable, one PEM bundle per product: "
+            "ASK, ARK and optionally ASVK, the product taken from the ARK's name ARK-<product>). "
+            "Replaces all shipped roots for this run: for test infrastructures, or to pin a subset of products"
+        ),
+    )
     verify.add_argument("--policy", metavar="FILE", help="policy document (YAML or JSON)")
     verify.add_argument("--now", metavar="ISO8601", help="verification time (default: now)")
     add_json_flag(verify)

@@ -1,9 +1,10 @@
-"""A test-only AMD-style certificate chain (ARK → ASK → VCEK) and report signer.
+"""A test-only AMD-style certificate chain (ARK → ASK → VCEK, ARK → ASVK → VLEK) and report signer.
 
-Real VCEKs are signed by AMD; to exercise the checks that come *after* the
-chain (chip id, TCB, VLEK) the tests pin a chain of their own, built with the
-same algorithms: RSASSA-PSS / SHA-384 (salt 48) for certificates, ECDSA P-384
-for the report.
+Real VCEKs and VLEKs are signed by AMD; to exercise the checks that come
+*after* the chain (chip id, TCB, VCEK vs VLEK) the tests pin a chain of their
+own, built with the same algorithms: RSASSA-PSS / SHA-384 (salt 48) for
+certificates, ECDSA P-384 for the report. There is no real VLEK-signed report
+among the vectors, so VLEK tests sign the Milan vector again with a test VLEK.
 """
 
 from __future__ import annotations
@@ -46,19 +47,38 @@ class Chain:
     ask_key: rsa.RSAPrivateKey
     ark: x509.Certificate
     ask: x509.Certificate
+    asvk_key: rsa.RSAPrivateKey
+    asvk: x509.Certificate
 
     @property
     def roots_pem(self) -> bytes:
+        """ASK + ARK only: pins no ASVK (as ``ask_ark_<product>.pem``)."""
         return self.ask.public_bytes(serialization.Encoding.PEM) + self.ark.public_bytes(serialization.Encoding.PEM)
 
-    def intermediate(self, cn: str) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-        """An extra intermediate (e.g. an ASVK) signed by this chain's ARK."""
+    @property
+    def roots_asvk_pem(self) -> bytes:
+        """ASK + ARK + ASVK (as ``ask_ark_asvk_<product>.pem``)."""
+        return self.roots_pem + self.asvk.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def asvk_der(self) -> bytes:
+        return self.asvk.public_bytes(serialization.Encoding.DER)
+
+    def intermediate(self, cn: str, *, not_after: datetime = NOT_AFTER) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+        """An extra intermediate (e.g. another ASVK) signed by this chain's ARK."""
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        cert = _ca(cn, self.ark.subject, key.public_key(), self.ark_key)
+        cert = _ca(cn, self.ark.subject, key.public_key(), self.ark_key, not_after=not_after)
         return cert, key
 
 
-def _ca(cn: str, issuer: x509.Name, public_key: rsa.RSAPublicKey, signer: rsa.RSAPrivateKey) -> x509.Certificate:
+def _ca(
+    cn: str,
+    issuer: x509.Name,
+    public_key: rsa.RSAPublicKey,
+    signer: rsa.RSAPrivateKey,
+    *,
+    not_after: datetime = NOT_AFTER,
+) -> x509.Certificate:
     return (
         x509.CertificateBuilder()
         .subject_name(_name(cn))
@@ -66,7 +86,7 @@ def _ca(cn: str, issuer: x509.Name, public_key: rsa.RSAPublicKey, signer: rsa.RS
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(NOT_BEFORE)
-        .not_valid_after(NOT_AFTER)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(signer, hashes.SHA384(), rsa_padding=PSS)
     )
@@ -77,7 +97,9 @@ def make_chain(product: str = "Milan") -> Chain:
     ask_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ark = _ca(f"ARK-{product}", _name(f"ARK-{product}"), ark_key.public_key(), ark_key)
     ask = _ca(f"SEV-{product}", ark.subject, ask_key.public_key(), ark_key)
-    return Chain(product, ark_key, ask_key, ark, ask)
+    asvk_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    asvk = _ca(f"SEV-VLEK-{product}", ark.subject, asvk_key.public_key(), ark_key)
+    return Chain(product, ark_key, ask_key, ark, ask, asvk_key, asvk)
 
 
 def make_vcek(
@@ -104,14 +126,26 @@ def make_vcek(
     ia5 = product_name.encode()
     extensions = {OID_PRODUCT: bytes([0x16, len(ia5)]) + ia5}
     names = {"bootloader": OID_BL, "tee": OID_TEE, "snp": OID_SNP, "microcode": OID_UCODE, "fmc": OID_FMC}
-    for part, value in tcb.items():
-        extensions[names[part]] = der_int(value)
+    for part, level in tcb.items():
+        extensions[names[part]] = der_int(level)
     if hwid is not None:
         extensions[OID_HWID] = hwid
     for oid, value in extensions.items():
         builder = builder.add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), critical=False)
     cert = builder.sign(issuer_key, hashes.SHA384(), rsa_padding=PSS)
     return cert.public_bytes(serialization.Encoding.DER), key
+
+
+def make_vlek(
+    issuer: x509.Certificate,
+    issuer_key: rsa.RSAPrivateKey,
+    *,
+    tcb: dict[str, int],
+    key: ec.EllipticCurvePrivateKey | None = None,
+    product_name: str = "Milan-B0",
+) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    """A VLEK as AMD's KDS issues one: CN ``SEV-VLEK``, TCB extensions, no hwID."""
+    return make_vcek(issuer, issuer_key, tcb=tcb, hwid=None, cn="SEV-VLEK", key=key, product_name=product_name)
 
 
 def milan_tcb(raw: int) -> dict[str, int]:

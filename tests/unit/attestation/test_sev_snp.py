@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import json
 import struct
@@ -9,20 +10,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sealedml.attestation.base import Evidence, TeeType
 from sealedml.attestation.collateral import CacheDirVcekSource, build_snp_cert_table
 from sealedml.attestation.sev_snp import (
+    PINNED_ARK_SPKI_SHA256,
+    PRODUCTS,
     REPORT_SIZE,
+    ProductRoots,
     SevSnpVerifier,
     decode_tcb,
     load_pinned_roots,
     parse_snp_report,
+    roots_bundle_product,
 )
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError
 
-from ._snp_chain import make_chain, make_vcek, milan_tcb, set_signing_key, sign_report
+from ._snp_chain import make_chain, make_vcek, make_vlek, milan_tcb, set_signing_key, sign_report
 from ._support import SNP_MEASUREMENT, SNP_TIME
 
 
@@ -40,7 +46,13 @@ def chain():  # type: ignore[no-untyped-def]
 
 
 def _package_roots(product: str) -> bytes:
-    return (importlib.resources.files("sealedml.attestation") / "roots" / f"ask_ark_{product.lower()}.pem").read_bytes()
+    roots = importlib.resources.files("sealedml.attestation") / "roots"
+    return (roots / f"ask_ark_asvk_{product.lower()}.pem").read_bytes()
+
+
+def _spki_sha256(cert: x509.Certificate) -> str:
+    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def test_snp_vector_claims(snp: tuple[bytes, bytes]) -> None:
@@ -127,6 +139,25 @@ def test_pinned_roots_load_and_match_fingerprints() -> None:
         assert product in bundle.ask.subject.rfc4514_string()
 
 
+def test_shipped_asvk_roots_load_and_match_the_pinned_ark_fingerprints(vectors: Path) -> None:
+    roots = load_pinned_roots()
+    for product in PRODUCTS:
+        bundle = roots[product]
+        assert _spki_sha256(bundle.ark) == PINNED_ARK_SPKI_SHA256[product]
+        assert bundle.asvk is not None
+        cn = bundle.asvk.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        assert cn == f"SEV-VLEK-{product}"
+        assert bundle.asvk.issuer == bundle.ark.subject
+        assert bundle.asvk != bundle.ask
+        # The shipped bundle is AMD's, as copied into the vectors (ASK, ARK, ASVK).
+        shipped = x509.load_pem_x509_certificates(_package_roots(product))
+        amd = x509.load_pem_x509_certificates(
+            (vectors / "sev-snp" / f"ask_ark_asvk_{product.lower()}.pem").read_bytes()
+        )
+        assert shipped == amd == [bundle.ask, bundle.ark, bundle.asvk]
+        assert roots_bundle_product(_package_roots(product)) == product
+
+
 def test_milan_vcek_rejected_without_milan_roots(snp: tuple[bytes, bytes]) -> None:
     report, vcek = snp
     verifier = SevSnpVerifier(vcek=vcek, roots={"Genoa": _package_roots("Genoa"), "Turin": _package_roots("Turin")})
@@ -145,6 +176,30 @@ def test_mislabelled_or_mixed_roots_are_configuration_errors() -> None:
         SevSnpVerifier(roots={"Milan": milan_ask + genoa_ark})
     with pytest.raises(ConfigurationError):
         SevSnpVerifier(roots={"Milan": milan_ask})
+
+
+def test_asvk_of_another_product_or_ark_in_pinned_roots_is_a_configuration_error() -> None:
+    milan, genoa = make_chain("Milan"), make_chain("Genoa")
+    genoa_asvk = genoa.asvk.public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(ConfigurationError, match="ASVK is 'SEV-VLEK-Genoa'"):
+        ProductRoots.from_pem("Milan", milan.roots_pem + genoa_asvk)
+    # Named SEV-VLEK-Milan but signed by another ARK.
+    other_milan = make_chain("Milan")
+    with pytest.raises(ConfigurationError, match="ASVK is not signed by the ARK"):
+        ProductRoots.from_pem("Milan", milan.roots_pem + other_milan.asvk.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigurationError, match="expected ASK, ARK and optionally ASVK"):
+        ProductRoots.from_pem("Milan", milan.roots_asvk_pem + genoa_asvk)
+    assert ProductRoots.from_pem("Milan", milan.roots_asvk_pem).asvk == milan.asvk
+    assert ProductRoots.from_pem("Milan", milan.roots_pem).asvk is None
+
+
+def test_roots_bundle_product_reads_the_ark_name() -> None:
+    assert roots_bundle_product(make_chain("Genoa").roots_asvk_pem) == "Genoa"
+    milan = make_chain("Milan")
+    with pytest.raises(ConfigurationError, match="one ARK"):
+        roots_bundle_product(milan.ask.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigurationError, match="unknown product 'Rome'"):
+        roots_bundle_product(make_chain("Rome").roots_pem)
 
 
 def test_ask_of_another_product_in_cert_table_is_not_used(snp: tuple[bytes, bytes]) -> None:
@@ -203,30 +258,220 @@ def test_vcek_missing_spl_extension_is_rejected(snp: tuple[bytes, bytes], chain)
         verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(report, key)), now=SNP_TIME)
 
 
-def test_vlek_chain_through_an_asvk_from_the_cert_table(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
-    report, _ = snp
+# ---------------------------------------------------------------------------
+# VCEK vs VLEK: the report's SIGNING_KEY picks ASK or ASVK
+# ---------------------------------------------------------------------------
+
+
+def _vlek_signed(report: bytes, chain, **kwargs):  # type: ignore[no-untyped-def]
+    """The vector as a VLEK-signed report (SIGNING_KEY 1), signed by a VLEK from ``chain``'s ASVK."""
     parsed = parse_snp_report(report)
-    asvk, asvk_key = chain.intermediate("SEV-VLEK-Milan")
-    vlek, key = make_vcek(asvk, asvk_key, tcb=milan_tcb(parsed.reported_tcb), hwid=None, cn="SEV-VLEK")
-    signed = sign_report(set_signing_key(report, 1), key)
-    table = build_snp_cert_table({"vlek": vlek, "ask": asvk.public_bytes(serialization.Encoding.DER)})
+    vlek, key = make_vlek(chain.asvk, chain.asvk_key, tcb=milan_tcb(parsed.reported_tcb), **kwargs)
+    return sign_report(set_signing_key(report, 1), key), vlek, key
+
+
+def _vcek_signed(report: bytes, chain):  # type: ignore[no-untyped-def]
+    """The vector signed by a VCEK from ``chain``'s ASK (SIGNING_KEY 0)."""
+    parsed = parse_snp_report(report)
+    vcek, key = make_vcek(chain.ask, chain.ask_key, tcb=milan_tcb(parsed.reported_tcb), hwid=parsed.chip_id)
+    return sign_report(report, key), vcek, key
+
+
+def test_vlek_signed_report_verifies_with_the_pinned_asvk_alone(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    signed, vlek, _ = _vlek_signed(report, chain)
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_asvk_pem})
+    claims = verifier.verify(Evidence(TeeType.SEV_SNP, signed), now=SNP_TIME)
+    assert claims.measurement == SNP_MEASUREMENT
+    assert claims.details["signing_key"] == "vlek"
+    assert claims.details["product"] == "Milan"
+    assert claims.collateral_expires == min(chain.asvk.not_valid_after_utc, chain.ark.not_valid_after_utc)
+
+
+def test_vlek_chain_through_an_asvk_from_the_cert_table(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    # Roots without an ASVK: the table's ASVK is used because the pinned ARK signed it.
+    report, _ = snp
+    signed, vlek, _ = _vlek_signed(report, chain)
+    table = build_snp_cert_table({"vlek": vlek, "ask": chain.asvk_der})
     verifier = SevSnpVerifier(roots={"Milan": chain.roots_pem})
     claims = verifier.verify(Evidence(TeeType.SEV_SNP, signed, table), now=SNP_TIME)
     assert claims.details["signing_key"] == "vlek"
-    # The same VLEK cannot stand in for a VCEK-signed report.
+    # Without the table's ASVK nothing pins one.
+    with pytest.raises(EvidenceError, match="VLEK does not chain to a pinned AMD root through an ASVK"):
+        SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_pem}).verify(
+            Evidence(TeeType.SEV_SNP, signed), now=SNP_TIME
+        )
+
+
+def test_vlek_offered_for_a_vcek_signed_report_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    _, vlek, key = _vlek_signed(report, chain)
+    vcek_signed = sign_report(report, key)  # SIGNING_KEY 0, signed with the VLEK's key
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="signed by a VCEK but the certificate is not a VCEK: it is a VLEK"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, vcek_signed), now=SNP_TIME)
+
+
+def test_vlek_offered_for_a_vcek_signed_report_through_the_cert_table_is_rejected(  # type: ignore[no-untyped-def]
+    snp: tuple[bytes, bytes], chain
+) -> None:
+    report, _ = snp
+    _, vlek, key = _vlek_signed(report, chain)
     vcek_signed = sign_report(report, key)
-    with pytest.raises(EvidenceError, match="not a VCEK"):
-        verifier.verify(Evidence(TeeType.SEV_SNP, vcek_signed, table), now=SNP_TIME)
+    table = build_snp_cert_table({"vlek": vlek, "ask": chain.asvk_der})
+    for roots in (chain.roots_pem, chain.roots_asvk_pem):
+        verifier = SevSnpVerifier(roots={"Milan": roots})
+        with pytest.raises(EvidenceError, match="not a VCEK: it is a VLEK"):
+            verifier.verify(Evidence(TeeType.SEV_SNP, vcek_signed, table), now=SNP_TIME)
 
 
-def test_vcek_cannot_sign_a_vlek_report(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+def test_vcek_offered_for_a_vlek_signed_report_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    _, vcek, key = _vcek_signed(report, chain)
+    vlek_signed = sign_report(set_signing_key(report, 1), key)
+    for roots in (chain.roots_pem, chain.roots_asvk_pem):
+        verifier = SevSnpVerifier(vcek=vcek, roots={"Milan": roots})
+        with pytest.raises(EvidenceError, match="signed by a VLEK but the certificate is not a VLEK: it is a VCEK"):
+            verifier.verify(Evidence(TeeType.SEV_SNP, vlek_signed), now=SNP_TIME)
+
+
+def test_vcek_offered_for_a_vlek_signed_report_through_the_cert_table_is_rejected(  # type: ignore[no-untyped-def]
+    snp: tuple[bytes, bytes], chain
+) -> None:
+    # The table's ASK slot holds the real ASK: it is no ASVK, so it cannot make a VCEK a VLEK.
+    report, _ = snp
+    _, vcek, key = _vcek_signed(report, chain)
+    vlek_signed = sign_report(set_signing_key(report, 1), key)
+    table = build_snp_cert_table({"vcek": vcek, "ask": chain.ask.public_bytes(serialization.Encoding.DER)})
+    verifier = SevSnpVerifier(roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="not a VLEK: it is a VCEK"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, vlek_signed, table), now=SNP_TIME)
+
+
+def test_real_vcek_offered_for_a_vlek_signed_report_is_rejected(snp: tuple[bytes, bytes]) -> None:
+    # AMD's real Milan VCEK, with the shipped ASK, ARK and ASVK.
+    report, vcek = snp
+    with pytest.raises(EvidenceError, match="not a VLEK: it is a VCEK \\(issued by the ASK 'SEV-Milan'\\)"):
+        SevSnpVerifier(vcek=vcek).verify(Evidence(TeeType.SEV_SNP, set_signing_key(report, 1)), now=SNP_TIME)
+    table = build_snp_cert_table({"vcek": vcek})
+    with pytest.raises(EvidenceError, match="not a VLEK"):
+        SevSnpVerifier().verify(Evidence(TeeType.SEV_SNP, set_signing_key(report, 1), table), now=SNP_TIME)
+
+
+def test_vlek_named_certificate_signed_by_the_ask_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    # A "SEV-VLEK" certificate without hwID is still a VCEK if the ASK signed it.
     report, _ = snp
     parsed = parse_snp_report(report)
-    vcek, key = make_vcek(chain.ask, chain.ask_key, tcb=milan_tcb(parsed.reported_tcb), hwid=parsed.chip_id)
+    fake, key = make_vlek(chain.ask, chain.ask_key, tcb=milan_tcb(parsed.reported_tcb))
     signed = sign_report(set_signing_key(report, 1), key)
-    verifier = SevSnpVerifier(vcek=vcek, roots={"Milan": chain.roots_pem})
-    with pytest.raises(EvidenceError, match="not a VLEK"):
+    verifier = SevSnpVerifier(vcek=fake, roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="not a VLEK: it is a VCEK"):
         verifier.verify(Evidence(TeeType.SEV_SNP, signed), now=SNP_TIME)
+
+
+def test_vcek_named_certificate_signed_by_the_asvk_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    # A "SEV-VCEK" with this chip's hwID is still a VLEK if the ASVK signed it.
+    report, _ = snp
+    parsed = parse_snp_report(report)
+    fake, key = make_vcek(chain.asvk, chain.asvk_key, tcb=milan_tcb(parsed.reported_tcb), hwid=parsed.chip_id)
+    verifier = SevSnpVerifier(vcek=fake, roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="not a VCEK: it is a VLEK"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(report, key)), now=SNP_TIME)
+    # Nor can it sign a VLEK report: its name (and hwID) say VCEK.
+    with pytest.raises(EvidenceError, match="signed by a VLEK but the certificate is not a VLEK"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(set_signing_key(report, 1), key)), now=SNP_TIME)
+
+
+def test_vlek_under_another_products_chain_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    signed, vlek, _ = _vlek_signed(report, chain)  # Milan test chain
+    genoa = make_chain("Genoa")
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Genoa": genoa.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="VLEK does not chain to a pinned AMD root"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, signed), now=SNP_TIME)
+    # Nor with the shipped AMD roots.
+    with pytest.raises(EvidenceError, match="VLEK does not chain to a pinned AMD root"):
+        SevSnpVerifier(vcek=vlek).verify(Evidence(TeeType.SEV_SNP, signed), now=SNP_TIME)
+
+
+def test_vlek_under_another_products_chain_through_the_cert_table_is_rejected(  # type: ignore[no-untyped-def]
+    snp: tuple[bytes, bytes], chain
+) -> None:
+    report, _ = snp
+    signed, vlek, _ = _vlek_signed(report, chain)
+    genoa = make_chain("Genoa")
+    # The Milan ASVK in the table is not signed by the pinned Genoa ARK.
+    table = build_snp_cert_table({"vlek": vlek, "ask": chain.asvk_der})
+    with pytest.raises(EvidenceError, match="VLEK does not chain to a pinned AMD root"):
+        SevSnpVerifier(roots={"Genoa": genoa.roots_pem}).verify(Evidence(TeeType.SEV_SNP, signed, table), now=SNP_TIME)
+
+
+def test_asvk_of_another_product_in_cert_table_is_not_used(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    # An intermediate signed by the pinned Milan ARK but named for Genoa is no Milan ASVK.
+    report, _ = snp
+    mislabelled, mislabelled_key = chain.intermediate("SEV-VLEK-Genoa")
+    parsed = parse_snp_report(report)
+    vlek, key = make_vlek(mislabelled, mislabelled_key, tcb=milan_tcb(parsed.reported_tcb))
+    signed = sign_report(set_signing_key(report, 1), key)
+    table = build_snp_cert_table({"vlek": vlek, "ask": mislabelled.public_bytes(serialization.Encoding.DER)})
+    with pytest.raises(EvidenceError, match="VLEK does not chain"):
+        SevSnpVerifier(roots={"Milan": chain.roots_pem}).verify(Evidence(TeeType.SEV_SNP, signed, table), now=SNP_TIME)
+
+
+def test_altered_vlek_signed_report_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    signed, vlek, _ = _vlek_signed(report, chain)
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_asvk_pem})
+    altered = bytearray(signed)
+    altered[0x90] ^= 1  # MEASUREMENT
+    with pytest.raises(EvidenceError, match="signature invalid"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, bytes(altered)), now=SNP_TIME)
+    # Turning SIGNING_KEY to VCEK: the VLEK no longer fits the report.
+    with pytest.raises(EvidenceError, match="not a VCEK"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, set_signing_key(signed, 0)), now=SNP_TIME)
+
+
+def test_vlek_for_another_tcb_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    parsed = parse_snp_report(report)
+    vlek, key = make_vlek(chain.asvk, chain.asvk_key, tcb=milan_tcb(parsed.reported_tcb) | {"snp": 6})
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match=r"VLEK is for TCB .* REPORTED_TCB"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(set_signing_key(report, 1), key)), now=SNP_TIME)
+
+
+def test_vlek_with_a_hwid_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    parsed = parse_snp_report(report)
+    vlek, key = make_vcek(
+        chain.asvk, chain.asvk_key, tcb=milan_tcb(parsed.reported_tcb), hwid=parsed.chip_id, cn="SEV-VLEK"
+    )
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": chain.roots_asvk_pem})
+    with pytest.raises(EvidenceError, match="not a VLEK \\(it has a hwID\\)"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(set_signing_key(report, 1), key)), now=SNP_TIME)
+
+
+def test_expired_asvk_is_rejected(snp: tuple[bytes, bytes], chain) -> None:  # type: ignore[no-untyped-def]
+    report, _ = snp
+    asvk, asvk_key = chain.intermediate("SEV-VLEK-Milan", not_after=datetime(2025, 1, 1, tzinfo=UTC))
+    parsed = parse_snp_report(report)
+    vlek, key = make_vlek(asvk, asvk_key, tcb=milan_tcb(parsed.reported_tcb))
+    roots = chain.roots_pem + asvk.public_bytes(serialization.Encoding.PEM)
+    verifier = SevSnpVerifier(vcek=vlek, roots={"Milan": roots})
+    with pytest.raises(EvidenceError, match="SEV-VLEK-Milan certificate expired"):
+        verifier.verify(Evidence(TeeType.SEV_SNP, sign_report(set_signing_key(report, 1), key)), now=SNP_TIME)
+
+
+def test_cert_table_with_vcek_and_vlek_offers_the_key_the_report_names(  # type: ignore[no-untyped-def]
+    snp: tuple[bytes, bytes], chain
+) -> None:
+    report, _ = snp
+    vlek_signed, vlek, _ = _vlek_signed(report, chain)
+    vcek_signed, vcek, _ = _vcek_signed(report, chain)
+    table = build_snp_cert_table({"vcek": vcek, "vlek": vlek})
+    verifier = SevSnpVerifier(roots={"Milan": chain.roots_asvk_pem})
+    assert verifier.verify(Evidence(TeeType.SEV_SNP, vlek_signed, table), now=SNP_TIME).details["signing_key"] == "vlek"
+    assert verifier.verify(Evidence(TeeType.SEV_SNP, vcek_signed, table), now=SNP_TIME).details["signing_key"] == "vcek"
 
 
 def test_turin_tcb_layout_and_hwid() -> None:
