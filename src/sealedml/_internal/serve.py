@@ -3,21 +3,36 @@
 ``--port 0`` binds a free port; the process then prints one JSON line
 ``{"event": "listening", "url": ...}`` on stdout so a parent (the demo, the
 platform spawning workers, tests) learns the address without racing for ports.
+
+With a :class:`~sealedml.attestation.ratls.RotatingRaTlsCertificate` the
+server re-issues its RA-TLS certificate every ``rotate_every`` seconds and
+installs it into the live ``SSLContext``, so the evidence new clients see stays
+fresh however long the server runs.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
+import ssl
 import sys
 import tempfile
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
 
+from sealedml.attestation.ratls import RotatingRaTlsCertificate
+
 __all__ = ["bind", "configure_logging", "serve_app"]
+
+log = logging.getLogger(__name__)
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -42,6 +57,95 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _write_private(directory: str, name: str, data: bytes) -> str:
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _install_pair(context: ssl.SSLContext, directory: str, cert_pem: bytes, key_pem: bytes) -> None:
+    """Load a certificate and key into a live server context.
+
+    ``load_cert_chain`` only reads files: they are written into ``directory``
+    (private, 0700) as new 0600 files and removed right after. Connections
+    accepted from now on present the new certificate (OpenSSL copies the
+    certificate into each connection when it is created); established ones
+    keep theirs. The key is the same one, so cert and key never mismatch.
+    """
+    tag = secrets.token_hex(8)
+    cert_path = key_path = ""
+    try:
+        cert_path = _write_private(directory, f"cert-{tag}.pem", cert_pem)
+        key_path = _write_private(directory, f"key-{tag}.pem", key_pem)
+        context.load_cert_chain(cert_path, key_path)
+    finally:
+        _remove(*(path for path in (cert_path, key_path) if path))
+
+
+class _RotatingServer(uvicorn.Server):
+    """A uvicorn server that re-issues its RA-TLS certificate every ``rotate_every`` seconds."""
+
+    def __init__(self, config: uvicorn.Config, identity: RotatingRaTlsCertificate, directory: str) -> None:
+        super().__init__(config)
+        self._identity = identity
+        self._directory = directory
+        self._rotation: asyncio.Task[None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Rotate from before the app's lifespan startup (loading models may take long):
+        # the first connection accepted must not get a certificate that went stale meanwhile.
+        self._rotation = asyncio.create_task(self._rotate(), name="sealedml-ratls-rotation")
+        try:
+            await super().startup(sockets=sockets)
+        except BaseException:
+            await self._stop_rotation()
+            raise
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self._stop_rotation()
+        await super().shutdown(sockets=sockets)
+
+    async def _stop_rotation(self) -> None:
+        rotation, self._rotation = self._rotation, None
+        if rotation is not None:
+            rotation.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await rotation
+
+    async def _rotate(self) -> None:
+        identity = self._identity
+        age = (datetime.now(UTC) - identity.issued_at).total_seconds()
+        delay = min(max(identity.rotate_every - age, 0.0), identity.rotate_every)
+        while True:
+            await asyncio.sleep(delay)
+            delay = identity.rotate_every  # after a failure too: retry at the next period
+            try:
+                # Evidence may take long on real hardware: issue in a thread ...
+                cert_pem, key_pem = await asyncio.to_thread(identity.issue)
+                context = self.config.ssl
+                if context is None:
+                    raise RuntimeError("the server has no TLS context")
+                # ... but install on the event-loop thread, where uvicorn creates every
+                # TLS connection: no handshake starts while the context is changing.
+                _install_pair(context, self._directory, cert_pem, key_pem)
+            except Exception as exc:
+                # Never log the key: the type and message of the failure only.
+                log.error(
+                    "RA-TLS certificate rotation failed (%s: %s); retrying in %g s",
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+
+
 def serve_app(
     app: Any,
     host: str,
@@ -50,33 +154,54 @@ def serve_app(
     announce: dict[str, Any] | None = None,
     log_level: str = "warning",
     sock: socket.socket | None = None,
-    tls: tuple[bytes, bytes] | None = None,
+    tls: tuple[bytes, bytes] | RotatingRaTlsCertificate | None = None,
 ) -> None:
     """Serve ``app`` until SIGINT/SIGTERM; print the listening line first.
 
-    ``tls`` is a (certificate PEM, key PEM) pair — an RA-TLS certificate for
-    ``--tls ra``; the files uvicorn loads them from live in a private temporary
-    directory removed at exit.
+    Args:
+        app: the ASGI app.
+        host: address to bind (ignored with ``sock``).
+        port: port to bind, 0 for any free port (ignored with ``sock``).
+        announce: extra fields for the listening line.
+        log_level: uvicorn's log level.
+        sock: an already bound listening socket.
+        tls: HTTPS with a fixed ``(certificate PEM, key PEM)`` pair, or with a
+            :class:`~sealedml.attestation.ratls.RotatingRaTlsCertificate`
+            whose certificate is re-issued (in a worker thread) and installed
+            into the live ``SSLContext`` (on the event-loop thread) every
+            ``rotate_every`` seconds; a failed rotation is logged and retried
+            at the next period. Key files exist only while OpenSSL reads them,
+            in a private temporary directory removed at exit.
     """
     sock = sock or bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    scheme = "https" if tls else "http"
+    scheme = "https" if tls is not None else "http"
+    rotating: RotatingRaTlsCertificate | None = None
+    pair: tuple[bytes, bytes] | None = None
+    if isinstance(tls, RotatingRaTlsCertificate):
+        rotating, pair = tls, tls.current
+    else:
+        pair = tls
     with tempfile.TemporaryDirectory(prefix="sealedml-tls-") as directory:
+        os.chmod(directory, 0o700)
         ssl_args: dict[str, Any] = {}
-        if tls is not None:
-            os.chmod(directory, 0o700)
-            for name, data in (("cert.pem", tls[0]), ("key.pem", tls[1])):
-                fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
-            ssl_args = {
-                "ssl_certfile": os.path.join(directory, "cert.pem"),
-                "ssl_keyfile": os.path.join(directory, "key.pem"),
-            }
+        if pair is not None:
+            paths = (_write_private(directory, "cert.pem", pair[0]), _write_private(directory, "key.pem", pair[1]))
+
+            def context_factory(_config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+                # uvicorn's own context (it sets ALPN for its protocol), then no key file left on disk.
+                try:
+                    context = default()
+                finally:
+                    _remove(*paths)
+                context.minimum_version = ssl.TLSVersion.TLSv1_2
+                return context
+
+            ssl_args = {"ssl_certfile": paths[0], "ssl_keyfile": paths[1], "ssl_context_factory": context_factory}
         print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}), flush=True)
         config = uvicorn.Config(
             app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args
         )
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(config) if rotating is None else _RotatingServer(config, rotating, directory)
         server.run(sockets=[sock])

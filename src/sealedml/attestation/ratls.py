@@ -26,21 +26,29 @@ Evidence encodings (all as non-critical X.509 extensions):
 
 The DER handled here is the small subset these structures need; every length
 and tag is checked and every failure is an :class:`~sealedml.errors.EvidenceError`.
+
+Freshness: evidence is only as fresh as the certificate carrying it, so a
+server keeps one key and re-issues a short-lived certificate with new evidence
+every minute (:class:`RotatingRaTlsCertificate`). Clients verify whatever
+certificate the server presents *during* the TLS handshake
+(:func:`attested_client_context`) instead of pinning one certificate's bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
 import socket
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -59,6 +67,10 @@ __all__ = [
     "INTEL_QUOTE_OID",
     "SEALEDML_EVIDENCE_OID",
     "RaTlsPeerVerifier",
+    "RaTlsVerificationError",
+    "RotatingRaTlsCertificate",
+    "attestation_failure",
+    "attested_client_context",
     "client_ssl_context",
     "connect_verified",
     "decode_tagged_evidence",
@@ -82,6 +94,8 @@ _TAG_INTEL_QUOTE = 0x1A7501  # RATS-TLS "OCBR_TAG_EVIDENCE_INTEL_TEE_QUOTE"
 _TAG_SEV_SNP = 0x1A7504  # RATS-TLS "OCBR_TAG_EVIDENCE_SEV_SNP"
 _MAX_CERT = 256 * 1024
 _MAX_DEPTH = 4
+#: notBefore is this far before the issue time: tolerates peers whose clocks run a little behind.
+_CLOCK_SKEW = timedelta(minutes=1)
 
 # ---------------------------------------------------------------------------
 # Minimal DER (ITU-T X.690): definite lengths, single-byte tags
@@ -399,7 +413,7 @@ def make_ratls_certificate(
         attester: produces the evidence (report data = :func:`ratls_report_data`).
         private_key: an EC (P-256 / P-384) or Ed25519 key; a new P-256 key if ``None``.
         validity: certificate lifetime.
-        now: issue time (default: now); the certificate is valid from 5 minutes before.
+        now: issue time (default: now); the certificate is valid from 1 minute before (clock skew).
         common_name: subject and issuer CN.
 
     Returns:
@@ -432,7 +446,7 @@ def make_ratls_certificate(
         .issuer_name(name)
         .public_key(public_key)
         .serial_number(secrets.randbits(159) | 1)
-        .not_valid_before(issued - timedelta(minutes=5))
+        .not_valid_before(issued - _CLOCK_SKEW)
         .not_valid_after(issued + validity)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
@@ -455,6 +469,116 @@ def make_ratls_certificate(
         serialization.NoEncryption(),
     )
     return cert_pem, key_pem
+
+
+class RotatingRaTlsCertificate:
+    """A server's RA-TLS identity: one key, a short-lived certificate re-issued with fresh evidence.
+
+    Why: evidence is only as fresh as the certificate carrying it. A certificate
+    made once at start carries start-time evidence for as long as it is valid —
+    simulated evidence is refused :data:`~sealedml.attestation.simulated.MAX_EVIDENCE_AGE`
+    seconds after it was made (locking new clients out of a long-running server),
+    and an SGX/TDX quote would be accepted for a day-long certificate's whole
+    lifetime. Here each certificate is valid for ``validity`` only (default 4
+    minutes, below the simulated verifier's 5-minute limit, so a certificate
+    inside its validity window always carries fresh-enough evidence) and a new
+    one is issued every ``rotate_every`` seconds (:func:`sealedml._internal.serve.serve_app`
+    installs it into the live server).
+
+    The TLS private key (P-256) is created here, inside the TEE, and kept for
+    the object's lifetime: every certificate certifies the same key, so
+    swapping the certificate under a running server never pairs it with
+    another key. Clients must verify each certificate they see
+    (:func:`attested_client_context`), not pin one.
+
+    Args:
+        attester: produces the evidence for each certificate.
+        rotate_every: seconds between two issues.
+        validity: lifetime of each certificate; must be longer than ``rotate_every``.
+        common_name: subject and issuer CN of the certificates.
+        now: time of the first issue (default: now).
+
+    Raises:
+        ConfigurationError: ``rotate_every`` is not a positive number of seconds
+            shorter than ``validity``.
+        AttestationError: the attester failed on the first issue.
+    """
+
+    def __init__(
+        self,
+        attester: Attester,
+        *,
+        rotate_every: float = 60.0,
+        validity: timedelta = timedelta(minutes=4),
+        common_name: str = "sealedml-ratls",
+        now: datetime | None = None,
+    ) -> None:
+        if not (math.isfinite(rotate_every) and rotate_every > 0):
+            raise ConfigurationError("RA-TLS rotate_every must be a positive number of seconds")
+        if rotate_every >= validity.total_seconds():
+            raise ConfigurationError(
+                f"RA-TLS certificates must be re-issued (every {rotate_every:g} s) before they expire "
+                f"(validity {validity.total_seconds():g} s)"
+            )
+        self._attester = attester
+        self._rotate_every = float(rotate_every)
+        self._validity = validity
+        self._common_name = common_name
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._issue_lock = threading.Lock()  # one issue at a time (evidence may be slow)
+        self._lock = threading.Lock()  # guards the current pair, never held during an issue
+        self._current: tuple[bytes, bytes] = (b"", b"")
+        self._issued_at = datetime.now(UTC)
+        self.issue(now)
+
+    @property
+    def rotate_every(self) -> float:
+        """Seconds between two issues."""
+        return self._rotate_every
+
+    @property
+    def validity(self) -> timedelta:
+        """Lifetime of each certificate."""
+        return self._validity
+
+    @property
+    def current(self) -> tuple[bytes, bytes]:
+        """The last issued ``(certificate PEM, PKCS#8 key PEM)``."""
+        with self._lock:
+            return self._current
+
+    @property
+    def issued_at(self) -> datetime:
+        """Issue time of :attr:`current`."""
+        with self._lock:
+            return self._issued_at
+
+    def issue(self, now: datetime | None = None) -> tuple[bytes, bytes]:
+        """Issue a new certificate with fresh evidence for the same key; it becomes :attr:`current`.
+
+        Blocking (evidence generation may take a while on real hardware): call
+        it from a worker thread in async code.
+
+        Args:
+            now: issue time (default: now).
+
+        Returns:
+            ``(certificate PEM, PKCS#8 key PEM)``.
+
+        Raises:
+            AttestationError: the attester failed (:attr:`current` is unchanged).
+        """
+        at = now or datetime.now(UTC)
+        if at.tzinfo is None:
+            at = at.replace(tzinfo=UTC)
+        with self._issue_lock:
+            pair = make_ratls_certificate(
+                self._attester, self._key, validity=self._validity, now=at, common_name=self._common_name
+            )
+            with self._lock:
+                self._current = pair
+                self._issued_at = at
+        return pair
 
 
 def _check_self_signed(certificate: x509.Certificate) -> None:
@@ -557,10 +681,11 @@ def client_ssl_context(pinned_certificate: bytes | None = None) -> ssl.SSLContex
     """A TLS client context for talking to an RA-TLS server.
 
     With ``pinned_certificate`` (DER, as returned by :func:`connect_verified`)
-    the handshake succeeds only with exactly that certificate. Without it the
-    context does *no* certificate verification at all: use it only together
-    with :class:`RaTlsPeerVerifier`, which verifies the evidence after the
-    handshake.
+    the handshake succeeds only with exactly that certificate — until the
+    server rotates it (:class:`RotatingRaTlsCertificate`). Without it the
+    context does *no* certificate verification at all. Long-lived clients
+    should use :func:`attested_client_context`, which verifies every
+    certificate during the handshake.
 
     Args:
         pinned_certificate: the verified peer certificate (DER) to pin.
@@ -614,7 +739,9 @@ def connect_verified(
     Fetches the server's certificate, verifies it
     (:func:`verify_ratls_certificate`), and returns a client context pinned to
     that exact certificate — pass it as ``httpx.Client(verify=context)``: every
-    later connection fails unless the server presents the attested key.
+    later connection fails unless the server presents that certificate, so
+    also once a rotating server (:class:`RotatingRaTlsCertificate`) re-issued
+    it. Long-lived clients should use :func:`attested_client_context`.
 
     Returns:
         ``(claims, pinned SSL context)``.
@@ -631,14 +758,18 @@ def connect_verified(
 class RaTlsPeerVerifier:
     """Verifies the RA-TLS certificate of an established TLS connection.
 
-    Use as an httpx response hook (``event_hooks={"response": [peer.httpx_hook]}``)
-    to check, for every response, that the connection it came over presented
-    an attested certificate; results are cached per certificate. Note that a
-    response hook runs after the request was sent — to keep secrets from
-    unattested servers, attest first with :func:`connect_verified` and pin.
+    Picks the verifier by the TEE type of the certificate's evidence, runs
+    :func:`verify_ratls_certificate` and caches each verdict by certificate
+    digest until the certificate or the collateral behind it expires
+    (whichever is first); expired entries are dropped, so a client talking to
+    a server that rotates its certificate keeps a bounded cache.
+
+    :func:`attested_client_context` runs it inside the TLS handshake. It can
+    also serve as an httpx response hook (``event_hooks={"response":
+    [peer.httpx_hook]}``), but a response hook runs after the request was sent.
 
     Args:
-        verifier: verifier for the server's TEE type.
+        verifier: the verifier for the server's TEE type, or verifiers by TEE type.
         policy: policy the server's claims must satisfy.
         now: fixed verification time (default: the time of each check).
         on_verified: optional callback receiving the claims of each newly
@@ -647,13 +778,14 @@ class RaTlsPeerVerifier:
 
     def __init__(
         self,
-        verifier: Verifier,
+        verifier: Verifier | Mapping[TeeType, Verifier],
         policy: Policy,
         *,
         now: datetime | None = None,
         on_verified: Callable[[Claims], None] | None = None,
     ) -> None:
-        self.verifier = verifier
+        verifiers = {verifier.tee: verifier} if isinstance(verifier, Verifier) else dict(verifier)
+        self.verifiers: Mapping[TeeType, Verifier] = MappingProxyType(verifiers)
         self.policy = policy
         self.now = now
         self.on_verified = on_verified
@@ -664,7 +796,8 @@ class RaTlsPeerVerifier:
         """Verify a peer certificate (DER), using the cache when possible.
 
         Raises:
-            AttestationError: the certificate does not verify.
+            AttestationError: the certificate does not verify (``EvidenceError``
+                also when no verifier handles its TEE type).
         """
         digest = hashlib.sha256(der).digest()
         at = self.now or datetime.now(UTC)
@@ -672,12 +805,17 @@ class RaTlsPeerVerifier:
             cached = self._verified.get(digest)
         if cached is not None and at < cached[1]:
             return cached[0]
-        claims = verify_ratls_certificate(der, self.verifier, self.policy, now=at)
-        certificate = _load_cert(der)
-        horizon = certificate.not_valid_after_utc
+        tee = extract_evidence(der).tee
+        verifier = self.verifiers.get(tee)
+        if verifier is None:
+            raise EvidenceError(f"no verifier accepts {tee.value} evidence")
+        claims = verify_ratls_certificate(der, verifier, self.policy, now=at)
+        horizon = _load_cert(der).not_valid_after_utc
         if claims.collateral_expires is not None:
             horizon = min(horizon, claims.collateral_expires)
         with self._lock:
+            for stale in [key for key, (_, until) in self._verified.items() if until <= at]:
+                del self._verified[stale]
             self._verified[digest] = (claims, horizon)
         if self.on_verified is not None:
             self.on_verified(claims)
@@ -705,3 +843,195 @@ class RaTlsPeerVerifier:
         if ssl_object is None:
             raise EvidenceError("response did not come over TLS; cannot check RA-TLS evidence")
         self.verify_ssl_object(ssl_object)
+
+
+# ---------------------------------------------------------------------------
+# Verification inside the TLS handshake
+# ---------------------------------------------------------------------------
+
+#: OpenSSL's ``X509_V_ERR_APPLICATION_VERIFICATION``: the application refused the certificate.
+_X509_V_ERR_APPLICATION_VERIFICATION = 50
+
+
+class RaTlsVerificationError(ssl.SSLCertVerificationError):
+    """The server's RA-TLS certificate did not verify: the handshake failed, nothing was sent.
+
+    A subclass of :class:`ssl.SSLCertVerificationError`, so HTTP clients treat
+    it as any certificate failure (httpx raises ``httpx.ConnectError``); the
+    precise reason is :attr:`attestation_error` (also ``__cause__``), which
+    :func:`attestation_failure` digs out of a wrapped exception.
+
+    Args:
+        error: why the certificate was refused.
+    """
+
+    def __init__(self, error: AttestationError) -> None:
+        message = f"RA-TLS certificate not attested: {error}"
+        super().__init__(ssl.SSL_ERROR_SSL, message)  # (code, text) like ssl's own errors: str() is the text
+        self.attestation_error = error
+        self.library = "SSL"
+        self.reason = "CERTIFICATE_VERIFY_FAILED"
+        self.verify_code = _X509_V_ERR_APPLICATION_VERIFICATION
+        self.verify_message = message
+        self.__cause__ = error
+        self.__suppress_context__ = True
+
+    def __reduce__(self) -> tuple[type[RaTlsVerificationError], tuple[AttestationError]]:
+        return type(self), (self.attestation_error,)
+
+
+def attestation_failure(exc: BaseException) -> AttestationError | None:
+    """The :class:`AttestationError` behind ``exc``, if there is one.
+
+    HTTP clients wrap a handshake failure (``httpx.ConnectError`` from
+    ``httpcore.ConnectError`` from :class:`RaTlsVerificationError`); this walks
+    ``__cause__`` / ``__context__`` (and exception groups) so a caller can
+    re-raise the precise reason.
+
+    Args:
+        exc: the exception caught.
+
+    Returns:
+        The attestation error, or ``None`` if the failure was something else.
+    """
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, AttestationError):
+            return current
+        if isinstance(current, RaTlsVerificationError):
+            return current.attestation_error
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(reversed(current.exceptions))
+        for linked in (current.__context__, current.__cause__):
+            if linked is not None:
+                pending.append(linked)
+    return None
+
+
+def _attest(peer: RaTlsPeerVerifier, connection: ssl.SSLSocket | ssl.SSLObject) -> None:
+    try:
+        peer.verify_ssl_object(connection)
+    except AttestationError as exc:
+        raise RaTlsVerificationError(exc) from exc
+
+
+class _AttestedSSLObject(ssl.SSLObject):
+    """An ``SSLObject`` (memory-BIO TLS: asyncio, anyio, httpx async) that attests the peer.
+
+    The check runs when ``do_handshake`` completes, before the caller can
+    write; ``read`` / ``write`` also run it first, so an implicit handshake
+    (OpenSSL completes one inside ``SSL_write``) cannot skip it.
+    """
+
+    _ratls_peer: ClassVar[RaTlsPeerVerifier]
+    _ratls_attested = False
+
+    def do_handshake(self) -> None:
+        super().do_handshake()
+        _attest(self._ratls_peer, self)
+        self._ratls_attested = True
+
+    def read(self, len: int = 1024, buffer: Any = None) -> bytes:
+        if not self._ratls_attested:
+            self.do_handshake()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        if not self._ratls_attested:
+            self.do_handshake()
+        return super().write(data)
+
+
+class _AttestedSSLSocket(ssl.SSLSocket):
+    """An ``SSLSocket`` (blocking TLS: ``wrap_socket``, httpx sync) that attests the peer.
+
+    Like :class:`_AttestedSSLObject`; ``sendall``, ``recv`` and ``sendfile`` go
+    through ``send`` / ``read``.
+    """
+
+    _ratls_peer: ClassVar[RaTlsPeerVerifier]
+    _ratls_attested = False
+
+    def do_handshake(self, block: bool = False) -> None:
+        super().do_handshake(block)
+        _attest(self._ratls_peer, self)
+        self._ratls_attested = True
+
+    def _ensure_attested(self) -> None:
+        # No TLS object (closed or unwrapped): nothing to attest, the parent method decides.
+        if not self._ratls_attested and getattr(self, "_sslobj", None) is not None:
+            self.do_handshake()
+
+    def read(self, len: int = 1024, buffer: Any = None) -> bytes:
+        self._ensure_attested()
+        return super().read(len, buffer)
+
+    def write(self, data: Any) -> int:
+        self._ensure_attested()
+        return super().write(data)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._ensure_attested()
+        return super().send(data, flags)
+
+
+def attested_client_context(
+    verifiers: Mapping[TeeType, Verifier],
+    policy: Policy,
+    *,
+    now: datetime | None = None,
+    on_verified: Callable[[Claims], None] | None = None,
+) -> ssl.SSLContext:
+    """A TLS client context that verifies the server's RA-TLS certificate during the handshake.
+
+    Whatever certificate the server presents — including one it rotated in
+    after this context was made — is verified (:class:`RaTlsPeerVerifier`:
+    verifier by the evidence's TEE type, :func:`verify_ratls_certificate`,
+    verdicts cached per certificate) when the handshake completes, before the
+    caller can send a byte. A certificate that does not verify fails the
+    handshake with :class:`RaTlsVerificationError` (httpx: ``ConnectError``;
+    :func:`attestation_failure` recovers the reason). Works with
+    ``ssl.SSLContext.wrap_socket`` / ``wrap_bio``, i.e. ``httpx.Client`` and
+    ``httpx.AsyncClient`` (``verify=context``) under asyncio or uvloop.
+
+    Args:
+        verifiers: verifiers by TEE type; evidence of another type is refused.
+        policy: policy the server's claims must satisfy.
+        now: fixed verification time (default: the time of each handshake).
+        on_verified: optional callback receiving the claims of each newly
+            verified certificate.
+
+    Returns:
+        The context (TLS 1.2 or later; no host name check: RA-TLS
+        authenticates the key, not a name; OpenSSL's chain check off, the
+        certificate is self-signed and the evidence check replaces it).
+
+    Raises:
+        ConfigurationError: no verifiers (every server would be refused).
+    """
+    if not verifiers:
+        raise ConfigurationError("attested_client_context needs at least one verifier")
+    peer = RaTlsPeerVerifier(verifiers, policy, now=now, on_verified=on_verified)
+
+    # Python's ssl has no verify callback: the context builds its TLS objects from
+    # these classes (``wrap_socket`` → ``sslsocket_class``, ``wrap_bio`` →
+    # ``sslobject_class``), whose ``do_handshake`` verifies the peer certificate.
+    class _Socket(_AttestedSSLSocket):
+        _ratls_peer = peer
+
+    class _Object(_AttestedSSLObject):
+        _ratls_peer = peer
+
+    # A plain SSLContext, not a subclass: anyio wraps a subclass's wrap_bio in a thread.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.sslsocket_class = _Socket
+    context.sslobject_class = _Object
+    return context
