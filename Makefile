@@ -15,8 +15,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/sealedml demo
 
+# The suite runs with HOME set to a fresh, empty directory (pip's cache stays where it
+# is: installing happens above, with the caller's HOME), so a test that depends on an
+# earlier run's leftovers in the home directory fails here as on a fresh machine.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	@home=$$(mktemp -d "$${TMPDIR:-/tmp}/sealedml-test-home.XXXXXX"); \
+	echo "running the suite with HOME=$$home (fresh and empty)"; \
+	env -u XDG_CACHE_HOME -u XDG_CONFIG_HOME -u XDG_DATA_HOME -u SEALEDML_HOME HOME="$$home" \
+		$(BIN)/python -m pytest -q tests; status=$$?; rm -rf "$$home"; exit $$status
 
 bench: $(STAMP)
 	$(BIN)/sealedml bench overhead --model mobilenetv2

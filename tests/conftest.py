@@ -7,12 +7,16 @@ platform root) — nothing is written to the real home directory.
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
+import uvicorn
 
 from sealedml._internal.procs import ServiceProcess
 
@@ -30,6 +34,32 @@ def sealedml_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("SEALEDML_HOME", None)
     else:
         os.environ["SEALEDML_HOME"] = old
+
+
+@dataclass
+class Served:
+    """An ASGI app served in a thread of the test process."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def serve_in_thread(app: Any, **ssl: Any) -> Served:
+    """Serve an ASGI app with uvicorn in a thread on a free loopback port (``ssl``: uvicorn's ssl_* options)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **ssl))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    scheme = "https" if ssl else "http"
+    return Served(f"{scheme}://127.0.0.1:{port}", server, thread)
 
 
 def start_keyservice(

@@ -216,3 +216,58 @@ def test_spill_dir_is_checked_before_anything_starts(tmp_path):
         cwd=tmp_path, check=False,
     )  # fmt: skip
     assert missing.returncode == 1 and "not a directory" in missing.stderr
+
+
+TDX_COLLATERAL = "../shared/vectors/attestation/tdx/collateral-v4.json"
+
+
+def test_keyservice_mixing_simulated_and_tdx_refuses_to_start_without_opt_in(tmp_path):
+    """``--accept simulated,tdx`` needs ``--unsafe-allow-simulated``; with it, simulated evidence never
+    satisfies a measurement allowed for TDX."""
+    import asyncio
+    import sqlite3
+    from pathlib import Path
+
+    from sealedml.attestation.simulated import SimulatedAttester
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+    from sealedml.errors import AccessDenied
+    from sealedml.runtime.release import ReleaseClient
+
+    collateral = str((Path(__file__).resolve().parents[2] / TDX_COLLATERAL).resolve())
+    args = ["keyservice", "serve", "--data-dir", str(tmp_path / "ks"), "--port", "0"]
+    args += ["--accept", "simulated,tdx", "--collateral", collateral]
+    refused = sealedml(*args, "--json", cwd=tmp_path, check=False)
+    assert refused.returncode == 1
+    assert js(refused)["error"] == "configuration" and "--unsafe-allow-simulated" in js(refused)["message"]
+    assert not (tmp_path / "ks").exists()  # refused before touching any state
+
+    runtime = SimulatedAttester(role="runtime")
+    with ServiceProcess.start([*args, "--unsafe-allow-simulated"], name="ks", log_path=tmp_path / "ks.log") as ks:
+        assert "UNSAFE" in (tmp_path / "ks.log").read_text()
+        owner, user = Identity.generate(), Identity.generate()
+        with KeyServiceClient(ks.url, owner) as o, KeyServiceClient(ks.url, user) as u:
+            assert o.attest().unsafe_allow_simulated and o.attest().accepts == ("simulated", "tdx")
+            o.register()
+            u.register()
+            o.upload_model_key("m", 1, os.urandom(32))
+            # The simulated runtime's measurement, allowed and consented to — for TDX only.
+            o.allow_runtime("m", runtime.measurement, tee="tdx")
+            o.grant("m", user.principal_id)
+            u.enable("m", [f"tdx:{runtime.measurement}"])
+
+        async def release() -> None:
+            client = ReleaseClient(ks.url, runtime)
+            try:
+                await client.release([("m", user.principal_id)])
+            finally:
+                await client.aclose()
+
+        with pytest.raises(AccessDenied):
+            asyncio.run(release())
+    db = sqlite3.connect(f"file:{tmp_path / 'ks' / 'keyservice.sqlite3'}?mode=ro", uri=True)
+    events = [json.loads(r[0]) for r in db.execute("SELECT event FROM audit ORDER BY seq")]
+    db.close()
+    last = [e for e in events if e.get("action") == "release"][-1]
+    assert last["decision"] == "deny" and last["tee"] == "simulated"
+    assert f"owner does not allow runtime simulated:{runtime.measurement}" in last["reason"]

@@ -65,3 +65,25 @@ def test_user_without_grant_is_denied(stack, toy_model, unique_id):
     stranger_ks.enable(model_id, [measurement_for("runtime", {"tee": "simulated"})])
     with pytest.raises(AccessDenied):
         stack.infer_client(stranger).infer(model_id, {"x": np.zeros((1, 4), np.float32), "idx": np.zeros(1, np.int64)})
+
+
+def test_instances_run_in_an_empty_private_directory(stack, toy_model, unique_id):
+    """Nothing a model could name by a relative path is in an instance's working directory."""
+    import os
+    import stat
+    from pathlib import Path
+
+    import httpx
+
+    owner, owner_ks = stack.principal()
+    user, user_ks = stack.principal()
+    model_id = unique_id()
+    stack.publish(owner_ks, toy_model, model_id, users=[(user, user_ks)])
+    stack.infer_client(user).infer(model_id, {"x": np.ones((1, 4), np.float32), "idx": np.array([1], np.int64)})
+    functions = httpx.get(f"{stack.gateway.url}/v1/stats", timeout=30).json()["functions"]
+    pids = [i["pid"] for f in functions.values() for i in f["instances"]]
+    assert pids
+    for pid in pids:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        assert cwd.name.startswith("sealedml-worker-") and list(cwd.iterdir()) == []
+        assert stat.S_IMODE(cwd.stat().st_mode) == 0o700

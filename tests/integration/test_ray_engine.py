@@ -20,8 +20,14 @@ def _replicas(gateway: str) -> dict[str, int]:
     return stats["applications"]["sealedml"]["sealedml-runtime"]["replicas"]
 
 
+def _tree(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its modification time (empty if ``root`` does not exist)."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} if root.exists() else {}
+
+
 def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, monkeypatch):
     home_before = set(Path.home().iterdir()) if Path.home().exists() else set()
+    ray_home_before = _tree(Path.home() / ".ray")
     ray_dir = Path("/tmp") / f"sr{tmp_path.name[-12:]}"  # short: Ray's socket paths must fit 107 bytes
     ks = start_keyservice(tmp_path)
     gw = None
@@ -53,6 +59,9 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
             log_path=tmp_path / "ray-platform.log",
             timeout=240,
         )
+        # The local cluster's auth token lives in its session directory, private to this user.
+        token = ray_dir / "auth_token"
+        assert token.is_file() and token.stat().st_mode & 0o777 == 0o600
         stack = Stack(tmp_path, ks, gw)
         owner, owner_ks = stack.principal()
         user, user_ks = stack.principal()
@@ -82,3 +91,4 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
         shutil.rmtree(ray_dir, ignore_errors=True)
     home_after = set(Path.home().iterdir()) if Path.home().exists() else set()
     assert not {p.name for p in home_after - home_before if p.name.startswith(".ray") or p.name == "ray"}
+    assert _tree(Path.home() / ".ray") == ray_home_before  # Ray wrote nothing into the home directory

@@ -11,13 +11,10 @@ runtime's key, so the release is refused, and the audit log says why.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from sealedml.attestation.base import Claims, Evidence, TeeType, Verifier
 from sealedml.attestation.dcap import DcapVerifier
@@ -28,7 +25,7 @@ from sealedml.errors import AccessDenied
 from sealedml.keyservice.app import create_app
 from sealedml.keyservice.server import build_keyservice
 from sealedml.runtime.release import ReleaseClient
-from tests.conftest import VECTORS
+from tests.conftest import VECTORS, serve_in_thread
 
 MRENCLAVE = "33d8736db756ed4997e04ba358d27833188f1932ff7b1d156904d3f560452fbb"
 PINNED = datetime(2025, 7, 1, tzinfo=UTC)
@@ -48,16 +45,9 @@ class PinnedClock(Verifier):
 def keyservice(tmp_path: Path):
     service = build_keyservice(tmp_path / "ks")
     service.verifiers[TeeType.SGX] = PinnedClock(DcapVerifier(TeeType.SGX, VECTORS / "sgx-dcap" / "collateral.json"))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield service, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    served = serve_in_thread(create_app(service))
+    yield service, served.url
+    served.stop()
 
 
 def test_real_sgx_quote_reaches_verifier_and_is_refused_for_its_binding(keyservice, tmp_path, toy_model):
@@ -67,9 +57,9 @@ def test_real_sgx_quote_reaches_verifier_and_is_refused_for_its_binding(keyservi
         o.register()
         u.register()
         o.upload_model_key("sgx-model", 1, b"k" * 32)
-        o.allow_runtime("sgx-model", MRENCLAVE)  # the owner allows exactly this enclave
+        o.allow_runtime("sgx-model", MRENCLAVE, tee="sgx")  # the owner allows exactly this enclave
         o.grant("sgx-model", user.principal_id)
-        u.enable("sgx-model", [MRENCLAVE])
+        u.enable("sgx-model", [f"sgx:{MRENCLAVE}"])
 
     tree = tmp_path / "gramine"
     (tree / "dev" / "attestation").mkdir(parents=True)

@@ -150,7 +150,9 @@ def _valid_bodies() -> dict[str, bytes]:
         "keys": p.ModelKeyRequest(model_version=1, sealed_key="AAAA", service_key="AAAA").model_dump_json().encode(),
         "runtimes": p.AllowRuntimeRequest(measurement=RUNTIME).model_dump_json().encode(),
         "grants": grant_body(),
-        "consent": p.ConsentRequest(sealed_request_key="AAAA", service_key="AAAA", measurements=[RUNTIME])
+        "consent": p.ConsentRequest(
+            sealed_request_key="AAAA", service_key="AAAA", runtimes=[p.RuntimeRef(measurement=RUNTIME)]
+        )
         .model_dump_json()
         .encode(),
         "info": b"",

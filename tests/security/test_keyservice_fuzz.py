@@ -117,7 +117,11 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         client,
         user,
         "/v1/models/owned/consent",
-        p.ConsentRequest(sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()), measurements=[runtime]),
+        p.ConsentRequest(
+            sealed_request_key=b64e(sealed),
+            service_key=b64e(sk.to_bytes()),
+            runtimes=[p.RuntimeRef(measurement=runtime)],
+        ),
     )
     try:
         yield state
@@ -182,9 +186,17 @@ def field_dicts(fields: dict[str, st.SearchStrategy[Any]]) -> st.SearchStrategy[
 BODY_FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "principals": {"public_key": b64s, "proof": b64s},
     "keys": {"model_version": st.integers(min_value=-5, max_value=2**54), "sealed_key": b64s, "service_key": b64s},
-    "runtimes": {"measurement": hexes, "allow": st.booleans()},
+    "runtimes": {
+        "tee": st.sampled_from([None, "simulated", "sgx", "tdx", "sev-snp", "nitro"]),
+        "measurement": hexes,
+        "allow": st.booleans(),
+    },
     "grants": {"user_id": ids, "grant": st.booleans()},
-    "consent": {"sealed_request_key": b64s, "service_key": b64s, "measurements": st.lists(hexes, max_size=70)},
+    "consent": {
+        "sealed_request_key": b64s,
+        "service_key": b64s,
+        "runtimes": st.lists(st.fixed_dictionaries({"measurement": hexes}), max_size=70),
+    },
     "info": {},
     "challenge": {},
     "release": {

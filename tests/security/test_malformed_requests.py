@@ -113,6 +113,8 @@ SPECIFIC_WRONG: dict[str, list[Any]] = {
         {"measurement": "zz" * 48},
         {"measurement": "ab"},
         {"measurement": "ab" * 48, "allow": "sometimes"},
+        {"tee": "nitro", "measurement": "ab" * 48},
+        {"tee": 5, "measurement": "ab" * 48},
     ],
     "/v1/models/m-1/grants": [
         {"user_id": 5},
@@ -121,10 +123,12 @@ SPECIFIC_WRONG: dict[str, list[Any]] = {
         {"user_id": "u", "grant": [True]},
     ],
     "/v1/models/m-1/consent": [
-        {"sealed_request_key": "A", "service_key": "A", "measurements": "ab" * 48},
-        {"sealed_request_key": "A", "service_key": "A", "measurements": []},
-        {"sealed_request_key": "A", "service_key": "A", "measurements": ["ab" * 48] * 65},
-        {"sealed_request_key": "A", "service_key": "A", "measurements": [5]},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": "ab" * 48},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": []},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": [{"measurement": "ab" * 48}] * 65},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": [{"measurement": 5}]},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": [{"tee": "nitro", "measurement": "ab" * 48}]},
+        {"sealed_request_key": "A", "service_key": "A", "runtimes": ["ab" * 48]},
     ],
     "/v1/release": [
         {

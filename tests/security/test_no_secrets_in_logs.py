@@ -4,6 +4,11 @@ Runs a full flow — registration, sealing, release, inference, and the error
 paths (denial, bad inputs, tampered model) — with every process logging at
 DEBUG, then searches all logs and error messages for the secrets in the
 encodings they could leak in (raw, hex, base64, numbers as text).
+
+One model is an error channel: it packs its input into a ``Gather`` index, so
+an out-of-range value makes ONNX Runtime fail with the input's value in its
+message. That message reaches the user alone, sealed in the response; neither
+the platform's nor the gateway's log, nor the plaintext HTTP answer, carries it.
 """
 
 from __future__ import annotations
@@ -12,15 +17,19 @@ import base64
 import logging
 import os
 
+import httpx
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from sealedml.attestation.measurement import measurement_for
 from sealedml.client.gateway import InferenceClient
 from sealedml.client.identity import Identity
 from sealedml.client.keyservice import KeyServiceClient
 from sealedml.envelope.model_container import seal_model
-from sealedml.errors import Error
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
+from sealedml.errors import Error, InputError
 from sealedml.storage.modelstore import LocalModelStore
 from tests.conftest import start_keyservice, start_platform
 
@@ -38,6 +47,19 @@ def _encodings(secret: bytes) -> list[bytes]:
         base64.urlsafe_b64encode(secret).rstrip(b"="),
         secret,
     ]
+
+
+def gather_model() -> onnx.ModelProto:
+    """``y = table[idx]``: an ``idx`` outside the 10-entry table fails with its value in ORT's message."""
+    table = numpy_helper.from_array(np.arange(10, dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], name="lookup")],
+        "error_channel",
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])],
+        [table],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def test_no_secret_in_any_log_or_error(tmp_path, toy_model, caplog, monkeypatch):
@@ -58,9 +80,10 @@ def test_no_secret_in_any_log_or_error(tmp_path, toy_model, caplog, monkeypatch)
             for c in (o, u, s):
                 c.register()
             store = LocalModelStore(tmp_path / "store")
-            for model_id in ("toy", "toy-tampered"):
+            for model_id in ("toy", "toy-tampered", "gather"):
                 o.upload_model_key(model_id, 1, model_key)
-                blob = bytearray(seal_model(toy_model, model_id=model_id, model_version=1, model_key=model_key))
+                graph = gather_model() if model_id == "gather" else toy_model
+                blob = bytearray(seal_model(graph, model_id=model_id, model_version=1, model_key=model_key))
                 if model_id == "toy-tampered":
                     blob[-40] ^= 1
                 store.put(model_id, 1, bytes(blob))
@@ -83,13 +106,31 @@ def test_no_secret_in_any_log_or_error(tmp_path, toy_model, caplog, monkeypatch)
         with InferenceClient(gw.url, stranger) as infer, pytest.raises(Error) as info:
             infer.infer("toy", {"x": x, "idx": idx})
         errors.append(str(info.value))
+
+        # The error channel: the raw answer the platform forwards is kept as it went over the wire.
+        envelope, context = seal_request(
+            {"idx": idx}, request_key=user.request_key("gather"), model_id="gather", user_id=user.principal_id
+        )
+        raw = httpx.post(
+            f"{gw.url}/v1/infer",
+            content=envelope.to_binary(),
+            headers={"content-type": BINARY_CONTENT_TYPE},
+            timeout=60,
+        )
+        wire = raw.content + str(raw.headers).encode()
+        with pytest.raises(InputError) as sealed_error:
+            open_response(context, ResponseEnvelope.parse(raw.content))
+        # The user — and only the user, who sent it — reads ORT's detail with the value.
+        assert "424242" in sealed_error.value.message
     finally:
         gw.stop()
         ks.stop()
 
     logs = b"".join(p.read_bytes() for p in tmp_path.glob("*.log"))
+    assert b"sealed error" in logs  # the instance logged that the error-channel request failed …
     logs += "\n".join(r.getMessage() for r in caplog.records).encode()
     logs += "\n".join(errors).encode()
+    logs += wire  # … and the plaintext answer the platform forwarded is in the search too
     assert b"loaded model toy" in logs  # the logs are real and at DEBUG/INFO detail
 
     secrets_: dict[str, bytes] = {

@@ -249,7 +249,7 @@ def test_release_rejects_wrong_measurement(world: World) -> None:
     attempt = prepare(world.http, world.pair(), evidence=wrong.attest)
     assert_denied(post(world.http, attempt))
     assert world.audit_for(attempt.challenge_id)["reason"] == (
-        f"{world.model_id}/{world.user.principal_id}: policy: measurement {'ab' * 48} not allowed"
+        f"{world.model_id}/{world.user.principal_id}: owner does not allow runtime simulated:{'ab' * 48}"
     )
 
 
@@ -479,7 +479,8 @@ def test_release_rejects_model_allowed_but_user_consented_other_measurement(worl
     assert_denied(post(world.http, attempt))
     # owner {this runtime, OTHER} ∩ user {OTHER} = {OTHER}: this runtime may not see the user's data
     assert world.audit_for(attempt.challenge_id)["reason"] == (
-        f"{world.model_id}/{world.other_consent.principal_id}: policy: measurement {runtime_measurement()} not allowed"
+        f"{world.model_id}/{world.other_consent.principal_id}: user did not consent to runtime "
+        f"simulated:{runtime_measurement()}"
     )
     # control: a runtime with the measurement both agreed on is served
     agreed = prepare(

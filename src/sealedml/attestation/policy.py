@@ -303,8 +303,14 @@ class Policy:
         else:
             advisories = self.accepted_advisories & other.accepted_advisories
         ages = [a for a in (self.max_collateral_age, other.max_collateral_age) if a is not None]
+        measurements = self.measurements & other.measurements
+        if self.tee_types and other.tee_types and not tee_types:
+            # Both restrict TEE types and no type is in both: nothing is acceptable. An
+            # empty ``tee_types`` would read as "any type", so empty the measurements,
+            # which makes the result deny everything.
+            measurements = frozenset()
         return Policy(
-            measurements=self.measurements & other.measurements,
+            measurements=measurements,
             tee_types=tee_types,
             allow_debug=self.allow_debug and other.allow_debug,
             tcb_statuses=self.tcb_statuses & other.tcb_statuses,

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from sealedml._internal.encoding import canonical_json, fields, loads_json
 from sealedml._internal.paths import sealedml_home, write_private_file_once
@@ -92,6 +94,7 @@ class SimulatedAttester(Attester):
         role: str = "runtime",
         measurement: str | None = None,
         debug: bool = False,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         """Create an attester for this process.
 
@@ -100,9 +103,11 @@ class SimulatedAttester(Attester):
             role: ``runtime`` or ``keyservice``; selects the measured configuration.
             measurement: override the computed measurement (tests only).
             debug: claim a debug TEE (tests of the debug policy only).
+            config: security-relevant configuration measured beside ``{"tee": "simulated"}``
+                (for a runtime: the KeyService it trusts).
         """
         self.platform = platform or SimulatedPlatform.load()
-        self._measurement = measurement or measurement_for(role, {"tee": "simulated"})
+        self._measurement = measurement or measurement_for(role, {"tee": "simulated", **(config or {})})
         self._debug = debug
         log.warning(SIMULATED_WARNING)
 

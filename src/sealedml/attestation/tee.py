@@ -8,8 +8,10 @@ simulated TEE (with its warning) otherwise.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sealedml.attestation.base import Attester, TeeType, Verifier
 from sealedml.attestation.registry import attester_for, detect_attester, verifier_for
@@ -37,11 +39,18 @@ def resolve_tee(tee: str, root: Path = Path("/")) -> str:
     return found
 
 
-def build_attester(tee: str, *, role: str, root: Path = Path("/")) -> Attester:
-    """The attester of a server of ``role`` running in ``tee``."""
+def build_attester(tee: str, *, role: str, root: Path = Path("/"), config: Mapping[str, Any] | None = None) -> Attester:
+    """The attester of a server of ``role`` running in ``tee``.
+
+    ``config`` is security-relevant configuration beyond the default (for a
+    runtime: the KeyService it trusts). The simulated TEE hashes it into the
+    measurement; a hardware TEE measures it only if it is part of the measured
+    image (Gramine: a trusted file and fixed arguments in the manifest; a TDX or
+    SEV-SNP VM: its measured boot), which deploy/ sets up.
+    """
     kind = resolve_tee(tee, root)
     if kind == "simulated":
-        return SimulatedAttester(role=role)
+        return SimulatedAttester(role=role, config=config)
     return attester_for(kind, root)
 
 

@@ -18,11 +18,18 @@ from sealedml.errors import ConfigurationError, InputError
 __all__ = ["add_all"]
 
 DEFAULT_HOST = "127.0.0.1"
+#: TEE types a runtime measurement can belong to.
+TEE_TYPES = ("simulated", "sgx", "tdx", "sev-snp")
 
 
 # ---------------------------------------------------------------------- shared argument groups
 def _ks(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--keyservice", required=required, metavar="URL", help="KeyService base URL")
+    _ks_trust(p)
+
+
+def _ks_trust(p: argparse.ArgumentParser) -> None:
+    """The flags that say which KeyService to trust (for a runtime: part of its measurement)."""
     p.add_argument(
         "--keyservice-measurement",
         metavar="HEX",
@@ -107,27 +114,51 @@ def _tee(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
-    from sealedml.client.identity import Identity
-    from sealedml.client.keyservice import KeyServiceClient
+def _ks_trust_from(args: argparse.Namespace) -> Any:
     from sealedml.client.trust import trust_from_options
 
-    identity = Identity.load(args.identity) if with_identity else None
-    trust = trust_from_options(
+    return trust_from_options(
         measurement=args.keyservice_measurement,
         policy_file=args.keyservice_policy,
         collateral=args.collateral,
         pccs_url=args.pccs_url,
         vcek=args.vcek,
     )
-    return KeyServiceClient(args.keyservice, identity, trust=trust)
+
+
+def _ks_trust_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The trust flags as they are passed on to runtime instances (paths made absolute)."""
+    out: list[str] = []
+    if args.keyservice_measurement:
+        out += ["--keyservice-measurement", args.keyservice_measurement]
+    for flag, path in (
+        ("--keyservice-policy", args.keyservice_policy),
+        ("--collateral", args.collateral),
+        ("--vcek", args.vcek),
+    ):
+        if path is not None:
+            out += [flag, str(Path(path).resolve())]
+    if args.pccs_url:
+        out += ["--pccs-url", args.pccs_url]
+    return tuple(out)
+
+
+def _ks_client(args: argparse.Namespace, with_identity: bool = True) -> Any:
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+
+    identity = Identity.load(args.identity) if with_identity else None
+    return KeyServiceClient(args.keyservice, identity, trust=_ks_trust_from(args))
 
 
 def _measurement_hex(value: str) -> str:
-    value = value.strip().lower()
-    if len(value) not in (64, 96) or any(c not in "0123456789abcdef" for c in value):
-        raise argparse.ArgumentTypeError("measurement must be 64 or 96 hex characters")
-    return value
+    """``HEX`` or ``TEE:HEX`` (a runtime measurement, optionally with its TEE type)."""
+    tee, sep, digits = value.strip().lower().rpartition(":")
+    if sep and tee not in TEE_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown TEE type {tee!r}: use one of {', '.join(TEE_TYPES)}")
+    if len(digits) not in (64, 96) or any(c not in "0123456789abcdef" for c in digits):
+        raise argparse.ArgumentTypeError("measurement must be [TEE:]HEX with 64 or 96 hex characters")
+    return f"{tee}:{digits}" if sep else digits
 
 
 # ---------------------------------------------------------------------- identity / register
@@ -165,9 +196,19 @@ def cmd_model_seal(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_model_allow_runtime(args: argparse.Namespace) -> dict[str, Any]:
+    from sealedml.client.keyservice import parse_runtime
+
+    runtime = parse_runtime(args.measurement, args.tee)
     with _ks_client(args) as ks:
-        ks.allow_runtime(args.model_id, args.measurement, allow=not args.remove)
-    return {"model_id": args.model_id, "measurement": args.measurement, "allowed": not args.remove}
+        ks.allow_runtime(args.model_id, runtime.measurement, tee=runtime.tee, allow=not args.remove)
+        tee = runtime.tee or _only_accepted_tee(ks)
+    return {"model_id": args.model_id, "tee": tee, "measurement": runtime.measurement, "allowed": not args.remove}
+
+
+def _only_accepted_tee(ks: Any) -> str | None:
+    """The TEE type the KeyService applied to a runtime named without one (its only accepted type)."""
+    accepts = ks.attest().accepts
+    return str(accepts[0]) if len(accepts) == 1 else None
 
 
 def cmd_model_grant(args: argparse.Namespace) -> dict[str, Any]:
@@ -178,13 +219,34 @@ def cmd_model_grant(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_model_enable(args: argparse.Namespace) -> dict[str, Any]:
-    from sealedml.attestation.measurement import measurement_for
+    from sealedml.client.keyservice import parse_runtime
 
-    measurements = args.measurement or [measurement_for("runtime", {"tee": "simulated"})]
+    measurements = args.measurement or [f"simulated:{_runtime_measurement()}"]
+    runtimes = [parse_runtime(m, args.tee) for m in measurements]
     with _ks_client(args) as ks:
-        ks.enable(args.model_id, measurements)
+        ks.enable(args.model_id, measurements, tee=args.tee)
         user = ks.identity.principal_id
-    return {"model_id": args.model_id, "user_id": user, "consented_measurements": measurements}
+        default_tee = _only_accepted_tee(ks)
+    return {
+        "model_id": args.model_id,
+        "user_id": user,
+        "consented_runtimes": [f"{r.tee or default_tee}:{r.measurement}" for r in runtimes],
+    }
+
+
+def cmd_keyservice_audit_head(args: argparse.Namespace) -> dict[str, Any]:
+    with _ks_client(args) as ks:
+        head = ks.audit_head(args.at)
+        result: dict[str, Any] = {
+            "service_id": head.service_id,
+            "records": head.records,
+            "head": head.head,
+            "issued_at": head.issued_at,
+            "signature": "verified (attested KeyService key)",
+        }
+        if args.at is not None:
+            result.update({"at": head.at, "at_hash": head.at_hash})
+        return result
 
 
 def cmd_model_info(args: argparse.Namespace) -> dict[str, Any]:
@@ -284,8 +346,17 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_measurement(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.attestation.measurement import measurement_for
     from sealedml.attestation.simulated import SIMULATED_WARNING
+    from sealedml.client.trust import measured_trust, runtime_trust_config
 
-    value = measurement_for(args.role, {"tee": "simulated"})
+    config: dict[str, Any] = {"tee": "simulated"}
+    if args.role == "runtime":  # a runtime's measurement includes the KeyService it trusts
+        if args.keyservice_measurement and args.keyservice_policy:
+            raise ConfigurationError("give --keyservice-measurement or --keyservice-policy, not both")
+        measured = measured_trust(measurement=args.keyservice_measurement, policy_file=args.keyservice_policy)
+        config.update(runtime_trust_config(measured))
+    elif args.keyservice_measurement or args.keyservice_policy:
+        raise ConfigurationError("--keyservice-measurement/--keyservice-policy apply to --role runtime")
+    value = measurement_for(args.role, config)
     if not args.json:  # bare hex, for $(sealedml measurement); the warning goes to stderr
         print(f"warning: {SIMULATED_WARNING}", file=sys.stderr)
         print(value)
@@ -322,6 +393,7 @@ def cmd_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
         verifiers=verifiers,
         policy=policy,
         tls=args.tls,
+        unsafe_allow_simulated=args.unsafe_allow_simulated,
     )
     return {"stopped": "keyservice"}
 
@@ -371,6 +443,7 @@ def cmd_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         tls=args.tls,
         memory_budget=args.memory_budget if _size(args.memory_budget) else None,
         spill_dir=_spill_dir(args),
+        worker_args=_ks_trust_args(args),
     )
     return {"stopped": "platform"}
 
@@ -390,6 +463,7 @@ def cmd_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         tls=args.tls,
         memory_budget=_size(args.memory_budget),
         spill_dir=_spill_dir(args),
+        trust=_ks_trust_from(args),
     )
     return {"stopped": "worker"}
 
@@ -577,9 +651,28 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON for SGX/TDX (offline)")
     p.add_argument("--pccs-url", metavar="URL", help="PCCS for Intel collateral (cached in --cache-dir)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="collateral / VCEK cache directory")
-    p.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK certificate")
+    p.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK or VLEK certificate")
+    p.add_argument(
+        "--unsafe-allow-simulated",
+        action="store_true",
+        help="accept simulated evidence beside hardware TEEs in --accept (refused otherwise: anyone with this "
+        "host's simulated platform root could forge it); development only, logged and shown in /v1/attestation",
+    )
     _tee(p)
     _tls(p, "the KeyService")
+
+    p = command(
+        ks, "audit-head", cmd_keyservice_audit_head, "the KeyService's signed audit-log head (keep it to check later)"
+    )
+    p.add_argument(
+        "--at",
+        type=int,
+        metavar="N",
+        default=None,
+        help="also the hash of record N: compare it with a head you kept to detect truncation or rollback",
+    )
+    _identity(p)
+    _ks(p)
 
     pf = sub.add_parser("platform", help="platform commands").add_subparsers(dest="sub", required=True)
     p = command(pf, "serve", cmd_platform_serve, "run the gateway with the embedded local platform")
@@ -615,6 +708,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _tee(p)
     _tls(p, "each instance")
     _budget(p)
+    _ks_trust(p)
 
     wk = sub.add_parser("worker", help="runtime instance commands").add_subparsers(dest="sub", required=True)
     p = command(wk, "serve", cmd_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
@@ -628,6 +722,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _tee(p)
     _tls(p, "the instance")
     _budget(p)
+    _ks_trust(p)
 
     ident = sub.add_parser("identity", help="identity commands").add_subparsers(dest="sub", required=True)
     p = command(ident, "new", cmd_identity_new, "create a new identity file (Ed25519 key + request-key seed)")
@@ -647,7 +742,14 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     _ks(p)
     p = command(model, "allow-runtime", cmd_model_allow_runtime, "allow a runtime measurement for a model")
     p.add_argument("model_id", metavar="ID")
-    p.add_argument("--measurement", required=True, type=_measurement_hex)
+    p.add_argument("--measurement", required=True, type=_measurement_hex, metavar="[TEE:]HEX")
+    p.add_argument(
+        "--tee",
+        choices=TEE_TYPES,
+        default=None,
+        help="the TEE type the measurement is for (default: the KeyService's only accepted type; "
+        "required where it accepts several)",
+    )
     p.add_argument("--remove", action="store_true", help="disallow instead")
     _identity(p)
     _ks(p)
@@ -664,7 +766,14 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--measurement",
         action="append",
         type=_measurement_hex,
-        help="runtime measurement you consent to (repeatable; default: this build's runtime)",
+        metavar="[TEE:]HEX",
+        help="runtime you consent to (repeatable; default: this build's simulated runtime)",
+    )
+    p.add_argument(
+        "--tee",
+        choices=TEE_TYPES,
+        default=None,
+        help="TEE type of the --measurement values that name none (default: the KeyService's only accepted type)",
     )
     _identity(p)
     _ks(p)
@@ -684,6 +793,7 @@ def add_all(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = command(sub, "measurement", cmd_measurement, "print this build's runtime measurement")
     p.add_argument("--role", default="runtime", choices=["runtime", "keyservice"])
+    _ks_trust(p)
 
     zoo = sub.add_parser("zoo", help="built-in models").add_subparsers(dest="sub", required=True)
     p = command(zoo, "export", cmd_zoo_export, "write a built-in model as ONNX")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import secrets
 import ssl
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -13,22 +12,21 @@ from pydantic import BaseModel
 
 from sealedml._internal.encoding import b64d, b64e
 from sealedml._internal.httpclient import sync_client
-from sealedml.attestation.base import Evidence, TeeType
 from sealedml.client.identity import Identity
-from sealedml.client.trust import KeyServiceTrust, default_trust
-from sealedml.crypto import HpkePublicKey, hpke_seal, random_bytes
+from sealedml.client.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
+from sealedml.crypto import hpke_seal, random_bytes, verify_signature
 from sealedml.errors import (
     AttestationError,
     ConfigurationError,
     Conflict,
-    Error,
     ProtocolError,
     ServiceUnavailable,
+    SignatureError,
     error_from_code,
 )
 from sealedml.keyservice import protocol as p
 
-__all__ = ["AttestedKeyService", "KeyServiceClient", "raise_for_error"]
+__all__ = ["AttestedKeyService", "KeyServiceClient", "parse_runtime", "raise_for_error"]
 
 
 def raise_for_error(response: httpx.Response) -> None:
@@ -49,14 +47,21 @@ def raise_for_error(response: httpx.Response) -> None:
     raise exc
 
 
-@dataclass(frozen=True)
-class AttestedKeyService:
-    """A KeyService whose evidence this client verified."""
+def parse_runtime(text: str, tee: str | None = None) -> p.RuntimeRef:
+    """A runtime from ``[TEE:]HEX`` (``tee`` applies where the text names none).
 
-    service_id: str
-    hpke_key: HpkePublicKey
-    measurement: str
-    tee: str
+    Raises:
+        ConfigurationError: an unknown TEE type or a malformed measurement.
+    """
+    kind, sep, measurement = text.strip().rpartition(":")
+    if not sep:
+        kind, measurement = tee or "", text.strip()
+    try:
+        return p.RuntimeRef(tee=kind or None, measurement=measurement.lower())  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ConfigurationError(
+            f"runtime {text!r}: expected [simulated|sgx|tdx|sev-snp:]HEX (64 to 128 hex characters)"
+        ) from exc
 
 
 class KeyServiceClient:
@@ -89,27 +94,14 @@ class KeyServiceClient:
         if self._client is None:
             verify: ssl.SSLContext | bool = True
             if self.url.startswith("https://"):
-                verify = self._attest_tls()
+                # RA-TLS: every handshake verifies the evidence in the KeyService's
+                # certificate before a byte is sent (certificates rotate).
+                from sealedml.attestation.ratls import attested_client_context
+
+                trust = self._trust or default_trust()
+                verify = attested_client_context(trust.verifiers, trust.policy)
             self._client = sync_client(self.url, timeout=self._timeout, verify=verify)
         return self._client
-
-    def _attest_tls(self) -> ssl.SSLContext:
-        """RA-TLS: verify the evidence in the KeyService's certificate before sending anything; pin it."""
-        from sealedml.attestation.ratls import (
-            client_ssl_context,
-            extract_evidence,
-            fetch_peer_certificate,
-            verify_ratls_certificate,
-        )
-
-        parsed = httpx.URL(self.url)
-        trust = self._trust or default_trust()
-        der = fetch_peer_certificate(parsed.host, parsed.port or 443, timeout=self._timeout)
-        verifier = trust.verifiers.get(extract_evidence(der).tee)
-        if verifier is None:
-            raise AttestationError("no verifier for the TEE in the KeyService's RA-TLS certificate")
-        verify_ratls_certificate(der, verifier, trust.policy)
-        return client_ssl_context(der)
 
     def close(self) -> None:
         if self._client is not None:
@@ -126,6 +118,11 @@ class KeyServiceClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            from sealedml.attestation.ratls import attestation_failure
+
+            failure = attestation_failure(exc)
+            if failure is not None:  # the RA-TLS certificate did not verify: say why
+                raise failure from exc
             raise ServiceUnavailable(f"KeyService at {self.url} unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         return response
@@ -160,17 +157,13 @@ class KeyServiceClient:
             return self._attested
         trust = self._trust or default_trust()
         nonce = random_bytes(32)
-        doc = p.AttestationResponse.model_validate(
-            self._request("GET", "/v1/attestation", params={"nonce": nonce.hex()}).json()
-        )
         try:
-            service_key = b64d(doc.hpke_public_key)
-            evidence = Evidence(TeeType(doc.tee), b64d(doc.evidence), b64d(doc.aux))
-            hpke_key = HpkePublicKey.from_bytes(service_key)
-        except (ValueError, Error) as exc:
+            doc = p.AttestationResponse.model_validate(
+                self._request("GET", "/v1/attestation", params={"nonce": nonce.hex()}).json()
+            )
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
             raise AttestationError("KeyService sent malformed attestation") from exc
-        trust.verify(evidence, nonce, service_key)
-        self._attested = AttestedKeyService(doc.service_id, hpke_key, doc.measurement, doc.tee)
+        self._attested = verify_attestation(doc, nonce, trust)
         return self._attested
 
     def _with_service_key(self, build: Any, path: str) -> dict[str, Any]:
@@ -209,29 +202,63 @@ class KeyServiceClient:
 
         self._with_service_key(build, f"/v1/models/{model_id}/keys")
 
-    def allow_runtime(self, model_id: str, measurement: str, *, allow: bool = True) -> None:
-        """Allow (or disallow) a runtime measurement for the owner's model."""
-        self._signed(f"/v1/models/{model_id}/runtimes", p.AllowRuntimeRequest(measurement=measurement, allow=allow))
+    def allow_runtime(self, model_id: str, measurement: str, *, tee: str | None = None, allow: bool = True) -> None:
+        """Allow (or disallow) a runtime measurement of one TEE type for the owner's model.
+
+        ``measurement`` is ``HEX`` or ``TEE:HEX``; without a TEE type (here or in
+        ``tee``) the KeyService's only accepted type is meant, and a KeyService that
+        accepts several refuses the call.
+        """
+        runtime = parse_runtime(measurement, tee)
+        body = p.AllowRuntimeRequest(tee=runtime.tee, measurement=runtime.measurement, allow=allow)
+        self._signed(f"/v1/models/{model_id}/runtimes", body)
 
     def grant(self, model_id: str, user_id: str, *, grant: bool = True) -> None:
         """Grant (or revoke) a user."""
         self._signed(f"/v1/models/{model_id}/grants", p.GrantRequest(user_id=user_id, grant=grant))
 
     # -------------------------------------------------------------- user
-    def enable(self, model_id: str, measurements: list[str]) -> None:
-        """Upload this user's request key for ``model_id`` and consent to ``measurements``."""
+    def enable(self, model_id: str, measurements: list[str], *, tee: str | None = None) -> None:
+        """Upload this user's request key for ``model_id`` and consent to runtimes.
+
+        Args:
+            model_id: the model.
+            measurements: runtimes as ``HEX`` or ``TEE:HEX``.
+            tee: the TEE type of entries that name none (default: the KeyService's
+                only accepted type).
+        """
         if self.identity is None:
             raise ConfigurationError("this call needs an identity")
         user = self.identity.principal_id
         request_key = self.identity.request_key(model_id)
+        runtimes = [parse_runtime(m, tee) for m in measurements]
 
         def build(service: AttestedKeyService) -> p.ConsentRequest:
             raw = service.hpke_key.to_bytes()
             sealed = hpke_seal(service.hpke_key, request_key, p.consent_info(raw, model_id, user))
-            return p.ConsentRequest(sealed_request_key=b64e(sealed), service_key=b64e(raw), measurements=measurements)
+            return p.ConsentRequest(sealed_request_key=b64e(sealed), service_key=b64e(raw), runtimes=runtimes)
 
         self._with_service_key(build, f"/v1/models/{model_id}/consent")
 
     def model_info(self, model_id: str) -> p.ModelInfoResponse:
         """What this principal may know about a model."""
         return p.ModelInfoResponse.model_validate(self._signed(f"/v1/models/{model_id}/info", None))
+
+    def audit_head(self, at: int | None = None) -> p.AuditHeadResponse:
+        """The KeyService's audit-chain head (and the hash of record ``at``), its signature verified.
+
+        Raises:
+            AttestationError: the head is not signed by the attested KeyService.
+        """
+        answer = p.AuditHeadResponse.model_validate(self._signed("/v1/audit/head", p.AuditHeadRequest(at=at)))
+        service = self.attest()
+        message = p.audit_head_message(
+            answer.service_id, answer.records, answer.head, answer.at, answer.at_hash, answer.issued_at
+        )
+        try:
+            if answer.service_id != service.service_id or answer.at != at:
+                raise SignatureError("audit head for another service or record")
+            verify_signature(service.signing_key, b64d(answer.signature), message)
+        except (SignatureError, ValueError) as exc:
+            raise AttestationError("audit head is not signed by the attested KeyService") from exc
+        return answer

@@ -22,6 +22,16 @@ one layer at a time. Unlike the design's first sketch, the tensor index lives
 in the *encrypted* manifest rather than the plaintext header: tensor names and
 shapes describe the architecture, which an owner may consider confidential
 (docs/decisions/0002-encrypted-tensor-index.md).
+
+The graph is the owner's, and the runtime does not trust owners either: a
+tensor that keeps an ONNX external-data reference would make ONNX Runtime read
+that file from the runtime's disk (relative to its working directory) into the
+model — a way to read, for example, a platform's key files through a model's
+outputs. Only the top-level initializers the manifest lists may refer to
+external data, and only to :data:`EXTERNAL_LOCATION` (this container); any
+other reference — in an initializer, a sparse initializer, a ``Constant`` or
+other tensor attribute, a subgraph or a function — is refused
+(:func:`check_external_data`), in both the whole-model and the memory-bounded paths.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,11 +66,13 @@ from sealedml.errors import CryptoError, SealedModelError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "EXTERNAL_LOCATION",
     "MAGIC",
     "Manifest",
     "SealedModelHeader",
     "SealedModelReader",
     "TensorEntry",
+    "check_external_data",
     "open_model",
     "seal_model",
 ]
@@ -231,6 +243,69 @@ def _parse_manifest(doc: Any, payload_length: int) -> Manifest:
     return manifest
 
 
+def _uses_external_data(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0
+
+
+def _attribute_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor in node attributes of ``graph`` (sparse ones as values and indices), subgraphs included."""
+    for node in graph.node:
+        for attr in node.attribute:
+            where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
+            tensors = [attr.t] if attr.HasField("t") else []
+            tensors += list(attr.tensors)
+            sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
+            sparse += list(attr.sparse_tensors)
+            for tensor in tensors:
+                yield where, tensor
+            for item in sparse:
+                yield where, item.values
+                yield where, item.indices
+            subgraphs = [attr.g] if attr.HasField("g") else []
+            for sub in subgraphs + list(attr.graphs):
+                yield from _graph_tensors(sub, top_level=False)
+
+
+def _graph_tensors(graph: onnx.GraphProto, *, top_level: bool) -> Iterator[tuple[str, TensorProto]]:
+    """Every tensor of ``graph`` except, at the top level, its dense initializers (checked apart)."""
+    if not top_level:
+        for init in graph.initializer:
+            yield f"initializer {init.name!r} of subgraph {graph.name!r}", init
+    for sparse in graph.sparse_initializer:
+        yield f"sparse initializer {sparse.values.name!r}", sparse.values
+        yield f"sparse initializer {sparse.values.name!r}", sparse.indices
+    yield from _attribute_tensors(graph)
+
+
+def check_external_data(model: onnx.ModelProto, container_tensors: Collection[str]) -> None:
+    """Refuse a graph with any external-data reference outside this container.
+
+    Args:
+        model: the graph (weights inline or still external).
+        container_tensors: names of the top-level initializers whose data this
+            container holds (the manifest's tensors); only they may point to
+            :data:`EXTERNAL_LOCATION`, and nothing may point anywhere else.
+
+    Raises:
+        SealedModelError: naming the first offending tensor.
+    """
+    for init in model.graph.initializer:
+        if not _uses_external_data(init):
+            continue
+        entries = [(e.key, e.value) for e in init.external_data]
+        if init.name not in container_tensors or entries != [("location", EXTERNAL_LOCATION)]:
+            raise SealedModelError(f"initializer {init.name!r} refers to external data outside the sealed model")
+    others = list(_graph_tensors(model.graph, top_level=True))
+    for function in model.functions:
+        others += list(_attribute_tensors(function))
+    for info in model.training_info:
+        for graph in (info.initialization, info.algorithm):
+            others += list(_graph_tensors(graph, top_level=False))
+    for where, tensor in others:
+        if _uses_external_data(tensor):
+            raise SealedModelError(f"{where} refers to external data: refused")
+
+
 def _content_key(model_key: bytes, header: SealedModelHeader) -> bytes:
     if len(model_key) != KEY_SIZE:
         raise SealedModelError("model key must be 32 bytes")
@@ -333,6 +408,10 @@ def seal_model(
         raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
     if model_version < 1:
         raise SealedModelError("model version must be ≥ 1")
+    try:
+        check_external_data(model, ())
+    except SealedModelError as exc:
+        raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
     payload = _build_payload(model)
     n_chunks = max(1, -(-len(payload) // chunk_size))
     doc = {
@@ -497,13 +576,19 @@ class SealedModelReader:
         return self._manifest
 
     def graph(self) -> onnx.ModelProto:
-        """The ONNX graph with weights still external (pointing into this container)."""
+        """The ONNX graph with weights still external (pointing into this container).
+
+        Raises:
+            SealedModelError: not an ONNX model, or a tensor refers to external data
+                outside this container (:func:`check_external_data`).
+        """
         m = self.manifest
         try:
             graph: onnx.ModelProto = onnx.ModelProto.FromString(self.read(m.graph_offset, m.graph_length))
-            return graph
         except Exception as exc:  # protobuf errors: authenticated but not ONNX
             raise SealedModelError("sealed payload is not an ONNX model") from exc
+        check_external_data(graph, {t.name for t in m.tensors})
+        return graph
 
     def tensor(self, name: str) -> np.ndarray:
         """Decrypt one weight tensor."""
@@ -553,10 +638,12 @@ def open_model(
             spans = {t.name: (t.offset, t.length) for t in manifest.tensors}
         except Exception as exc:  # malformed JSON, manifest or protobuf: authenticated but unusable
             raise SealedModelError("malformed sealed payload") from exc
+    check_external_data(model, spans)
     for init in model.graph.initializer:
         if init.name in spans and init.data_location == TensorProto.EXTERNAL:
             off, ln = spans[init.name]
             del init.external_data[:]
             init.data_location = TensorProto.DEFAULT
             init.raw_data = payload[off : off + ln]
+    check_external_data(model, ())  # inlined: nothing may refer to external data any more
     return model

@@ -14,6 +14,13 @@ Wire form (pydantic, frozen, extra fields forbidden)::
 with ``request_id`` 32 hex chars (128 random bits). In JSON, ``nonce`` and
 ``ciphertext`` are base64; the binary framing (:meth:`_Envelope.to_binary`)
 carries the ciphertext raw (docs/decisions/0003-binary-envelope.md).
+
+Errors that arise once a request is open — its tensors do not fit the model,
+the model fails on them — are *sealed* like outputs (:func:`seal_error`): their
+messages are derived from the request's data (an out-of-range index, a shape),
+so they must not leave the TEE in the clear. The response plaintext is then a
+safetensors payload with no tensors and the error's code and message in its
+metadata; :func:`open_response` raises it as the typed error.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal, TypeVar
 
 import numpy as np
+import safetensors.numpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sealedml._internal.encoding import fields, loads_json
@@ -35,8 +43,8 @@ from sealedml.crypto import (
     hkdf_sha256,
     random_bytes,
 )
-from sealedml.envelope.tensors import decode_tensors, encode_tensors
-from sealedml.errors import CryptoError, EnvelopeError
+from sealedml.envelope.tensors import check_header, decode_tensors, encode_tensors
+from sealedml.errors import CryptoError, EnvelopeError, Error, error_from_code
 
 __all__ = [
     "BINARY_CONTENT_TYPE",
@@ -46,8 +54,10 @@ __all__ = [
     "RequestContext",
     "RequestEnvelope",
     "ResponseEnvelope",
+    "authenticate_request",
     "open_request",
     "open_response",
+    "seal_error",
     "seal_request",
     "seal_response",
 ]
@@ -61,6 +71,9 @@ _REQ_LABEL = b"sealedml/v1/request-key"
 _RESP_LABEL = b"sealedml/v1/response-key"
 _REQ_AAD = b"sealedml/v1/request"
 _RESP_AAD = b"sealedml/v1/response"
+_ERROR_CODE = "sealedml.error"
+_ERROR_MESSAGE = "sealedml.error.message"
+_MAX_ERROR_MESSAGE = 1000
 
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 HexId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
@@ -226,14 +239,17 @@ def seal_request(
     return envelope, RequestContext(model_id, user_id, rid, timestamp, resp_key)
 
 
-def open_request(
+def authenticate_request(
     envelope: RequestEnvelope,
     *,
     request_key: bytes,
     now: float | None = None,
     max_skew: int = MAX_CLOCK_SKEW,
-) -> OpenedRequest:
-    """Authenticate and decrypt a request (runtime side).
+) -> tuple[bytes, RequestContext]:
+    """Authenticate and decrypt a request (runtime side); return its payload, not yet parsed, and its context.
+
+    From here on the response key exists, so whatever goes wrong with the
+    payload can be answered with a sealed error (:func:`seal_error`).
 
     Raises:
         EnvelopeError: stale or future timestamp, tampered, truncated, or sealed
@@ -249,17 +265,56 @@ def open_request(
         plaintext = aead_decrypt(req_key, envelope.nonce, envelope.ciphertext, aad)
     except CryptoError as exc:
         raise EnvelopeError("request failed authentication") from exc
-    tensors, is_positional = decode_tensors(plaintext)
     context = RequestContext(envelope.model_id, envelope.user_id, envelope.request_id, envelope.timestamp, resp_key)
+    return plaintext, context
+
+
+def open_request(
+    envelope: RequestEnvelope,
+    *,
+    request_key: bytes,
+    now: float | None = None,
+    max_skew: int = MAX_CLOCK_SKEW,
+    max_tensors: int | None = None,
+) -> OpenedRequest:
+    """Authenticate, decrypt and parse a request (runtime side).
+
+    Args:
+        envelope: the request.
+        request_key: the user's request key for the model.
+        now: the current time (default: the clock).
+        max_skew: accepted clock difference, seconds.
+        max_tensors: most tensors accepted, checked before any is decoded.
+
+    Raises:
+        EnvelopeError: stale or future timestamp, tampered, truncated, sealed
+            for another model, user or key, or a malformed or oversized payload.
+    """
+    plaintext, context = authenticate_request(envelope, request_key=request_key, now=now, max_skew=max_skew)
+    tensors, is_positional = decode_tensors(plaintext, max_tensors=max_tensors)
     return OpenedRequest(tensors, is_positional, context)
+
+
+def _seal(context: RequestContext, plaintext: bytes) -> ResponseEnvelope:
+    nonce = random_bytes(NONCE_SIZE)
+    aad = _aad(_RESP_AAD, context.model_id, context.user_id, context.request_id, context.timestamp)
+    ciphertext = aead_encrypt(context.response_key, nonce, plaintext, aad)
+    return ResponseEnvelope(request_id=context.request_id, nonce=nonce, ciphertext=ciphertext)
 
 
 def seal_response(context: RequestContext, tensors: Mapping[str, np.ndarray]) -> ResponseEnvelope:
     """Encrypt output tensors under the request's response key (runtime side)."""
-    nonce = random_bytes(NONCE_SIZE)
-    aad = _aad(_RESP_AAD, context.model_id, context.user_id, context.request_id, context.timestamp)
-    ciphertext = aead_encrypt(context.response_key, nonce, encode_tensors(tensors), aad)
-    return ResponseEnvelope(request_id=context.request_id, nonce=nonce, ciphertext=ciphertext)
+    return _seal(context, encode_tensors(tensors))
+
+
+def seal_error(context: RequestContext, error: Error) -> ResponseEnvelope:
+    """Answer an opened request with ``error``, sealed like outputs (runtime side).
+
+    Only the user can read the error's message; the platform sees a response
+    like any other. :func:`open_response` raises it as the same typed error.
+    """
+    metadata = {_ERROR_CODE: error.code, _ERROR_MESSAGE: error.message[:_MAX_ERROR_MESSAGE]}
+    return _seal(context, safetensors.numpy.save({}, metadata=metadata))
 
 
 def open_response(context: RequestContext, envelope: ResponseEnvelope) -> dict[str, np.ndarray]:
@@ -267,6 +322,8 @@ def open_response(context: RequestContext, envelope: ResponseEnvelope) -> dict[s
 
     Raises:
         EnvelopeError: the response belongs to another request or was tampered with.
+        Error: the runtime answered with a sealed error (:func:`seal_error`): the
+            same typed error, e.g. :class:`~sealedml.errors.InputError`.
     """
     if envelope.request_id != context.request_id:
         raise EnvelopeError("response is for another request")
@@ -275,5 +332,9 @@ def open_response(context: RequestContext, envelope: ResponseEnvelope) -> dict[s
         plaintext = aead_decrypt(context.response_key, envelope.nonce, envelope.ciphertext, aad)
     except CryptoError as exc:
         raise EnvelopeError("response failed authentication") from exc
+    metadata = check_header(plaintext).get("__metadata__")
+    if isinstance(metadata, dict) and _ERROR_CODE in metadata:
+        # An authenticated answer from the runtime: the request failed there.
+        raise error_from_code(str(metadata[_ERROR_CODE]), str(metadata.get(_ERROR_MESSAGE, "")))
     tensors, _ = decode_tensors(plaintext)
     return tensors

@@ -5,21 +5,25 @@ A runtime may receive the keys of a (model, user) pair only if all hold:
 1. the model exists and has a key for its current version;
 2. its owner grants the user (and has not revoked the grant);
 3. the user has uploaded a request key and consented to runtimes;
-4. the runtime's verified claims satisfy the intersection of the owner's
-   allowed measurements and the user's consented measurements (debug TEEs
-   and TCB statuses other than ``UpToDate`` are refused by default).
+4. the runtime's verified claims name a runtime — a TEE type *and* a
+   measurement — that both the owner allows and the user consented to (a
+   measurement allowed for one TEE type is never satisfied by evidence of
+   another: simulated evidence can never stand in for a TDX measurement);
+5. the claims satisfy the operator's policy (debug TEEs and TCB statuses other
+   than ``UpToDate`` are refused by default).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from sealedml.attestation.base import Claims
-from sealedml.attestation.policy import DEFAULT_TCB_STATUSES, Policy
+from sealedml.attestation.base import Claims, TeeType
+from sealedml.attestation.policy import DEFAULT_TCB_STATUSES, Policy, TeeRule
 from sealedml.errors import PolicyError
-from sealedml.keyservice.store import ConsentRecord, ModelRecord
+from sealedml.keyservice.store import ConsentRecord, ModelRecord, RuntimeId
 
-__all__ = ["PairState", "decide_pair", "release_policy"]
+__all__ = ["PairState", "decide_pair", "release_policy", "runtime_policy"]
 
 
 @dataclass(frozen=True)
@@ -29,26 +33,50 @@ class PairState:
     model_id: str
     user_id: str
     model: ModelRecord | None
-    allowed_runtimes: frozenset[str]
+    allowed_runtimes: frozenset[RuntimeId]
     granted: bool
     consent: ConsentRecord | None
+
+    @property
+    def runtimes(self) -> frozenset[RuntimeId]:
+        """The runtimes both the owner allows and the user consented to."""
+        consented = self.consent.runtimes if self.consent is not None else frozenset()
+        return self.allowed_runtimes & consented
+
+
+def runtime_policy(runtimes: Iterable[RuntimeId], *, tcb_statuses: frozenset[str] = DEFAULT_TCB_STATUSES) -> Policy:
+    """A policy accepting exactly ``runtimes``: each measurement only for its own TEE type.
+
+    An empty set gives an empty policy, which denies everything.
+    """
+    by_tee: dict[TeeType, set[str]] = {}
+    for runtime in runtimes:
+        by_tee.setdefault(runtime.tee, set()).add(runtime.measurement)
+    return Policy(
+        measurements=frozenset(m for ms in by_tee.values() for m in ms),
+        tee_types=frozenset(by_tee),
+        tcb_statuses=tcb_statuses,
+        tee_rules={tee: TeeRule(tee, measurements=frozenset(ms)) for tee, ms in by_tee.items()},
+    )
 
 
 def release_policy(state: PairState, base: Policy | None = None) -> Policy:
     """The attestation policy for a pair: owner's allow-list ∩ user's consent, under the operator's ``base``.
 
-    The operator's policy contributes its TCB, debug, SVN and collateral rules;
-    its measurement list (if any) further restricts, an empty one does not.
+    The owner's and the user's runtimes are intersected as (TEE type,
+    measurement) pairs *before* they become a policy. The operator's policy
+    contributes its TCB, debug, SVN and collateral rules; its measurement list
+    (if any) further restricts, an empty one does not.
     """
-    # Owners and users choose measurements; TCB statuses are the operator's call
+    # Owners and users choose runtimes; TCB statuses are the operator's call
     # (default: UpToDate only), so an operator policy can accept e.g. SWHardeningNeeded.
     statuses = base.tcb_statuses if base is not None else DEFAULT_TCB_STATUSES
-    owner = Policy.for_measurements(state.allowed_runtimes, tcb_statuses=statuses)
-    user = Policy.for_measurements(state.consent.measurements if state.consent else (), tcb_statuses=statuses)
-    pair = owner.intersect(user)
+    pair = runtime_policy(state.runtimes, tcb_statuses=statuses)
     if base is None:
         return pair
     measurements = pair.measurements & base.measurements if base.measurements else pair.measurements
+    if base.tee_types and not base.tee_types & pair.tee_types:
+        measurements = frozenset()  # the operator accepts none of the pair's TEE types: deny all
     return replace(base.intersect(pair), measurements=measurements)
 
 
@@ -62,6 +90,12 @@ def decide_pair(state: PairState, claims: Claims, base: Policy | None = None) ->
         return "user has not enabled the model (no request key / consent)"
     if not state.allowed_runtimes:
         return "owner allows no runtime measurement"
+    runtime = RuntimeId(claims.tee, claims.measurement)
+    if runtime not in state.runtimes:
+        # Named apart from the policy check so the audit log says which list is missing it.
+        if runtime not in state.allowed_runtimes:
+            return f"owner does not allow runtime {runtime.tee.value}:{runtime.measurement}"
+        return f"user did not consent to runtime {runtime.tee.value}:{runtime.measurement}"
     try:
         release_policy(state, base).verify(claims)
     except PolicyError as exc:

@@ -13,9 +13,13 @@ POST     /v1/models/{id}/runtimes          owner                   yes
 POST     /v1/models/{id}/grants            owner                   yes
 POST     /v1/models/{id}/consent           user                    yes
 POST     /v1/models/{id}/info              owner or granted user   yes
+POST     /v1/audit/head                    any principal           yes
 POST     /v1/release/challenge             runtime                 no (attested next)
 POST     /v1/release                       runtime                 evidence
 =======  ================================  ======================  =========
+
+Release answers and audit heads are signed with the KeyService's attested
+Ed25519 key (``signing_public_key`` in ``/v1/attestation``).
 """
 
 from __future__ import annotations
@@ -83,6 +87,14 @@ def create_app(service: KeyService) -> Starlette:
 
         return handler
 
+    async def audit_head(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body or b"{}", p.AuditHeadRequest)
+        principal = await run_in_threadpool(
+            service.authenticate, request.method, request.url.path, request.headers, body
+        )
+        return json_response(await run_in_threadpool(service.audit_head, principal, req))
+
     async def challenge(request: Request) -> Response:
         await read_body(request, MAX_BODY)
         return json_response(service.challenge())
@@ -107,6 +119,7 @@ def create_app(service: KeyService) -> Starlette:
         Route("/v1/models/{model_id}/grants", guarded(signed(p.GrantRequest, service.grant)), methods=["POST"]),
         Route("/v1/models/{model_id}/consent", guarded(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
         Route("/v1/models/{model_id}/info", guarded(signed(None, service.model_info)), methods=["POST"]),
+        Route("/v1/audit/head", guarded(audit_head), methods=["POST"]),
         Route("/v1/release/challenge", guarded(challenge), methods=["POST"]),
         Route("/v1/release", guarded(release), methods=["POST"]),
     ]

@@ -19,10 +19,13 @@ __all__ = [
     "HDR_PRINCIPAL",
     "HDR_SIGNATURE",
     "HDR_TIMESTAMP",
+    "MAX_LEASE_TTL",
     "MAX_PAIRS",
     "SIGNED_CALL_WINDOW",
     "AllowRuntimeRequest",
     "AttestationResponse",
+    "AuditHeadRequest",
+    "AuditHeadResponse",
     "ChallengeResponse",
     "ConsentRequest",
     "EvidenceMessage",
@@ -33,11 +36,15 @@ __all__ = [
     "ReleasePair",
     "ReleaseRequest",
     "ReleaseResponse",
+    "RuntimeRef",
+    "audit_head_message",
     "consent_info",
     "model_key_info",
     "principal_id_for",
     "registration_message",
+    "release_answer_message",
     "release_info",
+    "service_key_binding",
     "signed_call_message",
 ]
 
@@ -49,10 +56,15 @@ HDR_SIGNATURE = "x-sealedml-signature"
 SIGNED_CALL_WINDOW = 300
 #: Most (model, user) pairs one release may name.
 MAX_PAIRS = 64
+#: Longest lease a runtime accepts, whatever a KeyService says (seconds).
+MAX_LEASE_TTL = 3600
 
 Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]*$", max_length=256)]
 B64 = Annotated[str, Field(max_length=1 << 20)]
+Measurement = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]
+#: The TEE types a runtime measurement can belong to (``sealedml.attestation.base.TeeType`` values).
+TeeName = Literal["simulated", "sgx", "tdx", "sev-snp"]
 
 
 def principal_id_for(public_key: bytes) -> str:
@@ -91,19 +103,66 @@ def release_info(challenge_id: str, runtime_key: bytes) -> bytes:
     return fields(b"sealedml/v1/release", challenge_id, runtime_key)
 
 
+def service_key_binding(hpke_public_key: bytes, signing_public_key: bytes) -> bytes:
+    """The public-key bytes a KeyService's evidence binds (with the verifier's nonce).
+
+    Both of its per-process keys: the HPKE key clients seal secrets to, and the
+    Ed25519 key it signs release answers and audit heads with.
+    """
+    return fields(b"sealedml/v1/keyservice-keys", hpke_public_key, signing_public_key)
+
+
+def release_answer_message(
+    service_id: str, challenge_id: str, runtime_key: bytes, sealed: bytes, expires_at: int, lease_ttl: int
+) -> bytes:
+    """What a KeyService signs in a release answer.
+
+    HPKE base mode does not authenticate the sender: anyone can seal keys to a
+    runtime's public key. The signature by the attested KeyService key, over the
+    challenge, the runtime key the answer is sealed to and the sealed bytes, is
+    what tells the runtime the leases come from the KeyService it attested.
+    """
+    return fields(
+        b"sealedml/v1/release-answer",
+        service_id,
+        challenge_id,
+        runtime_key,
+        hashlib.sha256(sealed).digest(),
+        expires_at,
+        lease_ttl,
+    )
+
+
+def audit_head_message(
+    service_id: str, records: int, head: str, at: int | None, at_hash: str | None, issued_at: int
+) -> bytes:
+    """What a KeyService signs when it exports the head of its audit chain (``at = 0`` when not asked)."""
+    return fields(b"sealedml/v1/audit-head", service_id, records, head, at or 0, at_hash or "", issued_at)
+
+
 class _Msg(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class AttestationResponse(_Msg):
-    """``GET /v1/attestation?nonce=HEX``: the KeyService proves what it runs."""
+    """``GET /v1/attestation?nonce=HEX``: the KeyService proves what it runs.
+
+    The evidence binds the nonce and :func:`service_key_binding` of both keys.
+    ``kem`` names the HPKE KEM of ``hpke_public_key``; ``accepts`` the runtime TEE
+    types this KeyService verifies; ``unsafe_allow_simulated`` says it accepts
+    simulated evidence beside hardware TEEs (for development only).
+    """
 
     service_id: str
     tee: str
     evidence: B64
     aux: B64 = ""
     hpke_public_key: B64
+    signing_public_key: B64
+    kem: str
     measurement: Hex
+    accepts: list[TeeName]
+    unsafe_allow_simulated: bool = False
 
 
 class RegisterRequest(_Msg):
@@ -121,10 +180,23 @@ class ModelKeyRequest(_Msg):
     service_key: B64
 
 
-class AllowRuntimeRequest(_Msg):
-    """``POST /v1/models/{id}/runtimes``: allow (or disallow) a runtime measurement."""
+class RuntimeRef(_Msg):
+    """A runtime measurement of one TEE type.
 
-    measurement: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]
+    Without ``tee`` the KeyService's only accepted TEE type is meant; a KeyService
+    that accepts several refuses it (a measurement must never be satisfiable by
+    evidence of another TEE type).
+    """
+
+    tee: TeeName | None = None
+    measurement: Measurement
+
+
+class AllowRuntimeRequest(_Msg):
+    """``POST /v1/models/{id}/runtimes``: allow (or disallow) a runtime measurement of one TEE type."""
+
+    tee: TeeName | None = None
+    measurement: Measurement
     allow: bool = True
 
 
@@ -140,9 +212,7 @@ class ConsentRequest(_Msg):
 
     sealed_request_key: B64
     service_key: B64
-    measurements: Annotated[
-        list[Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]], Field(min_length=1, max_length=64)
-    ]
+    runtimes: Annotated[list[RuntimeRef], Field(min_length=1, max_length=64)]
 
 
 class ModelInfoResponse(_Msg):
@@ -188,8 +258,36 @@ class ReleaseRequest(_Msg):
 
 
 class ReleaseResponse(_Msg):
-    """Released keys, HPKE-sealed to the runtime key, valid until ``expires_at``."""
+    """Released keys, HPKE-sealed to the runtime key, valid until ``expires_at``.
+
+    ``signature``: Ed25519 by the KeyService's attested signing key over
+    :func:`release_answer_message`.
+    """
 
     sealed: B64
     expires_at: int
     lease_ttl: int
+    signature: B64
+
+
+class AuditHeadRequest(_Msg):
+    """``POST /v1/audit/head``: ask for the head of the audit chain, and the hash of record ``at``."""
+
+    at: Annotated[int, Field(ge=1, le=2**62)] | None = None
+
+
+class AuditHeadResponse(_Msg):
+    """The head of the audit chain, signed by the attested KeyService key.
+
+    Whoever keeps a head ``(records=n, head=h)`` can later check that the log was
+    neither truncated nor rolled back nor rewritten: ask again with ``at=n``; the
+    answer must count at least ``n`` records and give ``h`` as the hash of record ``n``.
+    """
+
+    service_id: str
+    records: int
+    head: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    at: int | None = None
+    at_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    issued_at: int
+    signature: B64

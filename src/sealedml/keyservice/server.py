@@ -4,30 +4,51 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sealedml.attestation.base import Attester
+from sealedml.attestation.base import Attester, TeeType
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.simulated import SIMULATED_WARNING
 from sealedml.attestation.tee import VerifierOptions, build_attester, build_sealer, build_verifiers, resolve_tee
-from sealedml.keyservice.service import KeyService, load_master_key
+from sealedml.errors import ConfigurationError
+from sealedml.keyservice.service import KeyService, check_tee_mix, load_master_key
 from sealedml.keyservice.store import SQLiteKeyStore
+
+if TYPE_CHECKING:
+    from sealedml.attestation.ratls import RotatingRaTlsCertificate
 
 __all__ = ["build_keyservice", "ratls_pair", "serve"]
 
 log = logging.getLogger(__name__)
 
 
-def ratls_pair(attester: Attester, tls: str) -> tuple[bytes, bytes] | None:
-    """An RA-TLS certificate and key from ``attester`` for ``--tls ra``, None for ``--tls none``."""
+def ratls_pair(attester: Attester, tls: str) -> RotatingRaTlsCertificate | None:
+    """The RA-TLS identity for ``--tls ra`` (None for ``--tls none``).
+
+    One key for the server's lifetime, its certificate re-issued with fresh
+    evidence every minute and valid for 4 minutes (``serve_app`` installs each
+    new one), so clients connecting long after start still see fresh evidence.
+
+    Args:
+        attester: produces the evidence in each certificate.
+        tls: ``none`` or ``ra``.
+
+    Returns:
+        The rotating certificate, or None for plain HTTP.
+
+    Raises:
+        ConfigurationError: ``tls`` is neither ``none`` nor ``ra``.
+        AttestationError: the attester failed on the first certificate.
+    """
     if tls == "none":
         return None
     if tls != "ra":
         from sealedml.errors import ConfigurationError
 
         raise ConfigurationError("--tls must be none or ra")
-    from sealedml.attestation.ratls import make_ratls_certificate
+    from sealedml.attestation.ratls import RotatingRaTlsCertificate
 
-    return make_ratls_certificate(attester)
+    return RotatingRaTlsCertificate(attester)
 
 
 def build_keyservice(
@@ -37,6 +58,7 @@ def build_keyservice(
     lease_ttl: int = 60,
     verifiers: VerifierOptions | None = None,
     policy: Policy | None = None,
+    unsafe_allow_simulated: bool = False,
 ) -> KeyService:
     """Open (or initialise) the KeyService state in ``data_dir``.
 
@@ -48,20 +70,37 @@ def build_keyservice(
             KeyService, nothing else).
         policy: the operator's attestation policy (TCB statuses, minimum SVNs,
             debug, collateral age) applied on top of owners' and users' lists.
+        unsafe_allow_simulated: accept simulated evidence beside hardware TEEs
+            (refused otherwise; development only).
 
     Raises:
-        ConfigurationError: unknown TEE or verifier options.
-        StoreError: the data directory belongs to another build or platform.
+        ConfigurationError: unknown TEE or verifier options, or simulated beside
+            hardware TEEs without ``unsafe_allow_simulated``.
+        StoreError: the data directory belongs to another build or platform, or
+            its audit log was truncated or rolled back.
     """
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     kind = resolve_tee(tee)
+    options = verifiers or VerifierOptions(accept=("simulated",) if kind == "simulated" else ())
+    try:
+        accepted = [TeeType(name) for name in options.accept]
+    except ValueError as exc:
+        raise ConfigurationError(f"unknown TEE type in --accept: {exc}") from exc
+    check_tee_mix(accepted, unsafe_allow_simulated=unsafe_allow_simulated)  # before touching any state
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     attester = build_attester(kind, role="keyservice")
     if kind == "simulated":
         log.warning("KeyService: %s", SIMULATED_WARNING)
-    options = verifiers or VerifierOptions(accept=("simulated",) if kind == "simulated" else ())
     master = load_master_key(data_dir, build_sealer(kind, attester))
-    store = SQLiteKeyStore(data_dir / "keyservice.sqlite3")
-    return KeyService(store, master, attester, build_verifiers(options), lease_ttl=lease_ttl, policy=policy)
+    store = SQLiteKeyStore(data_dir / "keyservice.sqlite3", anchor=master.audit_anchor())
+    return KeyService(
+        store,
+        master,
+        attester,
+        build_verifiers(options),
+        lease_ttl=lease_ttl,
+        policy=policy,
+        unsafe_allow_simulated=unsafe_allow_simulated,
+    )
 
 
 def serve(
@@ -74,12 +113,20 @@ def serve(
     verifiers: VerifierOptions | None = None,
     policy: Policy | None = None,
     tls: str = "none",
+    unsafe_allow_simulated: bool = False,
 ) -> None:
     """Run the KeyService until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
     from sealedml.keyservice.app import create_app
 
-    service = build_keyservice(data_dir, tee=tee, lease_ttl=lease_ttl, verifiers=verifiers, policy=policy)
+    service = build_keyservice(
+        data_dir,
+        tee=tee,
+        lease_ttl=lease_ttl,
+        verifiers=verifiers,
+        policy=policy,
+        unsafe_allow_simulated=unsafe_allow_simulated,
+    )
     serve_app(
         create_app(service),
         host,
@@ -89,5 +136,7 @@ def serve(
             "service": "keyservice",
             "measurement": service.attester.measurement,
             "accepts": sorted(t.value for t in service.verifiers),
+            "kem": service.kem.name,
+            "unsafe_allow_simulated": service.unsafe_allow_simulated,
         },
     )

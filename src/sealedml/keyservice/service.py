@@ -5,6 +5,13 @@ Order is enforced on the way in (python-tuf's TrustedMetadataSet idea):
 challenge → evidence → claims → binding → access decision → release. Every
 decision is appended to the hash-chained audit log with its exact reason;
 callers only ever see :class:`~sealedml.errors.AccessDenied` ("denied").
+
+The KeyService holds two keys per process, both bound into its attestation
+evidence: an HPKE key (hybrid ML-KEM-768 + X25519 by default) that owners,
+users and runtimes seal secrets to, and an Ed25519 key that signs every release
+answer — HPKE base mode does not authenticate the sender, so without the
+signature anyone between a runtime and the KeyService could answer a release
+with keys of its own choosing.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +35,13 @@ from sealedml.attestation.sealing import Sealer
 from sealedml.crypto import (
     KEY_SIZE,
     NONCE_SIZE,
+    HpkeKem,
     HpkePrivateKey,
     HpkePublicKey,
+    SigningKey,
     aead_decrypt,
     aead_encrypt,
+    hkdf_sha256,
     hpke_open,
     hpke_seal,
     random_bytes,
@@ -41,9 +51,11 @@ from sealedml.errors import (
     AccessDenied,
     AttestationError,
     AuthenticationError,
+    ConfigurationError,
     Conflict,
     CryptoError,
     Error,
+    NotFound,
     Overloaded,
     ProtocolError,
     SignatureError,
@@ -51,9 +63,9 @@ from sealedml.errors import (
 )
 from sealedml.keyservice import protocol as p
 from sealedml.keyservice.access import PairState, decide_pair
-from sealedml.keyservice.store import KeyStore
+from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
 
-__all__ = ["KeyService", "MasterKey", "load_master_key"]
+__all__ = ["KeyService", "MasterKey", "check_tee_mix", "load_master_key"]
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +96,41 @@ class MasterKey:
         except CryptoError as exc:
             raise StoreError("wrapped secret failed authentication") from exc
 
+    def derive(self, label: str) -> bytes:
+        """A 32-byte key for one purpose (e.g. ``"audit-anchor"``), independent of the wrapping key."""
+        return hkdf_sha256(self._key, info=fields(b"sealedml/v1/master-derived", label))
+
+    def audit_anchor(self) -> AuditAnchor:
+        """The anchor that authenticates the audit chain's head."""
+        return AuditAnchor(self.derive("audit-anchor"))
+
     def __repr__(self) -> str:
         return "MasterKey(…)"
+
+
+def check_tee_mix(accepted: Iterable[TeeType], *, unsafe_allow_simulated: bool = False) -> None:
+    """Refuse a KeyService that would accept simulated evidence beside a hardware TEE.
+
+    Whoever holds a host's simulated platform root (anyone with that host's
+    files) can forge simulated evidence for any measurement. Beside hardware
+    TEEs that is a way around them, so it needs an explicit, logged opt-in.
+
+    Raises:
+        ConfigurationError: the mix without ``unsafe_allow_simulated``.
+    """
+    kinds = set(accepted)
+    hardware = sorted(t.value for t in kinds - {TeeType.SIMULATED})
+    if TeeType.SIMULATED in kinds and hardware:
+        if not unsafe_allow_simulated:
+            raise ConfigurationError(
+                f"refusing to accept simulated evidence beside {', '.join(hardware)}: anyone with this host's "
+                "simulated platform root could forge it; pass --unsafe-allow-simulated for development only"
+            )
+        log.warning(
+            "UNSAFE: this KeyService accepts SIMULATED evidence beside %s (--unsafe-allow-simulated); "
+            "simulated evidence has no hardware protection",
+            ", ".join(hardware),
+        )
 
 
 def load_master_key(data_dir: Path, sealer: Sealer) -> MasterKey:
@@ -115,10 +160,20 @@ class KeyService:
         master: the unsealed master key.
         attester: this KeyService's own attester (clients verify it).
         verifiers: verifiers for the runtime TEE types this deployment accepts.
-        lease_ttl: seconds released keys stay valid in a runtime.
+        lease_ttl: seconds released keys stay valid in a runtime (at most
+            :data:`~sealedml.keyservice.protocol.MAX_LEASE_TTL`).
         challenge_ttl: seconds a release challenge stays usable.
         max_challenges: outstanding challenges before new ones are refused (429).
         policy: the operator's policy (TCB, debug, SVNs) on top of owners' and users' lists.
+        kem: the KEM of this KeyService's HPKE key (hybrid post-quantum by default:
+            model and request keys are long-lived secrets worth recording now and
+            decrypting later).
+        unsafe_allow_simulated: accept simulated evidence beside hardware TEEs
+            (development only; see :func:`check_tee_mix`).
+
+    Raises:
+        ConfigurationError: simulated beside hardware TEEs without the opt-in, or a bad lease TTL.
+        StoreError: the store's audit log does not match its anchor (truncated or rolled back).
     """
 
     def __init__(
@@ -132,35 +187,106 @@ class KeyService:
         challenge_ttl: int = 60,
         max_challenges: int = 10_000,
         policy: Policy | None = None,
+        kem: HpkeKem = HpkeKem.MLKEM768_X25519,
+        unsafe_allow_simulated: bool = False,
     ) -> None:
+        if not 1 <= lease_ttl <= p.MAX_LEASE_TTL:
+            raise ConfigurationError(f"lease TTL must be 1 to {p.MAX_LEASE_TTL} seconds")
+        check_tee_mix(verifiers, unsafe_allow_simulated=unsafe_allow_simulated)
         self.store = store
         self._master = master
         self.attester = attester
         self.verifiers = dict(verifiers)
+        self.unsafe_allow_simulated = unsafe_allow_simulated
         self.lease_ttl = lease_ttl
         self.policy = policy
         self.challenge_ttl = challenge_ttl
         self._max_challenges = max_challenges
+        # A truncated or rolled-back audit log is refused before the service does anything.
+        store.check_audit_anchor()
         self.service_id = store.set_meta_once("service_id", secrets.token_hex(16))
-        self._hpke = HpkePrivateKey()
+        self._hpke = HpkePrivateKey(kem)
         self._hpke_public = self._hpke.public_key.to_bytes()
+        self._signer = SigningKey.generate()
+        self._key_binding = p.service_key_binding(self._hpke_public, self._signer.public_bytes)
         self._challenges: OrderedDict[str, _Challenge] = OrderedDict()
         self._challenge_lock = threading.Lock()
 
+    @property
+    def kem(self) -> HpkeKem:
+        """The KEM of this KeyService's HPKE key."""
+        return self._hpke.kem
+
+    @property
+    def accepted_tees(self) -> list[TeeType]:
+        """The runtime TEE types this KeyService verifies, in a stable order."""
+        return sorted(self.verifiers, key=lambda t: t.value)
+
     # ------------------------------------------------------------------ attestation of the service itself
     def attestation(self, nonce: bytes) -> p.AttestationResponse:
-        """Evidence binding a client's ``nonce`` to this KeyService's HPKE public key."""
+        """Evidence binding a client's ``nonce`` to this KeyService's HPKE and signing keys."""
         if not 16 <= len(nonce) <= 64:
             raise ProtocolError("nonce must be 16 to 64 bytes")
-        evidence = self.attester.attest(nonce, self._hpke_public)
+        evidence = self.attester.attest(nonce, self._key_binding)
         return p.AttestationResponse(
             service_id=self.service_id,
             tee=evidence.tee.value,
             evidence=b64e(evidence.data),
             aux=b64e(evidence.aux),
             hpke_public_key=b64e(self._hpke_public),
+            signing_public_key=b64e(self._signer.public_bytes),
+            kem=self.kem.name,
             measurement=self.attester.measurement,
+            accepts=[t.value for t in self.accepted_tees],
+            unsafe_allow_simulated=self.unsafe_allow_simulated,
         )
+
+    def audit_head(self, principal: str, req: p.AuditHeadRequest) -> p.AuditHeadResponse:
+        """The anchored head of the audit chain (and the hash of record ``req.at``), signed.
+
+        Raises:
+            StoreError: the log does not match its anchor.
+            NotFound: ``req.at`` is beyond the last record.
+        """
+        head = self.store.check_audit_anchor()
+        at_hash = None
+        if req.at is not None:
+            if req.at > head.records:
+                raise NotFound(f"the audit log has {head.records} record(s)")
+            record = next(iter(self.store.audit_records(since=req.at - 1)), None)
+            if record is None or record.seq != req.at:
+                raise StoreError("audit log has a gap (tampered)")
+            at_hash = record.hash
+        issued_at = int(time.time())
+        message = p.audit_head_message(self.service_id, head.records, head.head, req.at, at_hash, issued_at)
+        return p.AuditHeadResponse(
+            service_id=self.service_id,
+            records=head.records,
+            head=head.head,
+            at=req.at,
+            at_hash=at_hash,
+            issued_at=issued_at,
+            signature=b64e(self._signer.sign(message)),
+        )
+
+    def _runtime_id(self, tee: str | None, measurement: str) -> RuntimeId:
+        """A measurement bound to a TEE type; no type means this KeyService's only accepted one.
+
+        Raises:
+            ProtocolError: no type given and this KeyService accepts several (or none),
+                or a type it does not accept.
+        """
+        accepted = self.accepted_tees
+        if tee is None:
+            if len(accepted) != 1:
+                names = ", ".join(t.value for t in accepted) or "none"
+                raise ProtocolError(f"this KeyService accepts several TEE types ({names}): name one (--tee)")
+            return RuntimeId(accepted[0], measurement)
+        kind = TeeType(tee)
+        if kind not in self.verifiers:
+            names = ", ".join(t.value for t in accepted) or "none"
+            raise ProtocolError(f"this KeyService does not accept {kind.value} runtimes (it accepts {names})")
+        return RuntimeId(kind, measurement)
 
     # ------------------------------------------------------------------ signed calls
     def authenticate(
@@ -298,12 +424,14 @@ class KeyService:
             raise AccessDenied()
 
     def allow_runtime(self, principal: str, model_id: str, req: p.AllowRuntimeRequest) -> None:
-        """Allow or disallow a runtime measurement for the caller's model."""
-        extra = {"measurement": req.measurement.lower(), "allow": req.allow}
+        """Allow or disallow a runtime (TEE type + measurement) for the caller's model."""
+        extra = {"tee": req.tee, "measurement": req.measurement.lower(), "allow": req.allow}
         self._require_owner(principal, model_id, "allow_runtime", extra)
+        runtime = self._runtime_id(req.tee, req.measurement)
+        extra["tee"] = runtime.tee.value
         self.store.set_runtime_allowed(
             model_id,
-            req.measurement,
+            runtime,
             req.allow,
             {
                 "action": "allow_runtime",
@@ -347,6 +475,7 @@ class KeyService:
                 }
             )
             raise AccessDenied()  # opaque: existence of model ids is not revealed
+        runtimes = sorted({self._runtime_id(r.tee, r.measurement) for r in req.runtimes})
         key = self._open_to_service(
             req.sealed_request_key, req.service_key, p.consent_info(self._hpke_public, model_id, principal)
         )
@@ -357,12 +486,12 @@ class KeyService:
             model_id,
             principal,
             wrapped,
-            req.measurements,
+            runtimes,
             {
                 "action": "consent",
                 "principal": principal,
                 "model_id": model_id,
-                "measurements": sorted(m.lower() for m in req.measurements),
+                "runtimes": [f"{r.tee.value}:{r.measurement}" for r in runtimes],
                 "decision": "allow",
                 "reason": "user",
             },
@@ -435,18 +564,25 @@ class KeyService:
             raise AccessDenied() from None
         expires_at = int(time.time()) + self.lease_ttl
         payload["expires_at"] = expires_at
-        runtime_key = HpkePublicKey.from_bytes(b64d(req.runtime_key))
+        raw_key = b64d(req.runtime_key)
+        runtime_key = HpkePublicKey.from_bytes(raw_key)
         try:
-            sealed = hpke_seal(
-                runtime_key, json.dumps(payload).encode(), p.release_info(req.challenge_id, b64d(req.runtime_key))
-            )
+            sealed = hpke_seal(runtime_key, json.dumps(payload).encode(), p.release_info(req.challenge_id, raw_key))
         except CryptoError:  # e.g. a low-order X25519 point: evidence may bind it, HPKE cannot use it
             self.store.audit({**event, "decision": "deny", "reason": "unusable runtime key"})
             raise AccessDenied() from None
         self.store.audit(
             {**event, "decision": "allow", "reason": "evidence, grant and consent verified", "expires_at": expires_at}
         )
-        return p.ReleaseResponse(sealed=b64e(sealed), expires_at=expires_at, lease_ttl=self.lease_ttl)
+        message = p.release_answer_message(
+            self.service_id, req.challenge_id, raw_key, sealed, expires_at, self.lease_ttl
+        )
+        return p.ReleaseResponse(
+            sealed=b64e(sealed),
+            expires_at=expires_at,
+            lease_ttl=self.lease_ttl,
+            signature=b64e(self._signer.sign(message)),
+        )
 
     def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
         nonce = self._consume_challenge(req.challenge_id)
@@ -454,7 +590,8 @@ class KeyService:
             raise _Deny("unknown, reused or expired challenge")
         try:
             runtime_key = b64d(req.runtime_key)
-            HpkePublicKey.from_bytes(runtime_key)
+            # Recorded with every decision: a runtime may still offer an X25519-only key.
+            event["kem"] = HpkePublicKey.from_bytes(runtime_key).kem.name
             evidence = Evidence(TeeType(req.evidence.tee), b64d(req.evidence.data), b64d(req.evidence.aux))
         except (ValueError, CryptoError) as exc:
             raise _Deny(f"malformed release request: {type(exc).__name__}") from None

@@ -5,12 +5,25 @@ key by the service layer); it never sees a plaintext key. Every state change
 and its audit record are written in one transaction, so an acknowledged call
 is durable (SQLite WAL with ``synchronous=FULL``) and the audit log can never
 miss a decision that took effect.
+
+The audit log is a hash chain; its head — the number of records and the last
+hash — is *anchored*: an HMAC under a key derived from the master key
+(:class:`AuditAnchor`), updated in the same transaction as each record. The
+chain alone catches an edited, reordered or removed record in the middle;
+the anchor catches records removed from the end (a truncated log chains on
+cleanly otherwise). Every append checks the anchor first, and
+:meth:`KeyStore.verify_audit_chain` checks it after walking the chain.
+
+Runtime measurements are always stored with their TEE type
+(:class:`RuntimeId`): a measurement allowed for TDX can never be satisfied by
+evidence of another TEE type.
 """
 
 from __future__ import annotations
 
 import abc
 import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -21,12 +34,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sealedml._internal.encoding import canonical_json
+from sealedml._internal.encoding import canonical_json, fields
+from sealedml.attestation.base import TeeType
 from sealedml.errors import Conflict, NotFound, StoreError
 
-__all__ = ["AuditRecord", "ConsentRecord", "KeyStore", "ModelRecord", "SQLiteKeyStore"]
+__all__ = [
+    "AuditAnchor",
+    "AuditHead",
+    "AuditRecord",
+    "ConsentRecord",
+    "KeyStore",
+    "ModelRecord",
+    "RuntimeId",
+    "SQLiteKeyStore",
+]
 
 GENESIS = "0" * 64
+#: Schema of the SQLite store; a store written by another schema is refused, never guessed at.
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True, order=True)
+class RuntimeId:
+    """A runtime measurement (lowercase hex) of one TEE type."""
+
+    tee: TeeType
+    measurement: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tee", TeeType(self.tee))
+        object.__setattr__(self, "measurement", self.measurement.strip().lower())
+
+    def to_json(self) -> dict[str, str]:
+        return {"tee": self.tee.value, "measurement": self.measurement}
 
 
 @dataclass(frozen=True)
@@ -40,12 +80,12 @@ class ModelRecord:
 
 @dataclass(frozen=True)
 class ConsentRecord:
-    """A user's request key (wrapped) and the runtime measurements they consented to."""
+    """A user's request key (wrapped) and the runtimes (TEE type + measurement) they consented to."""
 
     model_id: str
     user_id: str
     wrapped_request_key: bytes
-    measurements: frozenset[str]
+    runtimes: frozenset[RuntimeId]
 
 
 @dataclass(frozen=True)
@@ -59,10 +99,45 @@ class AuditRecord:
     hash: str
 
 
+@dataclass(frozen=True)
+class AuditHead:
+    """The head of the audit chain: how many records, and the last record's hash."""
+
+    records: int
+    head: str
+
+
 def chain_hash(prev_hash: str, seq: int, timestamp: float, event: Mapping[str, Any]) -> str:
     """``SHA-256(prev_hash ‖ canonical(seq, timestamp, event))``."""
     body = canonical_json({"seq": seq, "ts": timestamp, "event": dict(event)})
     return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
+
+
+class AuditAnchor:
+    """Authenticates the head of the audit chain with a key the database never sees.
+
+    Args:
+        key: a 32-byte key derived from the KeyService master key.
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise StoreError("audit anchor key must be 32 bytes")
+        self._key = key
+
+    def tag(self, head: AuditHead) -> str:
+        """HMAC-SHA256 over (record count, head hash), hex."""
+        message = fields(b"sealedml/v1/audit-anchor", head.records, head.head)
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def check(self, head: AuditHead, tag: str) -> bool:
+        """Whether ``tag`` authenticates ``head``."""
+        return hmac.compare_digest(self.tag(head), tag)
+
+    def __repr__(self) -> str:
+        return "AuditAnchor(…)"
 
 
 class KeyStore(abc.ABC):
@@ -102,12 +177,12 @@ class KeyStore(abc.ABC):
         """The wrapped key of one model version, or None."""
 
     @abc.abstractmethod
-    def set_runtime_allowed(self, model_id: str, measurement: str, allowed: bool, audit: Mapping[str, Any]) -> None:
-        """Add or remove an allowed runtime measurement."""
+    def set_runtime_allowed(self, model_id: str, runtime: RuntimeId, allowed: bool, audit: Mapping[str, Any]) -> None:
+        """Add or remove an allowed runtime (TEE type + measurement)."""
 
     @abc.abstractmethod
-    def allowed_runtimes(self, model_id: str) -> frozenset[str]:
-        """Allowed runtime measurements of a model."""
+    def allowed_runtimes(self, model_id: str) -> frozenset[RuntimeId]:
+        """Allowed runtimes (TEE type + measurement) of a model."""
 
     @abc.abstractmethod
     def set_grant(self, model_id: str, user_id: str, granted: bool, audit: Mapping[str, Any]) -> None:
@@ -123,10 +198,10 @@ class KeyStore(abc.ABC):
         model_id: str,
         user_id: str,
         wrapped_request_key: bytes,
-        measurements: Sequence[str],
+        runtimes: Sequence[RuntimeId],
         audit: Mapping[str, Any],
     ) -> None:
-        """Store a user's wrapped request key and consented measurements (replaces earlier ones)."""
+        """Store a user's wrapped request key and consented runtimes (replaces earlier ones)."""
 
     @abc.abstractmethod
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
@@ -142,6 +217,50 @@ class KeyStore(abc.ABC):
         """Audit records with ``seq > since`` in order."""
 
     @abc.abstractmethod
+    def audit_head(self) -> AuditHead:
+        """The head of the chain as stored (not yet checked against the anchor)."""
+
+    @abc.abstractmethod
+    def audit_anchor(self) -> tuple[AuditHead, str] | None:
+        """The stored anchor (head and tag), or None if none was ever written."""
+
+    @property
+    @abc.abstractmethod
+    def anchor(self) -> AuditAnchor | None:
+        """The anchor key this store maintains the audit head with (None: not anchored)."""
+
+    @abc.abstractmethod
+    def holds_state(self) -> bool:
+        """Whether any principal or model is stored (each was recorded in the audit log)."""
+
+    def check_audit_anchor(self) -> AuditHead:
+        """Check, cheaply, that the stored head is the anchored one (done on start and before each append).
+
+        Raises:
+            StoreError: the log was truncated, rolled back or extended behind the
+                KeyService's back, or the anchor was removed or forged.
+        """
+        head = self.audit_head()
+        if self.anchor is None:
+            return head
+        anchored = self.audit_anchor()
+        if anchored is None:
+            # An empty log without an anchor is a fresh store, unless state exists whose
+            # creation was audited: then the whole log and its anchor were removed.
+            if head.records == 0 and not self.holds_state():
+                return head
+            raise StoreError("audit log has no anchor but the store holds audited state (truncated or tampered)")
+        stored, tag = anchored
+        if not self.anchor.check(stored, tag):
+            raise StoreError("audit anchor does not authenticate (tampered)")
+        if stored != head:
+            raise StoreError(
+                f"audit log does not match its anchor: {head.records} record(s) stored, "
+                f"{stored.records} anchored (truncated, rolled back or altered)"
+            )
+        return head
+
+    @abc.abstractmethod
     def meta(self, key: str) -> str | None:
         """A metadata value."""
 
@@ -150,16 +269,34 @@ class KeyStore(abc.ABC):
         """Set a metadata value if unset; return the stored value."""
 
     def verify_audit_chain(self) -> int:
-        """Check the audit hash chain end to end; return the number of records.
+        """Check the audit hash chain end to end, then its anchored head; return the number of records.
 
         Raises:
-            StoreError: the chain is broken (a record was altered, removed or reordered).
+            StoreError: the chain is broken (a record was altered, removed or
+                reordered), or it ends elsewhere than its anchor says (truncated).
         """
         prev, count = GENESIS, 0
         for record in self.audit_records():
-            if record.prev_hash != prev or chain_hash(prev, record.seq, record.timestamp, record.event) != record.hash:
+            if (
+                record.seq != count + 1
+                or record.prev_hash != prev
+                or chain_hash(prev, record.seq, record.timestamp, record.event) != record.hash
+            ):
                 raise StoreError(f"audit chain broken at record {record.seq}")
             prev, count = record.hash, count + 1
+        if self.anchor is not None:
+            anchored = self.audit_anchor()
+            walked = AuditHead(count, prev)
+            if anchored is None:
+                if count or self.holds_state():
+                    raise StoreError(
+                        "audit log has no anchor but the store holds audited state (truncated or tampered)"
+                    )
+            elif not self.anchor.check(*anchored) or anchored[0] != walked:
+                raise StoreError(
+                    f"audit chain ends at record {count}, its anchor says {anchored[0].records} "
+                    "(truncated or rolled back)"
+                )
         return count
 
     def close(self) -> None:  # noqa: B027 - optional hook
@@ -175,12 +312,12 @@ CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
 CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, owner TEXT NOT NULL, current_version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS model_keys (model_id TEXT NOT NULL, version INTEGER NOT NULL, wrapped BLOB NOT NULL,
     PRIMARY KEY (model_id, version));
-CREATE TABLE IF NOT EXISTS runtimes (model_id TEXT NOT NULL, measurement TEXT NOT NULL,
-    PRIMARY KEY (model_id, measurement));
+CREATE TABLE IF NOT EXISTS runtimes (model_id TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL,
+    PRIMARY KEY (model_id, tee, measurement));
 CREATE TABLE IF NOT EXISTS grants (model_id TEXT NOT NULL, user_id TEXT NOT NULL, granted INTEGER NOT NULL,
     changed REAL NOT NULL, PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS consents (model_id TEXT NOT NULL, user_id TEXT NOT NULL, wrapped BLOB NOT NULL,
-    measurements TEXT NOT NULL, PRIMARY KEY (model_id, user_id));
+    runtimes TEXT NOT NULL, PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
@@ -190,18 +327,50 @@ class SQLiteKeyStore(KeyStore):
     """:class:`KeyStore` on SQLite in WAL mode with ``synchronous=FULL`` (durable commits).
 
     One connection guarded by a lock; callers run it from a thread pool.
+
+    Args:
+        path: the database file.
+        anchor: maintains and checks the audit head (the KeyService always passes
+            one; without it the audit chain is checked link by link only).
+
+    Raises:
+        StoreError: the file cannot be opened, or was written with another schema.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, anchor: AuditAnchor | None = None) -> None:
+        self._anchor = anchor
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            self._check_schema(path)
             self._db.executescript(_SCHEMA)
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open key store {path}: {exc}") from exc
         self._lock = threading.Lock()
+
+    def _check_schema(self, path: Path | str) -> None:
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        version = None
+        if "meta" in tables:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            version = row[0] if row else None
+        if version != str(SCHEMA_VERSION):
+            # Schema 1 stored runtime measurements without their TEE type: guessing one
+            # could let evidence of one TEE type satisfy a measurement meant for another.
+            raise StoreError(
+                f"key store {path} was written by another SealedML version (schema {version or 1}, "
+                f"this one reads {SCHEMA_VERSION}); it is not migrated automatically: re-register the "
+                "owners' models and runtimes in a new data directory"
+            )
+
+    @property
+    def anchor(self) -> AuditAnchor | None:
+        return self._anchor
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -225,14 +394,44 @@ class SQLiteKeyStore(KeyStore):
                 raise StoreError(f"key store failure: {exc}") from exc
 
     @staticmethod
-    def _append_audit(db: sqlite3.Connection, event: Mapping[str, Any]) -> None:
+    def _head(db: sqlite3.Connection) -> AuditHead:
         row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        seq, prev = (row[0] + 1, row[1]) if row else (1, GENESIS)
+        return AuditHead(int(row[0]), str(row[1])) if row else AuditHead(0, GENESIS)
+
+    @staticmethod
+    def _anchor_row(db: sqlite3.Connection) -> tuple[AuditHead, str] | None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'audit_anchor'").fetchone()
+        if row is None:
+            return None
+        try:
+            doc = json.loads(row[0])
+            return AuditHead(int(doc["records"]), str(doc["head"])), str(doc["tag"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError("audit anchor is malformed (tampered)") from exc
+
+    def _append_audit(self, db: sqlite3.Connection, event: Mapping[str, Any]) -> None:
+        head = self._head(db)
+        if self._anchor is not None:
+            anchored = self._anchor_row(db)
+            expected = anchored[0] if anchored is not None else AuditHead(0, GENESIS)
+            if (anchored is not None and not self._anchor.check(*anchored)) or expected != head:
+                # Refuse to chain a new record onto a truncated or altered log: the
+                # decision would be recorded after a gap nobody could see.
+                raise StoreError("audit log does not match its anchor (truncated, rolled back or altered)")
+        seq, prev = head.records + 1, head.head
         ts = round(time.time(), 6)
+        digest = chain_hash(prev, seq, ts, event)
         db.execute(
             "INSERT INTO audit (seq, ts, event, prev_hash, hash) VALUES (?, ?, ?, ?, ?)",
-            (seq, ts, canonical_json(dict(event)).decode(), prev, chain_hash(prev, seq, ts, event)),
+            (seq, ts, canonical_json(dict(event)).decode(), prev, digest),
         )
+        if self._anchor is not None:
+            new = AuditHead(seq, digest)
+            value = json.dumps({"records": new.records, "head": new.head, "tag": self._anchor.tag(new)})
+            db.execute(
+                "INSERT INTO meta VALUES ('audit_anchor', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
 
     def add_principal(self, principal_id: str, public_key: bytes, audit: Mapping[str, Any]) -> bool:
         with self._tx() as db:
@@ -286,19 +485,22 @@ class SQLiteKeyStore(KeyStore):
         if db.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is None:
             raise NotFound("no such model")
 
-    def set_runtime_allowed(self, model_id: str, measurement: str, allowed: bool, audit: Mapping[str, Any]) -> None:
+    def set_runtime_allowed(self, model_id: str, runtime: RuntimeId, allowed: bool, audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
             self._require_model(db, model_id)
+            key = (model_id, runtime.tee.value, runtime.measurement)
             if allowed:
-                db.execute("INSERT OR IGNORE INTO runtimes VALUES (?, ?)", (model_id, measurement.lower()))
+                db.execute("INSERT OR IGNORE INTO runtimes VALUES (?, ?, ?)", key)
             else:
-                db.execute(
-                    "DELETE FROM runtimes WHERE model_id = ? AND measurement = ?", (model_id, measurement.lower())
-                )
+                db.execute("DELETE FROM runtimes WHERE model_id = ? AND tee = ? AND measurement = ?", key)
             self._append_audit(db, audit)
 
-    def allowed_runtimes(self, model_id: str) -> frozenset[str]:
-        return frozenset(r[0] for r in self._read("SELECT measurement FROM runtimes WHERE model_id = ?", (model_id,)))
+    def allowed_runtimes(self, model_id: str) -> frozenset[RuntimeId]:
+        rows = self._read("SELECT tee, measurement FROM runtimes WHERE model_id = ?", (model_id,))
+        try:
+            return frozenset(RuntimeId(TeeType(tee), measurement) for tee, measurement in rows)
+        except ValueError as exc:
+            raise StoreError("allowed runtime with an unknown TEE type (tampered)") from exc
 
     def set_grant(self, model_id: str, user_id: str, granted: bool, audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
@@ -319,25 +521,30 @@ class SQLiteKeyStore(KeyStore):
         model_id: str,
         user_id: str,
         wrapped_request_key: bytes,
-        measurements: Sequence[str],
+        runtimes: Sequence[RuntimeId],
         audit: Mapping[str, Any],
     ) -> None:
+        encoded = json.dumps([[r.tee.value, r.measurement] for r in sorted(set(runtimes))])
         with self._tx() as db:
             self._require_model(db, model_id)
             db.execute(
                 "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (model_id, user_id) "
-                "DO UPDATE SET wrapped = excluded.wrapped, measurements = excluded.measurements",
-                (model_id, user_id, wrapped_request_key, json.dumps(sorted({m.lower() for m in measurements}))),
+                "DO UPDATE SET wrapped = excluded.wrapped, runtimes = excluded.runtimes",
+                (model_id, user_id, wrapped_request_key, encoded),
             )
             self._append_audit(db, audit)
 
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
         rows = self._read(
-            "SELECT wrapped, measurements FROM consents WHERE model_id = ? AND user_id = ?", (model_id, user_id)
+            "SELECT wrapped, runtimes FROM consents WHERE model_id = ? AND user_id = ?", (model_id, user_id)
         )
         if not rows:
             return None
-        return ConsentRecord(model_id, user_id, bytes(rows[0][0]), frozenset(json.loads(rows[0][1])))
+        try:
+            runtimes = frozenset(RuntimeId(TeeType(tee), str(m)) for tee, m in json.loads(rows[0][1]))
+        except (ValueError, TypeError) as exc:
+            raise StoreError("malformed consent record (tampered)") from exc
+        return ConsentRecord(model_id, user_id, bytes(rows[0][0]), runtimes)
 
     def audit(self, event: Mapping[str, Any]) -> None:
         with self._tx() as db:
@@ -347,6 +554,24 @@ class SQLiteKeyStore(KeyStore):
         rows = self._read("SELECT seq, ts, event, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))
         for seq, ts, event, prev, digest in rows:
             yield AuditRecord(seq, ts, json.loads(event), prev, digest)
+
+    def holds_state(self) -> bool:
+        rows = self._read("SELECT EXISTS (SELECT 1 FROM principals) OR EXISTS (SELECT 1 FROM models)")
+        return bool(rows[0][0])
+
+    def audit_head(self) -> AuditHead:
+        with self._lock:
+            try:
+                return self._head(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"key store failure: {exc}") from exc
+
+    def audit_anchor(self) -> tuple[AuditHead, str] | None:
+        with self._lock:
+            try:
+                return self._anchor_row(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"key store failure: {exc}") from exc
 
     def meta(self, key: str) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))

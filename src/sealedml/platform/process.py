@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import ssl
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +101,7 @@ class WorkerProcess:
     models: set[str] = field(default_factory=set)
     spawn_s: float = 0.0
     dead: bool = False
+    workdir: str | None = None
 
     @property
     def capacity(self) -> int:
@@ -115,11 +118,17 @@ class WorkerProcess:
             ServiceUnavailable: the process did not come up in time.
         """
         t0 = time.perf_counter()
+        # An empty working directory of its own (the instance also moves into a fresh
+        # one itself): nothing a model could name by a relative path is there.
+        self.workdir = tempfile.mkdtemp(prefix="sealedml-instance-")
         self.process = await asyncio.create_subprocess_exec(
             *self.spec.command(),
             stdout=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # ONNX Runtime's telemetry writes a device id and an event store under the
+            # cache directory at import: keep them in the instance's directory, not the home.
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir},
+            cwd=self.workdir,
         )
         if self.process.stdout is None:  # pragma: no cover - PIPE always gives a stream
             raise ServiceUnavailable("no stdout from worker")
@@ -185,13 +194,17 @@ class WorkerProcess:
             with contextlib.suppress(Exception):
                 await self.client.aclose()
         proc = self.process
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(proc.wait(), timeout=grace)
-        except TimeoutError:
+            if proc is None or proc.returncode is not None:
+                return
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        finally:
+            if self.workdir is not None:
+                shutil.rmtree(self.workdir, ignore_errors=True)

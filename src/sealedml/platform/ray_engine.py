@@ -23,6 +23,7 @@ import contextvars
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import tempfile
@@ -106,12 +107,14 @@ class RuntimeReplica:
     async def _load(self, lease: Any, timings: dict[str, float]) -> Any:
         token = self._current.set((lease, timings))
         try:
-            model = await self.get_model(lease.model_id)
+            await self.get_model(lease.model_id)
         finally:
             self._current.reset(token)
-        if model.version != lease.model_version:  # a newer version was published: load it
-            model = await self.worker.load(lease, timings)
-        return model
+        # Ray's multiplexer caches by model id only; it is what routes a request to the
+        # replica holding the model. The model served is always the worker's own, cached by
+        # id, version and key (a hit here): a newer version, or a model another lease's key
+        # opened (a container planted under the same id and version), is never served.
+        return await self.worker.load(lease, timings)
 
     async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
         try:
@@ -194,6 +197,32 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
+def _local_auth_token(session_dir: Path) -> Path:
+    """Token authentication for a local Ray cluster, with the token kept in its session directory.
+
+    Ray ≥ 2.52 turns token authentication on for a new local cluster and, unless told
+    otherwise, writes the token to ``~/.ray/auth_token`` whatever ``_temp_dir`` says —
+    outside this deployment's own files, and shared with every other Ray on the host.
+    Here a fresh token is written (mode 0600) into the session directory, and Ray is
+    pointed at it through its environment (inherited by every Ray process this one
+    starts) before ``ray.init``, which then turns token authentication on as usual
+    (``RAY_AUTH_MODE`` is left to Ray: setting it here, after ``import ray``, would not
+    reach the configuration Ray has already loaded).
+    """
+    session_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = session_dir / "auth_token"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        log.warning("RAY_AUTH_MODE=%s: the local Ray cluster runs WITHOUT token authentication", mode)
+    return path
+
+
 def serve_ray(
     config: RayEngineConfig,
     host: str,
@@ -219,6 +248,8 @@ def serve_ray(
     if ray_address is None and temp_dir is None:
         owned_tmp = tempfile.mkdtemp(prefix="sr-")
         temp_dir = Path(owned_tmp)
+    if ray_address is None and temp_dir is not None:
+        _local_auth_token(temp_dir)
     ray.init(
         address=ray_address,
         num_cpus=num_cpus if ray_address is None else None,

@@ -25,8 +25,13 @@ def serve(
     tls: str = "none",
     memory_budget: str | None = None,
     spill_dir: str | None = None,
+    worker_args: tuple[str, ...] = (),
 ) -> None:
-    """Run the gateway until interrupted."""
+    """Run the gateway until interrupted.
+
+    ``worker_args`` go to every ``sealedml worker serve`` it starts (the
+    ``--keyservice-*`` trust flags: which KeyService the instances accept).
+    """
     from sealedml._internal.serve import serve_app
     from sealedml.platform.app import create_app
 
@@ -40,6 +45,7 @@ def serve(
         tls=tls,
         memory_budget=memory_budget,
         spill_dir=spill_dir,
+        extra_args=worker_args,
     )
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool)
     serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})

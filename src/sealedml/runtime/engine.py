@@ -3,6 +3,12 @@
 ONNX Runtime's ``InferenceSession.run`` is thread-safe, so one session (one
 copy of the weights) serves N requests at once; intra-op threads are sized so
 N × threads does not exceed the cores (no oversubscription).
+
+ONNX Runtime's own logging is silenced (severity FATAL) in every session the
+runtime creates and in its default logger: its error lines quote values of the
+tensors being computed (an out-of-range ``Gather`` index is an input value),
+and its stderr lands in the platform's logs. A run's failure reaches only the
+user, sealed in the response (:func:`sealedml.envelope.request.seal_error`).
 """
 
 from __future__ import annotations
@@ -18,9 +24,13 @@ import onnxruntime as ort
 
 from sealedml.errors import InputError, SealedModelError
 
-__all__ = ["InputSpec", "LoadedModel", "bind_inputs", "intra_op_threads", "ort_dtype"]
+__all__ = ["ORT_LOG_SEVERITY", "InputSpec", "LoadedModel", "bind_inputs", "intra_op_threads", "ort_dtype"]
 
 log = logging.getLogger(__name__)
+
+#: ONNX Runtime log severity in the runtime: 4 = FATAL only (see the module docstring).
+ORT_LOG_SEVERITY = 4
+ort.set_default_logger_severity(ORT_LOG_SEVERITY)
 
 _ORT_TYPES: dict[str, np.dtype[np.generic]] = {
     "tensor(float)": np.dtype(np.float32),
@@ -107,7 +117,7 @@ class LoadedModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options.log_severity_level = ORT_LOG_SEVERITY
         # No spin-waiting after a run: on a shared machine idle ORT threads would
         # otherwise burn the cores the HTTP stack and other requests need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")

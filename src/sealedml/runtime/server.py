@@ -1,22 +1,57 @@
-"""Assemble and serve one runtime instance (``sealedml worker serve``)."""
+"""Assemble and serve one runtime instance (``sealedml worker serve``).
+
+The KeyService an instance trusts (``--keyservice-measurement`` or
+``--keyservice-policy``) is part of its measured configuration; where the
+instance learns the KeyService's *address* (``--keyservice``) is not, since
+the platform that tells it is untrusted — the release client attests whatever
+answers there.
+
+An instance serves from an empty private working directory, created at start
+and removed at exit, so nothing a model could name by a relative path is there.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from sealedml.attestation.base import Attester
 from sealedml.attestation.tee import build_attester as _build_attester
+from sealedml.client.trust import KeyServiceTrust, default_trust
 from sealedml.errors import ConfigurationError
 from sealedml.runtime.release import ReleaseClient
 from sealedml.runtime.worker import Worker, WorkerConfig
 from sealedml.storage.modelstore import LocalModelStore
 
-__all__ = ["build_attester", "build_worker", "serve"]
+__all__ = ["build_attester", "build_worker", "enter_private_workdir", "serve"]
 
 
-def build_attester(tee: str) -> Attester:
-    """The runtime's attester for ``tee`` (``simulated``, ``gramine``, ``tsm`` or ``auto``)."""
-    return _build_attester(tee, role="runtime")
+def build_attester(tee: str, trust: KeyServiceTrust | None = None) -> Attester:
+    """The runtime's attester for ``tee`` (``simulated``, ``gramine``, ``tsm`` or ``auto``).
+
+    ``trust`` (the KeyService this runtime accepts) is measured with the
+    runtime's configuration; the default trust adds nothing, so a default
+    runtime has ``sealedml measurement``'s measurement.
+    """
+    config = trust.measured_config() if trust is not None else {}
+    return _build_attester(tee, role="runtime", config=config)
+
+
+def enter_private_workdir() -> Path:
+    """Move this process into a new, empty directory only it can use (removed at exit).
+
+    ONNX Runtime resolves relative external-data paths against the working
+    directory: whatever a model might still name that way (sealed models are
+    checked for it) finds nothing there.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="sealedml-worker-"))
+    os.chmod(directory, 0o700)
+    os.chdir(directory)
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def build_worker(
@@ -28,14 +63,27 @@ def build_worker(
     model_cache_bytes: int = 1 << 30,
     memory_budget: int | None = None,
     spill_dir: str | None = None,
+    trust: KeyServiceTrust | None = None,
 ) -> Worker:
-    """A worker reading sealed models from ``store`` and keys from ``keyservice``."""
+    """A worker reading sealed models from ``store`` and keys from the KeyService at ``keyservice``.
+
+    Args:
+        keyservice: the KeyService's URL.
+        store: the sealed-model directory.
+        concurrency: requests served at once.
+        tee: the TEE this instance runs in.
+        model_cache_bytes: budget of decrypted models.
+        memory_budget: run models memory-bounded within this many bytes.
+        spill_dir: where memory-bounded models keep their re-encrypted weights.
+        trust: the KeyService to accept (default: this build's simulated KeyService on this host).
+    """
     if concurrency < 1:
         raise ConfigurationError("concurrency must be ≥ 1")
-    attester = build_attester(tee)
+    trust = trust or default_trust()
+    attester = build_attester(tee, trust)
     return Worker(
         attester,
-        ReleaseClient(keyservice, attester),
+        ReleaseClient(keyservice, attester, trust=trust),
         LocalModelStore(store),
         WorkerConfig(
             concurrency=concurrency,
@@ -59,12 +107,18 @@ def serve(
     tls: str = "none",
     memory_budget: int | None = None,
     spill_dir: str | None = None,
+    trust: KeyServiceTrust | None = None,
 ) -> None:
     """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
     from sealedml.keyservice.server import ratls_pair
     from sealedml.runtime.app import create_app
 
+    # Paths from the command line are resolved before leaving the working directory.
+    store = store.resolve()
+    spill_dir = str(Path(spill_dir).resolve()) if spill_dir else None
+    plain = unsafe_plaintext_dir.resolve() if unsafe_plaintext_dir is not None else None
+    enter_private_workdir()
     worker = build_worker(
         keyservice,
         store,
@@ -73,8 +127,9 @@ def serve(
         model_cache_bytes=model_cache_bytes,
         memory_budget=memory_budget,
         spill_dir=spill_dir,
+        trust=trust,
     )
-    app = create_app(worker, unsafe_plaintext_dir=unsafe_plaintext_dir)
+    app = create_app(worker, unsafe_plaintext_dir=plain)
     serve_app(
         app,
         host,

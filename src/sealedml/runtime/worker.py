@@ -9,6 +9,16 @@ after the KeyService's TTL, so revocation reaches a warm instance within the
 TTL — then the decrypted model is taken from an LRU cache (by bytes) or loaded
 once for all concurrent callers. Blocking work (decryption, ONNX Runtime) runs
 on a thread pool sized by the concurrency; the event loop never blocks.
+
+Decrypted models are cached under (model id, version, :func:`model_key_id` of
+the key that opened them): a request is only ever served by a model that its
+own lease's key opens, so a container planted under a genuine id and version
+can never stand in for the genuine model.
+
+Once a request is open, nothing derived from its data leaves the instance
+outside the sealed response: its tensors not fitting the model, or the model
+failing on them, is answered with a sealed error (:func:`seal_error`), and only
+the error's code reaches the logs.
 """
 
 from __future__ import annotations
@@ -30,10 +40,12 @@ from sealedml.envelope.request import (
     MAX_CLOCK_SKEW,
     RequestEnvelope,
     ResponseEnvelope,
-    open_request,
+    authenticate_request,
+    seal_error,
     seal_response,
 )
-from sealedml.errors import EnvelopeError, SealedModelError
+from sealedml.envelope.tensors import decode_tensors
+from sealedml.errors import EnvelopeError, Error, SealedModelError, ServiceError
 from sealedml.runtime.cache import SingleFlightLRU
 from sealedml.runtime.engine import LoadedModel, intra_op_threads
 from sealedml.runtime.release import Lease, ReleaseClient
@@ -76,6 +88,7 @@ class WorkerStats:
 
     requests: int = 0
     errors: int = 0
+    sealed_errors: int = 0
     releases: int = 0
     model_loads: int = 0
     peak_bytes: int = 0
@@ -126,7 +139,8 @@ class Worker:
         self._gate = asyncio.Semaphore(self.config.concurrency)
         self._threads = intra_op_threads(self.config.concurrency)
         self._leases: SingleFlightLRU[tuple[str, str], Lease] = SingleFlightLRU(max_bytes=1 << 62)
-        self._models: SingleFlightLRU[tuple[str, int], LoadedModel] = SingleFlightLRU(
+        # Keyed by (model id, version, model key id): see the module docstring.
+        self._models: SingleFlightLRU[tuple[str, int, str], LoadedModel] = SingleFlightLRU(
             self.config.model_cache_bytes, on_evict=self._evicted
         )
         self._replays = _ReplayCache(self.config.replay_window)
@@ -158,8 +172,11 @@ class Worker:
 
     # ------------------------------------------------------------------ models
     async def load(self, lease: Lease, timings: dict[str, float] | None = None) -> LoadedModel:
-        """The decrypted model named by ``lease`` (single-flight, LRU by bytes; timed into ``timings``)."""
-        key = (lease.model_id, lease.model_version)
+        """The decrypted model named by ``lease`` and opened by its key (single-flight, LRU by bytes).
+
+        Phases are timed into ``timings``.
+        """
+        key = (lease.model_id, lease.model_version, lease.key_id)
 
         async def load() -> tuple[LoadedModel, int, float | None]:
             breakdown: dict[str, float] = {}
@@ -232,7 +249,7 @@ class Worker:
 
     @property
     def loaded_models(self) -> list[dict[str, Any]]:
-        return [{"model_id": m, "version": v} for m, v in self._models.keys()]
+        return [{"model_id": m, "version": v} for m, v, _ in self._models.keys()]
 
     # ------------------------------------------------------------------ predict
     async def predict(self, envelope: RequestEnvelope) -> ResponseEnvelope:
@@ -277,21 +294,36 @@ class Worker:
         self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel, timings: dict[str, float]
     ) -> ResponseEnvelope:
         t0 = time.perf_counter()
-        opened = open_request(envelope, request_key=lease.request_key)
+        payload, context = authenticate_request(envelope, request_key=lease.request_key)
         self._replays.check_and_add(envelope.request_id, time.time())
-        inputs = model.bind_inputs(opened.tensors, opened.positional)
-        t1 = time.perf_counter()
-        run_with_stats = getattr(model, "run_with_stats", None)
-        if run_with_stats is not None:  # memory-bounded: report this request's tracked peak
-            outputs, stats = run_with_stats(inputs)
-            timings["_peak_bytes"] = float(stats.peak_bytes)  # not a phase: the app sends it as its own header
-            self.stats.peak_bytes = max(self.stats.peak_bytes, stats.peak_bytes)
-        else:
-            outputs = model.run(inputs)
-        t2 = time.perf_counter()
-        response = seal_response(opened.context, outputs)
-        timings.update({"open": t1 - t0, "compute": t2 - t1, "seal": time.perf_counter() - t2})
+        t1 = t2 = t0
+        try:
+            # At most as many tensors as the model has inputs, checked before any is decoded.
+            tensors, positional = decode_tensors(payload, max_tensors=len(model.inputs))
+            inputs = model.bind_inputs(tensors, positional)
+            t1 = time.perf_counter()
+            run_with_stats = getattr(model, "run_with_stats", None)
+            if run_with_stats is not None:  # memory-bounded: report this request's tracked peak
+                outputs, stats = run_with_stats(inputs)
+                timings["_peak_bytes"] = float(stats.peak_bytes)  # not a phase: the app sends it as its own header
+                self.stats.peak_bytes = max(self.stats.peak_bytes, stats.peak_bytes)
+            else:
+                outputs = model.run(inputs)
+            t2 = time.perf_counter()
+            response = seal_response(context, outputs)
+        except Error as exc:
+            response = self._sealed_failure(context, exc, exc.code)
+        except Exception:  # anything else the model run raised: its text may quote the inputs too
+            response = self._sealed_failure(context, ServiceError("the model run failed"), "internal")
+        timings.update({"open": t1 - t0, "compute": t2 - t1, "seal": time.perf_counter() - max(t1, t2)})
         return response
+
+    def _sealed_failure(self, context: Any, error: Error, code: str) -> ResponseEnvelope:
+        # The message may be derived from the request's data: it goes to the user only,
+        # sealed; the log gets the code.
+        self.stats.sealed_errors += 1
+        log.info("request failed inside the instance (%s); answered with a sealed error", code)
+        return seal_error(context, error)
 
     async def aclose(self) -> None:
         """Stop: drop models and leases, release the thread pool."""
@@ -313,6 +345,7 @@ class Worker:
             "model_cache_bytes": self._models.bytes,
             "requests": self.stats.requests,
             "errors": self.stats.errors,
+            "sealed_errors": self.stats.sealed_errors,
             "releases": self.stats.releases,
             "model_loads": self.stats.model_loads,
             "load_breakdown": self.stats.load_breakdown[-10:],

@@ -7,16 +7,21 @@ rule, so it fails if that rule's check were removed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 
 from sealedml.attestation.base import Claims, TeeType
 from sealedml.keyservice.access import PairState, decide_pair, release_policy
-from sealedml.keyservice.store import ConsentRecord, ModelRecord
+from sealedml.keyservice.store import ConsentRecord, ModelRecord, RuntimeId
 
 RUNTIME = "ab" * 48
 OTHER = "cd" * 48
 THIRD = "ef" * 48
+
+
+def rts(*measurements: str, tee: TeeType = TeeType.SIMULATED) -> frozenset[RuntimeId]:
+    return frozenset(RuntimeId(tee, m) for m in measurements)
 
 
 def _claims(**overrides: object) -> Claims:
@@ -30,9 +35,9 @@ def _state(**overrides: object) -> PairState:
         model_id="m",
         user_id="u",
         model=ModelRecord("m", "owner", 1),
-        allowed_runtimes=frozenset({RUNTIME}),
+        allowed_runtimes=rts(RUNTIME),
         granted=True,
-        consent=ConsentRecord("m", "u", b"wrapped", frozenset({RUNTIME})),
+        consent=ConsentRecord("m", "u", b"wrapped", rts(RUNTIME)),
     )
     return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
 
@@ -71,42 +76,37 @@ def test_release_rejects_when_owner_allows_no_runtime() -> None:
 
 
 def test_release_rejects_measurement_not_in_owner_list() -> None:
-    state = _state(
-        allowed_runtimes=frozenset({OTHER}), consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME, OTHER}))
-    )
-    assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
+    state = _state(allowed_runtimes=rts(OTHER), consent=ConsentRecord("m", "u", b"w", rts(RUNTIME, OTHER)))
+    assert decide_pair(state, _claims()) == f"owner does not allow runtime simulated:{RUNTIME}"
 
 
 def test_release_rejects_measurement_not_in_user_consent() -> None:
-    state = _state(
-        allowed_runtimes=frozenset({RUNTIME, OTHER}), consent=ConsentRecord("m", "u", b"w", frozenset({OTHER}))
-    )
-    assert decide_pair(state, _claims()) == f"policy: measurement {RUNTIME} not allowed"
+    state = _state(allowed_runtimes=rts(RUNTIME, OTHER), consent=ConsentRecord("m", "u", b"w", rts(OTHER)))
+    assert decide_pair(state, _claims()) == f"user did not consent to runtime simulated:{RUNTIME}"
 
 
 def test_release_requires_the_intersection_of_owner_and_user_lists() -> None:
     """Owner {A, B} and user {B, C}: only B may receive keys."""
     state = _state(
-        allowed_runtimes=frozenset({RUNTIME, OTHER}),
-        consent=ConsentRecord("m", "u", b"w", frozenset({OTHER, THIRD})),
+        allowed_runtimes=rts(RUNTIME, OTHER),
+        consent=ConsentRecord("m", "u", b"w", rts(OTHER, THIRD)),
     )
     assert decide_pair(state, _claims(measurement=OTHER)) is None
-    assert decide_pair(state, _claims(measurement=RUNTIME)) == f"policy: measurement {RUNTIME} not allowed"
-    assert decide_pair(state, _claims(measurement=THIRD)) == f"policy: measurement {THIRD} not allowed"
+    assert decide_pair(state, _claims(measurement=RUNTIME)) == f"user did not consent to runtime simulated:{RUNTIME}"
+    assert decide_pair(state, _claims(measurement=THIRD)) == f"owner does not allow runtime simulated:{THIRD}"
 
 
 def test_release_rejects_disjoint_owner_and_user_lists() -> None:
     """Owner allows only A, user consents only to B: nothing may receive the keys, not even A or B."""
-    state = _state(consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})))
-    for measurement in (RUNTIME, OTHER):
-        assert decide_pair(state, _claims(measurement=measurement)) == (
-            "policy: empty policy: no measurement is allowed"
-        )
+    state = _state(consent=ConsentRecord("m", "u", b"w", rts(OTHER)))
+    assert decide_pair(state, _claims(measurement=RUNTIME)) == f"user did not consent to runtime simulated:{RUNTIME}"
+    assert decide_pair(state, _claims(measurement=OTHER)) == f"owner does not allow runtime simulated:{OTHER}"
+    assert release_policy(state).measurements == frozenset()  # the policy itself denies everything
 
 
 def test_release_rejects_user_consent_with_no_measurement() -> None:
     state = _state(consent=ConsentRecord("m", "u", b"w", frozenset()))
-    assert decide_pair(state, _claims()) == "policy: empty policy: no measurement is allowed"
+    assert decide_pair(state, _claims()) == f"user did not consent to runtime simulated:{RUNTIME}"
 
 
 def test_release_rejects_debug_tee() -> None:
@@ -120,10 +120,51 @@ def test_release_rejects_tcb_status_other_than_up_to_date(status: str) -> None:
 
 def test_measurements_compare_case_insensitively() -> None:
     state = _state(
-        allowed_runtimes=frozenset({RUNTIME.upper()}),
-        consent=ConsentRecord("m", "u", b"w", frozenset({RUNTIME.upper()})),
+        allowed_runtimes=rts(RUNTIME.upper()),
+        consent=ConsentRecord("m", "u", b"w", rts(RUNTIME.upper())),
     )
     assert decide_pair(state, _claims(measurement=RUNTIME)) is None
+    assert decide_pair(_state(), _claims(measurement=RUNTIME.upper())) is None
+
+
+TEES = list(TeeType)
+
+
+@pytest.mark.parametrize(
+    ("allowed", "evidence"), [(a, e) for a, e in itertools.product(TEES, TEES) if a is not e], ids=str
+)
+def test_evidence_of_another_tee_type_never_satisfies_a_measurement(allowed: TeeType, evidence: TeeType) -> None:
+    """Owner and user both name (``allowed``, M); verified claims of ``evidence`` type with the same M are refused.
+
+    Simulated evidence can be forged by whoever holds a host's platform root: it
+    must never stand in for a hardware measurement, and no hardware type for another.
+    """
+    state = _state(
+        allowed_runtimes=rts(RUNTIME, tee=allowed), consent=ConsentRecord("m", "u", b"w", rts(RUNTIME, tee=allowed))
+    )
+    assert decide_pair(state, _claims(tee=allowed)) is None
+    reason = decide_pair(state, _claims(tee=evidence))
+    assert reason == f"owner does not allow runtime {evidence.value}:{RUNTIME}"
+    with pytest.raises(Exception, match="not allowed"):
+        release_policy(state).verify(_claims(tee=evidence))  # the policy alone refuses it too
+
+
+def test_owner_and_user_naming_one_measurement_for_different_tees_allow_nothing() -> None:
+    """Owner allows (tdx, M), user consents to (sgx, M): the lists share no runtime, whatever the evidence."""
+    state = _state(
+        allowed_runtimes=rts(RUNTIME, tee=TeeType.TDX),
+        consent=ConsentRecord("m", "u", b"w", rts(RUNTIME, tee=TeeType.SGX)),
+    )
+    for tee in TEES:
+        assert decide_pair(state, _claims(tee=tee)) is not None
+    assert release_policy(state).measurements == frozenset()
+
+
+def test_operator_policy_for_other_tee_types_denies_everything() -> None:
+    from sealedml.attestation.policy import Policy
+
+    operator = Policy(tee_types=frozenset({TeeType.SGX}))
+    assert decide_pair(_state(), _claims(), operator) == "policy: empty policy: no measurement is allowed"
 
 
 def test_rules_are_checked_in_order_model_grant_consent_runtimes() -> None:
@@ -138,11 +179,12 @@ def test_rules_are_checked_in_order_model_grant_consent_runtimes() -> None:
 def test_release_policy_is_the_intersection_and_forbids_debug() -> None:
     policy = release_policy(
         _state(
-            allowed_runtimes=frozenset({RUNTIME, OTHER}),
-            consent=ConsentRecord("m", "u", b"w", frozenset({OTHER})),
+            allowed_runtimes=rts(RUNTIME, OTHER),
+            consent=ConsentRecord("m", "u", b"w", rts(OTHER)),
         )
     )
     assert policy.measurements == frozenset({OTHER})
+    assert policy.tee_types == frozenset({TeeType.SIMULATED})
     assert policy.allow_debug is False
     assert release_policy(_state(consent=None)).measurements == frozenset()
 

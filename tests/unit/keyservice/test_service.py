@@ -18,11 +18,13 @@ import pytest
 from sealedml._internal.encoding import b64d, b64e
 from sealedml.attestation.simulated import SimulatedAttester
 from sealedml.client.identity import Identity
-from sealedml.crypto import HpkePrivateKey, HpkePublicKey, hpke_seal, random_bytes
+from sealedml.crypto import HpkeKem, HpkePrivateKey, HpkePublicKey, hpke_seal, random_bytes
 from sealedml.errors import (
     AccessDenied,
+    AttestationError,
     AuthenticationError,
     Conflict,
+    NotFound,
     Overloaded,
     ProtocolError,
 )
@@ -65,6 +67,8 @@ def signed_headers(
 class Released:
     response: p.ReleaseResponse
     payload: dict[str, Any]
+    challenge_id: str = ""
+    runtime_key: bytes = b""
 
 
 class Harness:
@@ -127,7 +131,7 @@ class Harness:
             p.ConsentRequest(
                 sealed_request_key=b64e(sealed),
                 service_key=b64e(sk.to_bytes()),
-                measurements=measurements or [self.runtime],
+                runtimes=[p.RuntimeRef(measurement=m) for m in (measurements or [self.runtime])],
             ),
         )
 
@@ -140,9 +144,9 @@ class Harness:
             self.enable(user, model_id)
         return owner, key
 
-    def release(self, pairs: list[tuple[str, str]], attester: Any = None) -> Released:
+    def release(self, pairs: list[tuple[str, str]], attester: Any = None, kem: str = "X25519") -> Released:
         challenge = self.svc.challenge()
-        key = HpkePrivateKey()
+        key = HpkePrivateKey(HpkeKem[kem])
         runtime_key = key.public_key.to_bytes()
         evidence = (attester or self.attester).attest(b64d(challenge.nonce), runtime_key)
         response = self.svc.release(
@@ -154,7 +158,7 @@ class Harness:
             )
         )
         payload = json.loads(key.open(b64d(response.sealed), p.release_info(challenge.challenge_id, runtime_key)))
-        return Released(response, payload)
+        return Released(response, payload, challenge.challenge_id, runtime_key)
 
     def last_audit(self, **match: Any) -> dict[str, Any]:
         for record in reversed(list(self.svc.store.audit_records())):
@@ -377,7 +381,9 @@ def test_consent_key_sealed_for_another_user_does_not_open(h: Harness) -> None:
     sk = h.service_key
     sealed = hpke_seal(sk, user.request_key("m"), p.consent_info(sk.to_bytes(), "m", user.principal_id))
     captured = p.ConsentRequest(
-        sealed_request_key=b64e(sealed), service_key=b64e(sk.to_bytes()), measurements=[h.runtime]
+        sealed_request_key=b64e(sealed),
+        service_key=b64e(sk.to_bytes()),
+        runtimes=[p.RuntimeRef(measurement=h.runtime)],
     )
     with pytest.raises(ProtocolError):
         h.call(mallory, "consent", "m", captured)
@@ -541,3 +547,118 @@ def test_audit_chain_verifies_after_a_full_workflow(h: Harness) -> None:
         "consent",
         "release",
     } <= set(actions)
+
+
+# ---------------------------------------------------------------------------- signed answers, KEMs, TEE types
+
+
+def test_release_answer_is_signed_by_the_attested_keyservice_key(h: Harness) -> None:
+    from sealedml.client.trust import default_trust, verify_attestation
+    from sealedml.crypto import verify_signature
+
+    user = h.register()
+    h.publish("m", [user])
+    nonce = random_bytes(32)
+    service = verify_attestation(h.svc.attestation(nonce), nonce, default_trust())
+    released = h.release([("m", user.principal_id)])
+    answer, runtime_key = released.response, released.runtime_key
+    message = p.release_answer_message(
+        service.service_id, released.challenge_id, runtime_key, b64d(answer.sealed), answer.expires_at, 30
+    )
+    verify_signature(service.signing_key, b64d(answer.signature), message)
+    with pytest.raises(Exception, match="does not verify"):  # bound to the challenge and the runtime key
+        other = p.release_answer_message(
+            service.service_id, "other-challenge", runtime_key, b64d(answer.sealed), answer.expires_at, 30
+        )
+        verify_signature(service.signing_key, b64d(answer.signature), other)
+
+
+def test_attestation_names_the_hybrid_kem_and_binds_both_keys(h: Harness) -> None:
+    from sealedml.client.trust import default_trust, verify_attestation
+
+    nonce = random_bytes(32)
+    doc = h.svc.attestation(nonce)
+    assert doc.kem == "MLKEM768_X25519"
+    assert HpkePublicKey.from_bytes(b64d(doc.hpke_public_key)).kem.name == "MLKEM768_X25519"
+    assert doc.accepts == ["simulated"] and doc.unsafe_allow_simulated is False
+    service = verify_attestation(doc, nonce, default_trust())
+    assert service.kem == "MLKEM768_X25519"
+    swapped = doc.model_copy(update={"signing_public_key": b64e(b"\x07" * 32)})
+    with pytest.raises(AttestationError, match="does not bind"):  # another signing key is not attested
+        verify_attestation(swapped, nonce, default_trust())
+
+
+@pytest.mark.parametrize("kem", ["X25519", "MLKEM768_X25519"])
+def test_release_to_a_runtime_key_of_either_kem_is_audited_with_its_kem(h: Harness, kem: str) -> None:
+    user = h.register()
+    h.publish("m", [user])
+    released = h.release([("m", user.principal_id)], kem=kem)
+    assert released.payload["leases"] and HpkePublicKey.from_bytes(released.runtime_key).kem.name == kem
+    event = h.last_audit(action="release", challenge_id=released.challenge_id)
+    assert event["decision"] == "allow" and event["kem"] == kem
+
+
+def test_keyservice_mixing_simulated_with_hardware_needs_the_unsafe_opt_in(tmp_path: Path) -> None:
+    from sealedml.attestation.base import TeeType
+    from sealedml.attestation.simulated import SimulatedVerifier
+    from sealedml.errors import ConfigurationError
+    from sealedml.keyservice.service import MasterKey
+    from sealedml.keyservice.store import SQLiteKeyStore
+
+    store = SQLiteKeyStore(tmp_path / "ks.sqlite3")
+    verifiers = {TeeType.SIMULATED: SimulatedVerifier(), TeeType.TDX: SimulatedVerifier()}
+    attester = SimulatedAttester(role="keyservice")
+    for hardware in (TeeType.SGX, TeeType.TDX, TeeType.SEV_SNP):
+        mixed = {TeeType.SIMULATED: SimulatedVerifier(), hardware: SimulatedVerifier()}
+        with pytest.raises(ConfigurationError, match="unsafe-allow-simulated"):
+            KeyService(store, MasterKey(b"m" * 32), attester, mixed)
+    svc = KeyService(store, MasterKey(b"m" * 32), attester, verifiers, unsafe_allow_simulated=True)
+    doc = svc.attestation(random_bytes(32))
+    assert doc.unsafe_allow_simulated is True and doc.accepts == ["simulated", "tdx"]
+
+
+def test_allow_runtime_without_a_tee_type_is_refused_where_several_are_accepted(h: Harness) -> None:
+    from sealedml.attestation.base import TeeType
+    from sealedml.attestation.simulated import SimulatedVerifier
+
+    owner = h.register()
+    h.upload(owner, "m")
+    h.svc.verifiers[TeeType.TDX] = SimulatedVerifier()  # as if started with --accept simulated,tdx
+    with pytest.raises(ProtocolError, match="several TEE types"):
+        h.call(owner, "allow_runtime", "m", p.AllowRuntimeRequest(measurement="ab" * 48))
+    h.call(owner, "allow_runtime", "m", p.AllowRuntimeRequest(tee="tdx", measurement="ab" * 48))
+    assert h.last_audit(action="allow_runtime")["tee"] == "tdx"
+    with pytest.raises(ProtocolError, match="does not accept sgx"):
+        h.call(owner, "allow_runtime", "m", p.AllowRuntimeRequest(tee="sgx", measurement="ab" * 48))
+
+
+def test_audit_head_is_signed_and_names_the_hash_of_any_record(h: Harness) -> None:
+    from sealedml.client.trust import default_trust, verify_attestation
+    from sealedml.crypto import verify_signature
+
+    who = h.register()
+    h.publish("m", [who])
+    nonce = random_bytes(32)
+    service = verify_attestation(h.svc.attestation(nonce), nonce, default_trust())
+    records = list(h.svc.store.audit_records())
+    head = h.svc.audit_head(who.principal_id, p.AuditHeadRequest(at=2))
+    assert (head.records, head.head, head.at_hash) == (len(records), records[-1].hash, records[1].hash)
+    message = p.audit_head_message(head.service_id, head.records, head.head, head.at, head.at_hash, head.issued_at)
+    verify_signature(service.signing_key, b64d(head.signature), message)
+    with pytest.raises(NotFound):
+        h.svc.audit_head(who.principal_id, p.AuditHeadRequest(at=len(records) + 1))
+
+
+def test_keyservice_refuses_to_start_on_a_truncated_audit_log(tmp_path: Path) -> None:
+    from sealedml.errors import StoreError
+
+    first = Harness(build_keyservice(tmp_path / "ks"))
+    user = first.register()
+    first.publish("m", [user])
+    first.svc.store.close()
+    db = sqlite3.connect(str(tmp_path / "ks" / "keyservice.sqlite3"))
+    db.execute("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="does not match its anchor"):
+        build_keyservice(tmp_path / "ks")

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from sealedml.attestation.base import TeeType
 from sealedml.errors import Conflict, NotFound, StoreError
-from sealedml.keyservice.store import GENESIS, SQLiteKeyStore, chain_hash
+from sealedml.keyservice.store import GENESIS, AuditAnchor, AuditHead, RuntimeId, SQLiteKeyStore, chain_hash
 
 M1 = "ab" * 48
 M2 = "cd" * 48
+R1 = RuntimeId(TeeType.SIMULATED, M1)
+R2 = RuntimeId(TeeType.TDX, M2)
 
 
 @pytest.fixture
@@ -78,18 +81,18 @@ def _c_model_v2(s: SQLiteKeyStore) -> None:
 
 def _w_allow(s: SQLiteKeyStore) -> None:
     _with_model(s)
-    s.set_runtime_allowed("m", M1.upper(), True, {"action": "allow"})
-    s.set_runtime_allowed("m", M2, True, {"action": "allow"})
+    s.set_runtime_allowed("m", RuntimeId(TeeType.SIMULATED, M1.upper()), True, {"action": "allow"})
+    s.set_runtime_allowed("m", R2, True, {"action": "allow"})
 
 
 def _c_allow(s: SQLiteKeyStore) -> None:
-    assert s.allowed_runtimes("m") == {M1, M2}
+    assert s.allowed_runtimes("m") == {R1, R2}
 
 
 def _w_disallow(s: SQLiteKeyStore) -> None:
     _with_model(s)
-    s.set_runtime_allowed("m", M1, True, {"action": "allow"})
-    s.set_runtime_allowed("m", M1.upper(), False, {"action": "disallow"})
+    s.set_runtime_allowed("m", R1, True, {"action": "allow"})
+    s.set_runtime_allowed("m", RuntimeId(TeeType.SIMULATED, M1.upper()), False, {"action": "disallow"})
 
 
 def _c_disallow(s: SQLiteKeyStore) -> None:
@@ -116,15 +119,15 @@ def _c_revoke(s: SQLiteKeyStore) -> None:
 
 def _w_consent(s: SQLiteKeyStore) -> None:
     _with_model(s)
-    s.set_consent("m", "u", b"rk-1", [M1], {"action": "consent"})
-    s.set_consent("m", "u", b"rk-2", [M2.upper()], {"action": "consent"})
+    s.set_consent("m", "u", b"rk-1", [R1], {"action": "consent"})
+    s.set_consent("m", "u", b"rk-2", [RuntimeId(TeeType.TDX, M2.upper())], {"action": "consent"})
 
 
 def _c_consent(s: SQLiteKeyStore) -> None:
     consent = s.consent("m", "u")
     assert consent is not None
     assert consent.wrapped_request_key == b"rk-2"
-    assert consent.measurements == {M2}
+    assert consent.runtimes == {R2}
 
 
 def _w_audit(s: SQLiteKeyStore) -> None:
@@ -189,13 +192,14 @@ def test_acknowledged_writes_survive_a_killed_process(db_path: Path) -> None:
     """A process that exits abruptly (no close, no checkpoint) loses nothing it was told was written."""
     script = f"""
 import os, time
-from sealedml.keyservice.store import SQLiteKeyStore
+from sealedml.attestation.base import TeeType
+from sealedml.keyservice.store import RuntimeId, SQLiteKeyStore
 s = SQLiteKeyStore({str(db_path)!r})
 s.add_principal("p1", b"k" * 32, {{"action": "register"}})
 s.put_model_key("m", "p1", 1, b"wrapped", {{"action": "upload"}})
-s.set_runtime_allowed("m", {M1!r}, True, {{"action": "allow"}})
+s.set_runtime_allowed("m", RuntimeId(TeeType.SIMULATED, {M1!r}), True, {{"action": "allow"}})
 s.set_grant("m", "u", True, {{"action": "grant"}})
-s.set_consent("m", "u", b"rk", [{M1!r}], {{"action": "consent"}})
+s.set_consent("m", "u", b"rk", [RuntimeId(TeeType.SIMULATED, {M1!r})], {{"action": "consent"}})
 s.use_nonce("p1", "n" * 32, int(time.time()), horizon=600)
 s.audit({{"action": "release", "reason": "last"}})
 os._exit(0)
@@ -204,7 +208,7 @@ os._exit(0)
     store = SQLiteKeyStore(db_path)
     assert store.principal_key("p1") == b"k" * 32
     assert store.wrapped_model_key("m", 1) == b"wrapped"
-    assert store.allowed_runtimes("m") == {M1}
+    assert store.allowed_runtimes("m") == {R1}
     assert store.is_granted("m", "u")
     assert store.consent("m", "u") is not None
     assert store.use_nonce("p1", "n" * 32, int(time.time()), horizon=600) is False
@@ -265,9 +269,9 @@ def test_refused_write_leaves_no_audit_record(db_path: Path) -> None:
 @pytest.mark.parametrize(
     "write",
     [
-        lambda s: s.set_runtime_allowed("missing", M1, True, {}),
+        lambda s: s.set_runtime_allowed("missing", R1, True, {}),
         lambda s: s.set_grant("missing", "u", True, {}),
-        lambda s: s.set_consent("missing", "u", b"rk", [M1], {}),
+        lambda s: s.set_consent("missing", "u", b"rk", [R1], {}),
     ],
     ids=["runtime", "grant", "consent"],
 )
@@ -428,3 +432,124 @@ def test_unopenable_store_is_a_store_error(tmp_path: Path) -> None:
     bogus.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
         SQLiteKeyStore(bogus)
+
+
+# ---------------------------------------------------------------------------- anchored audit head
+
+ANCHOR_KEY = b"\x01" * 32
+
+
+def _anchored(db_path: Path, records: int = 5) -> SQLiteKeyStore:
+    store = SQLiteKeyStore(db_path, anchor=AuditAnchor(ANCHOR_KEY))
+    store.add_principal("p1", b"k" * 32, {"action": "register"})
+    for i in range(records - 1):
+        store.audit({"action": "release", "decision": "deny", "reason": f"reason {i}"})
+    return store
+
+
+def _reopen_anchored(db_path: Path) -> SQLiteKeyStore:
+    return SQLiteKeyStore(db_path, anchor=AuditAnchor(ANCHOR_KEY))
+
+
+def test_anchored_chain_verifies_and_its_anchor_follows_every_append(db_path: Path) -> None:
+    store = _anchored(db_path)
+    assert store.verify_audit_chain() == 5
+    assert store.check_audit_anchor().records == 5
+    store.close()
+    reopened = _reopen_anchored(db_path)
+    reopened.audit({"action": "after-reopen"})
+    assert reopened.verify_audit_chain() == 6
+
+
+def test_truncated_audit_log_is_detected_on_start_and_by_verify(db_path: Path) -> None:
+    """Deleting the last records keeps a valid chain; the anchor still says how long it was."""
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM audit WHERE seq > 3")
+    store = _reopen_anchored(db_path)
+    plain = SQLiteKeyStore(db_path)
+    assert plain.verify_audit_chain() == 3  # the chain alone cannot see it
+    with pytest.raises(StoreError, match="5 anchored"):
+        store.check_audit_anchor()
+    with pytest.raises(StoreError, match="truncated"):
+        store.verify_audit_chain()
+
+
+def test_truncated_audit_log_refuses_the_next_append(db_path: Path) -> None:
+    """The next record must not chain on cleanly after the gap."""
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM audit WHERE seq = 5")
+    store = _reopen_anchored(db_path)
+    with pytest.raises(StoreError, match="does not match its anchor"):
+        store.audit({"action": "next"})
+    with pytest.raises(StoreError):
+        store.add_principal("p2", b"j" * 32, {"action": "register"})
+    assert store.principal_key("p2") is None  # the state change was rolled back with its record
+
+
+def test_audit_log_removed_with_its_anchor_is_detected(db_path: Path) -> None:
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM audit")
+    _tamper(db_path, "DELETE FROM meta WHERE key = 'audit_anchor'")
+    store = _reopen_anchored(db_path)
+    with pytest.raises(StoreError, match="holds audited state"):
+        store.check_audit_anchor()
+    with pytest.raises(StoreError, match="holds audited state"):
+        store.verify_audit_chain()
+
+
+def test_removed_anchor_is_detected(db_path: Path) -> None:
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM meta WHERE key = 'audit_anchor'")
+    with pytest.raises(StoreError, match="no anchor"):
+        _reopen_anchored(db_path).check_audit_anchor()
+
+
+def test_forged_anchor_is_detected(db_path: Path) -> None:
+    """Rewriting the anchor for a truncated log needs the anchor key, which the database never sees."""
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM audit WHERE seq > 3")
+    head = SQLiteKeyStore(db_path).audit_head()
+    forged = AuditAnchor(b"\x02" * 32).tag(head)
+    _tamper(
+        db_path,
+        "UPDATE meta SET value = ? WHERE key = 'audit_anchor'",
+        (json.dumps({"records": head.records, "head": head.head, "tag": forged}),),
+    )
+    with pytest.raises(StoreError, match="does not authenticate"):
+        _reopen_anchored(db_path).check_audit_anchor()
+    with pytest.raises(StoreError, match="truncated"):
+        _reopen_anchored(db_path).verify_audit_chain()
+
+
+def test_malformed_anchor_is_a_store_error(db_path: Path) -> None:
+    _anchored(db_path).close()
+    _tamper(db_path, "UPDATE meta SET value = 'not json' WHERE key = 'audit_anchor'")
+    with pytest.raises(StoreError, match="malformed"):
+        _reopen_anchored(db_path).check_audit_anchor()
+
+
+def test_fresh_anchored_store_has_nothing_to_check(db_path: Path) -> None:
+    store = _reopen_anchored(db_path)
+    assert store.check_audit_anchor() == AuditHead(0, GENESIS)
+    assert store.verify_audit_chain() == 0
+
+
+def test_store_of_another_schema_is_refused(db_path: Path) -> None:
+    """A schema-1 store kept runtime measurements without TEE types: it is refused, not guessed at."""
+    db = sqlite3.connect(str(db_path))
+    db.execute("CREATE TABLE runtimes (model_id TEXT NOT NULL, measurement TEXT NOT NULL)")
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema 1"):
+        SQLiteKeyStore(db_path)
+
+
+def test_tampered_allow_list_tee_type_is_a_store_error(db_path: Path) -> None:
+    store = SQLiteKeyStore(db_path)
+    store.put_model_key("m", "o", 1, b"w", {"action": "upload"})
+    store.set_runtime_allowed("m", R1, True, {"action": "allow"})
+    store.close()
+    _tamper(db_path, "UPDATE runtimes SET tee = 'nitro'")
+    with pytest.raises(StoreError, match="unknown TEE type"):
+        SQLiteKeyStore(db_path).allowed_runtimes("m")

@@ -62,7 +62,7 @@ from onnx import helper
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
-from sealedml.runtime.engine import InputSpec, bind_inputs
+from sealedml.runtime.engine import ORT_LOG_SEVERITY, InputSpec, bind_inputs
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
 from sealedml.runtime.streaming.arena import (
     ArenaPool,
@@ -148,7 +148,7 @@ def segment_session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    options.log_severity_level = ORT_LOG_SEVERITY
     # As LoadedModel: idle ORT threads must not spin on a shared machine.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Without the arena, intermediates go back to the allocator after each run

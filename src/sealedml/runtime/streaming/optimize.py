@@ -37,6 +37,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
+from sealedml.runtime.engine import ORT_LOG_SEVERITY
+
 __all__ = ["OptimizationError", "OptimizedSegment", "memfd_supported", "optimize_segment"]
 
 _STUB_LOCATION = "sealedml:in-memory"
@@ -92,7 +94,7 @@ def _temporary_options(threads: int, path: str) -> ort.SessionOptions:
     options.optimized_model_filepath = path
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # the "hardware-specific NCHWc model" warning is expected
+    options.log_severity_level = ORT_LOG_SEVERITY  # also hides the expected "hardware-specific NCHWc model" warning
     options.enable_cpu_mem_arena = False
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # Pre-packed weight panels are not serialized; packing them here only costs time and memory.
