@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sealedml.attestation.trust import default_trust
 from sealedml.client.identity import Identity
 from sealedml.client.keyservice import KeyServiceClient
-from sealedml.client.trust import default_trust
 from sealedml.errors import AttestationError
 from tests.conftest import Stack, start_keyservice, start_platform
 

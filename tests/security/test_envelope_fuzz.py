@@ -47,12 +47,10 @@ from sealedml.envelope.request import (
 )
 from sealedml.envelope.tensors import POSITIONAL_KEY, decode_tensors, encode_tensors
 from sealedml.errors import EnvelopeError, Error, SealedModelError
+from tests.constants import MODEL_KEY, NOW, REQUEST_KEY
 
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-MODEL_KEY = bytes(range(32))
-REQUEST_KEY = bytes(range(100, 132))
-NOW = 1_700_000_000
 
 # BUG-avoidance: every generated number is finite and inside int64.
 INTERESTING = [

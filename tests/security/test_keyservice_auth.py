@@ -25,8 +25,8 @@ from sealedml._internal.procs import ServiceProcess
 from sealedml.client.identity import Identity
 from sealedml.client.keyservice import KeyServiceClient
 from sealedml.crypto import hpke_seal, random_bytes
-from sealedml.keyservice import protocol as p
 from sealedml.keyservice.store import GENESIS, chain_hash
+from sealedml.protocol import keyservice as p
 from tests.conftest import start_keyservice
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,9 @@ from sealedml.attestation.simulated import SimulatedAttester
 from sealedml.client.identity import Identity
 from sealedml.crypto import HpkePrivateKey, HpkePublicKey, hpke_seal, random_bytes
 from sealedml.keyservice import build_keyservice
-from sealedml.keyservice import protocol as p
 from sealedml.keyservice.app import create_app
 from sealedml.keyservice.service import KeyService
+from sealedml.protocol import keyservice as p
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette's TestClient warns about its httpx backend

@@ -40,7 +40,7 @@ from sealedml.client.identity import Identity
 from sealedml.crypto import HpkePublicKey, SigningKey, hpke_seal, random_bytes
 from sealedml.envelope.model_container import seal_model
 from sealedml.errors import AttestationError, Error, ProtocolError, SealedModelError
-from sealedml.keyservice import protocol as p
+from sealedml.protocol import keyservice as p
 from sealedml.storage.modelstore import LocalModelStore
 from tests.conftest import Served, Stack, serve_in_thread, start_keyservice
 from tests.unit.attestation.test_ratls import _key_pem, _self_signed_with

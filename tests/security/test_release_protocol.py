@@ -31,7 +31,7 @@ from sealedml.client.identity import Identity
 from sealedml.crypto import HpkePrivateKey, random_bytes
 from sealedml.envelope.model_container import open_model
 from sealedml.errors import AccessDenied, CryptoError
-from sealedml.keyservice import protocol as p
+from sealedml.protocol import keyservice as p
 from sealedml.runtime.release import ReleaseClient
 from sealedml.storage.modelstore import LocalModelStore
 

@@ -25,12 +25,9 @@ from sealedml.envelope.request import (
     seal_response,
 )
 from sealedml.errors import EnvelopeError
+from tests.constants import MODEL, NOW, REQUEST_KEY, USER
+from tests.constants import OTHER_REQUEST_KEY as OTHER_KEY
 
-REQUEST_KEY = bytes(range(32))
-OTHER_KEY = bytes(range(1, 33))
-NOW = 1_700_000_000
-MODEL = "digits"
-USER = "alice"
 TENSORS = {"input": np.arange(64, dtype=np.float32).reshape(1, 64)}
 
 

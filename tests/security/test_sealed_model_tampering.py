@@ -28,9 +28,9 @@ from sealedml.envelope.model_container import (
     seal_model,
 )
 from sealedml.errors import SealedModelError
+from tests.constants import MODEL_KEY
+from tests.constants import OTHER_MODEL_KEY as OTHER_KEY
 
-MODEL_KEY = bytes(range(32))
-OTHER_KEY = bytes(range(32, 64))
 CHUNK = 1024
 
 

@@ -95,7 +95,7 @@ def test_tampered_weight_chunk_fails_the_run_and_the_model_keeps_serving(
     assert len(segments) >= 2
     where = [k for k, seg in enumerate(segments) if any(w.tensor == tensor for w in seg.weights)]
     assert where == ([0] if tensor == "w0" else [len(segments) - 1])
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     threads_before = threading.active_count()
 
     path.write_bytes(flip(sealed, weight_chunk_offset(sealed, tensor)))  # tampered at rest, after loading
@@ -106,7 +106,7 @@ def test_tampered_weight_chunk_fails_the_run_and_the_model_keeps_serving(
     assert threading.active_count() <= threads_before + 2  # no prefetch thread leaked per failure
 
     path.write_bytes(sealed)  # restored: the same object serves again, with the same answer
-    again = model.run(feeds)
+    again = model.run(feeds).outputs
     np.testing.assert_array_equal(again["r3"], good["r3"])
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
     model.close()
@@ -122,7 +122,7 @@ def test_tampered_copy_fails_only_the_request_that_reads_it(sealed: bytes, feeds
     model = StreamingModel(next_reader, budget_bytes=BUDGET, optimize=False)
     with pytest.raises(SealedModelError):
         model.run(feeds)
-    assert model.run(feeds)["r3"].shape == (1, 64)
+    assert model.run(feeds).outputs["r3"].shape == (1, 64)
     model.close()
 
 
@@ -241,9 +241,9 @@ def test_optimized_mode_reads_the_container_only_at_load(
     path.write_bytes(sealed)
     model = StreamingModel(SealedModelReader(path, KEY), budget_bytes=BUDGET)
     assert set(model.segment_modes) == {"optimized"}
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     path.write_bytes(flip(sealed, weight_chunk_offset(sealed, "w1")))
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
 
 
@@ -260,7 +260,7 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
     )
     assert len(model.plan.segments) >= 2 and set(model.segment_modes) == {"optimized"}
     assert model._spill is not None and model._spill.in_memory == (backing == "memory")
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     threads_before = threading.active_count()
     written_before = model._spill.size
     segment = 0 if where == "first" else len(model.plan.segments) - 1
@@ -275,7 +275,7 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
     assert threading.active_count() <= threads_before + 2  # no prefetch thread leaked
     # The next request rebuilds the segment from the sealed container, under fresh nonces
     # in a new entry, and serves the same answer.
-    again = model.run(feeds)
+    again = model.run(feeds).outputs
     np.testing.assert_array_equal(again["r3"], good["r3"])
     assert model.segment_modes[segment] == "optimized"
     new_entry = model._states[segment].entry
@@ -287,7 +287,7 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
     else:
         assert model._spill.size > written_before  # a file only grows
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
 
 
@@ -296,7 +296,7 @@ def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str,
     model = StreamingModel(
         SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir(backing, tmp_path)
     )
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     spill = SpillAccess(model)
     first, length = spill.chunk(0, chunk=0)
     second, length2 = spill.chunk(0, chunk=1)
@@ -304,7 +304,7 @@ def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str,
     spill.write(second, spill.read(first, length))  # an authentic chunk at the wrong place
     with pytest.raises(SealedModelError, match="failed authentication"):
         model.run(feeds)
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])  # rebuilt
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])  # rebuilt
     # An authentic chunk of another segment's entry, at the same index: the AAD binds the entry.
     first, length = spill.chunk(0, chunk=0)  # segment 0 was rebuilt into a new entry
     # (a segment whose first chunk is as long: a same-size swap)
@@ -313,7 +313,7 @@ def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str,
     spill.write(first, spill.read(other, length))
     with pytest.raises(SealedModelError, match="failed authentication"):
         model.run(feeds)
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
 
 
@@ -323,7 +323,7 @@ def test_truncated_spill_file_fails_then_every_cut_segment_is_rebuilt(
     model = StreamingModel(
         SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir("file", tmp_path)
     )
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     assert model._spill is not None
     last = model._states[-1].entry
     assert last is not None
@@ -332,8 +332,8 @@ def test_truncated_spill_file_fails_then_every_cut_segment_is_rebuilt(
     os.ftruncate(model._spill.fileno, last.offset + 10)
     with pytest.raises(SealedModelError, match=r"truncated|failed authentication"):
         model.run(feeds)
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
 
 
@@ -346,7 +346,7 @@ def test_rebuild_needs_an_authentic_container(
     model = StreamingModel(
         SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=False, spill_dir=spill_dir(backing, tmp_path)
     )
-    good = model.run(feeds)
+    good = model.run(feeds).outputs
     spill = SpillAccess(model)
     position, _ = spill.chunk(0)
     spill.flip(position + 5)
@@ -357,7 +357,7 @@ def test_rebuild_needs_an_authentic_container(
         with pytest.raises(SealedModelError, match=r"sealed model chunk .* failed authentication"):
             model.run(feeds)
     path.write_bytes(sealed)
-    np.testing.assert_array_equal(model.run(feeds)["r3"], good["r3"])
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
 
 

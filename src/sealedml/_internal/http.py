@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -29,9 +29,35 @@ from sealedml.errors import (
     ProtocolError,
     SealedModelError,
     ServiceUnavailable,
+    error_from_code,
 )
 
-__all__ = ["BodyTooLarge", "error_response", "guarded", "json_response", "read_body", "read_model", "status_for"]
+__all__ = [
+    "MODELS_HEADER",
+    "PEAK_BYTES_HEADER",
+    "SERVER_TIMING_HEADER",
+    "BodyTooLarge",
+    "error_body",
+    "error_response",
+    "format_server_timing",
+    "guarded",
+    "json_response",
+    "parse_server_timing",
+    "raise_for_error",
+    "read_body",
+    "read_model",
+    "status_for",
+]
+
+#: Per-phase durations of a request, standard ``Server-Timing`` (``name;dur=<ms>``).
+SERVER_TIMING_HEADER = "server-timing"
+#: The tracked peak bytes of a memory-bounded run (an instance's answer, passed on by the gateway).
+PEAK_BYTES_HEADER = "x-sealedml-peak-bytes"
+#: The comma-separated ids of the models an instance holds decrypted (a routing hint).
+MODELS_HEADER = "x-sealedml-models"
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -61,15 +87,69 @@ def status_for(exc: Error) -> int:
     return 500
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_body(exc: Error) -> bytes:
+    """The JSON body of an error answer: ``{"error": code, "message": text}``."""
+    return json.dumps({"error": exc.code, "message": exc.message}).encode()
+
+
+def error_response(exc: BaseException) -> Response:
     """A JSON error response for ``exc`` (opaque for anything that is not a SealedML error)."""
     if isinstance(exc, Error):
         headers = {}
         if isinstance(exc, Overloaded) and exc.retry_after is not None:
             headers["Retry-After"] = str(max(1, round(exc.retry_after)))
-        return JSONResponse({"error": exc.code, "message": exc.message}, status_code=status_for(exc), headers=headers)
+        return Response(error_body(exc), status_code=status_for(exc), headers=headers, media_type="application/json")
     log.error("internal error: %s", type(exc).__name__)
-    return JSONResponse({"error": "internal", "message": "internal error"}, status_code=500)
+    return Response(
+        b'{"error": "internal", "message": "internal error"}', status_code=500, media_type="application/json"
+    )
+
+
+def raise_for_error(response: httpx.Response) -> None:
+    """Client side of :func:`error_response`: raise the typed SealedML error an answer names.
+
+    Nothing happens below HTTP 400. ``Retry-After`` of a 429 is copied into
+    :class:`Overloaded`.
+
+    Raises:
+        Error: the error of the answer's ``code`` (unknown codes → ``ServiceError``).
+    """
+    if response.status_code < 400:
+        return
+    try:
+        doc = json.loads(response.content)
+        code, message = str(doc["error"]), str(doc.get("message", ""))
+    except (ValueError, KeyError, TypeError):
+        code, message = "service", f"HTTP {response.status_code}"
+    exc = error_from_code(code, message)
+    if response.status_code == 429 and isinstance(exc, Overloaded):
+        try:
+            exc.retry_after = float(response.headers.get("retry-after", "1"))
+        except ValueError:
+            exc.retry_after = 1.0
+    raise exc
+
+
+def format_server_timing(timings: Mapping[str, float]) -> str:
+    """``Server-Timing`` of phases in seconds: ``name;dur=<ms>, ...``."""
+    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in timings.items())
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """Parse ``Server-Timing: name;dur=ms, ...`` into seconds per name (malformed parts ignored)."""
+    phases: dict[str, float] = {}
+    if not header:
+        return phases
+    for part in header.split(","):
+        name, _, rest = part.strip().partition(";")
+        for param in rest.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                try:
+                    phases[name.strip()] = float(value) / 1000.0
+                except ValueError:
+                    pass
+    return phases
 
 
 def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:

@@ -183,25 +183,28 @@ def serve_app(
         rotating, pair = tls, tls.current
     else:
         pair = tls
+    print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}), flush=True)
+    if pair is None:  # plain HTTP: no key files, no temporary directory
+        uvicorn.Server(_config(app, log_level, {})).run(sockets=[sock])
+        return
     with tempfile.TemporaryDirectory(prefix="sealedml-tls-") as directory:
         os.chmod(directory, 0o700)
-        ssl_args: dict[str, Any] = {}
-        if pair is not None:
-            paths = (_write_private(directory, "cert.pem", pair[0]), _write_private(directory, "key.pem", pair[1]))
+        paths = (_write_private(directory, "cert.pem", pair[0]), _write_private(directory, "key.pem", pair[1]))
 
-            def context_factory(_config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-                # uvicorn's own context (it sets ALPN for its protocol), then no key file left on disk.
-                try:
-                    context = default()
-                finally:
-                    _remove(*paths)
-                context.minimum_version = ssl.TLSVersion.TLSv1_2
-                return context
+        def context_factory(_config: uvicorn.Config, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+            # uvicorn's own context (it sets ALPN for its protocol), then no key file left on disk.
+            try:
+                context = default()
+            finally:
+                _remove(*paths)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            return context
 
-            ssl_args = {"ssl_certfile": paths[0], "ssl_keyfile": paths[1], "ssl_context_factory": context_factory}
-        print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}), flush=True)
-        config = uvicorn.Config(
-            app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args
-        )
+        ssl_args = {"ssl_certfile": paths[0], "ssl_keyfile": paths[1], "ssl_context_factory": context_factory}
+        config = _config(app, log_level, ssl_args)
         server = uvicorn.Server(config) if rotating is None else _RotatingServer(config, rotating, directory)
         server.run(sockets=[sock])
+
+
+def _config(app: Any, log_level: str, ssl_args: dict[str, Any]) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args)

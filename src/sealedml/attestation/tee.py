@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealedml.attestation.base import Attester, TeeType, Verifier
 from sealedml.attestation.registry import attester_for, detect_attester, verifier_for
@@ -19,7 +19,18 @@ from sealedml.attestation.sealing import GramineSealer, Sealer, SimulatedSealer
 from sealedml.attestation.simulated import SIMULATED_WARNING, SimulatedAttester, SimulatedPlatform, SimulatedVerifier
 from sealedml.errors import ConfigurationError
 
-__all__ = ["TEE_CHOICES", "VerifierOptions", "build_attester", "build_sealer", "build_verifiers", "resolve_tee"]
+__all__ = [
+    "TEE_CHOICES",
+    "VerifierOptions",
+    "build_attester",
+    "build_sealer",
+    "build_verifiers",
+    "ratls_identity",
+    "resolve_tee",
+]
+
+if TYPE_CHECKING:
+    from sealedml.attestation.ratls import RotatingRaTlsCertificate
 
 log = logging.getLogger(__name__)
 
@@ -118,3 +129,30 @@ def build_verifiers(options: VerifierOptions) -> dict[TeeType, Verifier]:
                 snp["vcek_cache_dir"] = options.cache_dir
             verifiers[tee] = verifier_for(tee, **snp)
     return verifiers
+
+
+def ratls_identity(attester: Attester, tls: str) -> RotatingRaTlsCertificate | None:
+    """A server's RA-TLS identity for ``--tls ra`` (None for ``--tls none``).
+
+    One key for the server's lifetime, its certificate re-issued with fresh
+    evidence every minute and valid for 4 minutes (``serve_app`` installs each
+    new one), so clients connecting long after start still see fresh evidence.
+
+    Args:
+        attester: produces the evidence in each certificate.
+        tls: ``none`` or ``ra``.
+
+    Returns:
+        The rotating certificate, or None for plain HTTP.
+
+    Raises:
+        ConfigurationError: ``tls`` is neither ``none`` nor ``ra``.
+        AttestationError: the attester failed on the first certificate.
+    """
+    if tls == "none":
+        return None
+    if tls != "ra":
+        raise ConfigurationError("--tls must be none or ra")
+    from sealedml.attestation.ratls import RotatingRaTlsCertificate
+
+    return RotatingRaTlsCertificate(attester)

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import numpy as np
 
+from sealedml._internal.http import parse_server_timing
 from sealedml.bench._harness import bench_stack, progress
 from sealedml.bench._setup import publish_for_user
-from sealedml.platform.metering import parse_server_timing
 
 __all__ = ["run_coldstart"]
 

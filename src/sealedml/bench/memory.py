@@ -21,7 +21,7 @@ subprocess, so allocator state from one configuration cannot hide another's —
 the process's resident high-water mark (``VmHWM``), during loading and during
 the runs separately.
 
-Sizes: ``parse_size`` reads ``MB`` as 10^6 bytes and ``MiB`` as 2^20 (likewise
+Sizes: ``_internal.units.parse_size`` reads ``MB`` as 10^6 bytes and ``MiB`` as 2^20 (likewise
 k/K and G), so ``32MB`` is 32,000,000 bytes, matching the planner's messages.
 """
 
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import numpy as np
 from sealedml.bench._harness import progress
 from sealedml.errors import ConfigurationError
 
-__all__ = ["MODELS", "TARGETS", "format_table", "parse_size", "parse_sizes", "run_memory"]
+__all__ = ["MODELS", "TARGETS", "format_table", "run_memory"]
 
 #: Models the benchmark accepts.
 MODELS: tuple[str, ...] = ("resnet50", "mobilenetv2", "vgg16")
@@ -54,57 +53,8 @@ TARGETS: dict[str, float] = {
     "resnet50_32mb_ratio": 1.3,
 }
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _MB = 1_000_000
 _RSS_TIMEOUT_S = 900
-
-
-def parse_size(text: str) -> int:
-    """Parse a byte size such as ``"32MB"`` (32 * 10^6), ``"32MiB"`` (32 * 2^20) or ``"1048576"``.
-
-    Args:
-        text: a number with an optional unit: B, kB/KB, MB, GB (powers of 10) or KiB,
-            MiB, GiB (powers of 2); case-insensitive.
-
-    Returns:
-        The size in bytes (rounded down).
-
-    Raises:
-        ConfigurationError: not a size, an unknown unit, or zero.
-    """
-    match = _SIZE.match(text)
-    unit = match.group(2).lower() if match else ""
-    if match is None or unit not in _UNITS:
-        raise ConfigurationError(f"not a size: {text!r} (use e.g. 32MB or 32MiB)")
-    value = int(float(match.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ConfigurationError(f"size must be positive: {text!r}")
-    return value
-
-
-def parse_sizes(text: str) -> list[int]:
-    """Parse a comma-separated list of sizes (``"16MB,32MB,64MB"``).
-
-    Args:
-        text: sizes separated by commas.
-
-    Returns:
-        The sizes in bytes, in order.
-
-    Raises:
-        ConfigurationError: any item is not a size.
-    """
-    return [parse_size(part) for part in text.split(",") if part.strip()]
 
 
 def _mb(nbytes: float | None) -> float | None:
@@ -333,7 +283,7 @@ def _measure(
     t0 = time.perf_counter()
     whole = LoadedModel(open_model(path, key), model_id=model, version=1, threads=threads)
     whole_load_s = time.perf_counter() - t0
-    reference = whole.run(inputs)
+    reference = whole.run(inputs).outputs
     reader = SealedModelReader(path, key)
     sizes = {entry.name: entry.length for entry in reader.manifest.tensors}
     # The whole-model working set: every weight plus the activation peak of one run.

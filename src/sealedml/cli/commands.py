@@ -54,7 +54,7 @@ def _identity(p: argparse.ArgumentParser) -> None:
 def _size(text: str | None) -> int | None:
     if text is None:
         return None
-    from sealedml.bench.memory import parse_size
+    from sealedml._internal.units import parse_size
 
     try:
         return parse_size(text)
@@ -115,7 +115,7 @@ def _tee(p: argparse.ArgumentParser) -> None:
 
 
 def _ks_trust_from(args: argparse.Namespace) -> Any:
-    from sealedml.client.trust import trust_from_options
+    from sealedml.attestation.trust import trust_from_options
 
     return trust_from_options(
         measurement=args.keyservice_measurement,
@@ -346,7 +346,7 @@ def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_measurement(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.attestation.measurement import measurement_for
     from sealedml.attestation.simulated import SIMULATED_WARNING
-    from sealedml.client.trust import measured_trust, runtime_trust_config
+    from sealedml.attestation.trust import measured_trust, runtime_trust_config
 
     config: dict[str, Any] = {"tee": "simulated"}
     if args.role == "runtime":  # a runtime's measurement includes the KeyService it trusts
@@ -590,7 +590,8 @@ def cmd_bench_concurrency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> dict[str, Any]:
-    from sealedml.bench.memory import format_table, parse_sizes, run_memory
+    from sealedml._internal.units import parse_sizes
+    from sealedml.bench.memory import format_table, run_memory
 
     try:
         budgets = parse_sizes(args.budget)

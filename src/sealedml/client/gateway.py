@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import httpx
 import numpy as np
 
+from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, raise_for_error
 from sealedml._internal.httpclient import sync_client
 from sealedml.client.identity import Identity
-from sealedml.client.keyservice import raise_for_error
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 from sealedml.errors import ServiceUnavailable
 
@@ -72,7 +72,7 @@ class InferenceClient:
             raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"
-        self.last_server_timing = response.headers.get("server-timing", "")
-        peak = response.headers.get("x-sealedml-peak-bytes")
+        self.last_server_timing = response.headers.get(SERVER_TIMING_HEADER, "")
+        peak = response.headers.get(PEAK_BYTES_HEADER)
         self.last_peak_bytes = int(peak) if peak and peak.isdigit() else None
         return open_response(context, ResponseEnvelope.parse(response.content))

@@ -19,7 +19,7 @@ from pathlib import Path
 from sealedml._internal.encoding import b64d, b64e, fields
 from sealedml.crypto import SigningKey, hkdf_sha256, random_bytes
 from sealedml.errors import ConfigurationError, CryptoError
-from sealedml.keyservice.protocol import principal_id_for
+from sealedml.protocol.keyservice import principal_id_for
 
 __all__ = ["Identity"]
 

@@ -11,9 +11,10 @@ import httpx
 from pydantic import BaseModel
 
 from sealedml._internal.encoding import b64d, b64e
+from sealedml._internal.http import raise_for_error
 from sealedml._internal.httpclient import sync_client
+from sealedml.attestation.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.client.identity import Identity
-from sealedml.client.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.crypto import hpke_seal, random_bytes, verify_signature
 from sealedml.errors import (
     AttestationError,
@@ -22,29 +23,10 @@ from sealedml.errors import (
     ProtocolError,
     ServiceUnavailable,
     SignatureError,
-    error_from_code,
 )
-from sealedml.keyservice import protocol as p
+from sealedml.protocol import keyservice as p
 
-__all__ = ["AttestedKeyService", "KeyServiceClient", "parse_runtime", "raise_for_error"]
-
-
-def raise_for_error(response: httpx.Response) -> None:
-    """Turn an error response into the typed SealedML error it names."""
-    if response.status_code < 400:
-        return
-    try:
-        doc = response.json()
-        code, message = str(doc["error"]), str(doc.get("message", ""))
-    except (ValueError, KeyError, TypeError):
-        code, message = "service", f"HTTP {response.status_code}"
-    exc = error_from_code(code, message)
-    if response.status_code == 429 and hasattr(exc, "retry_after"):
-        try:
-            exc.retry_after = float(response.headers.get("retry-after", "1"))
-        except ValueError:
-            exc.retry_after = 1.0
-    raise exc
+__all__ = ["AttestedKeyService", "KeyServiceClient", "parse_runtime"]
 
 
 def parse_runtime(text: str, tee: str | None = None) -> p.RuntimeRef:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from sealedml.crypto.aead import KEY_SIZE, NONCE_SIZE, TAG_SIZE, aead_decrypt, aead_encrypt, derive_nonce
 from sealedml.crypto.hpke import HpkeKem, HpkePrivateKey, HpkePublicKey, hpke_open, hpke_seal
 from sealedml.crypto.kdf import hkdf_sha256
-from sealedml.crypto.random import random_bytes, wipe
+from sealedml.crypto.random import random_bytes
 from sealedml.crypto.signing import SigningKey, verify_signature
 
 __all__ = [
@@ -33,5 +33,4 @@ __all__ = [
     "hpke_seal",
     "random_bytes",
     "verify_signature",
-    "wipe",
 ]

@@ -55,6 +55,7 @@ __all__ = [
     "RequestEnvelope",
     "ResponseEnvelope",
     "authenticate_request",
+    "is_binary",
     "open_request",
     "open_response",
     "seal_error",
@@ -87,6 +88,11 @@ _MAX_BINARY_HEADER = 4096
 _BYTES_AS_BASE64 = ConfigDict(frozen=True, extra="forbid", ser_json_bytes="base64", val_json_bytes="base64")
 
 M = TypeVar("M", bound="_Envelope")
+
+
+def is_binary(body: bytes) -> bool:
+    """Whether ``body`` is a request envelope in the binary framing (else JSON)."""
+    return body.startswith(_BINARY_REQUEST)
 
 
 class _Envelope(BaseModel):

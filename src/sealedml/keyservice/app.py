@@ -37,8 +37,8 @@ from starlette.routing import Route
 from sealedml._internal.http import guarded, json_response, read_body, read_model
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ProtocolError
-from sealedml.keyservice import protocol as p
 from sealedml.keyservice.service import KeyService
+from sealedml.protocol import keyservice as p
 
 __all__ = ["MAX_BODY", "create_app"]
 

@@ -4,51 +4,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from sealedml.attestation.base import Attester, TeeType
+from sealedml.attestation.base import TeeType
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.simulated import SIMULATED_WARNING
-from sealedml.attestation.tee import VerifierOptions, build_attester, build_sealer, build_verifiers, resolve_tee
+from sealedml.attestation.tee import (
+    VerifierOptions,
+    build_attester,
+    build_sealer,
+    build_verifiers,
+    ratls_identity,
+    resolve_tee,
+)
 from sealedml.errors import ConfigurationError
 from sealedml.keyservice.service import KeyService, check_tee_mix, load_master_key
 from sealedml.keyservice.store import SQLiteKeyStore
 
-if TYPE_CHECKING:
-    from sealedml.attestation.ratls import RotatingRaTlsCertificate
-
-__all__ = ["build_keyservice", "ratls_pair", "serve"]
+__all__ = ["build_keyservice", "serve"]
 
 log = logging.getLogger(__name__)
-
-
-def ratls_pair(attester: Attester, tls: str) -> RotatingRaTlsCertificate | None:
-    """The RA-TLS identity for ``--tls ra`` (None for ``--tls none``).
-
-    One key for the server's lifetime, its certificate re-issued with fresh
-    evidence every minute and valid for 4 minutes (``serve_app`` installs each
-    new one), so clients connecting long after start still see fresh evidence.
-
-    Args:
-        attester: produces the evidence in each certificate.
-        tls: ``none`` or ``ra``.
-
-    Returns:
-        The rotating certificate, or None for plain HTTP.
-
-    Raises:
-        ConfigurationError: ``tls`` is neither ``none`` nor ``ra``.
-        AttestationError: the attester failed on the first certificate.
-    """
-    if tls == "none":
-        return None
-    if tls != "ra":
-        from sealedml.errors import ConfigurationError
-
-        raise ConfigurationError("--tls must be none or ra")
-    from sealedml.attestation.ratls import RotatingRaTlsCertificate
-
-    return RotatingRaTlsCertificate(attester)
 
 
 def build_keyservice(
@@ -131,7 +105,7 @@ def serve(
         create_app(service),
         host,
         port,
-        tls=ratls_pair(service.attester, tls),
+        tls=ratls_identity(service.attester, tls),
         announce={
             "service": "keyservice",
             "measurement": service.attester.measurement,

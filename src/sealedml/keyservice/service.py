@@ -61,9 +61,9 @@ from sealedml.errors import (
     SignatureError,
     StoreError,
 )
-from sealedml.keyservice import protocol as p
 from sealedml.keyservice.access import PairState, decide_pair
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
+from sealedml.protocol import keyservice as p
 
 __all__ = ["KeyService", "MasterKey", "check_tee_mix", "load_master_key"]
 
@@ -161,7 +161,7 @@ class KeyService:
         attester: this KeyService's own attester (clients verify it).
         verifiers: verifiers for the runtime TEE types this deployment accepts.
         lease_ttl: seconds released keys stay valid in a runtime (at most
-            :data:`~sealedml.keyservice.protocol.MAX_LEASE_TTL`).
+            :data:`~sealedml.protocol.keyservice.MAX_LEASE_TTL`).
         challenge_ttl: seconds a release challenge stays usable.
         max_challenges: outstanding challenges before new ones are refused (429).
         policy: the operator's policy (TCB, debug, SVNs) on top of owners' and users' lists.

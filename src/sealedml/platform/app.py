@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sealedml._internal.http import guarded, json_response, read_body
+from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, guarded, json_response, read_body
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
 from sealedml.errors import ProtocolError
 from sealedml.platform.base import Invocation, Platform, PlatformResult
@@ -42,10 +42,10 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         headers = {
             "x-sealedml-cold-start": "1" if result.cold_start else "0",
             "x-sealedml-instance": result.instance_id,
-            "server-timing": timing,
+            SERVER_TIMING_HEADER: timing,
         }
-        if result.peak_bytes:
-            headers["x-sealedml-peak-bytes"] = result.peak_bytes
+        if result.peak_bytes is not None:
+            headers[PEAK_BYTES_HEADER] = str(result.peak_bytes)
         return headers
 
     async def infer(request: Request) -> Response:

@@ -2,8 +2,10 @@
 
 A :class:`Platform` turns "invoke function F with this body" into a call on a
 runtime instance, starting instances on demand. The gateway (HTTP) knows only
-this interface; the embedded :class:`~sealedml.platform.local.LocalPlatform`,
-and later autoscaling, FnPacker and Ray Serve engines, implement it.
+this interface; the embedded :class:`~sealedml.platform.local.LocalPlatform`
+implements it, with per-function pools, FnPacker-style routing policies, a warm
+pool and metering. (The Ray Serve engine, ``platform/ray_engine.py``, is a
+separate gateway of its own, not a ``Platform``.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ class Invocation:
 
 @dataclass(frozen=True)
 class PlatformResult:
-    """An instance's answer plus what the platform measured."""
+    """An instance's answer plus what the platform measured.
+
+    ``server_timing`` and ``peak_bytes`` are what the instance reported (hints,
+    passed on to the client as they are); ``peak_bytes`` is None for
+    whole-model runs.
+    """
 
     status: int
     body: bytes
@@ -42,7 +49,7 @@ class PlatformResult:
     queue_s: float
     total_s: float
     server_timing: str = ""
-    peak_bytes: str = ""
+    peak_bytes: int | None = None
 
 
 class Platform(abc.ABC):

@@ -17,26 +17,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["FunctionMeter", "Metrics", "parse_server_timing"]
+__all__ = ["FunctionMeter", "Metrics"]
 
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-
-def parse_server_timing(header: str | None) -> dict[str, float]:
-    """Parse ``Server-Timing: name;dur=ms, ...`` into seconds per name (malformed parts ignored)."""
-    phases: dict[str, float] = {}
-    if not header:
-        return phases
-    for part in header.split(","):
-        name, _, rest = part.strip().partition(";")
-        for param in rest.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key == "dur" and name:
-                try:
-                    phases[name.strip()] = float(value) / 1000.0
-                except ValueError:
-                    pass
-    return phases
 
 
 class Metrics:

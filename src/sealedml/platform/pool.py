@@ -22,9 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sealedml._internal.http import MODELS_HEADER, PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, parse_server_timing
 from sealedml.errors import Overloaded, ServiceUnavailable
 from sealedml.platform.base import Invocation, PlatformResult
-from sealedml.platform.metering import FunctionMeter, parse_server_timing
+from sealedml.platform.metering import FunctionMeter
 from sealedml.platform.policies import (
     InstanceState,
     ModelStats,
@@ -331,8 +332,8 @@ class InstancePool:
         try:
             response = await inst.process.call(invocation.path, invocation.body)
             ok = response.status_code < 500
-            phases = parse_server_timing(response.headers.get("server-timing"))
-            held = response.headers.get("x-sealedml-models")
+            phases = parse_server_timing(response.headers.get(SERVER_TIMING_HEADER))
+            held = response.headers.get(MODELS_HEADER)
             if held is not None:
                 inst.models = {m for m in held.split(",") if m}
         except ServiceUnavailable:
@@ -355,8 +356,8 @@ class InstancePool:
             instance_id=inst.instance_id,
             queue_s=t_routed - t0,
             total_s=total,
-            server_timing=response.headers.get("server-timing", ""),
-            peak_bytes=response.headers.get("x-sealedml-peak-bytes", ""),
+            server_timing=response.headers.get(SERVER_TIMING_HEADER, ""),
+            peak_bytes=_peak_bytes(response.headers.get(PEAK_BYTES_HEADER)),
         )
 
     def _learn(self, model_id: str, phases: dict[str, float], call_s: float) -> None:
@@ -410,10 +411,6 @@ class InstancePool:
             with contextlib.suppress(BaseException):
                 await task
 
-    @property
-    def instance_count(self) -> int:
-        return len(self._instances)
-
     def stats(self) -> dict[str, Any]:
         return {
             **self.meter.summary(),
@@ -436,3 +433,8 @@ class InstancePool:
                 for i in self._instances
             ],
         }
+
+
+def _peak_bytes(header: str | None) -> int | None:
+    """An instance's tracked peak (a hint it reports, passed on as is), or None."""
+    return int(header) if header is not None and header.isdigit() else None

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from sealedml._internal.httpclient import async_client
-from sealedml.envelope.request import BINARY_CONTENT_TYPE
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, is_binary
 from sealedml.errors import ServiceUnavailable
 
 __all__ = ["InstanceNotRunning", "InstanceSpec", "WorkerProcess"]
@@ -87,29 +87,16 @@ class InstanceSpec:
 
 @dataclass
 class WorkerProcess:
-    """One running instance and its bookkeeping."""
+    """One running instance: its process, address and client (the pool keeps the bookkeeping)."""
 
     spec: InstanceSpec
     instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
     url: str = ""
     process: asyncio.subprocess.Process | None = None
     client: httpx.AsyncClient | None = None
-    in_flight: int = 0
-    served: int = 0
-    started_at: float = 0.0
-    last_used: float = 0.0
-    models: set[str] = field(default_factory=set)
     spawn_s: float = 0.0
     dead: bool = False
     workdir: str | None = None
-
-    @property
-    def capacity(self) -> int:
-        return self.spec.concurrency
-
-    @property
-    def free(self) -> int:
-        return 0 if self.dead else self.capacity - self.in_flight
 
     async def start(self) -> None:
         """Spawn the process, wait for its listening line, call ``/init``.
@@ -162,7 +149,6 @@ class WorkerProcess:
             await self.stop()
             raise
         self.spawn_s = time.perf_counter() - t0
-        self.started_at = self.last_used = time.time()
         log.info("instance %s started at %s in %.3fs", self.instance_id, self.url, self.spawn_s)
 
     async def call(self, path: str, body: bytes) -> httpx.Response:
@@ -174,7 +160,7 @@ class WorkerProcess:
         if self.client is None or self.dead:
             raise InstanceNotRunning(f"instance {self.instance_id} is not running")
         try:
-            content_type = BINARY_CONTENT_TYPE if body.startswith(b"SMLQ") else "application/json"
+            content_type = BINARY_CONTENT_TYPE if is_binary(body) else "application/json"
             return await self.client.post(path, content=body, headers={"content-type": content_type})
         except httpx.HTTPError as exc:
             self.dead = True

@@ -76,7 +76,14 @@ _, _serve = _require_ray()
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, Response  # noqa: E402
 
-from sealedml._internal.http import error_response, status_for  # noqa: E402
+from sealedml._internal.http import (  # noqa: E402
+    PEAK_BYTES_HEADER,
+    SERVER_TIMING_HEADER,
+    error_body,
+    error_response,
+    format_server_timing,
+    status_for,
+)
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, RequestEnvelope  # noqa: E402
 from sealedml.errors import Error  # noqa: E402
 
@@ -119,12 +126,13 @@ class RuntimeReplica:
     async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
         try:
             envelope = RequestEnvelope.parse(body)
-            response, timings = await self.worker.predict_timed(envelope, load=self._load)
+            prediction = await self.worker.predict_timed(envelope, load=self._load)
         except Error as exc:
-            return status_for(exc), json.dumps({"error": exc.code, "message": exc.message}).encode(), {}
-        timings.pop("_peak_bytes", None)
-        timing = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
-        return 200, response.to_binary(), {"server-timing": timing}
+            return status_for(exc), error_body(exc), {}
+        headers = {SERVER_TIMING_HEADER: format_server_timing(prediction.timings)}
+        if prediction.peak_bytes is not None:
+            headers[PEAK_BYTES_HEADER] = str(prediction.peak_bytes)
+        return 200, prediction.response.to_binary(), headers
 
 
 @_serve.deployment(name="sealedml-gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})

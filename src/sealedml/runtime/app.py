@@ -32,12 +32,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.encoding import loads_json
-from sealedml._internal.http import guarded, json_response, read_body
-from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope
+from sealedml._internal.http import (
+    MODELS_HEADER,
+    PEAK_BYTES_HEADER,
+    SERVER_TIMING_HEADER,
+    error_body,
+    format_server_timing,
+    guarded,
+    json_response,
+    read_body,
+)
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope, is_binary
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import Error, NotFound, ProtocolError
 from sealedml.runtime.engine import LoadedModel
-from sealedml.runtime.worker import Worker
+from sealedml.runtime.worker import Prediction, Worker
 
 __all__ = ["DEFAULT_MAX_BODY", "create_app"]
 
@@ -53,14 +62,14 @@ def create_app(
     """Build the runtime's ASGI app around ``worker``."""
     state = {"initialized": False}
 
-    def _with_headers(response: Response, timings: dict[str, float]) -> Response:
-        # Phase timings (standard Server-Timing, ms) and the models this instance holds:
-        # metadata the platform sees anyway, used for metering and routing.
-        peak = timings.pop("_peak_bytes", None)
-        if peak is not None:
-            response.headers["x-sealedml-peak-bytes"] = str(int(peak))
-        response.headers["server-timing"] = ", ".join(f"{k};dur={v * 1000:.3f}" for k, v in timings.items())
-        response.headers["x-sealedml-models"] = ",".join(sorted({m["model_id"] for m in worker.loaded_models}))
+    def _with_headers(response: Response, prediction: Prediction) -> Response:
+        # Phase timings (standard Server-Timing, ms), the tracked peak of a memory-bounded
+        # run and the models this instance holds: metadata the platform sees anyway, used
+        # for metering and routing.
+        if prediction.peak_bytes is not None:
+            response.headers[PEAK_BYTES_HEADER] = str(prediction.peak_bytes)
+        response.headers[SERVER_TIMING_HEADER] = format_server_timing(prediction.timings)
+        response.headers[MODELS_HEADER] = ",".join(sorted({m["model_id"] for m in worker.loaded_models}))
         return response
 
     plain_models: dict[str, LoadedModel] = {}
@@ -99,19 +108,19 @@ def create_app(
             # activation's value: keep only the envelope's own fields.
             value = {k: v for k, v in doc.get("value", {}).items() if k in RequestEnvelope.model_fields}
             envelope = RequestEnvelope.parse(json.dumps(value))
-            response, timings = await worker.predict_timed(envelope)
+            prediction = await worker.predict_timed(envelope)
         except Error as exc:
             log.info("activation failed: %s", exc.code)
-            return json_response({"error": exc.code, "message": exc.message}, status=200)
-        return _with_headers(json_response(response), timings)
+            return Response(error_body(exc), status_code=200, media_type="application/json")
+        return _with_headers(json_response(prediction.response), prediction)
 
     async def infer(request: Request) -> Response:
         body = await read_body(request, max_body)
         envelope = RequestEnvelope.parse(body)
-        response, timings = await worker.predict_timed(envelope)
-        if body.startswith(b"SMLQ"):  # answer in the framing the caller used
-            return _with_headers(Response(response.to_binary(), media_type=BINARY_CONTENT_TYPE), timings)
-        return _with_headers(json_response(response), timings)
+        prediction = await worker.predict_timed(envelope)
+        if is_binary(body):  # answer in the framing the caller used
+            return _with_headers(Response(prediction.response.to_binary(), media_type=BINARY_CONTENT_TYPE), prediction)
+        return _with_headers(json_response(prediction.response), prediction)
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok", "measurement": worker.measurement})
@@ -138,7 +147,7 @@ def create_app(
 
         def serve() -> bytes:
             tensors, positional = decode_tensors(body)
-            return encode_tensors(model.run(model.bind_inputs(tensors, positional)))
+            return encode_tensors(model.run(model.bind_inputs(tensors, positional)).outputs)
 
         async with worker._gate:
             out = await worker._run_blocking(serve)

@@ -1,4 +1,12 @@
-"""A loaded model: one shared ONNX Runtime session serving concurrent requests.
+"""The :class:`Model` interface every engine implements, and the whole-model engine.
+
+A worker serves any engine the same way: :meth:`Model.bind_inputs` maps a
+request's tensors to the model's inputs, :meth:`Model.run` returns a
+:class:`RunResult` (outputs, plus the tracked peak where the engine tracks one),
+:attr:`Model.nbytes` sizes it for the cache. Engines: :class:`LoadedModel` (one
+ONNX Runtime session over the decrypted model) and the memory-bounded
+``StreamingModel`` (``runtime/streaming``); the partitioned and TFLite engines
+will be others.
 
 ONNX Runtime's ``InferenceSession.run`` is thread-safe, so one session (one
 copy of the weights) serves N requests at once; intra-op threads are sized so
@@ -13,6 +21,7 @@ user, sealed in the response (:func:`sealedml.envelope.request.seal_error`).
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,7 +33,17 @@ import onnxruntime as ort
 
 from sealedml.errors import InputError, SealedModelError
 
-__all__ = ["ORT_LOG_SEVERITY", "InputSpec", "LoadedModel", "bind_inputs", "intra_op_threads", "ort_dtype"]
+__all__ = [
+    "ORT_LOG_SEVERITY",
+    "InputSpec",
+    "LoadedModel",
+    "Model",
+    "RunResult",
+    "bind_inputs",
+    "intra_op_threads",
+    "ort_dtype",
+    "ort_failure",
+]
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +118,63 @@ def bind_inputs(
     return named
 
 
-class LoadedModel:
-    """A decrypted model ready to serve.
+@dataclass(frozen=True)
+class RunResult:
+    """What one run of a model gives.
+
+    Attributes:
+        outputs: output name → array.
+        peak_bytes: the run's tracked peak of decrypted weights and live
+            activations, for engines that track it (memory-bounded); else None.
+    """
+
+    outputs: dict[str, np.ndarray]
+    peak_bytes: int | None = None
+
+
+class Model(abc.ABC):
+    """A model ready to serve, whatever runs it.
+
+    Attributes:
+        model_id: for messages.
+        version: the model version.
+        inputs: the model's inputs, in order.
+        output_names: its outputs, in order.
+    """
+
+    model_id: str
+    version: int
+    inputs: list[InputSpec]
+    output_names: list[str]
+
+    @property
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes this model holds (what a model cache budgets)."""
+
+    def bind_inputs(self, tensors: Mapping[str, np.ndarray], positional: bool) -> dict[str, np.ndarray]:
+        """Map request tensors to the model's inputs (see :func:`bind_inputs`).
+
+        Raises:
+            InputError: missing, unexpected or ill-typed inputs.
+        """
+        return bind_inputs(self.inputs, tensors, positional)
+
+    @abc.abstractmethod
+    def run(self, inputs: Mapping[str, np.ndarray]) -> RunResult:
+        """Run the model on bound inputs (thread-safe; blocking).
+
+        Raises:
+            InputError: the model rejected the inputs (the message may quote their
+                values: it is for the user only, sealed).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the model holds beyond its memory (threads, files)."""
+
+
+class LoadedModel(Model):
+    """A decrypted model ready to serve: one shared ONNX Runtime session.
 
     Args:
         model: the ONNX model with weights inline.
@@ -113,7 +187,7 @@ class LoadedModel:
         self.model_id = model_id
         self.version = version
         data = model if isinstance(model, bytes) else model.SerializeToString()
-        self.nbytes = len(data)
+        self._nbytes = len(data)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -134,11 +208,12 @@ class LoadedModel:
             self.inputs.append(InputSpec(meta.name, dtype, rank))
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def bind_inputs(self, tensors: Mapping[str, np.ndarray], positional: bool) -> dict[str, np.ndarray]:
-        """Map request tensors to the model's inputs (see :func:`bind_inputs`)."""
-        return bind_inputs(self.inputs, tensors, positional)
+    @property
+    def nbytes(self) -> int:
+        """Size of the serialized model (weights inline)."""
+        return self._nbytes
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray]) -> RunResult:
         """Run the model (thread-safe; blocking).
 
         Raises:
@@ -147,6 +222,11 @@ class LoadedModel:
         try:
             outputs = self.session.run(self.output_names, dict(inputs))
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"model {self.model_id} rejected the inputs: {first}") from exc
-        return {name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)}
+            raise InputError(f"model {self.model_id} rejected the inputs: {ort_failure(exc)}") from exc
+        return RunResult({name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)})
+
+
+def ort_failure(exc: BaseException) -> str:
+    """The first line of an ONNX Runtime error (it may quote tensor values: for sealed errors only)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

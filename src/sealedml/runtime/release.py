@@ -5,7 +5,7 @@ trusts nothing that only *reaches* it from there:
 
 1. It attests the KeyService first (once, then on a key change): evidence bound
    to the runtime's own nonce and both KeyService keys, checked against the
-   :class:`~sealedml.client.trust.KeyServiceTrust` that is part of the runtime's
+   :class:`~sealedml.attestation.trust.KeyServiceTrust` that is part of the runtime's
    measured configuration. Over ``https`` every TLS handshake also verifies the
    KeyService's RA-TLS certificate.
 2. Each release uses a fresh ephemeral HPKE key pair (hybrid ML-KEM-768 +
@@ -16,7 +16,7 @@ trusts nothing that only *reaches* it from there:
    authenticate the sender, and without the signature whoever stands between
    the runtime and the KeyService could answer with keys of its own choosing.
 4. A lease lives at most ``lease_ttl`` seconds from when it was asked for, and
-   never longer than :data:`~sealedml.keyservice.protocol.MAX_LEASE_TTL`.
+   never longer than :data:`~sealedml.protocol.keyservice.MAX_LEASE_TTL`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from dataclasses import dataclass
 import httpx
 
 from sealedml._internal.encoding import b64d, b64e
+from sealedml._internal.http import raise_for_error
 from sealedml._internal.httpclient import async_client
 from sealedml.attestation.base import Attester
-from sealedml.client.keyservice import raise_for_error
-from sealedml.client.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
+from sealedml.attestation.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.crypto import HpkeKem, HpkePrivateKey, random_bytes, verify_signature
 from sealedml.errors import AttestationError, CryptoError, ProtocolError, ServiceUnavailable, SignatureError
-from sealedml.keyservice import protocol as p
+from sealedml.protocol import keyservice as p
 
 __all__ = ["Lease", "ReleaseClient", "model_key_id"]
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from sealedml.attestation.base import Attester
 from sealedml.attestation.tee import build_attester as _build_attester
-from sealedml.client.trust import KeyServiceTrust, default_trust
+from sealedml.attestation.tee import ratls_identity
+from sealedml.attestation.trust import KeyServiceTrust, default_trust
 from sealedml.errors import ConfigurationError
 from sealedml.runtime.release import ReleaseClient
 from sealedml.runtime.worker import Worker, WorkerConfig
@@ -111,7 +112,6 @@ def serve(
 ) -> None:
     """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
-    from sealedml.keyservice.server import ratls_pair
     from sealedml.runtime.app import create_app
 
     # Paths from the command line are resolved before leaving the working directory.
@@ -135,5 +135,5 @@ def serve(
         host,
         port,
         announce={"service": "worker", "measurement": worker.measurement},
-        tls=ratls_pair(worker.attester, tls),
+        tls=ratls_identity(worker.attester, tls),
     )

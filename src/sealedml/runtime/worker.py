@@ -1,8 +1,11 @@
 """SeMIRT: one runtime instance (one TEE) serving many requests and many models.
 
-Lifecycle like MLServer/LitServe: :meth:`Worker.load` (lease + decrypt +
-session, single-flight per model version), :meth:`Worker.predict` (open the
-request envelope, run, seal the response), :meth:`Worker.unload`.
+Lifecycle like MLServer/LitServe: :meth:`Worker.load` (decrypt + session,
+single-flight per model version and key), :meth:`Worker.predict` (lease, open
+the request envelope, run, seal the response), :meth:`Worker.aclose`. Any
+engine that implements :class:`~sealedml.runtime.engine.Model` serves the same
+way: the whole model (:class:`~sealedml.runtime.engine.LoadedModel`) or, with a
+memory budget, the memory-bounded ``StreamingModel``.
 
 Per request: the lease of the (model, user) pair must be valid — leases expire
 after the KeyService's TTL, so revocation reaches a warm instance within the
@@ -47,11 +50,11 @@ from sealedml.envelope.request import (
 from sealedml.envelope.tensors import decode_tensors
 from sealedml.errors import EnvelopeError, Error, SealedModelError, ServiceError
 from sealedml.runtime.cache import SingleFlightLRU
-from sealedml.runtime.engine import LoadedModel, intra_op_threads
+from sealedml.runtime.engine import LoadedModel, Model, intra_op_threads
 from sealedml.runtime.release import Lease, ReleaseClient
 from sealedml.storage.modelstore import ModelStore
 
-__all__ = ["Worker", "WorkerConfig", "WorkerStats"]
+__all__ = ["Prediction", "Worker", "WorkerConfig", "WorkerStats"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,22 @@ class WorkerConfig:
     stream_prefetch: bool = True
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A served request: the sealed answer and what the platform may see of it.
+
+    Attributes:
+        response: the response envelope (outputs, or a sealed error).
+        timings: seconds per phase (attest, release, fetch, decrypt, session when
+            they happened; queue, open, compute, seal always).
+        peak_bytes: the run's tracked peak (memory-bounded engines), else None.
+    """
+
+    response: ResponseEnvelope
+    timings: dict[str, float]
+    peak_bytes: int | None = None
 
 
 @dataclass
@@ -140,7 +159,7 @@ class Worker:
         self._threads = intra_op_threads(self.config.concurrency)
         self._leases: SingleFlightLRU[tuple[str, str], Lease] = SingleFlightLRU(max_bytes=1 << 62)
         # Keyed by (model id, version, model key id): see the module docstring.
-        self._models: SingleFlightLRU[tuple[str, int, str], LoadedModel] = SingleFlightLRU(
+        self._models: SingleFlightLRU[tuple[str, int, str], Model] = SingleFlightLRU(
             self.config.model_cache_bytes, on_evict=self._evicted
         )
         self._replays = _ReplayCache(self.config.replay_window)
@@ -151,8 +170,9 @@ class Worker:
     def measurement(self) -> str:
         return self.attester.measurement
 
-    def _evicted(self, model: LoadedModel) -> None:
+    def _evicted(self, model: Model) -> None:
         log.info("evicted model %s v%d", model.model_id, model.version)
+        model.close()
 
     async def _run_blocking(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -171,24 +191,29 @@ class Worker:
         return await self._leases.get((model_id, user_id), load)
 
     # ------------------------------------------------------------------ models
-    async def load(self, lease: Lease, timings: dict[str, float] | None = None) -> LoadedModel:
-        """The decrypted model named by ``lease`` and opened by its key (single-flight, LRU by bytes).
+    async def load(self, lease: Lease, timings: dict[str, float] | None = None) -> Model:
+        """The model named by ``lease`` and opened by its key, ready to run (single-flight, LRU by bytes).
 
-        Phases are timed into ``timings``.
+        Whole (decrypted once) or, with a memory budget, memory-bounded (weights stay
+        sealed and are decrypted per run). Phases are timed into ``timings``.
+
+        Raises:
+            NotFound: the version is not in the store.
+            SealedModelError: the container does not open with the lease's key, or
+                is for another model or version, or refers to external data.
         """
         key = (lease.model_id, lease.model_version, lease.key_id)
 
-        async def load() -> tuple[LoadedModel, int, float | None]:
+        async def load() -> tuple[Model, int, float | None]:
             breakdown: dict[str, float] = {}
             t0 = time.perf_counter()
             path = self._store.path(lease.model_id, lease.model_version)
             breakdown["fetch_s"] = time.perf_counter() - t0
 
-            def decrypt_and_build() -> LoadedModel:
+            def decrypt_and_build() -> Model:
                 t1 = time.perf_counter()
                 if self.config.memory_budget is not None:
-                    streaming: LoadedModel = self._streaming(path, lease, breakdown, t1)
-                    return streaming
+                    return self._streaming(path, lease, self.config.memory_budget, breakdown, t1)
                 model = open_model(
                     path, lease.model_key, expected_model_id=lease.model_id, expected_version=lease.model_version
                 )
@@ -198,7 +223,7 @@ class Worker:
                 breakdown["session_s"] = time.perf_counter() - t2
                 return loaded
 
-            loaded: LoadedModel = await self._run_blocking(decrypt_and_build)
+            loaded: Model = await self._run_blocking(decrypt_and_build)
             self.stats.model_loads += 1
             self.stats.load_breakdown.append(breakdown)
             if timings is not None:
@@ -214,7 +239,7 @@ class Worker:
 
         return await self._models.get(key, load)
 
-    def _streaming(self, path: Path, lease: Lease, breakdown: dict[str, float], t1: float) -> Any:
+    def _streaming(self, path: Path, lease: Lease, budget: int, breakdown: dict[str, float], t1: float) -> Model:
         """A memory-bounded model: segment sessions now, weights decrypted per request."""
         from sealedml.runtime.streaming import StreamingModel
 
@@ -230,7 +255,7 @@ class Worker:
         t2 = time.perf_counter()
         model = StreamingModel(
             reader,
-            budget_bytes=self.config.memory_budget,
+            budget_bytes=budget,
             threads=self._threads,
             prefetch=self.config.stream_prefetch,
             spill_dir=self.config.spill_dir,
@@ -239,13 +264,6 @@ class Worker:
         )
         breakdown["session_s"] = time.perf_counter() - t2
         return model
-
-    def unload(self, model_id: str) -> int:
-        """Drop every cached version of ``model_id``; return how many were dropped."""
-        victims = [k for k in self._models.keys() if k[0] == model_id]
-        for key in victims:
-            self._models.discard(key)
-        return len(victims)
 
     @property
     def loaded_models(self) -> list[dict[str, Any]]:
@@ -261,17 +279,15 @@ class Worker:
             SealedModelError: the stored model failed authentication.
             InputError: the tensors do not fit the model.
         """
-        response, _ = await self.predict_timed(envelope)
-        return response
+        return (await self.predict_timed(envelope)).response
 
     async def predict_timed(
         self,
         envelope: RequestEnvelope,
         *,
-        load: Callable[[Lease, dict[str, float]], Awaitable[LoadedModel]] | None = None,
-    ) -> tuple[ResponseEnvelope, dict[str, float]]:
-        """:meth:`predict`, also returning seconds per phase (attest, release, fetch,
-        decrypt, session when they happened; queue, open, compute, seal always).
+        load: Callable[[Lease, dict[str, float]], Awaitable[Model]] | None = None,
+    ) -> Prediction:
+        """:meth:`predict`, also returning seconds per phase and the run's tracked peak.
 
         ``load`` replaces the worker's own model cache (the Ray engine passes Ray
         Serve's multiplexed loader so its router knows which replica holds which model).
@@ -284,39 +300,39 @@ class Worker:
             t0 = time.perf_counter()
             async with self._gate:
                 timings["queue"] = time.perf_counter() - t0
-                response = await self._run_blocking(self._predict_blocking, envelope, lease, model, timings)
-            return response, timings
+                prediction: Prediction = await self._run_blocking(
+                    self._predict_blocking, envelope, lease, model, timings
+                )
+            return prediction
         except BaseException:
             self.stats.errors += 1
             raise
 
     def _predict_blocking(
-        self, envelope: RequestEnvelope, lease: Lease, model: LoadedModel, timings: dict[str, float]
-    ) -> ResponseEnvelope:
+        self, envelope: RequestEnvelope, lease: Lease, model: Model, timings: dict[str, float]
+    ) -> Prediction:
         t0 = time.perf_counter()
         payload, context = authenticate_request(envelope, request_key=lease.request_key)
         self._replays.check_and_add(envelope.request_id, time.time())
         t1 = t2 = t0
+        peak: int | None = None
         try:
             # At most as many tensors as the model has inputs, checked before any is decoded.
             tensors, positional = decode_tensors(payload, max_tensors=len(model.inputs))
             inputs = model.bind_inputs(tensors, positional)
             t1 = time.perf_counter()
-            run_with_stats = getattr(model, "run_with_stats", None)
-            if run_with_stats is not None:  # memory-bounded: report this request's tracked peak
-                outputs, stats = run_with_stats(inputs)
-                timings["_peak_bytes"] = float(stats.peak_bytes)  # not a phase: the app sends it as its own header
-                self.stats.peak_bytes = max(self.stats.peak_bytes, stats.peak_bytes)
-            else:
-                outputs = model.run(inputs)
+            result = model.run(inputs)
             t2 = time.perf_counter()
-            response = seal_response(context, outputs)
+            peak = result.peak_bytes
+            if peak is not None:
+                self.stats.peak_bytes = max(self.stats.peak_bytes, peak)
+            response = seal_response(context, result.outputs)
         except Error as exc:
             response = self._sealed_failure(context, exc, exc.code)
         except Exception:  # anything else the model run raised: its text may quote the inputs too
             response = self._sealed_failure(context, ServiceError("the model run failed"), "internal")
         timings.update({"open": t1 - t0, "compute": t2 - t1, "seal": time.perf_counter() - max(t1, t2)})
-        return response
+        return Prediction(response, timings, peak)
 
     def _sealed_failure(self, context: Any, error: Error, code: str) -> ResponseEnvelope:
         # The message may be derived from the request's data: it goes to the user only,

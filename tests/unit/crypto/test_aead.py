@@ -1,8 +1,7 @@
-"""AES-256-GCM recipes (:mod:`sealedml.crypto.aead`) and best-effort erasure (``wipe``)."""
+"""AES-256-GCM recipes (:mod:`sealedml.crypto.aead`) and randomness."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from sealedml.crypto import (
@@ -13,7 +12,6 @@ from sealedml.crypto import (
     aead_encrypt,
     derive_nonce,
     random_bytes,
-    wipe,
 )
 from sealedml.errors import CryptoError
 
@@ -183,32 +181,3 @@ def test_random_bytes_are_fresh() -> None:
     draws = {random_bytes(16) for _ in range(64)}
     assert len(draws) == 64
     assert all(len(d) == 16 for d in draws)
-
-
-# -- wipe ------------------------------------------------------------------------
-
-
-def test_wipe_zeroes_a_bytearray_in_place() -> None:
-    secret = bytearray(b"\x01\x02secret key bytes\xff")
-    alias = secret
-    wipe(secret)
-    assert alias == bytearray(len(b"\x01\x02secret key bytes\xff"))
-
-
-def test_wipe_zeroes_through_a_memoryview_slice_only() -> None:
-    buf = bytearray(b"\xaa" * 16)
-    wipe(memoryview(buf)[4:12])
-    assert buf == b"\xaa" * 4 + bytes(8) + b"\xaa" * 4
-
-
-def test_wipe_zeroes_a_multibyte_memoryview() -> None:
-    array = np.arange(1, 9, dtype=np.float64)
-    wipe(memoryview(array))
-    assert not array.any()
-
-
-def test_wipe_accepts_none_and_empty() -> None:
-    wipe(None)
-    empty = bytearray()
-    wipe(empty)
-    assert empty == bytearray()

@@ -28,9 +28,7 @@ from sealedml.envelope.model_container import (
     seal_model,
 )
 from sealedml.errors import SealedModelError
-
-MODEL_KEY = bytes(range(32))
-
+from tests.constants import MODEL_KEY
 
 # -- models ----------------------------------------------------------------------------
 

@@ -26,11 +26,7 @@ from sealedml.envelope.request import (
 )
 from sealedml.envelope.tensors import positional
 from sealedml.errors import EnvelopeError
-
-REQUEST_KEY = bytes(range(32))
-NOW = 1_700_000_000.0
-MODEL = "digits-v1"
-USER = "alice.example"
+from tests.constants import MODEL, NOW, REQUEST_KEY, USER
 
 
 def _seal(tensors: dict[str, np.ndarray], **kwargs: object) -> tuple[RequestEnvelope, RequestContext]:

@@ -29,9 +29,9 @@ from sealedml.errors import (
     ProtocolError,
 )
 from sealedml.keyservice import build_keyservice
-from sealedml.keyservice import protocol as p
 from sealedml.keyservice import service as service_module
 from sealedml.keyservice.service import KeyService
+from sealedml.protocol import keyservice as p
 
 ROUTES = {
     "upload_model_key": "keys",
@@ -553,7 +553,7 @@ def test_audit_chain_verifies_after_a_full_workflow(h: Harness) -> None:
 
 
 def test_release_answer_is_signed_by_the_attested_keyservice_key(h: Harness) -> None:
-    from sealedml.client.trust import default_trust, verify_attestation
+    from sealedml.attestation.trust import default_trust, verify_attestation
     from sealedml.crypto import verify_signature
 
     user = h.register()
@@ -574,7 +574,7 @@ def test_release_answer_is_signed_by_the_attested_keyservice_key(h: Harness) -> 
 
 
 def test_attestation_names_the_hybrid_kem_and_binds_both_keys(h: Harness) -> None:
-    from sealedml.client.trust import default_trust, verify_attestation
+    from sealedml.attestation.trust import default_trust, verify_attestation
 
     nonce = random_bytes(32)
     doc = h.svc.attestation(nonce)
@@ -633,7 +633,7 @@ def test_allow_runtime_without_a_tee_type_is_refused_where_several_are_accepted(
 
 
 def test_audit_head_is_signed_and_names_the_hash_of_any_record(h: Harness) -> None:
-    from sealedml.client.trust import default_trust, verify_attestation
+    from sealedml.attestation.trust import default_trust, verify_attestation
     from sealedml.crypto import verify_signature
 
     who = h.register()

@@ -39,7 +39,7 @@ def test_loaded_model_describes_inputs_and_outputs(toy: LoadedModel, toy_model: 
 def test_loaded_model_accepts_serialized_bytes(toy_model: onnx.ModelProto) -> None:
     model = LoadedModel(toy_model.SerializeToString(), model_id="toy", version=2, threads=2)
     x, idx = _inputs()
-    np.testing.assert_array_equal(model.run({"x": x, "idx": idx})["idx_plus_one"], idx + 1)
+    np.testing.assert_array_equal(model.run({"x": x, "idx": idx}).outputs["idx_plus_one"], idx + 1)
 
 
 def test_bind_named_inputs(toy: LoadedModel) -> None:
@@ -125,7 +125,7 @@ def test_wrong_rank_is_rejected_with_input_name(toy: LoadedModel, name: str, bad
 def test_run_returns_correct_values(toy: LoadedModel, toy_weights: tuple[np.ndarray, np.ndarray], batch: int) -> None:
     weight, bias = toy_weights
     x, idx = _inputs(batch)
-    out = toy.run(toy.bind_inputs({"x": x, "idx": idx}, positional=False))
+    out = toy.run(toy.bind_inputs({"x": x, "idx": idx}, positional=False)).outputs
     assert set(out) == {"y", "idx_plus_one"}
     assert out["y"].shape == (batch, 3) and out["y"].dtype == np.float32
     np.testing.assert_allclose(out["y"], x @ weight + bias, rtol=1e-5, atol=1e-6)
@@ -134,7 +134,7 @@ def test_run_returns_correct_values(toy: LoadedModel, toy_weights: tuple[np.ndar
 
 
 def test_run_with_empty_batch(toy: LoadedModel) -> None:
-    out = toy.run({"x": np.zeros((0, 4), np.float32), "idx": np.zeros(0, np.int64)})
+    out = toy.run({"x": np.zeros((0, 4), np.float32), "idx": np.zeros(0, np.int64)}).outputs
     assert out["y"].shape == (0, 3)
     assert out["idx_plus_one"].shape == (0,)
 
@@ -237,3 +237,24 @@ def test_intra_op_threads_defaults_to_machine_cores(monkeypatch: pytest.MonkeyPa
     assert intra_op_threads(5) == 2
     monkeypatch.setattr("os.cpu_count", lambda: None)
     assert intra_op_threads(1) == 1
+
+
+def test_every_engine_is_a_model_and_only_a_bounded_one_reports_a_peak(toy_model: onnx.ModelProto) -> None:
+    """The worker serves any engine through ``Model``; the peak travels in ``RunResult``, typed."""
+    from sealedml.envelope.model_container import SealedModelReader, seal_model
+    from sealedml.runtime.engine import Model, RunResult
+    from sealedml.runtime.streaming import StreamingModel
+
+    x, idx = _inputs(batch=1)  # a memory plan is for batch 1 unless asked otherwise
+    whole = LoadedModel(toy_model, model_id="toy", version=1)
+    key = bytes(range(32))
+    sealed = seal_model(toy_model, model_id="toy", model_version=1, model_key=key)
+    with StreamingModel(SealedModelReader(sealed, key), budget_bytes=1 << 20) as bounded:
+        for model in (whole, bounded):
+            assert isinstance(model, Model)
+            result = model.run(model.bind_inputs({"x": x, "idx": idx}, positional=False))
+            assert isinstance(result, RunResult)
+            np.testing.assert_array_equal(result.outputs["idx_plus_one"], idx + 1)
+        assert whole.run({"x": x, "idx": idx}).peak_bytes is None
+        peak = bounded.run({"x": x, "idx": idx}).peak_bytes
+        assert peak is not None and 0 < peak <= 1 << 20

@@ -37,7 +37,7 @@ from sealedml.runtime.streaming.executor import (
     decrypt_reserve,
     spill_chunk_size,
 )
-from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes, plan
+from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, plan
 from sealedml.runtime.streaming.split import WeightSlice
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "StreamingModel",
     "WeightSlice",
     "decrypt_reserve",
-    "format_bytes",
     "plan",
     "process_memory",
     "reset_peak_rss",

@@ -59,10 +59,11 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from sealedml._internal.units import format_bytes
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
-from sealedml.runtime.engine import ORT_LOG_SEVERITY, InputSpec, bind_inputs
+from sealedml.runtime.engine import ORT_LOG_SEVERITY, InputSpec, Model, RunResult, bind_inputs, ort_failure
 from sealedml.runtime.streaming.accounting import MemoryTracker, trim_heap
 from sealedml.runtime.streaming.arena import (
     ArenaPool,
@@ -74,7 +75,7 @@ from sealedml.runtime.streaming.arena import (
     schedule,
 )
 from sealedml.runtime.streaming.optimize import OptimizationError, memfd_supported, optimize_segment
-from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment, format_bytes
+from sealedml.runtime.streaming.planner import BudgetError, Plan, Segment
 from sealedml.runtime.streaming.planner import plan as make_plan
 from sealedml.runtime.streaming.spill import SpillEntry, SpillStore
 
@@ -292,11 +293,11 @@ class _Readers:
             reader.close()
 
 
-class StreamingModel:
+class StreamingModel(Model):
     """A sealed model executed segment by segment within a memory budget.
 
-    Same interface as :class:`~sealedml.runtime.engine.LoadedModel` (``model_id``,
-    ``version``, ``nbytes``, ``inputs``, ``output_names``, ``bind_inputs``, ``run``),
+    A :class:`~sealedml.runtime.engine.Model` (``model_id``, ``version``, ``nbytes``,
+    ``inputs``, ``output_names``, ``bind_inputs``, ``run`` with the run's tracked peak),
     plus ``plan``, ``last_peak_bytes``, ``last_stats``, ``load_stats`` and
     ``segment_modes``. ``run`` is thread-safe; the budget is *per run*, so N concurrent
     runs may hold N budgets.
@@ -536,10 +537,13 @@ class StreamingModel:
         self._check_batch(named)
         return named
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model within the budget (thread-safe; blocking); see :meth:`run_with_stats`."""
-        outputs, _ = self.run_with_stats(inputs)
-        return outputs
+    def run(self, inputs: Mapping[str, np.ndarray]) -> RunResult:
+        """Run the model within the budget (thread-safe; blocking); the result carries the tracked peak.
+
+        See :meth:`run_with_stats` for the run's full figures.
+        """
+        outputs, stats = self.run_with_stats(inputs)
+        return RunResult(outputs, peak_bytes=stats.peak_bytes)
 
     def run_with_stats(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], RunStats]:
         """Run the model within the budget (thread-safe; blocking); also return this run's figures.
@@ -1066,8 +1070,7 @@ class StreamingModel:
         try:
             values = session.run(list(segment.outputs), feeds)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"model {self.model_id} rejected the inputs: {first}") from exc
+            raise InputError(f"model {self.model_id} rejected the inputs: {ort_failure(exc)}") from exc
         finally:
             elapsed = time.perf_counter() - started
             tracker.release(segment.internal_bytes, "estimated")

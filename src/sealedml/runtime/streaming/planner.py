@@ -48,6 +48,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from sealedml._internal.units import format_bytes
 from sealedml.errors import ConfigurationError
 from sealedml.runtime.streaming.split import (
     Op,
@@ -63,30 +64,12 @@ __all__ = [
     "Plan",
     "Segment",
     "WeightSlice",
-    "format_bytes",
     "plan",
 ]
 
-_KB = 1_000
-_MB = 1_000_000
 #: Binary search for the smallest feasible budget stops at this relative precision.
 _SEARCH_PRECISION = 1e-3
 _MAX_SPLIT_ROUNDS = 200
-
-
-def format_bytes(nbytes: int, *, ceil: bool = False) -> str:
-    """Format a byte count in decimal units with one decimal: kilobytes below 100 kB, else megabytes.
-
-    Args:
-        nbytes: the count.
-        ceil: round up instead of to nearest (for minimums, so the printed value suffices).
-
-    Returns:
-        For example ``"12.3 MB"`` or ``"40.5 kB"``.
-    """
-    unit, name = (_KB, "kB") if nbytes < 100 * _KB else (_MB, "MB")
-    tenths = math.ceil(nbytes / (unit / 10)) if ceil else round(nbytes / (unit / 10))
-    return f"{tenths / 10:.1f} {name}"
 
 
 class BudgetError(ConfigurationError):

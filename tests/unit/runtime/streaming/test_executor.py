@@ -54,7 +54,7 @@ def mlp(seed: int = 0) -> onnx.ModelProto:
 
 def whole_outputs(sealed: bytes, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     whole = LoadedModel(open_model(sealed, KEY), model_id="m", version=1)
-    return whole.run(feeds)
+    return whole.run(feeds).outputs
 
 
 def assert_close(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], tol: float = 1e-4) -> None:
@@ -88,7 +88,7 @@ def test_mlp_streaming_matches_whole_model_within_budget(
     expected = whole_outputs(mlp_sealed, mlp_feeds)
     with StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=budget, prefetch=prefetch) as model:
         for _ in range(2):  # the second run must not see anything left by the first
-            got = model.run(mlp_feeds)
+            got = model.run(mlp_feeds).outputs
             assert_close(got, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
         assert model.last_peak_bytes <= model.peak_bound_bytes <= budget
@@ -109,17 +109,17 @@ def test_tight_budget_splits_and_still_matches(mlp_sealed: bytes, mlp_feeds: dic
     model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=80_000, prefetch=True)
     strategies = {strategy for strategy, _ in model.plan.splits.values()}
     assert strategies == {"matmul-k-rows", "gemm-out-columns"}
-    assert_close(model.run(mlp_feeds), expected)
+    assert_close(model.run(mlp_feeds).outputs, expected)
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= 80_000
     model.close()
 
 
 def test_closed_model_still_runs_without_prefetch(mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]) -> None:
     model = StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=300_000, prefetch=True)
-    first = model.run(mlp_feeds)
+    first = model.run(mlp_feeds).outputs
     model.close()
     model.close()
-    assert_close(model.run(mlp_feeds), first, tol=0.0)
+    assert_close(model.run(mlp_feeds).outputs, first, tol=0.0)
     assert all(s.wait_s == 0.0 for s in model.last_stats.segments)
 
 
@@ -134,9 +134,9 @@ def test_toy_model_with_two_inputs_and_integer_output(toy_model: onnx.ModelProto
     assert [s.dtype for s in model.inputs] == [np.dtype(np.float32), np.dtype(np.int64)]
     assert model.output_names == ["y", "idx_plus_one"]
     assert (model.model_id, model.version) == ("toy", 1)
-    assert_close(model.run(model.bind_inputs(feeds, positional=False)), whole_outputs(sealed, feeds))
+    assert_close(model.run(model.bind_inputs(feeds, positional=False)).outputs, whole_outputs(sealed, feeds))
     positional = model.bind_inputs({"0": feeds["x"], "1": feeds["idx"]}, positional=True)
-    assert_close(model.run(positional), whole_outputs(sealed, feeds))
+    assert_close(model.run(positional).outputs, whole_outputs(sealed, feeds))
     model.close()
 
 
@@ -145,7 +145,7 @@ def test_digits_classifier_streams_its_weights() -> None:
     sealed = seal_model(dm.model, model_id="digits", model_version=1, model_key=KEY)
     feeds = {"input": np.ascontiguousarray(dm.x_test[:16])}
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=1_000_000, batch=16, prefetch=False)
-    assert_close(model.run(feeds), whole_outputs(sealed, feeds))
+    assert_close(model.run(feeds).outputs, whole_outputs(sealed, feeds))
     # Its parameters are initializers (scaler mean/scale, weight, bias): decrypted per run.
     assert model.plan.weight_bytes == (64 + 64 + 64 * 10 + 10) * 4
 
@@ -169,7 +169,7 @@ def test_reader_factory_opens_a_reader_per_run_that_needs_one(
     # Sealed segments read the container per run; optimized ones read only the spill file.
     assert len(opened) == (1 if optimize else 3)
     assert all(r._file is None for r in opened)  # each was closed after use
-    assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+    assert_close(model.run(mlp_feeds).outputs, whole_outputs(mlp_sealed, mlp_feeds))
     model.close()
 
 
@@ -184,7 +184,7 @@ def test_concurrent_runs_share_one_reader(mlp_sealed: bytes) -> None:
     def worker(i: int) -> None:
         try:
             for _ in range(3):
-                results[i] = model.run(feeds[i])
+                results[i] = model.run(feeds[i]).outputs
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -267,7 +267,7 @@ def test_mobilenet_streaming_matches_whole_model(
     outputs: list[dict[str, np.ndarray]] = []
     for prefetch, optimize in ((True, True), (False, True), (True, False)):
         with StreamingModel(reader, budget_bytes=budget, prefetch=prefetch, threads=2, optimize=optimize) as model:
-            got = model.run(feeds)
+            got = model.run(feeds).outputs
             assert_close(got, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
             if optimize:
@@ -286,7 +286,7 @@ def test_resnet50_at_32mb_matches_whole_model() -> None:
     expected = whole_outputs(sealed, feeds)
     with StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=32_000_000, threads=2) as model:
         assert set(model.segment_modes) == {"optimized"}
-        assert_close(model.run(feeds), expected)
+        assert_close(model.run(feeds).outputs, expected)
         assert model.last_peak_bytes is not None and model.last_peak_bytes <= 32_000_000
         assert model.last_peak_bytes <= model.plan.budget_bytes
 
@@ -315,7 +315,7 @@ def test_prefetch_decrypts_ahead_only_what_the_budget_leaves(
         else:
             assert all(a in (0, w) for a, w in pairs)  # container reads are not split
         for _ in range(3):
-            assert_close(model.run(mlp_feeds), expected)
+            assert_close(model.run(mlp_feeds).outputs, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
         assert model.peak_bound_bytes <= budget
 
@@ -329,7 +329,7 @@ def test_a_plan_made_for_prefetch_prefetches_whole_segments(
     with StreamingModel(reader, plan=paired, prefetch=True, optimize=False) as model:
         weights = [s.weight_bytes for s in paired.segments]
         assert model.prefetch_ahead_bytes == (*weights[1:], 0)
-        assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+        assert_close(model.run(mlp_feeds).outputs, whole_outputs(mlp_sealed, mlp_feeds))
         assert model.last_peak_bytes is not None and model.last_peak_bytes <= 300_000
     with StreamingModel(reader, plan=paired, prefetch=False, optimize=False) as serial:
         assert set(serial.prefetch_ahead_bytes) == {0}
@@ -343,7 +343,7 @@ def test_no_plaintext_weight_stays_in_the_arena(
         assert model.load_stats.optimized_segments > 0
         expected = whole_outputs(mlp_sealed, mlp_feeds)
         for _ in range(3):  # back to back: a run may borrow the arena before its background wipe ran
-            assert_close(model.run(mlp_feeds), expected)
+            assert_close(model.run(mlp_feeds).outputs, expected)
         pool = model._arenas
     # With prefetch the wipe runs on a prefetch thread after the run; close() waits for it.
     assert pool.dirty == 0
@@ -388,7 +388,7 @@ def test_every_plaintext_byte_in_the_arena_is_counted(
         assert set(model.segment_modes) == {"optimized"}
         expected = whole_outputs(mlp_sealed, mlp_feeds)
         for _ in range(2):
-            assert_close(model.run(mlp_feeds), expected)
+            assert_close(model.run(mlp_feeds).outputs, expected)
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= budget
     assert len(checks) == 2 * len(model.plan.segments)
     for plaintext, counted in checks:
@@ -418,7 +418,7 @@ def test_the_sealed_path_zeroes_the_weights_it_decrypted(
     with StreamingModel(
         SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=prefetch, optimize=False
     ) as model:
-        assert_close(model.run(mlp_feeds), whole_outputs(mlp_sealed, mlp_feeds))
+        assert_close(model.run(mlp_feeds).outputs, whole_outputs(mlp_sealed, mlp_feeds))
     assert handed_out and sum(a.nbytes for a in handed_out) == model.plan.weight_bytes
     for array in handed_out:
         assert not np.any(array), "a sealed weight buffer was dropped holding plaintext"

@@ -52,7 +52,7 @@ def padded_convs(channels: tuple[int, ...] = (20, 24, 20, 24, 20, 24), seed: int
 def padded() -> tuple[bytes, dict[str, np.ndarray], dict[str, np.ndarray]]:
     sealed = seal_model(padded_convs(), model_id="padded", model_version=1, model_key=KEY, chunk_size=4096)
     feeds = {"x": np.random.default_rng(1).standard_normal((1, 16, 28, 28)).astype(np.float32)}
-    expected = LoadedModel(open_model(sealed, KEY), model_id="p", version=1).run(feeds)
+    expected = LoadedModel(open_model(sealed, KEY), model_id="p", version=1).run(feeds).outputs
     return sealed, feeds, expected
 
 
@@ -73,7 +73,7 @@ def test_optimized_segments_use_nchwc_and_match(padded: tuple[bytes, dict, dict]
         # The spill holds each segment's blob + one tag per chunk; a run holds the blob + alignment room.
         assert stats.spill_bytes > stats.weight_bytes - ALIGN * len(model.plan.segments)
         for _ in range(2):
-            assert max_diff(model.run(feeds), expected) <= 1e-4
+            assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
             assert model.last_peak_bytes is not None and model.last_peak_bytes <= 2_000_000
         run = model.last_stats
         assert run is not None and sum(s.weight_bytes for s in run.segments) == stats.weight_bytes
@@ -92,7 +92,7 @@ def test_grown_weights_are_replanned_or_fall_back_within_budget(
     assert stats.headroom_bytes > 0 or stats.plans == 1 or stats.fallbacks
     for k, reason in stats.fallbacks:
         assert model.segment_modes[k] == "sealed" and reason
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= model.peak_bound_bytes <= budget
     model.close()
 
@@ -105,7 +105,7 @@ def test_grown_weights_trigger_a_replan_with_headroom(padded: tuple[bytes, dict,
     # the second keeps the excess out of the budget and then fits with everything optimized.
     assert stats.plans >= 2 and stats.headroom_bytes > 0 and stats.fallbacks == ()
     assert set(model.segment_modes) == {"optimized"}
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= 300_000
 
 
@@ -118,7 +118,7 @@ def test_given_plan_is_kept_and_grown_segments_fall_back(padded: tuple[bytes, di
     assert model.plan is given and model.load_stats.plans == 1
     assert model.load_stats.fallbacks  # optimized weights of some segment would break the budget
     assert "do not fit the budget" in model.load_stats.fallbacks[0][1]
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= 230_000
     model.close()
 
@@ -140,7 +140,7 @@ def test_failed_optimization_falls_back_to_the_sealed_path(
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=False)
     assert model.segment_modes.count("sealed") == 1
     assert dict(model.load_stats.fallbacks)[model.segment_modes.index("sealed")] == "simulated failure"
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     model.close()
 
 
@@ -150,7 +150,7 @@ def test_verification_mismatch_falls_back(monkeypatch: pytest.MonkeyPatch, padde
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=False)
     assert set(model.segment_modes) == {"sealed"}
     assert all("differs" in reason for _, reason in model.load_stats.fallbacks)
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     unverified = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=False, verify=False)
     assert set(unverified.segment_modes) == {"optimized"}  # no probe run, so no comparison
 
@@ -161,7 +161,7 @@ def test_optimize_off_runs_the_sealed_path(padded: tuple[bytes, dict, dict]) -> 
     assert set(model.segment_modes) == {"sealed"}
     assert model.load_stats.optimize_s == 0 and model.load_stats.spill_bytes == 0
     assert model.load_stats.weight_bytes == model.plan.weight_bytes
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
 
 
 def test_without_memfd_everything_runs_unoptimized(
@@ -172,7 +172,7 @@ def test_without_memfd_everything_runs_unoptimized(
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=True)
     assert set(model.segment_modes) == {"sealed"}
     assert {reason for _, reason in model.load_stats.fallbacks} == {"memfd_create unavailable"}
-    assert max_diff(model.run(feeds), expected) <= 1e-4
+    assert max_diff(model.run(feeds).outputs, expected) <= 1e-4
     model.close()
 
 

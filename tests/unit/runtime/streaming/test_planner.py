@@ -11,9 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from sealedml import zoo
+from sealedml._internal.units import format_bytes
 from sealedml.envelope.model_container import SealedModelReader, seal_model
 from sealedml.errors import ConfigurationError
-from sealedml.runtime.streaming.planner import BudgetError, Plan, format_bytes, plan
+from sealedml.runtime.streaming.planner import BudgetError, Plan, plan
 
 F32 = TensorProto.FLOAT
 KEY = bytes(range(32))

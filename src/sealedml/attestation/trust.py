@@ -1,7 +1,7 @@
 """How a client — an owner, a user, or a runtime — decides to trust a KeyService.
 
 The client fetches evidence bound to a fresh nonce and both of the
-KeyService's keys (:func:`~sealedml.keyservice.protocol.service_key_binding`),
+KeyService's keys (:func:`~sealedml.protocol.keyservice.service_key_binding`),
 verifies it, and checks the measurement against the expected one. With the
 simulated TEE the expected measurement defaults to *this build's* KeyService
 measurement (the client runs the same code), and the platform root is this
@@ -29,7 +29,7 @@ from sealedml.attestation.policy import Policy
 from sealedml.attestation.simulated import SimulatedVerifier
 from sealedml.crypto import HpkePublicKey
 from sealedml.errors import AttestationError, Error
-from sealedml.keyservice import protocol as p
+from sealedml.protocol import keyservice as p
 
 __all__ = [
     "AttestedKeyService",
