@@ -24,17 +24,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier
-from sealedml.attestation.collateral import LocalCollateral, build_snp_cert_table, parse_snp_cert_table
+from sealedml.attestation.collateral import LocalCollateral
 from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.policy_document import load_policy
-from sealedml.attestation.ratls import (
-    decode_tagged_evidence,
-    extract_evidence,
-    make_ratls_certificate,
-    verify_ratls_certificate,
-)
+from sealedml.attestation.ratls import extract_evidence, make_ratls_certificate, verify_ratls_certificate
+from sealedml.attestation.ratls_evidence import decode_tagged_evidence
 from sealedml.attestation.sev_snp import SevSnpVerifier
+from sealedml.attestation.sev_snp_collateral import build_snp_cert_table, parse_snp_cert_table
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError, PolicyError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

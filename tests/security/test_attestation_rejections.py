@@ -19,11 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from sealedml.attestation.base import Evidence, TeeType
-from sealedml.attestation.collateral import build_snp_cert_table
 from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
 from sealedml.attestation.policy import Policy
-from sealedml.attestation.ratls import INTEL_QUOTE_OID, verify_ratls_certificate
-from sealedml.attestation.sev_snp import SevSnpVerifier, parse_snp_report
+from sealedml.attestation.ratls import verify_ratls_certificate
+from sealedml.attestation.ratls_evidence import INTEL_QUOTE_OID
+from sealedml.attestation.sev_snp import SevSnpVerifier
+from sealedml.attestation.sev_snp_collateral import build_snp_cert_table
+from sealedml.attestation.sev_snp_report import parse_snp_report
 from sealedml.errors import CollateralError, EvidenceError, PolicyError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

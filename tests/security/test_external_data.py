@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sealedml.envelope import model_container
 from sealedml.envelope.model_container import SealedModelReader, open_model, seal_model
 from sealedml.errors import SealedModelError
-from sealedml.runtime.streaming import StreamingModel
+from sealedml.runtime.memory_bounded import StreamingModel
 
 KEY = bytes(range(32))
 SECRET = b"platform-root-key:" + bytes(range(46))  # 64 bytes a model must never read

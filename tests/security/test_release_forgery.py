@@ -305,3 +305,34 @@ def test_lease_never_outlives_the_ttl_whatever_expiry_the_answer_claims(
         assert asked < expires_at <= real_time() + 30  # the TTL, counted from when the runtime asked
     finally:
         served.stop()
+
+
+def test_steady_state_release_is_one_round_trip_and_survives_a_dead_kept_challenge(scene: Scene) -> None:
+    """Answers carry the next challenge; a kept challenge the KeyService no longer knows costs one retry."""
+    import asyncio
+
+    from sealedml.attestation.simulated import SimulatedAttester
+    from sealedml.runtime.release import ReleaseClient
+
+    scene.forger.mode = "forward"
+    pair = [("victim", scene.alice.principal_id)]
+
+    async def releases() -> None:
+        client = ReleaseClient(scene.proxy.url, SimulatedAttester(role="runtime"))
+        try:
+            await client.release(pair)
+            before = list(scene.forger.requests)
+            for _ in range(3):
+                await client.release(pair)
+            after = scene.forger.requests[len(before) :]
+            assert after == ["/v1/release"] * 3  # no challenge round trips in steady state
+            # As after a KeyService restart: the kept challenge is unknown to it.
+            bogus = p.ChallengeResponse(challenge_id="0" * 32, nonce=b64e(bytes(32)), expires_in=60)
+            client._challenges = [(bogus, time.monotonic() + 60)]
+            mark = len(scene.forger.requests)
+            await client.release(pair)  # denied once, then served with a fresh challenge
+            assert scene.forger.requests[mark:] == ["/v1/release", "/v1/release/challenge", "/v1/release"]
+        finally:
+            await client.aclose()
+
+    asyncio.run(releases())

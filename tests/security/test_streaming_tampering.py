@@ -29,9 +29,10 @@ from onnx import TensorProto, helper, numpy_helper
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, seal_model
 from sealedml.errors import InputError, SealedModelError
-from sealedml.runtime.streaming import StreamingModel
-from sealedml.runtime.streaming.accounting import MemoryTracker
-from sealedml.runtime.streaming.optimize import optimize_segment
+from sealedml.runtime.memory_bounded import StreamingModel
+from sealedml.runtime.memory_bounded.accounting import MemoryTracker
+from sealedml.runtime.memory_bounded.container import Container
+from sealedml.runtime.memory_bounded.optimize import optimize_segment
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(32, 64))
@@ -179,19 +180,19 @@ class SpillAccess:
     """
 
     def __init__(self, model: StreamingModel) -> None:
-        assert model._spill is not None
+        assert model.spill is not None
         self.model = model
-        self.store = model._spill
+        self.store = model.spill
 
     def chunk(self, segment: int, chunk: int = 0) -> tuple[int, int]:
         """(store position, length) of one chunk of an optimized segment's spilled weights."""
-        entry = self.model._states[segment].entry
+        entry = self.model.segment_states[segment].entry
         assert entry is not None
         c = entry.chunks[chunk]
         return c.position, c.length
 
     def _locate(self, position: int) -> tuple[memoryview, int]:
-        for state in self.model._states:
+        for state in self.model.segment_states:
             entry = state.entry
             if entry is not None and entry.offset <= position < entry.offset + entry.length:
                 return self.store.stored(entry), position - entry.offset
@@ -259,12 +260,12 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
         SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch, spill_dir=spill_dir(backing, tmp_path)
     )
     assert len(model.plan.segments) >= 2 and set(model.segment_modes) == {"optimized"}
-    assert model._spill is not None and model._spill.in_memory == (backing == "memory")
+    assert model.spill is not None and model.spill.in_memory == (backing == "memory")
     good = model.run(feeds).outputs
     threads_before = threading.active_count()
-    written_before = model._spill.size
+    written_before = model.spill.size
     segment = 0 if where == "first" else len(model.plan.segments) - 1
-    old_entry = model._states[segment].entry
+    old_entry = model.segment_states[segment].entry
     spill = SpillAccess(model)
     position, length = spill.chunk(segment, chunk=1)
     spill.flip(position + length // 2)
@@ -273,19 +274,21 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
         model.run(feeds)
     assert not isinstance(info.value, InputError)
     assert threading.active_count() <= threads_before + 2  # no prefetch thread leaked
+    assert model.stale_segments == {segment}
     # The next request rebuilds the segment from the sealed container, under fresh nonces
     # in a new entry, and serves the same answer.
     again = model.run(feeds).outputs
+    assert not model.stale_segments
     np.testing.assert_array_equal(again["r3"], good["r3"])
     assert model.segment_modes[segment] == "optimized"
-    new_entry = model._states[segment].entry
+    new_entry = model.segment_states[segment].entry
     assert old_entry is not None and new_entry is not None and new_entry.entry_id > old_entry.entry_id
     assert {c.nonce for c in new_entry.chunks}.isdisjoint(c.nonce for c in old_entry.chunks)
     if backing == "memory":
-        assert model._spill.size == written_before  # the superseded entry's ciphertext is dropped
-        assert not model._spill.intact(old_entry)
+        assert model.spill.size == written_before  # the superseded entry's ciphertext is dropped
+        assert not model.spill.intact(old_entry)
     else:
-        assert model._spill.size > written_before  # a file only grows
+        assert model.spill.size > written_before  # a file only grows
     assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
     np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
     model.close()
@@ -324,12 +327,12 @@ def test_truncated_spill_file_fails_then_every_cut_segment_is_rebuilt(
         SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir("file", tmp_path)
     )
     good = model.run(feeds).outputs
-    assert model._spill is not None
-    last = model._states[-1].entry
+    assert model.spill is not None
+    last = model.segment_states[-1].entry
     assert last is not None
     # Cut into the last segment's weights: one failed request, then every truncated segment
     # is rebuilt.
-    os.ftruncate(model._spill.fileno, last.offset + 10)
+    os.ftruncate(model.spill.fileno, last.offset + 10)
     with pytest.raises(SealedModelError, match=r"truncated|failed authentication"):
         model.run(feeds)
     np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
@@ -424,7 +427,7 @@ def test_no_plaintext_weight_touches_disk(monkeypatch: pytest.MonkeyPatch, tmp_p
     reader = SealedModelReader(sealed, KEY)
     secrets = [reader.read(e.offset, e.length) for e in reader.manifest.tensors if e.length >= 48]
     for segment in model.plan.segments:
-        loaded = model._decrypt(reader, segment, MemoryTracker())
+        loaded = Container(reader).decrypt(reader, segment, MemoryTracker())
         opt = optimize_segment(
             model.plan.segment_model(segment.index),
             loaded.arrays,
@@ -451,7 +454,7 @@ def test_no_plaintext_weight_touches_disk(monkeypatch: pytest.MonkeyPatch, tmp_p
         if target.startswith(str(scratch)) or target.startswith(str(workdir)):
             with open(f"/proc/self/fd/{fd}", "rb") as handle:
                 written.append(handle.read())
-            spill_seen = spill_seen or int(fd) == (model._spill.fileno if model._spill else -1)
+            spill_seen = spill_seen or int(fd) == (model.spill.fileno if model.spill else -1)
     assert spill_seen, "the spill file should live in $TMPDIR"
     assert sum(map(len, written)) >= model.load_stats.weight_bytes  # the spill (ciphertext) was scanned
     for blob in written:

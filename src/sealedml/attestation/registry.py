@@ -22,8 +22,8 @@ _SNP_OPTIONS = frozenset({"vcek", "vcek_cache_dir", "vcek_sources", "roots"})
 
 
 def _dcap(tee: TeeType, options: dict[str, Any]) -> Verifier:
-    from sealedml.attestation.collateral import PccsCollateral
     from sealedml.attestation.dcap import DcapVerifier
+    from sealedml.attestation.pccs import PccsCollateral
 
     unknown = set(options) - _DCAP_OPTIONS
     if unknown:

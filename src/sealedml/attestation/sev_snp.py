@@ -42,15 +42,17 @@ details with the other report fields, among them ``signing_key`` (``"vcek"`` or
 equals the report's SIGNING_KEY). SEV-SNP has no TCB-status service: the
 verifier reports ``tcb_status = "UpToDate"`` once the certificate matches the
 report; whether that TCB is recent enough is the policy's ``min_tcb`` decision.
+
+Where each part lives: the report layout in
+:mod:`sealedml.attestation.sev_snp_report`, the pinned AMD roots in
+:mod:`sealedml.attestation.sev_snp_roots`, the VCEK / VLEK sources and the
+certificate table in :mod:`sealedml.attestation.sev_snp_collateral`; this
+module holds the verifier (chain search, signature, certificate ↔ report binding).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
-import struct
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,54 +62,24 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from sealedml.attestation.base import Claims, Evidence, TeeType, Verifier
-from sealedml.attestation.collateral import (
-    CERTIFICATE_PARSE_ERRORS,
+from sealedml.attestation.collateral import CERTIFICATE_PARSE_ERRORS, load_certificate
+from sealedml.attestation.sev_snp_collateral import (
     CacheDirVcekSource,
     CertTableVcekSource,
     FileVcekSource,
     VcekSource,
-    load_certificate,
     parse_snp_cert_table,
 )
+from sealedml.attestation.sev_snp_report import SnpReport, decode_tcb, parse_snp_report
+from sealedml.attestation.sev_snp_roots import ProductRoots, common_name, load_pinned_roots, pss_signed_by
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError
 
-__all__ = [
-    "PINNED_ARK_SPKI_SHA256",
-    "PRODUCTS",
-    "REPORT_SIZE",
-    "ProductRoots",
-    "SevSnpVerifier",
-    "SnpReport",
-    "decode_tcb",
-    "load_pinned_roots",
-    "parse_snp_report",
-    "roots_bundle_product",
-]
-
-#: Size of ATTESTATION_REPORT (0x4A0).
-REPORT_SIZE = 0x4A0
-#: The signature covers bytes 0x000-0x29F.
-SIGNED_LEN = 0x2A0
-_SIG_R = 0x2A0
-_SIG_S = 0x2E8
-_SIG_COMPONENT = 72
-
-#: Products whose roots are pinned, in the order they are tried.
-PRODUCTS: tuple[str, ...] = ("Milan", "Genoa", "Turin")
-
-#: SHA-256 of the DER SubjectPublicKeyInfo of each product's ARK (AMD root key).
-PINNED_ARK_SPKI_SHA256: Mapping[str, str] = MappingProxyType(
-    {
-        "Milan": "9f056bee44377e29308cb5ffa895bdfb62d18881fa6bed8d6f075b0204089cb9",
-        "Genoa": "429a69c9422aa258ee4d8db5fcda9c6470ef15f8cd5a9cebd6cbc7d90b863831",
-        "Turin": "4f125410563a2ab9a50356f9243f6fe0b6f73de98603f53f90339c70e9d7ad08",
-    }
-)
+__all__ = ["SevSnpVerifier"]
 
 # AMD VCEK / VLEK certificate extensions (KDS spec, Table 8).
 _OID_PRODUCT_NAME = "1.3.6.1.4.1.3704.1.2"
@@ -119,321 +91,12 @@ _OID_FMC_SPL = "1.3.6.1.4.1.3704.1.3.9"
 _OID_HWID = "1.3.6.1.4.1.3704.1.4"
 _TURIN_HWID_LEN = 8
 
-# AMD KDS certificates: RSASSA-PSS, SHA-384, MGF1-SHA-384, salt length 48.
-_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
-
-
-def _u32(data: bytes, offset: int) -> int:
-    return int(struct.unpack_from("<I", data, offset)[0])
-
-
-def _u64(data: bytes, offset: int) -> int:
-    return int(struct.unpack_from("<Q", data, offset)[0])
-
-
-def decode_tcb(raw: int, product: str) -> dict[str, int]:
-    """Split a TCB_VERSION into its security patch levels.
-
-    Milan and Genoa (ABI spec Table 3): byte 0 boot loader, 1 TEE, 6 SNP,
-    7 microcode. Turin (family 1Ah): byte 0 FMC, 1 boot loader, 2 TEE, 3 SNP,
-    7 microcode.
-
-    Args:
-        raw: the TCB_VERSION as a little-endian u64.
-        product: ``"Milan"``, ``"Genoa"`` or ``"Turin"``.
-
-    Returns:
-        ``{"bootloader", "tee", "snp", "microcode"}`` (plus ``"fmc"`` on Turin).
-    """
-    b = raw.to_bytes(8, "little")
-    if product == "Turin":
-        return {"fmc": b[0], "bootloader": b[1], "tee": b[2], "snp": b[3], "microcode": b[7]}
-    return {"bootloader": b[0], "tee": b[1], "snp": b[6], "microcode": b[7]}
-
-
-@dataclass(frozen=True)
-class SnpReport:
-    """A parsed (not yet verified) SEV-SNP ATTESTATION_REPORT.
-
-    Attributes mirror the report fields; byte strings are raw, TCB values are
-    little-endian u64 integers. ``raw`` is the whole report.
-    """
-
-    raw: bytes
-    version: int
-    guest_svn: int
-    policy: int
-    family_id: bytes
-    image_id: bytes
-    vmpl: int
-    signature_algo: int
-    current_tcb: int
-    platform_info: int
-    author_key_en: bool
-    mask_chip_key: bool
-    signing_key: int
-    report_data: bytes
-    measurement: bytes
-    host_data: bytes
-    id_key_digest: bytes
-    author_key_digest: bytes
-    report_id: bytes
-    report_id_ma: bytes
-    reported_tcb: int
-    cpuid_fam_id: int | None
-    cpuid_mod_id: int | None
-    cpuid_step: int | None
-    chip_id: bytes
-    committed_tcb: int
-    current_version: str
-    committed_version: str
-    launch_tcb: int
-    signature_r: int
-    signature_s: int
-
-    @property
-    def debug(self) -> bool:
-        """Guest POLICY bit 19: DEBUG (the hypervisor may read and write guest memory)."""
-        return bool(self.policy >> 19 & 1)
-
-    @property
-    def signed_bytes(self) -> bytes:
-        """Bytes 0x000-0x29F, the part the signature covers."""
-        return self.raw[:SIGNED_LEN]
-
-
-def parse_snp_report(data: bytes) -> SnpReport:
-    """Parse an ATTESTATION_REPORT (offsets from the ABI spec report table).
-
-    Args:
-        data: the 1184-byte report.
-
-    Returns:
-        The parsed report.
-
-    Raises:
-        EvidenceError: wrong size, unsupported version, signature algorithm or
-            signing key.
-    """
-    raw = bytes(data)
-    if len(raw) != REPORT_SIZE:
-        raise EvidenceError(f"SEV-SNP report must be {REPORT_SIZE} bytes, got {len(raw)}")
-    version = _u32(raw, 0x00)
-    if not 2 <= version <= 5:
-        raise EvidenceError(f"unsupported SEV-SNP report version {version}")
-    signature_algo = _u32(raw, 0x34)
-    if signature_algo != 1:
-        raise EvidenceError(f"unsupported SEV-SNP signature algorithm {signature_algo}")
-    flags = _u32(raw, 0x48)
-    signing_key = flags >> 2 & 0x7  # bits 4:2; 0 = VCEK, 1 = VLEK, 7 = none
-    if signing_key not in (0, 1):
-        raise EvidenceError(f"SEV-SNP report signing key {signing_key} is not VCEK or VLEK")
-    has_cpuid = version >= 3  # CPUID_FAM_ID / MOD_ID / STEP at 0x188 since version 3
-    return SnpReport(
-        raw=raw,
-        version=version,
-        guest_svn=_u32(raw, 0x04),
-        policy=_u64(raw, 0x08),
-        family_id=raw[0x10:0x20],
-        image_id=raw[0x20:0x30],
-        vmpl=_u32(raw, 0x30),
-        signature_algo=signature_algo,
-        current_tcb=_u64(raw, 0x38),
-        platform_info=_u64(raw, 0x40),
-        author_key_en=bool(flags & 0x1),
-        mask_chip_key=bool(flags & 0x2),
-        signing_key=signing_key,
-        report_data=raw[0x50:0x90],
-        measurement=raw[0x90:0xC0],
-        host_data=raw[0xC0:0xE0],
-        id_key_digest=raw[0xE0:0x110],
-        author_key_digest=raw[0x110:0x140],
-        report_id=raw[0x140:0x160],
-        report_id_ma=raw[0x160:0x180],
-        reported_tcb=_u64(raw, 0x180),
-        cpuid_fam_id=raw[0x188] if has_cpuid else None,
-        cpuid_mod_id=raw[0x189] if has_cpuid else None,
-        cpuid_step=raw[0x18A] if has_cpuid else None,
-        chip_id=raw[0x1A0:0x1E0],
-        committed_tcb=_u64(raw, 0x1E0),
-        current_version=f"{raw[0x1EA]}.{raw[0x1E9]}.{raw[0x1E8]}",
-        committed_version=f"{raw[0x1EE]}.{raw[0x1ED]}.{raw[0x1EC]}",
-        launch_tcb=_u64(raw, 0x1F0),
-        signature_r=int.from_bytes(raw[_SIG_R : _SIG_R + _SIG_COMPONENT], "little"),
-        signature_s=int.from_bytes(raw[_SIG_S : _SIG_S + _SIG_COMPONENT], "little"),
-    )
-
-
-# ---------------------------------------------------------------------------
-# Roots and chain
-# ---------------------------------------------------------------------------
-
-
-def _common_name(name: x509.Name) -> str:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # odd attribute lengths in untrusted certs
-        values = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(values[0].value) if values else ""
-
-
-def _spki_sha256(cert: x509.Certificate) -> str:
-    der = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return hashlib.sha256(der).hexdigest()
-
-
-def _pss_signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    """True if ``issuer``'s RSA key signed ``cert`` with AMD's RSASSA-PSS parameters."""
-    key = issuer.public_key()
-    if not isinstance(key, rsa.RSAPublicKey) or cert.issuer != issuer.subject:
-        return False
-    try:
-        key.verify(cert.signature, cert.tbs_certificate_bytes, _PSS, hashes.SHA384())
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
-
 
 def _check_valid_at(cert: x509.Certificate, at: datetime, what: str) -> None:
     if at < cert.not_valid_before_utc:
         raise EvidenceError(f"{what} not valid before {cert.not_valid_before_utc.isoformat()}")
     if at > cert.not_valid_after_utc:
         raise EvidenceError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
-
-
-@dataclass(frozen=True)
-class ProductRoots:
-    """The pinned ASK, ARK and (optionally) ASVK of one AMD product line.
-
-    Attributes:
-        product: ``"Milan"``, ``"Genoa"`` or ``"Turin"``.
-        ask: the AMD SEV signing key certificate, ``SEV-<product>`` (signs VCEKs).
-        ark: the AMD root key certificate, ``ARK-<product>`` (self-signed).
-        asvk: the AMD SEV VLEK signing key certificate, ``SEV-VLEK-<product>``
-            (signs VLEKs), or ``None`` if not pinned.
-    """
-
-    product: str
-    ask: x509.Certificate
-    ark: x509.Certificate
-    asvk: x509.Certificate | None = None
-
-    @classmethod
-    def from_pem(cls, product: str, pem: bytes, *, fingerprint: str | None = None) -> ProductRoots:
-        """Load and check a roots bundle: ASK, then ARK, then optionally ASVK.
-
-        This is the order of ``ask_ark_asvk_<product>.pem`` (AMD KDS
-        ``cert_chain`` followed by the ASVK); an ``ask_ark_<product>.pem`` of
-        ASK and ARK only pins no ASVK.
-
-        Args:
-            product: the product the bundle is for.
-            pem: the two or three certificates.
-            fingerprint: if given, the ARK's SPKI SHA-256 must equal it.
-
-        Returns:
-            The roots.
-
-        Raises:
-            ConfigurationError: not two or three certificates, names not of
-                ``product``, ARK not self-signed, ASK or ASVK not signed by the
-                ARK (RSASSA-PSS, SHA-384, salt 48), or fingerprint mismatch.
-        """
-        try:
-            certs = [load_certificate(block) for block in _pem_blocks(pem)]
-        except CollateralError as exc:
-            raise ConfigurationError(f"{product} roots: {exc.message}") from exc
-        if len(certs) not in (2, 3):
-            raise ConfigurationError(f"{product} roots: expected ASK, ARK and optionally ASVK certificates")
-        ask, ark = certs[0], certs[1]
-        asvk = certs[2] if len(certs) == 3 else None
-        if _common_name(ark.subject) != f"ARK-{product}":
-            raise ConfigurationError(f"{product} roots: ARK is {_common_name(ark.subject)!r}")
-        if _common_name(ask.subject) != f"SEV-{product}":
-            raise ConfigurationError(f"{product} roots: ASK is {_common_name(ask.subject)!r}")
-        if asvk is not None and _common_name(asvk.subject) != f"SEV-VLEK-{product}":
-            raise ConfigurationError(f"{product} roots: ASVK is {_common_name(asvk.subject)!r}")
-        if fingerprint is not None and _spki_sha256(ark) != fingerprint:
-            raise ConfigurationError(f"{product} roots: ARK key does not match the pinned key")
-        if not _pss_signed_by(ark, ark):
-            raise ConfigurationError(f"{product} roots: ARK is not self-signed")
-        if not _pss_signed_by(ask, ark):
-            raise ConfigurationError(f"{product} roots: ASK is not signed by the ARK")
-        if asvk is not None and not _pss_signed_by(asvk, ark):
-            raise ConfigurationError(f"{product} roots: ASVK is not signed by the ARK")
-        return cls(product=product, ask=ask, ark=ark, asvk=asvk)
-
-
-def roots_bundle_product(pem: bytes) -> str:
-    """The product of an AMD roots bundle, read from its ARK's name ``ARK-<product>``.
-
-    Used to pin bundles whose product is not given separately (``sealedml
-    attest verify --amd-roots FILE``). The bundle itself is checked by
-    :meth:`ProductRoots.from_pem` when a verifier pins it.
-
-    Args:
-        pem: a bundle of ASK, ARK and optionally ASVK (PEM).
-
-    Returns:
-        One of :data:`PRODUCTS`.
-
-    Raises:
-        ConfigurationError: unreadable certificates, no single ``ARK-<product>``
-            certificate, or a product other than Milan, Genoa and Turin.
-    """
-    try:
-        certs = [load_certificate(block) for block in _pem_blocks(pem)]
-    except CollateralError as exc:
-        raise ConfigurationError(f"AMD roots: {exc.message}") from exc
-    arks = {_common_name(cert.subject) for cert in certs if _common_name(cert.subject).startswith("ARK-")}
-    if len(arks) != 1:
-        raise ConfigurationError("AMD roots: expected one ARK certificate named ARK-<product>")
-    product = arks.pop().removeprefix("ARK-")
-    if product not in PRODUCTS:
-        raise ConfigurationError(f"AMD roots: unknown product {product!r}; expected one of {', '.join(PRODUCTS)}")
-    return product
-
-
-def _pem_blocks(pem: bytes) -> list[bytes]:
-    marker = b"-----END CERTIFICATE-----"
-    blocks: list[bytes] = []
-    for part in pem.split(marker):
-        if b"-----BEGIN CERTIFICATE-----" in part:
-            blocks.append(part[part.index(b"-----BEGIN") :] + marker + b"\n")
-    return blocks
-
-
-_PINNED_LOCK = threading.Lock()
-_PINNED: dict[str, ProductRoots] = {}
-
-
-def load_pinned_roots() -> Mapping[str, ProductRoots]:
-    """The AMD roots shipped with the package, checked against their pinned fingerprints.
-
-    Each product's ``roots/ask_ark_asvk_<product>.pem`` holds its ASK, ARK and
-    ASVK, as AMD's key distribution service serves them.
-
-    Returns:
-        ``{product: ProductRoots}`` for Milan, Genoa and Turin, each with its ASVK.
-
-    Raises:
-        ConfigurationError: a root file is missing, lacks the ASVK or does not
-            match its pin.
-    """
-    with _PINNED_LOCK:
-        if not _PINNED:
-            package = importlib.resources.files("sealedml.attestation") / "roots"
-            loaded: dict[str, ProductRoots] = {}  # all or nothing: a failure leaves none pinned
-            for product in PRODUCTS:
-                try:
-                    pem = (package / f"ask_ark_asvk_{product.lower()}.pem").read_bytes()
-                except OSError as exc:
-                    raise ConfigurationError(f"AMD {product} roots missing: {exc}") from exc
-                roots = ProductRoots.from_pem(product, pem, fingerprint=PINNED_ARK_SPKI_SHA256[product])
-                if roots.asvk is None:
-                    raise ConfigurationError(f"AMD {product} roots lack the ASVK")
-                loaded[product] = roots
-            _PINNED.update(loaded)
-        return MappingProxyType(dict(_PINNED))
 
 
 # ---------------------------------------------------------------------------
@@ -614,18 +277,18 @@ class SevSnpVerifier(Verifier):
             return (
                 f"report is signed by a {kind.upper()} but the certificate is not a {kind.upper()}: "
                 f"it is a {other.upper()} (issued by the {_INTERMEDIATE_NAMES[other]} "
-                f"{_common_name(wrong.intermediate.subject)!r})"
+                f"{common_name(wrong.intermediate.subject)!r})"
             )
         return f"{kind.upper()} does not chain to a pinned AMD root through an {_INTERMEDIATE_NAMES[kind]}"
 
     def _find_chain(self, cert: x509.Certificate, kind: str, table_asvks: Sequence[x509.Certificate]) -> _Chain | None:
-        issuer_cn = _common_name(cert.issuer)
+        issuer_cn = common_name(cert.issuer)
         # Try the product named by the certificate's issuer first ("SEV-Milan",
         # "SEV-VLEK-Genoa"), then the others in turn.
         ordered = sorted(self._roots, key=lambda p: 0 if issuer_cn.endswith(p) else 1)
         for product in ordered:
             for intermediate in self._intermediates(product, kind, table_asvks):
-                if _pss_signed_by(cert, intermediate):
+                if pss_signed_by(cert, intermediate):
                     return _Chain(product=product, kind=kind, intermediate=intermediate)
         return None
 
@@ -642,8 +305,8 @@ class SevSnpVerifier(Verifier):
             # product's ASVK and the pinned ARK signed it.
             if (
                 asvk not in found
-                and _common_name(asvk.subject) == f"SEV-VLEK-{product}"
-                and _pss_signed_by(asvk, roots.ark)
+                and common_name(asvk.subject) == f"SEV-VLEK-{product}"
+                and pss_signed_by(asvk, roots.ark)
             ):
                 found.append(asvk)
         return found
@@ -707,7 +370,7 @@ class SevSnpVerifier(Verifier):
         roots = self._roots[product]
         intermediate = chain.intermediate
         _check_valid_at(roots.ark, at, f"ARK-{product}")
-        _check_valid_at(intermediate, at, f"{_common_name(intermediate.subject)} certificate")
+        _check_valid_at(intermediate, at, f"{common_name(intermediate.subject)} certificate")
         _check_valid_at(cert, at, name)
 
         # Report signature (ECDSA P-384 / SHA-384 over 0x000-0x29F).
@@ -728,7 +391,7 @@ class SevSnpVerifier(Verifier):
             raise EvidenceError(f"{name} is for TCB {cert_tcb}, the report's REPORTED_TCB is {reported}")
         # The chain already decided the kind; the name and hwID must agree with it.
         hwid = _vcek_hwid(extensions)
-        subject = _common_name(cert.subject)
+        subject = common_name(cert.subject)
         named_vlek = "VLEK" in subject.upper()
         if chain.kind == "vcek":
             if named_vlek:

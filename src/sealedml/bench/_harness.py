@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sealedml._internal.procs import ServiceProcess
 
-__all__ = ["BenchStack", "bench_stack", "median_ms", "progress"]
+__all__ = ["BenchStack", "bench_stack", "isolated_home", "median_ms", "progress"]
 
 
 def progress(msg: str, quiet: bool) -> None:
@@ -38,20 +38,29 @@ class BenchStack:
 
 
 @contextmanager
-def bench_stack(platform_args: list[str], *, lease_ttl: int = 600) -> Iterator[BenchStack]:
-    """KeyService + gateway in a temporary directory with its own SEALEDML_HOME."""
-    with ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sealedml-bench-")))
+def isolated_home() -> Iterator[Path]:
+    """A temporary working directory whose ``home/`` is ``SEALEDML_HOME`` while the block runs.
+
+    Benchmarks get their own simulated platform root and never touch the user's.
+    """
+    with tempfile.TemporaryDirectory(prefix="sealedml-bench-") as directory:
+        workdir = Path(directory)
         old = os.environ.get("SEALEDML_HOME")
         os.environ["SEALEDML_HOME"] = str(workdir / "home")
-
-        def restore() -> None:
+        try:
+            yield workdir
+        finally:
             if old is None:
                 os.environ.pop("SEALEDML_HOME", None)
             else:
                 os.environ["SEALEDML_HOME"] = old
 
-        stack.callback(restore)
+
+@contextmanager
+def bench_stack(platform_args: list[str], *, lease_ttl: int = 600) -> Iterator[BenchStack]:
+    """KeyService + gateway in a temporary directory with its own SEALEDML_HOME."""
+    with ExitStack() as stack:
+        workdir = stack.enter_context(isolated_home())
         ks = stack.enter_context(
             ServiceProcess.keyservice(
                 workdir / "ks", "--lease-ttl", str(lease_ttl), log_path=workdir / "keyservice.log"

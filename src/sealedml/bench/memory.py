@@ -6,7 +6,7 @@ every configuration alike:
 * **whole** — decrypt the whole sealed model once, then serve from one
   :class:`~sealedml.runtime.engine.LoadedModel` (the default runtime path);
 * **streaming** at each budget, with and without prefetch — a
-  :class:`~sealedml.runtime.streaming.StreamingModel` that decrypts each
+  :class:`~sealedml.runtime.memory_bounded.StreamingModel` that decrypts each
   segment's weights per request: by default its *optimized* segments (ONNX
   Runtime's NCHWc graphs, weights streamed from the ephemeral-key spill);
   with ``baseline=True`` also the unoptimized segments (weights straight from
@@ -83,7 +83,7 @@ def _rss_probe_main() -> None:
     """Subprocess entry point of :func:`_rss_probe` (spec as JSON on stdin, result as JSON on stdout)."""
     from sealedml.envelope.model_container import SealedModelReader, open_model
     from sealedml.runtime.engine import LoadedModel
-    from sealedml.runtime.streaming import StreamingModel, process_memory, reset_peak_rss
+    from sealedml.runtime.memory_bounded import StreamingModel, process_memory, reset_peak_rss
 
     spec = json.loads(sys.stdin.read())
     key = bytes.fromhex(spec["key"])
@@ -277,7 +277,7 @@ def _measure(
     """The interleaved latency run; every model object is freed when it returns."""
     from sealedml.envelope.model_container import SealedModelReader, open_model
     from sealedml.runtime.engine import LoadedModel
-    from sealedml.runtime.streaming import BudgetError, StreamingModel, plan
+    from sealedml.runtime.memory_bounded import BudgetError, StreamingModel, plan
 
     inputs = _input(seed)
     t0 = time.perf_counter()

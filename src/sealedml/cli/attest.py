@@ -61,7 +61,7 @@ def _parse_now(text: str | None) -> datetime | None:
 
 def _amd_roots(paths: list[str]) -> dict[str, bytes]:
     """Read ``--amd-roots`` bundles into ``{product: PEM}``, the product named by each ARK."""
-    from sealedml.attestation.sev_snp import roots_bundle_product
+    from sealedml.attestation.sev_snp_roots import roots_bundle_product
 
     roots: dict[str, bytes] = {}
     for path in paths:

@@ -1,5 +1,9 @@
 """``sealedml demo``: the whole confidential path on one machine, for real.
 
+::
+
+    sealedml demo [--lease-ttl S] [--samples N] [--memory-budget SIZE [--spill-dir DIR]]
+
 KeyService and platform run as separate processes on free loopback ports in
 a temporary directory (its own simulated platform root included); the owner
 and users act through the same SDK the CLI uses.
@@ -7,6 +11,7 @@ and users act through the same SDK the CLI uses.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -20,9 +25,10 @@ from typing import Any
 import numpy as np
 
 from sealedml._internal.procs import ServiceProcess
+from sealedml.cli._args import Subcommands, add_budget, add_command, memory_budget, spill_dir
 from sealedml.errors import AccessDenied, SealedModelError
 
-__all__ = ["run_demo"]
+__all__ = ["add_parser", "handle_demo", "run_demo"]
 
 
 @contextmanager
@@ -204,3 +210,28 @@ def _plain_labels(model: Any, x: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(["label"], {"input": x})[0])
+
+
+def handle_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``demo``: :func:`run_demo` with the command's flags (progress on stderr unless ``--json``).
+
+    Raises:
+        ConfigurationError: a bad ``--memory-budget`` or ``--spill-dir`` (checked before anything starts).
+    """
+    return run_demo(
+        lease_ttl=args.lease_ttl,
+        samples=args.samples,
+        quiet=args.json,
+        memory_budget=args.memory_budget if memory_budget(args) else None,
+        spill_dir=spill_dir(args),
+    )
+
+
+def add_parser(subparsers: Subcommands) -> None:
+    """Register ``demo`` on ``subparsers``."""
+    p = add_command(
+        subparsers, "demo", handle_demo, "run everything on one machine and print accuracy, latency, denials"
+    )
+    p.add_argument("--lease-ttl", type=int, default=2, help="key lease TTL in seconds for the demo (default 2)")
+    p.add_argument("--samples", type=int, default=None, help="test samples to run (default: whole test split)")
+    add_budget(p)

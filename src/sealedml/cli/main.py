@@ -2,6 +2,17 @@
 
 Every command takes ``--json``, exits 0 on success and non-zero with a
 one-line reason on error.
+
+One module per command group, each with its handlers and its flags and an
+``add_parser(subparsers)`` that registers them: :mod:`~sealedml.cli.serve`
+(``up`` and the ``serve`` commands), :mod:`~sealedml.cli.identity`
+(``identity new``, ``register``), :mod:`~sealedml.cli.model`,
+:mod:`~sealedml.cli.infer`, :mod:`~sealedml.cli.bench`,
+:mod:`~sealedml.cli.attest`, and one module per small command
+(:mod:`~sealedml.cli.demo`, :mod:`~sealedml.cli.audit` for ``keyservice
+audit-head``, :mod:`~sealedml.cli.measurement`, :mod:`~sealedml.cli.zoo`).
+Flags several groups share are in :mod:`sealedml.cli._args`; output and
+errors in :mod:`sealedml.cli._common`.
 """
 
 from __future__ import annotations
@@ -13,7 +24,7 @@ import sys
 from collections.abc import Sequence
 
 from sealedml import __version__
-from sealedml.cli import commands
+from sealedml.cli import audit, bench, demo, identity, infer, measurement, model, serve, zoo
 from sealedml.cli._common import run_handler
 
 __all__ = ["build_parser", "main"]
@@ -28,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sealedml {__version__}")
     parser.add_argument("--log-level", default="WARNING", help="log level on stderr (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    commands.add_all(sub)
+    # In the order of `sealedml --help`.
+    for group in (demo, serve, audit, identity, model, infer, measurement, zoo, bench):
+        group.add_parser(sub)
     try:
         from sealedml.cli import attest
     except ImportError:  # pragma: no cover - optional during development

@@ -582,7 +582,15 @@ class KeyService:
             expires_at=expires_at,
             lease_ttl=self.lease_ttl,
             signature=b64e(self._signer.sign(message)),
+            next_challenge=self._next_challenge(),
         )
+
+    def _next_challenge(self) -> p.ChallengeResponse | None:
+        """A challenge for the runtime's next release, or None when the table is full."""
+        try:
+            return self.challenge()
+        except Overloaded:
+            return None
 
     def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
         nonce = self._consume_challenge(req.challenge_id)

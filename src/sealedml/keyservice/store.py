@@ -326,7 +326,14 @@ CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, eve
 class SQLiteKeyStore(KeyStore):
     """:class:`KeyStore` on SQLite in WAL mode with ``synchronous=FULL`` (durable commits).
 
-    One connection guarded by a lock; callers run it from a thread pool.
+    Writes go through one connection guarded by a lock; reads use one read-only
+    connection per calling thread (callers run the store from a thread pool), so
+    in WAL mode they proceed while a write commits instead of queueing behind its
+    fsync — a key release's half-dozen reads no longer wait for the previous
+    release's audit record to reach the disk. Audit records that change no state
+    (:meth:`audit`: every release decision, every denial) are committed in
+    groups (:class:`_GroupCommit`): one fsync for all the records waiting, each
+    caller returning only once its own record is durable.
 
     Args:
         path: the database file.
@@ -339,6 +346,13 @@ class SQLiteKeyStore(KeyStore):
 
     def __init__(self, path: Path | str, *, anchor: AuditAnchor | None = None) -> None:
         self._anchor = anchor
+        self._path = str(path)
+        # An in-memory database exists only in its one connection: read through it.
+        self._shared_reads = self._path == ":memory:" or self._path.startswith("file::memory:")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._group = _GroupCommit(self)
         try:
             self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -386,12 +400,25 @@ class SQLiteKeyStore(KeyStore):
             except sqlite3.Error as exc:
                 raise StoreError(f"key store failure: {exc}") from exc
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (created on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        with self._lock:
-            try:
-                return self._db.execute(sql, args).fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"key store failure: {exc}") from exc
+        try:
+            if self._shared_reads:
+                with self._lock:
+                    return self._db.execute(sql, args).fetchall()
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"key store failure: {exc}") from exc
 
     @staticmethod
     def _head(db: sqlite3.Connection) -> AuditHead:
@@ -547,8 +574,7 @@ class SQLiteKeyStore(KeyStore):
         return ConsentRecord(model_id, user_id, bytes(rows[0][0]), runtimes)
 
     def audit(self, event: Mapping[str, Any]) -> None:
-        with self._tx() as db:
-            self._append_audit(db, event)
+        self._group.append(event)
 
     def audit_records(self, since: int = 0) -> Iterator[AuditRecord]:
         rows = self._read("SELECT seq, ts, event, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq", (since,))
@@ -583,5 +609,64 @@ class SQLiteKeyStore(KeyStore):
             return str(db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
 
     def close(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
         with self._lock:
             self._db.close()
+
+
+class _GroupCommit:
+    """Audit appends in groups: one transaction, one fsync, for every record waiting.
+
+    The first caller that finds no commit running leads: it takes every pending
+    record, writes them in one transaction and wakes the others; records that
+    arrived meanwhile wait for the next leader. Records are committed in arrival
+    order, and :meth:`append` returns only once the caller's own record is durable
+    (or raises the error its group's commit raised).
+    """
+
+    def __init__(self, store: SQLiteKeyStore) -> None:
+        self._store = store
+        self._cond = threading.Condition()
+        self._pending: list[tuple[int, Mapping[str, Any]]] = []
+        self._issued = 0  # tickets handed out
+        self._committed = 0  # every ticket up to this one is durable (or failed)
+        self._failed: dict[int, StoreError] = {}
+        self._leading = False
+
+    def append(self, event: Mapping[str, Any]) -> None:
+        """Append ``event`` to the audit log; return once it is durable.
+
+        Raises:
+            StoreError: the commit of its group failed (nothing of the group was written).
+        """
+        with self._cond:
+            self._issued += 1
+            ticket = self._issued
+            self._pending.append((ticket, event))
+            while ticket > self._committed and self._leading:
+                self._cond.wait()
+            if ticket <= self._committed:
+                error = self._failed.pop(ticket, None)
+                if error is not None:
+                    raise error
+                return
+            self._leading = True
+            batch, self._pending = self._pending, []
+        error = None
+        try:
+            with self._store._tx() as db:
+                for _, item in batch:
+                    self._store._append_audit(db, item)
+        except StoreError as exc:
+            error = exc
+        with self._cond:
+            if error is not None:
+                self._failed.update({t: error for t, _ in batch if t != ticket})
+            self._committed = batch[-1][0]
+            self._leading = False
+            self._cond.notify_all()
+        if error is not None:
+            raise error

@@ -261,13 +261,17 @@ class ReleaseResponse(_Msg):
     """Released keys, HPKE-sealed to the runtime key, valid until ``expires_at``.
 
     ``signature``: Ed25519 by the KeyService's attested signing key over
-    :func:`release_answer_message`.
+    :func:`release_answer_message`. ``next_challenge``: a fresh challenge for
+    the runtime's next release, so that a release in steady state is one round
+    trip (a challenge is single-use and unpredictable, not secret: receiving it
+    here rather than from ``/v1/release/challenge`` changes nothing it proves).
     """
 
     sealed: B64
     expires_at: int
     lease_ttl: int
     signature: B64
+    next_challenge: ChallengeResponse | None = None
 
 
 class AuditHeadRequest(_Msg):

@@ -5,7 +5,7 @@ request's tensors to the model's inputs, :meth:`Model.run` returns a
 :class:`RunResult` (outputs, plus the tracked peak where the engine tracks one),
 :attr:`Model.nbytes` sizes it for the cache. Engines: :class:`LoadedModel` (one
 ONNX Runtime session over the decrypted model) and the memory-bounded
-``StreamingModel`` (``runtime/streaming``); the partitioned and TFLite engines
+``StreamingModel`` (``runtime/memory_bounded``); the partitioned and TFLite engines
 will be others.
 
 ONNX Runtime's ``InferenceSession.run`` is thread-safe, so one session (one

@@ -17,6 +17,10 @@ trusts nothing that only *reaches* it from there:
    the runtime and the KeyService could answer with keys of its own choosing.
 4. A lease lives at most ``lease_ttl`` seconds from when it was asked for, and
    never longer than :data:`~sealedml.protocol.keyservice.MAX_LEASE_TTL`.
+
+Each answer carries the challenge for the next release, so in steady state a
+release is one round trip (``POST /v1/release``); a fresh challenge is fetched
+only when none is at hand (the first release, after a denial, after it expired).
 """
 
 from __future__ import annotations
@@ -36,12 +40,24 @@ from sealedml._internal.httpclient import async_client
 from sealedml.attestation.base import Attester
 from sealedml.attestation.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.crypto import HpkeKem, HpkePrivateKey, random_bytes, verify_signature
-from sealedml.errors import AttestationError, CryptoError, ProtocolError, ServiceUnavailable, SignatureError
+from sealedml.errors import (
+    AccessDenied,
+    AttestationError,
+    CryptoError,
+    ProtocolError,
+    ServiceUnavailable,
+    SignatureError,
+)
 from sealedml.protocol import keyservice as p
 
 __all__ = ["Lease", "ReleaseClient", "model_key_id"]
 
 _KEY_ID_LABEL = b"sealedml/v1/model-key-id"
+#: A challenge received with an answer is used only up to this many seconds before it expires.
+_CHALLENGE_MARGIN = 10.0
+#: Challenges kept for later releases (one per release in flight is enough).
+_KEPT_CHALLENGES = 16
+_JSON = {"content-type": "application/json"}
 
 
 def model_key_id(model_key: bytes) -> str:
@@ -101,6 +117,8 @@ class ReleaseClient:
         self._http = async_client(keyservice_url.rstrip("/"), timeout=timeout, verify=verify)
         self._service: AttestedKeyService | None = None
         self._attesting: asyncio.Lock | None = None
+        # Challenges received with earlier answers: (challenge, monotonic deadline).
+        self._challenges: list[tuple[p.ChallengeResponse, float]] = []
 
     @property
     def keyservice(self) -> AttestedKeyService | None:
@@ -164,10 +182,26 @@ class ReleaseClient:
         """
         started, asked_at = time.perf_counter(), time.time()
         service = self._service or await self.attest()
-        post = {"headers": {"content-type": "application/json"}}
-        challenge = p.ChallengeResponse.model_validate_json(
-            (await self._send("POST", "/v1/release/challenge", content=b"{}", **post)).content
-        )
+        challenge, kept = await self._challenge()
+        try:
+            leases, attest_s = await self._release_once(service, challenge, pairs, asked_at)
+        except AccessDenied:
+            if not kept:
+                raise
+            # A challenge kept from an earlier answer may have died with a KeyService
+            # restart: one more try with a fresh one tells that apart from a denial.
+            challenge, _ = await self._challenge(fresh=True)
+            leases, attest_s = await self._release_once(service, challenge, pairs, asked_at)
+        return leases, {"attest": attest_s, "release": time.perf_counter() - started - attest_s}
+
+    async def _release_once(
+        self,
+        service: AttestedKeyService,
+        challenge: p.ChallengeResponse,
+        pairs: list[tuple[str, str]],
+        asked_at: float,
+    ) -> tuple[list[Lease], float]:
+        """One release with ``challenge``; return the leases and the seconds spent attesting."""
         nonce = b64d(challenge.nonce)
         key = HpkePrivateKey(self._kem)
         runtime_key = key.public_key.to_bytes()
@@ -182,7 +216,7 @@ class ReleaseClient:
         )
         body = request.model_dump_json().encode()
         answer = p.ReleaseResponse.model_validate_json(
-            (await self._send("POST", "/v1/release", content=body, **post)).content
+            (await self._send("POST", "/v1/release", content=body, headers=_JSON)).content
         )
         if not self._signed_by(service, answer, challenge.challenge_id, runtime_key):
             # The KeyService may have restarted with new keys since it was attested:
@@ -195,7 +229,25 @@ class ReleaseClient:
         leases = self._open(key, answer, challenge.challenge_id, runtime_key, asked_at + answer.lease_ttl)
         if {(x.model_id, x.user_id) for x in leases} != set(pairs) or len(leases) != len(set(pairs)):
             raise ProtocolError("release answer does not match the request")
-        return leases, {"attest": attest_s, "release": time.perf_counter() - started - attest_s}
+        if answer.next_challenge is not None:  # only from an answer that verified
+            self._keep(answer.next_challenge)
+        return leases, attest_s
+
+    async def _challenge(self, *, fresh: bool = False) -> tuple[p.ChallengeResponse, bool]:
+        """A challenge kept from an earlier answer and still fresh, or a new one; and which it is."""
+        now = time.monotonic()
+        while self._challenges and not fresh:
+            challenge, deadline = self._challenges.pop()
+            if deadline > now:
+                return challenge, True
+        response = await self._send("POST", "/v1/release/challenge", content=b"{}", headers=_JSON)
+        return p.ChallengeResponse.model_validate_json(response.content), False
+
+    def _keep(self, challenge: p.ChallengeResponse) -> None:
+        # Used well before the KeyService forgets it; a few are kept for concurrent releases.
+        deadline = time.monotonic() + max(0.0, challenge.expires_in - _CHALLENGE_MARGIN)
+        self._challenges.append((challenge, deadline))
+        del self._challenges[:-_KEPT_CHALLENGES]
 
     @staticmethod
     def _signed_by(

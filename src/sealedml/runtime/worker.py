@@ -241,7 +241,7 @@ class Worker:
 
     def _streaming(self, path: Path, lease: Lease, budget: int, breakdown: dict[str, float], t1: float) -> Model:
         """A memory-bounded model: segment sessions now, weights decrypted per request."""
-        from sealedml.runtime.streaming import StreamingModel
+        from sealedml.runtime.memory_bounded import StreamingModel
 
         def reader() -> SealedModelReader:
             opened = SealedModelReader(path, lease.model_key)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from sealedml.attestation.base import TeeType
-from sealedml.attestation.collateral import build_snp_cert_table
 from sealedml.attestation.gramine import GramineAttester
 from sealedml.attestation.registry import attester_for, detect_attester
+from sealedml.attestation.sev_snp_collateral import build_snp_cert_table
 from sealedml.attestation.tsm import TsmAttester
 from sealedml.errors import AttestationError, ConfigurationError
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from sealedml.attestation.collateral import build_snp_cert_table
-from sealedml.attestation.sev_snp import parse_snp_report
+from sealedml.attestation.sev_snp_collateral import build_snp_cert_table
+from sealedml.attestation.sev_snp_report import parse_snp_report
 from sealedml.cli._common import run_handler
 from sealedml.cli.attest import add_parser
 from sealedml.errors import ConfigurationError, PolicyError

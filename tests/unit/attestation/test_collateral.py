@@ -12,19 +12,16 @@ import httpx
 import pytest
 
 from sealedml.attestation.base import Evidence, TeeType
-from sealedml.attestation.collateral import (
+from sealedml.attestation.collateral import LocalCollateral, collateral_window, load_certificate, quote_collateral_key
+from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
+from sealedml.attestation.pccs import PccsCollateral
+from sealedml.attestation.sev_snp_collateral import (
     CacheDirVcekSource,
     CertTableVcekSource,
     FileVcekSource,
-    LocalCollateral,
-    PccsCollateral,
     build_snp_cert_table,
-    collateral_window,
-    load_certificate,
     parse_snp_cert_table,
-    quote_collateral_key,
 )
-from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError
 
 from ._support import MRENCLAVE, MRTD, SGX_TIME, TDX_TIME

@@ -28,8 +28,6 @@ from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verif
 from sealedml.attestation.dcap import SgxDcapVerifier
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.ratls import (
-    DICE_TAGGED_EVIDENCE_OID,
-    INTEL_QUOTE_OID,
     RaTlsPeerVerifier,
     RaTlsVerificationError,
     RotatingRaTlsCertificate,
@@ -37,13 +35,17 @@ from sealedml.attestation.ratls import (
     attested_client_context,
     client_ssl_context,
     connect_verified,
-    decode_tagged_evidence,
-    encode_tagged_evidence,
     extract_evidence,
     make_ratls_certificate,
     ratls_report_data,
     server_ssl_context,
     verify_ratls_certificate,
+)
+from sealedml.attestation.ratls_evidence import (
+    DICE_TAGGED_EVIDENCE_OID,
+    INTEL_QUOTE_OID,
+    decode_tagged_evidence,
+    encode_tagged_evidence,
 )
 from sealedml.errors import AttestationError, ConfigurationError, EvidenceError, PolicyError
 

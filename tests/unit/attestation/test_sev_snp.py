@@ -14,16 +14,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from sealedml.attestation.base import Evidence, TeeType
-from sealedml.attestation.collateral import CacheDirVcekSource, build_snp_cert_table
-from sealedml.attestation.sev_snp import (
+from sealedml.attestation.sev_snp import SevSnpVerifier
+from sealedml.attestation.sev_snp_collateral import CacheDirVcekSource, build_snp_cert_table
+from sealedml.attestation.sev_snp_report import REPORT_SIZE, decode_tcb, parse_snp_report
+from sealedml.attestation.sev_snp_roots import (
     PINNED_ARK_SPKI_SHA256,
     PRODUCTS,
-    REPORT_SIZE,
     ProductRoots,
-    SevSnpVerifier,
-    decode_tcb,
     load_pinned_roots,
-    parse_snp_report,
     roots_bundle_product,
 )
 from sealedml.errors import CollateralError, ConfigurationError, EvidenceError

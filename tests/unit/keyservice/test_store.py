@@ -553,3 +553,42 @@ def test_tampered_allow_list_tee_type_is_a_store_error(db_path: Path) -> None:
     _tamper(db_path, "UPDATE runtimes SET tee = 'nitro'")
     with pytest.raises(StoreError, match="unknown TEE type"):
         SQLiteKeyStore(db_path).allowed_runtimes("m")
+
+
+def test_concurrent_audit_appends_are_grouped_yet_each_durable_and_chained(db_path: Path) -> None:
+    """Group commit: many threads appending at once; every record lands once, in one valid chain."""
+    import threading
+
+    store = SQLiteKeyStore(db_path, anchor=AuditAnchor(ANCHOR_KEY))
+    commits: list[int] = []
+    original = store._tx
+
+    def counting_tx():  # type: ignore[no-untyped-def]
+        commits.append(1)
+        return original()
+
+    store._tx = counting_tx  # type: ignore[method-assign]
+
+    def work(worker: int) -> None:
+        for i in range(50):
+            store.audit({"action": "release", "worker": worker, "i": i})
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.verify_audit_chain() == 800
+    seen = {(r.event["worker"], r.event["i"]) for r in store.audit_records()}
+    assert len(seen) == 800
+    assert len(commits) < 800  # records shared transactions
+
+
+def test_a_failed_group_commit_fails_every_caller_in_the_group(db_path: Path) -> None:
+    """A record whose group failed is reported to its caller, never silently dropped."""
+    _anchored(db_path).close()
+    _tamper(db_path, "DELETE FROM audit WHERE seq = 5")  # every append now refuses to chain
+    store = _reopen_anchored(db_path)
+    with pytest.raises(StoreError, match="does not match its anchor"):
+        store.audit({"action": "release"})
+    assert store.audit_head().records == 4

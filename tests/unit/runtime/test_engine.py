@@ -243,7 +243,7 @@ def test_every_engine_is_a_model_and_only_a_bounded_one_reports_a_peak(toy_model
     """The worker serves any engine through ``Model``; the peak travels in ``RunResult``, typed."""
     from sealedml.envelope.model_container import SealedModelReader, seal_model
     from sealedml.runtime.engine import Model, RunResult
-    from sealedml.runtime.streaming import StreamingModel
+    from sealedml.runtime.memory_bounded import StreamingModel
 
     x, idx = _inputs(batch=1)  # a memory plan is for batch 1 unless asked otherwise
     whole = LoadedModel(toy_model, model_id="toy", version=1)

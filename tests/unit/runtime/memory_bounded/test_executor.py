@@ -1,4 +1,4 @@
-"""The streaming executor (:mod:`sealedml.runtime.streaming.executor`): same outputs as the
+"""The memory-bounded executor (:mod:`sealedml.runtime.memory_bounded.executor`): same outputs as the
 whole-model path, tracked peak within the budget, prefetch on or off."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from sealedml import zoo
 from sealedml.envelope.model_container import SealedModelReader, open_model, seal_model
 from sealedml.errors import ConfigurationError, InputError
 from sealedml.runtime.engine import LoadedModel
-from sealedml.runtime.streaming import BudgetError, MemoryTracker, StreamingModel, decrypt_reserve, plan
-from sealedml.runtime.streaming.accounting import process_memory
+from sealedml.runtime.memory_bounded import BudgetError, MemoryTracker, StreamingModel, decrypt_reserve, plan
+from sealedml.runtime.memory_bounded.accounting import process_memory
 
 KEY = bytes(range(32))
 F32 = TensorProto.FLOAT
@@ -304,7 +304,7 @@ def test_prefetch_decrypts_ahead_only_what_the_budget_leaves(
         SealedModelReader(mlp_sealed, KEY), budget_bytes=budget, prefetch=True, optimize=optimize
     ) as model:
         assert not model.plan.prefetch  # its own plan: the fewest segments, each filling the budget
-        weights = [state.weight_bytes for state in model._states]
+        weights = [state.weight_bytes for state in model.segment_states]
         ahead = model.prefetch_ahead_bytes
         assert len(ahead) == len(weights) and ahead[-1] == 0
         pairs = list(zip(ahead, weights[1:], strict=False))
@@ -344,13 +344,13 @@ def test_no_plaintext_weight_stays_in_the_arena(
         expected = whole_outputs(mlp_sealed, mlp_feeds)
         for _ in range(3):  # back to back: a run may borrow the arena before its background wipe ran
             assert_close(model.run(mlp_feeds).outputs, expected)
-        pool = model._arenas
+        pool = model.arena_pool
     # With prefetch the wipe runs on a prefetch thread after the run; close() waits for it.
     assert pool.dirty == 0
     assert pool.idle >= 1
-    for arena in pool._idle:
+    for arena in pool.idle_arenas:
         assert arena.marked == 0
-        assert not np.any(arena._base), "plaintext left in the weight arena after the run"
+        assert arena.nonzero_bytes() == 0, "plaintext left in the weight arena after the run"
 
 
 @pytest.mark.parametrize(("budget", "prefetch"), [(150_000, True), (300_000, True), (150_000, False)])
@@ -364,8 +364,8 @@ def test_every_plaintext_byte_in_the_arena_is_counted(
     """Weights a segment has finished with still sit in memory until overwritten or zeroed:
     while any segment computes, the arena's non-zero bytes must not exceed what the tracker
     counts as weights (which stays within the budget)."""
-    from sealedml.runtime.streaming import arena as arena_module
-    from sealedml.runtime.streaming import executor as executor_module
+    from sealedml.runtime.memory_bounded import arena as arena_module
+    from sealedml.runtime.memory_bounded import executor as executor_module
 
     borrowed: list[arena_module.WeightArena] = []
     borrow = arena_module.ArenaPool.borrow
@@ -379,7 +379,7 @@ def test_every_plaintext_byte_in_the_arena_is_counted(
     compute = executor_module.StreamingModel._compute
 
     def spy_compute(self: StreamingModel, segment, session, env, loaded, tracker):  # type: ignore[no-untyped-def]
-        checks.append((int(np.count_nonzero(borrowed[-1]._base)), tracker.held("weights")))
+        checks.append((borrowed[-1].nonzero_bytes(), tracker.held("weights")))
         return compute(self, segment, session, env, loaded, tracker)
 
     monkeypatch.setattr(arena_module.ArenaPool, "borrow", spy_borrow)
@@ -395,7 +395,7 @@ def test_every_plaintext_byte_in_the_arena_is_counted(
         assert plaintext <= counted <= budget
     # Stale weights are really there: after the first segment the arena holds more than the
     # running segment alone (which is why they must be counted).
-    assert any(plaintext > max(s.weight_bytes for s in model._states) // 2 for plaintext, _ in checks[1:])
+    assert any(plaintext > max(s.weight_bytes for s in model.segment_states) // 2 for plaintext, _ in checks[1:])
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
@@ -404,17 +404,17 @@ def test_the_sealed_path_zeroes_the_weights_it_decrypted(
 ) -> None:
     """Freed memory is not cleared: a sealed segment's fresh weight buffers (and the chunk
     buffer they were copied from) are zeroed before the allocator gets them back."""
-    from sealedml.runtime.streaming import executor as executor_module
+    from sealedml.runtime.memory_bounded.container import Container
 
     handed_out: list[np.ndarray] = []
-    decrypt = executor_module.StreamingModel._decrypt
+    decrypt = Container.decrypt
 
-    def spy(self: StreamingModel, reader: SealedModelReader, segment, tracker):  # type: ignore[no-untyped-def]
+    def spy(self: Container, reader: SealedModelReader, segment, tracker):  # type: ignore[no-untyped-def]
         loaded = decrypt(self, reader, segment, tracker)
         handed_out.extend(loaded.arrays.values())  # keeps the memory alive to look at it
         return loaded
 
-    monkeypatch.setattr(executor_module.StreamingModel, "_decrypt", spy)
+    monkeypatch.setattr(Container, "decrypt", spy)
     with StreamingModel(
         SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=prefetch, optimize=False
     ) as model:

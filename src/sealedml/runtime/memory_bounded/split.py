@@ -22,7 +22,7 @@ and never needs the whole tensor in memory:
   unsplit product, so outputs agree within float tolerance, not bit for bit.
 
 This module only rewrites graph fragments; choosing how many pieces a layer
-needs is the planner's job (:mod:`sealedml.runtime.streaming.planner`).
+needs is the planner's job (:mod:`sealedml.runtime.memory_bounded.planner`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The spill store: optimized segment weights re-encrypted under an ephemeral key.
 
-The optimized-segment mode of :class:`~sealedml.runtime.streaming.StreamingModel`
+The optimized-segment mode of :class:`~sealedml.runtime.memory_bounded.StreamingModel`
 turns each segment's weights into ONNX Runtime's reordered (NCHWc) layout once,
 at load. Those reordered weights are plaintext that the sealed container does
 not hold, and keeping them resident would defeat the memory budget, so they

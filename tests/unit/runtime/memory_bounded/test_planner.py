@@ -1,4 +1,4 @@
-"""The memory planner (:mod:`sealedml.runtime.streaming.planner`): segments in execution order,
+"""The memory planner (:mod:`sealedml.runtime.memory_bounded.planner`): segments in execution order,
 each within the budget, the right tensors crossing each cut, and a clear error when no plan fits."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from sealedml import zoo
 from sealedml._internal.units import format_bytes
 from sealedml.envelope.model_container import SealedModelReader, seal_model
 from sealedml.errors import ConfigurationError
-from sealedml.runtime.streaming.planner import BudgetError, Plan, plan
+from sealedml.runtime.memory_bounded.planner import BudgetError, Plan, plan
 
 F32 = TensorProto.FLOAT
 KEY = bytes(range(32))

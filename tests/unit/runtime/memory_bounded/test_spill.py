@@ -1,4 +1,4 @@
-"""The spill file (:mod:`sealedml.runtime.streaming.spill`) and ``aead_decrypt_into``."""
+"""The spill file (:mod:`sealedml.runtime.memory_bounded.spill`) and ``aead_decrypt_into``."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from onnx import TensorProto
 from sealedml.crypto import TAG_SIZE, aead_encrypt
 from sealedml.crypto.aead import aead_decrypt_into
 from sealedml.errors import CryptoError, SealedModelError
-from sealedml.runtime.streaming import spill_chunk_size
-from sealedml.runtime.streaming.spill import ALIGN, SpillEntry, SpillStore
+from sealedml.runtime.memory_bounded import spill_chunk_size
+from sealedml.runtime.memory_bounded.spill import ALIGN, SpillEntry, SpillStore
 
 
 def tensors(seed: int = 0) -> list[tuple[str, int, tuple[int, ...], memoryview]]:

@@ -1,4 +1,4 @@
-"""Layer splitting (:mod:`sealedml.runtime.streaming.split`): every piece reads a contiguous
+"""Layer splitting (:mod:`sealedml.runtime.memory_bounded.split`): every piece reads a contiguous
 weight range, and the rewritten fragment computes what the unsplit layer computes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sealedml.runtime.streaming.split import (
+from sealedml.runtime.memory_bounded.split import (
     Op,
     TensorInfo,
     WeightSlice,

@@ -1,4 +1,4 @@
-"""Optimized segments (:mod:`sealedml.runtime.streaming.optimize` and the executor's optimized mode):
+"""Optimized segments (:mod:`sealedml.runtime.memory_bounded.optimize` and the executor's optimized mode):
 ONNX Runtime's NCHWc graphs with spilled weights, same outputs, budget kept, fallbacks."""
 
 from __future__ import annotations
@@ -10,11 +10,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sealedml.envelope.model_container import SealedModelReader, open_model, seal_model
 from sealedml.runtime.engine import LoadedModel
-from sealedml.runtime.streaming import StreamingModel, decrypt_reserve, plan
-from sealedml.runtime.streaming import executor as executor_module
-from sealedml.runtime.streaming.accounting import MemoryTracker
-from sealedml.runtime.streaming.optimize import OptimizationError, _split_weights, optimize_segment
-from sealedml.runtime.streaming.spill import ALIGN
+from sealedml.runtime.memory_bounded import StreamingModel, decrypt_reserve, plan
+from sealedml.runtime.memory_bounded import builder as builder_module
+from sealedml.runtime.memory_bounded import prepare as prepare_module
+from sealedml.runtime.memory_bounded.accounting import MemoryTracker
+from sealedml.runtime.memory_bounded.container import Container
+from sealedml.runtime.memory_bounded.optimize import OptimizationError, _split_weights, optimize_segment
+from sealedml.runtime.memory_bounded.spill import ALIGN
 
 KEY = bytes(range(32))
 F32 = TensorProto.FLOAT
@@ -88,7 +90,7 @@ def test_grown_weights_are_replanned_or_fall_back_within_budget(
     sealed, feeds, expected = padded
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=budget, prefetch=prefetch)
     stats = model.load_stats
-    assert stats.headroom_bytes == model.plan.reserve_bytes - model._scratch_reserve >= 0
+    assert stats.headroom_bytes == model.plan.reserve_bytes - model.scratch_reserve_bytes >= 0
     assert stats.headroom_bytes > 0 or stats.plans == 1 or stats.fallbacks
     for k, reason in stats.fallbacks:
         assert model.segment_modes[k] == "sealed" and reason
@@ -127,7 +129,7 @@ def test_failed_optimization_falls_back_to_the_sealed_path(
     monkeypatch: pytest.MonkeyPatch, padded: tuple[bytes, dict, dict]
 ) -> None:
     sealed, feeds, expected = padded
-    real = executor_module.optimize_segment
+    real = builder_module.optimize_segment
     calls: list[int] = []
 
     def flaky(*args: object, **kwargs: object) -> object:
@@ -136,7 +138,7 @@ def test_failed_optimization_falls_back_to_the_sealed_path(
             raise OptimizationError("simulated failure")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(executor_module, "optimize_segment", flaky)
+    monkeypatch.setattr(builder_module, "optimize_segment", flaky)
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=False)
     assert model.segment_modes.count("sealed") == 1
     assert dict(model.load_stats.fallbacks)[model.segment_modes.index("sealed")] == "simulated failure"
@@ -146,7 +148,7 @@ def test_failed_optimization_falls_back_to_the_sealed_path(
 
 def test_verification_mismatch_falls_back(monkeypatch: pytest.MonkeyPatch, padded: tuple[bytes, dict, dict]) -> None:
     sealed, feeds, expected = padded
-    monkeypatch.setattr(executor_module, "_close", lambda got, ref: False)
+    monkeypatch.setattr(builder_module, "_close", lambda got, ref: False)
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=False)
     assert set(model.segment_modes) == {"sealed"}
     assert all("differs" in reason for _, reason in model.load_stats.fallbacks)
@@ -168,7 +170,7 @@ def test_without_memfd_everything_runs_unoptimized(
     monkeypatch: pytest.MonkeyPatch, padded: tuple[bytes, dict, dict]
 ) -> None:
     sealed, feeds, expected = padded
-    monkeypatch.setattr(executor_module, "memfd_supported", lambda: False)
+    monkeypatch.setattr(prepare_module, "memfd_supported", lambda: False)
     model = StreamingModel(SealedModelReader(sealed, KEY), budget_bytes=400_000, prefetch=True)
     assert set(model.segment_modes) == {"sealed"}
     assert {reason for _, reason in model.load_stats.fallbacks} == {"memfd_create unavailable"}
@@ -222,9 +224,8 @@ def test_optimize_segment_keeps_structural_constants_inline() -> None:
     sizes = {e.name: e.length for e in reader.manifest.tensors}
     p = plan(reader.graph(), sizes, 60_000, prefetch=False, reserve_bytes=decrypt_reserve(4096))
     assert p.splits  # the 64 kB weight is split
-    m = StreamingModel(reader, plan=p, prefetch=False, optimize=False)
     segment = p.segments[0]
-    loaded = m._decrypt(reader, segment, MemoryTracker())
+    loaded = Container(reader).decrypt(reader, segment, MemoryTracker())
     result = optimize_segment(
         p.segment_model(segment.index),
         loaded.arrays,

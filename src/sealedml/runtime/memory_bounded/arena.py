@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sealedml.runtime.streaming.spill import ALIGN
+from sealedml.runtime.memory_bounded.spill import ALIGN
 
 __all__ = [
     "ArenaPool",
@@ -316,6 +316,13 @@ class WeightArena:
         """Bytes that may hold plaintext (0 once wiped)."""
         return self._marked.total
 
+    def nonzero_bytes(self) -> int:
+        """Bytes of the buffer that are not zero (scans it all; for tests and diagnostics).
+
+        Every such byte may be plaintext, so it must lie in the marked ranges.
+        """
+        return int(np.count_nonzero(self._base))
+
     def view(self, offset: int, nbytes: int) -> np.ndarray:
         """The ``nbytes`` bytes at ``offset``, marked from now on as possibly holding plaintext."""
         if offset < 0 or offset % ALIGN or offset + nbytes > self.capacity:
@@ -355,6 +362,12 @@ class ArenaPool:
         """Idle, wiped arenas kept for the next runs."""
         with self._lock:
             return len(self._idle)
+
+    @property
+    def idle_arenas(self) -> tuple[WeightArena, ...]:
+        """The idle arenas themselves (for tests and diagnostics: each holds only zeros)."""
+        with self._lock:
+            return tuple(self._idle)
 
     @property
     def dirty(self) -> int:

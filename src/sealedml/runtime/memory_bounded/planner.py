@@ -27,13 +27,17 @@ therefore bounds, for every adjacent pair, ``peak(k) + weights(k + 1)`` —
 not each segment alone — so the tracked peak stays within the budget. This
 wastes less than planning every segment to half the budget: a segment
 whose neighbour is light may use almost the whole budget.
-:class:`~sealedml.runtime.streaming.StreamingModel` plans with
+:class:`~sealedml.runtime.memory_bounded.StreamingModel` plans with
 ``prefetch=False`` itself (the fewest segments) and prefetches only what the
 budget leaves beside each segment; a paired plan is for callers that pass one
 in (see docs/memory-bounded.md for the measured trade-off).
 
 ``reserve_bytes`` is held back from the budget for the decryption scratch
 buffers (a few AES-GCM chunks).
+
+Steps 1–3 (the graph's analysis) are in :mod:`.analysis`; this module finds the
+splits and the cuts (step 4) and names the bottleneck when none fits. What a plan
+holds, and each segment's ONNX model, is in :mod:`.segments`.
 """
 
 from __future__ import annotations
@@ -44,20 +48,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper
 
 from sealedml._internal.units import format_bytes
 from sealedml.errors import ConfigurationError
-from sealedml.runtime.streaming.split import (
-    Op,
-    TensorInfo,
-    WeightSlice,
-    split_op,
-    split_strategy,
-    split_units,
+from sealedml.runtime.memory_bounded.analysis import (
+    Analysis,
+    Expanded,
+    Liveness,
+    analyze,
+    expand,
+    liveness,
+    tensor_size,
 )
+from sealedml.runtime.memory_bounded.segments import Plan, Segment
+from sealedml.runtime.memory_bounded.split import WeightSlice, split_strategy, split_units
 
 __all__ = [
     "BudgetError",
@@ -119,382 +124,6 @@ class BudgetError(ConfigurationError):
         )
 
 
-@dataclass(frozen=True, eq=False)
-class Segment:
-    """A run of consecutive nodes executed as one ONNX Runtime session.
-
-    Attributes:
-        index: position in the plan.
-        ops: the nodes, in execution order.
-        weights: the weight slices the segment reads (decrypted just before it runs).
-        inputs: activations crossing into the segment (produced earlier or graph inputs).
-        outputs: activations crossing out (consumed later) and graph outputs it produces.
-        release_after: tensors the executor drops once the segment has run.
-        held_bytes: activations the executor holds when the segment starts (every
-            tensor crossing the cut, including ones that only pass over it).
-        weight_bytes: bytes of ``weights``.
-        activation_peak_bytes: the largest set of activations alive at any node inside
-            (``held_bytes`` included).
-        prefetch_bytes: weights of the next segment, decrypted while this one runs
-            (0 without prefetch or for the last segment).
-    """
-
-    index: int
-    ops: tuple[Op, ...]
-    weights: tuple[WeightSlice, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    release_after: tuple[str, ...]
-    held_bytes: int
-    weight_bytes: int
-    activation_peak_bytes: int
-    prefetch_bytes: int
-
-    @property
-    def node_names(self) -> tuple[str, ...]:
-        """Names of the nodes (split pieces carry a ``#part`` suffix)."""
-        return tuple(op.node.name or op.outputs[0] for op in self.ops)
-
-    @property
-    def peak_bytes(self) -> int:
-        """Weights plus the activation peak: the working set while it computes."""
-        return self.weight_bytes + self.activation_peak_bytes
-
-    @property
-    def internal_bytes(self) -> int:
-        """Activation peak beyond what the executor holds (ONNX Runtime's intermediates, estimated)."""
-        return self.activation_peak_bytes - self.held_bytes
-
-
-@dataclass(frozen=True, eq=False)
-class Plan:
-    """A memory plan: segments in execution order and what they need.
-
-    Attributes:
-        budget_bytes: the budget the plan was made for.
-        batch: the batch size activations were sized for (larger batches are refused).
-        prefetch: whether the plan leaves room to decrypt the next segment during compute.
-        reserve_bytes: budget held back for decryption scratch.
-        segments: the segments.
-        inputs: graph input names.
-        outputs: graph output names.
-        infos: type and shape of every activation.
-        constants: small inline initializers (not sealed weights) the nodes read.
-        splits: original node name → (strategy, pieces) for every split layer.
-        estimated: activations whose size could not be inferred (estimated from neighbours).
-        opset_imports: the model's opsets.
-        ir_version: the model's IR version (segment models use the same).
-        functions: model-local functions, copied into every segment model.
-        graph_name: the model graph's name.
-    """
-
-    budget_bytes: int
-    batch: int
-    prefetch: bool
-    reserve_bytes: int
-    segments: tuple[Segment, ...]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    infos: Mapping[str, TensorInfo]
-    constants: Mapping[str, TensorProto]
-    splits: Mapping[str, tuple[str, int]]
-    estimated: tuple[str, ...]
-    opset_imports: tuple[onnx.OperatorSetIdProto, ...]
-    ir_version: int
-    functions: tuple[onnx.FunctionProto, ...] = ()
-    graph_name: str = "model"
-
-    @property
-    def peak_bytes(self) -> int:
-        """The planned peak: max over segments of working set + prefetched weights, plus the reserve."""
-        if not self.segments:
-            return self.reserve_bytes
-        return max(s.peak_bytes + s.prefetch_bytes for s in self.segments) + self.reserve_bytes
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes of weights decrypted per run (all segments)."""
-        return sum(s.weight_bytes for s in self.segments)
-
-    def segment_model(self, index: int) -> onnx.ModelProto:
-        """Build the ONNX model of segment ``index``: its weights are graph *inputs*, not initializers.
-
-        Args:
-            index: the segment.
-
-        Returns:
-            A model whose inputs are the crossing activations followed by the weight slices.
-
-        Raises:
-            ConfigurationError: a crossing activation has an unknown element type.
-        """
-        seg = self.segments[index]
-        inputs: list[onnx.ValueInfoProto] = []
-        outputs: list[onnx.ValueInfoProto] = []
-        for names, target in ((seg.inputs, inputs), (seg.outputs, outputs)):
-            for name in names:
-                info = self.infos.get(name)
-                if info is None or info.elem_type == 0:
-                    raise ConfigurationError(f"cannot cut the graph at tensor {name!r}: its type is unknown")
-                target.append(info.value_info(name))
-        inputs.extend(helper.make_tensor_value_info(w.name, w.data_type, list(w.dims)) for w in seg.weights)
-        used = {name for op in seg.ops for name in op.inputs}
-        initializers = [self.constants[name] for name in sorted(used & set(self.constants))]
-        graph = helper.make_graph(
-            [op.node for op in seg.ops], f"{self.graph_name}.segment{index}", inputs, outputs, initializers
-        )
-        model = helper.make_model(graph, opset_imports=list(self.opset_imports), producer_name="sealedml.streaming")
-        model.ir_version = self.ir_version
-        model.functions.extend(self.functions)
-        return model
-
-    def describe(self) -> list[dict[str, object]]:
-        """One row per segment (for logs, docs and the benchmark).
-
-        Returns:
-            Dicts with index, node count, first and last node, weight, activation,
-            prefetch and peak bytes.
-        """
-        return [
-            {
-                "segment": s.index,
-                "nodes": len(s.ops),
-                "first": s.node_names[0],
-                "last": s.node_names[-1],
-                "weight_bytes": s.weight_bytes,
-                "activation_peak_bytes": s.activation_peak_bytes,
-                "prefetch_bytes": s.prefetch_bytes,
-                "peak_bytes": s.peak_bytes + s.prefetch_bytes + self.reserve_bytes,
-            }
-            for s in self.segments
-        ]
-
-
-# ----------------------------------------------------------------------------- analysis
-
-
-@dataclass(frozen=True, eq=False)
-class _Base:
-    """The model before splitting: nodes, types, constants."""
-
-    ops: tuple[Op, ...]
-    infos: dict[str, TensorInfo]
-    constants: dict[str, TensorProto]
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    weight_names: frozenset[str]
-    estimated: tuple[str, ...]
-
-
-def _probe(model: onnx.ModelProto, weights: frozenset[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose sealed weights are data-less stubs (shape inference needs
-    only their dims and type, and an inline model may carry hundreds of megabytes)."""
-    graph = model.graph
-    probe = onnx.ModelProto()
-    probe.ir_version = model.ir_version
-    probe.opset_import.extend(model.opset_import)
-    probe.functions.extend(model.functions)
-    probe.graph.name = graph.name
-    probe.graph.node.extend(graph.node)
-    probe.graph.input.extend(graph.input)
-    probe.graph.output.extend(graph.output)
-    probe.graph.sparse_initializer.extend(graph.sparse_initializer)
-    for init in graph.initializer:
-        if init.name not in weights:
-            probe.graph.initializer.append(init)
-            continue
-        stub = probe.graph.initializer.add()
-        stub.name, stub.data_type = init.name, init.data_type
-        stub.dims.extend(init.dims)
-        stub.data_location = TensorProto.EXTERNAL
-        entry = stub.external_data.add()
-        entry.key, entry.value = "location", "sealedml:weights"
-    return probe
-
-
-def _infer(model: onnx.ModelProto, batch: int) -> dict[str, tuple[int, tuple[int, ...] | None]]:
-    """Element type and shape of every value, with every symbolic dimension set to ``batch``."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    for value in probe.graph.input:
-        for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_param") or not dim.HasField("dim_value"):
-                dim.Clear()
-                dim.dim_value = batch
-    for value in probe.graph.output:
-        # Declared output shapes may name dimensions differently; let inference fill them in.
-        if value.type.HasField("tensor_type"):
-            value.type.tensor_type.ClearField("shape")
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False, data_prop=True)
-    except Exception as exc:  # onnx raises InferenceError/ValidationError and plain RuntimeErrors
-        raise ConfigurationError(f"shape inference failed: {str(exc).splitlines()[0][:200]}") from exc
-    found: dict[str, tuple[int, tuple[int, ...] | None]] = {}
-    for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        tensor_type = value.type.tensor_type
-        if not value.type.HasField("tensor_type"):
-            continue
-        dims: tuple[int, ...] | None = None
-        if tensor_type.HasField("shape"):
-            dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor_type.shape.dim)
-        found[value.name] = (tensor_type.elem_type, dims)
-    return found
-
-
-def _analyze(model: onnx.ModelProto, weight_sizes: Mapping[str, int], batch: int) -> _Base:
-    graph = model.graph
-    weights: dict[str, WeightSlice] = {}
-    constants: dict[str, TensorProto] = {}
-    for init in graph.initializer:
-        if init.name in weight_sizes:
-            dims = tuple(int(d) for d in init.dims)
-            try:
-                item = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ConfigurationError(f"weight {init.name!r} has unsupported type {init.data_type}") from exc
-            expected = math.prod(dims) * item
-            if weight_sizes[init.name] != expected:
-                raise ConfigurationError(
-                    f"weight {init.name!r}: {weight_sizes[init.name]} bytes stored, shape needs {expected}"
-                )
-            weights[init.name] = WeightSlice.whole(init.name, init.data_type, dims, expected)
-        elif init.data_location == TensorProto.EXTERNAL:
-            raise ConfigurationError(f"initializer {init.name!r} is external but has no size in the manifest")
-        else:
-            constants[init.name] = init
-    initializer_names = {init.name for init in graph.initializer}
-    inputs = tuple(v.name for v in graph.input if v.name not in initializer_names)
-    outputs = tuple(v.name for v in graph.output)
-    for name in outputs:
-        if name in weights or name in constants:
-            raise ConfigurationError(f"graph output {name!r} is an initializer; nothing to plan")
-
-    available = set(inputs) | set(weights) | set(constants) | {""}
-    ops: list[Op] = []
-    for index, node in enumerate(graph.node):
-        if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for attr in node.attribute):
-            raise ConfigurationError(f"node {node.name or node.op_type!r} has a subgraph; control flow cannot stream")
-        missing = [name for name in node.input if name not in available]
-        if missing:
-            raise ConfigurationError(f"graph is not topologically sorted: node {index} reads {missing[0]!r} early")
-        available.update(node.output)
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        if not copy.name:
-            copy.name = f"{node.op_type}_{index}"
-        node_weights = tuple(dict.fromkeys(weights[name] for name in node.input if name in weights))
-        ops.append(Op(copy, node_weights, copy.name))
-
-    probe = _probe(model, frozenset(weights))
-    first, second = _infer(probe, batch), _infer(probe, batch + 1)
-    infos: dict[str, TensorInfo] = {}
-    for name, (elem_type, shape) in first.items():
-        if name in weights or name in constants:
-            continue
-        other = second.get(name, (elem_type, shape))[1]
-        symbolic: tuple[bool, ...] = ()
-        if shape is not None and other is not None and len(other) == len(shape):
-            symbolic = tuple(a != b for a, b in zip(shape, other, strict=True))
-        infos[name] = TensorInfo(elem_type, shape, symbolic)
-
-    # Unknown sizes (e.g. a Reshape whose target shape is a sealed weight): assume the
-    # largest known neighbour, and say so in the plan.
-    estimated: list[str] = []
-    for op in ops:
-        for name in op.outputs:
-            info = infos.get(name)
-            if info is not None and info.nbytes is not None:
-                continue
-            neighbours = [infos[n].nbytes for n in (*op.inputs, *op.outputs) if n in infos]
-            guess = max((n for n in neighbours if n is not None), default=0)
-            elem = info.elem_type if info is not None else 0
-            known = info.dims if info is not None else None
-            infos[name] = TensorInfo(elem, known, info.symbolic if info is not None else (), estimate=guess)
-            estimated.append(name)
-    return _Base(tuple(ops), infos, constants, inputs, outputs, frozenset(weights), tuple(estimated))
-
-
-def _size(infos: Mapping[str, TensorInfo], name: str) -> int:
-    info = infos.get(name)
-    if info is None:
-        return 0
-    return info.nbytes or 0
-
-
-# ----------------------------------------------------------------------------- splitting
-
-
-@dataclass(frozen=True, eq=False)
-class _Expanded:
-    ops: tuple[Op, ...]
-    origin: tuple[int, ...]
-    infos: dict[str, TensorInfo]
-    constants: dict[str, TensorProto]
-
-
-def _expand(base: _Base, pieces: Mapping[int, int]) -> _Expanded:
-    ops: list[Op] = []
-    origin: list[int] = []
-    infos = dict(base.infos)
-    constants = dict(base.constants)
-    for index, op in enumerate(base.ops):
-        count = pieces.get(index, 1)
-        if count <= 1:
-            ops.append(op)
-            origin.append(index)
-            continue
-        result = split_op(op, count, base.infos)
-        ops.extend(result.ops)
-        origin.extend([index] * len(result.ops))
-        infos.update(result.infos)
-        constants.update(result.constants)
-    return _Expanded(tuple(ops), tuple(origin), infos, constants)
-
-
-@dataclass(frozen=True, eq=False)
-class _Liveness:
-    """Producer, last consumer and size of every activation of an expanded node list."""
-
-    n: int
-    produced: dict[str, int]
-    last: dict[str, int]
-    size: dict[str, int]
-    live_at: tuple[int, ...]
-    op_weights: tuple[int, ...]
-
-
-def _liveness(exp: _Expanded, base: _Base) -> _Liveness:
-    n = len(exp.ops)
-    produced: dict[str, int] = dict.fromkeys(base.inputs, -1)
-    last: dict[str, int] = {}
-    skip = base.weight_names | set(exp.constants) | {w.name for op in exp.ops for w in op.weights}
-    for i, op in enumerate(exp.ops):
-        for name in op.inputs:
-            if name not in skip:
-                last[name] = i
-        for name in op.outputs:
-            produced[name] = i
-    for name in base.outputs:
-        last[name] = n
-    for name, p in produced.items():
-        last.setdefault(name, p)
-    size = {name: _size(exp.infos, name) for name in produced}
-    delta = [0] * (n + 1)
-    for name, p in produced.items():
-        start, end = max(p, 0), last[name]
-        if end < start:
-            continue
-        delta[start] += size[name]
-        delta[min(end, n - 1) + 1] -= size[name]
-    live: list[int] = []
-    running = 0
-    for i in range(n):
-        running += delta[i]
-        live.append(running)
-    return _Liveness(n, produced, last, size, tuple(live), tuple(op.weight_bytes for op in exp.ops))
-
-
 @dataclass(frozen=True)
 class _Violation:
     index: int
@@ -505,7 +134,7 @@ class _Violation:
     tensor_bytes: int
 
 
-def _violations(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[tuple[int, int]]:
+def _violations(exp: Expanded, life: Liveness, limit: int, prefetch: bool) -> list[tuple[int, int]]:
     """Nodes that cannot fit even as single-node segments, as ``(index, bytes needed)``.
 
     A plan exists iff every node fits alone and, with prefetch, every node's working
@@ -524,7 +153,7 @@ def _violations(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> 
     return found
 
 
-def _describe(exp: _Expanded, life: _Liveness, i: int, need: int, prefetch: bool) -> _Violation:
+def _describe(exp: Expanded, life: Liveness, i: int, need: int, prefetch: bool) -> _Violation:
     """Name the largest tensor at node ``i``: the bottleneck reported to the user."""
     op = exp.ops[i]
     weights = (*op.weights, *(exp.ops[i + 1].weights if prefetch and i + 1 < life.n else ()))
@@ -542,12 +171,12 @@ class _Infeasible(Exception):
         self.violation = violation
 
 
-def _initial_pieces(base: _Base, index: int, live: int, limit: int, prefetch: bool) -> int:
+def _initial_pieces(base: Analysis, index: int, live: int, limit: int, prefetch: bool) -> int:
     """A first guess at how many pieces node ``index`` needs (refined by doubling)."""
     op = base.ops[index]
     units = split_units(op, base.infos)
     strategy = split_strategy(op, base.infos)
-    out = _size(base.infos, op.outputs[0])
+    out = tensor_size(base.infos, op.outputs[0])
     # Splitting adds activations: the pieces' outputs next to the concatenated result,
     # or a running sum and a partial product next to the result.
     extra = out if strategy in ("conv-out-channels", "conv-groups", "gemm-out-columns") else 2 * out
@@ -557,18 +186,18 @@ def _initial_pieces(base: _Base, index: int, live: int, limit: int, prefetch: bo
     return max(2, min(units, math.ceil(op.weight_bytes / allowance)))
 
 
-def _activation_floor(base: _Base) -> tuple[int, _Expanded, _Liveness]:
+def _activation_floor(base: Analysis) -> tuple[int, Expanded, Liveness]:
     """The largest set of activations alive at one node of the unsplit graph.
 
     Splitting never lowers it (a split layer's last piece still sees its input and the
     whole output), so no budget below it (plus the reserve) can work.
     """
-    exp = _expand(base, {})
-    life = _liveness(exp, base)
+    exp = expand(base, {})
+    life = liveness(exp, base)
     return max(life.live_at, default=0), exp, life
 
 
-def _fit(base: _Base, limit: int, prefetch: bool) -> tuple[_Expanded, _Liveness, dict[int, int]]:
+def _fit(base: Analysis, limit: int, prefetch: bool) -> tuple[Expanded, Liveness, dict[int, int]]:
     """Split nodes until every node fits ``limit`` alone; raise :class:`_Infeasible` if impossible."""
     floor, exp, base_life = _activation_floor(base)
     if floor > limit:
@@ -599,13 +228,13 @@ def _fit(base: _Base, limit: int, prefetch: bool) -> tuple[_Expanded, _Liveness,
         if not progressed:
             i, need = max(bad, key=lambda v: v[1])
             raise _Infeasible(_describe(exp, life, i, need, prefetch))
-        exp = _expand(base, pieces)
-        life = _liveness(exp, base)
+        exp = expand(base, pieces)
+        life = liveness(exp, base)
     i, need = max(bad, key=lambda v: v[1])  # pragma: no cover - doubling ends long before
     raise _Infeasible(_describe(exp, life, i, need, prefetch))  # pragma: no cover
 
 
-def _minimum_budget(base: _Base, start: int, prefetch: bool, reserve: int) -> int:
+def _minimum_budget(base: Analysis, start: int, prefetch: bool, reserve: int) -> int:
     """The smallest budget for which :func:`_fit` succeeds (binary search, rounded up)."""
 
     def feasible(budget: int) -> bool:
@@ -636,7 +265,7 @@ def _minimum_budget(base: _Base, start: int, prefetch: bool, reserve: int) -> in
 # ----------------------------------------------------------------------------- cutting
 
 
-def _cut(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[tuple[int, int]]:
+def _cut(exp: Expanded, life: Liveness, limit: int, prefetch: bool) -> list[tuple[int, int]]:
     """The fewest segments [a, b) with peak(a, b) ≤ limit and, with prefetch,
     peak(k) + weights(k + 1) ≤ limit for adjacent segments (exact dynamic programme)."""
     n = life.n
@@ -720,7 +349,7 @@ def _cut(exp: _Expanded, life: _Liveness, limit: int, prefetch: bool) -> list[tu
 
 
 def _segments(
-    exp: _Expanded, life: _Liveness, base: _Base, cuts: Sequence[tuple[int, int]], prefetch: bool
+    exp: Expanded, life: Liveness, base: Analysis, cuts: Sequence[tuple[int, int]], prefetch: bool
 ) -> tuple[Segment, ...]:
     skip = base.weight_names | set(exp.constants) | {w.name for op in exp.ops for w in op.weights}
     out: list[Segment] = []
@@ -790,7 +419,7 @@ def plan(
         raise ConfigurationError("batch must be ≥ 1")
     if budget_bytes <= 0 or reserve_bytes < 0:
         raise ConfigurationError("budget must be positive and the reserve non-negative")
-    base = _analyze(model_graph, weight_sizes, batch)
+    base = analyze(model_graph, weight_sizes, batch)
     limit = budget_bytes - reserve_bytes
     try:
         exp, life, pieces = _fit(base, limit, prefetch)

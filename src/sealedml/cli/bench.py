@@ -1,0 +1,188 @@
+"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release``.
+
+::
+
+    sealedml bench overhead [--model M] [--requests N] [--warmup N]
+    sealedml bench coldstart [--model M] [--repeats N]
+    sealedml bench concurrency [--model M] [--clients N] [--window S] [--rounds N]
+    sealedml bench memory [--model M] [--budget SIZES] [--repeats N] [--threads N]
+    sealedml bench trace [--models N] [--policy P,...] [--trace CSV] [--duration S] ...
+    sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
+
+Each runs real processes on loopback (see ``sealedml.bench``), prints progress on stderr and
+its results on stdout (one JSON object with ``--json``). The benchmark modules are imported
+only when their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+from sealedml._internal.units import parse_sizes
+from sealedml.cli._args import Subcommands, add_command, add_group
+from sealedml.errors import ConfigurationError
+
+__all__ = [
+    "RELEASE_KEMS",
+    "add_parser",
+    "handle_bench_coldstart",
+    "handle_bench_concurrency",
+    "handle_bench_memory",
+    "handle_bench_overhead",
+    "handle_bench_release",
+    "handle_bench_trace",
+    "release_options",
+]
+
+#: ``bench release --kem`` choices and the runtime KEMs each measures.
+RELEASE_KEMS: dict[str, tuple[str, ...]] = {
+    "x25519": ("x25519",),
+    "hybrid": ("hybrid",),
+    "both": ("x25519", "hybrid"),
+}
+
+
+def handle_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench overhead``: secure serving vs plain serving vs in-process ONNX Runtime."""
+    from sealedml.bench.overhead import run_overhead
+
+    return run_overhead(args.model, requests=args.requests, warmup=args.warmup, quiet=args.json)
+
+
+def handle_bench_coldstart(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench coldstart``: the first request with no instance, with and without a warm pool."""
+    from sealedml.bench.coldstart import run_coldstart
+
+    return run_coldstart(args.model, repeats=args.repeats, quiet=args.json)
+
+
+def handle_bench_concurrency(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench concurrency``: one instance serving 2 at once vs two instances serving 1."""
+    from sealedml.bench.concurrency import run_concurrency
+
+    return run_concurrency(args.model, clients=args.clients, window=args.window, rounds=args.rounds, quiet=args.json)
+
+
+def handle_bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench memory``: whole-model vs memory-bounded execution at each ``--budget``.
+
+    Raises:
+        ConfigurationError: a budget is not a size.
+    """
+    from sealedml.bench.memory import format_table, run_memory
+
+    budgets = parse_sizes(args.budget)
+    result = run_memory(args.model, budgets, repeats=args.repeats, threads=args.threads, quiet=args.json)
+    if not args.json:
+        print(format_table(result))
+    return result
+
+
+def handle_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench trace``: replay a synthetic or CSV trace against each routing policy."""
+    from sealedml.bench.trace import run_trace
+
+    policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
+    return run_trace(
+        models=args.models,
+        policies=policies,
+        trace_file=args.trace,
+        duration=args.duration,
+        seed=args.seed,
+        keep_alive=args.keep_alive,
+        slo_ms=args.slo_ms,
+        model_name=args.model,
+        plot=args.plot,
+        warm_pool=args.warm_pool,
+        quiet=args.json,
+    )
+
+
+def release_options(args: argparse.Namespace) -> tuple[int, tuple[str, ...], float]:
+    """The checked flags of ``bench release``: ``(concurrency, kems, duration)``.
+
+    Raises:
+        ConfigurationError: ``--concurrency`` below 1 or ``--duration`` not a positive number.
+    """
+    concurrency: int = args.concurrency
+    duration: float = args.duration
+    if concurrency < 1:
+        raise ConfigurationError(f"--concurrency must be at least 1, not {concurrency}")
+    if not (duration > 0 and math.isfinite(duration)):
+        raise ConfigurationError(f"--duration must be a positive number of seconds, not {args.duration}")
+    return concurrency, RELEASE_KEMS[args.kem], duration
+
+
+def handle_bench_release(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench release``: key releases per second against one KeyService process.
+
+    Raises:
+        ConfigurationError: bad flags (checked before anything starts).
+    """
+    concurrency, kems, duration = release_options(args)
+    from sealedml.bench.release import run_release
+
+    return run_release(concurrency=concurrency, kems=kems, duration=duration, quiet=args.json)
+
+
+def add_parser(subparsers: Subcommands) -> None:
+    """Register the ``bench`` group on ``subparsers``."""
+    bench = add_group(subparsers, "bench", "benchmarks")
+    p = add_command(bench, "overhead", handle_bench_overhead, "secure vs plain serving vs in-process ONNX Runtime")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50", "digits", "toy"])
+    p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
+    p.add_argument("--warmup", type=int, default=5)
+
+    p = add_command(
+        bench, "coldstart", handle_bench_coldstart, "first request with no instance, with/without warm pool"
+    )
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
+    p.add_argument("--repeats", type=int, default=5)
+
+    p = add_command(bench, "concurrency", handle_bench_concurrency, "1 instance x concurrency 2 vs 2 instances x 1")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
+    p.add_argument("--clients", type=int, default=4, help="requests kept outstanding (default 4)")
+    p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window (default 5)")
+    p.add_argument("--rounds", type=int, default=3)
+
+    p = add_command(bench, "memory", handle_bench_memory, "whole-model vs memory-bounded execution at several budgets")
+    p.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenetv2", "vgg16"])
+    p.add_argument("--budget", default="16MB,32MB,64MB", help="comma-separated budgets (default 16MB,32MB,64MB)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for every configuration (default: all cores; an instance serving "
+        "N requests at once gives each cores/N)",
+    )
+
+    p = add_command(bench, "trace", handle_bench_trace, "replay a bursty or CSV trace against each routing policy")
+    p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")
+    p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
+    p.add_argument("--trace", type=Path, default=None, help="CSV of timestamp,model rows instead of synthetic")
+    p.add_argument("--duration", type=float, default=60.0, help="synthetic trace length, seconds (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-alive", type=float, default=10.0, help="instance keep-alive, seconds (default 10)")
+    p.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO, ms (default 1000)")
+    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "digits", "resnet50"])
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    p.add_argument("--warm-pool", type=int, default=1, help="spare pre-started instances per platform (default 1)")
+
+    p = add_command(
+        bench,
+        "release",
+        handle_bench_release,
+        "key releases per second against one KeyService process (real HTTP, real SQLite, simulated evidence)",
+    )
+    p.add_argument("--concurrency", type=int, default=8, help="simulated runtimes releasing at once (default 8)")
+    p.add_argument(
+        "--kem",
+        default="both",
+        choices=list(RELEASE_KEMS),
+        help="runtime KEM to measure: X25519, hybrid ML-KEM-768 + X25519, or both (default both)",
+    )
+    p.add_argument("--duration", type=float, default=10.0, help="seconds measured per KEM (default 10)")

@@ -1,0 +1,131 @@
+"""Encrypted inference through the gateway: ``infer``.
+
+::
+
+    sealedml infer ID --gateway URL --identity FILE --keyservice URL
+        --input X.npy | --input NAME=FILE.npy ... | --input FILE.npz  [--out Y.npy|Y.npz] [--skip-check]
+
+Inputs and outputs are NumPy files (never pickles). Before sending, the KeyService is asked
+whether you enabled the model (``--skip-check`` saves that round trip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sealedml.cli._args import Subcommands, add_command, add_identity, add_keyservice, keyservice_client
+from sealedml.errors import ConfigurationError, InputError
+
+__all__ = ["add_parser", "handle_infer"]
+
+
+def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndarray], bool]:
+    """The ``--input`` values as named or positional arrays; True when positional."""
+    if not specs:
+        raise InputError("give --input X.npy, --input NAME=FILE.npy (repeatable), or --input FILE.npz")
+    if len(specs) == 1 and "=" not in specs[0]:
+        path = Path(specs[0])
+        data = _np_load(path)
+        if isinstance(data, np.ndarray):
+            return [data], True
+        names = list(data)
+        if all(n.startswith("arr_") for n in names):
+            return [data[f"arr_{i}"] for i in range(len(names))], True
+        return {n: data[n] for n in names}, False
+    named: dict[str, np.ndarray] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise InputError(f"--input {spec!r}: with several inputs use NAME=FILE.npy")
+        name, _, file = spec.partition("=")
+        array = _np_load(Path(file))
+        if not isinstance(array, np.ndarray):
+            raise InputError(f"--input {spec!r}: expected a .npy file")
+        if name in named:
+            raise InputError(f"input {name!r} given twice")
+        named[name] = array
+    return named, False
+
+
+def _np_load(path: Path) -> Any:
+    if not path.is_file():
+        raise InputError(f"{path} not found")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{path} is not a .npy/.npz file") from exc
+    if isinstance(data, np.lib.npyio.NpzFile):
+        return {k: data[k] for k in data.files}
+    return data
+
+
+def _save_outputs(outputs: dict[str, np.ndarray], out: Path) -> Path:
+    if len(outputs) == 1 and out.suffix == ".npy":
+        np.save(out, next(iter(outputs.values())))
+        return out
+    if out.suffix == ".npy":
+        # Keep the result rather than fail after the work is done.
+        target = out.with_suffix(".npz")
+        np.savez(target, **outputs)  # type: ignore[arg-type]
+        print(f"note: the model has {len(outputs)} outputs; wrote {target} (.npz) instead of {out}", file=sys.stderr)
+        return target
+    target = out if out.suffix == ".npz" else out.with_suffix(".npz")
+    np.savez(target, **outputs)  # type: ignore[arg-type]
+    return target
+
+
+def _describe(array: np.ndarray) -> dict[str, Any]:
+    info: dict[str, Any] = {"shape": list(array.shape), "dtype": str(array.dtype)}
+    if array.size <= 64:
+        info["values"] = array.tolist()
+    return info
+
+
+def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``infer``: send encrypted inputs through the gateway, decrypt and describe (or save) the outputs.
+
+    Raises:
+        InputError: missing or unreadable input files.
+        ConfigurationError: the model is not enabled for you (unless ``--skip-check``), or bad identity/trust.
+        AccessDenied: no grant, no consent, or revoked.
+    """
+    from sealedml.client.gateway import InferenceClient
+    from sealedml.client.identity import Identity
+
+    inputs, _ = _load_inputs(args.input)
+    identity = Identity.load(args.identity)
+    if not args.skip_check:
+        with keyservice_client(args) as ks:
+            info = ks.model_info(args.model_id)
+        if not info.consented:
+            raise ConfigurationError(f"run `sealedml model enable {args.model_id}` first (no request key/consent)")
+    t0 = time.perf_counter()
+    with InferenceClient(args.gateway, identity) as client:
+        outputs = client.infer(args.model_id, inputs)
+        cold = client.last_cold_start
+    result: dict[str, Any] = {
+        "model_id": args.model_id,
+        "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
+        "cold_start": cold,
+        "outputs": {name: _describe(value) for name, value in outputs.items()},
+    }
+    if args.out is not None:
+        result["out"] = str(_save_outputs(outputs, args.out))
+    return result
+
+
+def add_parser(subparsers: Subcommands) -> None:
+    """Register ``infer`` on ``subparsers``."""
+    p = add_command(subparsers, "infer", handle_infer, "encrypted inference through the gateway")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
+    p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
+    p.add_argument("--gateway", required=True, metavar="URL")
+    p.add_argument("--skip-check", action="store_true", help="do not ask the KeyService whether you enabled the model")
+    add_identity(p)
+    add_keyservice(p)

@@ -1,0 +1,188 @@
+"""Model owner and user commands against the KeyService: ``model seal|allow-runtime|grant|revoke|enable|info``.
+
+::
+
+    sealedml model seal IN.onnx --model-id ID --store DIR [--version N]       (owner)
+    sealedml model allow-runtime ID --measurement [TEE:]HEX [--tee T] [--remove] (owner)
+    sealedml model grant|revoke ID --user USER_ID                             (owner)
+    sealedml model enable ID [--measurement [TEE:]HEX ...] [--tee T]           (user)
+    sealedml model info ID                                                    (anyone registered)
+
+Each takes ``--identity FILE --keyservice URL`` and the KeyService trust flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sealedml.cli._args import (
+    TEE_TYPES,
+    Subcommands,
+    add_command,
+    add_group,
+    add_identity,
+    add_keyservice,
+    keyservice_client,
+    measurement_hex,
+    runtime_measurement,
+)
+
+if TYPE_CHECKING:
+    from sealedml.client.keyservice import KeyServiceClient
+
+__all__ = [
+    "add_parser",
+    "handle_model_allow_runtime",
+    "handle_model_enable",
+    "handle_model_grant",
+    "handle_model_info",
+    "handle_model_seal",
+]
+
+
+def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model seal``: seal an ONNX model, store it, and upload its key to the KeyService.
+
+    Raises:
+        InputError: the file is not a usable ONNX model.
+        ConfigurationError: unreadable identity or bad trust options.
+    """
+    from sealedml.client.owner import load_onnx, publish_model
+    from sealedml.storage.modelstore import LocalModelStore
+
+    model = load_onnx(args.input)
+    with keyservice_client(args) as ks:
+        published = publish_model(
+            model, model_id=args.model_id, keyservice=ks, store=LocalModelStore(args.store), version=args.version
+        )
+    return {
+        "model_id": published.model_id,
+        "version": published.version,
+        "sealed_bytes": published.sealed_bytes,
+        "sealed_sha256": published.sealed_sha256,
+        "store": str(args.store),
+    }
+
+
+def handle_model_allow_runtime(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model allow-runtime``: allow (or with ``--remove`` disallow) a runtime measurement.
+
+    Raises:
+        ConfigurationError: unreadable identity, bad trust options, or a TEE type the KeyService refuses.
+    """
+    from sealedml.client.keyservice import parse_runtime
+
+    runtime = parse_runtime(args.measurement, args.tee)
+    with keyservice_client(args) as ks:
+        ks.allow_runtime(args.model_id, runtime.measurement, tee=runtime.tee, allow=not args.remove)
+        tee = runtime.tee or _only_accepted_tee(ks)
+    return {"model_id": args.model_id, "tee": tee, "measurement": runtime.measurement, "allowed": not args.remove}
+
+
+def _only_accepted_tee(ks: KeyServiceClient) -> str | None:
+    """The TEE type the KeyService applied to a runtime named without one (its only accepted type)."""
+    accepts = ks.attest().accepts
+    return str(accepts[0]) if len(accepts) == 1 else None
+
+
+def handle_model_grant(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model grant`` and ``model revoke`` (``args.action``): a user's access to a model.
+
+    Raises:
+        ConfigurationError: unreadable identity or bad trust options.
+    """
+    grant = args.action == "grant"
+    with keyservice_client(args) as ks:
+        ks.grant(args.model_id, args.user, grant=grant)
+    return {"model_id": args.model_id, "user_id": args.user, "granted": grant}
+
+
+def handle_model_enable(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model enable``: upload your request key and consent to runtimes (default: this build's).
+
+    Raises:
+        ConfigurationError: unreadable identity, bad trust options or measurements.
+    """
+    from sealedml.client.keyservice import parse_runtime
+
+    measurements = args.measurement or [f"simulated:{runtime_measurement()}"]
+    runtimes = [parse_runtime(m, args.tee) for m in measurements]
+    with keyservice_client(args) as ks:
+        ks.enable(args.model_id, measurements, tee=args.tee)
+        user = ks.identity.principal_id if ks.identity is not None else None
+        default_tee = _only_accepted_tee(ks)
+    return {
+        "model_id": args.model_id,
+        "user_id": user,
+        "consented_runtimes": [f"{r.tee or default_tee}:{r.measurement}" for r in runtimes],
+    }
+
+
+def handle_model_info(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model info``: what the caller may know about a model.
+
+    Raises:
+        ConfigurationError: unreadable identity or bad trust options.
+    """
+    with keyservice_client(args) as ks:
+        info: dict[str, Any] = ks.model_info(args.model_id).model_dump()
+        return info
+
+
+def add_parser(subparsers: Subcommands) -> None:
+    """Register the ``model`` group on ``subparsers``."""
+    model = add_group(subparsers, "model", "model owner and user commands")
+    p = add_command(model, "seal", handle_model_seal, "seal an ONNX model, store it, upload its key")
+    p.add_argument("input", type=Path, metavar="IN.onnx")
+    p.add_argument("--model-id", required=True)
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--version", type=int, default=None, help="version number (default: next)")
+    add_identity(p)
+    add_keyservice(p)
+
+    p = add_command(model, "allow-runtime", handle_model_allow_runtime, "allow a runtime measurement for a model")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--measurement", required=True, type=measurement_hex, metavar="[TEE:]HEX")
+    p.add_argument(
+        "--tee",
+        choices=TEE_TYPES,
+        default=None,
+        help="the TEE type the measurement is for (default: the KeyService's only accepted type; "
+        "required where it accepts several)",
+    )
+    p.add_argument("--remove", action="store_true", help="disallow instead")
+    add_identity(p)
+    add_keyservice(p)
+
+    for action in ("grant", "revoke"):
+        p = add_command(model, action, handle_model_grant, f"{action} a user's access to a model")
+        p.add_argument("model_id", metavar="ID")
+        p.add_argument("--user", required=True, metavar="USER_ID")
+        p.set_defaults(action=action)
+        add_identity(p)
+        add_keyservice(p)
+
+    p = add_command(model, "enable", handle_model_enable, "user: upload your request key and consent to runtimes")
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument(
+        "--measurement",
+        action="append",
+        type=measurement_hex,
+        metavar="[TEE:]HEX",
+        help="runtime you consent to (repeatable; default: this build's simulated runtime)",
+    )
+    p.add_argument(
+        "--tee",
+        choices=TEE_TYPES,
+        default=None,
+        help="TEE type of the --measurement values that name none (default: the KeyService's only accepted type)",
+    )
+    add_identity(p)
+    add_keyservice(p)
+
+    p = add_command(model, "info", handle_model_info, "what you may know about a model")
+    p.add_argument("model_id", metavar="ID")
+    add_identity(p)
+    add_keyservice(p)

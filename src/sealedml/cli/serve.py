@@ -1,0 +1,284 @@
+"""The long-running services: ``keyservice serve``, ``platform serve``, ``worker serve`` and ``up``.
+
+::
+
+    sealedml keyservice serve --data-dir DIR [--host H] [--port P] [--lease-ttl S] [--accept TEES] ...
+    sealedml platform serve --keyservice URL --store DIR [--host H] [--port P] [--policy P] ...
+    sealedml worker serve --keyservice URL --store DIR [--host H] [--port P] ...
+    sealedml up --data-dir DIR [--host H] [--keyservice-port P] [--gateway-port P] [--lease-ttl S]
+
+Each ``serve`` runs in the foreground until SIGTERM or Ctrl-C, announcing its URL on stdout as a
+``{"event": "listening", ...}`` line; ``up`` starts a KeyService and a platform as child processes
+(the way the demo, the benchmarks and the integration tests do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sealedml.cli._args import (
+    DEFAULT_HOST,
+    Subcommands,
+    add_budget,
+    add_command,
+    add_group,
+    add_keyservice_trust,
+    add_tee,
+    add_tls,
+    keyservice_trust,
+    keyservice_trust_args,
+    memory_budget,
+    runtime_measurement,
+    spill_dir,
+)
+
+__all__ = ["add_parser", "handle_keyservice_serve", "handle_platform_serve", "handle_up", "handle_worker_serve"]
+
+
+def handle_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``keyservice serve``: run the KeyService until stopped.
+
+    Raises:
+        ConfigurationError: bad verifier options or policy document.
+    """
+    from sealedml.attestation.tee import VerifierOptions
+    from sealedml.keyservice.server import serve
+
+    policy = None
+    if args.policy is not None:
+        from sealedml.attestation.policy_document import load_policy
+
+        policy = load_policy(args.policy)
+    accept = tuple(t.strip() for t in args.accept.split(",") if t.strip()) if args.accept else None
+    verifiers = None
+    if accept is not None or args.collateral or args.pccs_url or args.vcek:
+        verifiers = VerifierOptions(
+            accept=accept or ("simulated",),
+            collateral=args.collateral,
+            pccs_url=args.pccs_url,
+            cache_dir=args.cache_dir,
+            vcek=args.vcek,
+        )
+    serve(
+        args.data_dir,
+        args.host,
+        args.port,
+        tee=args.tee,
+        lease_ttl=args.lease_ttl,
+        verifiers=verifiers,
+        policy=policy,
+        tls=args.tls,
+        unsafe_allow_simulated=args.unsafe_allow_simulated,
+    )
+    return {"stopped": "keyservice"}
+
+
+def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``platform serve``: run the gateway (local process pool or Ray Serve) until stopped.
+
+    Raises:
+        ConfigurationError: bad memory budget, spill directory or trust options.
+    """
+    from sealedml.platform.server import serve
+
+    if args.engine == "ray":
+        from sealedml.platform.ray_engine import RayEngineConfig, serve_ray
+
+        serve_ray(
+            RayEngineConfig(
+                keyservice=args.keyservice,
+                store=args.store,
+                concurrency=args.concurrency,
+                max_replicas=args.max_instances,
+                keep_alive=args.keep_alive,
+                tee=args.tee,
+            ),
+            args.host,
+            args.port,
+            ray_address=args.ray_address,
+            num_cpus=args.ray_cpus,
+            temp_dir=args.ray_temp_dir,
+        )
+        return {"stopped": "platform"}
+    from sealedml.platform.pool import PoolConfig
+
+    config = PoolConfig(
+        memory_mb=args.memory_mb,
+        concurrency=args.concurrency,
+        max_instances=args.max_instances,
+        keep_alive=args.keep_alive,
+        queue_limit=args.queue_limit,
+        queue_timeout=args.queue_timeout,
+    )
+    serve(
+        args.keyservice,
+        args.store,
+        args.host,
+        args.port,
+        config=config,
+        policy=args.policy,
+        warm_pool=args.warm_pool,
+        tee=args.tee,
+        unsafe_plaintext_dir=args.unsafe_plaintext_dir,
+        tls=args.tls,
+        # Checked here, passed on as typed: the workers parse it again.
+        memory_budget=args.memory_budget if memory_budget(args) else None,
+        spill_dir=spill_dir(args),
+        worker_args=keyservice_trust_args(args),
+    )
+    return {"stopped": "platform"}
+
+
+def handle_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``worker serve``: run one runtime instance until stopped.
+
+    Raises:
+        ConfigurationError: bad memory budget, spill directory or trust options.
+    """
+    from sealedml.runtime.server import serve
+
+    serve(
+        args.keyservice,
+        args.store,
+        args.host,
+        args.port,
+        concurrency=args.concurrency,
+        tee=args.tee,
+        model_cache_bytes=args.model_cache_mb * 1024 * 1024,
+        unsafe_plaintext_dir=args.unsafe_plaintext_dir,
+        tls=args.tls,
+        memory_budget=memory_budget(args),
+        spill_dir=spill_dir(args),
+        trust=keyservice_trust(args),
+    )
+    return {"stopped": "worker"}
+
+
+def handle_up(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``up``: a KeyService and a platform as child processes, until Ctrl-C, SIGTERM or either exits.
+
+    Raises:
+        ServiceUnavailable: either service did not start.
+    """
+    from sealedml._internal.procs import ServiceProcess
+
+    data = args.data_dir.resolve()
+    data.mkdir(parents=True, exist_ok=True)
+    store = data / "store"
+    host = ("--host", args.host)
+    with (
+        ServiceProcess.keyservice(
+            data / "keyservice", *host, "--lease-ttl", str(args.lease_ttl), port=args.keyservice_port
+        ) as ks,
+        ServiceProcess.platform(ks.url, store, *host, port=args.gateway_port) as gw,
+    ):
+        print(
+            f"KeyService: {ks.url}\nGateway:    {gw.url}\nStore:      {store}\n"
+            f"Runtime measurement: {runtime_measurement()}\n(Ctrl-C to stop)",
+            file=sys.stderr,
+            flush=True,
+        )
+        stop = {"flag": False}
+        signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+        try:
+            while not stop["flag"] and ks.alive() and gw.alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        return {"keyservice": ks.url, "gateway": gw.url, "store": str(store), "stopped": True}
+
+
+def add_parser(subparsers: Subcommands) -> None:
+    """Register ``up``, ``keyservice serve``, ``platform serve`` and ``worker serve`` on ``subparsers``."""
+    p = add_command(subparsers, "up", handle_up, "run a KeyService and a platform gateway with embedded defaults")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--keyservice-port", type=int, default=8700)
+    p.add_argument("--gateway-port", type=int, default=8701)
+    p.add_argument("--lease-ttl", type=int, default=60)
+
+    ks = add_group(subparsers, "keyservice", "KeyService commands")
+    p = add_command(ks, "serve", handle_keyservice_serve, "run the KeyService")
+    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
+    p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")
+    p.add_argument(
+        "--accept",
+        metavar="TEES",
+        help="runtime TEE types to accept, comma-separated: simulated,sgx,tdx,sev-snp "
+        "(default: simulated on a simulated KeyService)",
+    )
+    p.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="operator attestation policy (TCB statuses, minimum SVNs, debug, collateral age)",
+    )
+    p.add_argument("--collateral", type=Path, metavar="FILE", help="Intel collateral JSON for SGX/TDX (offline)")
+    p.add_argument("--pccs-url", metavar="URL", help="PCCS for Intel collateral (cached in --cache-dir)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="collateral / VCEK cache directory")
+    p.add_argument("--vcek", type=Path, metavar="FILE", help="SEV-SNP VCEK or VLEK certificate")
+    p.add_argument(
+        "--unsafe-allow-simulated",
+        action="store_true",
+        help="accept simulated evidence beside hardware TEEs in --accept (refused otherwise: anyone with this "
+        "host's simulated platform root could forge it); development only, logged and shown in /v1/attestation",
+    )
+    add_tee(p)
+    add_tls(p, "the KeyService")
+
+    pf = add_group(subparsers, "platform", "platform commands")
+    p = add_command(pf, "serve", handle_platform_serve, "run the gateway with the embedded local platform")
+    p.add_argument("--keyservice", required=True, metavar="URL")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8701)
+    p.add_argument("--concurrency", type=int, default=2, help="requests per instance at once (default 2)")
+    p.add_argument("--max-instances", type=int, default=2, help="most instances at once (default 2)")
+    p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
+    p.add_argument("--memory-mb", type=int, default=1024, help="memory limit per instance, MB (default 1024)")
+    p.add_argument("--queue-limit", type=int, default=512, help="most requests waiting per function (default 512)")
+    p.add_argument(
+        "--queue-timeout", type=float, default=60.0, help="longest wait for an instance slot before 429 (default 60 s)"
+    )
+    p.add_argument(
+        "--policy",
+        default="sealedml",
+        choices=["per-model", "sesemi", "sealedml"],
+        help="routing: one function per model, or one packed pool (default sealedml)",
+    )
+    p.add_argument("--warm-pool", type=int, default=0, help="spare pre-started instances (default 0)")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local processes (default) or a Ray Serve deployment (pip install 'sealedml[ray]')",
+    )
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--ray-temp-dir", type=Path, default=None, help="session directory of a local Ray")
+    p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    add_tee(p)
+    add_tls(p, "each instance")
+    add_budget(p)
+    add_keyservice_trust(p)
+
+    wk = add_group(subparsers, "worker", "runtime instance commands")
+    p = add_command(wk, "serve", handle_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
+    p.add_argument("--keyservice", required=True, metavar="URL")
+    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
+    p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    add_tee(p)
+    add_tls(p, "the instance")
+    add_budget(p)
+    add_keyservice_trust(p)

@@ -1,0 +1,1 @@
+"""Tests of memory-bounded execution (sealedml.runtime.memory_bounded)."""

@@ -1,1 +1,0 @@
-"""Tests of memory-bounded execution (sealedml.runtime.streaming)."""

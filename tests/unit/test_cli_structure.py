@@ -1,0 +1,191 @@
+"""The shape of the ``sealedml`` command line: which commands exist, and what every one of them offers.
+
+Nothing here runs a command: ``--help`` exits before the handler, and ``bench release`` is
+checked through its pure option reader and a stand-in benchmark module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from typing import Any
+
+import pytest
+
+from sealedml.cli.bench import release_options
+from sealedml.cli.main import build_parser, main
+from sealedml.errors import ConfigurationError
+
+#: Every leaf command, as of the split of cli/commands.py (issue 13) plus ``bench release``.
+#: Removing or renaming one breaks scripts and docs: change this list only on purpose.
+COMMANDS = {
+    "demo",
+    "up",
+    "keyservice serve",
+    "keyservice audit-head",
+    "platform serve",
+    "worker serve",
+    "identity new",
+    "register",
+    "model seal",
+    "model allow-runtime",
+    "model grant",
+    "model revoke",
+    "model enable",
+    "model info",
+    "infer",
+    "measurement",
+    "zoo export",
+    "bench overhead",
+    "bench coldstart",
+    "bench concurrency",
+    "bench memory",
+    "bench trace",
+    "bench release",
+    "attest verify",
+    "attest policy check",
+}
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _walk(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """Every parser below ``parser`` (groups and commands) by its command path."""
+    found: dict[tuple[str, ...], Any] = {}
+    for name, child in _subcommands(parser).items():
+        found[(*path, name)] = child
+        found.update(_walk(child, (*path, name)))
+    return found
+
+
+PARSERS = _walk(build_parser())
+LEAVES = {path: p for path, p in PARSERS.items() if not _subcommands(p)}
+
+
+def test_the_commands_are_exactly_the_documented_ones() -> None:
+    assert {" ".join(path) for path in LEAVES} == COMMANDS
+
+
+@pytest.mark.parametrize("path", sorted(PARSERS), ids=" ".join)
+def test_every_command_and_group_has_help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*path, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: sealedml {' '.join(path)}")
+
+
+@pytest.mark.parametrize("path", sorted(LEAVES), ids=" ".join)
+def test_every_command_has_json_and_a_handler(path: tuple[str, ...]) -> None:
+    parser = LEAVES[path]
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    assert "--json" in options
+    assert callable(parser.get_default("func"))
+
+
+@pytest.mark.parametrize("path", sorted(LEAVES), ids=" ".join)
+def test_every_command_lists_json_in_its_help(path: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([*path, "--help"])
+    assert "--json" in capsys.readouterr().out
+
+
+def test_top_level_help_keeps_the_command_order() -> None:
+    assert list(_subcommands(build_parser())) == [
+        "demo",
+        "up",
+        "keyservice",
+        "platform",
+        "worker",
+        "identity",
+        "register",
+        "model",
+        "infer",
+        "measurement",
+        "zoo",
+        "bench",
+        "attest",
+    ]
+
+
+def test_keyservice_group_spans_modules_once() -> None:
+    """``keyservice serve`` (cli/serve.py) and ``keyservice audit-head`` (cli/audit.py) share one group."""
+    assert list(_subcommands(PARSERS[("keyservice",)])) == ["serve", "audit-head"]
+
+
+# --------------------------------------------------------------------------- bench release
+def _release_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["bench", "release", *argv])
+
+
+def test_bench_release_defaults() -> None:
+    args = _release_args()
+    assert (args.concurrency, args.kem, args.duration, args.json) == (8, "both", 10.0, False)
+    assert release_options(args) == (8, ("x25519", "hybrid"), 10.0)
+
+
+@pytest.mark.parametrize(
+    ("kem", "kems"), [("x25519", ("x25519",)), ("hybrid", ("hybrid",)), ("both", ("x25519", "hybrid"))]
+)
+def test_bench_release_kem_choices(kem: str, kems: tuple[str, ...]) -> None:
+    assert release_options(_release_args("--kem", kem, "--concurrency", "1", "--duration", "0.5")) == (1, kems, 0.5)
+
+
+def test_bench_release_refuses_an_unknown_kem(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _release_args("--kem", "mlkem")
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--concurrency", "0"], "--concurrency"),
+        (["--concurrency", "-3"], "--concurrency"),
+        (["--duration", "0"], "--duration"),
+        (["--duration", "-1.5"], "--duration"),
+        (["--duration", "nan"], "--duration"),
+        (["--duration", "inf"], "--duration"),
+    ],
+)
+def test_bench_release_rejects_bad_flags(argv: list[str], flag: str) -> None:
+    with pytest.raises(ConfigurationError) as exc_info:
+        release_options(_release_args(*argv))
+    message = exc_info.value.message
+    assert flag in message and "\n" not in message
+
+
+def test_bench_release_passes_the_flags_to_run_release(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The handler's wiring, against a stand-in for sealedml.bench.release (nothing is benchmarked)."""
+    calls: list[dict[str, Any]] = []
+
+    def run_release(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        return {"concurrency": kwargs["concurrency"]}
+
+    monkeypatch.setitem(sys.modules, "sealedml.bench.release", types.SimpleNamespace(run_release=run_release))
+    assert main(["bench", "release", "--kem", "hybrid", "--concurrency", "3", "--duration", "2", "--json"]) == 0
+    assert calls == [{"concurrency": 3, "kems": ("hybrid",), "duration": 2.0, "quiet": True}]
+    assert capsys.readouterr().out.strip() == '{"concurrency": 3}'
+
+
+def test_bench_release_bad_flag_is_one_line_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setitem(
+        sys.modules, "sealedml.bench.release", types.SimpleNamespace(run_release=lambda **kw: calls.append(kw))
+    )
+    assert main(["bench", "release", "--concurrency", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --concurrency") and err.count("\n") == 1
+    assert calls == []
