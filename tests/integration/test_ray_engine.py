@@ -72,7 +72,6 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
 
         assert sum(v for k, v in _replicas(gw.url).items() if "RUNNING" in k) == 0  # scaled to zero
         client = stack.infer_client(user)
-        client._http.timeout = httpx.Timeout(240)
         out = client.infer("ray-a", {"x": np.ones((1, 4), np.float32), "idx": np.array([4], np.int64)})
         assert int(out["idx_plus_one"][0]) == 5  # the first request scaled the runtime up from zero
         dm = zoo.digits()

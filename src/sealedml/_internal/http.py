@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
@@ -55,9 +55,6 @@ SERVER_TIMING_HEADER = "server-timing"
 PEAK_BYTES_HEADER = "x-sealedml-peak-bytes"
 #: The comma-separated ids of the models an instance holds decrypted (a routing hint).
 MODELS_HEADER = "x-sealedml-models"
-
-if TYPE_CHECKING:
-    import httpx
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -105,7 +102,20 @@ def error_response(exc: BaseException) -> Response:
     )
 
 
-def raise_for_error(response: httpx.Response) -> None:
+class _Answer(Protocol):
+    """What :func:`raise_for_error` reads of an HTTP answer (httpx's or ours)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
+def raise_for_error(response: _Answer) -> None:
     """Client side of :func:`error_response`: raise the typed SealedML error an answer names.
 
     Nothing happens below HTTP 400. ``Retry-After`` of a 429 is copied into

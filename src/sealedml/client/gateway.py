@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import httpx
 import numpy as np
 
 from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, raise_for_error
-from sealedml._internal.httpclient import sync_client
+from sealedml._internal.httpclient import FastClient, TransportError
 from sealedml.client.identity import Identity
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 from sealedml.errors import ServiceUnavailable
@@ -27,7 +26,7 @@ class InferenceClient:
 
     def __init__(self, gateway: str, identity: Identity, *, timeout: float = 300.0) -> None:
         self.identity = identity
-        self._http = sync_client(gateway.rstrip("/"), timeout=timeout)
+        self._http = FastClient(gateway, timeout=timeout)
         self.last_cold_start = False
         self.last_server_timing = ""
         self.last_peak_bytes: int | None = None
@@ -68,7 +67,7 @@ class InferenceClient:
             response = self._http.post(
                 "/v1/infer", content=envelope.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
             )
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"

@@ -17,9 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
-from sealedml._internal.httpclient import async_client
+from sealedml._internal.httpclient import FastAsyncClient, HttpResponse, TransportError
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, is_binary
 from sealedml.errors import ServiceUnavailable
 
@@ -93,7 +91,7 @@ class WorkerProcess:
     instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
     url: str = ""
     process: asyncio.subprocess.Process | None = None
-    client: httpx.AsyncClient | None = None
+    client: FastAsyncClient | None = None
     spawn_s: float = 0.0
     dead: bool = False
     workdir: str | None = None
@@ -112,8 +110,8 @@ class WorkerProcess:
             *self.spec.command(),
             stdout=asyncio.subprocess.PIPE,
             stdin=asyncio.subprocess.DEVNULL,
-            # ONNX Runtime's telemetry writes a device id and an event store under the
-            # cache directory at import: keep them in the instance's directory, not the home.
+            # Whatever a library caches (ONNX Runtime's telemetry, off by default: see
+            # sealedml/__init__.py) stays in the instance's directory, not the home.
             env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir},
             cwd=self.workdir,
         )
@@ -138,11 +136,13 @@ class WorkerProcess:
                 from sealedml.attestation.ratls import client_ssl_context
 
                 verify = client_ssl_context()
-            self.client = async_client(self.url, timeout=self.spec.request_timeout, verify=verify)
-            response = await self.client.post("/init", json={"value": {}})
+            self.client = FastAsyncClient(self.url, timeout=self.spec.request_timeout, verify=verify)
+            response = await self.client.post(
+                "/init", content=b'{"value": {}}', headers={"content-type": "application/json"}
+            )
             if response.status_code != 200:
                 raise ServiceUnavailable(f"worker /init failed with HTTP {response.status_code}")
-        except (TimeoutError, httpx.HTTPError) as exc:
+        except (TimeoutError, TransportError) as exc:
             await self.stop()
             raise ServiceUnavailable(f"worker did not start: {type(exc).__name__}") from exc
         except BaseException:
@@ -151,7 +151,7 @@ class WorkerProcess:
         self.spawn_s = time.perf_counter() - t0
         log.info("instance %s started at %s in %.3fs", self.instance_id, self.url, self.spawn_s)
 
-    async def call(self, path: str, body: bytes) -> httpx.Response:
+    async def call(self, path: str, body: bytes) -> HttpResponse:
         """POST ``body`` to the instance.
 
         Raises:
@@ -162,7 +162,7 @@ class WorkerProcess:
         try:
             content_type = BINARY_CONTENT_TYPE if is_binary(body) else "application/json"
             return await self.client.post(path, content=body, headers={"content-type": content_type})
-        except httpx.HTTPError as exc:
+        except TransportError as exc:
             self.dead = True
             raise ServiceUnavailable(f"instance {self.instance_id} failed: {type(exc).__name__}") from exc
 

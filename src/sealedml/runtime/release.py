@@ -31,12 +31,11 @@ import json
 import ssl
 import time
 from dataclasses import dataclass
-
-import httpx
+from typing import Any
 
 from sealedml._internal.encoding import b64d, b64e
 from sealedml._internal.http import raise_for_error
-from sealedml._internal.httpclient import async_client
+from sealedml._internal.httpclient import FastAsyncClient, HttpResponse, TransportError
 from sealedml.attestation.base import Attester
 from sealedml.attestation.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.crypto import HpkeKem, HpkePrivateKey, random_bytes, verify_signature
@@ -114,7 +113,7 @@ class ReleaseClient:
             from sealedml.attestation.ratls import attested_client_context
 
             verify = attested_client_context(self._trust.verifiers, self._trust.policy)
-        self._http = async_client(keyservice_url.rstrip("/"), timeout=timeout, verify=verify)
+        self._http = FastAsyncClient(keyservice_url, timeout=timeout, verify=verify)
         self._service: AttestedKeyService | None = None
         self._attesting: asyncio.Lock | None = None
         # Challenges received with earlier answers: (challenge, monotonic deadline).
@@ -128,10 +127,10 @@ class ReleaseClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+    async def _send(self, method: str, path: str, **kwargs: Any) -> HttpResponse:
         try:
-            response = await self._http.request(method, path, **kwargs)  # type: ignore[arg-type]
-        except httpx.HTTPError as exc:
+            response = await self._http.request(method, path, **kwargs)
+        except TransportError as exc:
             from sealedml.attestation.ratls import attestation_failure
 
             failure = attestation_failure(exc)

@@ -15,8 +15,6 @@ Two views of memory, kept deliberately apart:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -31,7 +29,6 @@ __all__ = [
     "TrackerSnapshot",
     "process_memory",
     "reset_peak_rss",
-    "trim_heap",
 ]
 
 #: The categories a tracked byte belongs to.
@@ -205,28 +202,4 @@ def reset_peak_rss() -> bool:
         _CLEAR_REFS.write_text("5")
     except OSError:
         return False
-    return True
-
-
-def trim_heap() -> bool:
-    """Return freed heap memory to the operating system (glibc ``malloc_trim(0)``).
-
-    A one-off pass that allocates and frees a lot — the optimized-segment mode decrypts
-    every weight and lets ONNX Runtime copy and reorder it at load — leaves the freed
-    memory cached in the allocator's arenas: resident, and still holding the freed
-    (plaintext) bytes until they are reused. Trimming hands those pages back to the
-    kernel, which zeroes them before any reuse.
-
-    Returns:
-        True if ``malloc_trim`` ran (glibc), False where it does not exist.
-    """
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    trim(0)
     return True

@@ -26,10 +26,11 @@ import numpy as np
 import onnxruntime as ort
 from onnx import helper
 
+from sealedml._internal.malloc import trim_heap
 from sealedml.envelope.model_container import SealedModelReader
 from sealedml.errors import SealedModelError
 from sealedml.runtime.engine import ORT_LOG_SEVERITY
-from sealedml.runtime.memory_bounded.accounting import MemoryTracker, trim_heap
+from sealedml.runtime.memory_bounded.accounting import MemoryTracker
 from sealedml.runtime.memory_bounded.arena import aligned_array
 from sealedml.runtime.memory_bounded.container import Container
 from sealedml.runtime.memory_bounded.decrypt import ScratchBuffer

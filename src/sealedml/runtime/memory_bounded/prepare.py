@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import onnx
 
+from sealedml._internal.malloc import trim_heap
 from sealedml._internal.units import format_bytes
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader
 from sealedml.errors import ConfigurationError
-from sealedml.runtime.memory_bounded.accounting import trim_heap
 from sealedml.runtime.memory_bounded.builder import SegmentBuilder, SegmentSet, SegmentState
 from sealedml.runtime.memory_bounded.container import Container
 from sealedml.runtime.memory_bounded.decrypt import ScratchBuffer

@@ -1,0 +1,76 @@
+"""glibc allocator settings for processes that move large buffers per request.
+
+Every request moves a few hundred kilobytes to megabytes through several fresh
+buffers (the body read, the decrypted payload, the tensors, the sealed answer).
+glibc serves allocations above its mmap threshold with fresh ``mmap`` pages and
+returns freed memory at the top of the heap to the kernel: each such buffer then
+costs a page fault per 4 KiB and the kernel's zeroing of every page. Measured on
+this project's machine: sealing a 600 KB MobileNetV2 request took 0.75–0.94 ms,
+0.18 ms with the buffers served from the heap. :func:`tune_for_large_buffers`
+raises both thresholds so those buffers are reused from the heap instead.
+
+The memory-bounded engine still hands freed memory back explicitly after its
+load-time passes (:func:`trim_heap`), which these settings do not prevent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "trim_heap", "tune_for_large_buffers"]
+
+#: Allocations below this size come from the heap, not from fresh mmap pages.
+MMAP_THRESHOLD = 32 * 1024 * 1024
+#: Free memory at the top of the heap is returned to the kernel only above this.
+TRIM_THRESHOLD = 128 * 1024 * 1024
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.malloc_trim.restype = ctypes.c_int
+    except (OSError, AttributeError):  # not glibc
+        return None
+    return libc
+
+
+def tune_for_large_buffers() -> bool:
+    """Serve request-sized buffers from the heap (see the module docstring).
+
+    Returns:
+        True if glibc accepted the settings, False where there is no glibc.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
+def trim_heap() -> bool:
+    """Return freed heap memory to the operating system (glibc ``malloc_trim(0)``).
+
+    A one-off pass that allocates and frees a lot — the optimized-segment mode decrypts
+    every weight and lets ONNX Runtime copy and reorder it at load — leaves the freed
+    memory cached in the allocator's arenas: resident, and still holding the freed
+    (plaintext) bytes until they are reused. Trimming hands those pages back to the
+    kernel, which zeroes them before any reuse.
+
+    Returns:
+        True if ``malloc_trim`` ran (glibc), False where it does not exist.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
