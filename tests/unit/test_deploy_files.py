@@ -121,6 +121,10 @@ def _defines(role: str, **overrides: str) -> dict[str, str]:
             "enclave_size": "8G",
             "max_threads": "128",
             "keyservice_url": "http://10.0.0.5:8700",
+            "keyservice_policy": "/etc/sealedml/keyservice-for-workers.yaml",
+            "pccs_url": "https://pccs.example:8081",
+            "pccs_ca": "",
+            "collateral": "",
             "store_dir": "/var/lib/sealedml/store",
             "concurrency": "4",
             "model_cache_mb": "2048",
@@ -286,8 +290,16 @@ def test_keyservice_manifest_renders_to_a_valid_locked_down_manifest(variant: st
     assert "/models" not in mounts
 
 
-def test_worker_manifest_renders_to_a_valid_locked_down_manifest() -> None:
-    defines = _defines("worker")
+WORKER_VARIANTS = {
+    "pccs": {},
+    "pccs+ca": {"pccs_ca": "/etc/pccs/ca.pem"},
+    "offline-collateral": {"pccs_url": "", "collateral": "/etc/sealedml/collateral.json"},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(WORKER_VARIANTS))
+def test_worker_manifest_renders_to_a_valid_locked_down_manifest(variant: str) -> None:
+    defines = _defines("worker", **WORKER_VARIANTS[variant])
     manifest = tomllib.loads(_render(TEMPLATE.read_text(), defines))
     _check_schema(manifest)
     sgx, mounts = manifest["sgx"], _mounts(manifest)
@@ -298,7 +310,23 @@ def test_worker_manifest_renders_to_a_valid_locked_down_manifest() -> None:
     assert args.tee == "gramine" and args.keyservice == defines["keyservice_url"] and args.port == 8080
     assert args.concurrency == 4 and args.model_cache_mb == 2048
     assert mounts[str(args.store)] == {"path": "/models", "uri": f"file:{defines['store_dir']}"}
-    assert sgx["allowed_files"] == [f"file:{defines['store_dir']}/"]  # ciphertext only
+    # Which KeyService the worker trusts is fixed in the measured image: a trusted (hashed) file.
+    assert mounts[str(args.keyservice_policy)]["uri"] == f"file:{defines['keyservice_policy']}"
+    assert f"file:{defines['keyservice_policy']}" in sgx["trusted_files"]
+    assert args.keyservice_measurement is None
+    # The KeyService is in SGX: the worker needs collateral for its quote, from exactly one source.
+    assert (args.pccs_url is not None) != (args.collateral is not None)
+    if defines["collateral"]:
+        assert mounts[str(args.collateral)]["uri"] == f"file:{defines['collateral']}"
+    if defines["pccs_ca"]:
+        ca = manifest["loader"]["env"]["SSL_CERT_FILE"]
+        assert mounts[ca]["uri"] == f"file:{defines['pccs_ca']}"
+        assert f"file:{defines['pccs_ca']}" in sgx["trusted_files"]
+    else:
+        assert "SSL_CERT_FILE" not in manifest["loader"]["env"]
+    # Ciphertext and Intel-signed collateral only.
+    expected = [f"file:{defines['store_dir']}/"] + ([f"file:{defines['collateral']}"] if defines["collateral"] else [])
+    assert sgx["allowed_files"] == expected
     assert not [m for m in manifest["fs"]["mounts"] if m.get("type") == "encrypted"]
 
 
@@ -403,6 +431,8 @@ def gramine_workdir(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
         tool = bindir / name
         tool.write_text(body)
         tool.chmod(tool.stat().st_mode | stat.S_IXUSR)
+    ks_policy = tmp_path / "keyservice-for-workers.yaml"
+    shutil.copy(POLICIES / "keyservice-sgx-for-workers.yaml", ks_policy)
     key = tmp_path / "enclave-key.pem"
     key.write_text("-----BEGIN RSA PRIVATE KEY-----\nfake\n-----END RSA PRIVATE KEY-----\n")
     env = {
@@ -421,6 +451,7 @@ def gramine_workdir(tmp_path: Path) -> tuple[Path, dict[str, str], list[str]]:
         f"STORE_DIR={tmp_path / 'store'}",
         "KEYSERVICE_URL=http://10.0.0.5:8700",
         "PCCS_URL=https://pccs.example:8081",
+        f"WORKER_KS_POLICY={ks_policy}",
     ]
     return work, env, variables
 
@@ -458,6 +489,10 @@ def test_makefile_renders_signs_and_prints_the_mrenclave(gramine_workdir) -> Non
     assert json.loads(lines["keyservice"])["isv_prod_id"] == 1
     only_hex = _make(work, env, "-s", "mrenclave-worker")
     assert only_hex.stdout.strip() == worker["mr_enclave"] and re.fullmatch(r"[0-9a-f]{64}", only_hex.stdout.strip())
+    signer = _make(work, env, "-s", "mrsigner-keyservice")  # what the workers' KeyService policy names
+    assert signer.returncode == 0 and signer.stdout.strip() == worker["mr_signer"], signer.stderr
+    missing = _make(work, env, "-s", "mrsigner-nothing")
+    assert missing.returncode != 0 and "sealedml-nothing.sig missing" in missing.stderr
 
     # Same configuration again: nothing is signed twice; another configuration: only that enclave.
     log = Path(env["FAKE_GRAMINE_LOG"])
@@ -477,6 +512,12 @@ def test_makefile_refuses_incomplete_configurations(gramine_workdir) -> None:
     no_collateral = [v for v in variables if not v.startswith("PCCS_URL=")]
     result = _make(work, env, *no_collateral, "keyservice")
     assert result.returncode != 0 and "PCCS_URL" in result.stdout + result.stderr
+    result = _make(work, env, *no_collateral, "worker")
+    assert result.returncode != 0 and "WORKER_COLLATERAL" in result.stdout + result.stderr
+    no_trust = [v for v in variables if not v.startswith("WORKER_KS_POLICY=")]
+    result = _make(work, env, *no_trust, "worker")
+    assert result.returncode != 0 and "WORKER_KS_POLICY" in result.stdout + result.stderr
+    assert not (work / "sealedml-worker.sig").exists()
 
 
 def test_makefile_refuses_a_debug_enclave(gramine_workdir) -> None:
@@ -616,7 +657,13 @@ def _policy_files() -> list[Path]:
 
 def test_there_are_example_policies_for_every_tee() -> None:
     names = {p.name for p in _policy_files()}
-    assert {"keyservice-sgx.yaml", "runtime-sgx.yaml", "runtime-tdx.yaml", "runtime-sev-snp.yaml"} <= names
+    assert {
+        "keyservice-sgx.yaml",
+        "keyservice-sgx-for-workers.yaml",
+        "runtime-sgx.yaml",
+        "runtime-tdx.yaml",
+        "runtime-sev-snp.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", _policy_files(), ids=lambda p: p.name)
@@ -626,8 +673,13 @@ def test_policy_examples_load_and_accept_nothing_until_edited(path: Path) -> Non
     assert not summary["denies_everything"]
     assert summary["allow_debug"] is False
     assert "Revoked" not in summary["tcb_statuses"]
-    # Placeholders: all-zero reference values match no real enclave or VM.
-    assert policy.measurements and all(set(m) == {"0"} for m in policy.measurements)
+    # Placeholders: all-zero reference values match no real enclave or VM. Examples that name an
+    # enclave by signer instead of measurement have an all-zero MRSIGNER and a product id.
+    named = {m for rule in policy.tee_rules.values() for m in rule.measurements | rule.signers}
+    assert named and all(set(m) == {"0"} for m in named)
+    for rule in policy.tee_rules.values():
+        if rule.identifies_by_signer:
+            assert rule.reference_values.get("isv_prod_id") and "isv_svn" in rule.minimums
 
 
 # --------------------------------------------------------------------------- commands in the docs
@@ -795,6 +847,7 @@ def test_gramine_readme_names_only_makefile_variables_and_targets() -> None:
     targets = set(re.findall(r"^([a-z][a-z-]*)\s*:", makefile, flags=re.M)) | {
         "mrenclave-worker",
         "mrenclave-keyservice",
+        "mrsigner-keyservice",
         "run-keyservice",
         "run-worker",
     }

@@ -81,7 +81,11 @@ class TeeRule:
         tee: the TEE type the rule applies to.
         measurements: if non-empty, the claims' measurement must be one of these
             (so an SGX MRENCLAVE can never satisfy a TDX entry, and vice versa).
+            Empty with ``signers`` set: the rule identifies enclaves by signer
+            (:attr:`identifies_by_signer`).
         signers: if non-empty, the claims' signer (MRSIGNER) must be one of these.
+        contradictory: the rule is the intersection of two rules that no claims
+            satisfy together (disjoint signer lists); it rejects everything.
         allow_debug: overrides :attr:`Policy.allow_debug` for this TEE when not ``None``.
         reference_values: claim-detail path → allowed values, compared as
             lowercase strings (e.g. ``{"rtmr0": {...}, "host_data": {...}}``). A
@@ -96,6 +100,7 @@ class TeeRule:
     allow_debug: bool | None = None
     reference_values: Mapping[str, frozenset[str]] = field(default_factory=_empty_values, hash=False)
     minimums: Mapping[str, int] = field(default_factory=_empty_minimums, hash=False)
+    contradictory: bool = False
 
     def __post_init__(self) -> None:
         # Normalize once so comparisons are case-insensitive and the rule is immutable.
@@ -108,6 +113,17 @@ class TeeRule:
         )
         object.__setattr__(self, "minimums", MappingProxyType({k: int(v) for k, v in self.minimums.items()}))
 
+    @property
+    def identifies_by_signer(self) -> bool:
+        """Whether the rule accepts any measurement from its signers (SGX MRSIGNER identity).
+
+        That is how SGX names "every release of this product": MRSIGNER plus
+        ISV product id plus a minimum ISV SVN, instead of one MRENCLAVE per
+        build. Policy documents only produce such rules with the product id
+        and the minimum SVN set (:class:`~sealedml.attestation.policy_document.SgxSection`).
+        """
+        return not self.measurements and bool(self.signers) and not self.contradictory
+
     def verify(self, claims: Claims, *, policy_allows_debug: bool) -> None:
         """Raise :class:`PolicyError` unless ``claims`` satisfy this rule.
 
@@ -119,6 +135,8 @@ class TeeRule:
             PolicyError: with the exact reason.
         """
         tee = self.tee.value
+        if self.contradictory:
+            raise PolicyError(f"{tee}: the combined policies have no measurement or signer in common")
         allow_debug = policy_allows_debug if self.allow_debug is None else self.allow_debug
         if claims.debug and not allow_debug:
             raise PolicyError(f"{tee}: debug TEE not allowed")
@@ -165,6 +183,12 @@ class TeeRule:
             if self.measurements and other.measurements
             else self.measurements | other.measurements
         )
+        # Two signer (or measurement) lists with nothing in common accept nobody; an
+        # empty result would read as "not checked", so the rule is marked instead.
+        disjoint = any(
+            mine and theirs and not mine & theirs
+            for mine, theirs in ((self.signers, other.signers), (self.measurements, other.measurements))
+        )
         return TeeRule(
             tee=self.tee,
             measurements=measurements,
@@ -172,7 +196,33 @@ class TeeRule:
             allow_debug=allow_debug,
             reference_values=values,
             minimums=minimums,
+            contradictory=self.contradictory or other.contradictory or disjoint,
         )
+
+
+def _signer_identity_meets(
+    merged: TeeRule,
+    mine: tuple[Policy, TeeRule | None],
+    theirs: tuple[Policy, TeeRule | None],
+) -> tuple[TeeRule, frozenset[str]]:
+    """Resolve a merged rule where one side names its enclaves by signer and the other by measurement.
+
+    A signer-identified side accepts whatever measurement the other side lists
+    for the TEE (the merged rule still checks the signer); it must not widen the
+    other side to *any* measurement. Returns the rule and the measurements the
+    intersected policy gains.
+    """
+    (mine_policy, mine_rule), (their_policy, their_rule) = mine, theirs
+    mine_by_signer = mine_rule is not None and mine_rule.identifies_by_signer
+    theirs_by_signer = their_rule is not None and their_rule.identifies_by_signer
+    if mine_by_signer == theirs_by_signer:
+        return merged, frozenset()  # both by signer (merged keeps that), or neither
+    listed_by = (their_policy, their_rule) if mine_by_signer else (mine_policy, mine_rule)
+    policy, rule = listed_by
+    listed = rule.measurements if rule is not None and rule.measurements else policy.measurements
+    if not listed:
+        return replace(merged, contradictory=True), frozenset()
+    return replace(merged, measurements=listed), listed
 
 
 def _empty_rules() -> Mapping[TeeType, TeeRule]:
@@ -228,7 +278,7 @@ class Policy:
         Raises:
             PolicyError: with the exact reason (for the audit log, not for callers).
         """
-        if not self.measurements:
+        if self.denies_everything:
             raise PolicyError("empty policy: no measurement is allowed")
         if self.tee_types and claims.tee not in self.tee_types:
             raise PolicyError(f"TEE type {claims.tee.value} not allowed")
@@ -236,7 +286,8 @@ class Policy:
         rule_allows_debug = rule is not None and rule.allow_debug is True
         if claims.debug and not (self.allow_debug or rule_allows_debug):
             raise PolicyError("debug TEE not allowed")
-        if claims.measurement.lower() not in self.measurements:
+        by_signer = rule is not None and rule.identifies_by_signer
+        if claims.measurement.lower() not in self.measurements and not by_signer:
             raise PolicyError(f"measurement {claims.measurement} not allowed")
         if self.signers and (claims.signer or "").lower() not in self.signers:
             raise PolicyError(f"signer {claims.signer} not allowed")
@@ -250,6 +301,11 @@ class Policy:
                 raise PolicyError(f"advisories not accepted: {', '.join(rejected)}")
         if self.max_collateral_age is not None and claims.tee in _COLLATERAL_TEES:
             self._check_collateral_age(claims, now)
+
+    @property
+    def denies_everything(self) -> bool:
+        """No claims can satisfy the policy: no measurement listed and no rule naming a signer."""
+        return not self.measurements and not any(rule.identifies_by_signer for rule in self.tee_rules.values())
 
     def _check_collateral_age(self, claims: Claims, now: datetime | None) -> None:
         issued_text = claims.details.get("collateral_issued")
@@ -304,11 +360,21 @@ class Policy:
             advisories = self.accepted_advisories & other.accepted_advisories
         ages = [a for a in (self.max_collateral_age, other.max_collateral_age) if a is not None]
         measurements = self.measurements & other.measurements
+        for tee, merged_rule in list(rules.items()):
+            rules[tee], extra = _signer_identity_meets(
+                merged_rule, (self, self.tee_rules.get(tee)), (other, other.tee_rules.get(tee))
+            )
+            measurements |= extra
         if self.tee_types and other.tee_types and not tee_types:
             # Both restrict TEE types and no type is in both: nothing is acceptable. An
-            # empty ``tee_types`` would read as "any type", so empty the measurements,
-            # which makes the result deny everything.
+            # empty ``tee_types`` would read as "any type", so empty the measurements
+            # and the rules, which makes the result deny everything.
             measurements = frozenset()
+            rules = {}
+        if self.signers and other.signers and not signers:
+            # Flat signer lists with nothing in common: likewise nothing is acceptable.
+            measurements = frozenset()
+            rules = {tee: replace(rule, contradictory=True) for tee, rule in rules.items()}
         return Policy(
             measurements=measurements,
             tee_types=tee_types,

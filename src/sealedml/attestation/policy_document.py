@@ -9,9 +9,9 @@ and turns it into a :class:`~sealedml.attestation.policy.Policy`::
     accepted_advisories: [INTEL-SA-00615]          # default: not checked
     max_collateral_age: 30d                        # s, m, h, d, w; default: not checked
     sgx:
-      mrenclave: [33d8736d...]                     # required, 64 hex digits each
-      mrsigner: [815f42f1...]
-      isv_prod_id: [0]
+      mrenclave: [33d8736d...]                     # 64 hex digits each; or leave out and
+      mrsigner: [815f42f1...]                      # name the enclave by signer: mrsigner,
+      isv_prod_id: [0]                             # isv_prod_id and min_isv_svn all set
       min_isv_svn: 0
       min_tcb_eval_data_number: 17
       allow_debug: false
@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from sealedml.attestation.base import TeeType
 from sealedml.attestation.policy import Policy, TeeRule
@@ -188,14 +188,27 @@ class _Section(BaseModel):
 
 
 class SgxSection(_Section):
-    """Reference values for Intel SGX enclaves."""
+    """Reference values for Intel SGX enclaves.
 
-    mrenclave: list[Hex32] = Field(min_length=1)
+    Either ``mrenclave`` names the builds accepted, or (signer identity) it is
+    left out and ``mrsigner``, ``isv_prod_id`` and ``min_isv_svn`` together
+    name every release of one product from one signer. The second form is what
+    lets two enclaves trust each other without each one's measurement
+    containing the other's.
+    """
+
+    mrenclave: list[Hex32] = Field(default_factory=list)
     mrsigner: list[Hex32] = Field(default_factory=list)
     isv_prod_id: list[U16] = Field(default_factory=list)
     min_isv_svn: U16 | None = None
     min_tcb_eval_data_number: U32 | None = None
     allow_debug: bool = False
+
+    @model_validator(mode="after")
+    def _named_by_measurement_or_signer(self) -> SgxSection:
+        if not self.mrenclave and not (self.mrsigner and self.isv_prod_id and self.min_isv_svn is not None):
+            raise ValueError("list mrenclave, or name the enclave by signer with mrsigner, isv_prod_id and min_isv_svn")
+        return self
 
 
 class TdxSection(_Section):
@@ -500,12 +513,13 @@ def describe_policy(policy: Policy) -> dict[str, Any]:
         rules[tee.value] = {
             "measurements": sorted(rule.measurements),
             "signers": sorted(rule.signers),
+            "by_signer": rule.identifies_by_signer,
             "allow_debug": rule.allow_debug,
             "reference_values": {k: sorted(v) for k, v in sorted(rule.reference_values.items())},
             "minimums": dict(sorted(rule.minimums.items())),
         }
     return {
-        "denies_everything": not policy.measurements,
+        "denies_everything": policy.denies_everything,
         "tee_types": sorted(t.value for t in policy.tee_types),
         "measurements": sorted(policy.measurements),
         "allow_debug": policy.allow_debug,

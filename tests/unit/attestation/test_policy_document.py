@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sealedml.attestation.base import Evidence, TeeType
-from sealedml.attestation.dcap import SgxDcapVerifier, TdxDcapVerifier
+from sealedml.attestation.base import Claims, Evidence, TeeType
+from sealedml.attestation.dcap import TdxDcapVerifier
 from sealedml.attestation.policy_document import (
     describe_policy,
     load_policy,
@@ -62,11 +62,8 @@ sev-snp:
 """
 
 
-def test_sgx_document_accepts_the_vector(vectors: Path) -> None:
-    quote = (vectors / "sgx-dcap" / "quote.bin").read_bytes()
-    claims = SgxDcapVerifier(vectors / "sgx-dcap" / "collateral.json").verify(
-        Evidence(TeeType.SGX, quote), now=SGX_TIME
-    )
+def test_sgx_document_accepts_the_vector(sgx_vector_claims: Claims) -> None:
+    claims = sgx_vector_claims
     policy = load_policy(SGX_POLICY)
     policy.verify(claims, now=SGX_TIME)
     assert policy.tee_types == frozenset({TeeType.SGX})
@@ -105,11 +102,8 @@ def test_snp_document_accepts_the_vector(vectors: Path) -> None:
         load_policy(SNP_POLICY.replace("snp: 5", "snp: 6")).verify(claims)
 
 
-def test_documents_compose_by_intersection(vectors: Path) -> None:
-    quote = (vectors / "sgx-dcap" / "quote.bin").read_bytes()
-    claims = SgxDcapVerifier(vectors / "sgx-dcap" / "collateral.json").verify(
-        Evidence(TeeType.SGX, quote), now=SGX_TIME
-    )
+def test_documents_compose_by_intersection(sgx_vector_claims: Claims) -> None:
+    claims = sgx_vector_claims
     owner = load_policy(SGX_POLICY)
     user = load_policy(SGX_POLICY.replace("[UpToDate, ConfigurationAndSWHardeningNeeded]", "[UpToDate]"))
     owner.verify(claims, now=SGX_TIME)
@@ -122,8 +116,6 @@ def test_documents_compose_by_intersection(vectors: Path) -> None:
 def test_empty_document_denies() -> None:
     policy = load_policy("version: 1\n")
     assert describe_policy(policy)["denies_everything"] is True
-    from sealedml.attestation.base import Claims
-
     with pytest.raises(PolicyError, match="empty policy"):
         policy.verify(Claims(TeeType.SGX, MRENCLAVE, bytes(64), False))
 
@@ -141,7 +133,7 @@ def test_describe_policy_is_json() -> None:
         ("version: 2", PolicyError, "policy version: Input should be 1"),
         ("sgx: {}", PolicyError, "policy version: Field required"),
         ("version: 1\nsgx: {mrenclave: [abc]}", PolicyError, "sgx.mrenclave.0: expected 64 hex digits"),
-        ("version: 1\nsgx: {mrenclave: []}", PolicyError, "sgx.mrenclave"),
+        ("version: 1\nsgx: {mrenclave: []}", PolicyError, "sgx: list mrenclave, or name the enclave by signer"),
         ("version: 1\nsgx: {mrenclave: ['" + "a" * 64 + "'], foo: 1}", PolicyError, "sgx.foo: Extra"),
         ("version: 1\nsev_snp: {}", PolicyError, "sev_snp: Extra inputs"),
         ("version: 1\ntcb_statuses: [Revoked]", PolicyError, "Revoked can never be accepted"),
