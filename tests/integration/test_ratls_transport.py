@@ -14,7 +14,11 @@ from tests.conftest import Stack, start_keyservice, start_platform
 pytestmark = pytest.mark.slow
 
 
-def test_encrypted_inference_over_ratls_keyservice_and_instances(tmp_path, toy_model):
+def test_encrypted_inference_over_ratls_keyservice_and_instances(tmp_path, toy_model, monkeypatch):
+    # The services' temporary directory, to check that stopping them leaves nothing behind.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     ks = start_keyservice(tmp_path, extra=["--tls", "ra"])
     gw = start_platform(tmp_path, ks.url, extra=["--tls", "ra"])
     try:
@@ -38,6 +42,14 @@ def test_encrypted_inference_over_ratls_keyservice_and_instances(tmp_path, toy_m
                 wrong.register()
         for client in stack.clients:
             client.close()  # type: ignore[attr-defined]
+        # Key files live in private directories while the services run (the instance's too),
+        # and every instance works in its own private directory.
+        names = sorted(p.name for p in scratch.iterdir())
+        assert sum(n.startswith("sealedml-tls-") for n in names) >= 2, names  # KeyService, instance
+        assert any(n.startswith("sealedml-worker-") for n in names), names
     finally:
         gw.stop()
         ks.stop()
+    # SIGTERM is a graceful stop: the services and the instances remove their directories.
+    assert sorted(p.name for p in scratch.iterdir()) == [], "left behind"
+    assert (ks.proc.returncode, gw.proc.returncode) == (0, 0)

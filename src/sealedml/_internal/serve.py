@@ -22,12 +22,13 @@ import socket
 import ssl
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from typing import Any
 
 import uvicorn
 
+from sealedml._internal.malloc import tune_for_large_buffers
 from sealedml.attestation.ratls import RotatingRaTlsCertificate
 
 __all__ = ["bind", "configure_logging", "serve_app"]
@@ -90,7 +91,26 @@ def _install_pair(context: ssl.SSLContext, directory: str, cert_pem: bytes, key_
         _remove(*(path for path in (cert_path, key_path) if path))
 
 
-class _RotatingServer(uvicorn.Server):
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM or SIGINT ends ``run()`` by returning.
+
+    After a graceful shutdown uvicorn raises the captured signal again with its
+    default handler, which kills the process on the spot: no ``finally``, no
+    ``atexit``. A runtime's private working directory and the RA-TLS key
+    directory were left behind by every stopped instance that way. Returning
+    instead lets them be removed; the exit status is 0 (a requested stop).
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+
+class _RotatingServer(_Server):
     """A uvicorn server that re-issues its RA-TLS certificate every ``rotate_every`` seconds."""
 
     def __init__(self, config: uvicorn.Config, identity: RotatingRaTlsCertificate, directory: str) -> None:
@@ -173,6 +193,7 @@ def serve_app(
             at the next period. Key files exist only while OpenSSL reads them,
             in a private temporary directory removed at exit.
     """
+    tune_for_large_buffers()  # every request moves large buffers: keep them off fresh mmap pages
     sock = sock or bind(host, port)
     actual = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
@@ -185,7 +206,7 @@ def serve_app(
         pair = tls
     print(json.dumps({"event": "listening", "url": f"{scheme}://{shown}:{actual}", **(announce or {})}), flush=True)
     if pair is None:  # plain HTTP: no key files, no temporary directory
-        uvicorn.Server(_config(app, log_level, {})).run(sockets=[sock])
+        _Server(_config(app, log_level, {})).run(sockets=[sock])
         return
     with tempfile.TemporaryDirectory(prefix="sealedml-tls-") as directory:
         os.chmod(directory, 0o700)
@@ -202,7 +223,7 @@ def serve_app(
 
         ssl_args = {"ssl_certfile": paths[0], "ssl_keyfile": paths[1], "ssl_context_factory": context_factory}
         config = _config(app, log_level, ssl_args)
-        server = uvicorn.Server(config) if rotating is None else _RotatingServer(config, rotating, directory)
+        server = _Server(config) if rotating is None else _RotatingServer(config, rotating, directory)
         server.run(sockets=[sock])
 
 
