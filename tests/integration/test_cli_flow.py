@@ -135,6 +135,9 @@ def test_readme_manual_flow(tmp_path):
             )
         )
         assert set(result["outputs"]) == {"label", "probabilities"}
+        # The first request loaded lease and model; the gateway's wait and the instance's phases are reported.
+        assert {"platform-queue", "release", "decrypt", "open", "compute", "seal"} <= set(result["phases_ms"])
+        assert all(ms >= 0 for ms in result["phases_ms"].values()) and "peak_bytes" not in result
         saved = np.load(w / "pred.npz")
         from sealedml import zoo
 

@@ -189,3 +189,80 @@ def test_bench_release_bad_flag_is_one_line_before_anything_runs(
     err = capsys.readouterr().err
     assert err.startswith("error: --concurrency") and err.count("\n") == 1
     assert calls == []
+
+
+class _RayStandIn:
+    """Stand-in for sealedml.platform.ray_engine: records the config instead of starting Ray."""
+
+    def __init__(self) -> None:
+        self.configs: list[Any] = []
+
+    def RayEngineConfig(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    def serve_ray(self, config: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        self.configs.append(config)
+
+
+def _platform_ray(tmp_path: Any, *extra: str) -> list[str]:
+    return [
+        "platform",
+        "serve",
+        "--keyservice",
+        "http://127.0.0.1:1",
+        "--store",
+        str(tmp_path),
+        "--engine",
+        "ray",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--tls", "ra"], ["--warm-pool", "1"], ["--policy", "per-model"], ["--memory-mb", "512", "--queue-limit", "3"]],
+)
+def test_platform_serve_on_ray_refuses_local_engine_flags(
+    flags: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flag the Ray engine would ignore is a one-line error, not silently dropped."""
+    ray = _RayStandIn()
+    monkeypatch.setitem(sys.modules, "sealedml.platform.ray_engine", ray)
+    assert main(_platform_ray(tmp_path, *flags)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --engine ray does not support") and err.count("\n") == 1
+    assert all(flag in err for flag in flags if flag.startswith("--"))
+    assert ray.configs == []
+
+
+def test_platform_serve_on_ray_passes_keyservice_trust_and_budget(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Which KeyService the replicas trust reaches them (absolute paths); so does the memory budget."""
+    ray = _RayStandIn()
+    monkeypatch.setitem(sys.modules, "sealedml.platform.ray_engine", ray)
+    policy = tmp_path / "ks.yaml"
+    policy.write_text(f"version: 1\nsgx: {{mrenclave: ['{'ab' * 32}']}}\n")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--keyservice-policy", "ks.yaml", "--pccs-url", "https://pccs.example:8081", "--memory-budget", "32MB"]
+    assert main(_platform_ray(tmp_path, *argv)) == 0
+    (config,) = ray.configs
+    assert config["trust_options"] == {
+        "measurement": None,
+        "policy_file": policy.resolve(),
+        "collateral": None,
+        "pccs_url": "https://pccs.example:8081",
+        "vcek": None,
+    }
+    assert config["memory_budget"] == 32 * 1000 * 1000
+
+
+def test_platform_serve_on_ray_refuses_a_malformed_keyservice_policy(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ray = _RayStandIn()
+    monkeypatch.setitem(sys.modules, "sealedml.platform.ray_engine", ray)
+    policy = tmp_path / "ks.yaml"
+    policy.write_text("version: 1\nsgx: {mrenclave: ['nothex']}\n")
+    assert main(_platform_ray(tmp_path, "--keyservice-policy", str(policy), "--pccs-url", "https://p:1")) == 1
+    assert "sgx.mrenclave" in capsys.readouterr().err and ray.configs == []

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sealedml._internal.units import parse_size
 from sealedml.cli._common import Handler, add_json_flag
@@ -223,13 +223,22 @@ def keyservice_trust(args: argparse.Namespace) -> KeyServiceTrust:
     """
     from sealedml.attestation.trust import trust_from_options
 
-    return trust_from_options(
-        measurement=args.keyservice_measurement,
-        policy_file=args.keyservice_policy,
-        collateral=args.collateral,
-        pccs_url=args.pccs_url,
-        vcek=args.vcek,
-    )
+    return trust_from_options(**keyservice_trust_options(args))
+
+
+def keyservice_trust_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The trust flags as keyword arguments of ``trust_from_options`` (paths made absolute)."""
+
+    def absolute(path: Path | None) -> Path | None:
+        return None if path is None else Path(path).resolve()
+
+    return {
+        "measurement": args.keyservice_measurement,
+        "policy_file": absolute(args.keyservice_policy),
+        "collateral": absolute(args.collateral),
+        "pccs_url": args.pccs_url,
+        "vcek": absolute(args.vcek),
+    }
 
 
 def keyservice_trust_args(args: argparse.Namespace) -> tuple[str, ...]:

@@ -94,6 +94,7 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
         ConfigurationError: the model is not enabled for you (unless ``--skip-check``), or bad identity/trust.
         AccessDenied: no grant, no consent, or revoked.
     """
+    from sealedml._internal.http import parse_server_timing
     from sealedml.client.gateway import InferenceClient
     from sealedml.client.identity import Identity
 
@@ -107,13 +108,17 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     with InferenceClient(args.gateway, identity) as client:
         outputs = client.infer(args.model_id, inputs)
-        cold = client.last_cold_start
+        cold, timing, peak = client.last_cold_start, client.last_server_timing, client.last_peak_bytes
     result: dict[str, Any] = {
         "model_id": args.model_id,
         "latency_ms": round((time.perf_counter() - t0) * 1000, 2),
         "cold_start": cold,
+        # Where the time went, as the gateway and the instance report it (untrusted hints).
+        "phases_ms": {name: round(seconds * 1000, 2) for name, seconds in parse_server_timing(timing).items()},
         "outputs": {name: _describe(value) for name, value in outputs.items()},
     }
+    if peak is not None:
+        result["peak_bytes"] = peak
     if args.out is not None:
         result["out"] = str(_save_outputs(outputs, args.out))
     return result

@@ -32,12 +32,26 @@ from sealedml.cli._args import (
     add_tls,
     keyservice_trust,
     keyservice_trust_args,
+    keyservice_trust_options,
     memory_budget,
     runtime_measurement,
     spill_dir,
 )
+from sealedml.errors import ConfigurationError
 
 __all__ = ["add_parser", "handle_keyservice_serve", "handle_platform_serve", "handle_up", "handle_worker_serve"]
+
+#: ``platform serve`` flags only the local engine implements, with their defaults: Ray Serve
+#: routes, queues and scales by itself, and its replicas serve plain HTTP inside the cluster.
+_LOCAL_ENGINE_ONLY: dict[str, Any] = {
+    "memory_mb": 1024,
+    "queue_limit": 512,
+    "queue_timeout": 60.0,
+    "policy": "sealedml",
+    "warm_pool": 0,
+    "tls": "none",
+    "unsafe_plaintext_dir": None,
+}
 
 
 def handle_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,6 +103,14 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
     if args.engine == "ray":
         from sealedml.platform.ray_engine import RayEngineConfig, serve_ray
 
+        local_only = [
+            "--" + name.replace("_", "-")
+            for name, default in _LOCAL_ENGINE_ONLY.items()
+            if getattr(args, name) != default
+        ]
+        if local_only:
+            raise ConfigurationError(f"--engine ray does not support {', '.join(local_only)} (local engine only)")
+        keyservice_trust(args)  # a malformed policy is refused here, not in every replica
         serve_ray(
             RayEngineConfig(
                 keyservice=args.keyservice,
@@ -97,6 +119,9 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
                 max_replicas=args.max_instances,
                 keep_alive=args.keep_alive,
                 tee=args.tee,
+                memory_budget=memory_budget(args) or None,
+                spill_dir=spill_dir(args),
+                trust_options=keyservice_trust_options(args),
             ),
             args.host,
             args.port,
@@ -242,18 +267,33 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--concurrency", type=int, default=2, help="requests per instance at once (default 2)")
     p.add_argument("--max-instances", type=int, default=2, help="most instances at once (default 2)")
     p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
-    p.add_argument("--memory-mb", type=int, default=1024, help="memory limit per instance, MB (default 1024)")
-    p.add_argument("--queue-limit", type=int, default=512, help="most requests waiting per function (default 512)")
     p.add_argument(
-        "--queue-timeout", type=float, default=60.0, help="longest wait for an instance slot before 429 (default 60 s)"
+        "--memory-mb",
+        type=int,
+        default=_LOCAL_ENGINE_ONLY["memory_mb"],
+        help="memory limit per instance, MB (default 1024)",
+    )
+    p.add_argument(
+        "--queue-limit",
+        type=int,
+        default=_LOCAL_ENGINE_ONLY["queue_limit"],
+        help="most requests waiting per function (default 512)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=_LOCAL_ENGINE_ONLY["queue_timeout"],
+        help="longest wait for an instance slot before 429 (default 60 s)",
     )
     p.add_argument(
         "--policy",
-        default="sealedml",
+        default=_LOCAL_ENGINE_ONLY["policy"],
         choices=["per-model", "sesemi", "sealedml"],
         help="routing: one function per model, or one packed pool (default sealedml)",
     )
-    p.add_argument("--warm-pool", type=int, default=0, help="spare pre-started instances (default 0)")
+    p.add_argument(
+        "--warm-pool", type=int, default=_LOCAL_ENGINE_ONLY["warm_pool"], help="spare pre-started instances (default 0)"
+    )
     p.add_argument(
         "--engine",
         default="local",

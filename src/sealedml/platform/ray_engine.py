@@ -52,6 +52,9 @@ class RayEngineConfig:
         max_models_per_replica: int = 4,
         tee: str = "simulated",
         replica_cpus: float = 1.0,
+        memory_budget: int | None = None,
+        spill_dir: str | None = None,
+        trust_options: dict[str, Any] | None = None,
     ) -> None:
         self.keyservice = keyservice
         self.store = Path(store).resolve()
@@ -61,6 +64,12 @@ class RayEngineConfig:
         self.max_models_per_replica = max_models_per_replica
         self.tee = tee
         self.replica_cpus = replica_cpus
+        self.memory_budget = memory_budget
+        self.spill_dir = spill_dir
+        # Keyword arguments of attestation.trust.trust_from_options (absolute paths): which
+        # KeyService the replicas accept. Options, not a KeyServiceTrust, because replicas are
+        # built in other processes and the verifiers hold caches and clients.
+        self.trust_options = dict(trust_options or {})
 
 
 def _require_ray() -> Any:
@@ -98,9 +107,18 @@ class RuntimeReplica:
     """One runtime instance inside a Ray actor."""
 
     def __init__(self, config: RayEngineConfig) -> None:
+        from sealedml.attestation.trust import trust_from_options
         from sealedml.runtime.server import build_worker
 
-        self.worker = build_worker(config.keyservice, config.store, concurrency=config.concurrency, tee=config.tee)
+        self.worker = build_worker(
+            config.keyservice,
+            config.store,
+            concurrency=config.concurrency,
+            tee=config.tee,
+            memory_budget=config.memory_budget,
+            spill_dir=config.spill_dir,
+            trust=trust_from_options(**config.trust_options),
+        )
         # Created here, in the replica: a ContextVar cannot be pickled with the class.
         self._current: contextvars.ContextVar[tuple[Any, dict[str, float]]] = contextvars.ContextVar("lease")
 
