@@ -384,8 +384,9 @@ def test_sealed_model_rejects_plain_onnx_file(model: onnx.ModelProto) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"format": 2}, "unsupported"),
+        ({"format": 3}, "unsupported"),
         ({"format": 0}, "unsupported"),
+        ({"format": 2}, "malformed"),  # a part container's format without the part fields
         ({"format": "1"}, "unsupported"),
         ({"n_chunks": 1}, "inconsistent"),
         ({"n_chunks": 10**6}, "inconsistent"),
@@ -565,3 +566,77 @@ def test_manifest_entry_inconsistent_with_data_rejected(entry: dict[str, object]
     payload = _payload(manifest) + bytes(64)
     with SealedModelReader(seal_payload(payload), MODEL_KEY) as reader, pytest.raises(SealedModelError):
         reader.tensor("w")
+
+
+# --- Parts of a partitioned model (format 2: the header names the part and the manifest digest) ---
+
+DIGEST = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def front(model: onnx.ModelProto) -> bytes:
+    return seal_model(
+        model,
+        model_id="mlp",
+        model_version=1,
+        model_key=MODEL_KEY,
+        chunk_size=CHUNK,
+        part="front",
+        partition_sha256=DIGEST,
+    )
+
+
+def test_a_part_container_opens_only_as_that_part(sealed: bytes, front: bytes) -> None:
+    assert open_model(front, MODEL_KEY, expected_part="front").graph.name == "mlp"
+    with pytest.raises(SealedModelError, match="is the front part of a partitioned model, expected a whole model"):
+        open_model(front, MODEL_KEY)  # a front part served as if it were the model
+    with pytest.raises(SealedModelError, match="expected the back part"):
+        open_model(front, MODEL_KEY, expected_part="back")
+    with pytest.raises(SealedModelError, match="is a whole model, expected the front part"):
+        open_model(sealed, MODEL_KEY, expected_part="front")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"part": "middle"}, "invalid partition part"),  # the middle is never sealed
+        ({"partition_sha256": "AB" * 32}, "invalid partition part"),
+        ({"partition_sha256": "ab" * 31}, "invalid partition part"),
+        ({"part": None}, "malformed"),
+        ({"partition_sha256": 7}, "malformed"),
+        ({"format": 1}, "malformed"),  # a whole model's format with part fields
+        ({"comment": "x"}, "malformed"),
+    ],
+)
+def test_part_headers_with_invalid_values_are_refused(front: bytes, change: dict[str, object], match: str) -> None:
+    parts = split(front)
+    doc = parts.doc
+    doc.update(change)
+    with pytest.raises(SealedModelError, match=match):
+        open_model(join(with_header(doc), parts.chunks), MODEL_KEY, expected_part="front")
+
+
+@pytest.mark.parametrize(
+    "change", [{"part": "back"}, {"partition_sha256": "cd" * 32}], ids=["front-relabelled-back", "other-partition"]
+)
+def test_relabelling_a_part_fails_authentication(front: bytes, change: dict[str, object]) -> None:
+    """The header is bound into every chunk's AAD: a front cannot pass as the back, or as a part of another split."""
+    parts = split(front)
+    doc = parts.doc
+    doc.update(change)
+    expected = str(doc["part"])
+    with pytest.raises(SealedModelError, match="failed authentication"):
+        open_model(join(with_header(doc), parts.chunks), MODEL_KEY, expected_part=expected)
+
+
+@pytest.mark.parametrize("extra", [{"part": "front"}, {"partition_sha256": DIGEST}, {"note": "x"}])
+def test_a_whole_model_header_with_extra_fields_is_refused(parts: Split, extra: dict[str, object]) -> None:
+    doc = parts.doc
+    doc.update(extra)
+    with pytest.raises(SealedModelError, match="malformed"):
+        SealedModelHeader.parse(join(with_header(doc), parts.chunks))
+
+
+def test_a_part_needs_both_its_name_and_the_digest(model: onnx.ModelProto) -> None:
+    with pytest.raises(SealedModelError, match="needs both"):
+        seal_model(model, model_id="mlp", model_version=1, model_key=MODEL_KEY, part="front")

@@ -41,7 +41,15 @@ class TransportError(Exception):
     """The request did not complete (connection refused or reset, timeout, TLS failure).
 
     The httpcore (or ``ssl``) exception is the ``__cause__``.
+
+    Attributes:
+        not_sent: no connection was made, so the peer cannot have seen the request
+            (safe to retry even when the request is not idempotent).
     """
+
+    def __init__(self, message: str, *, not_sent: bool = False) -> None:
+        super().__init__(message)
+        self.not_sent = not_sent
 
 
 @dataclass(frozen=True)
@@ -144,7 +152,9 @@ class FastClient:
             with self._pool.stream(method, url, **options) as response:
                 body = response.read()
         except _TRANSPORT_ERRORS as exc:
-            raise TransportError(f"{method} {path}: {type(exc).__name__}") from exc
+            raise TransportError(
+                f"{method} {path}: {type(exc).__name__}", not_sent=isinstance(exc, httpcore.ConnectError)
+            ) from exc
         return _response(response, body)
 
     def post(self, path: str, *, content: bytes, headers: Mapping[str, str] | None = None) -> HttpResponse:
@@ -190,7 +200,9 @@ class FastAsyncClient:
             async with self._pool.stream(method, url, **options) as response:
                 body = await response.aread()
         except _TRANSPORT_ERRORS as exc:
-            raise TransportError(f"{method} {path}: {type(exc).__name__}") from exc
+            raise TransportError(
+                f"{method} {path}: {type(exc).__name__}", not_sent=isinstance(exc, httpcore.ConnectError)
+            ) from exc
         return _response(response, body)
 
     async def post(self, path: str, *, content: bytes, headers: Mapping[str, str] | None = None) -> HttpResponse:

@@ -1,4 +1,4 @@
-"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release``.
+"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release|partition``.
 
 ::
 
@@ -8,6 +8,8 @@
     sealedml bench memory [--model M] [--budget SIZES] [--repeats N] [--threads N]
     sealedml bench trace [--models N] [--policy P,...] [--trace CSV] [--duration S] ...
     sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
+    sealedml bench partition [--model M] [--front-cut T,...] [--back-cut T,...] [--requests N] [--device D]
+    sealedml bench partition --model digits-cnn|faces-cnn [--seed N] [--plot FILE.png]
 
 Each runs real processes on loopback (see ``sealedml.bench``), prints progress on stderr and
 its results on stdout (one JSON object with ``--json``). The benchmark modules are imported
@@ -32,6 +34,7 @@ __all__ = [
     "handle_bench_concurrency",
     "handle_bench_memory",
     "handle_bench_overhead",
+    "handle_bench_partition",
     "handle_bench_release",
     "handle_bench_trace",
     "release_options",
@@ -128,6 +131,45 @@ def handle_bench_release(args: argparse.Namespace) -> dict[str, Any]:
     return run_release(concurrency=concurrency, kems=kems, duration=duration, quiet=args.json)
 
 
+def handle_bench_partition(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench partition``: all-in-TEE vs ternary execution with a real executor process.
+
+    Raises:
+        ConfigurationError: bad flags or cuts.
+    """
+    from sealedml.bench.partition import TRAINED_MODELS, run_leakage, run_partition
+
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ConfigurationError(f"--plot {args.plot}: give a .png file name")
+    if args.model in TRAINED_MODELS:
+        if args.front_cut or args.back_cut:
+            raise ConfigurationError(
+                "--front-cut and --back-cut time a split; the trained models are assessed at every cut"
+            )
+        result = run_leakage(args.model, seed=args.seed, plot_path=args.plot, quiet=args.json)
+        if args.json:
+            return result
+        from sealedml.partition.assess import format_table
+
+        print(format_table(result))
+        return {"plot": result["plot"]} if args.plot is not None else {}
+    if args.plot is not None:
+        raise ConfigurationError(f"--plot exists for the trained models only ({', '.join(TRAINED_MODELS)})")
+
+    def cut(text: str | None) -> list[str] | None:
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    return run_partition(
+        args.model,
+        front_cut=cut(args.front_cut),
+        back_cut=cut(args.back_cut),
+        requests=args.requests,
+        warmup=args.warmup,
+        device=args.device,
+        quiet=args.json,
+    )
+
+
 def add_parser(subparsers: Subcommands) -> None:
     """Register the ``bench`` group on ``subparsers``."""
     bench = add_group(subparsers, "bench", "benchmarks")
@@ -186,3 +228,25 @@ def add_parser(subparsers: Subcommands) -> None:
         help="runtime KEM to measure: X25519, hybrid ML-KEM-768 + X25519, or both (default both)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per KEM (default 10)")
+
+    p = add_command(
+        bench, "partition", handle_bench_partition, "all-in-TEE vs ternary (front and back in the TEE, middle outside)"
+    )
+    p.add_argument(
+        "--model",
+        default="mobilenetv2",
+        choices=["mobilenetv2", "resnet50", "digits-cnn", "faces-cnn"],
+        help="mobilenetv2, resnet50: latency of the split; digits-cnn, faces-cnn: train the victim and "
+        "assess each cut's leakage (needs sealedml[assess]) (default mobilenetv2)",
+    )
+    p.add_argument("--front-cut", default=None, metavar="T[,T...]", help="default: after the first stages")
+    p.add_argument("--back-cut", default=None, metavar="T[,T...]", help="default: the global pool")
+    p.add_argument("--requests", type=int, default=40, help="measured requests per configuration (default 40)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the executor runs the middle"
+    )
+    p.add_argument("--seed", type=int, default=0, help="trained models: training and attack seed (default 0)")
+    p.add_argument(
+        "--plot", type=Path, default=None, metavar="FILE.png", help="trained models: write the leakage figure"
+    )

@@ -28,6 +28,7 @@ from sealedml.cli._args import (
     measurement_hex,
     runtime_measurement,
 )
+from sealedml.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from sealedml.client.keyservice import KeyServiceClient
@@ -49,21 +50,35 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
         InputError: the file is not a usable ONNX model.
         ConfigurationError: unreadable identity or bad trust options.
     """
-    from sealedml.client.owner import load_onnx, publish_model
+    from sealedml.client.owner import load_onnx, publish_model, publish_partition
     from sealedml.storage.modelstore import LocalModelStore
 
-    model = load_onnx(args.input)
-    with keyservice_client(args) as ks:
-        published = publish_model(
-            model, model_id=args.model_id, keyservice=ks, store=LocalModelStore(args.store), version=args.version
-        )
-    return {
+    if (args.input is None) == (args.partition is None):
+        raise ConfigurationError("give IN.onnx or --partition DIR (from `sealedml partition split`), not both")
+    store = LocalModelStore(args.store)
+    if args.partition is not None:
+        from sealedml.partition.split import load_partition
+
+        partition = load_partition(args.partition)
+        with keyservice_client(args) as ks:
+            published = publish_partition(
+                partition, model_id=args.model_id, keyservice=ks, store=store, version=args.version
+            )
+    else:
+        model = load_onnx(args.input)
+        with keyservice_client(args) as ks:
+            published = publish_model(model, model_id=args.model_id, keyservice=ks, store=store, version=args.version)
+    result: dict[str, Any] = {
         "model_id": published.model_id,
         "version": published.version,
         "sealed_bytes": published.sealed_bytes,
         "sealed_sha256": published.sealed_sha256,
         "store": str(args.store),
     }
+    if published.partition_sha256 is not None:
+        result["partition_sha256"] = published.partition_sha256
+        result["note"] = "partitioned: the middle's weights are stored in the clear and run outside the TEE"
+    return result
 
 
 def handle_model_allow_runtime(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,13 +125,14 @@ def handle_model_enable(args: argparse.Namespace) -> dict[str, Any]:
     measurements = args.measurement or [f"simulated:{runtime_measurement()}"]
     runtimes = [parse_runtime(m, args.tee) for m in measurements]
     with keyservice_client(args) as ks:
-        ks.enable(args.model_id, measurements, tee=args.tee)
+        ks.enable(args.model_id, measurements, tee=args.tee, accept_partitioned=args.accept_partitioned)
         user = ks.identity.principal_id if ks.identity is not None else None
         default_tee = _only_accepted_tee(ks)
     return {
         "model_id": args.model_id,
         "user_id": user,
         "consented_runtimes": [f"{r.tee or default_tee}:{r.measurement}" for r in runtimes],
+        "accept_partitioned": args.accept_partitioned,
     }
 
 
@@ -135,7 +151,15 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register the ``model`` group on ``subparsers``."""
     model = add_group(subparsers, "model", "model owner and user commands")
     p = add_command(model, "seal", handle_model_seal, "seal an ONNX model, store it, upload its key")
-    p.add_argument("input", type=Path, metavar="IN.onnx")
+    p.add_argument("input", type=Path, metavar="IN.onnx", nargs="?", default=None)
+    p.add_argument(
+        "--partition",
+        type=Path,
+        metavar="DIR",
+        default=None,
+        help="seal a partitioned model instead (`sealedml partition split`): front and back sealed, "
+        "the middle stored in the clear to run outside the TEE",
+    )
     p.add_argument("--model-id", required=True)
     p.add_argument("--store", required=True, type=Path)
     p.add_argument("--version", type=int, default=None, help="version number (default: next)")
@@ -178,6 +202,12 @@ def add_parser(subparsers: Subcommands) -> None:
         choices=TEE_TYPES,
         default=None,
         help="TEE type of the --measurement values that name none (default: the KeyService's only accepted type)",
+    )
+    p.add_argument(
+        "--accept-partitioned",
+        action="store_true",
+        help="also accept partitioned versions: their middle layers run outside the TEE, on representations "
+        "of your inputs (docs/partition.md); without this flag such versions are never run on your requests",
     )
     add_identity(p)
     add_keyservice(p)

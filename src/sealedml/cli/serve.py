@@ -39,7 +39,14 @@ from sealedml.cli._args import (
 )
 from sealedml.errors import ConfigurationError
 
-__all__ = ["add_parser", "handle_keyservice_serve", "handle_platform_serve", "handle_up", "handle_worker_serve"]
+__all__ = [
+    "add_parser",
+    "handle_executor_serve",
+    "handle_keyservice_serve",
+    "handle_platform_serve",
+    "handle_up",
+    "handle_worker_serve",
+]
 
 #: ``platform serve`` flags only the local engine implements, with their defaults: Ray Serve
 #: routes, queues and scales by itself, and its replicas serve plain HTTP inside the cluster.
@@ -51,6 +58,7 @@ _LOCAL_ENGINE_ONLY: dict[str, Any] = {
     "warm_pool": 0,
     "tls": "none",
     "unsafe_plaintext_dir": None,
+    "executor": "none",
 }
 
 
@@ -155,6 +163,7 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         memory_budget=args.memory_budget if memory_budget(args) else None,
         spill_dir=spill_dir(args),
         worker_args=keyservice_trust_args(args),
+        executor=args.executor,
     )
     return {"stopped": "platform"}
 
@@ -180,8 +189,23 @@ def handle_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         memory_budget=memory_budget(args),
         spill_dir=spill_dir(args),
         trust=keyservice_trust(args),
+        executor_url=args.executor,
     )
     return {"stopped": "worker"}
+
+
+def handle_executor_serve(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``executor serve``: run the untrusted executor of partitioned models' middles.
+
+    Raises:
+        ConfigurationError: ``--device cuda`` without a CUDA-enabled ONNX Runtime, or bad ``--threads``.
+    """
+    from sealedml.platform.executor import serve as serve_executor
+
+    if args.threads < 1:
+        raise ConfigurationError("--threads must be ≥ 1")
+    serve_executor(args.store, args.host, args.port, device=args.device, threads=args.threads)
+    return {"stopped": "executor"}
 
 
 def handle_up(args: argparse.Namespace) -> dict[str, Any]:
@@ -295,6 +319,13 @@ def add_parser(subparsers: Subcommands) -> None:
         "--warm-pool", type=int, default=_LOCAL_ENGINE_ONLY["warm_pool"], help="spare pre-started instances (default 0)"
     )
     p.add_argument(
+        "--executor",
+        default=_LOCAL_ENGINE_ONLY["executor"],
+        metavar="none|local|URL",
+        help="where partitioned models' middles run, outside the TEE: none (default; such models are "
+        "refused), local (start and supervise one beside the instances), or an executor's URL",
+    )
+    p.add_argument(
         "--engine",
         default="local",
         choices=["local", "ray"],
@@ -317,8 +348,27 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
+    p.add_argument(
+        "--executor",
+        default=None,
+        metavar="URL",
+        help="untrusted executor for the middles of partitioned models (sealedml executor serve)",
+    )
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     add_tee(p)
     add_tls(p, "the instance")
     add_budget(p)
     add_keyservice_trust(p)
+
+    ex = add_group(subparsers, "executor", "untrusted executor of partitioned models' middles")
+    p = add_command(ex, "serve", handle_executor_serve, "run the middles of partitioned models (outside any TEE)")
+    p.add_argument("--store", required=True, type=Path, help="model store holding the middles (v<N>.middle.onnx)")
+    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--port", type=int, default=8702)
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where the middles run (auto: CUDA when ONNX Runtime offers it, else CPU)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="middles run at once (default 2)")

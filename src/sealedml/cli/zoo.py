@@ -4,6 +4,10 @@
 
     sealedml zoo export digits|mobilenetv2|resnet50|vgg16|toy --out FILE.onnx [--seed N]
         [--test-data FILE.npy [--samples N]]
+    sealedml zoo export digits-cnn|faces-cnn --out FILE.onnx [--seed N] [--data TEST.npz] [--aux AUX.npz]
+
+The trained CNNs (torch, ``pip install 'sealedml[assess]'``) come with their test split and the
+attacker's auxiliary split as ``.npz`` files of ``x`` and ``y``: the inputs of ``partition assess``.
 """
 
 from __future__ import annotations
@@ -15,20 +19,56 @@ from typing import Any
 from sealedml.cli._args import Subcommands, add_command, add_group
 from sealedml.errors import ConfigurationError
 
-__all__ = ["add_parser", "handle_zoo_export"]
+# sealedml.zoo.trained.NAMES, spelled out: importing the zoo here would slow every `sealedml --help`.
+TRAINED = ("digits-cnn", "faces-cnn")
+
+__all__ = ["TRAINED", "add_parser", "handle_zoo_export"]
+
+
+def _export_trained(args: argparse.Namespace) -> dict[str, Any]:
+    """A trained CNN and, with ``--data`` / ``--aux``, its test and auxiliary splits as ``.npz``."""
+    import numpy as np
+    import onnx
+
+    if args.test_data is not None:
+        raise ConfigurationError("--test-data exists for the digits model only; use --data and --aux")
+    from sealedml.zoo import trained
+
+    victim = trained.load(args.name, seed=args.seed)
+    onnx.save(victim.model, str(args.out))
+    result: dict[str, Any] = {
+        "model": args.name,
+        "out": str(args.out),
+        "bytes": args.out.stat().st_size,
+        "test_accuracy": round(victim.test_accuracy, 4),
+    }
+    for flag, path, x, y in (
+        ("data", args.data, victim.x_test, victim.y_test),
+        ("aux", args.aux, victim.x_aux, victim.y_aux),
+    ):
+        if path is not None:
+            with open(path, "wb") as handle:  # a file object: np.savez would append .npz to other names
+                np.savez(handle, x=x, y=y)
+            result[flag] = {"path": str(path), "samples": len(y)}
+    return result
 
 
 def handle_zoo_export(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``zoo export``: write a built-in model as ONNX (and for digits, optionally test inputs).
 
     Raises:
-        ConfigurationError: ``--test-data`` for a model other than digits.
+        ConfigurationError: ``--test-data`` for a model other than digits, ``--data``/``--aux`` for
+            an untrained one, or torch missing for a trained one.
     """
     import numpy as np
     import onnx
 
     from sealedml import zoo
 
+    if args.name in TRAINED:
+        return _export_trained(args)
+    if args.data is not None or args.aux is not None:
+        raise ConfigurationError(f"--data and --aux exist for the trained models only ({', '.join(TRAINED)})")
     model = zoo.get(args.name, seed=args.seed)
     onnx.save(model, str(args.out))
     result: dict[str, Any] = {"model": args.name, "out": str(args.out), "bytes": args.out.stat().st_size}
@@ -45,8 +85,18 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register the ``zoo`` group on ``subparsers``."""
     zoo = add_group(subparsers, "zoo", "built-in models")
     p = add_command(zoo, "export", handle_zoo_export, "write a built-in model as ONNX")
-    p.add_argument("name", choices=["digits", "mobilenetv2", "resnet50", "vgg16", "toy"])
+    p.add_argument("name", choices=["digits", "mobilenetv2", "resnet50", "vgg16", "toy", *TRAINED])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-data", type=Path, default=None, help="digits only: also write test inputs (.npy)")
     p.add_argument("--samples", type=int, default=10)
+    p.add_argument(
+        "--data", type=Path, default=None, metavar="TEST.npz", help="trained CNNs only: write the test split (x, y)"
+    )
+    p.add_argument(
+        "--aux",
+        type=Path,
+        default=None,
+        metavar="AUX.npz",
+        help="trained CNNs only: write the attacker's auxiliary split (x, y), disjoint from the test split",
+    )

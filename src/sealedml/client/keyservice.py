@@ -171,8 +171,14 @@ class KeyServiceClient:
         return str(self._signed("/v1/principals", body)["principal_id"])
 
     # -------------------------------------------------------------- owner
-    def upload_model_key(self, model_id: str, version: int, model_key: bytes) -> None:
-        """Send a model version's key, HPKE-sealed to the attested KeyService."""
+    def upload_model_key(
+        self, model_id: str, version: int, model_key: bytes, *, partition_sha256: str | None = None
+    ) -> None:
+        """Send a model version's key, HPKE-sealed to the attested KeyService.
+
+        ``partition_sha256``: the version is partitioned (that manifest's digest); users
+        must then accept partitioned execution before its keys are released.
+        """
         if self.identity is None:
             raise ConfigurationError("this call needs an identity")
         owner = self.identity.principal_id
@@ -180,7 +186,12 @@ class KeyServiceClient:
         def build(service: AttestedKeyService) -> p.ModelKeyRequest:
             raw = service.hpke_key.to_bytes()
             sealed = hpke_seal(service.hpke_key, model_key, p.model_key_info(raw, model_id, version, owner))
-            return p.ModelKeyRequest(model_version=version, sealed_key=b64e(sealed), service_key=b64e(raw))
+            return p.ModelKeyRequest(
+                model_version=version,
+                sealed_key=b64e(sealed),
+                service_key=b64e(raw),
+                partition_sha256=partition_sha256,
+            )
 
         self._with_service_key(build, f"/v1/models/{model_id}/keys")
 
@@ -200,7 +211,9 @@ class KeyServiceClient:
         self._signed(f"/v1/models/{model_id}/grants", p.GrantRequest(user_id=user_id, grant=grant))
 
     # -------------------------------------------------------------- user
-    def enable(self, model_id: str, measurements: list[str], *, tee: str | None = None) -> None:
+    def enable(
+        self, model_id: str, measurements: list[str], *, tee: str | None = None, accept_partitioned: bool = False
+    ) -> None:
         """Upload this user's request key for ``model_id`` and consent to runtimes.
 
         Args:
@@ -208,6 +221,8 @@ class KeyServiceClient:
             measurements: runtimes as ``HEX`` or ``TEE:HEX``.
             tee: the TEE type of entries that name none (default: the KeyService's
                 only accepted type).
+            accept_partitioned: also accept partitioned versions, whose middle layers
+                run outside the TEE on representations of this user's inputs.
         """
         if self.identity is None:
             raise ConfigurationError("this call needs an identity")
@@ -218,7 +233,12 @@ class KeyServiceClient:
         def build(service: AttestedKeyService) -> p.ConsentRequest:
             raw = service.hpke_key.to_bytes()
             sealed = hpke_seal(service.hpke_key, request_key, p.consent_info(raw, model_id, user))
-            return p.ConsentRequest(sealed_request_key=b64e(sealed), service_key=b64e(raw), runtimes=runtimes)
+            return p.ConsentRequest(
+                sealed_request_key=b64e(sealed),
+                service_key=b64e(raw),
+                runtimes=runtimes,
+                accept_partitioned=accept_partitioned,
+            )
 
         self._with_service_key(build, f"/v1/models/{model_id}/consent")
 

@@ -1,10 +1,11 @@
-"""Owner workflow: seal a model, store it, hand its key to the KeyService."""
+"""Owner workflow: seal a model (or a partitioned model), store it, hand its key to the KeyService."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
@@ -14,7 +15,10 @@ from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, seal_model
 from sealedml.errors import AccessDenied, ConfigurationError
 from sealedml.storage.modelstore import ModelStore
 
-__all__ = ["PublishedModel", "load_onnx", "publish_model"]
+if TYPE_CHECKING:
+    from sealedml.partition.split import Partition
+
+__all__ = ["PublishedModel", "load_onnx", "publish_model", "publish_partition"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class PublishedModel:
     version: int
     sealed_bytes: int
     sealed_sha256: str
+    partition_sha256: str | None = None
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:
@@ -55,14 +60,60 @@ def publish_model(
     The key goes to the KeyService first (HPKE-sealed after verifying its
     attestation), so a stored container always has its key registered.
     """
-    if version is None:
-        try:
-            registered = keyservice.model_info(model_id).current_version
-        except AccessDenied:  # a new model (or someone else's: the upload will be refused)
-            registered = 0
-        version = max(registered, store.latest_version(model_id) or 0) + 1
+    version = version or _next_version(model_id, keyservice, store)
     model_key = random_bytes(KEY_SIZE)
     sealed = seal_model(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
     keyservice.upload_model_key(model_id, version, model_key)
     store.put(model_id, version, sealed)
     return PublishedModel(model_id, version, len(sealed), hashlib.sha256(sealed).hexdigest())
+
+
+def _next_version(model_id: str, keyservice: KeyServiceClient, store: ModelStore) -> int:
+    try:
+        registered = keyservice.model_info(model_id).current_version
+    except AccessDenied:  # a new model (or someone else's: the upload will be refused)
+        registered = 0
+    return max(registered, store.latest_version(model_id) or 0) + 1
+
+
+def publish_partition(
+    partition: Partition,
+    *,
+    model_id: str,
+    keyservice: KeyServiceClient,
+    store: ModelStore,
+    version: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> PublishedModel:
+    """Publish a partitioned model: front and back sealed under one fresh key, the middle in the clear.
+
+    The middle's weights and the intermediate representations it receives are
+    visible to the cloud: that is the owner's choice in partitioning. Both sealed
+    parts carry the manifest's digest in their authenticated headers, and the
+    KeyService records it, so users see that the version is partitioned
+    (``model info``) and their keys are released only if they accepted that.
+    The sealed front is stored last: the version exists once it is there.
+    """
+    manifest = partition.manifest.to_json().encode()
+    digest = hashlib.sha256(manifest).hexdigest()
+    version = version or _next_version(model_id, keyservice, store)
+    model_key = random_bytes(KEY_SIZE)
+    sealed = {
+        part: seal_model(
+            partition.part(part),
+            model_id=model_id,
+            model_version=version,
+            model_key=model_key,
+            chunk_size=chunk_size,
+            part=part,
+            partition_sha256=digest,
+        )
+        for part in ("front", "back")
+    }
+    keyservice.upload_model_key(model_id, version, model_key, partition_sha256=digest)
+    store.put_part(model_id, version, "partition.json", manifest)
+    store.put_part(model_id, version, "middle.onnx", partition.middle.SerializeToString())
+    store.put_part(model_id, version, "back.sealed", sealed["back"])
+    store.put(model_id, version, sealed["front"])
+    total = len(sealed["front"]) + len(sealed["back"])
+    return PublishedModel(model_id, version, total, hashlib.sha256(sealed["front"]).hexdigest(), digest)

@@ -68,17 +68,41 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "EXTERNAL_LOCATION",
     "MAGIC",
+    "PART_FORMAT_VERSION",
+    "SEALED_PARTS",
     "Manifest",
     "SealedModelHeader",
     "SealedModelReader",
     "TensorEntry",
     "check_external_data",
+    "check_part",
     "open_model",
+    "read_header",
     "seal_model",
 ]
 
 MAGIC = b"SMLMDL\x00\x01"
 FORMAT_VERSION = 1
+#: Containers of one part of a partitioned model (``sealedml partition``): the header also names
+#: the part and the SHA-256 of the partition manifest. A runtime that predates partitioning
+#: refuses them (an unknown format) instead of serving a front part as if it were the model.
+PART_FORMAT_VERSION = 2
+_HEADER_FIELDS = frozenset(
+    {
+        "format",
+        "model_id",
+        "model_version",
+        "plaintext_sha256",
+        "plaintext_length",
+        "chunk_size",
+        "n_chunks",
+        "salt",
+        "base_nonce",
+    }
+)
+_PART_FIELDS = frozenset({"part", "partition_sha256"})
+#: The parts of a partitioned model that are sealed (the middle runs outside the TEE, in the clear).
+SEALED_PARTS = ("front", "back")
 DEFAULT_CHUNK_SIZE = 256 * 1024
 _MAX_HEADER = 64 * 1024
 _MAX_MANIFEST = 64 * 1024 * 1024
@@ -102,6 +126,8 @@ class SealedModelHeader:
     salt: bytes
     base_nonce: bytes
     raw: bytes
+    part: str | None = None
+    partition_sha256: str | None = None
 
     @property
     def digest(self) -> bytes:
@@ -135,8 +161,16 @@ class SealedModelHeader:
             raise SealedModelError("sealed model truncated in header")
         try:
             doc = loads_json(raw)
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT_VERSION or type(doc["format"]) is not int:
+            if (
+                not isinstance(doc, dict)
+                or doc.get("format") not in (FORMAT_VERSION, PART_FORMAT_VERSION)
+                or type(doc["format"]) is not int
+            ):
                 raise SealedModelError("unsupported sealed model format")
+            is_part = doc["format"] == PART_FORMAT_VERSION
+            if set(doc) != (_HEADER_FIELDS | _PART_FIELDS if is_part else _HEADER_FIELDS):
+                # No field a reader would ignore: a whole model's header cannot carry part fields.
+                raise ValueError("unexpected or missing header fields")
             header = cls(
                 model_id=_typed(doc["model_id"], str),
                 model_version=_typed(doc["model_version"], int),
@@ -147,6 +181,8 @@ class SealedModelHeader:
                 salt=bytes.fromhex(_typed(doc["salt"], str)),
                 base_nonce=bytes.fromhex(_typed(doc["base_nonce"], str)),
                 raw=raw,
+                part=_typed(doc["part"], str) if is_part else None,
+                partition_sha256=_typed(doc["partition_sha256"], str) if is_part else None,
             )
         except SealedModelError:
             raise
@@ -157,6 +193,10 @@ class SealedModelHeader:
         expected_chunks = max(1, -(-header.plaintext_length // header.chunk_size)) if header.chunk_size > 0 else -1
         if not _ID.match(header.model_id):
             raise SealedModelError("invalid model id in sealed model header")
+        if header.part is not None and (
+            header.part not in SEALED_PARTS or not re.fullmatch(r"[0-9a-f]{64}", header.partition_sha256 or "")
+        ):
+            raise SealedModelError("invalid partition part in sealed model header")
         if (
             header.chunk_size <= 0
             or not 1 <= header.model_version < 2**63
@@ -381,6 +421,8 @@ def seal_model(
     model_version: int,
     model_key: bytes,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    part: str | None = None,
+    partition_sha256: str | None = None,
 ) -> bytes:
     """Seal an ONNX model into a container.
 
@@ -390,6 +432,8 @@ def seal_model(
         model_version: a positive version number.
         model_key: the 32-byte model key (one per model version is recommended).
         chunk_size: plaintext bytes per AES-GCM chunk.
+        part: for one part of a partitioned model, ``"front"`` or ``"back"``.
+        partition_sha256: with ``part``, the SHA-256 (hex) of the partition manifest.
 
     Returns:
         The sealed container bytes.
@@ -414,8 +458,10 @@ def seal_model(
         raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
     payload = _build_payload(model)
     n_chunks = max(1, -(-len(payload) // chunk_size))
-    doc = {
-        "format": FORMAT_VERSION,
+    if (part is None) != (partition_sha256 is None):
+        raise SealedModelError("a partition part needs both its name and the partition digest")
+    doc: dict[str, Any] = {
+        "format": FORMAT_VERSION if part is None else PART_FORMAT_VERSION,
         "model_id": model_id,
         "model_version": model_version,
         "plaintext_sha256": hashlib.sha256(payload).hexdigest(),
@@ -425,6 +471,8 @@ def seal_model(
         "salt": random_bytes(32).hex(),
         "base_nonce": random_bytes(NONCE_SIZE).hex(),
     }
+    if part is not None:
+        doc.update(part=part, partition_sha256=partition_sha256)
     raw = canonical_json(doc)
     header = SealedModelHeader.parse(MAGIC + len(raw).to_bytes(4, "big") + raw)
     key = _content_key(model_key, header)
@@ -603,12 +651,35 @@ class SealedModelReader:
         return payload
 
 
+def check_part(header: SealedModelHeader, expected: str | None) -> None:
+    """Refuse a container that is not the expected part (``None``: a whole model).
+
+    Raises:
+        SealedModelError: a part where a whole model was expected, or another part.
+    """
+    if header.part != expected:
+        found = f"the {header.part} part of a partitioned model" if header.part else "a whole model"
+        wanted = f"the {expected} part" if expected else "a whole model"
+        raise SealedModelError(f"sealed model is {found}, expected {wanted}")
+
+
+def read_header(path: Path | str) -> SealedModelHeader:
+    """The plaintext header of the container at ``path`` (not authenticated until a chunk is read).
+
+    Raises:
+        SealedModelError: not a sealed model.
+    """
+    with open(path, "rb") as fh:
+        return SealedModelHeader.parse(fh.read(len(MAGIC) + 4 + _MAX_HEADER))
+
+
 def open_model(
     source: bytes | Path | str,
     model_key: bytes,
     *,
     expected_model_id: str | None = None,
     expected_version: int | None = None,
+    expected_part: str | None = None,
 ) -> onnx.ModelProto:
     """Decrypt and verify a whole sealed model; return it with weights inline.
 
@@ -617,6 +688,8 @@ def open_model(
         model_key: the model key.
         expected_model_id: refuse a container for another model.
         expected_version: refuse a container of another version.
+        expected_part: the partition part expected (``None``: a whole model; a
+            part container is then refused, and vice versa).
 
     Raises:
         SealedModelError: any authentication, integrity or identity failure.
@@ -627,6 +700,7 @@ def open_model(
             raise SealedModelError("sealed model is for another model id")
         if expected_version is not None and h.model_version != expected_version:
             raise SealedModelError("sealed model is another version")
+        check_part(h, expected_part)
         payload = reader.read_all()
         # The payload is authenticated; parse it from memory.
         length = int.from_bytes(payload[:4], "big")

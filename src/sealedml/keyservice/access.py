@@ -90,6 +90,9 @@ def decide_pair(state: PairState, claims: Claims, base: Policy | None = None) ->
         return "user has not enabled the model (no request key / consent)"
     if not state.allowed_runtimes:
         return "owner allows no runtime measurement"
+    if state.model.partition_sha256 is not None and not state.consent.accept_partitioned:
+        # The middle layers run outside the TEE on representations of the user's inputs.
+        return "user did not accept partitioned execution of this model version"
     runtime = RuntimeId(claims.tee, claims.measurement)
     if runtime not in state.runtimes:
         # Named apart from the policy check so the audit log says which list is missing it.

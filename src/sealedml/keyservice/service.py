@@ -394,10 +394,16 @@ class KeyService:
             "principal": principal,
             "model_id": model_id,
             "version": req.model_version,
+            "partition_sha256": req.partition_sha256,
         }
         try:
             self.store.put_model_key(
-                model_id, principal, req.model_version, wrapped, {**event, "decision": "allow", "reason": "owner"}
+                model_id,
+                principal,
+                req.model_version,
+                wrapped,
+                {**event, "decision": "allow", "reason": "owner"},
+                partition_sha256=req.partition_sha256,
             )
         except Conflict as exc:
             record = self.store.model(model_id)
@@ -492,9 +498,11 @@ class KeyService:
                 "principal": principal,
                 "model_id": model_id,
                 "runtimes": [f"{r.tee.value}:{r.measurement}" for r in runtimes],
+                "accept_partitioned": req.accept_partitioned,
                 "decision": "allow",
                 "reason": "user",
             },
+            accept_partitioned=req.accept_partitioned,
         )
 
     def model_info(self, principal: str, model_id: str) -> p.ModelInfoResponse:
@@ -512,12 +520,16 @@ class KeyService:
                 }
             )
             raise AccessDenied()
+        consent = self.store.consent(model_id, principal)
         return p.ModelInfoResponse(
             model_id=model_id,
             current_version=record.current_version,
             is_owner=record.owner_id == principal,
             granted=granted,
-            consented=self.store.consent(model_id, principal) is not None,
+            consented=consent is not None,
+            partitioned=record.partition_sha256 is not None,
+            partition_sha256=record.partition_sha256,
+            accepts_partitioned=consent is not None and consent.accept_partitioned,
         )
 
     # ------------------------------------------------------------------ release protocol
@@ -639,6 +651,9 @@ class KeyService:
                     "model_version": state.model.current_version,
                     "model_key": b64e(model_key),
                     "request_key": b64e(request_key),
+                    # The runtime refuses a container whose partition does not match: an owner
+                    # cannot run a partitioned version under a user's whole-model consent.
+                    "partition_sha256": state.model.partition_sha256,
                 }
             )
         return {"leases": leases}

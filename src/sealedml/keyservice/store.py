@@ -51,7 +51,7 @@ __all__ = [
 
 GENESIS = "0" * 64
 #: Schema of the SQLite store; a store written by another schema is refused, never guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -71,21 +71,25 @@ class RuntimeId:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """A registered model."""
+    """A registered model; ``partition_sha256``: its current version is partitioned (that manifest's digest)."""
 
     model_id: str
     owner_id: str
     current_version: int
+    partition_sha256: str | None = None
 
 
 @dataclass(frozen=True)
 class ConsentRecord:
-    """A user's request key (wrapped) and the runtimes (TEE type + measurement) they consented to."""
+    """A user's request key (wrapped), the runtimes (TEE type + measurement) they consented to, and
+    whether they accept partitioned execution (intermediate representations of their inputs
+    computed on outside the TEE)."""
 
     model_id: str
     user_id: str
     wrapped_request_key: bytes
     runtimes: frozenset[RuntimeId]
+    accept_partitioned: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,9 +168,16 @@ class KeyStore(abc.ABC):
 
     @abc.abstractmethod
     def put_model_key(
-        self, model_id: str, owner_id: str, version: int, wrapped_key: bytes, audit: Mapping[str, Any]
+        self,
+        model_id: str,
+        owner_id: str,
+        version: int,
+        wrapped_key: bytes,
+        audit: Mapping[str, Any],
+        partition_sha256: str | None = None,
     ) -> None:
-        """Store a model version's wrapped key; creates the model (owner = caller) if new.
+        """Store a model version's wrapped key (and, if partitioned, its partition digest);
+        creates the model (owner = caller) if new.
 
         Raises:
             Conflict: the model belongs to someone else, or the version is not newer.
@@ -200,6 +211,7 @@ class KeyStore(abc.ABC):
         wrapped_request_key: bytes,
         runtimes: Sequence[RuntimeId],
         audit: Mapping[str, Any],
+        accept_partitioned: bool = False,
     ) -> None:
         """Store a user's wrapped request key and consented runtimes (replaces earlier ones)."""
 
@@ -311,13 +323,13 @@ CREATE TABLE IF NOT EXISTS nonces (principal TEXT NOT NULL, nonce TEXT NOT NULL,
 CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
 CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, owner TEXT NOT NULL, current_version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS model_keys (model_id TEXT NOT NULL, version INTEGER NOT NULL, wrapped BLOB NOT NULL,
-    PRIMARY KEY (model_id, version));
+    partition TEXT, PRIMARY KEY (model_id, version));
 CREATE TABLE IF NOT EXISTS runtimes (model_id TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL,
     PRIMARY KEY (model_id, tee, measurement));
 CREATE TABLE IF NOT EXISTS grants (model_id TEXT NOT NULL, user_id TEXT NOT NULL, granted INTEGER NOT NULL,
     changed REAL NOT NULL, PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS consents (model_id TEXT NOT NULL, user_id TEXT NOT NULL, wrapped BLOB NOT NULL,
-    runtimes TEXT NOT NULL, PRIMARY KEY (model_id, user_id));
+    runtimes TEXT NOT NULL, accept_partitioned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
@@ -485,11 +497,21 @@ class SQLiteKeyStore(KeyStore):
             return True
 
     def model(self, model_id: str) -> ModelRecord | None:
-        rows = self._read("SELECT id, owner, current_version FROM models WHERE id = ?", (model_id,))
+        rows = self._read(
+            "SELECT m.id, m.owner, m.current_version, k.partition FROM models m LEFT JOIN model_keys k "
+            "ON k.model_id = m.id AND k.version = m.current_version WHERE m.id = ?",
+            (model_id,),
+        )
         return ModelRecord(*rows[0]) if rows else None
 
     def put_model_key(
-        self, model_id: str, owner_id: str, version: int, wrapped_key: bytes, audit: Mapping[str, Any]
+        self,
+        model_id: str,
+        owner_id: str,
+        version: int,
+        wrapped_key: bytes,
+        audit: Mapping[str, Any],
+        partition_sha256: str | None = None,
     ) -> None:
         with self._tx() as db:
             row = db.execute("SELECT owner, current_version FROM models WHERE id = ?", (model_id,)).fetchone()
@@ -501,7 +523,7 @@ class SQLiteKeyStore(KeyStore):
                 raise Conflict(f"model version must be newer than {row[1]}")
             else:
                 db.execute("UPDATE models SET current_version = ? WHERE id = ?", (version, model_id))
-            db.execute("INSERT INTO model_keys VALUES (?, ?, ?)", (model_id, version, wrapped_key))
+            db.execute("INSERT INTO model_keys VALUES (?, ?, ?, ?)", (model_id, version, wrapped_key, partition_sha256))
             self._append_audit(db, audit)
 
     def wrapped_model_key(self, model_id: str, version: int) -> bytes | None:
@@ -550,20 +572,23 @@ class SQLiteKeyStore(KeyStore):
         wrapped_request_key: bytes,
         runtimes: Sequence[RuntimeId],
         audit: Mapping[str, Any],
+        accept_partitioned: bool = False,
     ) -> None:
         encoded = json.dumps([[r.tee.value, r.measurement] for r in sorted(set(runtimes))])
         with self._tx() as db:
             self._require_model(db, model_id)
             db.execute(
-                "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (model_id, user_id) "
-                "DO UPDATE SET wrapped = excluded.wrapped, runtimes = excluded.runtimes",
-                (model_id, user_id, wrapped_request_key, encoded),
+                "INSERT INTO consents VALUES (?, ?, ?, ?, ?) ON CONFLICT (model_id, user_id) "
+                "DO UPDATE SET wrapped = excluded.wrapped, runtimes = excluded.runtimes, "
+                "accept_partitioned = excluded.accept_partitioned",
+                (model_id, user_id, wrapped_request_key, encoded, int(accept_partitioned)),
             )
             self._append_audit(db, audit)
 
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
         rows = self._read(
-            "SELECT wrapped, runtimes FROM consents WHERE model_id = ? AND user_id = ?", (model_id, user_id)
+            "SELECT wrapped, runtimes, accept_partitioned FROM consents WHERE model_id = ? AND user_id = ?",
+            (model_id, user_id),
         )
         if not rows:
             return None
@@ -571,7 +596,7 @@ class SQLiteKeyStore(KeyStore):
             runtimes = frozenset(RuntimeId(TeeType(tee), str(m)) for tee, m in json.loads(rows[0][1]))
         except (ValueError, TypeError) as exc:
             raise StoreError("malformed consent record (tampered)") from exc
-        return ConsentRecord(model_id, user_id, bytes(rows[0][0]), runtimes)
+        return ConsentRecord(model_id, user_id, bytes(rows[0][0]), runtimes, bool(rows[0][2]))
 
     def audit(self, event: Mapping[str, Any]) -> None:
         self._group.append(event)

@@ -17,6 +17,7 @@ from collections import deque
 from typing import Any
 
 from sealedml.platform.base import Invocation, Platform, PlatformResult
+from sealedml.platform.executor_process import ExecutorSupervisor
 from sealedml.platform.metering import FunctionMeter, Metrics
 from sealedml.platform.policies import RoutingPolicy, policy_by_name
 from sealedml.platform.pool import InstancePool, PoolConfig
@@ -100,10 +101,18 @@ class LocalPlatform(Platform):
         config: each function's limits.
         policy: routing policy name (``per-model``, ``sesemi``, ``sealedml``).
         warm_pool: spare processes to keep started (0 = none).
+        executor: a supervised local executor for partitioned models' middles (started
+            and stopped with the platform), or None.
     """
 
     def __init__(
-        self, spec: InstanceSpec, config: PoolConfig | None = None, *, policy: str = "sealedml", warm_pool: int = 0
+        self,
+        spec: InstanceSpec,
+        config: PoolConfig | None = None,
+        *,
+        policy: str = "sealedml",
+        warm_pool: int = 0,
+        executor: ExecutorSupervisor | None = None,
     ) -> None:
         self.config = config or PoolConfig()
         self.spec = spec
@@ -112,6 +121,7 @@ class LocalPlatform(Platform):
         self._pools: dict[str, InstancePool] = {}
         self._warm = WarmPool(spec, warm_pool) if warm_pool > 0 else None
         self._reaper: asyncio.Task[None] | None = None
+        self.executor = executor
         self.started_at = time.time()
 
     def function_for(self, model_id: str) -> str:
@@ -136,6 +146,8 @@ class LocalPlatform(Platform):
         return proc, False
 
     async def start(self) -> None:
+        if self.executor is not None:
+            await self.executor.start()
         if self._warm is not None:
             await self._warm.start()
         if self._reaper is None:
@@ -169,6 +181,8 @@ class LocalPlatform(Platform):
         await asyncio.gather(*(p.stop() for p in self._pools.values()), return_exceptions=True)
         if self._warm is not None:
             await self._warm.stop()
+        if self.executor is not None:
+            await self.executor.stop()
 
     def stats(self) -> dict[str, Any]:
         functions = {name: pool.stats() for name, pool in self._pools.items()}
@@ -190,4 +204,5 @@ class LocalPlatform(Platform):
             "totals": totals,
             "functions": functions,
             "uptime_s": round(time.time() - self.started_at, 3),
+            "executor": self.executor.describe() if self.executor is not None else None,
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sealedml.platform.executor_process import ExecutorSupervisor
 from sealedml.platform.local import LocalPlatform
 from sealedml.platform.pool import PoolConfig
 from sealedml.platform.process import InstanceSpec
@@ -26,14 +27,23 @@ def serve(
     memory_budget: str | None = None,
     spill_dir: str | None = None,
     worker_args: tuple[str, ...] = (),
+    executor: str = "none",
 ) -> None:
     """Run the gateway until interrupted.
 
     ``worker_args`` go to every ``sealedml worker serve`` it starts (the
     ``--keyservice-*`` trust flags: which KeyService the instances accept).
+    ``executor``: ``none``; ``local`` (start and supervise an executor for the
+    middles of partitioned models); or the URL of one running elsewhere.
     """
     from sealedml._internal.serve import serve_app
     from sealedml.platform.app import create_app
+
+    supervisor = ExecutorSupervisor(store.resolve()) if executor == "local" else None
+    if supervisor is not None:
+        worker_args = (*worker_args, "--executor", supervisor.url)
+    elif executor != "none":
+        worker_args = (*worker_args, "--executor", executor)
 
     spec = InstanceSpec(
         keyservice=keyservice,
@@ -47,5 +57,5 @@ def serve(
         spill_dir=spill_dir,
         extra_args=worker_args,
     )
-    platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool)
+    platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool, executor=supervisor)
     serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})

@@ -63,6 +63,8 @@ Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
 Hex = Annotated[str, Field(pattern=r"^[0-9a-fA-F]*$", max_length=256)]
 B64 = Annotated[str, Field(max_length=1 << 20)]
 Measurement = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64,128}$")]
+#: A SHA-256 digest in lowercase hex (e.g. of a partition manifest).
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 #: The TEE types a runtime measurement can belong to (``sealedml.attestation.base.TeeType`` values).
 TeeName = Literal["simulated", "sgx", "tdx", "sev-snp"]
 
@@ -178,6 +180,9 @@ class ModelKeyRequest(_Msg):
     model_version: Annotated[int, Field(ge=1, le=2**53)]
     sealed_key: B64
     service_key: B64
+    #: The version is partitioned (front and back sealed, the middle run outside the TEE):
+    #: the SHA-256 of its partition manifest. Users must accept that before a release.
+    partition_sha256: Sha256Hex | None = None
 
 
 class RuntimeRef(_Msg):
@@ -213,6 +218,9 @@ class ConsentRequest(_Msg):
     sealed_request_key: B64
     service_key: B64
     runtimes: Annotated[list[RuntimeRef], Field(min_length=1, max_length=64)]
+    #: Whether the user accepts partitioned execution: representations of their inputs
+    #: computed on, outside the TEE, by the middle of a partitioned model.
+    accept_partitioned: bool = False
 
 
 class ModelInfoResponse(_Msg):
@@ -223,6 +231,12 @@ class ModelInfoResponse(_Msg):
     is_owner: bool
     granted: bool
     consented: bool
+    #: The current version is partitioned: its middle layers (weights visible to the cloud)
+    #: run outside the TEE on intermediate representations of the users' inputs.
+    partitioned: bool = False
+    partition_sha256: Sha256Hex | None = None
+    #: The caller's consent accepts partitioned execution.
+    accepts_partitioned: bool = False
 
 
 class ChallengeResponse(_Msg):

@@ -5,8 +5,9 @@ request's tensors to the model's inputs, :meth:`Model.run` returns a
 :class:`RunResult` (outputs, plus the tracked peak where the engine tracks one),
 :attr:`Model.nbytes` sizes it for the cache. Engines: :class:`LoadedModel` (one
 ONNX Runtime session over the decrypted model) and the memory-bounded
-``StreamingModel`` (``runtime/memory_bounded``); the partitioned and TFLite engines
-will be others.
+``StreamingModel`` (``runtime/memory_bounded``), and ``PartitionedModel``
+(``runtime/partitioned.py``: front and back, each one of the others, around a
+middle that an untrusted executor runs).
 
 ONNX Runtime's ``InferenceSession.run`` is thread-safe, so one session (one
 copy of the weights) serves N requests at once; intra-op threads are sized so

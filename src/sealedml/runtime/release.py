@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -74,6 +75,8 @@ class Lease:
     model_key: bytes
     request_key: bytes
     expires_at: float
+    #: The KeyService's record that this version is partitioned (its manifest's digest), or None.
+    partition_sha256: str | None = None
 
     @property
     def key_id(self) -> str:
@@ -82,6 +85,14 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease({self.model_id!r}, {self.user_id!r}, v{self.model_version}, expires_at={self.expires_at})"
+
+
+def _digest(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("malformed partition digest")
+    return value
 
 
 class ReleaseClient:
@@ -278,6 +289,7 @@ class ReleaseClient:
                     model_key=b64d(item["model_key"]),
                     request_key=b64d(item["request_key"]),
                     expires_at=expires_at,
+                    partition_sha256=_digest(item.get("partition_sha256")),
                 )
                 for item in payload["leases"]
             ]

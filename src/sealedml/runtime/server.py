@@ -65,6 +65,7 @@ def build_worker(
     memory_budget: int | None = None,
     spill_dir: str | None = None,
     trust: KeyServiceTrust | None = None,
+    executor_url: str | None = None,
 ) -> Worker:
     """A worker reading sealed models from ``store`` and keys from the KeyService at ``keyservice``.
 
@@ -77,6 +78,7 @@ def build_worker(
         memory_budget: run models memory-bounded within this many bytes.
         spill_dir: where memory-bounded models keep their re-encrypted weights.
         trust: the KeyService to accept (default: this build's simulated KeyService on this host).
+        executor_url: the untrusted executor that runs the middles of partitioned models.
     """
     if concurrency < 1:
         raise ConfigurationError("concurrency must be ≥ 1")
@@ -91,6 +93,7 @@ def build_worker(
             model_cache_bytes=model_cache_bytes,
             memory_budget=memory_budget,
             spill_dir=spill_dir,
+            executor_url=executor_url,
         ),
     )
 
@@ -109,6 +112,7 @@ def serve(
     memory_budget: int | None = None,
     spill_dir: str | None = None,
     trust: KeyServiceTrust | None = None,
+    executor_url: str | None = None,
 ) -> None:
     """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
@@ -128,6 +132,7 @@ def serve(
         memory_budget=memory_budget,
         spill_dir=spill_dir,
         trust=trust,
+        executor_url=executor_url,
     )
     app = create_app(worker, unsafe_plaintext_dir=plain)
     serve_app(

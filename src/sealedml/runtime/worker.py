@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sealedml.attestation.base import Attester
-from sealedml.envelope.model_container import SealedModelReader, open_model
+from sealedml.envelope.model_container import SealedModelReader, check_part, open_model, read_header
 from sealedml.envelope.request import (
     MAX_CLOCK_SKEW,
     RequestEnvelope,
@@ -51,6 +51,7 @@ from sealedml.envelope.tensors import decode_tensors
 from sealedml.errors import EnvelopeError, Error, SealedModelError, ServiceError
 from sealedml.runtime.cache import SingleFlightLRU
 from sealedml.runtime.engine import LoadedModel, Model, intra_op_threads
+from sealedml.runtime.partitioned import ExecutorClient, open_partitioned
 from sealedml.runtime.release import Lease, ReleaseClient
 from sealedml.storage.modelstore import ModelStore
 
@@ -72,6 +73,8 @@ class WorkerConfig:
         spill_dir: with ``memory_budget``: keep each model's re-encrypted weights in an
             anonymous file in this directory instead of process memory.
         stream_prefetch: decrypt segment k+1 while segment k computes.
+        executor_url: where the middles of partitioned models run (an untrusted executor);
+            None: partitioned models are refused with a clear error.
         lease_margin: seconds before expiry at which a lease is renewed.
         replay_window: seconds a request id is remembered to refuse replays.
     """
@@ -81,6 +84,7 @@ class WorkerConfig:
     memory_budget: int | None = None
     spill_dir: str | None = None
     stream_prefetch: bool = True
+    executor_url: str | None = None
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
 
@@ -157,6 +161,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="semirt")
         self._gate = asyncio.Semaphore(self.config.concurrency)
         self._threads = intra_op_threads(self.config.concurrency)
+        self._executor = ExecutorClient(self.config.executor_url) if self.config.executor_url else None
         self._leases: SingleFlightLRU[tuple[str, str], Lease] = SingleFlightLRU(max_bytes=1 << 62)
         # Keyed by (model id, version, model key id): see the module docstring.
         self._models: SingleFlightLRU[tuple[str, int, str], Model] = SingleFlightLRU(
@@ -211,17 +216,17 @@ class Worker:
             breakdown["fetch_s"] = time.perf_counter() - t0
 
             def decrypt_and_build() -> Model:
-                t1 = time.perf_counter()
-                if self.config.memory_budget is not None:
-                    return self._streaming(path, lease, self.config.memory_budget, breakdown, t1)
-                model = open_model(
-                    path, lease.model_key, expected_model_id=lease.model_id, expected_version=lease.model_version
+                breakdown.update(decrypt_s=0.0, session_s=0.0)
+                header = read_header(path)
+                if header.part is None and lease.partition_sha256 is None:
+                    return self._open_part(path, lease, None, breakdown)
+                return open_partitioned(
+                    self._store,
+                    lease,
+                    header,
+                    lambda part_path, part: self._open_part(part_path, lease, part, breakdown),
+                    self._executor,
                 )
-                t2 = time.perf_counter()
-                loaded = LoadedModel(model, model_id=lease.model_id, version=lease.model_version, threads=self._threads)
-                breakdown["decrypt_s"] = t2 - t1
-                breakdown["session_s"] = time.perf_counter() - t2
-                return loaded
 
             loaded: Model = await self._run_blocking(decrypt_and_build)
             self.stats.model_loads += 1
@@ -239,19 +244,47 @@ class Worker:
 
         return await self._models.get(key, load)
 
-    def _streaming(self, path: Path, lease: Lease, budget: int, breakdown: dict[str, float], t1: float) -> Model:
+    def _open_part(self, path: Path, lease: Lease, part: str | None, breakdown: dict[str, float]) -> Model:
+        """A whole model (``part`` None) or one sealed part of a partitioned one, opened with the lease's key.
+
+        Whole (decrypted once) or, with a memory budget, memory-bounded. Decryption and
+        session times are added to ``breakdown``.
+        """
+        t1 = time.perf_counter()
+        if self.config.memory_budget is not None:
+            return self._streaming(path, lease, self.config.memory_budget, breakdown, t1, part)
+        model = open_model(
+            path,
+            lease.model_key,
+            expected_model_id=lease.model_id,
+            expected_version=lease.model_version,
+            expected_part=part,
+        )
+        t2 = time.perf_counter()
+        loaded = LoadedModel(model, model_id=lease.model_id, version=lease.model_version, threads=self._threads)
+        breakdown["decrypt_s"] += t2 - t1
+        breakdown["session_s"] += time.perf_counter() - t2
+        return loaded
+
+    def _streaming(
+        self, path: Path, lease: Lease, budget: int, breakdown: dict[str, float], t1: float, part: str | None
+    ) -> Model:
         """A memory-bounded model: segment sessions now, weights decrypted per request."""
         from sealedml.runtime.memory_bounded import StreamingModel
 
         def reader() -> SealedModelReader:
             opened = SealedModelReader(path, lease.model_key)
-            if (opened.header.model_id, opened.header.model_version) != (lease.model_id, lease.model_version):
+            try:
+                if (opened.header.model_id, opened.header.model_version) != (lease.model_id, lease.model_version):
+                    raise SealedModelError("sealed model is for another model id or version")
+                check_part(opened.header, part)
+            except SealedModelError:
                 opened.close()
-                raise SealedModelError("sealed model is for another model id or version")
+                raise
             return opened
 
-        reader().close()  # authenticate the header against the lease before planning
-        breakdown["decrypt_s"] = time.perf_counter() - t1
+        reader().close()  # check the header against the lease before planning
+        breakdown["decrypt_s"] += time.perf_counter() - t1
         t2 = time.perf_counter()
         model = StreamingModel(
             reader,
@@ -262,7 +295,7 @@ class Worker:
             model_id=lease.model_id,
             version=lease.model_version,
         )
-        breakdown["session_s"] = time.perf_counter() - t2
+        breakdown["session_s"] += time.perf_counter() - t2
         return model
 
     @property
@@ -348,6 +381,8 @@ class Worker:
         for lease_key in self._leases.keys():
             self._leases.discard(lease_key)
         await self._releaser.aclose()
+        if self._executor is not None:
+            self._executor.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict[str, Any]:

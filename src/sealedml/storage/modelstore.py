@@ -15,7 +15,12 @@ from pathlib import Path
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ConfigurationError, NotFound, StoreError
 
-__all__ = ["LocalModelStore", "ModelStore"]
+__all__ = ["PART_FILES", "LocalModelStore", "ModelStore"]
+
+#: The files of a partitioned model version besides its sealed front (``v<N>.sealed``): the
+#: sealed back, the middle in the clear (the owner chose to run it outside the TEE) and the
+#: partition manifest, whose digest both sealed parts carry in their authenticated headers.
+PART_FILES = ("back.sealed", "middle.onnx", "partition.json")
 
 _ID = re.compile(ID_PATTERN)
 
@@ -38,6 +43,21 @@ class ModelStore(abc.ABC):
     @abc.abstractmethod
     def versions(self, model_id: str) -> list[int]:
         """Stored versions of a model, ascending."""
+
+    @abc.abstractmethod
+    def put_part(self, model_id: str, version: int, name: str, data: bytes) -> None:
+        """Store one more file of a partitioned model version (one of :data:`PART_FILES`).
+
+        The sealed front goes in with :meth:`put`, last: a version exists once it is there.
+        """
+
+    @abc.abstractmethod
+    def part_path(self, model_id: str, version: int, name: str) -> Path:
+        """A local path of one file of a partitioned model version.
+
+        Raises:
+            NotFound: the file is not in the store.
+        """
 
     def read(self, model_id: str, version: int) -> bytes:
         """The whole container."""
@@ -65,17 +85,35 @@ class LocalModelStore(ModelStore):
         return self.root / model_id
 
     def put(self, model_id: str, version: int, sealed: bytes) -> None:
-        target = self._dir(model_id) / f"v{version}.sealed"
+        self._write_once(self._dir(model_id) / f"v{version}.sealed", sealed, f"{model_id} version {version}")
+
+    def put_part(self, model_id: str, version: int, name: str, data: bytes) -> None:
+        self._write_once(self._part(model_id, version, name), data, f"{model_id} version {version} {name}")
+
+    def _part(self, model_id: str, version: int, name: str) -> Path:
+        if name not in PART_FILES:
+            raise StoreError(f"not a part of a partitioned model: {name}")
+        return self._dir(model_id) / f"v{version}.{name}"
+
+    def part_path(self, model_id: str, version: int, name: str) -> Path:
+        target = self._part(model_id, version, name)
+        if not target.is_file():
+            raise NotFound(f"model {model_id} version {version} has no {name} in the store")
+        return target
+
+    @staticmethod
+    def _write_once(target: Path, data: bytes, what: str) -> None:
+        """Write ``target`` atomically (a hard link of a complete temporary file); never overwrite."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
-            fh.write(sealed)
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         try:
             os.link(tmp, target)
         except FileExistsError as exc:
-            raise StoreError(f"{model_id} version {version} already stored") from exc
+            raise StoreError(f"{what} already stored") from exc
         finally:
             tmp.unlink(missing_ok=True)
 

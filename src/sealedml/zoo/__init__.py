@@ -8,6 +8,9 @@
   Input ``input`` float32 ``[N, 3, 224, 224]``, output ``logits`` float32
   ``[N, 1000]``.
 * :func:`toy_multi_io` — a tiny two-input, two-output model for protocol tests.
+* ``digits-cnn`` and ``faces-cnn`` (:mod:`sealedml.zoo.trained`) — small CNNs trained with torch
+  when first asked for, the victims of ``sealedml partition assess``. Only these need torch,
+  which is imported lazily (``pip install 'sealedml[assess]'``); :data:`NAMES` lists the others.
 
 Every builder is deterministic: the same ``seed`` gives a byte-identical
 ``SerializeToString()``. All models use ai.onnx opset 17 and pass
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import onnx
 
 from sealedml.errors import ConfigurationError
+from sealedml.zoo import trained
 from sealedml.zoo.digits import DigitsModel, digits, digits_plaintext_accuracy
 from sealedml.zoo.mobilenet import mobilenetv2
 from sealedml.zoo.resnet import resnet50
@@ -45,6 +49,13 @@ def _digits_model(seed: int) -> onnx.ModelProto:
     return digits().model
 
 
+def _trained_model(name: str) -> Callable[[int], onnx.ModelProto]:
+    def build(seed: int) -> onnx.ModelProto:
+        return trained.load(name, seed).model  # imports torch only now
+
+    return build
+
+
 _BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "digits": _digits_model,
     "mobilenetv2": mobilenetv2,
@@ -53,8 +64,11 @@ _BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "toy": toy_multi_io,
 }
 
-#: Names accepted by :func:`get`.
+#: Names accepted by :func:`get` that build without torch.
 NAMES: tuple[str, ...] = tuple(_BUILDERS)
+
+# The victims of `partition assess`, trained with torch on first use (sealedml.zoo.trained).
+_TRAINED: dict[str, Callable[[int], onnx.ModelProto]] = {name: _trained_model(name) for name in trained.NAMES}
 
 
 def get(name: str, seed: int = 0) -> onnx.ModelProto:
@@ -62,19 +76,20 @@ def get(name: str, seed: int = 0) -> onnx.ModelProto:
 
     Args:
         name: one of :data:`NAMES`: ``"digits"``, ``"mobilenetv2"``,
-            ``"resnet50"``, ``"vgg16"`` or ``"toy"``.
-        seed: weight seed of the random-weight models; ignored for
-            ``"digits"``, which is trained deterministically.
+            ``"resnet50"``, ``"vgg16"`` or ``"toy"``; or a trained CNN,
+            ``"digits-cnn"`` or ``"faces-cnn"`` (needs torch).
+        seed: weight seed of the random-weight models, training seed of the
+            trained CNNs; ignored for ``"digits"``, which is trained deterministically.
 
     Returns:
         A fresh :class:`onnx.ModelProto` the caller may modify.
 
     Raises:
-        ConfigurationError: ``name`` is not a zoo model.
+        ConfigurationError: ``name`` is not a zoo model, or torch is missing for a trained one.
     """
     try:
-        builder = _BUILDERS[name]
+        builder = _BUILDERS.get(name) or _TRAINED[name]
     except KeyError:
-        valid = ", ".join(NAMES)
+        valid = ", ".join((*NAMES, *_TRAINED))
         raise ConfigurationError(f"unknown zoo model {name!r}; valid names: {valid}") from None
     return builder(seed)

@@ -197,3 +197,14 @@ def test_operator_policy_can_accept_more_tcb_statuses_than_the_default() -> None
     assert decide_pair(state, claims) is not None  # default: UpToDate only
     operator = Policy(tcb_statuses=frozenset({"UpToDate", "SWHardeningNeeded"}))
     assert decide_pair(state, claims, operator) is None
+
+
+def test_partitioned_version_needs_the_users_acceptance() -> None:
+    """The middle of a partitioned model runs outside the TEE on the user's inputs' representations."""
+    partitioned = ModelRecord("m", "owner", 1, partition_sha256="ab" * 32)
+    assert decide_pair(_state(model=partitioned), _claims()) == (
+        "user did not accept partitioned execution of this model version"
+    )
+    accepting = ConsentRecord("m", "u", b"wrapped", rts(RUNTIME), accept_partitioned=True)
+    assert decide_pair(_state(model=partitioned, consent=accepting), _claims()) is None
+    assert decide_pair(_state(consent=accepting), _claims()) is None  # acceptance does not require partitioning

@@ -15,7 +15,15 @@ import pytest
 
 from sealedml.attestation.base import TeeType
 from sealedml.errors import Conflict, NotFound, StoreError
-from sealedml.keyservice.store import GENESIS, AuditAnchor, AuditHead, RuntimeId, SQLiteKeyStore, chain_hash
+from sealedml.keyservice.store import (
+    GENESIS,
+    AuditAnchor,
+    AuditHead,
+    ModelRecord,
+    RuntimeId,
+    SQLiteKeyStore,
+    chain_hash,
+)
 
 M1 = "ab" * 48
 M2 = "cd" * 48
@@ -592,3 +600,21 @@ def test_a_failed_group_commit_fails_every_caller_in_the_group(db_path: Path) ->
     with pytest.raises(StoreError, match="does not match its anchor"):
         store.audit({"action": "release"})
     assert store.audit_head().records == 4
+
+
+def test_partition_digest_and_acceptance_survive_a_reopen(db_path: Path) -> None:
+    store = SQLiteKeyStore(db_path)
+    store.put_model_key("m", "owner", 1, b"w1", {"action": "upload"})
+    assert store.model("m") == ModelRecord("m", "owner", 1, None)
+    store.put_model_key("m", "owner", 2, b"w2", {"action": "upload"}, partition_sha256="ab" * 32)
+    runtime = RuntimeId(TeeType.SIMULATED, "cd" * 48)
+    store.set_consent("m", "u", b"rk", [runtime], {"action": "consent"}, accept_partitioned=True)
+    store.set_consent("m", "v", b"rk", [runtime], {"action": "consent"})
+    store = _reopen(db_path, store)
+    assert store.model("m") == ModelRecord("m", "owner", 2, "ab" * 32)  # the current version's record
+    consent_u, consent_v = store.consent("m", "u"), store.consent("m", "v")
+    assert consent_u is not None and consent_u.accept_partitioned
+    assert consent_v is not None and not consent_v.accept_partitioned
+    store.set_consent("m", "u", b"rk", [runtime], {"action": "consent"})  # enabling again without the flag
+    consent_u = store.consent("m", "u")
+    assert consent_u is not None and not consent_u.accept_partitioned
