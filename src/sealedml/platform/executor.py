@@ -117,6 +117,11 @@ class ExecutorService:
                 raise Conflict(f"the stored middle of {model_id} v{version} is not the one the runtime names")
             options = ort.SessionOptions()
             options.log_severity_level = ORT_LOG_SEVERITY
+            # As in the runtime (runtime/engine.py): no spin-waiting after a run. On a CPU host
+            # the spinning threads would take the cores the TEE needs for the front and back,
+            # and an executor that spins while the runtime's sessions do not would also flatter
+            # `bench partition`'s ratio.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             try:
                 session = ort.InferenceSession(data, options, providers=self.providers)
             except Exception as exc:
