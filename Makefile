@@ -3,8 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# SECO's threshold HE runs in a side process: OpenFHE's wheel that works here imports on
+# Python 3.10 only (see src/sealedml/seco/he/client.py). pyenv provides that interpreter.
+HE_VENV   := .venv-he
+HE_STAMP  := $(HE_VENV)/.installed
+HE_PYTHON ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean he-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +17,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
+$(HE_STAMP):
+	@test -n "$(HE_PYTHON)" || { echo "SECO's HE side process needs Python 3.10: pyenv install 3.10, or make HE_PYTHON=/path/to/python3.10"; exit 1; }
+	$(HE_PYTHON) -m venv $(HE_VENV)
+	$(HE_VENV)/bin/pip install --quiet 'openfhe==1.6.1.0.22.4'
+	$(HE_VENV)/bin/python -c 'import openfhe'
+	touch $(HE_STAMP)
+
+he-venv: $(HE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sealedml demo
 
 # The suite runs with HOME set to a fresh, empty directory (pip's cache stays where it
 # is: installing happens above, with the caller's HOME), so a test that depends on an
 # earlier run's leftovers in the home directory fails here as on a fresh machine.
-test: $(STAMP)
+test: $(STAMP) $(HE_STAMP)
 	@home=$$(mktemp -d "$${TMPDIR:-/tmp}/sealedml-test-home.XXXXXX"); \
 	echo "running the suite with HOME=$$home (fresh and empty)"; \
 	env -u XDG_CACHE_HOME -u XDG_CONFIG_HOME -u XDG_DATA_HOME -u SEALEDML_HOME HOME="$$home" \
@@ -34,4 +48,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(HE_VENV) build *.egg-info src/*.egg-info .pytest_cache

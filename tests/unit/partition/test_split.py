@@ -26,7 +26,7 @@ def _cuts_to_try(model: onnx.ModelProto) -> list[tuple[tuple[str, ...], tuple[st
     return [(f.tensors, b.tensors) for f, b in picks]
 
 
-@pytest.mark.parametrize("name", ["digits", "mobilenetv2", "resnet50"])
+@pytest.mark.parametrize("name", ["digits", "mobilenetv2", "resnet50", "digits-cnn", "faces-cnn"])
 def test_every_zoo_model_composes_back_exactly(name: str) -> None:
     model = zoo.get(name)
     feeds = random_inputs(model, 2)

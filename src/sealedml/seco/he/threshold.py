@@ -1,0 +1,162 @@
+"""SECO's linear layers under 3-party threshold BFV: key generation and one masked product.
+
+Parties: A (the gateway, lead of the key generation and the one who fuses decryptions),
+B and C (the remote servers, each holding an additive share W_B, W_C of W mod t). The
+offline step of a linear layer, for a fresh mask r = r_A + r_B + r_C:
+
+1. each party encrypts its share of r, replicated into every block, under the joint key;
+   A adds the three ciphertexts (Enc(r)) and hands the sum to B and C;
+2. B and C each compute Enc(W_X·r − s_X) (``MatvecLayout``: one product, log2(block)
+   rotations, a uniform mask s_X over *every* slot) and send it to A, who adds them;
+3. all three produce partial decryptions (A the lead, each with noise flooding when the
+   context was made with it) and A fuses them: W·r − s_B − s_C, uniform at every slot.
+
+A keeps W·r − s at the output slots, B keeps s_B, C keeps s_C. Online, with x − r known to
+B and C, the shares W_B(x−r) + s_B, W_C(x−r) + s_C and W·r − s add up to W·x mod t. No
+party sees r, W or W·r, and any two together still miss the third's secret-key share, mask
+or weight share.
+
+:class:`ThresholdSession` runs all three parties' engines side by side, in one process,
+for tests and benchmarks; the SECO servers call the same engine operations over their
+authenticated links.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from sealedml.seco.he.client import HeSidecar
+from sealedml.seco.he.packing import MatvecLayout
+
+__all__ = ["SECO_MODULUS", "LinearShares", "ThresholdSession"]
+
+#: SECO's plaintext modulus: the 41-bit prime of the authors' code.
+SECO_MODULUS = 2061584302081
+
+
+@dataclass(frozen=True)
+class LinearShares:
+    """The outcome of one offline linear step: each party's additive share of W·r.
+
+    ``a`` = W·r − s_B − s_C (A's), ``b`` = s_B, ``c`` = s_C, and ``r_shares`` the three mask
+    shares (each party knows only its own).
+    """
+
+    a: np.ndarray
+    b: np.ndarray
+    c: np.ndarray
+    r_shares: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+class ThresholdSession:
+    """Three parties' HE engines with a joint key (A lead, B and C joining).
+
+    Args:
+        engines: A's, B's and C's side processes.
+        modulus: the plaintext modulus t.
+        noise_flooding: partial decryptions flooded with noise (OpenFHE's
+            NOISE_FLOODING_MULTIPARTY: N = 16384 instead of 8192, slower, and what keeps a
+            partial decryption from leaking its party's key share).
+    """
+
+    def __init__(
+        self, engines: Sequence[HeSidecar], *, modulus: int = SECO_MODULUS, noise_flooding: bool = True
+    ) -> None:
+        if len(engines) != 3:
+            raise ValueError("a session has exactly three parties")
+        self.a, self.b, self.c = engines
+        self.modulus = modulus
+        _, (context,) = self.a.call("context_new", {"plaintext_modulus": modulus, "noise_flooding": noise_flooding})
+        info: dict[str, object] = {}
+        for engine in engines:
+            info, _ = engine.call("context_load", blobs=[context])
+        self.slots = int(str(info["ring_dimension"]))
+        self.context_bytes = len(context)
+        # Key generation, two rounds along A → B → C; C's public key is the joint one.
+        _, (pk_a,) = self.a.call("keygen")
+        _, (pk_ab,) = self.b.call("keygen", blobs=[pk_a])
+        _, (pk_abc,) = self.c.call("keygen", blobs=[pk_ab])
+        self._pk_ab, self._pk_abc = pk_ab, pk_abc
+        for engine in engines:
+            engine.call("set_public_key", blobs=[pk_abc])
+        self._rotations: set[int] = set()
+        self.rotation_key_bytes = 0
+
+    def ensure_rotations(self, indices: Sequence[int]) -> None:
+        """Joint rotation keys for ``indices`` (new ones only), inserted at B and C, who rotate."""
+        missing = sorted(set(indices) - self._rotations)
+        if not missing:
+            return
+        args = {"indices": missing}
+        _, (map_a,) = self.a.call("rotation_keys", args)
+        _, (map_b,) = self.b.call("rotation_keys", args, [map_a])
+        _, (map_c,) = self.c.call("rotation_keys", args, [map_a])
+        _, (joint_ab,) = self.a.call("add_rotation_keys", blobs=[map_a, map_b, self._pk_ab])
+        _, (joint,) = self.a.call("add_rotation_keys", blobs=[joint_ab, map_c, self._pk_abc])
+        for engine in (self.b, self.c):
+            engine.call("insert_rotation_keys", blobs=[joint])
+        self.rotation_key_bytes += len(map_a) + len(map_b) + len(map_c)
+        self._rotations.update(missing)
+
+    def layout(self, n_in: int, n_out: int) -> MatvecLayout:
+        return MatvecLayout(n_in, n_out, self.slots)
+
+    def random_vector(self, n: int) -> np.ndarray:
+        return np.array([secrets.randbelow(self.modulus) for _ in range(n)], dtype=np.int64)
+
+    def offline_linear(
+        self,
+        w_b: np.ndarray,
+        w_c: np.ndarray,
+        r_shares: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> LinearShares:
+        """One offline linear step for W = W_B + W_C mod t (steps 1–3 of the module docstring).
+
+        ``r_shares``: A's, B's and C's shares of the mask r (default: each drawn at random).
+        """
+        n_out, n_in = np.asarray(w_b).shape
+        layout = self.layout(n_in, n_out)
+        self.ensure_rotations(layout.rotations)
+        if r_shares is None:
+            r_shares = (self.random_vector(n_in), self.random_vector(n_in), self.random_vector(n_in))
+        with ThreadPoolExecutor(3) as pool:  # the three parties work at once, as on three hosts
+            encrypted = list(
+                pool.map(
+                    lambda pair: pair[0].call("encrypt", {"values": layout.replicate(pair[1])})[1][0],
+                    zip((self.a, self.b, self.c), r_shares, strict=True),
+                )
+            )
+            _, (enc_r,) = self.a.call("add", blobs=encrypted)
+            masks = {"b": layout.random_masks(self.modulus), "c": layout.random_masks(self.modulus)}
+
+            def holder(engine: HeSidecar, weights: np.ndarray, mask: list[list[int]]) -> list[bytes]:
+                return [
+                    engine.call("matvec", {"block": layout.block, "weights": w, "mask": m}, [enc_r])[1][0]
+                    for w, m in zip(layout.weight_chunks(weights), mask, strict=True)
+                ]
+
+            from_b, from_c = pool.map(holder, (self.b, self.c), (w_b, w_c), (masks["b"], masks["c"]))
+            fused = []
+            for ct_b, ct_c in zip(from_b, from_c, strict=True):
+                _, (total,) = self.a.call("add", blobs=[ct_b, ct_c])
+                partials = list(
+                    pool.map(
+                        lambda engine, lead, ct: engine.call("partial_decrypt", {"lead": lead}, [ct])[1][0],
+                        (self.a, self.b, self.c),
+                        (True, False, False),
+                        (total, total, total),
+                    )
+                )
+                answer, _ = self.a.call("fuse", {"length": self.slots}, partials)
+                fused.append([int(v) for v in answer["values"]])
+        return LinearShares(
+            a=layout.outputs(fused),
+            b=layout.outputs(masks["b"]),
+            c=layout.outputs(masks["c"]),
+            r_shares=r_shares,
+        )

@@ -1,0 +1,229 @@
+"""A model as SECO computes it: affine layers separated by ReLUs, in fixed point mod p.
+
+SECO evaluates linear layers under threshold HE and ReLUs in garbled circuits, so a model
+must be a chain ``affine → ReLU → affine → … → affine``. :func:`compile_model` reads an
+ONNX graph into that form:
+
+* the graph is cut at its Relu nodes; every segment between two ReLUs must contain only
+  operations that are affine in the input (Gemm, MatMul, Conv, AveragePool,
+  GlobalAveragePool, BatchNormalization, Add/Sub/Mul with a constant, Flatten, Reshape,
+  Identity, Dropout); a trailing Softmax is left to the user, who gets the logits;
+* each segment's affine map x ↦ A·x + b is read off by running it (ONNX Runtime) on the
+  zero vector and the unit vectors — so a convolution becomes its dense matrix, with no
+  hand-written convolution arithmetic — and then checked on random inputs;
+* anything else (MaxPool, Sigmoid, a residual connection, …) is refused naming the node.
+
+Fixed point (as in SECO's code): inputs and weights are scaled by 2^f (f = 8) and rounded;
+layer k's output carries scale 2^(f·(k+1)), so biases are scaled to match. With no
+truncation between layers the scale grows by 2^f per layer, which bounds the depth:
+:meth:`SecoModel.check_range` refuses a model whose values on calibration data come within
+a factor 4 of p/2. Additive weight shares for B and C come from :meth:`SecoModel.split`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import shape_inference, utils
+
+from sealedml.errors import InputError
+
+__all__ = ["SECO_FRACTION_BITS", "SECO_PRIME", "AffineLayer", "SecoModel", "compile_model"]
+
+#: SECO's field: the 41-bit prime of the authors' code (also the BFV plaintext modulus).
+SECO_PRIME = 2061584302081
+#: Fractional bits of SECO's fixed point.
+SECO_FRACTION_BITS = 8
+
+_AFFINE_OPS = frozenset(
+    {
+        "Gemm",
+        "MatMul",
+        "Conv",
+        "AveragePool",
+        "GlobalAveragePool",
+        "BatchNormalization",
+        "Add",
+        "Sub",
+        "Mul",
+        "Flatten",
+        "Reshape",
+        "Identity",
+        "Dropout",
+    }
+)
+_WHY_NOT = {
+    "MaxPool": "max pooling needs comparisons; SECO mode computes only ReLU outside the linear layers",
+    "Sigmoid": "only ReLU is computed by garbled circuits",
+    "Tanh": "only ReLU is computed by garbled circuits",
+    "Softmax": "a Softmax may only end the graph (the user applies it to the logits)",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class AffineLayer:
+    """x ↦ weight·x + bias (float64), ``weight`` of shape (out, in)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class SecoModel:
+    """Affine layers with a ReLU after every one but the last."""
+
+    layers: tuple[AffineLayer, ...]
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample's
+    frac_bits: int = SECO_FRACTION_BITS
+    prime: int = SECO_PRIME
+
+    @property
+    def n_inputs(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    def encode_input(self, x: np.ndarray) -> np.ndarray:
+        """One sample (any shape with n_inputs values) as fixed point mod p."""
+        flat = np.asarray(x, dtype=np.float64).reshape(-1)
+        if flat.shape != (self.n_inputs,):
+            raise InputError(f"expected {self.n_inputs} input values, got {flat.size}")
+        return np.round(flat * (1 << self.frac_bits)).astype(np.int64) % self.prime
+
+    def fixed_point(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each layer's (W, b) mod p: W at scale 2^f, b at the layer's output scale."""
+        out = []
+        for k, layer in enumerate(self.layers):
+            scale = 1 << (self.frac_bits * (k + 2))
+            w = np.round(layer.weight * (1 << self.frac_bits)).astype(np.int64) % self.prime
+            b = np.round(layer.bias * scale).astype(np.int64) % self.prime
+            out.append((w, b))
+        return out
+
+    def output_scale(self) -> int:
+        return 1 << (self.frac_bits * (len(self.layers) + 1))
+
+    def signed(self, values: np.ndarray) -> np.ndarray:
+        """Field elements as signed integers in (−p/2, p/2]."""
+        v = np.asarray(values, dtype=np.int64) % self.prime
+        return np.where(v > self.prime // 2, v - self.prime, v)
+
+    def decode_output(self, values: np.ndarray) -> np.ndarray:
+        """Logits (float64) from their field representation."""
+        return self.signed(values).astype(np.float64) / self.output_scale()
+
+    def reference(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """The exact fixed-point computation the protocol reproduces, in Python integers.
+
+        Returns the output in the field and the largest magnitude any intermediate reached.
+        """
+        h = [int(v) for v in self.encode_input(x)]
+        peak = 0
+        for k, (w, b) in enumerate(self.fixed_point()):
+            signed_w = self.signed(w)
+            signed_h = [v - self.prime if v > self.prime // 2 else v for v in h]
+            y = [
+                sum(int(a) * c for a, c in zip(row, signed_h, strict=True)) + int(self.signed(bias))
+                for row, bias in zip(signed_w, b, strict=True)
+            ]
+            peak = max(peak, *(abs(v) for v in y))
+            if k < len(self.layers) - 1:
+                y = [max(0, v) for v in y]
+            h = [v % self.prime for v in y]
+        return np.array(h, dtype=np.int64), peak
+
+    def check_range(self, calibration: np.ndarray) -> int:
+        """Refuse the model if fixed-point values on ``calibration`` samples near p/2; return the peak.
+
+        Raises:
+            InputError: a value within a factor 4 of p/2 (it would wrap around the field).
+        """
+        peak = max(self.reference(sample)[1] for sample in calibration)
+        if peak * 4 > self.prime // 2:
+            raise InputError(
+                f"fixed-point values reach {peak}, too close to p/2 = {self.prime // 2}: "
+                f"{len(self.layers)} layers at 2^{self.frac_bits} each need truncation, which SECO mode lacks"
+            )
+        return peak
+
+    def split(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Additive shares of every layer's W mod p: (B's, C's), each uniformly random alone."""
+        shares_b, shares_c = [], []
+        for w, _ in self.fixed_point():
+            share = np.array([secrets.randbelow(self.prime) for _ in range(w.size)], dtype=np.int64).reshape(w.shape)
+            shares_b.append(share)
+            shares_c.append((w - share) % self.prime)
+        return shares_b, shares_c
+
+
+def _refuse(node: onnx.NodeProto, why: str) -> InputError:
+    return InputError(f"node {node.name or node.output[0]!r} ({node.op_type}): {why}")
+
+
+def _affine_map(
+    model: onnx.ModelProto, start: str, end: str, shape: tuple[int, ...]
+) -> tuple[AffineLayer, tuple[int, ...]]:
+    """The segment from ``start`` to ``end`` as (A, b), and its output's per-sample shape."""
+    n_in = int(np.prod(shape))
+    segment = utils.Extractor(shape_inference.infer_shapes(model)).extract_model([start], [end])
+    session = ort.InferenceSession(segment.SerializeToString(), providers=["CPUExecutionProvider"])
+    basis = np.vstack([np.zeros((1, n_in)), np.eye(n_in)]).astype(np.float32).reshape((n_in + 1, *shape))
+    raw = session.run(None, {start: basis})[0]
+    out = raw.reshape(n_in + 1, -1).astype(np.float64)
+    bias, weight = out[0], (out[1:] - out[0]).T
+    probe = np.random.default_rng(0).standard_normal((4, n_in)).astype(np.float32)
+    got = session.run(None, {start: probe.reshape((4, *shape))})[0].reshape(4, -1)
+    if not np.allclose(got, probe.astype(np.float64) @ weight.T + bias, rtol=1e-3, atol=1e-3):
+        raise InputError(f"the layers from {start!r} to {end!r} are not affine in their input")
+    return AffineLayer(weight, bias), tuple(int(d) for d in raw.shape[1:])
+
+
+def compile_model(model: onnx.ModelProto) -> SecoModel:
+    """Read ``model`` as affine layers separated by ReLUs (see the module docstring).
+
+    Raises:
+        InputError: more than one input, a dynamic sample shape, an operation SECO mode
+            cannot compute (naming the node), or a graph that is not a chain.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise InputError(f"SECO mode needs a model with one input, not {len(inputs)}")
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim][1:]
+    if not dims or any(d <= 0 for d in dims):
+        raise InputError("SECO mode needs a fixed per-sample input shape")
+    nodes = list(graph.node)
+    output = graph.output[0].name
+    if nodes and nodes[-1].op_type == "Softmax" and nodes[-1].output[0] == output:
+        output = nodes[-1].input[0]  # the user applies the Softmax to the logits
+        nodes = nodes[:-1]
+    for node in nodes:
+        if node.op_type != "Relu" and node.op_type not in _AFFINE_OPS:
+            why = _WHY_NOT.get(node.op_type, "not an operation SECO mode can compute")
+            raise _refuse(node, why)
+    boundaries = [inputs[0].name, *(n.output[0] for n in nodes if n.op_type == "Relu"), output]
+    consumers: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    for node in nodes:
+        if node.op_type == "Relu" and consumers.get(node.output[0], 0) > 1:
+            raise _refuse(node, "its output feeds several nodes; SECO mode needs a chain of layers")
+    layers = []
+    shape = tuple(dims)
+    relu_inputs = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Relu"}
+    for start, stop in itertools.pairwise(boundaries):
+        end = relu_inputs.get(stop, stop)
+        try:
+            layer, shape = _affine_map(model, start, end, shape)
+        except InputError:
+            raise
+        except Exception as exc:  # the extractor or ONNX Runtime: the segment is not self-contained
+            raise InputError(f"the layers from {start!r} to {end!r} do not form a chain segment") from exc
+        layers.append(layer)
+    return SecoModel(tuple(layers), inputs[0].name, tuple(dims))
