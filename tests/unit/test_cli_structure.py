@@ -39,6 +39,7 @@ COMMANDS = {
     "zoo export",
     "executor serve",
     "bench partition",
+    "bench seco",
     "partition cuts",
     "partition split",
     "partition assess",

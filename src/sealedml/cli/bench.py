@@ -1,4 +1,4 @@
-"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release|partition``.
+"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release|partition|seco``.
 
 ::
 
@@ -10,6 +10,7 @@
     sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
     sealedml bench partition [--model M] [--front-cut T,...] [--back-cut T,...] [--requests N] [--device D]
     sealedml bench partition --model digits-cnn|faces-cnn [--seed N] [--plot FILE.png]
+    sealedml bench seco [--model digits-mlp|small-cnn] [--queries N]
 
 Each runs real processes on loopback (see ``sealedml.bench``), prints progress on stderr and
 its results on stdout (one JSON object with ``--json``). The benchmark modules are imported
@@ -36,6 +37,7 @@ __all__ = [
     "handle_bench_overhead",
     "handle_bench_partition",
     "handle_bench_release",
+    "handle_bench_seco",
     "handle_bench_trace",
     "release_options",
 ]
@@ -170,6 +172,13 @@ def handle_bench_partition(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def handle_bench_seco(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench seco``: SECO mode's offline and online cost per query, bytes per link, accuracy."""
+    from sealedml.bench.seco import run_seco
+
+    return run_seco(args.model, queries=args.queries, quiet=args.json)
+
+
 def add_parser(subparsers: Subcommands) -> None:
     """Register the ``bench`` group on ``subparsers``."""
     bench = add_group(subparsers, "bench", "benchmarks")
@@ -250,3 +259,11 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument(
         "--plot", type=Path, default=None, metavar="FILE.png", help="trained models: write the leakage figure"
     )
+    p = add_command(
+        bench,
+        "seco",
+        handle_bench_seco,
+        "SECO mode (no TEE): offline and online time per query, bytes per link, user CPU, accuracy",
+    )
+    p.add_argument("--model", default="digits-mlp", choices=["digits-mlp", "small-cnn"], help="default digits-mlp")
+    p.add_argument("--queries", type=int, default=10, help="queries on the test split (default 10)")

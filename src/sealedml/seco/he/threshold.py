@@ -6,12 +6,17 @@ offline step of a linear layer, for a fresh mask r = r_A + r_B + r_C:
 
 1. each party encrypts its share of r, replicated into every block, under the joint key;
    A adds the three ciphertexts (Enc(r)) and hands the sum to B and C;
-2. B and C each compute Enc(W_X·r − s_X) (``MatvecLayout``: one product, log2(block)
-   rotations, a uniform mask s_X over *every* slot) and send it to A, who adds them;
+2. B and C each compute Enc(W_X ⊙ r − S_X): one plaintext–ciphertext product puts W_ij·r_j
+   in slot (i, j) (``MatvecLayout``), minus a uniform mask S_X over *every* slot; each
+   sends it to A, who adds them;
 3. all three produce partial decryptions (A the lead, each with noise flooding when the
-   context was made with it) and A fuses them: W·r − s_B − s_C, uniform at every slot.
+   context was made with it) and A fuses them: W_ij·r_j − S_B,ij − S_C,ij, uniform at every
+   slot, and sums each row: W·r − s_B − s_C with s_X = Σ_j S_X,ij.
 
-A keeps W·r − s at the output slots, B keeps s_B, C keeps s_C. Online, with x − r known to
+A keeps W·r − s, B keeps s_B, C keeps s_C. (SECO's code instead sums each row under
+encryption with rotations; since A decrypts only masked slots either way, summing after
+decryption gives A nothing more and saves the joint rotation keys — 76 MB per server link —
+and most of the time. ``rotate=True`` keeps SECO's way.) Online, with x − r known to
 B and C, the shares W_B(x−r) + s_B, W_C(x−r) + s_C and W·r − s add up to W·x mod t. No
 party sees r, W or W·r, and any two together still miss the third's secret-key share, mask
 or weight share.
@@ -23,7 +28,6 @@ authenticated links.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sealedml.seco.he.client import HeSidecar
-from sealedml.seco.he.packing import MatvecLayout
+from sealedml.seco.he.packing import MatvecLayout, PackedLayers, uniform_mod
 
 __all__ = ["SECO_MODULUS", "LinearShares", "ThresholdSession"]
 
@@ -71,17 +75,24 @@ class ThresholdSession:
             raise ValueError("a session has exactly three parties")
         self.a, self.b, self.c = engines
         self.modulus = modulus
+        #: Bytes that cross each server link (both directions), as if the engines were remote.
+        self.traffic = {"A-B": 0, "A-C": 0, "B-C": 0}
         _, (context,) = self.a.call("context_new", {"plaintext_modulus": modulus, "noise_flooding": noise_flooding})
         info: dict[str, object] = {}
         for engine in engines:
             info, _ = engine.call("context_load", blobs=[context])
         self.slots = int(str(info["ring_dimension"]))
         self.context_bytes = len(context)
+        self._carry("A-B", context)
+        self._carry("A-C", context)
         # Key generation, two rounds along A → B → C; C's public key is the joint one.
         _, (pk_a,) = self.a.call("keygen")
         _, (pk_ab,) = self.b.call("keygen", blobs=[pk_a])
         _, (pk_abc,) = self.c.call("keygen", blobs=[pk_ab])
         self._pk_ab, self._pk_abc = pk_ab, pk_abc
+        self._carry("A-B", pk_a)
+        self._carry("B-C", pk_ab, pk_abc)
+        self._carry("A-C", pk_abc)
         for engine in engines:
             engine.call("set_public_key", blobs=[pk_abc])
         self._rotations: set[int] = set()
@@ -101,29 +112,42 @@ class ThresholdSession:
         for engine in (self.b, self.c):
             engine.call("insert_rotation_keys", blobs=[joint])
         self.rotation_key_bytes += len(map_a) + len(map_b) + len(map_c)
+        self._carry("A-B", map_a, map_b, joint)
+        self._carry("A-C", map_a, map_c, joint)
         self._rotations.update(missing)
+
+    def _carry(self, link: str, *blobs: bytes) -> None:
+        self.traffic[link] += sum(len(b) for b in blobs)
 
     def layout(self, n_in: int, n_out: int) -> MatvecLayout:
         return MatvecLayout(n_in, n_out, self.slots)
 
     def random_vector(self, n: int) -> np.ndarray:
-        return np.array([secrets.randbelow(self.modulus) for _ in range(n)], dtype=np.int64)
+        return uniform_mod(self.modulus, n)
 
     def offline_linear(
         self,
         w_b: np.ndarray,
         w_c: np.ndarray,
         r_shares: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+        *,
+        rotate: bool = False,
     ) -> LinearShares:
         """One offline linear step for W = W_B + W_C mod t (steps 1–3 of the module docstring).
 
         ``r_shares``: A's, B's and C's shares of the mask r (default: each drawn at random).
+        ``rotate``: sum each row under encryption with joint rotation keys, as SECO's code does,
+        instead of letting A sum the (all masked) products after decryption — the default,
+        which needs no rotation keys and about half the time.
         """
         n_out, n_in = np.asarray(w_b).shape
-        layout = self.layout(n_in, n_out)
-        self.ensure_rotations(layout.rotations)
         if r_shares is None:
             r_shares = (self.random_vector(n_in), self.random_vector(n_in), self.random_vector(n_in))
+        if not rotate:
+            return self.offline_layers([w_b], [w_c], [r_shares])[0]
+        layout = self.layout(n_in, n_out)
+        self.ensure_rotations(layout.rotations)
+        block = layout.block
         with ThreadPoolExecutor(3) as pool:  # the three parties work at once, as on three hosts
             encrypted = list(
                 pool.map(
@@ -132,31 +156,78 @@ class ThresholdSession:
                 )
             )
             _, (enc_r,) = self.a.call("add", blobs=encrypted)
+            self._carry("A-B", encrypted[1], enc_r)
+            self._carry("A-C", encrypted[2], enc_r)
             masks = {"b": layout.random_masks(self.modulus), "c": layout.random_masks(self.modulus)}
 
             def holder(engine: HeSidecar, weights: np.ndarray, mask: list[list[int]]) -> list[bytes]:
                 return [
-                    engine.call("matvec", {"block": layout.block, "weights": w, "mask": m}, [enc_r])[1][0]
+                    engine.call("matvec", {"block": block, "weights": w, "mask": m}, [enc_r])[1][0]
                     for w, m in zip(layout.weight_chunks(weights), mask, strict=True)
                 ]
 
             from_b, from_c = pool.map(holder, (self.b, self.c), (w_b, w_c), (masks["b"], masks["c"]))
-            fused = []
-            for ct_b, ct_c in zip(from_b, from_c, strict=True):
-                _, (total,) = self.a.call("add", blobs=[ct_b, ct_c])
-                partials = list(
-                    pool.map(
-                        lambda engine, lead, ct: engine.call("partial_decrypt", {"lead": lead}, [ct])[1][0],
-                        (self.a, self.b, self.c),
-                        (True, False, False),
-                        (total, total, total),
-                    )
+            fused = self._decrypt_sum(pool, from_b, from_c)
+        a, b, c = layout.outputs(fused), layout.outputs(masks["b"]), layout.outputs(masks["c"])
+        return LinearShares(a=a, b=b, c=c, r_shares=r_shares)
+
+    def _decrypt_sum(self, pool: ThreadPoolExecutor, from_b: list[bytes], from_c: list[bytes]) -> list[list[int]]:
+        """A adds B's and C's ciphertexts; all three decrypt partially; A fuses: the slot values."""
+        fused = []
+        for ct_b, ct_c in zip(from_b, from_c, strict=True):
+            _, (total,) = self.a.call("add", blobs=[ct_b, ct_c])
+            partials = list(
+                pool.map(
+                    lambda engine, lead, ct: engine.call("partial_decrypt", {"lead": lead}, [ct])[1][0],
+                    (self.a, self.b, self.c),
+                    (True, False, False),
+                    (total, total, total),
                 )
-                answer, _ = self.a.call("fuse", {"length": self.slots}, partials)
-                fused.append([int(v) for v in answer["values"]])
-        return LinearShares(
-            a=layout.outputs(fused),
-            b=layout.outputs(masks["b"]),
-            c=layout.outputs(masks["c"]),
-            r_shares=r_shares,
-        )
+            )
+            answer, _ = self.a.call("fuse", {"length": self.slots}, partials)
+            self._carry("A-B", ct_b, total, partials[1])
+            self._carry("A-C", ct_c, total, partials[2])
+            fused.append([int(v) for v in answer["values"]])
+        return fused
+
+    def offline_layers(
+        self,
+        weights_b: list[np.ndarray],
+        weights_c: list[np.ndarray],
+        r_shares: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    ) -> list[LinearShares]:
+        """The offline step of several layers at once, packed side by side (:class:`PackedLayers`).
+
+        Layer k's mask shares ``r_shares[k]`` must be known up front — in SECO mode they are
+        (the next layer's mask is drawn, not computed). Rows are summed after decryption.
+        """
+        packing = PackedLayers(tuple(np.asarray(w).shape for w in weights_b), self.slots)
+        by_party = [[shares[i] for shares in r_shares] for i in range(3)]
+        masks = {"b": packing.random_masks(self.modulus), "c": packing.random_masks(self.modulus)}
+        planes = {"b": packing.weight_planes(weights_b), "c": packing.weight_planes(weights_c)}
+        with ThreadPoolExecutor(3) as pool:  # the three parties work at once, as on three hosts
+            encrypted = list(
+                pool.map(
+                    lambda engine, vectors: [
+                        engine.call("encrypt", {"values": plane})[1][0] for plane in packing.replicate(vectors)
+                    ],
+                    (self.a, self.b, self.c),
+                    by_party,
+                )
+            )
+            enc_r = [self.a.call("add", blobs=list(cts))[1][0] for cts in zip(*encrypted, strict=True)]
+            self._carry("A-B", *encrypted[1], *enc_r)
+            self._carry("A-C", *encrypted[2], *enc_r)
+
+            def holder(engine: HeSidecar, party: str) -> list[bytes]:
+                return [
+                    engine.call("matvec", {"block": 1, "weights": w, "mask": m}, [ct])[1][0]
+                    for w, m, ct in zip(planes[party], masks[party], enc_r, strict=True)
+                ]
+
+            from_b, from_c = pool.map(holder, (self.b, self.c), ("b", "c"))
+            fused = self._decrypt_sum(pool, from_b, from_c)
+        a = packing.row_sums(fused, self.modulus)
+        b = packing.row_sums(masks["b"], self.modulus)
+        c = packing.row_sums(masks["c"], self.modulus)
+        return [LinearShares(a[k], b[k], c[k], r_shares[k]) for k in range(len(weights_b))]

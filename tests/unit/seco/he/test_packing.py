@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sealedml.errors import InputError
-from sealedml.seco.he.packing import MatvecLayout
+from sealedml.seco.he.packing import MatvecLayout, PackedLayers
 
 P = 2061584302081
 
@@ -68,3 +68,34 @@ def test_shapes_are_checked() -> None:
         layout.weight_chunks(np.zeros((3, 4)))
     with pytest.raises(InputError, match="expected 1 slot vectors"):
         layout.outputs([[0] * 16, [0] * 16])
+
+
+def test_packed_layers_compute_every_layers_w_times_r() -> None:
+    rng = np.random.default_rng(7)
+    shapes = ((32, 64), (10, 32), (300, 50))
+    packing = PackedLayers(shapes, 4096)
+    weights = [rng.integers(0, P, shape) for shape in shapes]
+    vectors = [rng.integers(0, P, shape[1]) for shape in shapes]
+    products = [
+        [(int(w) * int(r)) % P for w, r in zip(wp, rp, strict=True)]
+        for wp, rp in zip(packing.weight_planes(weights), packing.replicate(vectors), strict=True)
+    ]
+    sums = packing.row_sums(products, P)
+    for w, r, got in zip(weights, vectors, sums, strict=True):
+        assert [int(v) for v in got] == [sum(int(a) * int(b) for a, b in zip(row, r, strict=True)) % P for row in w]
+    assert packing.ciphertexts == 5  # 2048 + 320 + 34 rows of 50 in the first, then 81 rows per ciphertext
+    assert all(
+        start + n_in <= 4096 for (_, n_in), rows in zip(shapes, packing.placement, strict=True) for _, start in rows
+    )
+
+
+def test_packed_layers_refuse_what_does_not_fit() -> None:
+    with pytest.raises(InputError, match="at least one"):
+        PackedLayers((), 16)
+    with pytest.raises(InputError, match="does not fit"):
+        PackedLayers(((1, 17),), 16)
+    packing = PackedLayers(((2, 3),), 16)
+    with pytest.raises(InputError, match="shape"):
+        packing.weight_planes([np.zeros((3, 3))])
+    with pytest.raises(InputError, match="vector of 3"):
+        packing.replicate([np.zeros(4)])

@@ -20,13 +20,14 @@ def test_the_session_uses_noise_flooding_parameters(session: ThresholdSession) -
     assert session.slots == 16384  # NOISE_FLOODING_MULTIPARTY forces N = 16384 for this modulus
 
 
+@pytest.mark.parametrize("rotate", [False, True], ids=["sums-after-decryption", "rotations"])
 @pytest.mark.parametrize(("n_in", "n_out"), [(64, 32), (100, 200)], ids=["digits-layer", "two-ciphertexts"])
-def test_the_three_shares_add_up_to_w_times_r(session: ThresholdSession, n_in: int, n_out: int) -> None:
+def test_the_three_shares_add_up_to_w_times_r(session: ThresholdSession, n_in: int, n_out: int, rotate: bool) -> None:
     rng = np.random.default_rng(n_out)
     w = rng.integers(0, P, (n_out, n_in))
     w_b = rng.integers(0, P, (n_out, n_in))
     w_c = (w - w_b) % P  # the owner's additive split
-    shares = session.offline_linear(w_b, w_c)
+    shares = session.offline_linear(w_b, w_c, rotate=rotate)
     r = sum(shares.r_shares) % P
     total = (shares.a.astype(object) + shares.b + shares.c) % P
     assert [int(v) for v in total] == _matmul_mod(w, r)
@@ -36,7 +37,8 @@ def test_the_three_shares_add_up_to_w_times_r(session: ThresholdSession, n_in: i
 
 def test_unmasked_slots_would_leak_partial_sums_and_masked_ones_do_not(session: ThresholdSession) -> None:
     """Why every slot is masked: decrypt a product without a mask and the slots between the
-    outputs are partial sums of the weights; with the mask they are not."""
+    outputs are partial sums of the weights (with rotations) or the weights times r (without);
+    with the mask they are not."""
     n_in, n_out = 8, 2
     layout = session.layout(n_in, n_out)
     session.ensure_rotations(layout.rotations)
@@ -120,3 +122,18 @@ def test_a_party_that_goes_away_fails_the_step_with_a_clear_error(he_interpreter
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_without_rotations_an_unmasked_slot_would_be_a_weight_times_r(session: ThresholdSession) -> None:
+    layout = session.layout(4, 2)
+    w = np.array([[3, 5, 7, 11], [13, 17, 19, 23]], dtype=np.int64)
+    _, (enc_r,) = session.a.call("encrypt", {"values": layout.replicate(np.ones(4, dtype=np.int64))})
+    (chunk,) = layout.weight_chunks(w)
+    _, (ct,) = session.b.call("matvec", {"block": 1, "weights": chunk, "mask": [0] * session.slots}, [enc_r])
+    partials = [
+        session.a.call("partial_decrypt", {"lead": True}, [ct])[1][0],
+        session.b.call("partial_decrypt", {"lead": False}, [ct])[1][0],
+        session.c.call("partial_decrypt", {"lead": False}, [ct])[1][0],
+    ]
+    values = session.a.call("fuse", {"length": 8}, partials)[0]["values"]
+    assert values == [3, 5, 7, 11, 13, 17, 19, 23]  # r = 1: the weights themselves, hence the masks

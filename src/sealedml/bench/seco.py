@@ -1,0 +1,110 @@
+"""``sealedml bench seco``: SECO mode's cost per query, side by side with plaintext and the TEE path.
+
+The three servers' protocol logic runs in this process (:class:`~sealedml.seco.protocol.SecoParties`),
+each server with its own OpenFHE engine process (Python 3.10 side processes), every message
+sealed on its link. Reported per query: the offline (input-independent) time, the online time
+from U's masked input to the three output shares, U's own CPU time, and the bytes on each link
+(U–A, A–B, A–C, B–C; U's sealed shares for B and C are relayed by A and counted on U–A). Session
+set-up (3-party key generation, the links' handshakes) is reported apart; IKNP base OTs happen
+in the first query, which is therefore left out of the medians (``--queries`` counts the rest). Every query's output is
+compared with the exact fixed-point model; accuracy is reported beside the plaintext model's on
+the same inputs and on the whole test split. For comparison, ``tee_compute_ms`` is the whole
+model in one ONNX Runtime session — the compute a TEE runtime does (``bench overhead`` measures
+the rest of that path).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from sealedml.bench._harness import isolated_home, progress
+
+__all__ = ["SECO_MODELS", "TARGETS", "run_seco"]
+
+SECO_MODELS = ("digits-mlp", "small-cnn")
+#: (offline seconds, online milliseconds) per query: DESIGN's targets on 2 cores, four parties on one machine.
+TARGETS = {"digits-mlp": (0.5, 50.0), "small-cnn": (5.0, 500.0)}
+
+
+def run_seco(model_name: str, *, queries: int = 10, quiet: bool = False) -> dict[str, Any]:
+    """Run ``queries`` SECO queries on the test split of ``model_name``; return medians and checks."""
+    import onnxruntime as ort
+
+    from sealedml.errors import ConfigurationError
+    from sealedml.seco.he import HeSidecar, ThresholdSession
+    from sealedml.seco.model import compile_model
+    from sealedml.seco.protocol import SecoParties
+    from sealedml.zoo.digits_mlp import digits_mlp, digits_small_cnn
+
+    if model_name not in SECO_MODELS:
+        raise ConfigurationError(f"--model must be one of {', '.join(SECO_MODELS)}")
+    if queries < 1:
+        raise ConfigurationError("--queries must be ≥ 1")
+    trained = digits_mlp() if model_name == "digits-mlp" else digits_small_cnn()
+    x_test = trained.x_test.astype(np.float32)
+    model = compile_model(trained.model)
+    peak = model.check_range(x_test[:50])
+    session = ort.InferenceSession(trained.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = session.run(None, {model.input_name: x_test})[0].argmax(1)
+    fixed = np.array([model.decode_output(model.reference(x)[0]).argmax() for x in x_test])
+    tee = []
+    for x in x_test[:queries]:
+        t = time.perf_counter()
+        session.run(None, {model.input_name: x[None]})
+        tee.append(time.perf_counter() - t)
+    with isolated_home():
+        engines = [HeSidecar.start() for _ in range(3)]
+        try:
+            t0 = time.perf_counter()
+            he = ThresholdSession(engines)
+            parties = SecoParties(model, he)  # no rotation keys: rows are summed after decryption
+            setup_s = time.perf_counter() - t0
+            setup_bytes = dict(he.traffic)
+            progress(f"[bench] {model_name}: session set up in {setup_s:.2f} s", quiet)
+            parties.query(x_test[-1])  # warm-up: base OTs, sessions' first use
+            results = []
+            for i, x in enumerate(x_test[:queries]):
+                results.append(parties.query(x))
+                progress(
+                    f"[bench] query {i + 1}/{queries}: offline {results[-1].offline_s:.2f} s, "
+                    f"online {results[-1].online_ms:.1f} ms",
+                    quiet,
+                )
+        finally:
+            for engine in engines:
+                engine.close()
+    exact = sum(np.array_equal(r.output_field, model.reference(x)[0]) for r, x in zip(results, x_test, strict=False))
+    predicted = np.array([r.logits.argmax() for r in results])
+    y = trained.y_test[:queries]
+    offline_s = statistics.median(r.offline_s for r in results)
+    online_ms = statistics.median(r.online_ms for r in results)
+    target_offline, target_online = TARGETS[model_name]
+    return {
+        "model": model_name,
+        "queries": queries,
+        "layers": [list(layer.weight.shape) for layer in model.layers],
+        "relus_per_query": sum(layer.weight.shape[0] for layer in model.layers[:-1]),
+        "setup_s": round(setup_s, 3),
+        "setup_bytes": setup_bytes,
+        "offline_s": round(offline_s, 3),
+        "online_ms": round(online_ms, 2),
+        "user_cpu_ms": round(statistics.median(r.user_cpu_ms for r in results), 3),
+        "bytes_per_link": {k: int(statistics.median(r.link_bytes[k] for r in results)) for k in results[0].link_bytes},
+        "exact_fixed_point": f"{exact}/{queries}",
+        "accuracy": round(float((predicted == y).mean()), 4),
+        "plaintext_accuracy": round(float((plain[:queries] == y).mean()), 4),
+        "test_split": {
+            "samples": len(x_test),
+            "plaintext_accuracy": round(float((plain == trained.y_test).mean()), 4),
+            "fixed_point_accuracy": round(float((fixed == trained.y_test).mean()), 4),
+        },
+        "fixed_point_peak": int(peak),
+        "tee_compute_ms": round(statistics.median(tee) * 1000, 3),
+        "targets": {"offline_s": target_offline, "online_ms": target_online},
+        "target_met": offline_s <= target_offline and online_ms <= target_online,
+        "deployment": "A, B and C's protocol logic in one process, each with its own HE engine process",
+    }

@@ -1,0 +1,295 @@
+"""Garbling and evaluating many copies of one circuit: free-XOR + half-gates.
+
+Construction (semi-honest; see ``docs/decisions/0009-in-house-garbled-circuits.md``):
+
+* **Free-XOR** (Kolesnikov–Schneider 2008): one secret global offset ``Δ`` per
+  garbling, ``W¹ = W⁰ ⊕ Δ`` on every wire; XOR gates cost nothing, INV gates
+  flip the garbler's meaning (``W⁰_out = W⁰_in ⊕ Δ``) and the evaluator copies.
+* **Point-and-permute**: ``lsb(Δ) = 1``, so a label's low bit (its colour) is
+  independent of its meaning and selects table rows.
+* **Half-gates** (Zahur–Rosulek–Evans 2015, Fig. 2): two 16-byte rows per AND;
+  gate ``g`` of copy ``c`` hashes with tweaks ``(2g, c)`` and ``(2g + 1, c)``,
+  so no tweak repeats under one ``Δ`` across all copies.
+* **Output decoding**: the colour of ``W⁰`` per output wire, plus a 64-bit digest
+  of each output label, so an evaluator holding a label the garbler never
+  produced (tampered table or input label, corrupted transfer) is told so
+  instead of silently decoding a wrong bit.
+
+The hash is :class:`~sealedml.seco.gc._primitives.FixedKeyHash`. All copies are
+garbled together: gate ``g`` of every copy in a chunk goes through a single
+AES call, which is what makes a layer of thousands of ReLUs affordable in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from sealedml.crypto.random import random_bytes as os_random_bytes
+from sealedml.seco.gc._primitives import (
+    GARBLE_HASH_KEY,
+    LABEL_DTYPE,
+    Blocks,
+    FixedKeyHash,
+    RandomBytes,
+    random_blocks,
+)
+from sealedml.seco.gc.circuit import Bits, Circuit, Op
+from sealedml.seco.gc.errors import CircuitError, MessageFormatError, OutputAuthenticationError
+
+__all__ = ["GarbledCircuit", "GarblerKeys", "LabelArray", "evaluate", "garble"]
+
+LabelArray = npt.NDArray[np.uint64]
+"""``(n_wires, n_copies, 2)`` little-endian uint64: one 128-bit label per wire and copy."""
+
+_OUTPUT_TWEAK = np.uint64(1 << 63)  # output-digest tweaks sit above every gate tweak (2g + 1 < 2^63)
+_CHUNK = 1024  # copies garbled together: bounds label memory to n_wires · 16 KiB
+
+
+def _mask(bits: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """0/1 per row → all-zero / all-one 128-bit row mask of shape ``(n, 1)``."""
+    return (np.uint64(0) - bits)[:, None]
+
+
+def _colour(labels: Blocks) -> npt.NDArray[np.uint64]:
+    return labels[:, 0] & np.uint64(1)
+
+
+@dataclass(frozen=True, eq=False)
+class GarbledCircuit:
+    """What the garbler sends the evaluator, besides input labels.
+
+    Attributes:
+        n_copies: how many copies of the circuit were garbled together.
+        tables: ``(and_count, n_copies, 2, 2)`` uint64: rows ``T_G``, ``T_E`` per AND gate.
+        decoding: ``(n_output_wires, n_copies)`` colour of each output's 0-label.
+        digests: ``(n_output_wires, n_copies, 2)`` 64-bit hash of the output label of each colour.
+    """
+
+    n_copies: int
+    tables: npt.NDArray[np.uint64]
+    decoding: Bits
+    digests: npt.NDArray[np.uint64]
+
+    def to_bytes(self) -> bytes:
+        """Canonical encoding: tables, then packed decoding bits, then digests (little-endian)."""
+        return b"".join(
+            (
+                np.ascontiguousarray(self.tables, dtype=LABEL_DTYPE).tobytes(),
+                np.packbits(self.decoding, axis=None, bitorder="little").tobytes(),
+                np.ascontiguousarray(self.digests, dtype=LABEL_DTYPE).tobytes(),
+            )
+        )
+
+    @classmethod
+    def from_bytes(cls, circuit: Circuit, n_copies: int, data: bytes) -> GarbledCircuit:
+        """Parse :meth:`to_bytes` output for a known circuit and copy count.
+
+        Raises:
+            MessageFormatError: the length does not match the circuit and copy count.
+        """
+        n_out = len(circuit.output_wires)
+        table_bytes = circuit.and_count * n_copies * 32
+        bit_bytes = (n_out * n_copies + 7) // 8
+        digest_bytes = n_out * n_copies * 16
+        if n_copies <= 0 or len(data) != table_bytes + bit_bytes + digest_bytes:
+            raise MessageFormatError(
+                f"garbled circuit message has {len(data)} bytes, expected {table_bytes + bit_bytes + digest_bytes}"
+            )
+        tables = np.frombuffer(data, LABEL_DTYPE, count=table_bytes // 8).reshape(circuit.and_count, n_copies, 2, 2)
+        packed = np.frombuffer(data, np.uint8, count=bit_bytes, offset=table_bytes)
+        decoding = np.unpackbits(packed, count=n_out * n_copies, bitorder="little").reshape(n_out, n_copies)
+        digests = np.frombuffer(data, LABEL_DTYPE, offset=table_bytes + bit_bytes).reshape(n_out, n_copies, 2)
+        return cls(n_copies=n_copies, tables=tables, decoding=decoding, digests=digests)
+
+
+@dataclass(frozen=True, eq=False)
+class GarblerKeys:
+    """The garbler's secrets: ``Δ`` and the 0-label of every input wire of every copy.
+
+    Attributes:
+        delta: ``(1, 2)`` uint64, the global free-XOR offset (``lsb = 1``).
+        zero_labels: ``(n_inputs, n_copies, 2)`` uint64.
+    """
+
+    delta: Blocks
+    zero_labels: LabelArray
+
+    def label_pairs(self, wires: Sequence[int]) -> tuple[LabelArray, LabelArray]:
+        """``(W⁰, W¹)`` of the given input wires for every copy: the sender's messages of an OT."""
+        zero = self.zero_labels[list(wires)]
+        return zero, zero ^ self.delta
+
+    def active_labels(self, wires: Sequence[int], bits: Bits) -> LabelArray:
+        """The label encoding ``bits`` (``(len(wires), n_copies)``) on each wire: the garbler's own inputs.
+
+        Raises:
+            CircuitError: ``bits`` does not have one row per wire and one column per copy.
+        """
+        zero = self.zero_labels[list(wires)]
+        if bits.shape != zero.shape[:2]:
+            raise CircuitError("need one bit per input wire and copy")
+        return zero ^ ((np.uint64(0) - bits.astype(np.uint64))[..., None] & self.delta)
+
+
+def garble(
+    circuit: Circuit, n_copies: int, random_bytes: RandomBytes = os_random_bytes
+) -> tuple[GarbledCircuit, GarblerKeys]:
+    """Garble ``n_copies`` independent copies of ``circuit`` under one ``Δ``.
+
+    Args:
+        circuit: the public circuit.
+        n_copies: number of copies (e.g. one per ReLU of a layer).
+        random_bytes: source of ``Δ`` and the input labels; the OS CSPRNG unless
+            a known-answer test needs a fixed stream.
+
+    Returns:
+        The garbled circuit to send, and the keys the garbler keeps.
+
+    Raises:
+        CircuitError: ``n_copies`` is not positive.
+    """
+    if n_copies <= 0:
+        raise CircuitError("garble at least one copy")
+    delta = random_blocks(1, random_bytes)
+    delta[0, 0] |= np.uint64(1)  # point-and-permute: the two labels of a wire have different colours
+    zero_labels = random_blocks(circuit.n_inputs * n_copies, random_bytes).reshape(circuit.n_inputs, n_copies, 2)
+    n_out = len(circuit.output_wires)
+    tables = np.empty((circuit.and_count, n_copies, 2, 2), dtype=LABEL_DTYPE)
+    decoding = np.empty((n_out, n_copies), dtype=np.uint8)
+    digests = np.empty((n_out, n_copies, 2), dtype=LABEL_DTYPE)
+    hash_ = FixedKeyHash(GARBLE_HASH_KEY)
+    for start in range(0, n_copies, _CHUNK):
+        stop = min(start + _CHUNK, n_copies)
+        labels = _garble_chunk(circuit, zero_labels[:, start:stop], delta, tables[:, start:stop], hash_, start)
+        for row, wire in enumerate(circuit.output_wires):
+            zero = labels[wire]
+            colour = _colour(zero)
+            decoding[row, start:stop] = colour
+            tweak = _tweaks(start, stop, _OUTPUT_TWEAK + np.uint64(row))
+            h0 = hash_(zero, tweak)[:, 0]
+            h1 = hash_(zero ^ delta, tweak)[:, 0]
+            digests[row, start:stop, 0] = np.where(colour == 0, h0, h1)
+            digests[row, start:stop, 1] = np.where(colour == 0, h1, h0)
+    return (
+        GarbledCircuit(n_copies=n_copies, tables=tables, decoding=decoding, digests=digests),
+        GarblerKeys(delta=delta, zero_labels=zero_labels),
+    )
+
+
+def _tweaks(start: int, stop: int, low: np.uint64) -> Blocks:
+    tweak = np.empty((stop - start, 2), dtype=LABEL_DTYPE)
+    tweak[:, 0] = low
+    tweak[:, 1] = np.arange(start, stop, dtype=LABEL_DTYPE)
+    return tweak
+
+
+def _garble_chunk(
+    circuit: Circuit,
+    zero_inputs: LabelArray,
+    delta: Blocks,
+    tables: npt.NDArray[np.uint64],
+    hash_: FixedKeyHash,
+    first_copy: int,
+) -> LabelArray:
+    """0-labels of every wire for copies ``first_copy …``; fills the chunk's tables in place."""
+    n = zero_inputs.shape[1]
+    labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
+    labels[: circuit.n_inputs] = zero_inputs
+    tweak = np.empty((4 * n, 2), dtype=LABEL_DTYPE)
+    tweak[:, 1] = np.tile(np.arange(first_copy, first_copy + n, dtype=LABEL_DTYPE), 4)
+    and_index = 0
+    for op, a, b, out in circuit.gates:
+        if op is Op.XOR:
+            labels[out] = labels[a] ^ labels[b]
+        elif op is Op.INV:
+            labels[out] = labels[a] ^ delta
+        else:
+            a0, b0 = labels[a], labels[b]
+            tweak[: 2 * n, 0] = 2 * and_index
+            tweak[2 * n :, 0] = 2 * and_index + 1
+            h = hash_(np.concatenate((a0, a0 ^ delta, b0, b0 ^ delta)), tweak)
+            ha0, ha1, hb0, hb1 = h[:n], h[n : 2 * n], h[2 * n : 3 * n], h[3 * n :]
+            pa, pb = _mask(_colour(a0)), _mask(_colour(b0))
+            # ZRE15 Fig. 2: garbler half-gate (a AND known p_b), evaluator half-gate (a AND b ⊕ p_b)
+            t_g = ha0 ^ ha1 ^ (pb & delta)
+            w_g = ha0 ^ (pa & t_g)
+            t_e = hb0 ^ hb1 ^ a0
+            w_e = hb0 ^ (pb & (t_e ^ a0))
+            labels[out] = w_g ^ w_e
+            tables[and_index, :, 0] = t_g
+            tables[and_index, :, 1] = t_e
+            and_index += 1
+    return labels
+
+
+def evaluate(circuit: Circuit, garbled: GarbledCircuit, input_labels: LabelArray) -> Bits:
+    """Evaluate every copy and decode its outputs.
+
+    Args:
+        circuit: the public circuit the garbler used.
+        garbled: tables, decoding bits and output digests from the garbler.
+        input_labels: ``(n_inputs, n_copies, 2)`` active label of every input wire.
+
+    Returns:
+        ``(n_output_wires, n_copies)`` output bits, rows in ``circuit.output_wires`` order.
+
+    Raises:
+        CircuitError: the label array or the tables do not fit the circuit.
+        OutputAuthenticationError: some output label is neither label the garbler
+            committed to (a table or input label was altered).
+    """
+    n, n_out = garbled.n_copies, len(circuit.output_wires)
+    if (
+        input_labels.shape != (circuit.n_inputs, n, 2)
+        or garbled.tables.shape != (circuit.and_count, n, 2, 2)
+        or garbled.decoding.shape != (n_out, n)
+        or garbled.digests.shape != (n_out, n, 2)
+    ):
+        raise CircuitError("input labels or garbled circuit do not match the circuit and copy count")
+    hash_ = FixedKeyHash(GARBLE_HASH_KEY)
+    bits = np.empty((n_out, n), dtype=np.uint8)
+    forged = 0
+    for start in range(0, n, _CHUNK):
+        stop = min(start + _CHUNK, n)
+        labels = _evaluate_chunk(circuit, input_labels[:, start:stop], garbled.tables[:, start:stop], hash_, start)
+        for row, wire in enumerate(circuit.output_wires):
+            label = labels[wire]
+            colour = _colour(label)
+            digest = hash_(label, _tweaks(start, stop, _OUTPUT_TWEAK + np.uint64(row)))[:, 0]
+            expected = np.take_along_axis(garbled.digests[row, start:stop], colour[:, None].astype(np.intp), axis=1)
+            forged += int(np.count_nonzero(digest != expected[:, 0]))
+            bits[row, start:stop] = colour.astype(np.uint8) ^ garbled.decoding[row, start:stop]
+    if forged:
+        raise OutputAuthenticationError(f"{forged} output labels match no committed label")
+    return bits
+
+
+def _evaluate_chunk(
+    circuit: Circuit, inputs: LabelArray, tables: npt.NDArray[np.uint64], hash_: FixedKeyHash, first_copy: int
+) -> LabelArray:
+    n = inputs.shape[1]
+    labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
+    labels[: circuit.n_inputs] = inputs
+    tweak = np.empty((2 * n, 2), dtype=LABEL_DTYPE)
+    tweak[:, 1] = np.tile(np.arange(first_copy, first_copy + n, dtype=LABEL_DTYPE), 2)
+    and_index = 0
+    for op, a, b, out in circuit.gates:
+        if op is Op.XOR:
+            labels[out] = labels[a] ^ labels[b]
+        elif op is Op.INV:
+            labels[out] = labels[a]
+        else:
+            wa, wb = labels[a], labels[b]
+            tweak[:n, 0] = 2 * and_index
+            tweak[n:, 0] = 2 * and_index + 1
+            h = hash_(np.concatenate((wa, wb)), tweak)
+            t_g, t_e = tables[and_index, :, 0], tables[and_index, :, 1]
+            w_g = h[:n] ^ (_mask(_colour(wa)) & t_g)
+            w_e = h[n:] ^ (_mask(_colour(wb)) & (t_e ^ wa))
+            labels[out] = w_g ^ w_e
+            and_index += 1
+    return labels
