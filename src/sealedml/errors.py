@@ -173,8 +173,18 @@ _collect(Error)
 
 
 def error_from_code(code: str, message: str) -> Error:
-    """Rebuild a typed error from its wire ``code`` (unknown codes → :class:`ServiceError`)."""
+    """Rebuild a typed error from its wire ``code`` (unknown codes → :class:`ServiceError`).
+
+    Subclasses defined in other modules (SECO's link and engine errors, say) exist only once
+    those modules are imported, so an unknown code triggers one more walk of the tree. An
+    error whose constructor takes more than a message comes back as :class:`ServiceError`.
+    """
+    if code not in _BY_CODE:
+        _collect(Error)
     cls = _BY_CODE.get(code, ServiceError)
     if cls is AccessDenied:
         return AccessDenied()
-    return cls(message)
+    try:
+        return cls(message)
+    except TypeError:
+        return ServiceError(message)

@@ -176,7 +176,7 @@ def handle_bench_seco(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``bench seco``: SECO mode's offline and online cost per query, bytes per link, accuracy."""
     from sealedml.bench.seco import run_seco
 
-    return run_seco(args.model, queries=args.queries, quiet=args.json)
+    return run_seco(args.model, queries=args.queries, tee_path=args.tee_path, quiet=args.json)
 
 
 def add_parser(subparsers: Subcommands) -> None:
@@ -267,3 +267,9 @@ def add_parser(subparsers: Subcommands) -> None:
     )
     p.add_argument("--model", default="digits-mlp", choices=["digits-mlp", "small-cnn"], help="default digits-mlp")
     p.add_argument("--queries", type=int, default=10, help="queries on the test split (default 10)")
+    p.add_argument(
+        "--no-tee-path",
+        dest="tee_path",
+        action="store_false",
+        help="skip the comparison with the same model served through SealedML's TEE path",
+    )

@@ -106,3 +106,13 @@ def test_malformed_bytes_are_link_errors(garbage: bytes) -> None:
         at_b.open(garbage, "shares")
     with pytest.raises(LinkError):
         LinkResponder(B, "B", {"A": A.public_bytes}).accept(garbage)
+
+
+def test_seco_error_codes_come_back_typed_from_the_wire() -> None:
+    from sealedml.errors import ServiceError, error_from_code
+    from sealedml.seco.he.client import HeEngineError
+
+    assert type(error_from_code(LinkReplayError.code, "out of sequence")) is LinkReplayError
+    assert type(error_from_code(LinkError.code, "bad")) is LinkError
+    # Its constructor needs a kind as well: it comes back as a generic service error, not a crash.
+    assert type(error_from_code(HeEngineError.code, "failed")) is ServiceError
