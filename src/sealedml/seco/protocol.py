@@ -38,7 +38,7 @@ from sealedml.seco.gc.garble import GarbledCircuit, GarblerKeys, evaluate, garbl
 from sealedml.seco.gc.ot import OtExtensionReceiver, OtExtensionSender
 from sealedml.seco.gc.relu import relu3_circuit
 from sealedml.seco.he.threshold import ThresholdSession
-from sealedml.seco.link import Link, LinkInitiator, LinkResponder, PartyIdentity
+from sealedml.seco.link import Link, LinkError, LinkInitiator, LinkResponder, PartyIdentity
 from sealedml.seco.model import SecoModel
 
 __all__ = ["LINKS", "QueryResult", "SecoParties"]
@@ -55,8 +55,6 @@ def _vec(values: np.ndarray) -> bytes:
 def _unvec(data: bytes, n: int) -> np.ndarray:
     array = np.frombuffer(data, dtype="<i8")
     if array.shape != (n,):
-        from sealedml.seco.link import LinkError
-
         raise LinkError(f"expected {n} values, got {array.size}")
     return array.astype(np.int64)
 
@@ -78,8 +76,6 @@ class _Relu:
     r_b: np.ndarray  # B: its output mask r'ᴮ
     r_c: np.ndarray  # C: its output mask r'ᶜ, added after evaluation
     a_labels: np.ndarray  # C (forwarded by A)
-    c_receiver: OtExtensionReceiver  # C
-    b_sender: OtExtensionSender  # B
 
 
 @dataclass
@@ -198,7 +194,7 @@ class SecoParties:
             bits_a = np.concatenate([words_to_bits(state.a[k], 41), words_to_bits(r_a, 41)])
             a_labels = self._transfer("A", self._port("y_A") + self._port("r_A"), bits_a, keys)
             forwarded = self.send("A", "C", "relu-labels", a_labels.astype(_LABEL).tobytes())
-            c_receiver, b_sender = self._ot_pair("C")
+            self._ot_pair("C")  # C's base OTs with B, once per session, before any input exists
             state.relus.append(
                 _Relu(
                     GarbledCircuit.from_bytes(self.circuit, n, tables),
@@ -207,8 +203,6 @@ class SecoParties:
                     r_b,
                     r_c,
                     np.frombuffer(forwarded, dtype=_LABEL).reshape(a_labels.shape),
-                    c_receiver,
-                    b_sender,
                 )
             )
         return state
