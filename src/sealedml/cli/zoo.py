@@ -2,7 +2,7 @@
 
 ::
 
-    sealedml zoo export digits|mobilenetv2|resnet50|vgg16|toy --out FILE.onnx [--seed N]
+    sealedml zoo export digits|digits-mlp|digits-small-cnn|mobilenetv2|resnet50|vgg16|toy --out FILE.onnx [--seed N]
         [--test-data FILE.npy [--samples N]]
     sealedml zoo export digits-cnn|faces-cnn --out FILE.onnx [--seed N] [--data TEST.npz] [--aux AUX.npz]
 
@@ -85,7 +85,10 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register the ``zoo`` group on ``subparsers``."""
     zoo = add_group(subparsers, "zoo", "built-in models")
     p = add_command(zoo, "export", handle_zoo_export, "write a built-in model as ONNX")
-    p.add_argument("name", choices=["digits", "mobilenetv2", "resnet50", "vgg16", "toy", *TRAINED])
+    p.add_argument(
+        "name",
+        choices=["digits", "digits-mlp", "digits-small-cnn", "mobilenetv2", "resnet50", "vgg16", "toy", *TRAINED],
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--test-data", type=Path, default=None, help="digits only: also write test inputs (.npy)")

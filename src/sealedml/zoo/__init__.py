@@ -8,6 +8,8 @@
   Input ``input`` float32 ``[N, 3, 224, 224]``, output ``logits`` float32
   ``[N, 1000]``.
 * :func:`toy_multi_io` — a tiny two-input, two-output model for protocol tests.
+* ``digits-mlp`` and ``digits-small-cnn`` (:mod:`sealedml.zoo.digits_mlp`) — ReLU networks
+  trained with scikit-learn on the digits, the models SECO mode serves; ``seed`` is ignored.
 * ``digits-cnn`` and ``faces-cnn`` (:mod:`sealedml.zoo.trained`) — small CNNs trained with torch
   when first asked for, the victims of ``sealedml partition assess``. Only these need torch,
   which is imported lazily (``pip install 'sealedml[assess]'``); :data:`NAMES` lists the others.
@@ -56,8 +58,19 @@ def _trained_model(name: str) -> Callable[[int], onnx.ModelProto]:
     return build
 
 
+def _seco_model(name: str) -> Callable[[int], onnx.ModelProto]:
+    def build(seed: int) -> onnx.ModelProto:
+        from sealedml.zoo.digits_mlp import digits_mlp, digits_small_cnn  # scikit-learn training on first use
+
+        return (digits_mlp if name == "digits-mlp" else digits_small_cnn)().model
+
+    return build
+
+
 _BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "digits": _digits_model,
+    "digits-mlp": _seco_model("digits-mlp"),
+    "digits-small-cnn": _seco_model("digits-small-cnn"),
     "mobilenetv2": mobilenetv2,
     "resnet50": resnet50,
     "vgg16": vgg16,

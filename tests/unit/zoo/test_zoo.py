@@ -265,7 +265,7 @@ def test_toy_deterministic() -> None:
 
 
 def test_get_builds_each_fast_model_by_name() -> None:
-    assert zoo.NAMES == ("digits", "mobilenetv2", "resnet50", "vgg16", "toy")
+    assert zoo.NAMES == ("digits", "digits-mlp", "digits-small-cnn", "mobilenetv2", "resnet50", "vgg16", "toy")
     builders: dict[str, Callable[[int], onnx.ModelProto]] = {
         "toy": zoo.toy_multi_io,
         "mobilenetv2": zoo.mobilenetv2,
@@ -273,6 +273,8 @@ def test_get_builds_each_fast_model_by_name() -> None:
     for name, builder in builders.items():
         assert zoo.get(name, seed=3).SerializeToString() == builder(3).SerializeToString()
     assert [o.name for o in zoo.get("digits").graph.output] == ["label", "probabilities"]
+    assert [i.name for i in zoo.get("digits-small-cnn").graph.input] == ["input"]
+    assert zoo.get("digits-mlp").SerializeToString() == zoo.get("digits-mlp", seed=5).SerializeToString()
 
 
 def test_get_unknown_name_lists_valid_names() -> None:
