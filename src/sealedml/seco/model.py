@@ -13,11 +13,13 @@ ONNX graph into that form:
   hand-written convolution arithmetic — and then checked on random inputs;
 * anything else (MaxPool, Sigmoid, a residual connection, …) is refused naming the node.
 
-Fixed point (as in SECO's code): inputs and weights are scaled by 2^f (f = 8) and rounded;
-layer k's output carries scale 2^(f·(k+1)), so biases are scaled to match. With no
-truncation between layers the scale grows by 2^f per layer, which bounds the depth:
-:meth:`SecoModel.check_range` refuses a model whose values on calibration data come within
-a factor 4 of p/2. Additive weight shares for B and C come from :meth:`SecoModel.split`.
+Fixed point (as in SECO's code): inputs and weights are scaled by 2^f (f = 8) and rounded, so
+a layer's output carries scale 2^(2f) and its bias is scaled to match. The garbled ReLU then
+truncates by f bits (⌊ReLU(y) / 2^f⌋, as Delphi does), so every layer's input is back at 2^f
+and depth is not limited by the field. With ``truncate=False`` the scale grows by 2^f per
+layer instead. :meth:`SecoModel.check_range` refuses a model whose values on calibration
+data come within a factor 4 of p/2. Additive weight shares for B and C come from
+:meth:`SecoModel.split`.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ class SecoModel:
     input_shape: tuple[int, ...]  # one sample's
     frac_bits: int = SECO_FRACTION_BITS
     prime: int = SECO_PRIME
+    truncate: bool = True  # the ReLU circuit divides by 2^frac_bits
+
+    def _input_scale_bits(self, k: int) -> int:
+        """log2 of layer k's input scale."""
+        return self.frac_bits if self.truncate else self.frac_bits * (k + 1)
 
     @property
     def n_inputs(self) -> int:
@@ -98,14 +105,14 @@ class SecoModel:
         """Each layer's (W, b) mod p: W at scale 2^f, b at the layer's output scale."""
         out = []
         for k, layer in enumerate(self.layers):
-            scale = 1 << (self.frac_bits * (k + 2))
+            scale = 1 << (self._input_scale_bits(k) + self.frac_bits)
             w = np.round(layer.weight * (1 << self.frac_bits)).astype(np.int64) % self.prime
             b = np.round(layer.bias * scale).astype(np.int64) % self.prime
             out.append((w, b))
         return out
 
     def output_scale(self) -> int:
-        return 1 << (self.frac_bits * (len(self.layers) + 1))
+        return 1 << (self._input_scale_bits(len(self.layers) - 1) + self.frac_bits)
 
     def signed(self, values: np.ndarray) -> np.ndarray:
         """Field elements as signed integers in (−p/2, p/2]."""
@@ -132,7 +139,8 @@ class SecoModel:
             ]
             peak = max(peak, *(abs(v) for v in y))
             if k < len(self.layers) - 1:
-                y = [max(0, v) for v in y]
+                shift = self.frac_bits if self.truncate else 0
+                y = [max(0, v) >> shift for v in y]
             h = [v % self.prime for v in y]
         return np.array(h, dtype=np.int64), peak
 
@@ -146,7 +154,7 @@ class SecoModel:
         if peak * 4 > self.prime // 2:
             raise InputError(
                 f"fixed-point values reach {peak}, too close to p/2 = {self.prime // 2}: "
-                f"{len(self.layers)} layers at 2^{self.frac_bits} each need truncation, which SECO mode lacks"
+                "the weights or activations are too large for the field at this precision"
             )
         return peak
 

@@ -117,7 +117,7 @@ class SecoParties:
         self.biases = {"B": bias_b, "C": [(b - s) % self.p for b, s in zip(biases, bias_b, strict=True)]}
         self.links: dict[str, tuple[Link, Link]] = {name: _pair(name[0], name[2], session) for name in LINKS}
         self.received: dict[str, list[str]] = {party: [] for party in "UABC"}
-        self.circuit = relu3_circuit()
+        self.circuit = relu3_circuit(model.frac_bits if model.truncate else 0)
         self._ot: dict[str, tuple[OtExtensionReceiver, OtExtensionSender]] = {}
 
     # --- message passing ----------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -111,3 +113,36 @@ def test_values_that_would_wrap_around_the_field_are_refused() -> None:
     model = compile_model(digits_mlp().model)
     with pytest.raises(InputError, match="too close to p/2"):
         model.check_range(np.full((1, 64), 1e9))
+
+
+def _deep_mlp(widths: list[int]) -> onnx.ModelProto:
+    """A random ReLU MLP of the given widths (digits-sized input), weights ~ N(0, 1/fan_in)."""
+    rng = np.random.default_rng(5)
+    nodes, inits, previous = [], [], "input"
+    for k, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        w = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"w{k}"),
+            numpy_helper.from_array(np.full(n_out, 0.1, np.float32), f"b{k}"),
+        ]
+        nodes.append(helper.make_node("Gemm", [previous, f"w{k}", f"b{k}"], [f"fc{k}"], name=f"fc{k}", transB=1))
+        previous = f"fc{k}"
+        if k < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [previous], [f"relu{k}"], name=f"relu{k}"))
+            previous = f"relu{k}"
+    nodes[-1].output[0] = "y"
+    return _model(nodes, inits, [widths[0]], widths[-1])
+
+
+def test_truncation_keeps_deep_models_inside_the_field() -> None:
+    import dataclasses
+
+    model = compile_model(_deep_mlp([64, 32, 32, 32, 32, 10]))
+    x = digits_mlp().x_test[:10]
+    assert model.truncate and model.check_range(x) < SECO_PRIME // 1000
+    untruncated = dataclasses.replace(model, truncate=False)
+    with pytest.raises(InputError, match="too close to p/2"):
+        untruncated.check_range(x)  # scale 2^48 after five layers: far beyond p
+    floats = ort.InferenceSession(_deep_mlp([64, 32, 32, 32, 32, 10]).SerializeToString()).run(None, {"input": x})[0]
+    fixed = np.array([model.decode_output(model.reference(sample)[0]) for sample in x])
+    np.testing.assert_allclose(fixed, floats, rtol=0.03, atol=0.1)  # 8-bit weights through five layers

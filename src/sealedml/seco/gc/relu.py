@@ -54,8 +54,13 @@ GARBLER, CHOOSER, EVALUATOR = "B", "A", "C"
 
 
 @cache
-def relu3_circuit() -> Circuit:
+def relu3_circuit(shift: int = 0) -> Circuit:
     """The ``relu_3`` circuit for one value (inputs: ``y_B, r_B`` of B, ``y_A, r_A`` of A, ``y_C`` of C).
+
+    ``shift``: truncate ReLU(v) by that many bits (⌊ReLU(v) / 2^shift⌋) before the masks are
+    added — how a fixed-point product at scale 2^(2f) returns to 2^f (``shift = f``), as
+    Delphi's ReLU circuits do. It costs nothing: the low bits are dropped wires, and their
+    AND gates vanish with them.
 
     572 AND gates with k = 41: four additions mod p at 123 each (the two that sum
     the shares, one for ``r'_A + r'_B``, one adding that to the result), the sign
@@ -64,6 +69,8 @@ def relu3_circuit() -> Circuit:
     from ``[0, 3p)`` costs about the same (two conditional subtractions), so the
     simpler form stays.
     """
+    if not 0 <= shift < WORD_BITS - 1:
+        raise GcInputError(f"shift must be in [0, {WORD_BITS - 1})")
     b = CircuitBuilder()
     y_b = b.input(GARBLER, "y_B", WORD_BITS)
     r_b = b.input(GARBLER, "r_B", WORD_BITS)
@@ -73,7 +80,7 @@ def relu3_circuit() -> Circuit:
     v = b.add_mod(b.add_mod(y_a, y_b, MODULUS), y_c, MODULUS)
     positive = b.less_than(v, b.const((MODULUS + 1) // 2, WORD_BITS))  # v ≤ (p − 1)/2
     # A positive v is at most (p − 1)/2 < 2^40, so ReLU's top bit is always 0: one AND saved.
-    relu = (*(b.and_(bit, positive) for bit in v[:-1]), ZERO)
+    relu = (*(b.and_(bit, positive) for bit in v[shift:-1]), *(ZERO,) * (shift + 1))
     b.output(EVALUATOR, "out", b.add_mod(relu, b.add_mod(r_a, r_b, MODULUS), MODULUS))
     return b.build()
 

@@ -22,6 +22,7 @@ from sealedml.seco.gc.errors import GcInputError
 from sealedml.seco.gc.relu import (
     FRACTIONAL_BITS,
     MODULUS,
+    WORD_BITS,
     decode_fixed,
     encode_fixed,
     relu3_circuit,
@@ -161,3 +162,27 @@ def test_garbled_relu_agrees_with_mpyc_secure_fixed_point() -> None:
     masked = run_relu3(y_a, y_b, y_c, r_a, r_b).values
     unmasked = [(int(v) - a - b) % P for v, a, b in zip(masked, r_a, r_b, strict=True)]
     assert decode_fixed(unmasked).tolist() == mpyc_relu(reals)
+
+
+@pytest.mark.parametrize("shift", [1, 8, 20])
+def test_truncating_circuit_drops_the_low_bits_of_the_relu(shift: int) -> None:
+    """⌊ReLU(y) / 2^shift⌋ + r'_A + r'_B: fixed point back from scale 2^2f to 2^f, for free."""
+    rng = random.Random(shift)
+    half = (MODULUS - 1) // 2
+    ys = [0, 1, (1 << shift) - 1, 1 << shift, half, half + 1, MODULUS - 1] + [rng.randrange(MODULUS) for _ in range(40)]
+    shares = [(rng.randrange(MODULUS), rng.randrange(MODULUS)) for _ in ys]
+    y_a = [a for a, _ in shares]
+    y_b = [b for _, b in shares]
+    y_c = [(y - a - b) % MODULUS for y, (a, b) in zip(ys, shares, strict=True)]
+    r_a = [rng.randrange(MODULUS) for _ in ys]
+    r_b = [rng.randrange(MODULUS) for _ in ys]
+    circuit = relu3_circuit(shift)
+    got = circuit.evaluate({"y_A": y_a, "y_B": y_b, "y_C": y_c, "r_A": r_a, "r_B": r_b})["out"]
+    expected = [((y if y <= half else 0) >> shift) + a + b for y, a, b in zip(ys, r_a, r_b, strict=True)]
+    assert [int(v) for v in got] == [e % MODULUS for e in expected]
+    assert circuit.and_count == relu3_circuit().and_count - shift
+
+
+def test_a_shift_that_leaves_nothing_is_refused() -> None:
+    with pytest.raises(GcInputError, match="shift"):
+        relu3_circuit(WORD_BITS - 1)

@@ -167,6 +167,21 @@ def test_gateway_and_one_remote_together_still_miss_the_hidden_activations(
     coalition_guess = (masked - relu.r_a - relu.r_b) % mlp.prime  # what A and B can compute together
     (w, b), _ = mlp.fixed_point()
     pre_activation = (w.astype(object) @ mlp.signed(mlp.encode_input(x)).astype(object) + mlp.signed(b)) % mlp.prime
-    hidden = np.maximum(0, mlp.signed(pre_activation.astype(np.int64))) % mlp.prime
+    hidden = (np.maximum(0, mlp.signed(pre_activation.astype(np.int64))) >> mlp.frac_bits) % mlp.prime  # truncated
     assert np.array_equal((coalition_guess - relu.r_c) % mlp.prime, hidden)  # with C's share: the activations
     assert np.mean(coalition_guess == hidden) < 0.1  # without it: noise
+
+
+def test_a_five_layer_model_runs_with_truncating_relus(he_interpreter: str) -> None:
+    from ..test_model import _deep_mlp
+
+    model = compile_model(_deep_mlp([64, 32, 32, 32, 32, 10]))
+    engines = [HeSidecar.start() for _ in range(3)]
+    try:
+        parties = SecoParties(model, ThresholdSession(engines))
+        assert parties.circuit.and_count == 564  # relu_3 with the 8 low bits dropped
+        x = digits_mlp().x_test[4]
+        assert np.array_equal(parties.query(x).output_field, model.reference(x)[0])
+    finally:
+        for engine in engines:
+            engine.close()
