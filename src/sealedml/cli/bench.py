@@ -140,21 +140,16 @@ def handle_bench_partition(args: argparse.Namespace) -> dict[str, Any]:
         ConfigurationError: bad flags or cuts.
     """
     from sealedml.bench.partition import TRAINED_MODELS, run_leakage, run_partition
+    from sealedml.cli.partition_assess import check_plot_path, emit_assessment
 
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise ConfigurationError(f"--plot {args.plot}: give a .png file name")
+    check_plot_path(args.plot)
     if args.model in TRAINED_MODELS:
         if args.front_cut or args.back_cut:
             raise ConfigurationError(
                 "--front-cut and --back-cut time a split; the trained models are assessed at every cut"
             )
         result = run_leakage(args.model, seed=args.seed, plot_path=args.plot, quiet=args.json)
-        if args.json:
-            return result
-        from sealedml.partition.assess import format_table
-
-        print(format_table(result))
-        return {"plot": result["plot"]} if args.plot is not None else {}
+        return emit_assessment(result, as_json=args.json)
     if args.plot is not None:
         raise ConfigurationError(f"--plot exists for the trained models only ({', '.join(TRAINED_MODELS)})")
 

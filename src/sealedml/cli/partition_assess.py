@@ -21,7 +21,7 @@ from typing import Any
 from sealedml.cli._args import Subcommands, add_command
 from sealedml.errors import ConfigurationError
 
-__all__ = ["add_assess", "handle_partition_assess"]
+__all__ = ["add_assess", "check_plot_path", "emit_assessment", "handle_partition_assess"]
 
 
 def _require_assess_extras() -> None:
@@ -32,6 +32,22 @@ def _require_assess_extras() -> None:
         raise ConfigurationError(
             "partition assess needs torch and scikit-image: pip install 'sealedml[assess]'"
         ) from exc
+
+
+def check_plot_path(path: Path | None) -> None:
+    """Raises: ConfigurationError — ``--plot`` is not a ``.png`` file name."""
+    if path is not None and path.suffix.lower() != ".png":
+        raise ConfigurationError(f"--plot {path}: give a .png file name")
+
+
+def emit_assessment(result: dict[str, Any], *, as_json: bool) -> dict[str, Any]:
+    """What an assessment command returns: the whole report for ``--json``, else the table, printed."""
+    if as_json:
+        return result
+    from sealedml.partition.assess import format_table
+
+    print(format_table(result))
+    return {"plot": result["plot"]} if "plot" in result else {}
 
 
 def _positive(value: int, flag: str, minimum: int = 1) -> int:
@@ -59,7 +75,6 @@ def handle_partition_assess(args: argparse.Namespace) -> dict[str, Any]:
         AttackSettings,
         Settings,
         assess,
-        format_table,
         load_dataset,
         parse_cuts,
         parse_margin,
@@ -82,8 +97,7 @@ def handle_partition_assess(args: argparse.Namespace) -> dict[str, Any]:
         samples=_positive(args.samples, "--samples", 2),
         attacks=attacks,
     )
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise ConfigurationError(f"--plot {args.plot}: give a .png file name")
+    check_plot_path(args.plot)
     model = load_onnx(args.model)
     test, aux = load_dataset(args.data), load_dataset(args.aux)
     cuts = parse_cuts(args.cuts)
@@ -95,10 +109,7 @@ def handle_partition_assess(args: argparse.Namespace) -> dict[str, Any]:
     result = assessment.to_dict()
     if args.plot is not None:
         result["plot"] = str(plot(assessment, args.plot))
-    if args.json:
-        return result
-    print(format_table(result))
-    return {"plot": result["plot"]} if args.plot is not None else {}
+    return emit_assessment(result, as_json=args.json)
 
 
 def add_assess(group: Subcommands) -> None:

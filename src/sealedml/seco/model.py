@@ -25,7 +25,6 @@ data come within a factor 4 of p/2. Additive weight shares for B and C come from
 from __future__ import annotations
 
 import itertools
-import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +33,7 @@ import onnxruntime as ort
 from onnx import shape_inference, utils
 
 from sealedml.errors import InputError
+from sealedml.seco.he.packing import uniform_mod
 
 __all__ = ["SECO_FRACTION_BITS", "SECO_PRIME", "AffineLayer", "SecoModel", "compile_model"]
 
@@ -162,7 +162,7 @@ class SecoModel:
         """Additive shares of every layer's W mod p: (B's, C's), each uniformly random alone."""
         shares_b, shares_c = [], []
         for w, _ in self.fixed_point():
-            share = np.array([secrets.randbelow(self.prime) for _ in range(w.size)], dtype=np.int64).reshape(w.shape)
+            share = uniform_mod(self.prime, w.size).reshape(w.shape)
             shares_b.append(share)
             shares_c.append((w - share) % self.prime)
         return shares_b, shares_c

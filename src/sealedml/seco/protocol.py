@@ -112,7 +112,7 @@ class SecoParties:
         self.model, self.he, self.p = model, he, model.prime
         shares_b, shares_c = model.split()
         biases = [b for _, b in model.fixed_point()]
-        bias_b = [np.array([int(v) for v in self.he.random_vector(len(b))], dtype=np.int64) for b in biases]
+        bias_b = [self.he.random_vector(len(b)) for b in biases]
         self.weights = {"B": shares_b, "C": shares_c}
         self.biases = {"B": bias_b, "C": [(b - s) % self.p for b, s in zip(biases, bias_b, strict=True)]}
         self.links: dict[str, tuple[Link, Link]] = {name: _pair(name[0], name[2], session) for name in LINKS}
@@ -181,8 +181,8 @@ class SecoParties:
         relu_masks = [
             (self.he.random_vector(n), self.he.random_vector(n), self.he.random_vector(n)) for n in widths[:-1]
         ]
-        masks = [r, *(tuple((-v) % self.p for v in shares) for shares in relu_masks)]
-        linear = self.he.offline_layers(self.weights["B"], self.weights["C"], masks)  # type: ignore[arg-type]
+        masks = [r] + [((-r_a) % self.p, (-r_b) % self.p, (-r_c) % self.p) for r_a, r_b, r_c in relu_masks]
+        linear = self.he.offline_layers(self.weights["B"], self.weights["C"], masks)
         for k in range(layers):
             state.a.append(linear[k].a)
             state.s_b.append(linear[k].b)

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sealedml.errors import ConfigurationError, InputError, ProtocolError, ServiceUnavailable
+from sealedml.errors import ConfigurationError, ProtocolError, ServiceUnavailable
 
 __all__ = ["HeEngineError", "HeSidecar", "he_python"]
 
@@ -157,13 +157,3 @@ class HeSidecar:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def check_slot_values(values: list[int], modulus: int, slots: int) -> None:
-    """Refuse slot vectors the engine would refuse, before they cross the pipe.
-
-    Raises:
-        InputError: too many values, or one outside [0, modulus).
-    """
-    if len(values) > slots or any(not 0 <= v < modulus for v in values):
-        raise InputError(f"expected at most {slots} values in [0, {modulus})")

@@ -44,6 +44,11 @@ def uniform_mod(modulus: int, n: int) -> np.ndarray:
     return out[:n]
 
 
+def _slot_masks(modulus: int, ciphertexts: int, slots: int) -> list[list[int]]:
+    values = uniform_mod(modulus, ciphertexts * slots).reshape(ciphertexts, slots)
+    return [[int(v) for v in row] for row in values]
+
+
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -110,8 +115,7 @@ class MatvecLayout:
 
     def random_masks(self, modulus: int) -> list[list[int]]:
         """One uniformly random value mod ``modulus`` for every slot of every ciphertext."""
-        values = uniform_mod(modulus, self.ciphertexts * self.slots).reshape(self.ciphertexts, self.slots)
-        return [[int(v) for v in row] for row in values]
+        return _slot_masks(modulus, self.ciphertexts, self.slots)
 
     def outputs(self, per_ciphertext: list[list[int]]) -> np.ndarray:
         """The n_out values at the output slots (slot i·block of each ciphertext), in row order."""
@@ -189,8 +193,7 @@ class PackedLayers:
 
     def random_masks(self, modulus: int) -> list[list[int]]:
         """One uniformly random value mod ``modulus`` for every slot of every ciphertext."""
-        values = uniform_mod(modulus, self.ciphertexts * self.slots).reshape(self.ciphertexts, self.slots)
-        return [[int(v) for v in row] for row in values]
+        return _slot_masks(modulus, self.ciphertexts, self.slots)
 
     def row_sums(self, per_ciphertext: list[list[int]], modulus: int) -> list[np.ndarray]:
         """Per layer, Σ_j of each row's slots mod ``modulus``."""
