@@ -40,6 +40,8 @@ COMMANDS = {
     "executor serve",
     "bench partition",
     "bench seco",
+    "seco deploy",
+    "seco serve",
     "partition cuts",
     "partition split",
     "partition assess",
@@ -117,6 +119,7 @@ def test_top_level_help_keeps_the_command_order() -> None:
         "measurement",
         "zoo",
         "partition",
+        "seco",
         "bench",
         "attest",
     ]

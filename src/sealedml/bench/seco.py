@@ -1,28 +1,36 @@
 """``sealedml bench seco``: SECO mode's cost per query, side by side with plaintext and the TEE path.
 
-The three servers' protocol logic runs in this process (:class:`~sealedml.seco.protocol.SecoParties`),
-each server with its own OpenFHE engine process (Python 3.10 side processes), every message
-sealed on its link. Reported per query: the offline (input-independent) time, the online time
-from U's masked input to the three output shares, U's own CPU time, and the bytes on each link
-(U–A, A–B, A–C, B–C; U's sealed shares for B and C are relayed by A and counted on U–A). Session
-set-up (3-party key generation, the links' handshakes) is reported apart; IKNP base OTs happen
-in the first query, which is therefore left out of the medians (``--queries`` counts the rest). Every query's output is
-compared with the exact fixed-point model; accuracy is reported beside the plaintext model's on
-the same inputs and on the whole test split. For comparison, the same model on the same inputs
-through SealedML's TEE path — a real KeyService and gateway, a (simulated-TEE) runtime instance,
-sealed model, encrypted requests — gives ``tee_path_ms`` (warm, median), and ``tee_compute_ms``
-is the whole model in one ONNX Runtime session.
+By default the parties run as four processes on loopback, as deployed: ``seco deploy`` writes
+the per-party directories, the gateway A and the remote servers B and C run as
+``sealedml seco serve`` processes (each with its own OpenFHE engine, a Python 3.10 side
+process), and the user U is this process, speaking HTTP to A. ``--in-process`` runs the same
+party classes in this process instead. Reported per query: the offline (input-independent)
+time, the online time from U's masked input to the three output shares, U's own CPU time, and
+the bytes on each link (U–A, A–B, A–C, B–C; U's sealed shares for B and C are relayed by A and
+counted on U–A; B–C messages, relayed by A too, count on B–C). Session set-up (the links'
+handshakes, 3-party key generation, base OTs) is reported apart, and a warm-up query is left
+out of the medians (``--queries`` counts the rest). Every query's output is compared with the
+exact fixed-point model; accuracy is reported beside the plaintext model's on the same inputs
+and on the whole test split. For comparison, the same model on the same inputs through
+SealedML's TEE path — a real KeyService and gateway, a (simulated-TEE) runtime instance, sealed
+model, encrypted requests — gives ``tee_path_ms`` (warm, median), and ``tee_compute_ms`` is the
+whole model in one ONNX Runtime session.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from sealedml.bench._harness import bench_stack, isolated_home, progress
+
+if TYPE_CHECKING:
+    from sealedml.seco.model import SecoModel
+    from sealedml.seco.user import QueryResult, SecoUser
 
 __all__ = ["SECO_MODELS", "TARGETS", "run_seco"]
 
@@ -51,14 +59,72 @@ def _tee_path(model: Any, model_input: str, inputs: np.ndarray, quiet: bool) -> 
     return statistics.median(samples) * 1000, predicted
 
 
-def run_seco(model_name: str, *, queries: int = 10, tee_path: bool = True, quiet: bool = False) -> dict[str, Any]:
-    """Run ``queries`` SECO queries on the test split of ``model_name``; return medians and checks."""
+def _timed_queries(user: SecoUser, x_test: np.ndarray, queries: int, quiet: bool) -> tuple[float, list[QueryResult]]:
+    """Session set-up time, then a warm-up query (left out) and ``queries`` measured ones."""
+    t0 = time.perf_counter()
+    user.connect()  # links, and at first use the servers' key generation, links and base OTs
+    setup_s = time.perf_counter() - t0
+    progress(f"[bench] session set up in {setup_s:.2f} s", quiet)
+    user.query(x_test[-1])  # warm-up: first use of every connection and code path
+    results = []
+    for i, x in enumerate(x_test[:queries]):
+        results.append(user.query(x))
+        progress(
+            f"[bench] query {i + 1}/{queries}: offline {results[-1].offline_s:.2f} s, "
+            f"online {results[-1].online_ms:.1f} ms",
+            quiet,
+        )
+    return setup_s, results
+
+
+def _four_processes(
+    model: SecoModel, workdir: Path, x_test: np.ndarray, queries: int, quiet: bool
+) -> tuple[float, list[QueryResult]]:
+    """``seco deploy`` into ``workdir``, B, C and A as ``sealedml seco serve`` processes, U here."""
+    from sealedml.seco.deploy import deploy, load_party
+    from sealedml.seco.http import HttpGateway
+    from sealedml.seco.serve import seco_servers
+    from sealedml.seco.user import SecoUser
+
+    directories = deploy(model, workdir / "seco")
+    with seco_servers(workdir / "seco", log_dir=workdir) as servers:
+        progress("[bench] SECO servers A, B, C up", quiet)
+        party = load_party(directories["U"], expect="U")
+        gateway = HttpGateway(servers["A"].url)
+        try:
+            return _timed_queries(SecoUser(party.architecture, party.key, party.peers, gateway), x_test, queries, quiet)
+        finally:
+            gateway.close()
+
+
+def _in_process(
+    model: SecoModel, workdir: Path, x_test: np.ndarray, queries: int, quiet: bool
+) -> tuple[float, list[QueryResult]]:
+    """U, A, B and C in this process, each with its own HE engine process."""
+    from sealedml.seco.he import HeSidecar
+    from sealedml.seco.protocol import SecoParties
+
+    engines = [HeSidecar.start() for _ in range(3)]
+    parties = SecoParties(model, engines)
+    try:
+        return _timed_queries(parties.user, x_test, queries, quiet)
+    finally:
+        parties.close()
+        for engine in engines:
+            engine.close()
+
+
+def run_seco(
+    model_name: str, *, queries: int = 10, tee_path: bool = True, in_process: bool = False, quiet: bool = False
+) -> dict[str, Any]:
+    """Run ``queries`` SECO queries on the test split of ``model_name``; return medians and checks.
+
+    ``in_process``: the four parties in this process instead of four processes over HTTP.
+    """
     import onnxruntime as ort
 
     from sealedml.errors import ConfigurationError
-    from sealedml.seco.he import HeSidecar, ThresholdSession
     from sealedml.seco.model import compile_model
-    from sealedml.seco.protocol import SecoParties
     from sealedml.zoo.digits_mlp import digits_mlp, digits_small_cnn
 
     if model_name not in SECO_MODELS:
@@ -77,27 +143,9 @@ def run_seco(model_name: str, *, queries: int = 10, tee_path: bool = True, quiet
         t = time.perf_counter()
         session.run(None, {model.input_name: x[None]})
         tee.append(time.perf_counter() - t)
-    with isolated_home():
-        engines = [HeSidecar.start() for _ in range(3)]
-        try:
-            t0 = time.perf_counter()
-            he = ThresholdSession(engines)
-            parties = SecoParties(model, he)  # no rotation keys: rows are summed after decryption
-            setup_s = time.perf_counter() - t0
-            setup_bytes = dict(he.traffic)
-            progress(f"[bench] {model_name}: session set up in {setup_s:.2f} s", quiet)
-            parties.query(x_test[-1])  # warm-up: base OTs, sessions' first use
-            results = []
-            for i, x in enumerate(x_test[:queries]):
-                results.append(parties.query(x))
-                progress(
-                    f"[bench] query {i + 1}/{queries}: offline {results[-1].offline_s:.2f} s, "
-                    f"online {results[-1].online_ms:.1f} ms",
-                    quiet,
-                )
-        finally:
-            for engine in engines:
-                engine.close()
+    with isolated_home() as workdir:
+        runner = _in_process if in_process else _four_processes
+        setup_s, results = runner(model, workdir, x_test, queries, quiet)
     tee_ms, tee_predicted = (
         _tee_path(trained.model, model.input_name, x_test[:queries], quiet) if tee_path else (None, None)
     )
@@ -113,7 +161,6 @@ def run_seco(model_name: str, *, queries: int = 10, tee_path: bool = True, quiet
         "layers": [list(layer.weight.shape) for layer in model.layers],
         "relus_per_query": sum(layer.weight.shape[0] for layer in model.layers[:-1]),
         "setup_s": round(setup_s, 3),
-        "setup_bytes": setup_bytes,
         "offline_s": round(offline_s, 3),
         "online_ms": round(online_ms, 2),
         "user_cpu_ms": round(statistics.median(r.user_cpu_ms for r in results), 3),
@@ -132,5 +179,9 @@ def run_seco(model_name: str, *, queries: int = 10, tee_path: bool = True, quiet
         "tee_path_accuracy": None if tee_predicted is None else round(float((np.array(tee_predicted) == y).mean()), 4),
         "targets": {"offline_s": target_offline, "online_ms": target_online},
         "target_met": offline_s <= target_offline and online_ms <= target_online,
-        "deployment": "A, B and C's protocol logic in one process, each with its own HE engine process",
+        "deployment": (
+            "A, B and C in one process (their own keys, state and HE engine processes)"
+            if in_process
+            else "four processes on loopback: user (this one), gateway A, remote servers B and C (HTTP)"
+        ),
     }

@@ -10,7 +10,7 @@
     sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
     sealedml bench partition [--model M] [--front-cut T,...] [--back-cut T,...] [--requests N] [--device D]
     sealedml bench partition --model digits-cnn|faces-cnn [--seed N] [--plot FILE.png]
-    sealedml bench seco [--model digits-mlp|small-cnn] [--queries N]
+    sealedml bench seco [--model digits-mlp|small-cnn] [--queries N] [--no-tee-path] [--in-process]
 
 Each runs real processes on loopback (see ``sealedml.bench``), prints progress on stderr and
 its results on stdout (one JSON object with ``--json``). The benchmark modules are imported
@@ -171,7 +171,9 @@ def handle_bench_seco(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``bench seco``: SECO mode's offline and online cost per query, bytes per link, accuracy."""
     from sealedml.bench.seco import run_seco
 
-    return run_seco(args.model, queries=args.queries, tee_path=args.tee_path, quiet=args.json)
+    return run_seco(
+        args.model, queries=args.queries, tee_path=args.tee_path, in_process=args.in_process, quiet=args.json
+    )
 
 
 def add_parser(subparsers: Subcommands) -> None:
@@ -267,4 +269,9 @@ def add_parser(subparsers: Subcommands) -> None:
         dest="tee_path",
         action="store_false",
         help="skip the comparison with the same model served through SealedML's TEE path",
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run A, B and C in this process instead of as three server processes over HTTP",
     )

@@ -4,9 +4,13 @@
 
     sealedml infer ID --gateway URL --identity FILE --keyservice URL
         --input X.npy | --input NAME=FILE.npy ... | --input FILE.npz  [--out Y.npy|Y.npz] [--skip-check]
+    sealedml infer --mode seco --gateway URL --client DIR/user --input X.npy|X.npz [--out LOGITS.npy]
 
 Inputs and outputs are NumPy files (never pickles). Before sending, the KeyService is asked
-whether you enabled the model (``--skip-check`` saves that round trip).
+whether you enabled the model (``--skip-check`` saves that round trip). ``--mode seco`` talks to
+a SECO-mode gateway instead (``sealedml seco``, ``docs/seco.md``): no TEE, no KeyService; the
+input (one sample, or a batch along the first axis) is masked, and the logits come back as
+three shares that only you add up.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sealedml.cli._args import Subcommands, add_command, add_identity, add_keyservice, keyservice_client
+from sealedml.cli._args import Subcommands, add_command, add_keyservice, keyservice_client
 from sealedml.errors import ConfigurationError, InputError
 
 __all__ = ["add_parser", "handle_infer"]
@@ -98,6 +102,17 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml.client.gateway import InferenceClient
     from sealedml.client.identity import Identity
 
+    if args.mode == "seco":
+        from sealedml.cli.seco import run_seco_infer
+
+        return run_seco_infer(args)
+    missing = [
+        flag
+        for flag, value in (("ID", args.model_id), ("--identity", args.identity), ("--keyservice", args.keyservice))
+        if value is None
+    ]
+    if missing:
+        raise ConfigurationError(f"infer needs {', '.join(missing)} (or --mode seco)")
     inputs, _ = _load_inputs(args.input)
     identity = Identity.load(args.identity)
     if not args.skip_check:
@@ -127,10 +142,17 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
 def add_parser(subparsers: Subcommands) -> None:
     """Register ``infer`` on ``subparsers``."""
     p = add_command(subparsers, "infer", handle_infer, "encrypted inference through the gateway")
-    p.add_argument("model_id", metavar="ID")
+    p.add_argument("model_id", metavar="ID", nargs="?", default=None, help="the model (TEE mode)")
+    p.add_argument(
+        "--mode",
+        choices=["tee", "seco"],
+        default="tee",
+        help="tee: a sealed model in an attested runtime (default); seco: split across three servers, no TEE",
+    )
+    p.add_argument("--client", type=Path, default=None, metavar="DIR", help="--mode seco: your party directory")
     p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
     p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
     p.add_argument("--gateway", required=True, metavar="URL")
     p.add_argument("--skip-check", action="store_true", help="do not ask the KeyService whether you enabled the model")
-    add_identity(p)
-    add_keyservice(p)
+    p.add_argument("--identity", type=Path, default=None, metavar="FILE", help="identity file (TEE mode)")
+    add_keyservice(p, required=False)

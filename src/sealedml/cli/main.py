@@ -24,7 +24,20 @@ import sys
 from collections.abc import Sequence
 
 from sealedml import __version__
-from sealedml.cli import attest, audit, bench, demo, identity, infer, measurement, model, partition, serve, zoo
+from sealedml.cli import (
+    attest,
+    audit,
+    bench,
+    demo,
+    identity,
+    infer,
+    measurement,
+    model,
+    partition,
+    seco,
+    serve,
+    zoo,
+)
 from sealedml.cli._common import run_handler
 
 __all__ = ["build_parser", "main"]
@@ -40,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="log level on stderr (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order of `sealedml --help`.
-    for group in (demo, serve, audit, identity, model, infer, measurement, zoo, partition, bench, attest):
+    for group in (demo, serve, audit, identity, model, infer, measurement, zoo, partition, seco, bench, attest):
         group.add_parser(sub)
     return parser
 

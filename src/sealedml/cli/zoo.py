@@ -5,6 +5,7 @@
     sealedml zoo export digits|digits-mlp|digits-small-cnn|mobilenetv2|resnet50|vgg16|toy --out FILE.onnx [--seed N]
         [--test-data FILE.npy [--samples N]]
     sealedml zoo export digits-cnn|faces-cnn --out FILE.onnx [--seed N] [--data TEST.npz] [--aux AUX.npz]
+    sealedml zoo export digits-mlp|digits-small-cnn --out FILE.onnx [--data TEST.npz]
 
 The trained CNNs (torch, ``pip install 'sealedml[assess]'``) come with their test split and the
 attacker's auxiliary split as ``.npz`` files of ``x`` and ``y``: the inputs of ``partition assess``.
@@ -21,8 +22,10 @@ from sealedml.errors import ConfigurationError
 
 # sealedml.zoo.trained.NAMES, spelled out: importing the zoo here would slow every `sealedml --help`.
 TRAINED = ("digits-cnn", "faces-cnn")
+#: SECO mode's models (scikit-learn, no torch); ``--data`` writes their test split.
+SECO_MODELS = ("digits-mlp", "digits-small-cnn")
 
-__all__ = ["TRAINED", "add_parser", "handle_zoo_export"]
+__all__ = ["SECO_MODELS", "TRAINED", "add_parser", "handle_zoo_export"]
 
 
 def _export_trained(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,6 +56,25 @@ def _export_trained(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def _export_seco(args: argparse.Namespace) -> dict[str, Any]:
+    """A SECO-mode model (trained with scikit-learn) and its test split as ``.npz`` (x, y)."""
+    import numpy as np
+    import onnx
+
+    from sealedml.zoo.digits_mlp import digits_mlp, digits_small_cnn
+
+    trained = digits_mlp() if args.name == "digits-mlp" else digits_small_cnn()
+    onnx.save(trained.model, str(args.out))
+    with open(args.data, "wb") as handle:  # a file object: np.savez would append .npz to other names
+        np.savez(handle, x=trained.x_test.astype(np.float32), y=trained.y_test)
+    return {
+        "model": args.name,
+        "out": str(args.out),
+        "bytes": args.out.stat().st_size,
+        "data": {"path": str(args.data), "samples": len(trained.y_test)},
+    }
+
+
 def handle_zoo_export(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``zoo export``: write a built-in model as ONNX (and for digits, optionally test inputs).
 
@@ -67,8 +89,12 @@ def handle_zoo_export(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.name in TRAINED:
         return _export_trained(args)
+    if args.name in SECO_MODELS and args.data is not None and args.aux is None:
+        return _export_seco(args)
     if args.data is not None or args.aux is not None:
-        raise ConfigurationError(f"--data and --aux exist for the trained models only ({', '.join(TRAINED)})")
+        raise ConfigurationError(
+            f"--data exists for {', '.join((*TRAINED, *SECO_MODELS))}; --aux for {', '.join(TRAINED)} only"
+        )
     model = zoo.get(args.name, seed=args.seed)
     onnx.save(model, str(args.out))
     result: dict[str, Any] = {"model": args.name, "out": str(args.out), "bytes": args.out.stat().st_size}
@@ -94,7 +120,11 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--test-data", type=Path, default=None, help="digits only: also write test inputs (.npy)")
     p.add_argument("--samples", type=int, default=10)
     p.add_argument(
-        "--data", type=Path, default=None, metavar="TEST.npz", help="trained CNNs only: write the test split (x, y)"
+        "--data",
+        type=Path,
+        default=None,
+        metavar="TEST.npz",
+        help="trained CNNs and SECO models (digits-mlp, digits-small-cnn): write the test split (x, y)",
     )
     p.add_argument(
         "--aux",

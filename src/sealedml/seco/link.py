@@ -44,7 +44,7 @@ from sealedml.crypto import (
 )
 from sealedml.errors import CryptoError, ProtocolError
 
-__all__ = ["Link", "LinkError", "LinkInitiator", "LinkReplayError", "LinkResponder", "PartyIdentity"]
+__all__ = ["Link", "LinkError", "LinkInitiator", "LinkReplayError", "LinkResponder", "PartyIdentity", "peek"]
 
 _VERSION = b"sealedml-seco-link-v1"
 _PREFIX = struct.Struct(">I")
@@ -98,6 +98,19 @@ def _field(header: dict[str, object], key: str, kind: type) -> object:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise LinkError(f"link message without a valid {key!r}")
     return value
+
+
+def peek(message: bytes) -> tuple[str, str, str, str]:
+    """A sealed message's (sender, receiver, session, kind), unauthenticated: for routing only.
+
+    The receiving :class:`Link` authenticates all three (they are in the AAD).
+
+    Raises:
+        LinkError: not a link message.
+    """
+    header, _, _ = _unframe(message)
+    sender, receiver, session, kind = (str(_field(header, key, str)) for key in ("from", "to", "session", "kind"))
+    return sender, receiver, session, kind
 
 
 class Link:

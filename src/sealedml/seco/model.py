@@ -35,7 +35,7 @@ from onnx import shape_inference, utils
 from sealedml.errors import InputError
 from sealedml.seco.he.packing import uniform_mod
 
-__all__ = ["SECO_FRACTION_BITS", "SECO_PRIME", "AffineLayer", "SecoModel", "compile_model"]
+__all__ = ["SECO_FRACTION_BITS", "SECO_PRIME", "AffineLayer", "SecoArchitecture", "SecoModel", "compile_model"]
 
 #: SECO's field: the 41-bit prime of the authors' code (also the BFV plaintext modulus).
 SECO_PRIME = 2061584302081
@@ -75,6 +75,104 @@ class AffineLayer:
     bias: np.ndarray
 
 
+@dataclass(frozen=True)
+class SecoArchitecture:
+    """What every party may know of a deployed model: its shapes and number format, no weights.
+
+    The user encodes inputs and decodes outputs with it; the gateway, which holds no
+    weights, lays out the HE products with it.
+    """
+
+    input_name: str
+    input_shape: tuple[int, ...]  # one sample's
+    layer_shapes: tuple[tuple[int, int], ...]  # (n_out, n_in) per affine layer
+    frac_bits: int = SECO_FRACTION_BITS
+    prime: int = SECO_PRIME
+    truncate: bool = True  # the ReLU circuit divides by 2^frac_bits
+    softmax: bool = False  # the ONNX graph ended with a Softmax, which the user applies to the logits
+
+    def __post_init__(self) -> None:
+        if not self.layer_shapes or self.layer_shapes[0][1] != self.n_inputs:
+            raise InputError("the first layer must take the whole input")
+        for (n_out, _), (_, n_next) in itertools.pairwise(self.layer_shapes):
+            if n_out != n_next:
+                raise InputError("each layer must take the previous one's outputs")
+
+    def _input_scale_bits(self, k: int) -> int:
+        """log2 of layer k's input scale."""
+        return self.frac_bits if self.truncate else self.frac_bits * (k + 1)
+
+    @property
+    def n_inputs(self) -> int:
+        return int(np.prod(self.input_shape))
+
+    @property
+    def n_outputs(self) -> int:
+        return self.layer_shapes[-1][0]
+
+    @property
+    def relu_widths(self) -> list[int]:
+        """The width of every ReLU layer (after each affine layer but the last)."""
+        return [n_out for n_out, _ in self.layer_shapes[:-1]]
+
+    def encode_input(self, x: np.ndarray) -> np.ndarray:
+        """One sample (any shape with n_inputs values) as fixed point mod p."""
+        flat = np.asarray(x, dtype=np.float64).reshape(-1)
+        if flat.shape != (self.n_inputs,):
+            raise InputError(f"expected {self.n_inputs} input values, got {flat.size}")
+        if not np.all(np.isfinite(flat)):
+            raise InputError("input values must be finite")
+        return np.round(flat * (1 << self.frac_bits)).astype(np.int64) % self.prime
+
+    def output_scale(self) -> int:
+        return 1 << (self._input_scale_bits(len(self.layer_shapes) - 1) + self.frac_bits)
+
+    def signed(self, values: np.ndarray) -> np.ndarray:
+        """Field elements as signed integers in (−p/2, p/2]."""
+        v = np.asarray(values, dtype=np.int64) % self.prime
+        return np.where(v > self.prime // 2, v - self.prime, v)
+
+    def decode_output(self, values: np.ndarray) -> np.ndarray:
+        """Logits (float64) from their field representation."""
+        return self.signed(values).astype(np.float64) / self.output_scale()
+
+    def model_output(self, logits: np.ndarray) -> np.ndarray:
+        """What the original ONNX model outputs: the logits, or their softmax if it ended with one."""
+        if not self.softmax:
+            return logits
+        shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return np.asarray(shifted / shifted.sum(axis=-1, keepdims=True))
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "input_name": self.input_name,
+            "input_shape": list(self.input_shape),
+            "layer_shapes": [list(shape) for shape in self.layer_shapes],
+            "frac_bits": self.frac_bits,
+            "prime": self.prime,
+            "truncate": self.truncate,
+            "softmax": self.softmax,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> SecoArchitecture:
+        """Raises: InputError — not an architecture document."""
+        if not isinstance(doc, dict):
+            raise InputError("not a SECO model architecture")
+        try:
+            return cls(
+                input_name=str(doc["input_name"]),
+                input_shape=tuple(int(d) for d in doc["input_shape"]),
+                layer_shapes=tuple((int(o), int(i)) for o, i in doc["layer_shapes"]),
+                frac_bits=int(doc["frac_bits"]),
+                prime=int(doc["prime"]),
+                truncate=bool(doc["truncate"]),
+                softmax=bool(doc.get("softmax", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError("not a SECO model architecture") from exc
+
+
 @dataclass(frozen=True, eq=False)
 class SecoModel:
     """Affine layers with a ReLU after every one but the last."""
@@ -85,10 +183,23 @@ class SecoModel:
     frac_bits: int = SECO_FRACTION_BITS
     prime: int = SECO_PRIME
     truncate: bool = True  # the ReLU circuit divides by 2^frac_bits
+    softmax: bool = False  # the graph ended with a Softmax (left to the user)
+
+    @property
+    def architecture(self) -> SecoArchitecture:
+        """The public part: shapes and number format."""
+        return SecoArchitecture(
+            self.input_name,
+            self.input_shape,
+            tuple((int(layer.weight.shape[0]), int(layer.weight.shape[1])) for layer in self.layers),
+            self.frac_bits,
+            self.prime,
+            self.truncate,
+            self.softmax,
+        )
 
     def _input_scale_bits(self, k: int) -> int:
-        """log2 of layer k's input scale."""
-        return self.frac_bits if self.truncate else self.frac_bits * (k + 1)
+        return self.architecture._input_scale_bits(k)
 
     @property
     def n_inputs(self) -> int:
@@ -96,10 +207,7 @@ class SecoModel:
 
     def encode_input(self, x: np.ndarray) -> np.ndarray:
         """One sample (any shape with n_inputs values) as fixed point mod p."""
-        flat = np.asarray(x, dtype=np.float64).reshape(-1)
-        if flat.shape != (self.n_inputs,):
-            raise InputError(f"expected {self.n_inputs} input values, got {flat.size}")
-        return np.round(flat * (1 << self.frac_bits)).astype(np.int64) % self.prime
+        return self.architecture.encode_input(x)
 
     def fixed_point(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each layer's (W, b) mod p: W at scale 2^f, b at the layer's output scale."""
@@ -112,16 +220,15 @@ class SecoModel:
         return out
 
     def output_scale(self) -> int:
-        return 1 << (self._input_scale_bits(len(self.layers) - 1) + self.frac_bits)
+        return self.architecture.output_scale()
 
     def signed(self, values: np.ndarray) -> np.ndarray:
         """Field elements as signed integers in (−p/2, p/2]."""
-        v = np.asarray(values, dtype=np.int64) % self.prime
-        return np.where(v > self.prime // 2, v - self.prime, v)
+        return self.architecture.signed(values)
 
     def decode_output(self, values: np.ndarray) -> np.ndarray:
         """Logits (float64) from their field representation."""
-        return self.signed(values).astype(np.float64) / self.output_scale()
+        return self.architecture.decode_output(values)
 
     def reference(self, x: np.ndarray) -> tuple[np.ndarray, int]:
         """The exact fixed-point computation the protocol reproduces, in Python integers.
@@ -207,7 +314,8 @@ def compile_model(model: onnx.ModelProto) -> SecoModel:
         raise InputError("SECO mode needs a fixed per-sample input shape")
     nodes = list(graph.node)
     output = graph.output[0].name
-    if nodes and nodes[-1].op_type == "Softmax" and nodes[-1].output[0] == output:
+    softmax = bool(nodes) and nodes[-1].op_type == "Softmax" and nodes[-1].output[0] == output
+    if softmax:
         output = nodes[-1].input[0]  # the user applies the Softmax to the logits
         nodes = nodes[:-1]
     for node in nodes:
@@ -234,4 +342,4 @@ def compile_model(model: onnx.ModelProto) -> SecoModel:
         except Exception as exc:  # the extractor or ONNX Runtime: the segment is not self-contained
             raise InputError(f"the layers from {start!r} to {end!r} do not form a chain segment") from exc
         layers.append(layer)
-    return SecoModel(tuple(layers), inputs[0].name, tuple(dims))
+    return SecoModel(tuple(layers), inputs[0].name, tuple(dims), softmax=softmax)

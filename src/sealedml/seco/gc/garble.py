@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import numpy as np
 import numpy.typing as npt
@@ -187,6 +188,61 @@ def _tweaks(start: int, stop: int, low: np.uint64) -> Blocks:
     return tweak
 
 
+@dataclass(frozen=True)
+class _Level:
+    """Gates whose inputs are all ready once the previous levels ran: done together."""
+
+    xor: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]  # out, a, b
+    inv: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]  # out, a
+    and_: tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]  # + index
+
+
+_SCHEDULES: WeakKeyDictionary[Circuit, list[_Level]] = WeakKeyDictionary()
+
+
+def _schedule(circuit: Circuit) -> list[_Level]:
+    """The gates by depth (1 + the deepest input), each AND keeping its index (its tweak).
+
+    Running a level at once turns thousands of small array operations into a few hundred
+    larger ones — the same results, since gates of one level never feed each other.
+    """
+    cached = _SCHEDULES.get(circuit)
+    if cached is not None:
+        return cached
+    depth = [0] * circuit.n_wires
+    by_level: dict[int, list[tuple[Op, int, int, int, int]]] = {}
+    and_index = 0
+    for op, a, b, out in circuit.gates:
+        level = 1 + max(depth[a], depth[b] if b >= 0 else 0)
+        depth[out] = level
+        by_level.setdefault(level, []).append((op, a, b, out, and_index))
+        and_index += op is Op.AND
+
+    def columns(gates: list[tuple[Op, int, int, int, int]], op: Op, fields: tuple[int, ...]) -> list[np.ndarray]:
+        chosen = [g for g in gates if g[0] is op]
+        return [np.array([g[f] for g in chosen], dtype=np.intp) for f in fields]
+
+    levels = []
+    for level in sorted(by_level):
+        gates = by_level[level]
+        xo, xa, xb = columns(gates, Op.XOR, (3, 1, 2))
+        io, ia = columns(gates, Op.INV, (3, 1))
+        ao, aa, ab, ai = columns(gates, Op.AND, (3, 1, 2, 4))
+        levels.append(_Level((xo, xa, xb), (io, ia), (ao, aa, ab, ai)))
+    _SCHEDULES[circuit] = levels
+    return levels
+
+
+def _all_tweaks(and_count: int, n: int, first_copy: int) -> npt.NDArray[np.uint64]:
+    """Tweaks ``[parity, g, copy] = (2g + parity, copy)`` of every AND gate g for copies ``first_copy …``."""
+    tweak = np.empty((2, and_count, n, 2), dtype=LABEL_DTYPE)
+    gates = np.arange(and_count, dtype=LABEL_DTYPE)[:, None]
+    tweak[0, :, :, 0] = np.uint64(2) * gates
+    tweak[1, :, :, 0] = np.uint64(2) * gates + np.uint64(1)
+    tweak[:, :, :, 1] = np.arange(first_copy, first_copy + n, dtype=LABEL_DTYPE)
+    return tweak
+
+
 def _garble_chunk(
     circuit: Circuit,
     zero_inputs: LabelArray,
@@ -199,30 +255,29 @@ def _garble_chunk(
     n = zero_inputs.shape[1]
     labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
     labels[: circuit.n_inputs] = zero_inputs
-    tweak = np.empty((4 * n, 2), dtype=LABEL_DTYPE)
-    tweak[:, 1] = np.tile(np.arange(first_copy, first_copy + n, dtype=LABEL_DTYPE), 4)
-    and_index = 0
-    for op, a, b, out in circuit.gates:
-        if op is Op.XOR:
-            labels[out] = labels[a] ^ labels[b]
-        elif op is Op.INV:
-            labels[out] = labels[a] ^ delta
-        else:
-            a0, b0 = labels[a], labels[b]
-            tweak[: 2 * n, 0] = 2 * and_index
-            tweak[2 * n :, 0] = 2 * and_index + 1
-            h = hash_(np.concatenate((a0, a0 ^ delta, b0, b0 ^ delta)), tweak)
-            ha0, ha1, hb0, hb1 = h[:n], h[n : 2 * n], h[2 * n : 3 * n], h[3 * n :]
-            pa, pb = _mask(_colour(a0)), _mask(_colour(b0))
-            # ZRE15 Fig. 2: garbler half-gate (a AND known p_b), evaluator half-gate (a AND b ⊕ p_b)
-            t_g = ha0 ^ ha1 ^ (pb & delta)
-            w_g = ha0 ^ (pa & t_g)
-            t_e = hb0 ^ hb1 ^ a0
-            w_e = hb0 ^ (pb & (t_e ^ a0))
-            labels[out] = w_g ^ w_e
-            tables[and_index, :, 0] = t_g
-            tables[and_index, :, 1] = t_e
-            and_index += 1
+    all_tweaks = _all_tweaks(circuit.and_count, n, first_copy)
+    for level in _schedule(circuit):
+        (xo, xa, xb), (io, ia), (ao, aa, ab, index) = level.xor, level.inv, level.and_
+        if len(xo):
+            labels[xo] = labels[xa] ^ labels[xb]
+        if len(io):
+            labels[io] = labels[ia] ^ delta
+        if not len(ao):
+            continue
+        k = len(ao)
+        a0, b0 = labels[aa].reshape(-1, 2), labels[ab].reshape(-1, 2)
+        even, odd = all_tweaks[0, index].reshape(-1, 2), all_tweaks[1, index].reshape(-1, 2)
+        h = hash_(np.concatenate((a0, a0 ^ delta, b0, b0 ^ delta)), np.concatenate((even, even, odd, odd)))
+        ha0, ha1, hb0, hb1 = np.split(h, 4)
+        pa, pb = _mask(_colour(a0)), _mask(_colour(b0))
+        # ZRE15 Fig. 2: garbler half-gate (a AND known p_b), evaluator half-gate (a AND b ⊕ p_b)
+        t_g = ha0 ^ ha1 ^ (pb & delta)
+        w_g = ha0 ^ (pa & t_g)
+        t_e = hb0 ^ hb1 ^ a0
+        w_e = hb0 ^ (pb & (t_e ^ a0))
+        labels[ao] = (w_g ^ w_e).reshape(k, n, 2)
+        tables[index, :, 0] = t_g.reshape(k, n, 2)
+        tables[index, :, 1] = t_e.reshape(k, n, 2)
     return labels
 
 
@@ -274,22 +329,21 @@ def _evaluate_chunk(
     n = inputs.shape[1]
     labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
     labels[: circuit.n_inputs] = inputs
-    tweak = np.empty((2 * n, 2), dtype=LABEL_DTYPE)
-    tweak[:, 1] = np.tile(np.arange(first_copy, first_copy + n, dtype=LABEL_DTYPE), 2)
-    and_index = 0
-    for op, a, b, out in circuit.gates:
-        if op is Op.XOR:
-            labels[out] = labels[a] ^ labels[b]
-        elif op is Op.INV:
-            labels[out] = labels[a]
-        else:
-            wa, wb = labels[a], labels[b]
-            tweak[:n, 0] = 2 * and_index
-            tweak[n:, 0] = 2 * and_index + 1
-            h = hash_(np.concatenate((wa, wb)), tweak)
-            t_g, t_e = tables[and_index, :, 0], tables[and_index, :, 1]
-            w_g = h[:n] ^ (_mask(_colour(wa)) & t_g)
-            w_e = h[n:] ^ (_mask(_colour(wb)) & (t_e ^ wa))
-            labels[out] = w_g ^ w_e
-            and_index += 1
+    all_tweaks = _all_tweaks(circuit.and_count, n, first_copy)
+    for level in _schedule(circuit):
+        (xo, xa, xb), (io, ia), (ao, aa, ab, index) = level.xor, level.inv, level.and_
+        if len(xo):
+            labels[xo] = labels[xa] ^ labels[xb]
+        if len(io):
+            labels[io] = labels[ia]
+        if not len(ao):
+            continue
+        k = len(ao)
+        wa, wb = labels[aa].reshape(-1, 2), labels[ab].reshape(-1, 2)
+        h = hash_(np.concatenate((wa, wb)), all_tweaks[:, index].reshape(-1, 2))
+        rows = tables[index]  # (k, n, 2, 2)
+        t_g, t_e = rows[:, :, 0].reshape(-1, 2), rows[:, :, 1].reshape(-1, 2)
+        w_g = h[: k * n] ^ (_mask(_colour(wa)) & t_g)
+        w_e = h[k * n :] ^ (_mask(_colour(wb)) & (t_e ^ wa))
+        labels[ao] = (w_g ^ w_e).reshape(k, n, 2)
     return labels

@@ -150,10 +150,12 @@ class Party:
         return {}, [fhe.Serialize(cc, fhe.BINARY)]
 
     def _enable(self, cc: Any) -> None:
+        """Use ``cc`` from now on; a new context starts a new key generation (keys of the old are dropped)."""
         for feature in (fhe.PKE, fhe.KEYSWITCH, fhe.LEVELEDSHE, fhe.MULTIPARTY):
             cc.Enable(feature)
         self.cc = cc
         self.modulus = int(cc.GetPlaintextModulus())
+        self.secret = self.public = self.joint = None
 
     def context_load(self, _: dict[str, Any], blobs: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         cc = _deserialize(fhe.DeserializeCryptoContextString, blobs[0], "not a crypto context")

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sealedml.seco.he.client import HeSidecar
+from sealedml.seco.he.client import HeEngineError, HeSidecar
 from sealedml.seco.he.packing import MatvecLayout, PackedLayers, uniform_mod
 
-__all__ = ["SECO_MODULUS", "LinearShares", "ThresholdSession"]
+__all__ = ["SECO_MODULUS", "HeParty", "LinearShares", "ThresholdSession"]
 
 #: SECO's plaintext modulus: the 41-bit prime of the authors' code.
 SECO_MODULUS = 2061584302081
@@ -57,6 +57,77 @@ class LinearShares:
     r_shares: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
+class HeParty:
+    """One party's own part of the threshold scheme: its engine and what it alone computes.
+
+    A (``lead=True``) makes the context, adds ciphertexts and fuses decryptions; B and C hold
+    weight shares and multiply. Masks a party draws stay inside it: :meth:`masked_products`
+    returns only their row sums, which are that party's output shares. The SECO servers
+    (:mod:`sealedml.seco.remote`, :mod:`sealedml.seco.gateway`) and :class:`ThresholdSession`
+    call these same methods; only how the blobs travel differs.
+    """
+
+    def __init__(self, engine: HeSidecar, *, modulus: int = SECO_MODULUS, lead: bool = False) -> None:
+        self.engine, self.modulus, self.lead = engine, modulus, lead
+        self.slots = 0
+
+    def new_context(self, noise_flooding: bool = True) -> bytes:
+        """The lead's crypto context (parameters only, no keys), to load everywhere."""
+        _, (context,) = self.engine.call(
+            "context_new", {"plaintext_modulus": self.modulus, "noise_flooding": noise_flooding}
+        )
+        return context
+
+    def load_context(self, context: bytes) -> None:
+        info, _ = self.engine.call("context_load", blobs=[context])
+        if int(info["plaintext_modulus"]) != self.modulus:
+            raise HeEngineError("malformed", "the context has another plaintext modulus")
+        self.slots = int(info["ring_dimension"])
+
+    def keygen(self, previous: bytes | None = None) -> bytes:
+        """This party's key share; returns the public key joint with ``previous`` (the chain so far)."""
+        _, (public,) = self.engine.call("keygen", blobs=[previous] if previous is not None else [])
+        return public
+
+    def set_public_key(self, joint: bytes) -> None:
+        self.engine.call("set_public_key", blobs=[joint])
+
+    def encrypt_masks(self, packing: PackedLayers, vectors: list[np.ndarray]) -> list[bytes]:
+        """Enc of this party's share of every layer's mask, replicated under its rows."""
+        return [self.engine.call("encrypt", {"values": plane})[1][0] for plane in packing.replicate(vectors)]
+
+    def add_each(self, *groups: Sequence[bytes]) -> list[bytes]:
+        """Ciphertext i of every group added together, for each i (the lead's sums)."""
+        return [self.engine.call("add", blobs=list(cts))[1][0] for cts in zip(*groups, strict=True)]
+
+    def masked_products(
+        self, packing: PackedLayers, weights: list[np.ndarray], enc_r: list[bytes]
+    ) -> tuple[list[bytes], list[np.ndarray]]:
+        """Enc(W ⊙ r − S) per ciphertext for this party's weight shares, S uniform over every slot.
+
+        Returns the ciphertexts (for the lead) and, per layer, the row sums of S: this party's
+        output share s of W·r − s.
+        """
+        masks = packing.random_masks(self.modulus)
+        products = [
+            self.engine.call("matvec", {"block": 1, "weights": w, "mask": m}, [ct])[1][0]
+            for w, m, ct in zip(packing.weight_planes(weights), masks, enc_r, strict=True)
+        ]
+        return products, packing.row_sums(masks, self.modulus)
+
+    def partial_decrypt(self, ciphertexts: list[bytes]) -> list[bytes]:
+        """This party's (noise-flooded) partial decryption of each ciphertext."""
+        return [self.engine.call("partial_decrypt", {"lead": self.lead}, [ct])[1][0] for ct in ciphertexts]
+
+    def fuse_rows(self, packing: PackedLayers, partials: Sequence[Sequence[bytes]]) -> list[np.ndarray]:
+        """The lead fuses every party's partials (its own first) and sums each row: W·r − s_B − s_C."""
+        fused = []
+        for shares in zip(*partials, strict=True):
+            answer, _ = self.engine.call("fuse", {"length": self.slots}, list(shares))
+            fused.append([int(v) for v in answer["values"]])
+        return packing.row_sums(fused, self.modulus)
+
+
 class ThresholdSession:
     """Three parties' HE engines with a joint key (A lead, B and C joining).
 
@@ -74,27 +145,28 @@ class ThresholdSession:
         if len(engines) != 3:
             raise ValueError("a session has exactly three parties")
         self.a, self.b, self.c = engines
+        self.lead = HeParty(self.a, modulus=modulus, lead=True)
+        self.holder_b, self.holder_c = HeParty(self.b, modulus=modulus), HeParty(self.c, modulus=modulus)
         self.modulus = modulus
         #: Bytes that cross each server link (both directions), as if the engines were remote.
         self.traffic = {"A-B": 0, "A-C": 0, "B-C": 0}
-        _, (context,) = self.a.call("context_new", {"plaintext_modulus": modulus, "noise_flooding": noise_flooding})
-        info: dict[str, object] = {}
-        for engine in engines:
-            info, _ = engine.call("context_load", blobs=[context])
-        self.slots = int(str(info["ring_dimension"]))
+        context = self.lead.new_context(noise_flooding)
+        for party in (self.lead, self.holder_b, self.holder_c):
+            party.load_context(context)
+        self.slots = self.lead.slots
         self.context_bytes = len(context)
         self._carry("A-B", context)
         self._carry("A-C", context)
         # Key generation, two rounds along A → B → C; C's public key is the joint one.
-        _, (pk_a,) = self.a.call("keygen")
-        _, (pk_ab,) = self.b.call("keygen", blobs=[pk_a])
-        _, (pk_abc,) = self.c.call("keygen", blobs=[pk_ab])
+        pk_a = self.lead.keygen()
+        pk_ab = self.holder_b.keygen(pk_a)
+        pk_abc = self.holder_c.keygen(pk_ab)
         self._pk_ab, self._pk_abc = pk_ab, pk_abc
         self._carry("A-B", pk_a)
         self._carry("B-C", pk_ab, pk_abc)
         self._carry("A-C", pk_abc)
-        for engine in engines:
-            engine.call("set_public_key", blobs=[pk_abc])
+        for party in (self.lead, self.holder_b, self.holder_c):
+            party.set_public_key(pk_abc)
         self._rotations: set[int] = set()
         self.rotation_key_bytes = 0
 
@@ -199,35 +271,26 @@ class ThresholdSession:
         """The offline step of several layers at once, packed side by side (:class:`PackedLayers`).
 
         Layer k's mask shares ``r_shares[k]`` must be known up front — in SECO mode they are
-        (the next layer's mask is drawn, not computed). Rows are summed after decryption.
+        (the next layer's mask is drawn, not computed). Rows are summed after decryption. Each
+        party's part is a :class:`HeParty` method, the same ones the SECO servers call.
         """
         packing = PackedLayers(tuple(np.asarray(w).shape for w in weights_b), self.slots)
-        by_party = [[shares[i] for shares in r_shares] for i in range(3)]
-        masks = {"b": packing.random_masks(self.modulus), "c": packing.random_masks(self.modulus)}
-        planes = {"b": packing.weight_planes(weights_b), "c": packing.weight_planes(weights_c)}
+        parties = (self.lead, self.holder_b, self.holder_c)
         with ThreadPoolExecutor(3) as pool:  # the three parties work at once, as on three hosts
             encrypted = list(
-                pool.map(
-                    lambda engine, vectors: [
-                        engine.call("encrypt", {"values": plane})[1][0] for plane in packing.replicate(vectors)
-                    ],
-                    (self.a, self.b, self.c),
-                    by_party,
-                )
+                pool.map(lambda party, i: party.encrypt_masks(packing, [s[i] for s in r_shares]), parties, range(3))
             )
-            enc_r = [self.a.call("add", blobs=list(cts))[1][0] for cts in zip(*encrypted, strict=True)]
+            enc_r = self.lead.add_each(*encrypted)
             self._carry("A-B", *encrypted[1], *enc_r)
             self._carry("A-C", *encrypted[2], *enc_r)
-
-            def holder(engine: HeSidecar, party: str) -> list[bytes]:
-                return [
-                    engine.call("matvec", {"block": 1, "weights": w, "mask": m}, [ct])[1][0]
-                    for w, m, ct in zip(planes[party], masks[party], enc_r, strict=True)
-                ]
-
-            from_b, from_c = pool.map(holder, (self.b, self.c), ("b", "c"))
-            fused = self._decrypt_sum(pool, from_b, from_c)
-        a = packing.row_sums(fused, self.modulus)
-        b = packing.row_sums(masks["b"], self.modulus)
-        c = packing.row_sums(masks["c"], self.modulus)
-        return [LinearShares(a[k], b[k], c[k], r_shares[k]) for k in range(len(weights_b))]
+            (from_b, s_b), (from_c, s_c) = pool.map(
+                lambda party, w: party.masked_products(packing, w, enc_r),
+                (self.holder_b, self.holder_c),
+                (weights_b, weights_c),
+            )
+            totals = self.lead.add_each(from_b, from_c)
+            partials = list(pool.map(lambda party: party.partial_decrypt(totals), parties))
+            self._carry("A-B", *from_b, *totals, *partials[1])
+            self._carry("A-C", *from_c, *totals, *partials[2])
+        a = self.lead.fuse_rows(packing, partials)
+        return [LinearShares(a[k], s_b[k], s_c[k], r_shares[k]) for k in range(len(weights_b))]
