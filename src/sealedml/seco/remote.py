@@ -125,6 +125,9 @@ class RemoteServer:
         shapes = tuple(np.asarray(w).shape for w in weights)
         if shapes != architecture.layer_shapes or [len(b) for b in biases] != [o for o, _ in shapes]:
             raise ConfigurationError("the weight shares do not match the model's architecture")
+        p = architecture.prime
+        if any(np.asarray(a).min() < 0 or np.asarray(a).max() >= p for a in (*weights, *biases)):
+            raise ConfigurationError("the weight shares are not field elements mod p")
         self.name, self.architecture, self.p = name, architecture, architecture.prime
         self.weights, self.biases = [np.asarray(w) for w in weights], [np.asarray(b) for b in biases]
         self._key, self._peers = key, dict(peers)
