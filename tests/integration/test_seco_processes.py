@@ -117,20 +117,25 @@ def he_python_ready() -> None:
 def test_digits_through_four_processes_equal_the_plaintext_predictions(mlp_deployment: dict[str, Any]) -> None:
     root, gateway = mlp_deployment["root"], mlp_deployment["servers"]["A"].url
     data = np.load(root / "test.npz")
-    x, y = data["x"][:30], data["y"][:30]
+    x, y = data["x"][:12], data["y"][:12]
     np.save(root / "x.npy", x)
+    with open(root / "part.npz", "wb") as handle:
+        np.savez(handle, x=x, y=y)
     done = sealedml(
         "infer", "--mode", "seco", "--gateway", gateway, "--client", str(root / "deploy" / "user"),
-        "--input", str(root / "x.npy"), "--out", str(root / "logits.npy"),
+        "--input", str(root / "part.npz"), "--out", str(root / "outputs.npy"), "--reference", str(root / "mlp.onnx"),
     )  # fmt: skip
     report = json.loads(done.stdout)
     plain = _plain_logits(root / "mlp.onnx", x)
-    assert report["samples"] == 30 and report["predictions"] == plain.argmax(1).tolist()
-    seco_outputs = np.load(root / "logits.npy")  # the model's own outputs: it ends with a Softmax
+    assert report["samples"] == 12 and report["predictions"] == plain.argmax(1).tolist()
+    seco_outputs = np.load(root / "outputs.npy")  # the model's own outputs: it ends with a Softmax
     assert np.allclose(seco_outputs, _fixed_point_outputs(root / "mlp.onnx", x), rtol=0, atol=1e-12)  # bit-exact
-    assert np.abs(seco_outputs - plain).max() < 0.1  # the fixed-point error (8 fractional bits) stays small
-    accuracy = float((np.array(report["predictions"]) == y).mean())
-    assert accuracy >= float((plain.argmax(1) == y).mean()) - 0.005
+    reference = report["reference"]
+    assert reference["predictions_equal"] == "12/12"
+    assert reference["max_abs_error"] == pytest.approx(float(np.abs(seco_outputs - plain).max()), abs=1e-6)
+    assert reference["max_abs_error"] < 0.1  # the fixed-point error (8 fractional bits) stays small
+    assert report["accuracy"] >= reference["accuracy"] - 0.005
+    assert report["accuracy"] == float((np.array(report["predictions"]) == y).mean())
     assert report["online_ms"] > 0 and report["offline_s"] > 0
     assert set(report["link_bytes"]) == {"U-A", "A-B", "A-C", "B-C"}
 

@@ -4,13 +4,16 @@
 
     sealedml infer ID --gateway URL --identity FILE --keyservice URL
         --input X.npy | --input NAME=FILE.npy ... | --input FILE.npz  [--out Y.npy|Y.npz] [--skip-check]
-    sealedml infer --mode seco --gateway URL --client DIR/user --input X.npy|X.npz [--out LOGITS.npy]
+    sealedml infer --mode seco --gateway URL --client DIR/user --input X.npy|TEST.npz [--out Y.npy]
+        [--reference MODEL.onnx]
 
 Inputs and outputs are NumPy files (never pickles). Before sending, the KeyService is asked
 whether you enabled the model (``--skip-check`` saves that round trip). ``--mode seco`` talks to
 a SECO-mode gateway instead (``sealedml seco``, ``docs/seco.md``): no TEE, no KeyService; the
 input (one sample, or a batch along the first axis) is masked, and the logits come back as
-three shares that only you add up.
+three shares that only you add up. With a ``.npz`` of ``x`` and ``y`` it reports the accuracy;
+``--reference MODEL.onnx`` runs the plaintext model locally beside it and reports the
+fixed-point error.
 """
 
 from __future__ import annotations
@@ -111,6 +114,11 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
         for flag, value in (("ID", args.model_id), ("--identity", args.identity), ("--keyservice", args.keyservice))
         if value is None
     ]
+    seco_only = [
+        flag for flag, value in (("--client", args.client), ("--reference", args.reference)) if value is not None
+    ]
+    if seco_only:
+        raise ConfigurationError(f"{', '.join(seco_only)}: --mode seco only")
     if missing:
         raise ConfigurationError(f"infer needs {', '.join(missing)} (or --mode seco)")
     inputs, _ = _load_inputs(args.input)
@@ -150,6 +158,13 @@ def add_parser(subparsers: Subcommands) -> None:
         help="tee: a sealed model in an attested runtime (default); seco: split across three servers, no TEE",
     )
     p.add_argument("--client", type=Path, default=None, metavar="DIR", help="--mode seco: your party directory")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        metavar="MODEL.onnx",
+        help="--mode seco: also run the plaintext model here and report the fixed-point error",
+    )
     p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
     p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
     p.add_argument("--gateway", required=True, metavar="URL")

@@ -6,7 +6,8 @@
     sealedml seco serve --role remote --dir DIR/remote-b [--host H] [--port N] [--record FILE]
     sealedml seco serve --role remote --dir DIR/remote-c [--port N]
     sealedml seco serve --role gateway --dir DIR/gateway --remote B=URL --remote C=URL [--port N]
-    sealedml infer --mode seco --gateway URL --client DIR/user --input X.npy [--out Y.npy]
+    sealedml infer --mode seco --gateway URL --client DIR/user --input X.npy|TEST.npz [--out Y.npy]
+        [--reference MODEL.onnx]
 
 ``deploy`` writes one directory per party (``docs/seco.md``): the gateway's (no weights), each
 remote server's weight share, and the user's. Each server runs from its own directory and
@@ -16,6 +17,7 @@ starts its own HE side process (``make he-venv`` provides the interpreter).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +151,13 @@ def run_seco_infer(args: argparse.Namespace) -> dict[str, Any]:
         raise InputError(f"the input has {x.size} values, not a multiple of the model's {arch.n_inputs}")
     samples = x.reshape(-1, arch.n_inputs)
     gateway = HttpGateway(args.gateway)
+    results = []
     try:
         user = SecoUser(arch, party.key, party.peers, gateway)
-        results = [user.query(sample) for sample in samples]
+        for i, sample in enumerate(samples):
+            results.append(user.query(sample))
+            if not args.json and len(samples) > 1 and ((i + 1) % 10 == 0 or i + 1 == len(samples)):
+                print(f"[seco] {i + 1}/{len(samples)} queries", file=sys.stderr, flush=True)
     finally:
         gateway.close()
     logits = np.stack([r.logits for r in results])
@@ -169,10 +175,54 @@ def run_seco_infer(args: argparse.Namespace) -> dict[str, Any]:
         out["logits"] = logits.round(4).tolist()
         if arch.softmax:
             out["probabilities"] = outputs.round(4).tolist()
+    labels = _labels(Path(args.input[0]), len(results))
+    if labels is not None:
+        out["accuracy"] = round(float((logits.argmax(axis=1) == labels).mean()), 4)
+    if args.reference is not None:
+        out["reference"] = _compare(args.reference, samples.reshape(-1, *arch.input_shape), outputs, labels)
     if args.out is not None:
         np.save(args.out, outputs)
         out["out"] = str(args.out)
     return out
+
+
+def _labels(path: Path, n: int) -> Any:
+    """The ``y`` array of an ``.npz`` input with one label per sample, else None."""
+    import numpy as np
+
+    if path.suffix != ".npz":
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        if "y" not in data.files or data["y"].shape != (n,):
+            return None
+        return data["y"]
+
+
+def _compare(model_path: Path, x: Any, outputs: Any, labels: Any) -> dict[str, Any]:
+    """The plaintext model on the same inputs (ONNX Runtime, here): SECO mode's fixed-point error.
+
+    Raises:
+        InputError: the reference is not an ONNX model taking these inputs.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    if not model_path.is_file():
+        raise InputError(f"{model_path} not found")
+    try:
+        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        plain = session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0].reshape(outputs.shape)
+    except Exception as exc:  # ONNX Runtime's own exception types
+        raise InputError(f"{model_path}: not an ONNX model for these inputs ({type(exc).__name__})") from None
+    agree = int((plain.argmax(axis=1) == outputs.argmax(axis=1)).sum())
+    report: dict[str, Any] = {
+        "model": str(model_path),
+        "max_abs_error": float(np.abs(outputs - plain).max()),
+        "predictions_equal": f"{agree}/{len(plain)}",
+    }
+    if labels is not None:
+        report["accuracy"] = round(float((plain.argmax(axis=1) == labels).mean()), 4)
+    return report
 
 
 def add_parser(subparsers: Subcommands) -> None:

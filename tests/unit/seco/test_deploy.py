@@ -167,6 +167,10 @@ def test_seco_deploy_refuses_what_seco_cannot_compute_naming_the_node(
             ["infer", "m", "--mode", "seco", "--gateway", "http://h", "--client", "d", "--input", "x.npy"],
             "TEE mode only",
         ),
+        (
+            ["infer", "m", "--gateway", "http://h", "--identity", "i", "--keyservice", "http://k", "--client", "d"],
+            "--mode seco only",
+        ),
     ],
 )
 def test_seco_commands_refuse_bad_flags_in_one_line(
