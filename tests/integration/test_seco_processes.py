@@ -133,7 +133,7 @@ def test_digits_through_four_processes_equal_the_plaintext_predictions(mlp_deplo
     reference = report["reference"]
     assert reference["predictions_equal"] == "12/12"
     assert reference["max_abs_error"] == pytest.approx(float(np.abs(seco_outputs - plain).max()), abs=1e-6)
-    assert reference["max_abs_error"] < 0.1  # the fixed-point error (8 fractional bits) stays small
+    assert reference["max_abs_error"] < 0.1  # the fixed-point error (12 fractional bits) stays small
     assert report["accuracy"] >= reference["accuracy"] - 0.005
     assert report["accuracy"] == float((np.array(report["predictions"]) == y).mean())
     assert report["online_ms"] > 0 and report["offline_s"] > 0

@@ -384,9 +384,12 @@ def test_sealed_model_rejects_plain_onnx_file(model: onnx.ModelProto) -> None:
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"format": 3}, "unsupported"),
+        ({"format": 4}, "unsupported"),
         ({"format": 0}, "unsupported"),
         ({"format": 2}, "malformed"),  # a part container's format without the part fields
+        ({"format": 3}, "malformed"),  # a model file's format without its payload kind
+        ({"format": 3, "payload": "keras"}, "unknown payload"),
+        ({"payload": "tflite"}, "malformed"),  # an ONNX container's format with a payload kind
         ({"format": "1"}, "unsupported"),
         ({"n_chunks": 1}, "inconsistent"),
         ({"n_chunks": 10**6}, "inconsistent"),

@@ -2,7 +2,7 @@
 
 ::
 
-    sealedml model seal IN.onnx --model-id ID --store DIR [--version N]       (owner)
+    sealedml model seal IN.onnx|IN.tflite --model-id ID --store DIR [--version N]       (owner)
     sealedml model allow-runtime ID --measurement [TEE:]HEX [--tee T] [--remove] (owner)
     sealedml model grant|revoke ID --user USER_ID                             (owner)
     sealedml model enable ID [--measurement [TEE:]HEX ...] [--tee T]           (user)
@@ -50,7 +50,7 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
         InputError: the file is not a usable ONNX model.
         ConfigurationError: unreadable identity or bad trust options.
     """
-    from sealedml.client.owner import load_onnx, publish_model, publish_partition
+    from sealedml.client.owner import load_model_file, publish_model, publish_partition
     from sealedml.storage.modelstore import LocalModelStore
 
     if (args.input is None) == (args.partition is None):
@@ -65,7 +65,7 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
                 partition, model_id=args.model_id, keyservice=ks, store=store, version=args.version
             )
     else:
-        model = load_onnx(args.input)
+        model = load_model_file(args.input)  # ONNX, or a .tflite file sealed unmodified
         with keyservice_client(args) as ks:
             published = publish_model(model, model_id=args.model_id, keyservice=ks, store=store, version=args.version)
     result: dict[str, Any] = {
@@ -151,7 +151,7 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register the ``model`` group on ``subparsers``."""
     model = add_group(subparsers, "model", "model owner and user commands")
     p = add_command(model, "seal", handle_model_seal, "seal an ONNX model, store it, upload its key")
-    p.add_argument("input", type=Path, metavar="IN.onnx", nargs="?", default=None)
+    p.add_argument("input", type=Path, metavar="IN.onnx|IN.tflite", nargs="?", default=None)
     p.add_argument(
         "--partition",
         type=Path,

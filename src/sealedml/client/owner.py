@@ -11,7 +11,7 @@ import onnx
 
 from sealedml.client.keyservice import KeyServiceClient
 from sealedml.crypto import KEY_SIZE, random_bytes
-from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, seal_model
+from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model, seal_tflite
 from sealedml.errors import AccessDenied, ConfigurationError
 from sealedml.storage.modelstore import ModelStore
 
@@ -46,8 +46,23 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise ConfigurationError(f"{path} is not an ONNX model") from exc
 
 
+def load_model_file(path: Path) -> onnx.ModelProto | bytes:
+    """An ONNX model (with its external data) or, for a TFLite FlatBuffer, the file's bytes unmodified.
+
+    Raises:
+        ConfigurationError: missing, or neither ONNX nor TFLite.
+    """
+    if not path.is_file():
+        raise ConfigurationError(f"{path} not found")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if is_tflite(head):
+        return path.read_bytes()
+    return load_onnx(path)
+
+
 def publish_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | bytes,
     *,
     model_id: str,
     keyservice: KeyServiceClient,
@@ -62,7 +77,8 @@ def publish_model(
     """
     version = version or _next_version(model_id, keyservice, store)
     model_key = random_bytes(KEY_SIZE)
-    sealed = seal_model(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
+    seal = seal_tflite if isinstance(model, bytes | bytearray) and is_tflite(bytes(model)) else seal_model
+    sealed = seal(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
     keyservice.upload_model_key(model_id, version, model_key)
     store.put(model_id, version, sealed)
     return PublishedModel(model_id, version, len(sealed), hashlib.sha256(sealed).hexdigest())

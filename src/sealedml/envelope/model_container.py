@@ -40,7 +40,7 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -61,24 +61,31 @@ from sealedml.crypto import (
     random_bytes,
 )
 from sealedml.crypto.aead import aead_decrypt_into
+from sealedml.envelope.external_data import EXTERNAL_LOCATION, check_external_data
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import CryptoError, SealedModelError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "EXTERNAL_LOCATION",
+    "FILE_FORMAT_VERSION",
+    "FILE_PAYLOADS",
     "MAGIC",
     "PART_FORMAT_VERSION",
     "SEALED_PARTS",
+    "TFLITE_MAGIC",
     "Manifest",
     "SealedModelHeader",
     "SealedModelReader",
     "TensorEntry",
     "check_external_data",
     "check_part",
+    "is_tflite",
     "open_model",
+    "open_tflite",
     "read_header",
     "seal_model",
+    "seal_tflite",
 ]
 
 MAGIC = b"SMLMDL\x00\x01"
@@ -87,6 +94,12 @@ FORMAT_VERSION = 1
 #: the part and the SHA-256 of the partition manifest. A runtime that predates partitioning
 #: refuses them (an unknown format) instead of serving a front part as if it were the model.
 PART_FORMAT_VERSION = 2
+#: Containers whose payload is a whole model file of another kind than ONNX, named by the
+#: header's ``payload`` field (today ``"tflite"``: a TensorFlow Lite FlatBuffer, unmodified).
+#: Runtimes that predate it refuse it as an unknown format instead of misreading it.
+FILE_FORMAT_VERSION = 3
+#: Payload kinds of :data:`FILE_FORMAT_VERSION` containers.
+FILE_PAYLOADS = ("tflite",)
 _HEADER_FIELDS = frozenset(
     {
         "format",
@@ -101,6 +114,7 @@ _HEADER_FIELDS = frozenset(
     }
 )
 _PART_FIELDS = frozenset({"part", "partition_sha256"})
+_FILE_FIELDS = frozenset({"payload"})
 #: The parts of a partitioned model that are sealed (the middle runs outside the TEE, in the clear).
 SEALED_PARTS = ("front", "back")
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -109,7 +123,6 @@ _MAX_MANIFEST = 64 * 1024 * 1024
 _ALIGN = 64
 _KEY_LABEL = b"sealedml/v1/model-chunk-key"
 _AAD_LABEL = b"sealedml/v1/model-chunk"
-EXTERNAL_LOCATION = "sealedml:weights"
 _ID = re.compile(ID_PATTERN)
 
 
@@ -128,6 +141,7 @@ class SealedModelHeader:
     raw: bytes
     part: str | None = None
     partition_sha256: str | None = None
+    payload: str = "onnx"  # what the plaintext is: "onnx" (manifest, graph, weights) or a file kind
 
     @property
     def digest(self) -> bytes:
@@ -163,12 +177,14 @@ class SealedModelHeader:
             doc = loads_json(raw)
             if (
                 not isinstance(doc, dict)
-                or doc.get("format") not in (FORMAT_VERSION, PART_FORMAT_VERSION)
+                or doc.get("format") not in (FORMAT_VERSION, PART_FORMAT_VERSION, FILE_FORMAT_VERSION)
                 or type(doc["format"]) is not int
             ):
                 raise SealedModelError("unsupported sealed model format")
             is_part = doc["format"] == PART_FORMAT_VERSION
-            if set(doc) != (_HEADER_FIELDS | _PART_FIELDS if is_part else _HEADER_FIELDS):
+            is_file = doc["format"] == FILE_FORMAT_VERSION
+            extra = _PART_FIELDS if is_part else _FILE_FIELDS if is_file else frozenset()
+            if set(doc) != _HEADER_FIELDS | extra:
                 # No field a reader would ignore: a whole model's header cannot carry part fields.
                 raise ValueError("unexpected or missing header fields")
             header = cls(
@@ -183,6 +199,7 @@ class SealedModelHeader:
                 raw=raw,
                 part=_typed(doc["part"], str) if is_part else None,
                 partition_sha256=_typed(doc["partition_sha256"], str) if is_part else None,
+                payload=_typed(doc["payload"], str) if is_file else "onnx",
             )
         except SealedModelError:
             raise
@@ -197,6 +214,8 @@ class SealedModelHeader:
             header.part not in SEALED_PARTS or not re.fullmatch(r"[0-9a-f]{64}", header.partition_sha256 or "")
         ):
             raise SealedModelError("invalid partition part in sealed model header")
+        if header.payload != "onnx" and header.payload not in FILE_PAYLOADS:
+            raise SealedModelError("unknown payload kind in sealed model header")
         if (
             header.chunk_size <= 0
             or not 1 <= header.model_version < 2**63
@@ -281,69 +300,6 @@ def _parse_manifest(doc: Any, payload_length: int) -> Manifest:
         if any(d < 0 for d in t.dims) or int(np.prod(t.dims, dtype=np.int64)) * itemsize != t.length:
             raise ValueError(f"tensor {t.name!r}: shape does not match its length")
     return manifest
-
-
-def _uses_external_data(tensor: TensorProto) -> bool:
-    return tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0
-
-
-def _attribute_tensors(graph: onnx.GraphProto | onnx.FunctionProto) -> Iterator[tuple[str, TensorProto]]:
-    """Every tensor in node attributes of ``graph`` (sparse ones as values and indices), subgraphs included."""
-    for node in graph.node:
-        for attr in node.attribute:
-            where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
-            tensors = [attr.t] if attr.HasField("t") else []
-            tensors += list(attr.tensors)
-            sparse = [attr.sparse_tensor] if attr.HasField("sparse_tensor") else []
-            sparse += list(attr.sparse_tensors)
-            for tensor in tensors:
-                yield where, tensor
-            for item in sparse:
-                yield where, item.values
-                yield where, item.indices
-            subgraphs = [attr.g] if attr.HasField("g") else []
-            for sub in subgraphs + list(attr.graphs):
-                yield from _graph_tensors(sub, top_level=False)
-
-
-def _graph_tensors(graph: onnx.GraphProto, *, top_level: bool) -> Iterator[tuple[str, TensorProto]]:
-    """Every tensor of ``graph`` except, at the top level, its dense initializers (checked apart)."""
-    if not top_level:
-        for init in graph.initializer:
-            yield f"initializer {init.name!r} of subgraph {graph.name!r}", init
-    for sparse in graph.sparse_initializer:
-        yield f"sparse initializer {sparse.values.name!r}", sparse.values
-        yield f"sparse initializer {sparse.values.name!r}", sparse.indices
-    yield from _attribute_tensors(graph)
-
-
-def check_external_data(model: onnx.ModelProto, container_tensors: Collection[str]) -> None:
-    """Refuse a graph with any external-data reference outside this container.
-
-    Args:
-        model: the graph (weights inline or still external).
-        container_tensors: names of the top-level initializers whose data this
-            container holds (the manifest's tensors); only they may point to
-            :data:`EXTERNAL_LOCATION`, and nothing may point anywhere else.
-
-    Raises:
-        SealedModelError: naming the first offending tensor.
-    """
-    for init in model.graph.initializer:
-        if not _uses_external_data(init):
-            continue
-        entries = [(e.key, e.value) for e in init.external_data]
-        if init.name not in container_tensors or entries != [("location", EXTERNAL_LOCATION)]:
-            raise SealedModelError(f"initializer {init.name!r} refers to external data outside the sealed model")
-    others = list(_graph_tensors(model.graph, top_level=True))
-    for function in model.functions:
-        others += list(_attribute_tensors(function))
-    for info in model.training_info:
-        for graph in (info.initialization, info.algorithm):
-            others += list(_graph_tensors(graph, top_level=False))
-    for where, tensor in others:
-        if _uses_external_data(tensor):
-            raise SealedModelError(f"{where} refers to external data: refused")
 
 
 def _content_key(model_key: bytes, header: SealedModelHeader) -> bytes:
@@ -457,11 +413,67 @@ def seal_model(
     except SealedModelError as exc:
         raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
     payload = _build_payload(model)
-    n_chunks = max(1, -(-len(payload) // chunk_size))
     if (part is None) != (partition_sha256 is None):
         raise SealedModelError("a partition part needs both its name and the partition digest")
+    extra: dict[str, Any] = {} if part is None else {"part": part, "partition_sha256": partition_sha256}
+    return _seal_payload(
+        payload,
+        FORMAT_VERSION if part is None else PART_FORMAT_VERSION,
+        extra,
+        model_id=model_id,
+        model_version=model_version,
+        model_key=model_key,
+        chunk_size=chunk_size,
+    )
+
+
+def seal_tflite(
+    data: bytes,
+    *,
+    model_id: str,
+    model_version: int,
+    model_key: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> bytes:
+    """Seal an unmodified TensorFlow Lite model (its ``.tflite`` bytes) into a container.
+
+    The payload is the file itself; the header records ``"payload": "tflite"`` so a runtime
+    hands it to LiteRT, and refuses to read it as ONNX.
+
+    Raises:
+        SealedModelError: not a TFLite FlatBuffer, or invalid arguments.
+    """
+    if not is_tflite(data):
+        raise SealedModelError("input is not a TFLite model (no TFL3 identifier)")
+    if not 1024 <= chunk_size <= 64 * 1024 * 1024:
+        raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
+    if model_version < 1:
+        raise SealedModelError("model version must be ≥ 1")
+    return _seal_payload(
+        bytes(data),
+        FILE_FORMAT_VERSION,
+        {"payload": "tflite"},
+        model_id=model_id,
+        model_version=model_version,
+        model_key=model_key,
+        chunk_size=chunk_size,
+    )
+
+
+def _seal_payload(
+    payload: bytes,
+    format_version: int,
+    extra: dict[str, Any],
+    *,
+    model_id: str,
+    model_version: int,
+    model_key: bytes,
+    chunk_size: int,
+) -> bytes:
+    """Header, then the payload in authenticated chunks (the module docstring's layout)."""
+    n_chunks = max(1, -(-len(payload) // chunk_size))
     doc: dict[str, Any] = {
-        "format": FORMAT_VERSION if part is None else PART_FORMAT_VERSION,
+        "format": format_version,
         "model_id": model_id,
         "model_version": model_version,
         "plaintext_sha256": hashlib.sha256(payload).hexdigest(),
@@ -470,9 +482,8 @@ def seal_model(
         "n_chunks": n_chunks,
         "salt": random_bytes(32).hex(),
         "base_nonce": random_bytes(NONCE_SIZE).hex(),
+        **extra,
     }
-    if part is not None:
-        doc.update(part=part, partition_sha256=partition_sha256)
     raw = canonical_json(doc)
     header = SealedModelHeader.parse(MAGIC + len(raw).to_bytes(4, "big") + raw)
     key = _content_key(model_key, header)
@@ -663,6 +674,42 @@ def check_part(header: SealedModelHeader, expected: str | None) -> None:
         raise SealedModelError(f"sealed model is {found}, expected {wanted}")
 
 
+_KIND_NAMES = {"tflite": "TFLite", "onnx": "ONNX"}
+#: The FlatBuffers file identifier of a TFLite model, at bytes 4–8.
+TFLITE_MAGIC = b"TFL3"
+
+
+def is_tflite(data: bytes) -> bool:
+    """Whether ``data`` starts like a TFLite FlatBuffer."""
+    return len(data) >= 8 and data[4:8] == TFLITE_MAGIC
+
+
+def _check_identity(header: SealedModelHeader, model_id: str | None, version: int | None) -> None:
+    if model_id is not None and header.model_id != model_id:
+        raise SealedModelError("sealed model is for another model id")
+    if version is not None and header.model_version != version:
+        raise SealedModelError("sealed model is another version")
+
+
+def open_tflite(
+    source: bytes | Path | str,
+    model_key: bytes,
+    *,
+    expected_model_id: str | None = None,
+    expected_version: int | None = None,
+) -> bytes:
+    """Decrypt and verify a sealed TFLite model; return its ``.tflite`` bytes (in memory only).
+
+    Raises:
+        SealedModelError: any authentication, integrity or identity failure, or another payload.
+    """
+    with SealedModelReader(source, model_key) as reader:
+        _check_identity(reader.header, expected_model_id, expected_version)
+        if reader.header.payload != "tflite":
+            raise SealedModelError(f"sealed model is an {_KIND_NAMES[reader.header.payload]} model, not TFLite")
+        return reader.read_all()
+
+
 def read_header(path: Path | str) -> SealedModelHeader:
     """The plaintext header of the container at ``path`` (not authenticated until a chunk is read).
 
@@ -696,10 +743,9 @@ def open_model(
     """
     with SealedModelReader(source, model_key) as reader:
         h = reader.header
-        if expected_model_id is not None and h.model_id != expected_model_id:
-            raise SealedModelError("sealed model is for another model id")
-        if expected_version is not None and h.model_version != expected_version:
-            raise SealedModelError("sealed model is another version")
+        _check_identity(h, expected_model_id, expected_version)
+        if h.payload != "onnx":
+            raise SealedModelError(f"sealed model is a {_KIND_NAMES.get(h.payload, h.payload)} model, not ONNX")
         check_part(h, expected_part)
         payload = reader.read_all()
         # The payload is authenticated; parse it from memory.

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from sealedml.attestation.base import Attester
-from sealedml.envelope.model_container import SealedModelReader, check_part, open_model, read_header
+from sealedml.envelope.model_container import SealedModelReader, check_part, open_model, open_tflite, read_header
 from sealedml.envelope.request import (
     MAX_CLOCK_SKEW,
     RequestEnvelope,
@@ -251,6 +251,8 @@ class Worker:
         session times are added to ``breakdown``.
         """
         t1 = time.perf_counter()
+        if read_header(path).payload == "tflite":
+            return self._tflite(path, lease, part, breakdown, t1)
         if self.config.memory_budget is not None:
             return self._streaming(path, lease, self.config.memory_budget, breakdown, t1, part)
         model = open_model(
@@ -265,6 +267,33 @@ class Worker:
         breakdown["decrypt_s"] += t2 - t1
         breakdown["session_s"] += time.perf_counter() - t2
         return loaded
+
+    def _tflite(self, path: Path, lease: Lease, part: str | None, breakdown: dict[str, float], t1: float) -> Model:
+        """An unmodified TFLite model, decrypted into memory: one LiteRT interpreter per concurrency slot.
+
+        Raises:
+            SealedModelError: a TFLite part of a partitioned model, or a memory budget (both ONNX only).
+        """
+        from sealedml.runtime.tflite import TfliteModel
+
+        if part is not None:
+            raise SealedModelError("a partitioned model's parts are ONNX, not TFLite")
+        if self.config.memory_budget is not None:
+            raise SealedModelError("memory-bounded execution (a memory budget) runs ONNX models only, not TFLite")
+        data = open_tflite(
+            path, lease.model_key, expected_model_id=lease.model_id, expected_version=lease.model_version
+        )
+        t2 = time.perf_counter()
+        model = TfliteModel(
+            data,
+            model_id=lease.model_id,
+            version=lease.model_version,
+            slots=self.config.concurrency,
+            threads=self._threads,
+        )
+        breakdown["decrypt_s"] += t2 - t1
+        breakdown["session_s"] += time.perf_counter() - t2
+        return model
 
     def _streaming(
         self, path: Path, lease: Lease, budget: int, breakdown: dict[str, float], t1: float, part: str | None

@@ -4,7 +4,7 @@
   scikit-learn's ``MLPClassifier``;
 * ``digits-small-cnn``: 1×8×8 raw pixels → conv 3×3, 8 channels, padding 1 → ReLU → average
   pool 2×2 → 128 features → 10 logits. (No 1/16 input scaling: folded into the filters it
-  would leave weights too small for 8 fractional bits.) The convolution's filters are fixed, seeded random
+  would leave weights too small for SECO's 8 fractional bits.) The convolution's filters are fixed, seeded random
   (He-scaled) features and only the last layer is trained (a logistic regression, its
   standardization folded into the weights): a real trained CNN with no torch.
 

@@ -142,7 +142,7 @@ def test_truncation_keeps_deep_models_inside_the_field() -> None:
     assert model.truncate and model.check_range(x) < SECO_PRIME // 1000
     untruncated = dataclasses.replace(model, truncate=False)
     with pytest.raises(InputError, match="too close to p/2"):
-        untruncated.check_range(x)  # scale 2^48 after five layers: far beyond p
+        untruncated.check_range(x)  # scale 2^72 after five layers: far beyond p
     floats = ort.InferenceSession(_deep_mlp([64, 32, 32, 32, 32, 10]).SerializeToString()).run(None, {"input": x})[0]
     fixed = np.array([model.decode_output(model.reference(sample)[0]) for sample in x])
-    np.testing.assert_allclose(fixed, floats, rtol=0.03, atol=0.1)  # 8-bit weights through five layers
+    np.testing.assert_allclose(fixed, floats, rtol=0.03, atol=0.1)  # 12-bit fixed point through five layers
