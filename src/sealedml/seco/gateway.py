@@ -34,10 +34,18 @@ from sealedml.seco.he.packing import PackedLayers, uniform_mod
 from sealedml.seco.he.threshold import HeParty
 from sealedml.seco.link import Link, LinkError, LinkInitiator, LinkResponder, PartyIdentity, peek
 from sealedml.seco.model import SecoArchitecture
-from sealedml.seco.remote import FIELD_BITS, MAX_USER_SESSIONS, Recorder, RemoteServer, SecoStepError, labels_to_bytes
+from sealedml.seco.remote import (
+    FIELD_BITS,
+    MAX_USER_SESSIONS,
+    Recorder,
+    RemoteServer,
+    SecoStepError,
+    labels_to_bytes,
+    step_token,
+)
 from sealedml.seco.wire import pack, unpack, unvec, vec
 
-__all__ = ["LINKS", "Gateway", "LocalRemote", "RemoteHandle", "link_name"]
+__all__ = ["LINKS", "Gateway", "LocalRemote", "Own", "RemoteHandle", "link_name"]
 
 #: The links, named by their two ends.
 LINKS = ("U-A", "U-B", "U-C", "A-B", "A-C", "B-C")
@@ -70,6 +78,14 @@ class LocalRemote:
 
     def step(self, name: str, query: str, messages: Sequence[bytes]) -> list[bytes]:
         return self.server.step(name, query, messages)
+
+
+@dataclass(frozen=True)
+class Own:
+    """A message of A's own for the server being called, sealed when the step is sent."""
+
+    kind: str
+    payload: bytes
 
 
 @dataclass
@@ -129,13 +145,23 @@ class Gateway:
 
     def _count(self, messages: Sequence[bytes]) -> None:
         for message in messages:
-            sender, receiver, _, _ = peek(message)
+            try:
+                sender, receiver, _, _ = peek(message)
+            except LinkError:  # a handshake message: counted where the handshake runs
+                continue
             self.traffic[link_name(sender, receiver)] += len(message)
 
-    def _call(self, party: str, step: str, query: str, messages: Sequence[bytes]) -> list[bytes]:
-        """Run ``step`` at B or C with ``messages`` (each delivered there: counted here)."""
-        self._count(messages)
-        return self.remotes[party].step(step, query, messages)
+    def _call(self, party: str, step: str, query: str, messages: Sequence[bytes | Own]) -> list[bytes]:
+        """Run ``step`` at B or C with ``messages`` (each delivered there: counted here).
+
+        The first message is A's step token, sealed on the A link: only A drives a server.
+        A's own messages (:class:`Own`) are sealed after it, in order, so the server opens
+        them in the order they were sealed; relayed ones arrive sealed by their senders.
+        """
+        sent = [self._seal(party, "step", step_token(step, query))]  # sealed first: opened first
+        sent += [self._seal(party, m.kind, m.payload) if isinstance(m, Own) else m for m in messages]
+        self._count(sent)
+        return self.remotes[party].step(step, query, sent)
 
     def _link(self, peer: str, query: str) -> Link:
         link = self._user_links.get(query) if peer == "U" else self._links.get(peer)
@@ -188,22 +214,20 @@ class Gateway:
             self.traffic[f"A-{party}"] += len(hello) + len(reply)
         (hello,) = self._call("B", "link-start", "", [])
         reply = self.remotes["C"].hello(hello)
-        self.remotes["B"].step("link-finish", "", [reply])  # handshake messages, not link messages
+        self._call("B", "link-finish", "", [reply])
         self.traffic["B-C"] += len(hello) + len(reply)
         # 3-party key generation along A → B → C; C's public key is the joint one.
         context = self.he.new_context(self._noise_flooding)
         self.he.load_context(context)
         self._packing = PackedLayers(self.architecture.layer_shapes, self.he.slots)
         pk_a = self.he.keygen()
-        (to_c,) = self._call(
-            "B", "he-keygen", "", [self._seal("B", "he-context", context), self._seal("B", "he-public-key", pk_a)]
-        )
-        to_a, to_b = self._call("C", "he-keygen", "", [self._seal("C", "he-context", context), to_c])
+        (to_c,) = self._call("B", "he-keygen", "", [Own("he-context", context), Own("he-public-key", pk_a)])
+        to_a, to_b = self._call("C", "he-keygen", "", [Own("he-context", context), to_c])
         self.he.set_public_key(self._open(to_a, "C", "he-joint-key"))
         self._call("B", "he-joint-key", "", [to_b])
         # Base OTs of A–B and C–B (IKNP extension serves every later batch).
         ot = OtExtensionReceiver(b"seco/A-B")
-        (reply,) = self._call("B", "ot-base", "", [self._seal("B", "ot-base", ot.base_message())])
+        (reply,) = self._call("B", "ot-base", "", [Own("ot-base", ot.base_message())])
         ot.finish_base(self._open(reply, "B", "ot-base-reply"))
         (to_b,) = self._call("C", "ot-base-start", "", [])
         (to_c,) = self._call("B", "ot-base", "", [to_b])
@@ -271,8 +295,8 @@ class Gateway:
         )
         enc_r_blob = pack(enc_r)
         from_b, from_c = self._both(
-            lambda: self._call("B", "offline-products", query, [self._seal("B", "he-enc-r", enc_r_blob)]),
-            lambda: self._call("C", "offline-products", query, [self._seal("C", "he-enc-r", enc_r_blob)]),
+            lambda: self._call("B", "offline-products", query, [Own("he-enc-r", enc_r_blob)]),
+            lambda: self._call("C", "offline-products", query, [Own("he-enc-r", enc_r_blob)]),
         )
         totals = self.he.add_each(
             unpack(self._open(from_b[0], "B", "he-product"), expect=n_ct),
@@ -281,8 +305,8 @@ class Gateway:
         totals_blob = pack(totals)
         mine: list[list[bytes]] = []
         from_b, from_c = self._both(
-            lambda: self._call("B", "offline-decrypt", query, [self._seal("B", "he-total", totals_blob)]),
-            lambda: self._call("C", "offline-decrypt", query, [self._seal("C", "he-total", totals_blob)]),
+            lambda: self._call("B", "offline-decrypt", query, [Own("he-total", totals_blob)]),
+            lambda: self._call("C", "offline-decrypt", query, [Own("he-total", totals_blob)]),
             lambda: mine.append(self.he.partial_decrypt(totals)),
         )
         partials = [
@@ -298,14 +322,14 @@ class Gateway:
             for k in range(len(widths))
         ]
         if widths:
-            request = self._seal("B", "ot-request", ot.request(np.concatenate(bits)))
+            request = Own("ot-request", ot.request(np.concatenate(bits)))
             (response,) = self._call("B", "ot-respond-a", query, [request])
             labels = ot.receive(self._open(response, "B", "ot-response"))
             wires, start, forwarded = 2 * FIELD_BITS, 0, []
             for n in widths:
                 chunk = labels[start : start + wires * n].reshape(wires, n, 2)
                 start += wires * n
-                forwarded.append(self._seal("C", "relu-labels", labels_to_bytes(chunk)))
+                forwarded.append(Own("relu-labels", labels_to_bytes(chunk)))
             self._call("C", "offline-labels", query, [*tables, *forwarded])
         self._queries[query] = _Query(a, relu_masks)
         while len(self._queries) > MAX_USER_SESSIONS:
@@ -323,8 +347,8 @@ class Gateway:
         if state is None:
             raise SecoStepError("no offline phase for this query: run it first (each is used once)")
         masked = unvec(self._open(messages[0], "U", "masked-input", query), self.architecture.n_inputs, self.p)
-        inbox_b = [self._seal("B", "masked-input", vec(masked))]
-        inbox_c = [self._seal("C", "masked-input", vec(masked))]
+        inbox_b: Sequence[bytes | Own] = [Own("masked-input", vec(masked))]
+        inbox_c: Sequence[bytes | Own] = [Own("masked-input", vec(masked))]
         last = len(self.architecture.layer_shapes) - 1
         for k in range(last + 1):
             out_b, out_c = self._both(

@@ -1,7 +1,8 @@
 """A remote server of SECO mode (B or C): its weight shares, its HE engine, its own randomness.
 
 The gateway A drives a query one *step* at a time: it calls ``step(name, query, messages)``
-on B or C with the sealed messages addressed to it and relays what comes back — to the other
+on B or C — the first message A's sealed token naming the step and the query, so that no one
+else can drive a server, then the sealed messages addressed to it — and relays what comes back — to the other
 remote server, to the user, or to itself — by the (unauthenticated) routing header. Every
 message a remote server opens is authenticated on its link with the named sender, so A
 relays B–C and U–B/U–C traffic it cannot read or alter unnoticed. Everything a server
@@ -52,7 +53,7 @@ from sealedml.seco.link import Link, LinkError, LinkInitiator, LinkResponder, Pa
 from sealedml.seco.model import SecoArchitecture
 from sealedml.seco.wire import pack, unpack, unvec, vec
 
-__all__ = ["FIELD_BITS", "MAX_USER_SESSIONS", "Recorder", "RemoteServer", "SecoStepError"]
+__all__ = ["FIELD_BITS", "MAX_USER_SESSIONS", "Recorder", "RemoteServer", "SecoStepError", "step_token"]
 
 #: Bits of a field element in the garbled circuit (p < 2^41).
 FIELD_BITS = 41
@@ -68,6 +69,11 @@ class SecoStepError(ProtocolError):
     """A protocol step that does not exist for this server, or not now."""
 
     code = "seco_step"
+
+
+def step_token(name: str, query: str) -> bytes:
+    """What A seals to a remote server to run step ``name`` of ``query``."""
+    return f"{name}\n{query}".encode()
 
 
 def labels_to_bytes(labels: np.ndarray) -> bytes:
@@ -197,7 +203,14 @@ class RemoteServer:
         if handler is None:
             raise SecoStepError(f"server {self.name} has no step {name!r}")
         with self._lock:
-            return handler(self, query, list(messages))
+            if not messages:
+                raise SecoStepError("a step starts with the gateway's step token")
+            # Only A drives a server: the token, sealed on the A link (so in order and never
+            # replayed), names this step and this query.
+            _, token = self._open(messages[0], "A", "step", query)
+            if token != step_token(name, query):
+                raise SecoStepError("the gateway's step token names another step or query")
+            return handler(self, query, list(messages[1:]))
 
     def _expect(self, messages: list[bytes], count: int) -> None:
         if len(messages) != count:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sealedml.errors import ServiceUnavailable
-from sealedml.seco.gateway import LocalRemote
+from sealedml.seco.gateway import LocalRemote, Own
 from sealedml.seco.gc.errors import GcProtocolError
 from sealedml.seco.gc.relu import relu3_circuit
 from sealedml.seco.he import HeSidecar
@@ -51,12 +51,15 @@ def parties(engines: list[HeSidecar], mlp: SecoModel) -> Iterator[SecoParties]:
 class _Intercepting(LocalRemote):
     """A's handle of B or C with a hook on every message delivered (an on-path attacker)."""
 
-    def __init__(self, inner: LocalRemote, hook: object) -> None:
+    def __init__(self, inner: LocalRemote, hook: object = None) -> None:
         super().__init__(inner.server)
-        self.hook = hook
+        self.hook = hook or (lambda message: message)
+        self.calls: list[tuple[str, str, list[bytes]]] = []
 
     def step(self, name: str, query: str, messages: Sequence[bytes]) -> list[bytes]:
-        return super().step(name, query, [self.hook(m) if _is_link_message(m) else m for m in messages])  # type: ignore[operator]
+        delivered = [self.hook(m) if _is_link_message(m) else m for m in messages]  # type: ignore[operator]
+        self.calls.append((name, query, delivered))
+        return super().step(name, query, delivered)
 
 
 def _is_link_message(message: bytes) -> bool:
@@ -136,28 +139,38 @@ def test_a_tampered_message_between_servers_fails_the_query_and_the_next_one_wor
 
 
 def test_a_replayed_message_between_servers_is_refused(parties: SecoParties) -> None:
-    seen: list[bytes] = []
-
-    def keep(message: bytes) -> bytes:
-        if peek(message)[3] == "he-joint-key":  # C → B, relayed by A at set-up
-            seen.append(message)
-        return message
-
     handle = parties.gateway.remotes["B"]
     assert isinstance(handle, LocalRemote)
-    parties.gateway.remotes["B"] = _Intercepting(handle, keep)
+    recording = _Intercepting(handle)
+    parties.gateway.remotes["B"] = recording
     parties.query(digits_mlp().x_test[0])
     parties.query(digits_mlp().x_test[1])
-    with pytest.raises(LinkReplayError):  # C's message again, after B has opened many since
-        parties.remotes["B"].step("he-joint-key", "", [seen[0]])
+    name, query, messages = next(call for call in recording.calls if call[0] == "he-joint-key")
+    with pytest.raises(LinkReplayError):  # A's token and C's joint key again, after many later messages
+        parties.remotes["B"].step(name, query, messages)
+    name, query, messages = next(call for call in recording.calls if call[0] == "online-layer")
+    with pytest.raises(LinkReplayError):  # the first query's masked input, in the same way
+        parties.remotes["B"].step(name, query, messages)
+
+
+def test_only_the_gateway_drives_a_remote_server(parties: SecoParties) -> None:
+    """A step without A's token, or with a token for another step, changes nothing at the server."""
+    parties.query(digits_mlp().x_test[0])
+    with pytest.raises(SecoStepError, match="token"):
+        parties.remotes["C"].step("ot-base-start", "", [])
+    with pytest.raises(LinkError):  # a message of another kind where the token belongs
+        parties.remotes["B"].step("link-start", "", [b"\x00\x00\x00\x02{}"])
+    x = digits_mlp().x_test[1]
+    assert np.array_equal(parties.query(x).output_field, parties.model.reference(x)[0])  # undisturbed
 
 
 def test_steps_out_of_order_or_unknown_are_typed_errors(parties: SecoParties) -> None:
     parties.query(digits_mlp().x_test[0])
     with pytest.raises(SecoStepError, match="no step"):
         parties.remotes["C"].step("ot-respond-a", parties.user.session, [])
-    with pytest.raises(SecoStepError, match="offline"):
-        parties.remotes["B"].step("online-layer", "f00d", [b""])
+    gateway = parties.gateway
+    with pytest.raises(SecoStepError, match="offline"):  # A's token is fine, the query has no state
+        gateway._call("B", "online-layer", "f00d", [Own("masked-input", b"")])
     with pytest.raises(SecoStepError, match=r"no offline phase"):
         parties.gateway.online("f00d", [b""])
 
