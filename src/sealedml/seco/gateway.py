@@ -137,6 +137,7 @@ class Gateway:
         self.received: list[tuple[str, str]] = []
         #: Bytes delivered on each link (handshakes included) since start.
         self.traffic: Counter[str] = Counter({name: 0 for name in LINKS})
+        self._traffic_lock = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -149,7 +150,8 @@ class Gateway:
                 sender, receiver, _, _ = peek(message)
             except LinkError:  # a handshake message: counted where the handshake runs
                 continue
-            self.traffic[link_name(sender, receiver)] += len(message)
+            with self._traffic_lock:  # B's and C's parts of a step run in two threads
+                self.traffic[link_name(sender, receiver)] += len(message)
 
     def _call(self, party: str, step: str, query: str, messages: Sequence[bytes | Own]) -> list[bytes]:
         """Run ``step`` at B or C with ``messages`` (each delivered there: counted here).
@@ -174,7 +176,8 @@ class Gateway:
         if (claimed, receiver) != (sender, "A"):
             raise LinkError(f"expected a {kind!r} message from {sender} to A")
         payload = self._link(sender, query).open(message, kind)
-        self.traffic[link_name(sender, "A")] += len(message)
+        with self._traffic_lock:
+            self.traffic[link_name(sender, "A")] += len(message)
         self.received.append((sender, kind))
         if self._recorder is not None:
             self._recorder(sender, kind, payload)
