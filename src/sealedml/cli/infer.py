@@ -29,7 +29,7 @@ import numpy as np
 from sealedml.cli._args import Subcommands, add_command, add_keyservice, keyservice_client
 from sealedml.errors import ConfigurationError, InputError
 
-__all__ = ["add_parser", "handle_infer"]
+__all__ = ["add_parser", "handle_infer", "load_numpy"]
 
 
 def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndarray], bool]:
@@ -38,7 +38,7 @@ def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndar
         raise InputError("give --input X.npy, --input NAME=FILE.npy (repeatable), or --input FILE.npz")
     if len(specs) == 1 and "=" not in specs[0]:
         path = Path(specs[0])
-        data = _np_load(path)
+        data = load_numpy(path)
         if isinstance(data, np.ndarray):
             return [data], True
         names = list(data)
@@ -50,7 +50,7 @@ def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndar
         if "=" not in spec:
             raise InputError(f"--input {spec!r}: with several inputs use NAME=FILE.npy")
         name, _, file = spec.partition("=")
-        array = _np_load(Path(file))
+        array = load_numpy(Path(file))
         if not isinstance(array, np.ndarray):
             raise InputError(f"--input {spec!r}: expected a .npy file")
         if name in named:
@@ -59,7 +59,12 @@ def _load_inputs(specs: list[str]) -> tuple[dict[str, np.ndarray] | list[np.ndar
     return named, False
 
 
-def _np_load(path: Path) -> Any:
+def load_numpy(path: Path) -> Any:
+    """A ``.npy`` array, or an ``.npz`` file's arrays by name (never pickles).
+
+    Raises:
+        InputError: missing or not a NumPy file.
+    """
     if not path.is_file():
         raise InputError(f"{path} not found")
     try:

@@ -35,18 +35,13 @@ def load_samples(path: Path) -> Any:
     """
     import numpy as np
 
-    if not path.is_file():
-        raise InputError(f"{path} not found")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path} is not a .npy/.npz file") from exc
-    if isinstance(data, np.lib.npyio.NpzFile):
-        with data:
-            names = data.files
-            if "x" not in names and len(names) != 1:
-                raise InputError(f"{path}: expected an array named x (found {', '.join(names)})")
-            data = data["x" if "x" in names else names[0]]
+    from sealedml.cli.infer import load_numpy
+
+    data = load_numpy(path)
+    if isinstance(data, dict):
+        if "x" not in data and len(data) != 1:
+            raise InputError(f"{path}: expected an array named x (found {', '.join(data)})")
+        data = data["x"] if "x" in data else next(iter(data.values()))
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{path}: expected numbers, got {data.dtype}")
     return data.astype(np.float32)
@@ -188,14 +183,12 @@ def run_seco_infer(args: argparse.Namespace) -> dict[str, Any]:
 
 def _labels(path: Path, n: int) -> Any:
     """The ``y`` array of an ``.npz`` input with one label per sample, else None."""
-    import numpy as np
+    from sealedml.cli.infer import load_numpy
 
-    if path.suffix != ".npz":
+    data = load_numpy(path)
+    if not isinstance(data, dict) or "y" not in data or data["y"].shape != (n,):
         return None
-    with np.load(path, allow_pickle=False) as data:
-        if "y" not in data.files or data["y"].shape != (n,):
-            return None
-        return data["y"]
+    return data["y"]
 
 
 def _compare(model_path: Path, x: Any, outputs: Any, labels: Any) -> dict[str, Any]:

@@ -79,10 +79,10 @@ class TfliteModel(Model):
         it = interpreter  # ai_edge_litert.interpreter.Interpreter (untyped package)
         try:
             resized = False
-            for detail in self._input_details:
+            current = it.get_input_details()  # type: ignore[attr-defined]
+            for position, detail in enumerate(self._input_details):
                 array = inputs[detail["name"]]
-                current = it.get_input_details()[self._input_details.index(detail)]["shape"]  # type: ignore[attr-defined]
-                if tuple(current) != array.shape:
+                if tuple(current[position]["shape"]) != array.shape:
                     it.resize_tensor_input(detail["index"], list(array.shape))  # type: ignore[attr-defined]
                     resized = True
             if resized:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -187,9 +188,9 @@ class SecoModel:
     truncate: bool = True  # the ReLU circuit divides by 2^frac_bits
     softmax: bool = False  # the graph ended with a Softmax (left to the user)
 
-    @property
+    @cached_property
     def architecture(self) -> SecoArchitecture:
-        """The public part: shapes and number format."""
+        """The public part: shapes and number format (built once; the model is frozen)."""
         return SecoArchitecture(
             self.input_name,
             self.input_shape,

@@ -136,6 +136,8 @@ class RemoteServer:
             raise ConfigurationError("the weight shares are not field elements mod p")
         self.name, self.architecture, self.p = name, architecture, architecture.prime
         self.weights, self.biases = [np.asarray(w) for w in weights], [np.asarray(b) for b in biases]
+        # Python integers for W·m mod p (41-bit × 41-bit products overflow int64), made once.
+        self._exact_weights = [w.astype(object) for w in self.weights]
         self._key, self._peers = key, dict(peers)
         self._responder = LinkResponder(key, name, {k: v for k, v in peers.items() if k != "C"})
         self._links: dict[str, Link] = {}
@@ -365,7 +367,7 @@ class RemoteServer:
             self._expect(messages, 0)  # C computed this layer's masked input itself
         if state.m is None or len(state.s) != len(shapes):
             raise SecoStepError("the offline phase of this query is incomplete")
-        w = self.weights[k].astype(object)  # 41-bit × 41-bit products overflow int64
+        w = self._exact_weights[k]
         y = np.array((w @ state.m.astype(object) + state.s[k] + self.biases[k]) % self.p, dtype=np.int64)
         if k == len(shapes) - 1:
             del self._queries[query]  # one query, one use of its masks

@@ -22,7 +22,7 @@ AES call, which is what makes a layer of thousands of ReLUs affordable in Python
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from weakref import WeakKeyDictionary
 
@@ -233,6 +233,23 @@ def _schedule(circuit: Circuit) -> list[_Level]:
     return levels
 
 
+def _and_levels(
+    circuit: Circuit, labels: LabelArray, inv_offset: Blocks | None
+) -> Iterator[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
+    """Run each level's free gates on ``labels`` in place; yield its AND gates (out, a, b, index).
+
+    INV flips the garbler's meaning (``inv_offset`` = Δ) and is a copy for the evaluator (None).
+    """
+    for level in _schedule(circuit):
+        (xo, xa, xb), (io, ia), and_gates = level.xor, level.inv, level.and_
+        if len(xo):
+            labels[xo] = labels[xa] ^ labels[xb]
+        if len(io):
+            labels[io] = labels[ia] if inv_offset is None else labels[ia] ^ inv_offset
+        if len(and_gates[0]):
+            yield and_gates
+
+
 def _all_tweaks(and_count: int, n: int, first_copy: int) -> npt.NDArray[np.uint64]:
     """Tweaks ``[parity, g, copy] = (2g + parity, copy)`` of every AND gate g for copies ``first_copy …``."""
     tweak = np.empty((2, and_count, n, 2), dtype=LABEL_DTYPE)
@@ -256,14 +273,7 @@ def _garble_chunk(
     labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
     labels[: circuit.n_inputs] = zero_inputs
     all_tweaks = _all_tweaks(circuit.and_count, n, first_copy)
-    for level in _schedule(circuit):
-        (xo, xa, xb), (io, ia), (ao, aa, ab, index) = level.xor, level.inv, level.and_
-        if len(xo):
-            labels[xo] = labels[xa] ^ labels[xb]
-        if len(io):
-            labels[io] = labels[ia] ^ delta
-        if not len(ao):
-            continue
+    for ao, aa, ab, index in _and_levels(circuit, labels, inv_offset=delta):
         k = len(ao)
         a0, b0 = labels[aa].reshape(-1, 2), labels[ab].reshape(-1, 2)
         even, odd = all_tweaks[0, index].reshape(-1, 2), all_tweaks[1, index].reshape(-1, 2)
@@ -330,14 +340,7 @@ def _evaluate_chunk(
     labels = np.empty((circuit.n_wires, n, 2), dtype=LABEL_DTYPE)
     labels[: circuit.n_inputs] = inputs
     all_tweaks = _all_tweaks(circuit.and_count, n, first_copy)
-    for level in _schedule(circuit):
-        (xo, xa, xb), (io, ia), (ao, aa, ab, index) = level.xor, level.inv, level.and_
-        if len(xo):
-            labels[xo] = labels[xa] ^ labels[xb]
-        if len(io):
-            labels[io] = labels[ia]
-        if not len(ao):
-            continue
+    for ao, aa, ab, index in _and_levels(circuit, labels, inv_offset=None):
         k = len(ao)
         wa, wb = labels[aa].reshape(-1, 2), labels[ab].reshape(-1, 2)
         h = hash_(np.concatenate((wa, wb)), all_tweaks[:, index].reshape(-1, 2))
