@@ -53,6 +53,12 @@ COMMANDS = {
     "bench release",
     "attest verify",
     "attest policy check",
+    "session digest",
+    "session sign",
+    "session put",
+    "session secret",
+    "session show",
+    "run",
 }
 
 
@@ -122,6 +128,8 @@ def test_top_level_help_keeps_the_command_order() -> None:
         "seco",
         "bench",
         "attest",
+        "session",
+        "run",
     ]
 
 

@@ -19,7 +19,7 @@ from sealedml._internal.encoding import canonical_json, fields
 
 __all__ = ["ROLES", "code_digest", "measurement_for"]
 
-ROLES = ("runtime", "keyservice")
+ROLES = ("runtime", "keyservice", "program")
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +39,8 @@ def measurement_for(role: str, config: Mapping[str, Any] | None = None) -> str:
     """The simulated measurement (96 hex chars) of ``role`` with ``config``.
 
     Args:
-        role: ``"runtime"`` or ``"keyservice"``: the two kinds of TEE SealedML runs.
+        role: ``"runtime"``, ``"keyservice"`` or ``"program"`` (a session's program under
+            ``sealedml run``): the kinds of TEE SealedML runs.
         config: security-relevant configuration (never ports or paths).
     """
     if role not in ROLES:

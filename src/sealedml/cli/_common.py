@@ -79,5 +79,7 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail("os", f"{exc.strerror or exc}: {exc.filename or ''}".strip(": "), as_json)
     exit_code = int(result.get("_exit", 0)) if isinstance(result, Mapping) else 0
+    if result.get("_silent"):  # the command's output is its own (``run``: the program's)
+        return exit_code
     emit({k: v for k, v in result.items() if k != "_exit"}, as_json)
     return exit_code

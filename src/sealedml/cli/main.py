@@ -36,6 +36,7 @@ from sealedml.cli import (
     partition,
     seco,
     serve,
+    session,
     zoo,
 )
 from sealedml.cli._common import run_handler
@@ -53,7 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="log level on stderr (default WARNING)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # In the order of `sealedml --help`.
-    for group in (demo, serve, audit, identity, model, infer, measurement, zoo, partition, seco, bench, attest):
+    for group in (
+        demo,
+        serve,
+        audit,
+        identity,
+        model,
+        infer,
+        measurement,
+        zoo,
+        partition,
+        seco,
+        bench,
+        attest,
+        session,  # `session …` and `run`
+    ):
         group.add_parser(sub)
     return parser
 

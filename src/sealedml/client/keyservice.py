@@ -25,6 +25,7 @@ from sealedml.errors import (
     SignatureError,
 )
 from sealedml.protocol import keyservice as p
+from sealedml.protocol import sessions as ps
 
 __all__ = ["AttestedKeyService", "KeyServiceClient", "parse_runtime"]
 
@@ -108,6 +109,14 @@ class KeyServiceClient:
             raise ServiceUnavailable(f"KeyService at {self.url} unreachable: {type(exc).__name__}") from exc
         raise_for_error(response)
         return response
+
+    def post(self, path: str, body: BaseModel | None = None) -> dict[str, Any]:
+        """An unsigned call (the release protocols authenticate by evidence or lease, not by principal)."""
+        raw = body.model_dump_json().encode() if body is not None else b"{}"
+        result: dict[str, Any] = self._request(
+            "POST", path, content=raw, headers={"content-type": "application/json"}
+        ).json()
+        return result
 
     def _signed(self, path: str, body: BaseModel | None, *, identity: Identity | None = None) -> dict[str, Any]:
         who = identity or self.identity
@@ -264,3 +273,30 @@ class KeyServiceClient:
         except (SignatureError, ValueError) as exc:
             raise AttestationError("audit head is not signed by the attested KeyService") from exc
         return answer
+
+    # -------------------------------------------------------------- sessions (signers)
+    def put_session(self, document: dict[str, Any], signatures: list[dict[str, str]]) -> dict[str, Any]:
+        """Store a session revision with its signers' signatures; the caller must be one of the signers.
+
+        Returns ``{"session", "revision", "digest", "generated"}`` (the secrets the KeyService made).
+        """
+        return self._signed("/v1/sessions/put", ps.SessionPutRequest(document=document, signatures=signatures))
+
+    def upload_session_secret(self, session: str, secret: str, value: bytes) -> None:
+        """Set an ``uploaded`` secret of ``session``, HPKE-sealed to the attested KeyService."""
+        if self.identity is None:
+            raise ConfigurationError("this call needs an identity")
+        principal = self.identity.principal_id
+
+        def build(service: AttestedKeyService) -> ps.SessionSecretRequest:
+            raw = service.hpke_key.to_bytes()
+            sealed = hpke_seal(service.hpke_key, value, ps.session_secret_info(raw, session, secret, principal))
+            return ps.SessionSecretRequest(session=session, secret=secret, sealed=b64e(sealed), service_key=b64e(raw))
+
+        self._with_service_key(build, "/v1/sessions/secret")
+
+    def show_session(self, session: str) -> ps.SessionShowResponse:
+        """The latest revision of ``session`` as the KeyService holds it (signers only)."""
+        return ps.SessionShowResponse.model_validate(
+            self._signed("/v1/sessions/show", ps.SessionShowRequest(session=session))
+        )

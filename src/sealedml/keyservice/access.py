@@ -20,10 +20,10 @@ from dataclasses import dataclass, replace
 
 from sealedml.attestation.base import Claims, TeeType
 from sealedml.attestation.policy import DEFAULT_TCB_STATUSES, Policy, TeeRule
-from sealedml.errors import PolicyError
+from sealedml.errors import Error, PolicyError
 from sealedml.keyservice.store import ConsentRecord, ModelRecord, RuntimeId
 
-__all__ = ["PairState", "decide_pair", "release_policy", "runtime_policy"]
+__all__ = ["Denial", "PairState", "decide_pair", "release_policy", "runtime_policy", "under_operator"]
 
 
 @dataclass(frozen=True)
@@ -71,13 +71,21 @@ def release_policy(state: PairState, base: Policy | None = None) -> Policy:
     # Owners and users choose runtimes; TCB statuses are the operator's call
     # (default: UpToDate only), so an operator policy can accept e.g. SWHardeningNeeded.
     statuses = base.tcb_statuses if base is not None else DEFAULT_TCB_STATUSES
-    pair = runtime_policy(state.runtimes, tcb_statuses=statuses)
+    return under_operator(runtime_policy(state.runtimes, tcb_statuses=statuses), base)
+
+
+def under_operator(policy: Policy, base: Policy | None) -> Policy:
+    """``policy`` (owners' choice of runtimes) with the operator's ``base`` rules on top.
+
+    ``base`` contributes its TCB, debug, SVN and collateral rules; its measurement list (if
+    any) further restricts, an empty one does not.
+    """
     if base is None:
-        return pair
-    measurements = pair.measurements & base.measurements if base.measurements else pair.measurements
-    if base.tee_types and not base.tee_types & pair.tee_types:
-        measurements = frozenset()  # the operator accepts none of the pair's TEE types: deny all
-    return replace(base.intersect(pair), measurements=measurements)
+        return policy
+    measurements = policy.measurements & base.measurements if base.measurements else policy.measurements
+    if base.tee_types and not base.tee_types & policy.tee_types:
+        measurements = frozenset()  # the operator accepts none of the policy's TEE types: deny all
+    return replace(base.intersect(policy), measurements=measurements)
 
 
 def decide_pair(state: PairState, claims: Claims, base: Policy | None = None) -> str | None:
@@ -104,3 +112,13 @@ def decide_pair(state: PairState, claims: Claims, base: Policy | None = None) ->
     except PolicyError as exc:
         return f"policy: {exc.message}"
     return None
+
+
+class Denial(Error):
+    """A release denied, with its exact reason (for the audit log only: callers see ``AccessDenied``)."""
+
+    code = "denial"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -16,6 +16,11 @@ POST     /v1/models/{id}/info              owner or granted user   yes
 POST     /v1/audit/head                    any principal           yes
 POST     /v1/release/challenge             runtime                 no (attested next)
 POST     /v1/release                       runtime                 evidence
+POST     /v1/sessions/put                  a session signer        yes (and k-of-n in the body)
+POST     /v1/sessions/secret               a session signer        yes
+POST     /v1/sessions/show                 a session signer        yes
+POST     /v1/sessions/release              attested program        evidence
+POST     /v1/sessions/volume-root          attested program        lease MAC
 =======  ================================  ======================  =========
 
 Release answers and audit heads are signed with the KeyService's attested
@@ -27,7 +32,9 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -39,6 +46,7 @@ from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ProtocolError
 from sealedml.keyservice.service import KeyService
 from sealedml.protocol import keyservice as p
+from sealedml.protocol import sessions as ps
 
 __all__ = ["MAX_BODY", "create_app"]
 
@@ -104,7 +112,41 @@ def create_app(service: KeyService) -> Starlette:
         req = read_model(body, p.ReleaseRequest)
         return json_response(await run_in_threadpool(service.release, req))
 
+    def session_signed(
+        model: type[BaseModel], action: Callable[[str, Any], object]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def handler(request: Request) -> Response:
+            body = await read_body(request, MAX_BODY)
+            req = read_model(body, model)
+            principal = await run_in_threadpool(
+                service.authenticate, request.method, request.url.path, request.headers, body
+            )
+            result = await run_in_threadpool(action, principal, req)
+            return json_response(result if result is not None else {"ok": True})  # type: ignore[arg-type]
+
+        return handler
+
+    async def session_release(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body, ps.SessionReleaseRequest)
+        return json_response(await run_in_threadpool(service.sessions.release, req))
+
+    async def volume_root(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body, ps.VolumeRootRequest)
+        return json_response(await run_in_threadpool(service.sessions.volume_root, req))
+
+    sessions = service.sessions
     routes = [
+        Route("/v1/sessions/put", guarded(session_signed(ps.SessionPutRequest, sessions.put)), methods=["POST"]),
+        Route(
+            "/v1/sessions/secret",
+            guarded(session_signed(ps.SessionSecretRequest, sessions.upload_secret)),
+            methods=["POST"],
+        ),
+        Route("/v1/sessions/show", guarded(session_signed(ps.SessionShowRequest, sessions.show)), methods=["POST"]),
+        Route("/v1/sessions/release", guarded(session_release), methods=["POST"]),
+        Route("/v1/sessions/volume-root", guarded(volume_root), methods=["POST"]),
         Route("/v1/health", guarded(health), methods=["GET"]),
         Route("/v1/attestation", guarded(attestation), methods=["GET"]),
         Route("/v1/principals", guarded(register), methods=["POST"]),

@@ -29,7 +29,7 @@ from typing import Any
 
 from sealedml._internal.encoding import b64d, b64e, fields
 from sealedml._internal.paths import write_private_file_once
-from sealedml.attestation.base import Attester, Evidence, TeeType, Verifier, check_binding
+from sealedml.attestation.base import Attester, Claims, Evidence, TeeType, Verifier, check_binding
 from sealedml.attestation.policy import Policy
 from sealedml.attestation.sealing import Sealer
 from sealedml.crypto import (
@@ -54,14 +54,14 @@ from sealedml.errors import (
     ConfigurationError,
     Conflict,
     CryptoError,
-    Error,
     NotFound,
     Overloaded,
     ProtocolError,
     SignatureError,
     StoreError,
 )
-from sealedml.keyservice.access import PairState, decide_pair
+from sealedml.keyservice.access import Denial, PairState, decide_pair
+from sealedml.keyservice.sessions import SessionService
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
 from sealedml.protocol import keyservice as p
 
@@ -211,6 +211,8 @@ class KeyService:
         self._key_binding = p.service_key_binding(self._hpke_public, self._signer.public_bytes)
         self._challenges: OrderedDict[str, _Challenge] = OrderedDict()
         self._challenge_lock = threading.Lock()
+        #: Sessions (secureTF's CAS): documents, secrets, bundles for attested programs, volume roots.
+        self.sessions = SessionService(self)
 
     @property
     def kem(self) -> HpkeKem:
@@ -372,7 +374,8 @@ class KeyService:
         return principal
 
     # ------------------------------------------------------------------ owner operations
-    def _open_to_service(self, sealed_b64: str, service_key_b64: str, info: bytes) -> bytes:
+    def open_to_service(self, sealed_b64: str, service_key_b64: str, info: bytes) -> bytes:
+        """Open a secret an owner or user sealed to this KeyService's HPKE key."""
         if service_key_b64 != b64e(self._hpke_public):
             # The client attested an earlier incarnation of this service: ask it to re-attest.
             raise Conflict("KeyService key changed: re-attest and retry")
@@ -383,7 +386,7 @@ class KeyService:
 
     def upload_model_key(self, principal: str, model_id: str, req: p.ModelKeyRequest) -> None:
         """Store the key of a model version; the first uploader becomes the owner."""
-        key = self._open_to_service(
+        key = self.open_to_service(
             req.sealed_key, req.service_key, p.model_key_info(self._hpke_public, model_id, req.model_version, principal)
         )
         if len(key) != KEY_SIZE:
@@ -482,7 +485,7 @@ class KeyService:
             )
             raise AccessDenied()  # opaque: existence of model ids is not revealed
         runtimes = sorted({self._runtime_id(r.tee, r.measurement) for r in req.runtimes})
-        key = self._open_to_service(
+        key = self.open_to_service(
             req.sealed_request_key, req.service_key, p.consent_info(self._hpke_public, model_id, principal)
         )
         if len(key) != KEY_SIZE:
@@ -570,7 +573,7 @@ class KeyService:
         }
         try:
             payload = self._decide_release(req, event)
-        except _Deny as deny:
+        except Denial as deny:
             self.store.audit({**event, "decision": "deny", "reason": deny.reason})
             log.info("release denied (see audit log)")
             raise AccessDenied() from None
@@ -604,46 +607,68 @@ class KeyService:
         except Overloaded:
             return None
 
-    def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
-        nonce = self._consume_challenge(req.challenge_id)
+    def verified_claims(
+        self, challenge_id: str, evidence_message: p.EvidenceMessage, runtime_key_b64: str, event: dict[str, Any]
+    ) -> tuple[Claims, bytes]:
+        """Challenge → evidence → claims → binding: the verified claims and the runtime's HPKE key.
+
+        Shared by model and session releases. ``event`` receives what the audit record names.
+
+        Raises:
+            Denial: with the exact reason, for the audit log only.
+        """
+        nonce = self._consume_challenge(challenge_id)
         if nonce is None:
-            raise _Deny("unknown, reused or expired challenge")
+            raise Denial("unknown, reused or expired challenge")
         try:
-            runtime_key = b64d(req.runtime_key)
+            runtime_key = b64d(runtime_key_b64)
             # Recorded with every decision: a runtime may still offer an X25519-only key.
             event["kem"] = HpkePublicKey.from_bytes(runtime_key).kem.name
-            evidence = Evidence(TeeType(req.evidence.tee), b64d(req.evidence.data), b64d(req.evidence.aux))
+            evidence = Evidence(TeeType(evidence_message.tee), b64d(evidence_message.data), b64d(evidence_message.aux))
         except (ValueError, CryptoError) as exc:
-            raise _Deny(f"malformed release request: {type(exc).__name__}") from None
+            raise Denial(f"malformed release request: {type(exc).__name__}") from None
         verifier = self.verifiers.get(evidence.tee)
         if verifier is None:
-            raise _Deny(f"TEE type {evidence.tee.value} not accepted by this KeyService")
+            raise Denial(f"TEE type {evidence.tee.value} not accepted by this KeyService")
         try:
             claims = verifier.verify(evidence)
         except AttestationError as exc:
-            raise _Deny(f"evidence rejected: {exc.message}") from None
+            raise Denial(f"evidence rejected: {exc.message}") from None
         event["measurement"] = claims.measurement  # verified claims, recorded even if what follows denies
         event["tee"] = claims.tee.value
         try:
             check_binding(claims, nonce, runtime_key)
         except AttestationError as exc:
-            raise _Deny(f"evidence rejected: {exc.message}") from None
+            raise Denial(f"evidence rejected: {exc.message}") from None
+        return claims, runtime_key
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign with this KeyService's attested Ed25519 key (answers only the KeyService gives)."""
+        return self._signer.sign(message)
+
+    @property
+    def master(self) -> MasterKey:
+        """The master key (for the KeyService's own components; never leaves the TEE)."""
+        return self._master
+
+    def _decide_release(self, req: p.ReleaseRequest, event: dict[str, Any]) -> dict[str, Any]:
+        claims, _ = self.verified_claims(req.challenge_id, req.evidence, req.runtime_key, event)
         leases = []
         for model_id, user_id in dict.fromkeys((x.model_id, x.user_id) for x in req.pairs):
             state = self._pair_state(model_id, user_id)
             reason = decide_pair(state, claims, self.policy)
             if reason is not None:
-                raise _Deny(f"{model_id}/{user_id}: {reason}")
+                raise Denial(f"{model_id}/{user_id}: {reason}")
             if state.model is None or state.consent is None:  # decide_pair allowed: cannot happen
-                raise _Deny(f"{model_id}/{user_id}: inconsistent state")
+                raise Denial(f"{model_id}/{user_id}: inconsistent state")
             wrapped = self.store.wrapped_model_key(model_id, state.model.current_version)
             if wrapped is None:
-                raise _Deny(f"{model_id}: no key for the current version")
+                raise Denial(f"{model_id}: no key for the current version")
             try:
                 model_key = self._master.unwrap(wrapped, "model", model_id, state.model.current_version)
                 request_key = self._master.unwrap(state.consent.wrapped_request_key, "request", model_id, user_id)
             except StoreError as exc:
-                raise _Deny(f"{model_id}/{user_id}: stored key unusable: {exc.message}") from None
+                raise Denial(f"{model_id}/{user_id}: stored key unusable: {exc.message}") from None
             leases.append(
                 {
                     "model_id": model_id,
@@ -667,11 +692,3 @@ class KeyService:
             granted=self.store.is_granted(model_id, user_id),
             consent=self.store.consent(model_id, user_id),
         )
-
-
-class _Deny(Error):
-    """Internal: a release denial with its exact reason (for the audit log only)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason

@@ -37,6 +37,7 @@ from typing import Any
 from sealedml._internal.encoding import canonical_json, fields
 from sealedml.attestation.base import TeeType
 from sealedml.errors import Conflict, NotFound, StoreError
+from sealedml.keyservice.session_store import SESSION_SCHEMA, SessionStore, SQLiteSessionTables
 
 __all__ = [
     "AuditAnchor",
@@ -144,8 +145,11 @@ class AuditAnchor:
         return "AuditAnchor(…)"
 
 
-class KeyStore(abc.ABC):
-    """Persistent KeyService state. Implementations must make each call atomic and durable."""
+class KeyStore(SessionStore):
+    """Persistent KeyService state. Implementations must make each call atomic and durable.
+
+    Sessions (:class:`~sealedml.keyservice.session_store.SessionStore`) are part of it.
+    """
 
     # principals
     @abc.abstractmethod
@@ -311,7 +315,7 @@ class KeyStore(abc.ABC):
                 )
         return count
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release resources."""
 
 
@@ -335,7 +339,7 @@ CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, eve
 """
 
 
-class SQLiteKeyStore(KeyStore):
+class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
     """:class:`KeyStore` on SQLite in WAL mode with ``synchronous=FULL`` (durable commits).
 
     Writes go through one connection guarded by a lock; reads use one read-only
@@ -371,7 +375,7 @@ class SQLiteKeyStore(KeyStore):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._check_schema(path)
-            self._db.executescript(_SCHEMA)
+            self._db.executescript(_SCHEMA + SESSION_SCHEMA)
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open key store {path}: {exc}") from exc

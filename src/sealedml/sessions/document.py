@@ -91,6 +91,7 @@ class ServiceSpec(_Strict):
     env: dict[Annotated[str, Field(pattern=r"^[A-Z_][A-Z0-9_]*$")], str] = Field(default_factory=dict)
     files: dict[Annotated[str, Field(pattern=r"^/[A-Za-z0-9._/-]+$")], str] = Field(default_factory=dict)
     volumes: dict[Annotated[str, Field(pattern=rf"^{_NAME}$")], str] = Field(default_factory=dict)  # name → key secret
+    peers: list[Annotated[str, Field(pattern=rf"^{_NAME}$")]] = Field(default_factory=list)  # services it may talk to
 
     @model_validator(mode="after")
     def _identified(self) -> ServiceSpec:
@@ -122,6 +123,9 @@ class SessionDocument(_Strict):
                     raise ValueError(f"service {service_name!r} uses secret {name!r}, which the session lacks")
                 if spec.kind == "binary" and encoding is None:
                     raise ValueError(f"binary secret {name!r} needs :hex or :base64 in service {service_name!r}")
+            for peer in service.peers:
+                if peer not in self.services:
+                    raise ValueError(f"service {service_name!r} names peer {peer!r}, which the session lacks")
             for volume, secret in service.volumes.items():
                 if secret not in self.secrets or self.secrets[secret].kind != "binary":
                     raise ValueError(f"volume {volume!r} of {service_name!r} needs a binary secret as its key")
