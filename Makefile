@@ -7,9 +7,13 @@ STAMP  := $(VENV)/.installed
 # Python 3.10 only (see src/sealedml/seco/he/client.py). pyenv provides that interpreter.
 HE_VENV   := .venv-he
 HE_STAMP  := $(HE_VENV)/.installed
+# `model convert` (owner-side, never in a TEE) needs TensorFlow and tf2onnx: 1.6 GB kept out of the
+# main environment, in a side interpreter the command runs the conversion in.
+CONVERT_VENV  := .venv-convert
+CONVERT_STAMP := $(CONVERT_VENV)/.installed
 HE_PYTHON ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.10*/bin/python3.10) $(shell command -v python3.10 2>/dev/null))
 
-.PHONY: demo test bench lint clean he-venv
+.PHONY: demo test bench lint clean he-venv convert-venv
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +30,21 @@ $(HE_STAMP):
 
 he-venv: $(HE_STAMP)
 
+$(CONVERT_STAMP):
+	$(PYTHON) -m venv $(CONVERT_VENV)
+	$(CONVERT_VENV)/bin/pip install --quiet 'tensorflow-cpu==2.21.0' 'tf2onnx==1.17.0'
+	$(CONVERT_VENV)/bin/python -c 'import tensorflow, tf2onnx'
+	touch $(CONVERT_STAMP)
+
+convert-venv: $(CONVERT_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/sealedml demo
 
 # The suite runs with HOME set to a fresh, empty directory (pip's cache stays where it
 # is: installing happens above, with the caller's HOME), so a test that depends on an
 # earlier run's leftovers in the home directory fails here as on a fresh machine.
-test: $(STAMP) $(HE_STAMP)
+test: $(STAMP) $(HE_STAMP) $(CONVERT_STAMP)
 	@home=$$(mktemp -d "$${TMPDIR:-/tmp}/sealedml-test-home.XXXXXX"); \
 	echo "running the suite with HOME=$$home (fresh and empty)"; \
 	env -u XDG_CACHE_HOME -u XDG_CONFIG_HOME -u XDG_DATA_HOME -u SEALEDML_HOME HOME="$$home" \
@@ -48,4 +60,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(HE_VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(HE_VENV) $(CONVERT_VENV) build *.egg-info src/*.egg-info .pytest_cache

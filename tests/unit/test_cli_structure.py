@@ -28,6 +28,7 @@ COMMANDS = {
     "worker serve",
     "identity new",
     "register",
+    "model convert",
     "model seal",
     "model allow-runtime",
     "model grant",

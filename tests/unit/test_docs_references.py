@@ -103,6 +103,8 @@ def _references() -> list[tuple[str, str, str | None]]:
                 ref, name = match.group(1), match.group(2)
                 if ref.startswith(("/", "http")) or "*" in ref:
                     continue
+                if text[: match.start()].endswith(("python ", "python3 ")):
+                    continue  # a user's own program in an example (`sealedml run … -- python app.py`)
                 found.add((str(doc.relative_to(REPO)), ref, name.rstrip(".") if name else None))
     return sorted(found, key=lambda t: (t[0], t[1], t[2] or ""))
 
@@ -185,6 +187,8 @@ def test_command_line_resolves(doc: str, line: str) -> None:
             pytest.fail(f"{doc}: `sealedml {line}`: {word!r} is not a sealedml command")
         break
     known = _options(parser)
+    if "--" in tokens:  # what follows `--` is another program's command line (`sealedml run … -- python app.py`)
+        tokens = tokens[: tokens.index("--")]
     for token in tokens:
         flag = re.match(r"^\[?(--[a-z0-9][a-z0-9-]*)", token)
         if flag is None:

@@ -1,14 +1,15 @@
-"""Model owner and user commands against the KeyService: ``model seal|allow-runtime|grant|revoke|enable|info``.
+"""Model owner and user commands: ``model convert|seal|allow-runtime|grant|revoke|enable|info``.
 
 ::
 
+    sealedml model convert SAVEDMODEL --out MODEL.onnx [--signature S] [--tolerance T]   (owner, offline)
     sealedml model seal IN.onnx|IN.tflite --model-id ID --store DIR [--version N]       (owner)
     sealedml model allow-runtime ID --measurement [TEE:]HEX [--tee T] [--remove] (owner)
     sealedml model grant|revoke ID --user USER_ID                             (owner)
     sealedml model enable ID [--measurement [TEE:]HEX ...] [--tee T]           (user)
     sealedml model info ID                                                    (anyone registered)
 
-Each takes ``--identity FILE --keyservice URL`` and the KeyService trust flags.
+Each but ``convert`` takes ``--identity FILE --keyservice URL`` and the KeyService trust flags.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "add_parser",
     "handle_model_allow_runtime",
+    "handle_model_convert",
     "handle_model_enable",
     "handle_model_grant",
     "handle_model_info",
@@ -147,9 +149,43 @@ def handle_model_info(args: argparse.Namespace) -> dict[str, Any]:
         return info
 
 
+def handle_model_convert(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model convert``: a TensorFlow SavedModel to ONNX, with its largest difference reported.
+
+    Raises:
+        ConfigurationError: not a SavedModel, the output exists, no interpreter with TensorFlow
+            and tf2onnx, or the conversion failed.
+        InputError: the ONNX model differs from the original by more than ``--tolerance``.
+    """
+    import sys
+
+    from sealedml.client.convert import convert_saved_model
+
+    if not args.json:
+        print(f"converting {args.saved_model} with tf2onnx (TensorFlow loads in a side process)…", file=sys.stderr)
+    report = convert_saved_model(
+        args.saved_model,
+        args.out,
+        signature=args.signature,
+        opset=args.opset,
+        samples=args.samples,
+        tolerance=args.tolerance,
+        python=args.python,
+    )
+    return report.to_json()
+
+
 def add_parser(subparsers: Subcommands) -> None:
     """Register the ``model`` group on ``subparsers``."""
     model = add_group(subparsers, "model", "model owner and user commands")
+    p = add_command(model, "convert", handle_model_convert, "convert a TensorFlow SavedModel to ONNX (owner, offline)")
+    p.add_argument("saved_model", type=Path, metavar="SAVEDMODEL", help="SavedModel directory")
+    p.add_argument("--out", required=True, type=Path, metavar="MODEL.onnx", help="where to write (never overwritten)")
+    p.add_argument("--signature", default="serving_default", help="signature to convert (default serving_default)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--samples", type=int, default=8, help="random inputs the two models are compared on (default 8)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute difference accepted (default 1e-4)")
+    p.add_argument("--python", type=Path, metavar="PATH", help="an interpreter with TensorFlow and tf2onnx")
     p = add_command(model, "seal", handle_model_seal, "seal an ONNX model, store it, upload its key")
     p.add_argument("input", type=Path, metavar="IN.onnx|IN.tflite", nargs="?", default=None)
     p.add_argument(
