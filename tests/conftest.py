@@ -173,3 +173,32 @@ def unique_id(request: pytest.FixtureRequest) -> Callable[[str], str]:
         return f"{prefix}-{name}-{counter['n']}"
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real PostgreSQL server for the whole test session (pgserver: PostgreSQL binaries in a wheel,
+    started as a child of this process; nothing is installed on the machine)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs, on import: no XDG_RUNTIME_DIR (the /tmp fallback is fine)
+        import pgserver
+
+        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> str:
+    """A fresh, empty database on the session's PostgreSQL server."""
+    import secrets
+
+    import psycopg
+
+    admin = postgres_server.get_uri()
+    name = f"ks_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return str(postgres_server.get_uri(name))

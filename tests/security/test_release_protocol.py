@@ -300,7 +300,7 @@ def test_release_rejects_expired_challenge(world: World, monkeypatch: pytest.Mon
     import warnings
 
     from sealedml.keyservice import build_keyservice
-    from sealedml.keyservice import service as service_module
+    from sealedml.keyservice import challenges as challenges_module
     from sealedml.keyservice.app import create_app
 
     with warnings.catch_warnings():
@@ -313,8 +313,9 @@ def test_release_rejects_expired_challenge(world: World, monkeypatch: pytest.Mon
         control = prepare(client, world.pair())  # type: ignore[arg-type]
         assert post(client, control).status_code == 200  # type: ignore[arg-type]
         attempt = prepare(client, world.pair())  # type: ignore[arg-type]
-        later = time.monotonic() + svc.challenge_ttl + 1
-        monkeypatch.setattr(service_module, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: later))
+        skew = svc.challenge_ttl + 1  # the challenge table's clock, moved past the expiry
+        later = types.SimpleNamespace(time=lambda: time.time() + skew, monotonic=lambda: time.monotonic() + skew)
+        monkeypatch.setattr(challenges_module, "time", later)
         assert_denied(post(client, attempt))  # type: ignore[arg-type]
         assert world.audit_for(attempt.challenge_id)["reason"] == "unknown, reused or expired challenge"
     finally:

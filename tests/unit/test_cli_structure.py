@@ -194,8 +194,14 @@ def test_bench_release_passes_the_flags_to_run_release(
 
     monkeypatch.setitem(sys.modules, "sealedml.bench.release", types.SimpleNamespace(run_release=run_release))
     assert main(["bench", "release", "--kem", "hybrid", "--concurrency", "3", "--duration", "2", "--json"]) == 0
-    assert calls == [{"concurrency": 3, "kems": ("hybrid",), "duration": 2.0, "quiet": True}]
+    assert calls == [
+        {"concurrency": 3, "kems": ("hybrid",), "duration": 2.0, "quiet": True, "replicas": 1, "kill": False}
+    ]
     assert capsys.readouterr().out.strip() == '{"concurrency": 3}'
+    assert main(["bench", "release", "--replicas", "2", "--kill", "--json"]) == 0
+    assert calls[-1]["replicas"] == 2 and calls[-1]["kill"] is True
+    assert main(["bench", "release", "--kill"]) == 1  # one replica cannot survive its own kill
+    assert "--kill needs --replicas 2" in capsys.readouterr().err
 
 
 def test_bench_release_bad_flag_is_one_line_before_anything_runs(

@@ -130,7 +130,11 @@ def handle_bench_release(args: argparse.Namespace) -> dict[str, Any]:
     concurrency, kems, duration = release_options(args)
     from sealedml.bench.release import run_release
 
-    return run_release(concurrency=concurrency, kems=kems, duration=duration, quiet=args.json)
+    if args.replicas < 1 or (args.kill and args.replicas < 2):
+        raise ConfigurationError("--replicas must be at least 1, and --kill needs --replicas 2 or more")
+    return run_release(
+        concurrency=concurrency, kems=kems, duration=duration, quiet=args.json, replicas=args.replicas, kill=args.kill
+    )
 
 
 def handle_bench_partition(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,6 +238,17 @@ def add_parser(subparsers: Subcommands) -> None:
         help="runtime KEM to measure: X25519, hybrid ML-KEM-768 + X25519, or both (default both)",
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per KEM (default 10)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="KeyService replicas (default 1, on SQLite); more share a PostgreSQL server started for the run",
+    )
+    p.add_argument(
+        "--kill",
+        action="store_true",
+        help="kill -9 one replica halfway through the last window while an owner writes to it; report lost writes",
+    )
 
     p = add_command(
         bench, "partition", handle_bench_partition, "all-in-TEE vs ternary (front and back in the TEE, middle outside)"

@@ -2,7 +2,7 @@
 
 ::
 
-    sealedml keyservice serve --data-dir DIR [--host H] [--port P] [--lease-ttl S] [--accept TEES] ...
+    sealedml keyservice serve --data-dir DIR [--store postgresql://…] [--host H] [--port P] [--lease-ttl S] ...
     sealedml platform serve --keyservice URL --store DIR [--host H] [--port P] [--policy P] ...
     sealedml worker serve --keyservice URL --store DIR [--host H] [--port P] ...
     sealedml up --data-dir DIR [--host H] [--keyservice-port P] [--gateway-port P] [--lease-ttl S]
@@ -96,6 +96,9 @@ def handle_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
         policy=policy,
         tls=args.tls,
         unsafe_allow_simulated=args.unsafe_allow_simulated,
+        store=args.store,
+        join=args.join,
+        replica_measurements=frozenset(m.lower() for m in args.replica_measurement),
     )
     return {"stopped": "keyservice"}
 
@@ -253,7 +256,24 @@ def add_parser(subparsers: Subcommands) -> None:
 
     ks = add_group(subparsers, "keyservice", "KeyService commands")
     p = add_command(ks, "serve", handle_keyservice_serve, "run the KeyService")
-    p.add_argument("--data-dir", required=True, type=Path)
+    p.add_argument("--data-dir", required=True, type=Path, help="the sealed master key (and the SQLite store)")
+    p.add_argument(
+        "--store",
+        metavar="URL",
+        help="keep the state in PostgreSQL (postgresql://…) instead of DATA_DIR/keyservice.sqlite3",
+    )
+    p.add_argument(
+        "--join",
+        metavar="URL",
+        help="a new replica: receive the master key from the running KeyService at URL (same --store)",
+    )
+    p.add_argument(
+        "--replica-measurement",
+        action="append",
+        default=[],
+        metavar="HEX",
+        help="another build that may join as a replica (an upgrade); this build's own always may",
+    )
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
     p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")

@@ -21,6 +21,7 @@ POST     /v1/sessions/secret               a session signer        yes
 POST     /v1/sessions/show                 a session signer        yes
 POST     /v1/sessions/release              attested program        evidence
 POST     /v1/sessions/volume-root          attested program        lease MAC
+POST     /v1/replicas/join                 a KeyService replica    evidence
 =======  ================================  ======================  =========
 
 Release answers and audit heads are signed with the KeyService's attested
@@ -44,6 +45,7 @@ from starlette.routing import Route
 from sealedml._internal.http import guarded, json_response, read_body, read_model
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ProtocolError
+from sealedml.keyservice.replicas import JoinRequest, handle_join
 from sealedml.keyservice.service import KeyService
 from sealedml.protocol import keyservice as p
 from sealedml.protocol import sessions as ps
@@ -62,8 +64,8 @@ def _model_id(request: Request) -> str:
     return model_id
 
 
-def create_app(service: KeyService) -> Starlette:
-    """Build the ASGI app serving ``service``."""
+def create_app(service: KeyService, *, replica_measurements: frozenset[str] = frozenset()) -> Starlette:
+    """Build the ASGI app serving ``service`` (``replica_measurements``: other builds that may join as replicas)."""
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok", "service_id": service.service_id, "tee": service.attester.tee.value})
@@ -136,8 +138,14 @@ def create_app(service: KeyService) -> Starlette:
         req = read_model(body, ps.VolumeRootRequest)
         return json_response(await run_in_threadpool(service.sessions.volume_root, req))
 
+    async def replica_join(request: Request) -> Response:
+        body = await read_body(request, MAX_BODY)
+        req = read_model(body, JoinRequest)
+        return json_response(await run_in_threadpool(handle_join, service, req, replica_measurements))
+
     sessions = service.sessions
     routes = [
+        Route("/v1/replicas/join", guarded(replica_join), methods=["POST"]),
         Route("/v1/sessions/put", guarded(session_signed(ps.SessionPutRequest, sessions.put)), methods=["POST"]),
         Route(
             "/v1/sessions/secret",

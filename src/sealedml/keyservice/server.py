@@ -17,8 +17,9 @@ from sealedml.attestation.tee import (
     resolve_tee,
 )
 from sealedml.errors import ConfigurationError
-from sealedml.keyservice.service import KeyService, check_tee_mix, load_master_key
-from sealedml.keyservice.store import SQLiteKeyStore
+from sealedml.keyservice.postgres_store import PostgresKeyStore, is_postgres_url
+from sealedml.keyservice.service import MASTER_FILE, KeyService, check_tee_mix, load_master_key
+from sealedml.keyservice.store import KeyStore, SQLiteKeyStore
 
 __all__ = ["build_keyservice", "serve"]
 
@@ -33,8 +34,10 @@ def build_keyservice(
     verifiers: VerifierOptions | None = None,
     policy: Policy | None = None,
     unsafe_allow_simulated: bool = False,
+    store: str | None = None,
+    join: str | None = None,
 ) -> KeyService:
-    """Open (or initialise) the KeyService state in ``data_dir``.
+    """Open (or initialise) the KeyService state in ``data_dir`` (and ``store``, if given).
 
     Args:
         data_dir: where the sealed master key and the SQLite store live.
@@ -46,6 +49,10 @@ def build_keyservice(
             debug, collateral age) applied on top of owners' and users' lists.
         unsafe_allow_simulated: accept simulated evidence beside hardware TEEs
             (refused otherwise; development only).
+        store: a PostgreSQL URL to keep the state in (default: SQLite in ``data_dir``); the
+            sealed master key stays in ``data_dir``.
+        join: the URL of a running KeyService on the same ``store`` to receive the master key
+            from (a new replica; ``keyservice/replicas.py``). Needs a ``store``.
 
     Raises:
         ConfigurationError: unknown TEE or verifier options, or simulated beside
@@ -64,10 +71,28 @@ def build_keyservice(
     attester = build_attester(kind, role="keyservice")
     if kind == "simulated":
         log.warning("KeyService: %s", SIMULATED_WARNING)
-    master = load_master_key(data_dir, build_sealer(kind, attester))
-    store = SQLiteKeyStore(data_dir / "keyservice.sqlite3", anchor=master.audit_anchor())
+    sealer = build_sealer(kind, attester)
+    if join is not None:
+        if store is None:
+            raise ConfigurationError("--join needs --store: replicas share one PostgreSQL store")
+        if not (data_dir / MASTER_FILE).exists():
+            from sealedml.attestation.trust import default_trust
+            from sealedml.client.keyservice import KeyServiceClient
+            from sealedml.keyservice.replicas import join_master_key
+
+            # Mutual: this instance accepts only a KeyService of its own build (its measurement).
+            with KeyServiceClient(join, trust=default_trust(attester.measurement)) as existing:
+                join_master_key(existing, attester, sealer, data_dir)
+    master = load_master_key(data_dir, sealer)
+    key_store: KeyStore
+    if store is None:
+        key_store = SQLiteKeyStore(data_dir / "keyservice.sqlite3", anchor=master.audit_anchor(), rows=master.row_key())
+    elif is_postgres_url(store):
+        key_store = PostgresKeyStore(store, anchor=master.audit_anchor(), rows=master.row_key())
+    else:
+        raise ConfigurationError(f"--store: expected a postgresql:// URL, got {store.split(':')[0]}:…")
     return KeyService(
-        store,
+        key_store,
         master,
         attester,
         build_verifiers(options),
@@ -88,6 +113,9 @@ def serve(
     policy: Policy | None = None,
     tls: str = "none",
     unsafe_allow_simulated: bool = False,
+    store: str | None = None,
+    join: str | None = None,
+    replica_measurements: frozenset[str] = frozenset(),
 ) -> None:
     """Run the KeyService until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
@@ -100,9 +128,11 @@ def serve(
         verifiers=verifiers,
         policy=policy,
         unsafe_allow_simulated=unsafe_allow_simulated,
+        store=store,
+        join=join,
     )
     serve_app(
-        create_app(service),
+        create_app(service, replica_measurements=replica_measurements),
         host,
         port,
         tls=ratls_identity(service.attester, tls),

@@ -19,11 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +58,8 @@ from sealedml.errors import (
     StoreError,
 )
 from sealedml.keyservice.access import Denial, PairState, decide_pair
+from sealedml.keyservice.challenges import ChallengeTable, MemoryChallenges, StoreChallenges
+from sealedml.keyservice.rows import RowKey, RowTamperedError
 from sealedml.keyservice.sessions import SessionService
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
 from sealedml.protocol import keyservice as p
@@ -104,6 +103,14 @@ class MasterKey:
         """The anchor that authenticates the audit chain's head."""
         return AuditAnchor(self.derive("audit-anchor"))
 
+    def export_for_replica(self) -> bytes:
+        """The raw key, only to be HPKE-sealed to an attested replica (``keyservice/replicas.py``)."""
+        return self._key
+
+    def row_key(self) -> RowKey:
+        """The key that tags access-control rows in the store (``keyservice/rows.py``)."""
+        return RowKey(self.derive("row-tags"))
+
     def __repr__(self) -> str:
         return "MasterKey(…)"
 
@@ -144,12 +151,6 @@ def load_master_key(data_dir: Path, sealer: Sealer) -> MasterKey:
         fresh = random_bytes(KEY_SIZE)
         write_private_file_once(path, sealer.seal(fresh, label="keyservice-master"))
     return MasterKey(sealer.unseal(path.read_bytes(), label="keyservice-master"))
-
-
-@dataclass
-class _Challenge:
-    nonce: bytes
-    expires: float
 
 
 class KeyService:
@@ -201,7 +202,6 @@ class KeyService:
         self.lease_ttl = lease_ttl
         self.policy = policy
         self.challenge_ttl = challenge_ttl
-        self._max_challenges = max_challenges
         # A truncated or rolled-back audit log is refused before the service does anything.
         store.check_audit_anchor()
         self.service_id = store.set_meta_once("service_id", secrets.token_hex(16))
@@ -209,8 +209,12 @@ class KeyService:
         self._hpke_public = self._hpke.public_key.to_bytes()
         self._signer = SigningKey.generate()
         self._key_binding = p.service_key_binding(self._hpke_public, self._signer.public_bytes)
-        self._challenges: OrderedDict[str, _Challenge] = OrderedDict()
-        self._challenge_lock = threading.Lock()
+        # Replicas sharing a store share their challenges: a runtime may ask one and answer another.
+        self._challenges: ChallengeTable = (
+            StoreChallenges(store, master.derive("challenge-nonces"))
+            if store.shares_challenges
+            else MemoryChallenges(max_challenges)
+        )
         #: Sessions (secureTF's CAS): documents, secrets, bundles for attested programs, volume roots.
         self.sessions = SessionService(self)
 
@@ -538,26 +542,11 @@ class KeyService:
     # ------------------------------------------------------------------ release protocol
     def challenge(self) -> p.ChallengeResponse:
         """Issue a single-use nonce for one release."""
-        now = time.monotonic()
-        with self._challenge_lock:
-            while self._challenges:
-                cid, ch = next(iter(self._challenges.items()))
-                if ch.expires > now:
-                    break
-                del self._challenges[cid]
-            if len(self._challenges) >= self._max_challenges:
-                raise Overloaded("too many outstanding challenges", retry_after=1)
-            cid = secrets.token_hex(16)
-            nonce = random_bytes(32)
-            self._challenges[cid] = _Challenge(nonce, now + self.challenge_ttl)
+        cid, nonce = self._challenges.issue(self.challenge_ttl)
         return p.ChallengeResponse(challenge_id=cid, nonce=b64e(nonce), expires_in=self.challenge_ttl)
 
     def _consume_challenge(self, challenge_id: str) -> bytes | None:
-        with self._challenge_lock:
-            ch = self._challenges.pop(challenge_id, None)
-        if ch is None or ch.expires < time.monotonic():
-            return None
-        return ch.nonce
+        return self._challenges.consume(challenge_id)
 
     def release(self, req: p.ReleaseRequest) -> p.ReleaseResponse:
         """Verify evidence and access rights; return keys sealed to the runtime.
@@ -655,13 +644,19 @@ class KeyService:
         claims, _ = self.verified_claims(req.challenge_id, req.evidence, req.runtime_key, event)
         leases = []
         for model_id, user_id in dict.fromkeys((x.model_id, x.user_id) for x in req.pairs):
-            state = self._pair_state(model_id, user_id)
+            try:
+                state = self._pair_state(model_id, user_id)
+            except RowTamperedError as exc:  # the database changed a row behind the KeyService's back
+                raise Denial(f"{model_id}/{user_id}: stored state tampered: {exc.message}") from None
             reason = decide_pair(state, claims, self.policy)
             if reason is not None:
                 raise Denial(f"{model_id}/{user_id}: {reason}")
             if state.model is None or state.consent is None:  # decide_pair allowed: cannot happen
                 raise Denial(f"{model_id}/{user_id}: inconsistent state")
-            wrapped = self.store.wrapped_model_key(model_id, state.model.current_version)
+            try:
+                wrapped = self.store.wrapped_model_key(model_id, state.model.current_version)
+            except RowTamperedError as exc:
+                raise Denial(f"{model_id}/{user_id}: stored key unusable: {exc.message}") from None
             if wrapped is None:
                 raise Denial(f"{model_id}: no key for the current version")
             try:

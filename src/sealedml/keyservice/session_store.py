@@ -1,7 +1,7 @@
 """KeyService storage of sessions: their revisions, wrapped secrets and volume root tags.
 
 The interface (:class:`SessionStore`) is part of every :class:`~sealedml.keyservice.store.KeyStore`;
-:class:`SQLiteSessionTables` implements it for the SQLite store. As for models, the store
+:class:`SqlSessionTables` implements it for the SQLite store. As for models, the store
 holds only *wrapped* secrets (the service layer wraps them under the master key, bound to the
 session and the secret's name), and every change is written in one transaction with its
 audit record.
@@ -14,7 +14,6 @@ from the tag its writer read.
 from __future__ import annotations
 
 import abc
-import sqlite3
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -22,17 +21,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealedml.errors import Conflict
+from sealedml.keyservice.rows import SELECT_ROWS
 
-__all__ = ["SESSION_SCHEMA", "SQLiteSessionTables", "SessionRecord", "SessionStore"]
+__all__ = ["SESSION_SCHEMA", "SessionRecord", "SessionStore", "SqlSessionTables"]
 
 #: Added to the store's schema (``CREATE … IF NOT EXISTS``: stores from before sessions open unchanged).
 SESSION_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (name TEXT NOT NULL, revision INTEGER NOT NULL, digest TEXT NOT NULL,
-    document TEXT NOT NULL, signatures TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (name, revision));
+    document TEXT NOT NULL, signatures TEXT NOT NULL, created REAL NOT NULL, seq INTEGER, mac TEXT,
+    PRIMARY KEY (name, revision));
 CREATE TABLE IF NOT EXISTS session_secrets (session TEXT NOT NULL, name TEXT NOT NULL, wrapped BLOB NOT NULL,
-    PRIMARY KEY (session, name));
+    seq INTEGER, mac TEXT, PRIMARY KEY (session, name));
 CREATE TABLE IF NOT EXISTS volume_roots (session TEXT NOT NULL, volume TEXT NOT NULL, version INTEGER NOT NULL,
-    root TEXT NOT NULL, PRIMARY KEY (session, volume));
+    root TEXT NOT NULL, seq INTEGER, mac TEXT, PRIMARY KEY (session, volume));
 """
 
 
@@ -87,29 +88,39 @@ class SessionStore(abc.ABC):
         """
 
 
-class SQLiteSessionTables(SessionStore):
-    """:class:`SessionStore` on the tables of :data:`SESSION_SCHEMA`, for :class:`SQLiteKeyStore`.
+class SqlSessionTables(SessionStore):
+    """:class:`SessionStore` on the tables of :data:`SESSION_SCHEMA`, for the SQL key stores.
 
-    A mixin: it uses the store's transaction, read and audit helpers.
+    A mixin: it uses the store's transaction, read and audit helpers (SQLite and PostgreSQL).
     """
 
-    # Provided by SQLiteKeyStore.
-    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+    # Provided by SqlKeyStore.
+    def _tx(self) -> AbstractContextManager[Any]:
         raise NotImplementedError  # pragma: no cover
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         raise NotImplementedError  # pragma: no cover
 
-    def _append_audit(self, db: sqlite3.Connection, event: Mapping[str, Any]) -> None:
+    def _append_audit(self, db: Any, event: Mapping[str, Any]) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _put_row(self, db: Any, table: str, key: Sequence[Any], content: Sequence[Any], written: list[Any]) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _verified(self, table: str, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        raise NotImplementedError  # pragma: no cover
+
+    def _check_latest(self, table: str, prefix: Sequence[Any], found: Sequence[Any] | None) -> None:
         raise NotImplementedError  # pragma: no cover
 
     def session(self, name: str) -> SessionRecord | None:
-        rows = self._read(
-            "SELECT name, revision, digest, document, signatures FROM sessions WHERE name = ? "
-            "ORDER BY revision DESC LIMIT 1",
-            (name,),
-        )
-        return SessionRecord(str(rows[0][0]), int(rows[0][1]), *map(str, rows[0][2:])) if rows else None
+        rows = self._read(SELECT_ROWS["sessions"] + " WHERE name = ? ORDER BY revision DESC LIMIT 1", (name,))
+        latest = self._verified("sessions", rows)[0] if rows else None
+        # A newer revision deleted behind the KeyService's back would make an older one current.
+        self._check_latest("sessions", (name,), latest[:2] if latest else None)
+        if latest is None:
+            return None
+        return SessionRecord(str(latest[0]), int(latest[1]), str(latest[2]), str(latest[3]), str(latest[4]))
 
     def put_session(self, record: SessionRecord, new_secrets: Mapping[str, bytes], audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
@@ -117,44 +128,47 @@ class SQLiteSessionTables(SessionStore):
             latest = int(row[0]) if row and row[0] is not None else 0
             if record.revision != latest + 1:
                 raise Conflict(f"session {record.name} is at revision {latest}; revision {record.revision} is stale")
-            db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?)",
-                (record.name, record.revision, record.digest, record.document, record.signatures, time.time()),
-            )
+            written: list[Any] = []
+            content = (record.digest, record.document, record.signatures, time.time())
+            self._put_row(db, "sessions", (record.name, record.revision), content, written)
+            known = {
+                str(r[0]) for r in db.execute("SELECT name FROM session_secrets WHERE session = ?", (record.name,))
+            }
             for name, wrapped in new_secrets.items():
-                db.execute("INSERT OR IGNORE INTO session_secrets VALUES (?, ?, ?)", (record.name, name, wrapped))
-            self._append_audit(db, audit)
+                if name not in known:  # a secret keeps its value across revisions
+                    self._put_row(db, "session_secrets", (record.name, name), (wrapped,), written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def session_secrets(self, session: str) -> dict[str, bytes]:
-        rows = self._read("SELECT name, wrapped FROM session_secrets WHERE session = ?", (session,))
-        return {str(name): bytes(wrapped) for name, wrapped in rows}
+        rows = self._verified(
+            "session_secrets", self._read(SELECT_ROWS["session_secrets"] + " WHERE session = ?", (session,))
+        )
+        return {str(row[1]): bytes(row[2]) for row in rows}
 
     def set_session_secret(self, session: str, name: str, wrapped: bytes, audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
-            db.execute(
-                "INSERT INTO session_secrets VALUES (?, ?, ?) ON CONFLICT (session, name) "
-                "DO UPDATE SET wrapped = excluded.wrapped",
-                (session, name, wrapped),
-            )
-            self._append_audit(db, audit)
+            written: list[Any] = []
+            self._put_row(db, "session_secrets", (session, name), (wrapped,), written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def volume_root(self, session: str, volume: str) -> tuple[int, str] | None:
-        rows = self._read("SELECT version, root FROM volume_roots WHERE session = ? AND volume = ?", (session, volume))
-        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+        rows = self._read(SELECT_ROWS["volume_roots"] + " WHERE session = ? AND volume = ?", (session, volume))
+        found = self._verified("volume_roots", rows)[0] if rows else None
+        self._check_latest("volume_roots", (session, volume), found[:2] if found else None)
+        return (int(found[2]), str(found[3])) if found else None
 
     def advance_volume_root(
         self, session: str, volume: str, version: int, root: str, previous: str | None, audit: Mapping[str, Any]
     ) -> None:
         with self._tx() as db:
             row = db.execute(
-                "SELECT version, root FROM volume_roots WHERE session = ? AND volume = ?", (session, volume)
+                SELECT_ROWS["volume_roots"] + " WHERE session = ? AND volume = ?", (session, volume)
             ).fetchone()
-            current_version, current_root = (int(row[0]), str(row[1])) if row else (0, None)
+            if row is not None:
+                self._verified("volume_roots", [tuple(row)])
+            current_version, current_root = (int(row[2]), str(row[3])) if row else (0, None)
             if current_root != previous or version != current_version + 1:
                 raise Conflict(f"volume {volume} of session {session} changed since it was opened")
-            db.execute(
-                "INSERT INTO volume_roots VALUES (?, ?, ?, ?) ON CONFLICT (session, volume) "
-                "DO UPDATE SET version = excluded.version, root = excluded.root",
-                (session, volume, version, root),
-            )
-            self._append_audit(db, audit)
+            written: list[Any] = []
+            self._put_row(db, "volume_roots", (session, volume), (version, root), written)
+            self._append_audit(db, {**audit, "rows": written})

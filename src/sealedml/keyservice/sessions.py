@@ -54,6 +54,7 @@ from sealedml.errors import (
     StoreError,
 )
 from sealedml.keyservice.access import Denial, runtime_policy, under_operator
+from sealedml.keyservice.rows import RowTamperedError
 from sealedml.keyservice.session_store import SessionRecord
 from sealedml.keyservice.store import RuntimeId
 from sealedml.protocol import keyservice as p
@@ -322,6 +323,14 @@ class SessionService:
         )
 
     def _bundle(
+        self, req: ps.SessionReleaseRequest, claims: Claims, event: dict[str, Any]
+    ) -> tuple[dict[str, Any], int]:
+        try:
+            return self._bundle_checked(req, claims, event)
+        except RowTamperedError as exc:  # the database changed a row behind the KeyService's back
+            raise Denial(f"stored state tampered: {exc.message}") from None
+
+    def _bundle_checked(
         self, req: ps.SessionReleaseRequest, claims: Claims, event: dict[str, Any]
     ) -> tuple[dict[str, Any], int]:
         current = self._current(req.session)

@@ -29,7 +29,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,15 @@ from typing import Any
 from sealedml._internal.encoding import canonical_json, fields
 from sealedml.attestation.base import TeeType
 from sealedml.errors import Conflict, NotFound, StoreError
-from sealedml.keyservice.session_store import SESSION_SCHEMA, SessionStore, SQLiteSessionTables
+from sealedml.keyservice.audit_chain import GENESIS, AuditHead, chain_hash
+from sealedml.keyservice.group_commit import GroupCommit
+from sealedml.keyservice.row_checks import RowChecks
+from sealedml.keyservice.rows import (
+    SELECT_ROWS,
+    RowKey,
+    RowTamperedError,
+)
+from sealedml.keyservice.session_store import SESSION_SCHEMA, SessionStore, SqlSessionTables
 
 __all__ = [
     "AuditAnchor",
@@ -48,11 +56,11 @@ __all__ = [
     "ModelRecord",
     "RuntimeId",
     "SQLiteKeyStore",
+    "SqlKeyStore",
 ]
 
-GENESIS = "0" * 64
 #: Schema of the SQLite store; a store written by another schema is refused, never guessed at.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True, order=True)
@@ -104,20 +112,6 @@ class AuditRecord:
     hash: str
 
 
-@dataclass(frozen=True)
-class AuditHead:
-    """The head of the audit chain: how many records, and the last record's hash."""
-
-    records: int
-    head: str
-
-
-def chain_hash(prev_hash: str, seq: int, timestamp: float, event: Mapping[str, Any]) -> str:
-    """``SHA-256(prev_hash ‖ canonical(seq, timestamp, event))``."""
-    body = canonical_json({"seq": seq, "ts": timestamp, "event": dict(event)})
-    return hashlib.sha256(bytes.fromhex(prev_hash) + body).hexdigest()
-
-
 class AuditAnchor:
     """Authenticates the head of the audit chain with a key the database never sees.
 
@@ -150,6 +144,17 @@ class KeyStore(SessionStore):
 
     Sessions (:class:`~sealedml.keyservice.session_store.SessionStore`) are part of it.
     """
+
+    #: Whether KeyService replicas share release challenges through this store (see challenges.py).
+    shares_challenges = False
+
+    def put_challenge(self, challenge_id: str, expires: float) -> None:
+        """Record an outstanding challenge (stores with :attr:`shares_challenges` only)."""
+        raise NotImplementedError("this store does not share challenges")
+
+    def take_challenge(self, challenge_id: str) -> float | None:
+        """Forget a challenge and return its expiry (unix seconds), or None if it is not outstanding."""
+        raise NotImplementedError("this store does not share challenges")
 
     # principals
     @abc.abstractmethod
@@ -321,138 +326,68 @@ class KeyStore(SessionStore):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS principals (id TEXT PRIMARY KEY, public_key BLOB NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS principals (id TEXT PRIMARY KEY, public_key BLOB NOT NULL, created REAL NOT NULL,
+    seq INTEGER, mac TEXT);
 CREATE TABLE IF NOT EXISTS nonces (principal TEXT NOT NULL, nonce TEXT NOT NULL, ts INTEGER NOT NULL,
     PRIMARY KEY (principal, nonce));
 CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
-CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, owner TEXT NOT NULL, current_version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, owner TEXT NOT NULL, current_version INTEGER NOT NULL,
+    seq INTEGER, mac TEXT);
 CREATE TABLE IF NOT EXISTS model_keys (model_id TEXT NOT NULL, version INTEGER NOT NULL, wrapped BLOB NOT NULL,
-    partition TEXT, PRIMARY KEY (model_id, version));
+    partition TEXT, seq INTEGER, mac TEXT, PRIMARY KEY (model_id, version));
 CREATE TABLE IF NOT EXISTS runtimes (model_id TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL,
-    PRIMARY KEY (model_id, tee, measurement));
+    seq INTEGER, mac TEXT, PRIMARY KEY (model_id, tee, measurement));
 CREATE TABLE IF NOT EXISTS grants (model_id TEXT NOT NULL, user_id TEXT NOT NULL, granted INTEGER NOT NULL,
-    changed REAL NOT NULL, PRIMARY KEY (model_id, user_id));
+    changed REAL NOT NULL, seq INTEGER, mac TEXT, PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS consents (model_id TEXT NOT NULL, user_id TEXT NOT NULL, wrapped BLOB NOT NULL,
-    runtimes TEXT NOT NULL, accept_partitioned INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (model_id, user_id));
+    runtimes TEXT NOT NULL, accept_partitioned INTEGER NOT NULL DEFAULT 0, seq INTEGER, mac TEXT,
+    PRIMARY KEY (model_id, user_id));
 CREATE TABLE IF NOT EXISTS audit (seq INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL,
     prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
 """
 
 
-class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
-    """:class:`KeyStore` on SQLite in WAL mode with ``synchronous=FULL`` (durable commits).
+class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
+    """The :class:`KeyStore`'s SQL, shared by :class:`SQLiteKeyStore` and
+    :class:`~sealedml.keyservice.postgres_store.PostgresKeyStore`.
 
-    Writes go through one connection guarded by a lock; reads use one read-only
-    connection per calling thread (callers run the store from a thread pool), so
-    in WAL mode they proceed while a write commits instead of queueing behind its
-    fsync — a key release's half-dozen reads no longer wait for the previous
-    release's audit record to reach the disk. Audit records that change no state
-    (:meth:`audit`: every release decision, every denial) are committed in
-    groups (:class:`_GroupCommit`): one fsync for all the records waiting, each
-    caller returning only once its own record is durable.
-
-    Args:
-        path: the database file.
-        anchor: maintains and checks the audit head (the KeyService always passes
-            one; without it the audit chain is checked link by link only).
-
-    Raises:
-        StoreError: the file cannot be opened, or was written with another schema.
+    Statements use ``?`` parameters and syntax both databases accept (``ON CONFLICT``);
+    the PostgreSQL store translates the parameter style. Subclasses provide the
+    transactions (:meth:`_tx`), the reads (:meth:`_read`) and the audit group commit.
     """
 
-    def __init__(self, path: Path | str, *, anchor: AuditAnchor | None = None) -> None:
-        self._anchor = anchor
-        self._path = str(path)
-        # An in-memory database exists only in its one connection: read through it.
-        self._shared_reads = self._path == ":memory:" or self._path.startswith("file::memory:")
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
-        self._group = _GroupCommit(self)
-        try:
-            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._check_schema(path)
-            self._db.executescript(_SCHEMA + SESSION_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open key store {path}: {exc}") from exc
-        self._lock = threading.Lock()
-
-    def _check_schema(self, path: Path | str) -> None:
-        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if not tables:
-            return
-        version = None
-        if "meta" in tables:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-            version = row[0] if row else None
-        if version != str(SCHEMA_VERSION):
-            # Schema 1 stored runtime measurements without their TEE type: guessing one
-            # could let evidence of one TEE type satisfy a measurement meant for another.
-            raise StoreError(
-                f"key store {path} was written by another SealedML version (schema {version or 1}, "
-                f"this one reads {SCHEMA_VERSION}); it is not migrated automatically: re-register the "
-                "owners' models and runtimes in a new data directory"
-            )
+    _anchor: AuditAnchor | None
+    _group: GroupCommit
 
     @property
     def anchor(self) -> AuditAnchor | None:
         return self._anchor
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"key store failure: {exc}") from exc
-
-    def _reader(self) -> sqlite3.Connection:
-        """This thread's read-only connection (created on first use)."""
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
-            conn.execute("PRAGMA query_only=ON")
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
+    def _tx(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError  # pragma: no cover
 
     def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        try:
-            if self._shared_reads:
-                with self._lock:
-                    return self._db.execute(sql, args).fetchall()
-            return self._reader().execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreError(f"key store failure: {exc}") from exc
+        raise NotImplementedError  # pragma: no cover
 
     @staticmethod
-    def _head(db: sqlite3.Connection) -> AuditHead:
+    def _head(db: Any) -> AuditHead:
         row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         return AuditHead(int(row[0]), str(row[1])) if row else AuditHead(0, GENESIS)
 
     @staticmethod
-    def _anchor_row(db: sqlite3.Connection) -> tuple[AuditHead, str] | None:
-        row = db.execute("SELECT value FROM meta WHERE key = 'audit_anchor'").fetchone()
-        if row is None:
-            return None
+    def _parse_anchor(value: str) -> tuple[AuditHead, str]:
         try:
-            doc = json.loads(row[0])
+            doc = json.loads(value)
             return AuditHead(int(doc["records"]), str(doc["head"])), str(doc["tag"])
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError("audit anchor is malformed (tampered)") from exc
 
-    def _append_audit(self, db: sqlite3.Connection, event: Mapping[str, Any]) -> None:
+    @classmethod
+    def _anchor_row(cls, db: Any) -> tuple[AuditHead, str] | None:
+        row = db.execute("SELECT value FROM meta WHERE key = 'audit_anchor'").fetchone()
+        return None if row is None else cls._parse_anchor(str(row[0]))
+
+    def _append_audit(self, db: Any, event: Mapping[str, Any]) -> None:
         head = self._head(db)
         if self._anchor is not None:
             anchored = self._anchor_row(db)
@@ -475,38 +410,49 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
                 "INSERT INTO meta VALUES ('audit_anchor', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (value,),
             )
+        if self._ledger is not None:
+            self._pending().append((AuditHead(seq, digest), event))
 
+    # ------------------------------------------------------------------ principals and models
     def add_principal(self, principal_id: str, public_key: bytes, audit: Mapping[str, Any]) -> bool:
         with self._tx() as db:
-            row = db.execute("SELECT public_key FROM principals WHERE id = ?", (principal_id,)).fetchone()
-            if row is not None:
-                if bytes(row[0]) != public_key:
+            row = db.execute(SELECT_ROWS["principals"] + " WHERE id = ?", (principal_id,))
+            found = row.fetchone()
+            if found is not None:
+                self._verified("principals", [tuple(found)])
+                if bytes(found[1]) != public_key:
                     raise Conflict("principal id already registered with another key")
                 return False
-            db.execute("INSERT INTO principals VALUES (?, ?, ?)", (principal_id, public_key, time.time()))
-            self._append_audit(db, audit)
+            written: list[Any] = []
+            self._put_row(db, "principals", (principal_id,), (public_key, time.time()), written)
+            self._append_audit(db, {**audit, "rows": written})
             return True
 
     def principal_key(self, principal_id: str) -> bytes | None:
-        rows = self._read("SELECT public_key FROM principals WHERE id = ?", (principal_id,))
-        return bytes(rows[0][0]) if rows else None
+        rows = self._read(SELECT_ROWS["principals"] + " WHERE id = ?", (principal_id,))
+        return bytes(self._verified("principals", rows)[0][1]) if rows else None
 
     def use_nonce(self, principal_id: str, nonce: str, timestamp: int, horizon: int) -> bool:
         with self._tx() as db:
             db.execute("DELETE FROM nonces WHERE ts < ?", (int(time.time()) - horizon,))
-            try:
-                db.execute("INSERT INTO nonces VALUES (?, ?, ?)", (principal_id, nonce, timestamp))
-            except sqlite3.IntegrityError:
-                return False
-            return True
+            inserted = db.execute(
+                "INSERT INTO nonces VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (principal_id, nonce, timestamp)
+            )
+            return bool(inserted.rowcount == 1)
 
     def model(self, model_id: str) -> ModelRecord | None:
-        rows = self._read(
-            "SELECT m.id, m.owner, m.current_version, k.partition FROM models m LEFT JOIN model_keys k "
-            "ON k.model_id = m.id AND k.version = m.current_version WHERE m.id = ?",
-            (model_id,),
+        rows = self._verified("models", self._read(SELECT_ROWS["models"] + " WHERE id = ?", (model_id,)))
+        if not rows:
+            return None
+        _, owner, version, _, _ = rows[0]
+        keys = self._verified(
+            "model_keys",
+            self._read(
+                SELECT_ROWS["model_keys"] + " WHERE model_id = ? AND version = ?",
+                (model_id, version),
+            ),
         )
-        return ModelRecord(*rows[0]) if rows else None
+        return ModelRecord(model_id, str(owner), int(version), keys[0][3] if keys else None)
 
     def put_model_key(
         self,
@@ -518,56 +464,62 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
         partition_sha256: str | None = None,
     ) -> None:
         with self._tx() as db:
-            row = db.execute("SELECT owner, current_version FROM models WHERE id = ?", (model_id,)).fetchone()
-            if row is None:
-                db.execute("INSERT INTO models VALUES (?, ?, ?)", (model_id, owner_id, version))
-            elif row[0] != owner_id:
-                raise Conflict("model belongs to another principal")
-            elif version <= row[1]:
-                raise Conflict(f"model version must be newer than {row[1]}")
-            else:
-                db.execute("UPDATE models SET current_version = ? WHERE id = ?", (version, model_id))
-            db.execute("INSERT INTO model_keys VALUES (?, ?, ?, ?)", (model_id, version, wrapped_key, partition_sha256))
-            self._append_audit(db, audit)
+            found = db.execute(SELECT_ROWS["models"] + " WHERE id = ?", (model_id,)).fetchone()
+            if found is not None:
+                self._verified("models", [tuple(found)])
+                if found[1] != owner_id:
+                    raise Conflict("model belongs to another principal")
+                if version <= found[2]:
+                    raise Conflict(f"model version must be newer than {found[2]}")
+            elif db.execute("SELECT 1 FROM model_keys WHERE model_id = ?", (model_id,)).fetchone() is not None:
+                raise RowTamperedError(f"model {model_id} has keys but no model row (deleted behind the KeyService)")
+            written: list[Any] = []
+            self._put_row(db, "models", (model_id,), (owner_id, version), written)
+            self._put_row(db, "model_keys", (model_id, version), (wrapped_key, partition_sha256), written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def wrapped_model_key(self, model_id: str, version: int) -> bytes | None:
-        rows = self._read("SELECT wrapped FROM model_keys WHERE model_id = ? AND version = ?", (model_id, version))
-        return bytes(rows[0][0]) if rows else None
+        rows = self._read(
+            SELECT_ROWS["model_keys"] + " WHERE model_id = ? AND version = ?",
+            (model_id, version),
+        )
+        return bytes(self._verified("model_keys", rows)[0][2]) if rows else None
 
-    def _require_model(self, db: sqlite3.Connection, model_id: str) -> None:
-        if db.execute("SELECT 1 FROM models WHERE id = ?", (model_id,)).fetchone() is None:
+    def _require_model(self, db: Any, model_id: str) -> None:
+        found = db.execute(SELECT_ROWS["models"] + " WHERE id = ?", (model_id,)).fetchone()
+        if found is None:
             raise NotFound("no such model")
+        self._verified("models", [tuple(found)])
 
+    # ------------------------------------------------------------------ runtimes, grants, consents
     def set_runtime_allowed(self, model_id: str, runtime: RuntimeId, allowed: bool, audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
             self._require_model(db, model_id)
             key = (model_id, runtime.tee.value, runtime.measurement)
+            written: list[Any] = []
             if allowed:
-                db.execute("INSERT OR IGNORE INTO runtimes VALUES (?, ?, ?)", key)
+                self._put_row(db, "runtimes", key, (), written)
             else:
-                db.execute("DELETE FROM runtimes WHERE model_id = ? AND tee = ? AND measurement = ?", key)
-            self._append_audit(db, audit)
+                self._delete_row(db, "runtimes", key, written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def allowed_runtimes(self, model_id: str) -> frozenset[RuntimeId]:
-        rows = self._read("SELECT tee, measurement FROM runtimes WHERE model_id = ?", (model_id,))
+        rows = self._read(SELECT_ROWS["runtimes"] + " WHERE model_id = ?", (model_id,))
         try:
-            return frozenset(RuntimeId(TeeType(tee), measurement) for tee, measurement in rows)
+            return frozenset(RuntimeId(TeeType(row[1]), row[2]) for row in self._verified("runtimes", rows))
         except ValueError as exc:
             raise StoreError("allowed runtime with an unknown TEE type (tampered)") from exc
 
     def set_grant(self, model_id: str, user_id: str, granted: bool, audit: Mapping[str, Any]) -> None:
         with self._tx() as db:
             self._require_model(db, model_id)
-            db.execute(
-                "INSERT INTO grants VALUES (?, ?, ?, ?) ON CONFLICT (model_id, user_id) "
-                "DO UPDATE SET granted = excluded.granted, changed = excluded.changed",
-                (model_id, user_id, int(granted), time.time()),
-            )
-            self._append_audit(db, audit)
+            written: list[Any] = []
+            self._put_row(db, "grants", (model_id, user_id), (int(granted), time.time()), written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def is_granted(self, model_id: str, user_id: str) -> bool:
-        rows = self._read("SELECT granted FROM grants WHERE model_id = ? AND user_id = ?", (model_id, user_id))
-        return bool(rows and rows[0][0])
+        rows = self._read(SELECT_ROWS["grants"] + " WHERE model_id = ? AND user_id = ?", (model_id, user_id))
+        return bool(rows and self._verified("grants", rows)[0][2])
 
     def set_consent(
         self,
@@ -581,26 +533,24 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
         encoded = json.dumps([[r.tee.value, r.measurement] for r in sorted(set(runtimes))])
         with self._tx() as db:
             self._require_model(db, model_id)
-            db.execute(
-                "INSERT INTO consents VALUES (?, ?, ?, ?, ?) ON CONFLICT (model_id, user_id) "
-                "DO UPDATE SET wrapped = excluded.wrapped, runtimes = excluded.runtimes, "
-                "accept_partitioned = excluded.accept_partitioned",
-                (model_id, user_id, wrapped_request_key, encoded, int(accept_partitioned)),
-            )
-            self._append_audit(db, audit)
+            written: list[Any] = []
+            content = (wrapped_request_key, encoded, int(accept_partitioned))
+            self._put_row(db, "consents", (model_id, user_id), content, written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
         rows = self._read(
-            "SELECT wrapped, runtimes, accept_partitioned FROM consents WHERE model_id = ? AND user_id = ?",
+            SELECT_ROWS["consents"] + " WHERE model_id = ? AND user_id = ?",
             (model_id, user_id),
         )
         if not rows:
             return None
+        _, _, wrapped, encoded, accept_partitioned, _, _ = self._verified("consents", rows)[0]
         try:
-            runtimes = frozenset(RuntimeId(TeeType(tee), str(m)) for tee, m in json.loads(rows[0][1]))
+            runtimes = frozenset(RuntimeId(TeeType(tee), str(m)) for tee, m in json.loads(encoded))
         except (ValueError, TypeError) as exc:
             raise StoreError("malformed consent record (tampered)") from exc
-        return ConsentRecord(model_id, user_id, bytes(rows[0][0]), runtimes, bool(rows[0][2]))
+        return ConsentRecord(model_id, user_id, bytes(wrapped), runtimes, bool(accept_partitioned))
 
     def audit(self, event: Mapping[str, Any]) -> None:
         self._group.append(event)
@@ -615,18 +565,12 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
         return bool(rows[0][0])
 
     def audit_head(self) -> AuditHead:
-        with self._lock:
-            try:
-                return self._head(self._db)
-            except sqlite3.Error as exc:
-                raise StoreError(f"key store failure: {exc}") from exc
+        rows = self._read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return AuditHead(int(rows[0][0]), str(rows[0][1])) if rows else AuditHead(0, GENESIS)
 
     def audit_anchor(self) -> tuple[AuditHead, str] | None:
-        with self._lock:
-            try:
-                return self._anchor_row(self._db)
-            except sqlite3.Error as exc:
-                raise StoreError(f"key store failure: {exc}") from exc
+        rows = self._read("SELECT value FROM meta WHERE key = 'audit_anchor'")
+        return self._parse_anchor(str(rows[0][0])) if rows else None
 
     def meta(self, key: str) -> str | None:
         rows = self._read("SELECT value FROM meta WHERE key = ?", (key,))
@@ -634,8 +578,109 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
 
     def set_meta_once(self, key: str, value: str) -> str:
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES (?, ?)", (key, value))
+            db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value))
             return str(db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+
+class SQLiteKeyStore(SqlKeyStore):
+    """:class:`KeyStore` on SQLite in WAL mode with ``synchronous=FULL`` (durable commits).
+
+    Writes go through one connection guarded by a lock; reads use one read-only
+    connection per calling thread (callers run the store from a thread pool), so
+    in WAL mode they proceed while a write commits instead of queueing behind its
+    fsync — a key release's half-dozen reads no longer wait for the previous
+    release's audit record to reach the disk. Audit records that change no state
+    (:meth:`audit`: every release decision, every denial) are committed in
+    groups (:class:`GroupCommit`): one fsync for all the records waiting, each
+    caller returning only once its own record is durable.
+
+    Args:
+        path: the database file.
+        anchor: maintains and checks the audit head (the KeyService always passes
+            one; without it the audit chain is checked link by link only).
+
+    Raises:
+        StoreError: the file cannot be opened, or was written with another schema.
+    """
+
+    def __init__(self, path: Path | str, *, anchor: AuditAnchor | None = None, rows: RowKey | None = None) -> None:
+        self._anchor = anchor
+        self._init_rows(rows)
+        self._path = str(path)
+        # An in-memory database exists only in its one connection: read through it.
+        self._shared_reads = self._path == ":memory:" or self._path.startswith("file::memory:")
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._group = GroupCommit(self)
+        try:
+            self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._check_schema(path)
+            self._db.executescript(_SCHEMA + SESSION_SCHEMA)
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?) ON CONFLICT DO NOTHING", (str(SCHEMA_VERSION),))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open key store {path}: {exc}") from exc
+        self._lock = threading.Lock()
+
+    def _check_schema(self, path: Path | str) -> None:
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return
+        version = None
+        if "meta" in tables:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+            version = row[0] if row else None
+        if version != str(SCHEMA_VERSION):
+            # Schema 1 stored runtime measurements without their TEE type: guessing one
+            # could let evidence of one TEE type satisfy a measurement meant for another.
+            raise StoreError(
+                f"key store {path} was written by another SealedML version (schema {version or 1}, "
+                f"this one reads {SCHEMA_VERSION}); it is not migrated automatically: re-register the "
+                "owners' models and runtimes in a new data directory"
+            )
+
+    _single_writer = True
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except BaseException as exc:
+                self._rolled_back()
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(f"key store failure: {exc}") from exc
+                raise
+        self._committed()
+
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (created on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None, timeout=30)
+            conn.execute("PRAGMA query_only=ON")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            if self._shared_reads:
+                with self._lock:
+                    return self._db.execute(sql, args).fetchall()
+            return self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"key store failure: {exc}") from exc
 
     def close(self) -> None:
         with self._readers_lock:
@@ -644,58 +689,3 @@ class SQLiteKeyStore(SQLiteSessionTables, KeyStore):
             conn.close()
         with self._lock:
             self._db.close()
-
-
-class _GroupCommit:
-    """Audit appends in groups: one transaction, one fsync, for every record waiting.
-
-    The first caller that finds no commit running leads: it takes every pending
-    record, writes them in one transaction and wakes the others; records that
-    arrived meanwhile wait for the next leader. Records are committed in arrival
-    order, and :meth:`append` returns only once the caller's own record is durable
-    (or raises the error its group's commit raised).
-    """
-
-    def __init__(self, store: SQLiteKeyStore) -> None:
-        self._store = store
-        self._cond = threading.Condition()
-        self._pending: list[tuple[int, Mapping[str, Any]]] = []
-        self._issued = 0  # tickets handed out
-        self._committed = 0  # every ticket up to this one is durable (or failed)
-        self._failed: dict[int, StoreError] = {}
-        self._leading = False
-
-    def append(self, event: Mapping[str, Any]) -> None:
-        """Append ``event`` to the audit log; return once it is durable.
-
-        Raises:
-            StoreError: the commit of its group failed (nothing of the group was written).
-        """
-        with self._cond:
-            self._issued += 1
-            ticket = self._issued
-            self._pending.append((ticket, event))
-            while ticket > self._committed and self._leading:
-                self._cond.wait()
-            if ticket <= self._committed:
-                error = self._failed.pop(ticket, None)
-                if error is not None:
-                    raise error
-                return
-            self._leading = True
-            batch, self._pending = self._pending, []
-        error = None
-        try:
-            with self._store._tx() as db:
-                for _, item in batch:
-                    self._store._append_audit(db, item)
-        except StoreError as exc:
-            error = exc
-        with self._cond:
-            if error is not None:
-                self._failed.update({t: error for t, _ in batch if t != ticket})
-            self._committed = batch[-1][0]
-            self._leading = False
-            self._cond.notify_all()
-        if error is not None:
-            raise error

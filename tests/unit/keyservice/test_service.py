@@ -29,7 +29,7 @@ from sealedml.errors import (
     ProtocolError,
 )
 from sealedml.keyservice import build_keyservice
-from sealedml.keyservice import service as service_module
+from sealedml.keyservice import challenges as challenges_module
 from sealedml.keyservice.service import KeyService
 from sealedml.protocol import keyservice as p
 
@@ -78,6 +78,23 @@ class Harness:
         self.svc = svc
         self.attester = SimulatedAttester(role="runtime")
         self.runtime = self.attester.measurement
+        self.database = ""  # the store's file (SQLite) or URL (PostgreSQL), for tests that play its attacker
+
+    def raw(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run ``sql`` on the store's database behind the KeyService's back (the storage attacker)."""
+        if self.database.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(self.database, autocommit=True) as conn:
+                cursor = conn.execute(sql)
+                return list(cursor.fetchall()) if cursor.description else []
+        db = sqlite3.connect(self.database)
+        try:
+            rows = db.execute(sql).fetchall()
+            db.commit()
+            return rows
+        finally:
+            db.close()
 
     @property
     def service_key(self) -> HpkePublicKey:
@@ -167,10 +184,14 @@ class Harness:
         raise AssertionError(f"no audit record matching {match}")
 
 
-@pytest.fixture
-def h(tmp_path: Path) -> Iterator[Harness]:
-    svc = build_keyservice(tmp_path / "ks", lease_ttl=30)
-    yield Harness(svc)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def h(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    """The KeyService on each store: SQLite in its data directory, or a real PostgreSQL database."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    svc = build_keyservice(tmp_path / "ks", lease_ttl=30, store=url)
+    harness = Harness(svc)
+    harness.database = url or str(tmp_path / "ks" / "keyservice.sqlite3")
+    yield harness
     svc.store.close()
 
 
@@ -331,11 +352,11 @@ def test_model_key_is_stored_wrapped_never_in_plaintext(h: Harness, tmp_path: Pa
     key = h.upload(owner, "m")
     h.call(owner, "grant", "m", p.GrantRequest(user_id=user.principal_id))
     h.enable(user, "m")
-    db = sqlite3.connect(str(tmp_path / "ks" / "keyservice.sqlite3"))
-    (wrapped,) = db.execute("SELECT wrapped FROM model_keys").fetchone()
-    (wrapped_rk,) = db.execute("SELECT wrapped FROM consents").fetchone()
-    dump = "\n".join(db.iterdump()).encode()
-    db.close()
+    ((wrapped,),) = h.raw("SELECT wrapped FROM model_keys")
+    ((wrapped_rk,),) = h.raw("SELECT wrapped FROM consents")
+    tables = ["meta", "principals", "models", "model_keys", "runtimes", "grants", "consents", "audit"]
+    dump = repr([h.raw(f"SELECT * FROM {table}") for table in tables]).encode()
+    wrapped, wrapped_rk = bytes(wrapped), bytes(wrapped_rk)
     assert key not in wrapped and user.request_key("m") not in wrapped_rk
     assert key.hex().encode() not in dump and b64e(key).encode() not in dump
     assert user.request_key("m").hex().encode() not in dump
@@ -485,8 +506,9 @@ def test_release_rejects_expired_challenge(h: Harness, monkeypatch: pytest.Monke
         runtime_key=b64e(key),
         pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)],
     )
-    later = time.monotonic() + h.svc.challenge_ttl + 1
-    monkeypatch.setattr(service_module, "time", types.SimpleNamespace(time=time.time, monotonic=lambda: later))
+    skew = h.svc.challenge_ttl + 1  # the challenge table's clock, moved past the expiry
+    later = types.SimpleNamespace(time=lambda: time.time() + skew, monotonic=lambda: time.monotonic() + skew)
+    monkeypatch.setattr(challenges_module, "time", later)
     with pytest.raises(AccessDenied):
         h.svc.release(req)
     assert h.last_audit(action="release")["reason"] == "unknown, reused or expired challenge"
@@ -494,6 +516,9 @@ def test_release_rejects_expired_challenge(h: Harness, monkeypatch: pytest.Monke
 
 def test_outstanding_challenges_are_bounded(h: Harness) -> None:
     svc = KeyService(h.svc.store, h.svc._master, h.svc.attester, h.svc.verifiers, max_challenges=3)
+    if h.svc.store.shares_challenges:  # PostgreSQL: in the shared table, forgotten when they expire
+        assert all(svc.challenge() for _ in range(4))
+        return
     for _ in range(3):
         svc.challenge()
     with pytest.raises(Overloaded) as info:
@@ -501,21 +526,38 @@ def test_outstanding_challenges_are_bounded(h: Harness) -> None:
     assert info.value.retry_after is not None
 
 
+def test_replicas_on_one_postgresql_store_share_challenges(tmp_path: Path, postgres_url: str) -> None:
+    first = Harness(build_keyservice(tmp_path / "ks", store=postgres_url))
+    second = Harness(build_keyservice(tmp_path / "ks", store=postgres_url))  # same data dir: same master key
+    user = first.register()
+    first.publish("m", [user])
+    challenge = first.svc.challenge()
+    key = HpkePrivateKey(HpkeKem.X25519)
+    evidence = first.attester.attest(b64d(challenge.nonce), key.public_key.to_bytes())
+    request = p.ReleaseRequest(
+        challenge_id=challenge.challenge_id,
+        evidence=p.EvidenceMessage(tee="simulated", data=b64e(evidence.data)),
+        runtime_key=b64e(key.public_key.to_bytes()),
+        pairs=[p.ReleasePair(model_id="m", user_id=user.principal_id)],
+    )
+    assert second.svc.release(request).sealed  # asked of one replica, answered by the other
+    with pytest.raises(AccessDenied):  # and used once only, across replicas
+        first.svc.release(request)
+    assert first.svc.store.verify_audit_chain() == second.svc.store.verify_audit_chain()
+
+
 def test_release_rejects_a_stored_key_moved_to_another_model(h: Harness, tmp_path: Path) -> None:
-    """Wrapped keys are bound to their model id: swapping rows in the database does not move a key."""
+    """A key copied to another model's row is refused: the row's integrity tag binds its key columns
+    (and the wrapped key's AAD binds its model id, a second line of defence)."""
     user = h.register()
     h.publish("a", [user])
     h.publish("b", [user])
-    db = sqlite3.connect(str(tmp_path / "ks" / "keyservice.sqlite3"))
-    db.execute(
-        "UPDATE model_keys SET wrapped = (SELECT wrapped FROM model_keys WHERE model_id = 'a') WHERE model_id = 'b'"
-    )
-    db.commit()
-    db.close()
+    h.raw("UPDATE model_keys SET wrapped = (SELECT wrapped FROM model_keys WHERE model_id = 'a') WHERE model_id = 'b'")
     h.release([("a", user.principal_id)])
     with pytest.raises(AccessDenied):
         h.release([("b", user.principal_id)])
-    assert "stored key unusable" in h.last_audit(action="release")["reason"]
+    reason = h.last_audit(action="release")["reason"]
+    assert "stored state tampered" in reason and "model_keys" in reason
 
 
 def test_state_and_master_key_survive_a_restart(tmp_path: Path) -> None:
@@ -662,3 +704,86 @@ def test_keyservice_refuses_to_start_on_a_truncated_audit_log(tmp_path: Path) ->
     db.close()
     with pytest.raises(StoreError, match="does not match its anchor"):
         build_keyservice(tmp_path / "ks")
+
+
+def test_keyservice_on_postgresql_refuses_to_start_on_a_truncated_audit_log(tmp_path: Path, postgres_url: str) -> None:
+    from sealedml.errors import StoreError
+
+    first = Harness(build_keyservice(tmp_path / "ks", store=postgres_url))
+    first.database = postgres_url
+    user = first.register()
+    first.publish("m", [user])
+    first.svc.store.close()
+    first.raw("DELETE FROM audit WHERE seq = (SELECT MAX(seq) FROM audit)")
+    with pytest.raises(StoreError, match="does not match its anchor"):
+        build_keyservice(tmp_path / "ks", store=postgres_url)
+
+
+def test_keyservice_on_postgresql_keeps_its_state_across_a_restart(tmp_path: Path, postgres_url: str) -> None:
+    first = Harness(build_keyservice(tmp_path / "ks", store=postgres_url))
+    user = first.register()
+    first.publish("m", [user])
+    service_id = first.svc.service_id
+    first.svc.store.close()
+    second = Harness(build_keyservice(tmp_path / "ks", store=postgres_url))
+    assert second.svc.service_id == service_id
+    assert second.release([("m", user.principal_id)])
+    assert second.svc.store.verify_audit_chain() > 3
+
+
+def test_a_store_url_that_is_not_postgresql_is_refused(tmp_path: Path) -> None:
+    from sealedml.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="postgresql://"):
+        build_keyservice(tmp_path / "ks", store="mysql://user:secret@db/ks")
+
+
+# ---------------------------------------------------------------------------- rows the database cannot forge
+
+
+def _granted_and_enabled(h: Harness) -> tuple[Identity, Identity]:
+    user = h.register()
+    owner, _ = h.publish("m", [user])
+    h.release([("m", user.principal_id)])
+    return owner, user
+
+
+def test_a_grant_row_edited_by_hand_is_refused_with_an_audited_reason(h: Harness) -> None:
+    (_, user), stranger = _granted_and_enabled(h), h.register()
+    h.raw(f"UPDATE grants SET user_id = '{stranger.principal_id}' WHERE user_id = '{user.principal_id}'")
+    with pytest.raises(AccessDenied):
+        h.release([("m", stranger.principal_id)])
+    reason = h.last_audit(action="release")["reason"]
+    assert "stored state tampered" in reason and "does not match its integrity tag" in reason
+
+
+def test_a_revoked_grant_restored_from_an_old_copy_is_refused(h: Harness) -> None:
+    owner, user = _granted_and_enabled(h)
+    old = h.raw(f"SELECT granted, changed, seq, mac FROM grants WHERE user_id = '{user.principal_id}'")[0]
+    h.call(owner, "grant", "m", p.GrantRequest(user_id=user.principal_id, grant=False))
+    granted, changed, seq, mac = old
+    h.raw(
+        f"UPDATE grants SET granted = {granted}, changed = {changed!r}, seq = {seq}, mac = '{mac}' "
+        f"WHERE user_id = '{user.principal_id}'"
+    )
+    with pytest.raises(AccessDenied):
+        h.release([("m", user.principal_id)])
+    assert "(replayed)" in h.last_audit(action="release")["reason"]
+
+
+def test_a_disallowed_runtime_restored_by_hand_is_refused(h: Harness) -> None:
+    owner, user = _granted_and_enabled(h)
+    row = h.raw("SELECT model_id, tee, measurement, seq, mac FROM runtimes")[0]
+    h.call(owner, "allow_runtime", "m", p.AllowRuntimeRequest(measurement=h.runtime, allow=False))
+    h.raw("INSERT INTO runtimes VALUES ('{}', '{}', '{}', {}, '{}')".format(*row))
+    with pytest.raises(AccessDenied):
+        h.release([("m", user.principal_id)])
+    assert "deleted" in h.last_audit(action="release")["reason"]
+
+
+def test_a_row_inserted_by_hand_is_refused(h: Harness) -> None:
+    _, user = _granted_and_enabled(h)
+    h.raw("INSERT INTO runtimes (model_id, tee, measurement) VALUES ('m', 'simulated', '" + "ab" * 48 + "')")
+    with pytest.raises(AccessDenied):
+        h.release([("m", user.principal_id)])
+    assert "no integrity tag" in h.last_audit(action="release")["reason"]

@@ -41,12 +41,25 @@ class _Attesters:
 ATTESTERS = _Attesters()
 
 
-@pytest.fixture(scope="module")
-def keyservice(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Path]]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def keyservice(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Served, Any]]:
+    """A KeyService on each store; the second item is where its audit log is (a directory or a URL)."""
     data = tmp_path_factory.mktemp("ks-sessions")
-    served = serve_in_thread(create_app(build_keyservice(data, lease_ttl=30)))
-    yield served, data
+    url = None
+    if request.param == "postgresql":
+        import psycopg
+
+        server = request.getfixturevalue("postgres_server")
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE sessions_{data.name.replace('-', '_')}")
+        url = server.get_uri(f"sessions_{data.name.replace('-', '_')}")
+    service = build_keyservice(data, lease_ttl=30, store=url)
+    served = serve_in_thread(create_app(service))
+    yield served, url or data
     served.stop()
+    service.store.close()
 
 
 class Owners:
@@ -91,7 +104,7 @@ class Owners:
 
 
 @pytest.fixture
-def owners(keyservice: tuple[Served, Path]) -> Owners:
+def owners(keyservice: tuple[Served, Any]) -> Owners:
     return Owners(keyservice[0].url)
 
 
@@ -100,12 +113,17 @@ def release(url: str, name: str, service: str = "app", attester: SimulatedAttest
         return release_session(ks, attester or ATTESTERS.program, name, service)
 
 
-def audit(data: Path) -> list[dict[str, Any]]:
-    with sqlite3.connect(data / "keyservice.sqlite3") as db:
+def audit(where: Any) -> list[dict[str, Any]]:
+    if isinstance(where, str):  # PostgreSQL
+        import psycopg
+
+        with psycopg.connect(where) as conn:
+            return [json.loads(row[0]) for row in conn.execute("SELECT event FROM audit ORDER BY seq")]
+    with sqlite3.connect(where / "keyservice.sqlite3") as db:
         return [json.loads(row[0]) for row in db.execute("SELECT event FROM audit ORDER BY seq")]
 
 
-def test_release_delivers_generated_and_uploaded_secrets(keyservice: tuple[Served, Path], owners: Owners) -> None:
+def test_release_delivers_generated_and_uploaded_secrets(keyservice: tuple[Served, Any], owners: Owners) -> None:
     url, _ = keyservice
     answer = owners.put(owners.document("acme/one"))
     assert answer["revision"] == 1 and answer["generated"] == ["token", "volume_key"]
@@ -145,7 +163,7 @@ def test_update_needs_k_of_n_of_current_signers_and_the_chain(owners: Owners) ->
         owners.put(owners.document("acme/two", revision=2, predecessor=first["digest"]))
 
 
-def test_strangers_cannot_create_or_change_or_read_sessions(keyservice: tuple[Served, Path], owners: Owners) -> None:
+def test_strangers_cannot_create_or_change_or_read_sessions(keyservice: tuple[Served, Any], owners: Owners) -> None:
     url, data = keyservice
     stranger = Owners(url.url, n=1)
     owners.put(owners.document("acme/three"))
@@ -167,7 +185,7 @@ def test_generated_secrets_cannot_be_overwritten_by_upload(owners: Owners) -> No
 
 
 def test_disallowed_measurement_gets_nothing_and_the_reason_is_audited(
-    keyservice: tuple[Served, Path], owners: Owners
+    keyservice: tuple[Served, Any], owners: Owners
 ) -> None:
     url, data = keyservice
     owners.put(owners.document("acme/five"))
@@ -181,7 +199,7 @@ def test_disallowed_measurement_gets_nothing_and_the_reason_is_audited(
     assert denials[1]["reason"] == "session has no service 'nosuch'"
 
 
-def test_revocation_stops_release_and_volume_calls(keyservice: tuple[Served, Path], owners: Owners) -> None:
+def test_revocation_stops_release_and_volume_calls(keyservice: tuple[Served, Any], owners: Owners) -> None:
     url, _ = keyservice
     first = owners.put(owners.document("acme/six"))
     owners.clients[0].upload_session_secret("acme/six", "password", b"pw")
@@ -199,7 +217,7 @@ def test_revocation_stops_release_and_volume_calls(keyservice: tuple[Served, Pat
 
 
 def test_volume_roots_in_the_keyservice_catch_a_rolled_back_volume(
-    keyservice: tuple[Served, Path], owners: Owners, tmp_path: Path
+    keyservice: tuple[Served, Any], owners: Owners, tmp_path: Path
 ) -> None:
     url, _ = keyservice
     owners.put(owners.document("acme/seven"))
@@ -222,7 +240,7 @@ def test_volume_roots_in_the_keyservice_catch_a_rolled_back_volume(
     assert owners.clients[0].show_session("acme/seven").volumes["data"]["version"] == 3
 
 
-def test_volume_calls_need_the_lease_key(keyservice: tuple[Served, Path], owners: Owners) -> None:
+def test_volume_calls_need_the_lease_key(keyservice: tuple[Served, Any], owners: Owners) -> None:
     url, _ = keyservice
     owners.put(owners.document("acme/eight"))
     owners.clients[0].upload_session_secret("acme/eight", "password", b"pw")
