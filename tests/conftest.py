@@ -202,3 +202,23 @@ def postgres_url(postgres_server: Any) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     return str(postgres_server.get_uri(name))
+
+
+def publish_key_for_one_user(url: str, model_id: str = "m"):  # -> tuple[Identity, Identity]
+    """An owner's model key on the KeyService at ``url``, this build's runtime allowed, one user
+    granted and consenting; returns (owner, user)."""
+    from sealedml.attestation.measurement import measurement_for
+    from sealedml.client.identity import Identity
+    from sealedml.client.keyservice import KeyServiceClient
+    from sealedml.crypto import random_bytes
+
+    runtime = measurement_for("runtime", {"tee": "simulated"})
+    owner, user = Identity.generate(), Identity.generate()
+    with KeyServiceClient(url, owner) as oks, KeyServiceClient(url, user) as uks:
+        oks.register()
+        uks.register()
+        oks.upload_model_key(model_id, 1, random_bytes(32))
+        oks.allow_runtime(model_id, runtime)
+        oks.grant(model_id, user.principal_id)
+        uks.enable(model_id, [runtime])
+    return owner, user

@@ -14,11 +14,9 @@ import psycopg
 from sealedml._internal.procs import ServiceProcess
 from sealedml.attestation.measurement import measurement_for
 from sealedml.attestation.simulated import SimulatedAttester
-from sealedml.client.identity import Identity
-from sealedml.client.keyservice import KeyServiceClient
-from sealedml.crypto import random_bytes
 from sealedml.errors import Error
 from sealedml.runtime.release import ReleaseClient
+from tests.conftest import publish_key_for_one_user
 
 RUNTIME = measurement_for("runtime", {"tee": "simulated"})
 
@@ -56,14 +54,7 @@ def test_requests_fail_cleanly_while_postgresql_is_down_and_recover(tmp_path: Pa
     url = str(server.get_uri())
     ks = ServiceProcess.keyservice(tmp_path / "ks", "--store", url, log_path=tmp_path / "ks.log")
     try:
-        owner, user = Identity.generate(), Identity.generate()
-        with KeyServiceClient(ks.url, owner) as oks, KeyServiceClient(ks.url, user) as uks:
-            oks.register()
-            uks.register()
-            oks.upload_model_key("m", 1, random_bytes(32))
-            oks.allow_runtime("m", RUNTIME)
-            oks.grant("m", user.principal_id)
-            uks.enable("m", [RUNTIME])
+        owner, user = publish_key_for_one_user(ks.url)
         pairs = [("m", user.principal_id)]
         assert releases(ks.url, pairs, 3) == (3, [])
 

@@ -54,6 +54,9 @@ COMMANDS = {
     "bench release",
     "attest verify",
     "attest policy check",
+    "identity recovery-key",
+    "keyservice recover",
+    "keyservice recovery-share",
     "session digest",
     "session sign",
     "session put",
@@ -136,7 +139,7 @@ def test_top_level_help_keeps_the_command_order() -> None:
 
 def test_keyservice_group_spans_modules_once() -> None:
     """``keyservice serve`` (cli/serve.py) and ``keyservice audit-head`` (cli/audit.py) share one group."""
-    assert list(_subcommands(PARSERS[("keyservice",)])) == ["serve", "audit-head"]
+    assert list(_subcommands(PARSERS[("keyservice",)])) == ["serve", "audit-head", "recover", "recovery-share"]
 
 
 # --------------------------------------------------------------------------- bench release

@@ -34,6 +34,7 @@ from sealedml.cli import (
     measurement,
     model,
     partition,
+    recovery,
     seco,
     serve,
     session,
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         bench,
         attest,
         session,  # `session …` and `run`
+        recovery,  # into the `identity` and `keyservice` groups
     ):
         group.add_parser(sub)
     return parser

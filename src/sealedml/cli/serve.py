@@ -69,6 +69,7 @@ def handle_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
         ConfigurationError: bad verifier options or policy document.
     """
     from sealedml.attestation.tee import VerifierOptions
+    from sealedml.keyservice.recovery import load_recovery_policy
     from sealedml.keyservice.server import serve
 
     policy = None
@@ -99,6 +100,7 @@ def handle_keyservice_serve(args: argparse.Namespace) -> dict[str, Any]:
         store=args.store,
         join=args.join,
         replica_measurements=frozenset(m.lower() for m in args.replica_measurement),
+        recovery=load_recovery_policy(args.recovery_holders) if args.recovery_holders else None,
     )
     return {"stopped": "keyservice"}
 
@@ -273,6 +275,12 @@ def add_parser(subparsers: Subcommands) -> None:
         default=[],
         metavar="HEX",
         help="another build that may join as a replica (an upgrade); this build's own always may",
+    )
+    p.add_argument(
+        "--recovery-holders",
+        type=Path,
+        metavar="FILE",
+        help="make k-of-n recovery shares of the master key for these holders (YAML: threshold, holders)",
     )
     p.add_argument("--host", default=DEFAULT_HOST)
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")

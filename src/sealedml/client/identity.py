@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sealedml._internal.encoding import b64d, b64e, fields
-from sealedml.crypto import SigningKey, hkdf_sha256, random_bytes
+from sealedml.crypto import HpkeKem, HpkePrivateKey, SigningKey, hkdf_sha256, random_bytes
 from sealedml.errors import ConfigurationError, CryptoError
 from sealedml.protocol.keyservice import principal_id_for
 
@@ -42,6 +42,11 @@ class Identity:
     def principal_id(self) -> str:
         """The id the KeyService knows this principal by."""
         return principal_id_for(self.signing_key.public_bytes)
+
+    def recovery_key(self) -> HpkePrivateKey:
+        """This identity's HPKE key for KeyService recovery shares (hybrid ML-KEM-768 + X25519, derived)."""
+        seed = hkdf_sha256(self.request_seed, info=fields(b"sealedml/v1/recovery-key"), length=96)
+        return HpkePrivateKey.from_seed(seed, HpkeKem.MLKEM768_X25519)
 
     def request_key(self, model_id: str) -> bytes:
         """This user's 32-byte request key for ``model_id``."""

@@ -110,6 +110,11 @@ class KeyServiceClient:
         raise_for_error(response)
         return response
 
+    def get(self, path: str) -> dict[str, Any]:
+        """An unsigned ``GET`` (public documents such as the sealed recovery shares)."""
+        result: dict[str, Any] = self._request("GET", path).json()
+        return result
+
     def post(self, path: str, body: BaseModel | None = None) -> dict[str, Any]:
         """An unsigned call (the release protocols authenticate by evidence or lease, not by principal)."""
         raw = body.model_dump_json().encode() if body is not None else b"{}"

@@ -113,6 +113,31 @@ class HpkePrivateKey:
             raw = mk.public_key().public_bytes_raw() + xk.public_key().public_bytes_raw()
             self._public = HpkePublicKey(kem, hybrid.public_key(), kem.to_bytes(2, "big") + raw)
 
+    @classmethod
+    def from_seed(cls, seed: bytes, kem: HpkeKem = HpkeKem.MLKEM768_X25519) -> HpkePrivateKey:
+        """The key pair derived from a 96-byte seed (64 for ML-KEM-768, 32 for X25519; X25519 alone: 32).
+
+        For keys a person re-derives from an identity file (recovery keys), not for ephemeral ones.
+        """
+        self = cls.__new__(cls)
+        self.kem = kem
+        if kem is HpkeKem.X25519:
+            xk = x25519.X25519PrivateKey.from_private_bytes(seed[-32:])
+            self._key = xk
+            self._public = HpkePublicKey(
+                kem, xk.public_key(), kem.to_bytes(2, "big") + xk.public_key().public_bytes_raw()
+            )
+            return self
+        if len(seed) != 96:
+            raise CryptoError("a hybrid HPKE seed is 96 bytes")
+        mk = mlkem.MLKEM768PrivateKey.from_seed_bytes(seed[:64])
+        xk = x25519.X25519PrivateKey.from_private_bytes(seed[64:])
+        hybrid = MLKEM768X25519PrivateKey(mk, xk)
+        self._key = hybrid
+        raw = mk.public_key().public_bytes_raw() + xk.public_key().public_bytes_raw()
+        self._public = HpkePublicKey(kem, hybrid.public_key(), kem.to_bytes(2, "big") + raw)
+        return self
+
     @property
     def public_key(self) -> HpkePublicKey:
         return self._public

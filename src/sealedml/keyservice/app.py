@@ -50,7 +50,7 @@ from sealedml.keyservice.service import KeyService
 from sealedml.protocol import keyservice as p
 from sealedml.protocol import sessions as ps
 
-__all__ = ["MAX_BODY", "create_app"]
+__all__ = ["MAX_BODY", "attestation_endpoint", "create_app"]
 
 log = logging.getLogger(__name__)
 MAX_BODY = 256 * 1024
@@ -64,18 +64,26 @@ def _model_id(request: Request) -> str:
     return model_id
 
 
-def create_app(service: KeyService, *, replica_measurements: frozenset[str] = frozenset()) -> Starlette:
-    """Build the ASGI app serving ``service`` (``replica_measurements``: other builds that may join as replicas)."""
-
-    async def health(request: Request) -> Response:
-        return json_response({"status": "ok", "service_id": service.service_id, "tee": service.attester.tee.value})
+def attestation_endpoint(attest: Callable[[bytes], BaseModel]) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /v1/attestation?nonce=HEX``: evidence over the client's nonce (``attest`` runs in a thread)."""
 
     async def attestation(request: Request) -> Response:
         try:
             nonce = bytes.fromhex(request.query_params.get("nonce", ""))
         except ValueError as exc:
             raise ProtocolError("nonce must be hex") from exc
-        return json_response(await run_in_threadpool(service.attestation, nonce))
+        return json_response(await run_in_threadpool(attest, nonce))
+
+    return attestation
+
+
+def create_app(service: KeyService, *, replica_measurements: frozenset[str] = frozenset()) -> Starlette:
+    """Build the ASGI app serving ``service`` (``replica_measurements``: other builds that may join as replicas)."""
+
+    async def health(request: Request) -> Response:
+        return json_response({"status": "ok", "service_id": service.service_id, "tee": service.attester.tee.value})
+
+    attestation = attestation_endpoint(service.attestation)
 
     async def register(request: Request) -> Response:
         body = await read_body(request, MAX_BODY)

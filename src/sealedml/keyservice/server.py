@@ -18,6 +18,8 @@ from sealedml.attestation.tee import (
 )
 from sealedml.errors import ConfigurationError
 from sealedml.keyservice.postgres_store import PostgresKeyStore, is_postgres_url
+from sealedml.keyservice.recovery import META_KEY as RECOVERY_META
+from sealedml.keyservice.recovery import RecoveryPolicy, split_master_key
 from sealedml.keyservice.service import MASTER_FILE, KeyService, check_tee_mix, load_master_key
 from sealedml.keyservice.store import KeyStore, SQLiteKeyStore
 
@@ -36,6 +38,7 @@ def build_keyservice(
     unsafe_allow_simulated: bool = False,
     store: str | None = None,
     join: str | None = None,
+    recovery: RecoveryPolicy | None = None,
 ) -> KeyService:
     """Open (or initialise) the KeyService state in ``data_dir`` (and ``store``, if given).
 
@@ -53,6 +56,8 @@ def build_keyservice(
             sealed master key stays in ``data_dir``.
         join: the URL of a running KeyService on the same ``store`` to receive the master key
             from (a new replica; ``keyservice/replicas.py``). Needs a ``store``.
+        recovery: holders of k-of-n recovery shares of the master key, made once and kept in
+            the store (``keyservice/recovery.py``).
 
     Raises:
         ConfigurationError: unknown TEE or verifier options, or simulated beside
@@ -91,7 +96,7 @@ def build_keyservice(
         key_store = PostgresKeyStore(store, anchor=master.audit_anchor(), rows=master.row_key())
     else:
         raise ConfigurationError(f"--store: expected a postgresql:// URL, got {store.split(':')[0]}:…")
-    return KeyService(
+    service = KeyService(
         key_store,
         master,
         attester,
@@ -100,6 +105,13 @@ def build_keyservice(
         policy=policy,
         unsafe_allow_simulated=unsafe_allow_simulated,
     )
+    if recovery is not None and key_store.meta(RECOVERY_META) is None:
+        shares = split_master_key(master.export_for_replica(), recovery, service.service_id)
+        key_store.set_meta_once(RECOVERY_META, shares.model_dump_json())
+        log.info(
+            "recovery shares made: %d of %d holders rebuild the master key", recovery.threshold, len(shares.shares)
+        )
+    return service
 
 
 def serve(
@@ -116,6 +128,7 @@ def serve(
     store: str | None = None,
     join: str | None = None,
     replica_measurements: frozenset[str] = frozenset(),
+    recovery: RecoveryPolicy | None = None,
 ) -> None:
     """Run the KeyService until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
     from sealedml._internal.serve import serve_app
@@ -130,6 +143,7 @@ def serve(
         unsafe_allow_simulated=unsafe_allow_simulated,
         store=store,
         join=join,
+        recovery=recovery,
     )
     serve_app(
         create_app(service, replica_measurements=replica_measurements),

@@ -64,7 +64,7 @@ from sealedml.keyservice.sessions import SessionService
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
 from sealedml.protocol import keyservice as p
 
-__all__ = ["KeyService", "MasterKey", "check_tee_mix", "load_master_key"]
+__all__ = ["KeyService", "MasterKey", "attestation_response", "check_tee_mix", "load_master_key"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,40 @@ def load_master_key(data_dir: Path, sealer: Sealer) -> MasterKey:
     return MasterKey(sealer.unseal(path.read_bytes(), label="keyservice-master"))
 
 
+def attestation_response(
+    attester: Attester,
+    nonce: bytes,
+    *,
+    service_id: str,
+    hpke_public: bytes,
+    signing_public: bytes,
+    kem: HpkeKem,
+    accepts: list[p.TeeName],
+    unsafe_allow_simulated: bool,
+) -> p.AttestationResponse:
+    """Evidence binding a client's ``nonce`` to a KeyService's HPKE and signing keys (a running one,
+    or one recovering its master key: clients verify both the same way).
+
+    Raises:
+        ProtocolError: a nonce shorter than 16 or longer than 64 bytes.
+    """
+    if not 16 <= len(nonce) <= 64:
+        raise ProtocolError("nonce must be 16 to 64 bytes")
+    evidence = attester.attest(nonce, p.service_key_binding(hpke_public, signing_public))
+    return p.AttestationResponse(
+        service_id=service_id,
+        tee=evidence.tee.value,
+        evidence=b64e(evidence.data),
+        aux=b64e(evidence.aux),
+        hpke_public_key=b64e(hpke_public),
+        signing_public_key=b64e(signing_public),
+        kem=kem.name,
+        measurement=attester.measurement,
+        accepts=accepts,
+        unsafe_allow_simulated=unsafe_allow_simulated,
+    )
+
+
 class KeyService:
     """KeyService operations over a :class:`KeyStore`.
 
@@ -231,18 +265,13 @@ class KeyService:
     # ------------------------------------------------------------------ attestation of the service itself
     def attestation(self, nonce: bytes) -> p.AttestationResponse:
         """Evidence binding a client's ``nonce`` to this KeyService's HPKE and signing keys."""
-        if not 16 <= len(nonce) <= 64:
-            raise ProtocolError("nonce must be 16 to 64 bytes")
-        evidence = self.attester.attest(nonce, self._key_binding)
-        return p.AttestationResponse(
+        return attestation_response(
+            self.attester,
+            nonce,
             service_id=self.service_id,
-            tee=evidence.tee.value,
-            evidence=b64e(evidence.data),
-            aux=b64e(evidence.aux),
-            hpke_public_key=b64e(self._hpke_public),
-            signing_public_key=b64e(self._signer.public_bytes),
-            kem=self.kem.name,
-            measurement=self.attester.measurement,
+            hpke_public=self._hpke_public,
+            signing_public=self._signer.public_bytes,
+            kem=self.kem,
             accepts=[t.value for t in self.accepted_tees],
             unsafe_allow_simulated=self.unsafe_allow_simulated,
         )

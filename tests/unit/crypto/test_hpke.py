@@ -230,3 +230,24 @@ def test_hpke_private_key_repr_does_not_contain_private_key(monkeypatch: pytest.
             for rendering in _renderings(secret):
                 assert rendering not in text
     assert "HpkePrivateKey" in repr(key)
+
+
+def test_keys_from_the_same_seed_are_the_same_and_open_each_others_ciphertexts() -> None:
+    from sealedml.crypto import HpkeKem, HpkePrivateKey, hpke_seal
+
+    seed = bytes(range(96))
+    one, two = HpkePrivateKey.from_seed(seed), HpkePrivateKey.from_seed(seed)
+    assert one.public_key.to_bytes() == two.public_key.to_bytes() and one.kem is HpkeKem.MLKEM768_X25519
+    assert two.open(hpke_seal(one.public_key, b"share", b"info"), b"info") == b"share"
+    other = HpkePrivateKey.from_seed(bytes(96))
+    assert other.public_key.to_bytes() != one.public_key.to_bytes()
+    classic = HpkePrivateKey.from_seed(seed[-32:], HpkeKem.X25519)
+    assert classic.open(hpke_seal(classic.public_key, b"x", b"i"), b"i") == b"x"
+
+
+def test_a_hybrid_seed_of_the_wrong_length_is_refused() -> None:
+    from sealedml.crypto import HpkePrivateKey
+    from sealedml.errors import CryptoError
+
+    with pytest.raises(CryptoError, match="96 bytes"):
+        HpkePrivateKey.from_seed(bytes(32))
