@@ -1,7 +1,9 @@
-"""The Ray Serve engine serves encrypted inference end to end: scale from zero, two models on one replica."""
+"""The Ray Serve engine serves encrypted inference end to end: scale from zero, two models on one replica,
+and Ray's actors carry ciphertext only (what they receive is recorded and searched for secrets)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import httpx
@@ -28,8 +30,10 @@ def _tree(root: Path) -> dict[str, int]:
 def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, monkeypatch):
     home_before = set(Path.home().iterdir()) if Path.home().exists() else set()
     ray_home_before = _tree(Path.home() / ".ray")
-    ray_dir = Path("/tmp") / f"sr{tmp_path.name[-12:]}"  # short: Ray's socket paths must fit 107 bytes
+    # Short (Ray's socket paths must fit 107 bytes) and unique to this test process (two suites at once).
+    ray_dir = Path("/tmp") / f"sr{os.getpid()}"
     ks = start_keyservice(tmp_path)
+    (tmp_path / "ray-record").mkdir()
     gw = None
     try:
         gw = ServiceProcess.start(
@@ -54,6 +58,8 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
                 "2",
                 "--ray-temp-dir",
                 str(ray_dir),
+                "--ray-record",
+                str(tmp_path / "ray-record"),
             ],
             name="ray-platform",
             log_path=tmp_path / "ray-platform.log",
@@ -79,6 +85,19 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
         assert list(labels) == list(dm.estimator.predict(dm.x_test[:5]))
         running = {k: v for k, v in _replicas(gw.url).items() if "RUNNING" in k}
         assert sum(running.values()) == 1  # both models multiplexed on the single replica
+
+        # What the Ray actor carried: every request and answer body, and nothing secret in them.
+        recorded = sorted((tmp_path / "ray-record").iterdir())
+        assert len([p for p in recorded if p.suffix == ".in"]) == 2 and len(recorded) == 4
+        secrets_ = [
+            np.ones((1, 4), np.float32).tobytes(),  # the first request's input
+            np.ascontiguousarray(dm.x_test[:5]).tobytes()[:64],  # the second request's input
+            user.request_key("ray-a"),  # what a lease would carry
+            user.request_key("ray-b"),
+        ]
+        for path in recorded:
+            body = path.read_bytes()
+            assert not any(secret in body for secret in secrets_), path.name
         for client_ in stack.clients:
             client_.close()  # type: ignore[attr-defined]
     finally:

@@ -113,6 +113,8 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
     """
     from sealedml.platform.server import serve
 
+    if args.engine != "ray" and args.ray_record is not None:
+        raise ConfigurationError("--ray-record applies to --engine ray")
     if args.engine == "ray":
         from sealedml.platform.ray_engine import RayEngineConfig, serve_ray
 
@@ -135,6 +137,7 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
                 memory_budget=memory_budget(args) or None,
                 spill_dir=spill_dir(args),
                 trust_options=keyservice_trust_options(args),
+                record_dir=args.ray_record,
             ),
             args.host,
             args.port,
@@ -362,6 +365,13 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
     p.add_argument("--ray-temp-dir", type=Path, default=None, help="session directory of a local Ray")
+    p.add_argument(
+        "--ray-record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write every body Ray's replicas carry into DIR: an audit of what Ray sees (ciphertext only)",
+    )
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     add_tee(p)
     add_tls(p, "each instance")

@@ -2,14 +2,15 @@
 
 ``sealedml platform serve --engine ray`` deploys two Ray Serve deployments:
 
-* ``sealedml-runtime`` — one replica = one runtime instance (a
-  :class:`~sealedml.runtime.worker.Worker`: its own attester, key leases and
-  model cache); ``max_ongoing_requests`` = the instance concurrency;
+* ``sealedml-runtime`` — one replica = one runtime instance: the replica starts an
+  attested ``sealedml worker serve`` process and forwards ciphertext to it, so keys,
+  decrypted models and plaintext never enter a Ray actor or Ray's object store
+  (:class:`RuntimeReplica`); ``max_ongoing_requests`` = the instance concurrency;
   autoscaling from zero to ``max_replicas`` on ongoing requests, back to zero
   after the keep-alive window; **model multiplexing**: requests carry their
   model id as Ray Serve's multiplexed model id, so the router prefers a replica
-  that already holds the model, and each replica keeps up to
-  ``max_models_per_replica`` decrypted models (Ray's LRU).
+  whose worker already holds the model (the worker process keeps the decrypted
+  models, by id, version and key).
 * ``sealedml-gateway`` — the HTTP ingress (same API as the embedded gateway:
   ``POST /v1/infer``, ``GET /v1/health``, ``GET /v1/stats``); it reads only the
   envelope's metadata and forwards the bytes.
@@ -19,7 +20,7 @@ Ray is an optional dependency (``pip install sealedml[ray]``).
 
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class RayEngineConfig:
         memory_budget: int | None = None,
         spill_dir: str | None = None,
         trust_options: dict[str, Any] | None = None,
+        record_dir: Path | None = None,
     ) -> None:
         self.keyservice = keyservice
         self.store = Path(store).resolve()
@@ -70,6 +72,8 @@ class RayEngineConfig:
         # KeyService the replicas accept. Options, not a KeyServiceTrust, because replicas are
         # built in other processes and the verifiers hold caches and clients.
         self.trust_options = dict(trust_options or {})
+        # Where replicas write every body they carry (an audit of what Ray sees), or None.
+        self.record_dir = Path(record_dir).resolve() if record_dir else None
 
 
 def _require_ray() -> Any:
@@ -90,7 +94,6 @@ from sealedml._internal.http import (  # noqa: E402
     SERVER_TIMING_HEADER,
     error_body,
     error_response,
-    format_server_timing,
     status_for,
 )
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, RequestEnvelope  # noqa: E402
@@ -100,57 +103,98 @@ from sealedml.errors import Error  # noqa: E402
 MAX_MODELS_PER_REPLICA = 4
 
 
+def _trust_args(options: dict[str, Any]) -> tuple[str, ...]:
+    """The worker's KeyService trust flags from ``trust_from_options`` keyword arguments."""
+    flags = {
+        "measurement": "--keyservice-measurement",
+        "policy_file": "--keyservice-policy",
+        "collateral": "--collateral",
+        "pccs_url": "--pccs-url",
+        "vcek": "--vcek",
+    }
+    out: list[str] = []
+    for name, flag in flags.items():
+        if options.get(name) is not None:
+            out += [flag, str(options[name])]
+    return tuple(out)
+
+
 # Deployments live at module level so Ray pickles them by reference (the
 # package is importable in every worker); settings arrive through ``bind``.
 @_serve.deployment(name="sealedml-runtime")
 class RuntimeReplica:
-    """One runtime instance inside a Ray actor."""
+    """One runtime instance: an attested ``sealedml worker`` process this actor starts and forwards to.
+
+    The actor handles ciphertext only. Key releases, decrypted models and plaintext inputs
+    and outputs stay in the worker process (in a TEE, on hardware), never in the actor, Ray's
+    object store or its control plane: whoever controls the Ray head can ship code into the
+    actor, and finds nothing secret there. ``record_dir`` writes every body the actor carries
+    to files, so that what Ray sees can be audited.
+    """
 
     def __init__(self, config: RayEngineConfig) -> None:
-        from sealedml.attestation.trust import trust_from_options
-        from sealedml.runtime.server import build_worker
+        from sealedml.platform.process import InstanceSpec
 
-        self.worker = build_worker(
-            config.keyservice,
-            config.store,
+        self._spec = InstanceSpec(
+            keyservice=config.keyservice,
+            store=config.store,
             concurrency=config.concurrency,
             tee=config.tee,
-            memory_budget=config.memory_budget,
+            memory_budget=str(config.memory_budget) if config.memory_budget else None,
             spill_dir=config.spill_dir,
-            trust=trust_from_options(**config.trust_options),
+            extra_args=_trust_args(config.trust_options),
         )
-        # Created here, in the replica: a ContextVar cannot be pickled with the class.
-        self._current: contextvars.ContextVar[tuple[Any, dict[str, float]]] = contextvars.ContextVar("lease")
+        self._worker: Any = None
+        self._starting: Any = None  # an asyncio.Lock, made on the replica's event loop
+        self._record = Path(config.record_dir) if config.record_dir else None
+        self._recorded = 0
+        self._name = secrets.token_hex(4)
 
     @_serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)  # type: ignore[untyped-decorator]
-    async def get_model(self, model_id: str) -> Any:
-        lease, timings = self._current.get()
-        if lease.model_id != model_id:  # cannot happen: the gateway sets both from one envelope
-            raise ConfigurationError("multiplexed model id does not match the request")
-        return await self.worker.load(lease, timings)
+    async def get_model(self, model_id: str) -> str:
+        # Routing only: Ray prefers the replica that served this model id before. The decrypted
+        # model is cached in the worker process (by id, version and key), never here.
+        return model_id
 
-    async def _load(self, lease: Any, timings: dict[str, float]) -> Any:
-        token = self._current.set((lease, timings))
-        try:
-            await self.get_model(lease.model_id)
-        finally:
-            self._current.reset(token)
-        # Ray's multiplexer caches by model id only; it is what routes a request to the
-        # replica holding the model. The model served is always the worker's own, cached by
-        # id, version and key (a hit here): a newer version, or a model another lease's key
-        # opened (a container planted under the same id and version), is never served.
-        return await self.worker.load(lease, timings)
+    async def _instance(self) -> Any:
+        import asyncio
+
+        from sealedml.platform.process import WorkerProcess
+
+        if self._starting is None:
+            self._starting = asyncio.Lock()
+        async with self._starting:
+            if self._worker is None or not self._worker.alive():
+                worker = WorkerProcess(self._spec)
+                await worker.start()
+                self._worker = worker
+        return self._worker
+
+    def _note(self, kind: str, body: bytes) -> None:
+        if self._record is not None:
+            self._recorded += 1
+            (self._record / f"{self._name}-{self._recorded:06d}.{kind}").write_bytes(body)
 
     async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        self._note("in", body)
         try:
-            envelope = RequestEnvelope.parse(body)
-            prediction = await self.worker.predict_timed(envelope, load=self._load)
+            envelope = RequestEnvelope.parse(body)  # its clear metadata: the model id, for routing
+            await self.get_model(envelope.model_id)
+            worker = await self._instance()
+            response = await worker.call("/v1/infer", body)
         except Error as exc:
             return status_for(exc), error_body(exc), {}
-        headers = {SERVER_TIMING_HEADER: format_server_timing(prediction.timings)}
-        if prediction.peak_bytes is not None:
-            headers[PEAK_BYTES_HEADER] = str(prediction.peak_bytes)
-        return 200, prediction.response.to_binary(), headers
+        self._note("out", response.content)
+        headers = {
+            k: v for k, v in response.headers.items() if k.lower() in (SERVER_TIMING_HEADER.lower(), PEAK_BYTES_HEADER)
+        }
+        return response.status_code, response.content, headers
+
+    def __del__(self) -> None:
+        worker = self._worker
+        if worker is not None and worker.process is not None and worker.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.kill()
 
 
 @_serve.deployment(name="sealedml-gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})
