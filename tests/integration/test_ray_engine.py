@@ -86,6 +86,15 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
         running = {k: v for k, v in _replicas(gw.url).items() if "RUNNING" in k}
         assert sum(running.values()) == 1  # both models multiplexed on the single replica
 
+        # The platform's own gateway app: the same routes, headers and metrics as the local engine.
+        assert httpx.get(f"{gw.url}/v1/health", timeout=30).json() == {"status": "ok"}
+        metrics = httpx.get(f"{gw.url}/metrics", timeout=30).text
+        assert 'sealedml_invocations_total{function="ray-a",outcome="ok"} 1.0' in metrics
+        assert 'sealedml_cold_starts_total{function="ray-a"} 1.0' in metrics  # the worker started for it
+        assert 'sealedml_cold_starts_total{function="ray-b"}' not in metrics  # served by the same worker
+        stats = httpx.get(f"{gw.url}/v1/stats", timeout=30).json()
+        assert {f["function"]: f["invocations"] for f in stats["functions"]} == {"ray-a": 1, "ray-b": 1}
+
         # What the Ray actor carried: every request and answer body, and nothing secret in them.
         recorded = sorted((tmp_path / "ray-record").iterdir())
         assert len([p for p in recorded if p.suffix == ".in"]) == 2 and len(recorded) == 4

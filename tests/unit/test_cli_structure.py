@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -295,3 +296,9 @@ def test_platform_serve_on_ray_refuses_a_malformed_keyservice_policy(
     policy.write_text("version: 1\nsgx: {mrenclave: ['nothex']}\n")
     assert main(_platform_ray(tmp_path, "--keyservice-policy", str(policy), "--pccs-url", "https://p:1")) == 1
     assert "sgx.mrenclave" in capsys.readouterr().err and ray.configs == []
+
+
+def test_ray_record_is_refused_with_the_local_engine(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    argv = ["platform", "serve", "--keyservice", "http://127.0.0.1:1", "--store", str(tmp_path)]
+    assert main([*argv, "--ray-record", str(tmp_path / "rec")]) == 1
+    assert capsys.readouterr().err.strip() == "error: --ray-record applies to --engine ray"

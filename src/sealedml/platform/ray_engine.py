@@ -1,6 +1,8 @@
-"""The Ray Serve engine: the same runtime as a Ray Serve deployment, for clusters.
+"""The Ray Serve engine: runtime instances as a Ray Serve deployment, for clusters.
 
-``sealedml platform serve --engine ray`` deploys two Ray Serve deployments:
+``sealedml platform serve --engine ray`` serves the platform's own gateway app
+(``platform/app.py``: the same routes, headers, errors and ``/metrics`` as the local
+engine) in front of :class:`RayPlatform`, which deploys one Ray Serve deployment:
 
 * ``sealedml-runtime`` — one replica = one runtime instance: the replica starts an
   attested ``sealedml worker serve`` process and forwards ciphertext to it, so keys,
@@ -11,30 +13,25 @@
   model id as Ray Serve's multiplexed model id, so the router prefers a replica
   whose worker already holds the model (the worker process keeps the decrypted
   models, by id, version and key).
-* ``sealedml-gateway`` — the HTTP ingress (same API as the embedded gateway:
-  ``POST /v1/infer``, ``GET /v1/health``, ``GET /v1/stats``); it reads only the
-  envelope's metadata and forwards the bytes.
 
+Ray's HTTP proxy is not started: the gateway calls the deployment through a handle.
 Ray is an optional dependency (``pip install sealedml[ray]``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import tempfile
-import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from sealedml.errors import ConfigurationError
 
-__all__ = ["RayEngineConfig", "build_app", "serve_ray"]
+__all__ = ["RayEngineConfig", "RayPlatform", "build_runtime", "serve_ray"]
 
 log = logging.getLogger(__name__)
 
@@ -86,18 +83,17 @@ def _require_ray() -> Any:
 
 
 _, _serve = _require_ray()
-from starlette.requests import Request  # noqa: E402
-from starlette.responses import JSONResponse, Response  # noqa: E402
 
 from sealedml._internal.http import (  # noqa: E402
     PEAK_BYTES_HEADER,
     SERVER_TIMING_HEADER,
     error_body,
-    error_response,
+    parse_server_timing,
     status_for,
 )
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, RequestEnvelope  # noqa: E402
-from sealedml.errors import Error  # noqa: E402
+from sealedml.errors import Error, NotFound, ServiceUnavailable  # noqa: E402
+from sealedml.platform.base import Invocation, Platform, PlatformResult  # noqa: E402
 
 #: Decrypted models one replica keeps (Ray Serve's multiplexing LRU).
 MAX_MODELS_PER_REPLICA = 4
@@ -175,20 +171,29 @@ class RuntimeReplica:
             self._recorded += 1
             (self._record / f"{self._name}-{self._recorded:06d}.{kind}").write_bytes(body)
 
-    async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+    async def predict(self, body: bytes) -> tuple[int, bytes, dict[str, str], dict[str, Any]]:
+        """Forward one request's ciphertext to this replica's worker.
+
+        Returns:
+            The worker's status, body and timing headers, and what the platform meters:
+            ``{"replica", "cold_start" (the worker was started for this call), "replica_s"}``.
+        """
+        t0 = time.perf_counter()
         self._note("in", body)
+        cold = self._worker is None or not self._worker.alive()
+        meta: dict[str, Any] = {"replica": self._name, "cold_start": cold}
         try:
             envelope = RequestEnvelope.parse(body)  # its clear metadata: the model id, for routing
             await self.get_model(envelope.model_id)
             worker = await self._instance()
             response = await worker.call("/v1/infer", body)
         except Error as exc:
-            return status_for(exc), error_body(exc), {}
+            return status_for(exc), error_body(exc), {}, {**meta, "replica_s": time.perf_counter() - t0}
         self._note("out", response.content)
         headers = {
             k: v for k, v in response.headers.items() if k.lower() in (SERVER_TIMING_HEADER.lower(), PEAK_BYTES_HEADER)
         }
-        return response.status_code, response.content, headers
+        return response.status_code, response.content, headers, {**meta, "replica_s": time.perf_counter() - t0}
 
     def __del__(self) -> None:
         worker = self._worker
@@ -197,36 +202,9 @@ class RuntimeReplica:
                 worker.process.kill()
 
 
-@_serve.deployment(name="sealedml-gateway", num_replicas=1, ray_actor_options={"num_cpus": 0})
-class Gateway:
-    """HTTP ingress: reads the envelope's metadata only and forwards the bytes."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.runtime = runtime
-
-    async def __call__(self, request: Request) -> Response:
-        path = request.url.path
-        try:
-            if request.method == "GET" and path == "/v1/health":
-                return JSONResponse({"status": "ok", "engine": "ray"})
-            if request.method == "GET" and path == "/v1/stats":
-                return JSONResponse(_ray_stats())
-            if request.method == "POST" and path == "/v1/infer":
-                body = await request.body()
-                if len(body) > 64 * 1024 * 1024:
-                    return JSONResponse({"error": "too_large", "message": "body too large"}, status_code=413)
-                envelope = RequestEnvelope.parse(body)
-                handle = self.runtime.options(multiplexed_model_id=envelope.model_id)
-                status, out, headers = await handle.predict.remote(body)
-                media = BINARY_CONTENT_TYPE if status == 200 else "application/json"
-                return Response(out, status_code=status, media_type=media, headers=headers)
-            return JSONResponse({"error": "not_found", "message": "not found"}, status_code=404)
-        except Error as exc:
-            return error_response(exc)
-
-
-def build_app(config: RayEngineConfig) -> Any:
-    """The Ray Serve application: the gateway bound to the autoscaled, multiplexed runtime."""
+def build_runtime(config: RayEngineConfig) -> Any:
+    """The Ray Serve application: the autoscaled, multiplexed runtime deployment (no HTTP ingress:
+    the platform's own gateway app calls it through a handle)."""
     runtime = RuntimeReplica.options(  # type: ignore[attr-defined]
         max_ongoing_requests=config.concurrency,
         ray_actor_options={"num_cpus": config.replica_cpus},
@@ -242,7 +220,7 @@ def build_app(config: RayEngineConfig) -> Any:
             "look_back_period_s": 2.0,
         },
     )
-    return Gateway.bind(runtime.bind(config))  # type: ignore[attr-defined]
+    return runtime.bind(config)
 
 
 def _ray_stats() -> dict[str, Any]:
@@ -259,12 +237,6 @@ def _ray_stats() -> dict[str, Any]:
             }
         apps[app_name] = deployments
     return {"engine": "ray", "applications": apps}
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _local_auth_token(session_dir: Path) -> Path:
@@ -293,6 +265,126 @@ def _local_auth_token(session_dir: Path) -> Path:
     return path
 
 
+class RayPlatform(Platform):
+    """The :class:`~sealedml.platform.base.Platform` on Ray Serve, behind the platform's own gateway app.
+
+    ``start`` starts (or joins) Ray and deploys the runtime (:func:`build_runtime`) without
+    Ray's HTTP proxy; ``invoke`` sends each request's bytes to a replica through a deployment
+    handle, with the model id as Ray's multiplexed model id; ``stats`` and ``/metrics`` count
+    what the local platform counts (invocations, cold starts, latency, per-phase time). Not
+    metered: GB-seconds, since Ray starts and stops replicas on its own.
+    """
+
+    def __init__(
+        self,
+        config: RayEngineConfig,
+        *,
+        ray_address: str | None = None,
+        num_cpus: int | None = None,
+        temp_dir: Path | None = None,
+    ) -> None:
+        from sealedml.platform.metering import Metrics
+
+        self.config = config
+        self._ray_address, self._num_cpus, self._temp_dir = ray_address, num_cpus, temp_dir
+        self._owned_tmp: str | None = None
+        self._handle: Any = None
+        self.metrics = Metrics()
+        self._meters: dict[str, Any] = {}
+
+    def _start_ray(self) -> None:
+        """Start (or join) Ray and deploy the runtime (blocking; idempotent)."""
+        if self._handle is not None:
+            return
+        ray, serve = _require_ray()
+        temp_dir = self._temp_dir
+        if self._ray_address is None and temp_dir is None:
+            self._owned_tmp = tempfile.mkdtemp(prefix="sr-")
+            temp_dir = Path(self._owned_tmp)
+        if self._ray_address is None and temp_dir is not None:
+            _local_auth_token(temp_dir)
+        ray.init(
+            address=self._ray_address,
+            num_cpus=self._num_cpus if self._ray_address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="sealedml",
+            _temp_dir=str(temp_dir) if self._ray_address is None else None,
+            runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("SEALEDML_")}},
+        )
+        serve.start(http_options={"location": "NoServer"})
+        self._handle = serve.run(build_runtime(self.config), name="sealedml", route_prefix=None)
+
+    async def start(self) -> None:
+        import asyncio
+
+        if self._handle is None:
+            await asyncio.to_thread(self._start_ray)
+
+    def _meter(self, function: str) -> Any:
+        from sealedml.platform.metering import FunctionMeter
+
+        meter = self._meters.get(function)
+        if meter is None:
+            meter = self._meters[function] = FunctionMeter(function, 0.0, self.metrics)
+        return meter
+
+    async def invoke(self, invocation: Invocation) -> PlatformResult:
+        if self._handle is None:
+            raise ServiceUnavailable("the Ray platform is not started")
+        if invocation.path != "/v1/infer":  # the plaintext benchmark route is the local engine's only
+            raise NotFound("the Ray engine serves /v1/infer only")
+        started = time.perf_counter()
+        try:
+            handle = self._handle.options(multiplexed_model_id=invocation.model_id)
+            status, body, headers, meta = await handle.predict.remote(invocation.body)
+        except Exception as exc:  # Ray's own failures (a dead actor, a lost node): one typed error
+            self._meter(invocation.model_id).request_rejected()
+            raise ServiceUnavailable(f"Ray replica failed: {type(exc).__name__}") from None
+        total = time.perf_counter() - started
+        timing = headers.get(SERVER_TIMING_HEADER, "")
+        queue = max(0.0, total - float(meta["replica_s"]))
+        self._meter(invocation.model_id).request_done(
+            queue_s=queue,
+            total_s=total,
+            cold=bool(meta["cold_start"]),
+            phases=parse_server_timing(timing),
+            ok=status == 200,
+            loaded_model="fetch" in parse_server_timing(timing),
+        )
+        peak = headers.get(PEAK_BYTES_HEADER)
+        return PlatformResult(
+            status=status,
+            body=body,
+            content_type=BINARY_CONTENT_TYPE if status == 200 else "application/json",
+            cold_start=bool(meta["cold_start"]),
+            instance_id=str(meta["replica"]),
+            queue_s=queue,
+            total_s=total,
+            server_timing=timing,
+            peak_bytes=int(peak) if peak is not None else None,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {**_ray_stats(), "functions": [meter.summary() for meter in self._meters.values()]}
+
+    async def stop(self) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self._stop_ray)
+
+    def _stop_ray(self) -> None:
+        ray, serve = _require_ray()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if self._owned_tmp is not None:
+                import shutil
+
+                shutil.rmtree(self._owned_tmp, ignore_errors=True)
+
+
 def serve_ray(
     config: RayEngineConfig,
     host: str,
@@ -302,50 +394,19 @@ def serve_ray(
     num_cpus: int | None = None,
     temp_dir: Path | None = None,
 ) -> None:
-    """Start (or join) Ray, deploy SealedML on Ray Serve, and block until SIGINT/SIGTERM.
+    """Serve the platform's gateway app in front of :class:`RayPlatform` until SIGINT/SIGTERM.
 
     Args:
         config: deployment settings.
-        host: HTTP host of Ray Serve's proxy.
+        host: the gateway's HTTP host.
         port: HTTP port (0 = a free port; the URL is printed).
         ray_address: an existing cluster (``ray://`` or ``auto``); default: start a local one.
         num_cpus: CPUs of a local Ray (default: all).
         temp_dir: Ray's session directory for a local Ray (default: a new temporary directory).
     """
-    ray, serve = _require_ray()
-    port = port or _free_port(host)
-    owned_tmp = None
-    if ray_address is None and temp_dir is None:
-        owned_tmp = tempfile.mkdtemp(prefix="sr-")
-        temp_dir = Path(owned_tmp)
-    if ray_address is None and temp_dir is not None:
-        _local_auth_token(temp_dir)
-    ray.init(
-        address=ray_address,
-        num_cpus=num_cpus if ray_address is None else None,
-        include_dashboard=False,
-        log_to_driver=False,
-        namespace="sealedml",
-        _temp_dir=str(temp_dir) if ray_address is None else None,
-        runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("SEALEDML_")}},
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(config), name="sealedml", route_prefix="/")
-        print(
-            json.dumps({"event": "listening", "url": f"http://{host}:{port}", "service": "platform", "engine": "ray"}),
-            flush=True,
-        )
-        stop.wait()
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if owned_tmp is not None:
-                import shutil
+    from sealedml._internal.serve import serve_app
+    from sealedml.platform.app import create_app
 
-                shutil.rmtree(owned_tmp, ignore_errors=True)
+    platform = RayPlatform(config, ray_address=ray_address, num_cpus=num_cpus, temp_dir=temp_dir)
+    platform._start_ray()  # before the listening line: a gateway that answers has a runtime behind it
+    serve_app(create_app(platform), host, port, announce={"service": "platform", "engine": "ray"})
