@@ -60,6 +60,8 @@ def test_ray_engine_scale_from_zero_and_multiplexing(tmp_path: Path, toy_model, 
                 str(ray_dir),
                 "--ray-record",
                 str(tmp_path / "ray-record"),
+                "--tls",
+                "ra",  # the replica reaches its worker over RA-TLS
             ],
             name="ray-platform",
             log_path=tmp_path / "ray-platform.log",

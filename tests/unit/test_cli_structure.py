@@ -250,7 +250,7 @@ def _platform_ray(tmp_path: Any, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize(
     "flags",
-    [["--tls", "ra"], ["--warm-pool", "1"], ["--policy", "per-model"], ["--memory-mb", "512", "--queue-limit", "3"]],
+    [["--warm-pool", "1"], ["--policy", "per-model"], ["--queue-limit", "3"], ["--queue-timeout", "5"]],
 )
 def test_platform_serve_on_ray_refuses_local_engine_flags(
     flags: list[str], tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -263,6 +263,18 @@ def test_platform_serve_on_ray_refuses_local_engine_flags(
     assert err.startswith("error: --engine ray does not support") and err.count("\n") == 1
     assert all(flag in err for flag in flags if flag.startswith("--"))
     assert ray.configs == []
+
+
+def test_platform_serve_on_ray_passes_tls_and_memory_to_the_replicas_workers(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sealedml.attestation.simulated import SimulatedPlatform
+
+    SimulatedPlatform.load()  # the default trust verifies this host's simulated KeyService
+    ray = _RayStandIn()
+    monkeypatch.setitem(sys.modules, "sealedml.platform.ray_engine", ray)
+    assert main(_platform_ray(tmp_path, "--tls", "ra", "--memory-mb", "512")) == 0
+    assert ray.configs[0]["tls"] == "ra" and ray.configs[0]["memory_mb"] == 512
 
 
 def test_platform_serve_on_ray_passes_keyservice_trust_and_budget(

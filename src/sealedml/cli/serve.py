@@ -49,14 +49,13 @@ __all__ = [
 ]
 
 #: ``platform serve`` flags only the local engine implements, with their defaults: Ray Serve
-#: routes, queues and scales by itself, and its replicas serve plain HTTP inside the cluster.
+#: routes, queues and scales by itself. (``--tls`` and ``--memory-mb`` reach the worker each
+#: Ray replica starts.)
 _LOCAL_ENGINE_ONLY: dict[str, Any] = {
-    "memory_mb": 1024,
     "queue_limit": 512,
     "queue_timeout": 60.0,
     "policy": "sealedml",
     "warm_pool": 0,
-    "tls": "none",
     "unsafe_plaintext_dir": None,
     "executor": "none",
 }
@@ -138,6 +137,8 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
                 spill_dir=spill_dir(args),
                 trust_options=keyservice_trust_options(args),
                 record_dir=args.ray_record,
+                tls=args.tls,
+                memory_mb=args.memory_mb,
             ),
             args.host,
             args.port,
@@ -325,7 +326,7 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument(
         "--memory-mb",
         type=int,
-        default=_LOCAL_ENGINE_ONLY["memory_mb"],
+        default=1024,
         help="memory limit per instance, MB (default 1024)",
     )
     p.add_argument(

@@ -54,6 +54,8 @@ class RayEngineConfig:
         spill_dir: str | None = None,
         trust_options: dict[str, Any] | None = None,
         record_dir: Path | None = None,
+        tls: str = "none",
+        memory_mb: int = 1024,
     ) -> None:
         self.keyservice = keyservice
         self.store = Path(store).resolve()
@@ -71,6 +73,8 @@ class RayEngineConfig:
         self.trust_options = dict(trust_options or {})
         # Where replicas write every body they carry (an audit of what Ray sees), or None.
         self.record_dir = Path(record_dir).resolve() if record_dir else None
+        self.tls = tls  # "ra": each replica's worker serves HTTPS with an RA-TLS certificate
+        self.memory_mb = memory_mb  # each worker's memory limit (its model cache gets the rest)
 
 
 def _require_ray() -> Any:
@@ -138,6 +142,8 @@ class RuntimeReplica:
             tee=config.tee,
             memory_budget=str(config.memory_budget) if config.memory_budget else None,
             spill_dir=config.spill_dir,
+            tls=config.tls,
+            memory_mb=config.memory_mb,
             extra_args=_trust_args(config.trust_options),
         )
         self._worker: Any = None
