@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealedml.errors import Conflict
-from sealedml.keyservice.rows import SELECT_ROWS
+from sealedml.keyservice.rows import PROTECTED_TABLES, SELECT_ROWS, RowTamperedError
 
 __all__ = ["SESSION_SCHEMA", "SessionRecord", "SessionStore", "SqlSessionTables"]
 
@@ -113,11 +113,28 @@ class SqlSessionTables(SessionStore):
     def _check_latest(self, table: str, prefix: Sequence[Any], found: Sequence[Any] | None) -> None:
         raise NotImplementedError  # pragma: no cover
 
+    def _newest(self, table: str, where: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """The newest row of ``table`` matching ``where``, checked, and checked to be the log's newest.
+
+        A newer row deleted behind the KeyService's back would make an older one current. A row
+        another replica wrote between the read and the check looks the same for a moment, so the
+        read is tried again before the mismatch counts as tampering.
+        """
+        for attempt in range(3):
+            rows = self._read(SELECT_ROWS[table] + where, args)
+            found = self._verified(table, rows)[0] if rows else None
+            try:
+                key_columns = len(PROTECTED_TABLES[table][0])
+                self._check_latest(table, args, found[:key_columns] if found else None)
+            except RowTamperedError:
+                if attempt == 2:
+                    raise
+                continue
+            return found
+        return None  # pragma: no cover - the loop returns or raises
+
     def session(self, name: str) -> SessionRecord | None:
-        rows = self._read(SELECT_ROWS["sessions"] + " WHERE name = ? ORDER BY revision DESC LIMIT 1", (name,))
-        latest = self._verified("sessions", rows)[0] if rows else None
-        # A newer revision deleted behind the KeyService's back would make an older one current.
-        self._check_latest("sessions", (name,), latest[:2] if latest else None)
+        latest = self._newest("sessions", " WHERE name = ? ORDER BY revision DESC LIMIT 1", (name,))
         if latest is None:
             return None
         return SessionRecord(str(latest[0]), int(latest[1]), str(latest[2]), str(latest[3]), str(latest[4]))
@@ -152,9 +169,7 @@ class SqlSessionTables(SessionStore):
             self._append_audit(db, {**audit, "rows": written})
 
     def volume_root(self, session: str, volume: str) -> tuple[int, str] | None:
-        rows = self._read(SELECT_ROWS["volume_roots"] + " WHERE session = ? AND volume = ?", (session, volume))
-        found = self._verified("volume_roots", rows)[0] if rows else None
-        self._check_latest("volume_roots", (session, volume), found[:2] if found else None)
+        found = self._newest("volume_roots", " WHERE session = ? AND volume = ?", (session, volume))
         return (int(found[2]), str(found[3])) if found else None
 
     def advance_volume_root(

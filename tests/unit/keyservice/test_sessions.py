@@ -15,7 +15,7 @@ import pytest
 from sealedml.attestation.simulated import SimulatedAttester
 from sealedml.client.identity import Identity
 from sealedml.client.keyservice import KeyServiceClient
-from sealedml.errors import AccessDenied, AuthenticationError, Conflict, ProtocolError
+from sealedml.errors import AccessDenied, AuthenticationError, Conflict, ProtocolError, StoreError
 from sealedml.keyservice import build_keyservice
 from sealedml.keyservice.app import create_app
 from sealedml.protocol import sessions as ps
@@ -259,3 +259,24 @@ def test_malformed_documents_are_refused_with_the_field(owners: Owners) -> None:
     doc["services"]["app"]["env"] = {"TOKEN": "${secret:missing}"}
     with pytest.raises(ProtocolError, match="missing"):
         owners.clients[0].put_session(doc, [])
+
+
+def test_a_newer_revision_deleted_by_hand_is_refused(keyservice: tuple[Served, Any], owners: Owners) -> None:
+    """Deleting the newest revision in the database would make the older one current: refused."""
+    url, where = keyservice
+    first = owners.put(owners.document("acme/ten"))
+    owners.put(owners.document("acme/ten", revision=2, predecessor=first["digest"]))
+    sql = "DELETE FROM sessions WHERE name = 'acme/ten' AND revision = 2"
+    if isinstance(where, str):
+        import psycopg
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            conn.execute(sql)
+    else:
+        with sqlite3.connect(where / "keyservice.sqlite3") as db:
+            db.execute(sql)
+    with pytest.raises(StoreError, match="deleted"):
+        owners.clients[0].show_session("acme/ten")
+    with pytest.raises(AccessDenied):
+        release(url.url, "acme/ten")
+    assert "deleted" in [e for e in audit(where) if e.get("session") == "acme/ten"][-1]["reason"]
