@@ -101,9 +101,9 @@ def test_wrong_or_foreign_shares_rebuild_nothing(tmp_path: Path) -> None:
     from sealedml.attestation.sealing import SimulatedSealer
     from sealedml.attestation.simulated import SimulatedAttester, SimulatedPlatform
     from sealedml.crypto import hpke_seal
-    from sealedml.errors import ProtocolError
+    from sealedml.errors import AuthenticationError, ProtocolError
     from sealedml.keyservice import build_keyservice
-    from sealedml.keyservice.recovering import RecoveringKeyService, ShareMessage
+    from sealedml.keyservice.recovering import RecoveringKeyService, ShareMessage, share_post_message
     from sealedml.keyservice.recovery import reshare_info
     from sealedml.keyservice.store import SQLiteKeyStore
 
@@ -124,16 +124,26 @@ def test_wrong_or_foreign_shares_rebuild_nothing(tmp_path: Path) -> None:
     )
     service_key = recovering.attestation(random_bytes(32)).hpke_public_key
 
-    def send(holder: Identity, share: dict) -> dict:
+    def send(holder: Identity, share: dict, signer: Identity | None = None) -> dict:
         key = recovering._hpke.public_key
         ciphertext = hpke_seal(key, canonical_json(share), reshare_info(key.to_bytes(), holder.principal_id))
-        return recovering.receive(
-            ShareMessage(holder=holder.principal_id, sealed=b64e(ciphertext), service_key=service_key)
+        signer = signer or holder
+        signature = signer.signing_key.sign(share_post_message(key.to_bytes(), holder.principal_id, ciphertext))
+        message = ShareMessage(
+            holder=holder.principal_id,
+            sealed=b64e(ciphertext),
+            service_key=service_key,
+            public_key=b64e(signer.signing_key.public_bytes),
+            signature=b64e(signature),
         )
+        return recovering.receive(message)
 
     genuine = [open_share(sealed, h.principal_id, h.recovery_key()) for h in holders]
     forged = open_share(split_master_key(random_bytes(32), policy, sealed.service_id), holders[1].principal_id,
                         holders[1].recovery_key())  # fmt: skip
+    with pytest.raises(AuthenticationError, match="not signed by holder"):  # a post in a holder's name
+        send(holders[1], forged, signer=Identity.generate())
+    assert recovering.status()["received"] == 0
     assert send(holders[0], genuine[0])["recovered"] is False
     with pytest.raises(ProtocolError, match="do not rebuild"):
         send(holders[1], forged)

@@ -38,6 +38,7 @@ __all__ = [
     "measured_trust",
     "runtime_trust_config",
     "trust_from_options",
+    "trust_option_flags",
     "verify_attestation",
 ]
 
@@ -138,6 +139,21 @@ def verify_attestation(doc: p.AttestationResponse, nonce: bytes, trust: KeyServi
         accepts=tuple(doc.accepts),
         unsafe_allow_simulated=doc.unsafe_allow_simulated,
     )
+
+
+def trust_option_flags(options: Mapping[str, Any]) -> tuple[str, ...]:
+    """The command-line flags that give a runtime instance the trust ``trust_from_options(**options)`` makes."""
+    out: list[str] = []
+    for name, flag in (
+        ("measurement", "--keyservice-measurement"),
+        ("policy_file", "--keyservice-policy"),
+        ("collateral", "--collateral"),
+        ("vcek", "--vcek"),
+        ("pccs_url", "--pccs-url"),
+    ):
+        if options.get(name):
+            out += [flag, str(options[name])]
+    return tuple(out)
 
 
 def trust_from_options(

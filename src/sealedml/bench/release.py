@@ -159,7 +159,8 @@ def _measure(
 
     Runtimes are spread over the KeyService replicas ``urls`` round-robin, by process.
     """
-    processes = max(1, min(concurrency, os.cpu_count() or 1, max(concurrency, len(urls))))
+    # One per core, but at least one per replica (each process talks to one replica).
+    processes = max(1, min(concurrency, max(os.cpu_count() or 1, len(urls))))
     start_at = time.time() + _START_S
     shares = [
         _Share(urls[i % len(urls)], kem, concurrency // processes + (i < concurrency % processes), pairs, start_at,

@@ -243,19 +243,9 @@ def keyservice_trust_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def keyservice_trust_args(args: argparse.Namespace) -> tuple[str, ...]:
     """The trust flags as they are passed on to runtime instances (paths made absolute)."""
-    out: list[str] = []
-    if args.keyservice_measurement:
-        out += ["--keyservice-measurement", args.keyservice_measurement]
-    for flag, path in (
-        ("--keyservice-policy", args.keyservice_policy),
-        ("--collateral", args.collateral),
-        ("--vcek", args.vcek),
-    ):
-        if path is not None:
-            out += [flag, str(Path(path).resolve())]
-    if args.pccs_url:
-        out += ["--pccs-url", args.pccs_url]
-    return tuple(out)
+    from sealedml.attestation.trust import trust_option_flags
+
+    return trust_option_flags(keyservice_trust_options(args))
 
 
 def keyservice_client(args: argparse.Namespace) -> KeyServiceClient:

@@ -87,7 +87,7 @@ def handle_recovery_share(args: argparse.Namespace) -> dict[str, Any]:
     from sealedml._internal.encoding import b64e, canonical_json
     from sealedml.client.identity import Identity
     from sealedml.crypto import hpke_seal
-    from sealedml.keyservice.recovering import ShareMessage
+    from sealedml.keyservice.recovering import ShareMessage, share_post_message
     from sealedml.keyservice.recovery import SealedShares, open_share, reshare_info
 
     identity = Identity.load(args.identity)
@@ -97,7 +97,14 @@ def handle_recovery_share(args: argparse.Namespace) -> dict[str, Any]:
         attested = ks.attest()  # the recovering instance must match this holder's trust before it gets a share
         raw = attested.hpke_key.to_bytes()
         ciphertext = hpke_seal(attested.hpke_key, canonical_json(share), reshare_info(raw, identity.principal_id))
-        message = ShareMessage(holder=identity.principal_id, sealed=b64e(ciphertext), service_key=b64e(raw))
+        signature = identity.signing_key.sign(share_post_message(raw, identity.principal_id, ciphertext))
+        message = ShareMessage(
+            holder=identity.principal_id,
+            sealed=b64e(ciphertext),
+            service_key=b64e(raw),
+            public_key=b64e(identity.signing_key.public_bytes),
+            signature=b64e(signature),
+        )
         answer = ks.post("/v1/recovery/share", message)
     return {"holder": identity.principal_id, "measurement": attested.measurement, **answer}
 

@@ -30,32 +30,48 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sealedml._internal.encoding import b64d, b64e, loads_json
+from sealedml._internal.encoding import b64d, b64e, fields, loads_json
 from sealedml._internal.http import guarded, json_response, read_body, read_model
 from sealedml._internal.paths import write_private_file_once
 from sealedml.attestation.base import Attester
 from sealedml.attestation.sealing import Sealer
-from sealedml.crypto import HpkeKem, HpkePrivateKey, SigningKey, hpke_open
-from sealedml.errors import ConfigurationError, Conflict, CryptoError, ProtocolError
+from sealedml.crypto import HpkeKem, HpkePrivateKey, SigningKey, hpke_open, verify_signature
+from sealedml.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    Conflict,
+    CryptoError,
+    ProtocolError,
+    SignatureError,
+)
 from sealedml.keyservice.app import attestation_endpoint
 from sealedml.keyservice.recovery import META_KEY, SealedShares, ShareCollector, combine_shares, reshare_info
 from sealedml.keyservice.service import MASTER_FILE, MasterKey, attestation_response
 from sealedml.keyservice.store import KeyStore
 from sealedml.protocol import keyservice as p
 
-__all__ = ["RecoveringKeyService", "ShareMessage", "create_recovery_app", "stop_soon"]
+__all__ = ["RecoveringKeyService", "ShareMessage", "create_recovery_app", "share_post_message", "stop_soon"]
 
 log = logging.getLogger(__name__)
 
 
 class ShareMessage(BaseModel):
-    """``POST /v1/recovery/share``: one holder's share, HPKE-sealed to the recovering instance."""
+    """``POST /v1/recovery/share``: one holder's share, HPKE-sealed to the recovering instance and
+    signed with the holder's identity key (:func:`share_post_message`), so nobody else can post a
+    share in a holder's name and spoil a round."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     holder: str
     sealed: p.B64
     service_key: p.B64
+    public_key: p.B64  # the holder's Ed25519 key: its hash is the holder's principal id
+    signature: p.B64
+
+
+def share_post_message(service_key: bytes, holder: str, sealed: bytes) -> bytes:
+    """What a holder signs when it posts its share."""
+    return fields(b"sealedml/v1/recovery-share-post", service_key, holder, sealed)
 
 
 class RecoveringKeyService:
@@ -117,6 +133,7 @@ class RecoveringKeyService:
         """Take one holder's share; with enough, rebuild, check and seal the master key.
 
         Raises:
+            AuthenticationError: the post is not signed by the holder it names.
             Conflict: the holder attested an earlier incarnation (re-attest).
             ProtocolError: the share does not open, is not this service's, or the shares do not
                 rebuild its master key (they are then all forgotten).
@@ -124,7 +141,14 @@ class RecoveringKeyService:
         if req.service_key != b64e(self._hpke_public):
             raise Conflict("recovering KeyService key changed: re-attest and retry")
         try:
-            share = loads_json(hpke_open(self._hpke, b64d(req.sealed), reshare_info(self._hpke_public, req.holder)))
+            public_key, sealed = b64d(req.public_key), b64d(req.sealed)
+            if p.principal_id_for(public_key) != req.holder:
+                raise SignatureError("key of another principal")
+            verify_signature(public_key, b64d(req.signature), share_post_message(self._hpke_public, req.holder, sealed))
+        except (SignatureError, ValueError):
+            raise AuthenticationError(f"the share is not signed by holder {req.holder}") from None
+        try:
+            share = loads_json(hpke_open(self._hpke, sealed, reshare_info(self._hpke_public, req.holder)))
         except (ValueError, CryptoError):
             raise ProtocolError("the share does not open") from None
         if not isinstance(share, dict) or share.get("service_id") != self.service_id:

@@ -22,7 +22,6 @@ instance, the master key — which is why holders attest it first.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -183,7 +182,3 @@ class ShareCollector:
     def received(self) -> int:
         with self._lock:
             return len(self._received)
-
-
-def dumps(sealed: SealedShares) -> str:
-    return json.dumps(sealed.model_dump(), sort_keys=True)

@@ -299,8 +299,9 @@ class SessionService:
                 json.dumps(payload).encode(),
                 ps.session_release_info(req.challenge_id, runtime_key),
             )
-        except Denial as deny:
-            self._store.audit({**event, "decision": "deny", "reason": deny.reason})
+        except (Denial, RowTamperedError) as exc:  # tampered: a row changed behind the KeyService's back
+            reason = exc.reason if isinstance(exc, Denial) else f"stored state tampered: {exc.message}"
+            self._store.audit({**event, "decision": "deny", "reason": reason})
             log.info("session release denied (see audit log)")
             raise AccessDenied() from None
         except CryptoError:  # e.g. a low-order X25519 point that the evidence binds
@@ -323,14 +324,6 @@ class SessionService:
         )
 
     def _bundle(
-        self, req: ps.SessionReleaseRequest, claims: Claims, event: dict[str, Any]
-    ) -> tuple[dict[str, Any], int]:
-        try:
-            return self._bundle_checked(req, claims, event)
-        except RowTamperedError as exc:  # the database changed a row behind the KeyService's back
-            raise Denial(f"stored state tampered: {exc.message}") from None
-
-    def _bundle_checked(
         self, req: ps.SessionReleaseRequest, claims: Claims, event: dict[str, Any]
     ) -> tuple[dict[str, Any], int]:
         current = self._current(req.session)

@@ -103,22 +103,6 @@ from sealedml.platform.base import Invocation, Platform, PlatformResult  # noqa:
 MAX_MODELS_PER_REPLICA = 4
 
 
-def _trust_args(options: dict[str, Any]) -> tuple[str, ...]:
-    """The worker's KeyService trust flags from ``trust_from_options`` keyword arguments."""
-    flags = {
-        "measurement": "--keyservice-measurement",
-        "policy_file": "--keyservice-policy",
-        "collateral": "--collateral",
-        "pccs_url": "--pccs-url",
-        "vcek": "--vcek",
-    }
-    out: list[str] = []
-    for name, flag in flags.items():
-        if options.get(name) is not None:
-            out += [flag, str(options[name])]
-    return tuple(out)
-
-
 # Deployments live at module level so Ray pickles them by reference (the
 # package is importable in every worker); settings arrive through ``bind``.
 @_serve.deployment(name="sealedml-runtime")
@@ -133,6 +117,7 @@ class RuntimeReplica:
     """
 
     def __init__(self, config: RayEngineConfig) -> None:
+        from sealedml.attestation.trust import trust_option_flags
         from sealedml.platform.process import InstanceSpec
 
         self._spec = InstanceSpec(
@@ -144,7 +129,7 @@ class RuntimeReplica:
             spill_dir=config.spill_dir,
             tls=config.tls,
             memory_mb=config.memory_mb,
-            extra_args=_trust_args(config.trust_options),
+            extra_args=trust_option_flags(config.trust_options),
         )
         self._worker: Any = None
         self._starting: Any = None  # an asyncio.Lock, made on the replica's event loop

@@ -115,7 +115,14 @@ def service_key_binding(hpke_public_key: bytes, signing_public_key: bytes) -> by
 
 
 def release_answer_message(
-    service_id: str, challenge_id: str, runtime_key: bytes, sealed: bytes, expires_at: int, lease_ttl: int
+    service_id: str,
+    challenge_id: str,
+    runtime_key: bytes,
+    sealed: bytes,
+    expires_at: int,
+    lease_ttl: int,
+    *,
+    label: bytes = b"sealedml/v1/release-answer",
 ) -> bytes:
     """What a KeyService signs in a release answer.
 
@@ -125,7 +132,7 @@ def release_answer_message(
     what tells the runtime the leases come from the KeyService it attested.
     """
     return fields(
-        b"sealedml/v1/release-answer",
+        label,
         service_id,
         challenge_id,
         runtime_key,

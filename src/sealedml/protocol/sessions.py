@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sealedml._internal.encoding import fields
-from sealedml.protocol.keyservice import B64, EvidenceMessage
+from sealedml.protocol.keyservice import B64, EvidenceMessage, release_answer_message
 
 __all__ = [
     "SessionName",
@@ -127,14 +127,8 @@ def session_answer_message(
     service_id: str, challenge_id: str, runtime_key: bytes, sealed: bytes, expires_at: int, lease_ttl: int
 ) -> bytes:
     """What the KeyService signs in a session release answer (as for models, with its own label)."""
-    return fields(
-        b"sealedml/v1/session-answer",
-        service_id,
-        challenge_id,
-        runtime_key,
-        hashlib.sha256(sealed).digest(),
-        expires_at,
-        lease_ttl,
+    return release_answer_message(
+        service_id, challenge_id, runtime_key, sealed, expires_at, lease_ttl, label=b"sealedml/v1/session-answer"
     )
 
 
