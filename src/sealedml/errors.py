@@ -48,6 +48,7 @@ __all__ = [
     "Error",
     "EvidenceError",
     "InputError",
+    "MaskError",
     "NotFound",
     "Overloaded",
     "PolicyError",
@@ -57,6 +58,7 @@ __all__ = [
     "ServiceUnavailable",
     "SignatureError",
     "StoreError",
+    "VerificationError",
 ]
 
 
@@ -87,6 +89,12 @@ class CryptoError(Error):
 
 class SignatureError(CryptoError):
     code = "bad_signature"
+
+
+class MaskError(CryptoError):
+    """A sealed mask record of blinded offload is missing, altered, swapped or replayed."""
+
+    code = "mask_integrity"
 
 
 class EnvelopeError(Error):
@@ -150,6 +158,12 @@ class ServiceError(Error):
 
 class ServiceUnavailable(ServiceError):
     code = "unavailable"
+
+
+class VerificationError(ServiceError):
+    """An untrusted executor's answer failed verification (the request fails; the executor is replaced)."""
+
+    code = "verification_failed"
 
 
 class Overloaded(ServiceError):

@@ -41,6 +41,7 @@ COMMANDS = {
     "zoo export",
     "executor serve",
     "bench partition",
+    "bench blind",
     "bench seco",
     "seco deploy",
     "seco serve",

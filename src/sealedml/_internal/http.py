@@ -29,6 +29,7 @@ from sealedml.errors import (
     ProtocolError,
     SealedModelError,
     ServiceUnavailable,
+    VerificationError,
     error_from_code,
 )
 
@@ -69,6 +70,7 @@ def status_for(exc: Error) -> int:
     for cls, status in (
         (BodyTooLarge, 413),
         (SealedModelError, 502),
+        (VerificationError, 502),
         (EnvelopeError, 400),
         (InputError, 400),
         (ProtocolError, 400),

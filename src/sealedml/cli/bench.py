@@ -1,4 +1,4 @@
-"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release|partition|seco``.
+"""Benchmarks: ``bench overhead|coldstart|concurrency|memory|trace|release|partition|blind|seco``.
 
 ::
 
@@ -10,6 +10,7 @@
     sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
     sealedml bench partition [--model M] [--front-cut T,...] [--back-cut T,...] [--requests N] [--device D]
     sealedml bench partition --model digits-cnn|faces-cnn [--seed N] [--plot FILE.png]
+    sealedml bench blind [--model M] [--requests N] [--faults N] [--device D]
     sealedml bench seco [--model digits-mlp|small-cnn] [--queries N] [--no-tee-path] [--in-process]
 
 Each runs real processes on loopback (see ``sealedml.bench``), prints progress on stderr and
@@ -31,6 +32,7 @@ from sealedml.errors import ConfigurationError
 __all__ = [
     "RELEASE_KEMS",
     "add_parser",
+    "handle_bench_blind",
     "handle_bench_coldstart",
     "handle_bench_concurrency",
     "handle_bench_memory",
@@ -171,6 +173,26 @@ def handle_bench_partition(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def handle_bench_blind(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``bench blind``: all-in-TEE vs blinded, verified offload vs plain ternary, and a fault campaign.
+
+    Raises:
+        ConfigurationError: bad flags, or torch missing for digits-cnn.
+    """
+    from sealedml.bench.blind import run_blind
+
+    return run_blind(
+        args.model,
+        requests=args.requests,
+        warmup=args.warmup,
+        faults=args.faults,
+        weight_bits=args.weight_bits,
+        input_bits=args.input_bits,
+        device=args.device,
+        quiet=args.json,
+    )
+
+
 def handle_bench_seco(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``bench seco``: SECO mode's offline and online cost per query, bytes per link, accuracy."""
     from sealedml.bench.seco import run_seco
@@ -270,6 +292,27 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--seed", type=int, default=0, help="trained models: training and attack seed (default 0)")
     p.add_argument(
         "--plot", type=Path, default=None, metavar="FILE.png", help="trained models: write the leakage figure"
+    )
+    p = add_command(
+        bench,
+        "blind",
+        handle_bench_blind,
+        "all-in-TEE vs blinded, verified offload of linear layers vs plain ternary; injected faults detected",
+    )
+    p.add_argument(
+        "--model",
+        default="digits-cnn",
+        choices=["digits-cnn", "mobilenetv2", "resnet50"],
+        help="digits-cnn (trained, needs sealedml[assess]; reports accuracy) or a zoo CNN (speed only) "
+        "(default digits-cnn)",
+    )
+    p.add_argument("--requests", type=int, default=40, help="measured requests per configuration (default 40)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--faults", type=int, default=1000, help="requests with an altered product (default 1000)")
+    p.add_argument("--weight-bits", type=int, default=8, help="quantized weight bits (default 8)")
+    p.add_argument("--input-bits", type=int, default=8, help="quantized layer input bits (default 8)")
+    p.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the executor computes the products"
     )
     p = add_command(
         bench,

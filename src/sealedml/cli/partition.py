@@ -4,10 +4,14 @@
 
     sealedml partition cuts MODEL.onnx [--max-tensors N]
     sealedml partition split MODEL.onnx --front-cut T[,T...] --back-cut T[,T...] --out DIR [--check N]
+                             [--blind [--weight-bits B] [--input-bits B]]
 
 ``cuts`` lists where the model can be cut (front to back); ``split`` writes the
 front, middle and back models and ``partition.json`` into DIR and checks that
-they compose to the whole model. See docs/partition.md.
+they compose to the whole model. With ``--blind`` the middle stays in the TEE and
+only its linear layers are outsourced, masked and verified; the check then
+compares against the quantized model. See docs/partition.md and
+docs/blinded-offload.md.
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def handle_partition_split(args: argparse.Namespace) -> dict[str, Any]:
     if args.check < 0:
         raise ConfigurationError("--check must be ≥ 0")
     model = load_onnx(args.model)
-    partition = split_model(model, _tensors(args.front_cut), _tensors(args.back_cut))
+    blind = (args.weight_bits, args.input_bits) if args.blind else None
+    partition = split_model(model, _tensors(args.front_cut), _tensors(args.back_cut), blind=blind)
     written = partition.write(args.out)
     manifest = partition.manifest
     result: dict[str, Any] = {
@@ -110,10 +115,25 @@ def handle_partition_split(args: argparse.Namespace) -> dict[str, Any]:
         "boundary_bytes_per_sample": manifest.boundary_bytes_per_sample,
         "nodes": {name: part.nodes for name, part in manifest.parts.items()},
     }
+    if manifest.blind is not None:
+        result["blind"] = {
+            "layers": [f"{layer.op} {layer.node}" for layer in manifest.blind.layers],
+            "weight_bits": manifest.blind.weight_bits,
+            "input_bits": manifest.blind.input_bits,
+            "prime": manifest.blind.prime,
+        }
     if args.check:
-        diff = compose_max_abs_diff(model, partition, random_inputs(model, args.check))
+        inputs = random_inputs(model, args.check)
+        diff = compose_max_abs_diff(model, partition, inputs)
         result["max_abs_diff"] = diff
-        if not diff <= 1e-5:
+        if manifest.blind is not None:
+            from sealedml.partition.blind.check import blinded_matches_quantized
+
+            # Quantization changes the outputs: the check is exactness against the quantized model.
+            result["blinded_equals_quantized"] = blinded_matches_quantized(partition, inputs)
+            if not result["blinded_equals_quantized"]:
+                raise ConfigurationError("blinded offload differs from the quantized model (a bug: please report it)")
+        elif not diff <= 1e-5:
             raise ConfigurationError(f"front ∘ middle ∘ back differs from the model by {diff:g} (> 1e-5)")
     return result
 
@@ -137,6 +157,14 @@ def add_parser(subparsers: Subcommands) -> None:
         metavar="N",
         help="check the composition on N random samples (default 2; 0 skips)",
     )
+    p.add_argument(
+        "--blind",
+        action="store_true",
+        help="keep the middle in the TEE and outsource only its linear layers, masked and verified "
+        "(docs/blinded-offload.md)",
+    )
+    p.add_argument("--weight-bits", type=int, default=8, metavar="B", help="with --blind: weight bits (default 8)")
+    p.add_argument("--input-bits", type=int, default=8, metavar="B", help="with --blind: layer input bits (default 8)")
     from sealedml.cli import partition_assess
 
     partition_assess.add_assess(group)

@@ -390,8 +390,9 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument(
         "--executor",
         default=None,
-        metavar="URL",
-        help="untrusted executor for the middles of partitioned models (sealedml executor serve)",
+        metavar="URL[,URL...]",
+        help="untrusted executor for the middles of partitioned models (sealedml executor serve); further URLs "
+        "are spares that replace an executor whose blinded products fail verification",
     )
     p.add_argument("--unsafe-plaintext-dir", type=Path, default=None, help=argparse.SUPPRESS)
     add_tee(p)

@@ -104,7 +104,9 @@ def publish_partition(
     """Publish a partitioned model: front and back sealed under one fresh key, the middle in the clear.
 
     The middle's weights and the intermediate representations it receives are
-    visible to the cloud: that is the owner's choice in partitioning. Both sealed
+    visible to the cloud: that is the owner's choice in partitioning. A blinded
+    partition seals the middle too and stores only its outsourced layers'
+    quantized weights in the clear (``linear-<i>.onnx``). Every sealed
     parts carry the manifest's digest in their authenticated headers, and the
     KeyService records it, so users see that the version is partitioned
     (``model info``) and their keys are released only if they accepted that.
@@ -124,12 +126,17 @@ def publish_partition(
             part=part,
             partition_sha256=digest,
         )
-        for part in ("front", "back")
+        for part in (("front", "middle", "back") if partition.manifest.blind else ("front", "back"))
     }
     keyservice.upload_model_key(model_id, version, model_key, partition_sha256=digest)
     store.put_part(model_id, version, "partition.json", manifest)
-    store.put_part(model_id, version, "middle.onnx", partition.middle.SerializeToString())
+    if partition.manifest.blind is None:
+        store.put_part(model_id, version, "middle.onnx", partition.middle.SerializeToString())
+    else:
+        store.put_part(model_id, version, "middle.sealed", sealed["middle"])
+        for name, data in sorted(partition.artifacts.items()):
+            store.put_part(model_id, version, name, data)
     store.put_part(model_id, version, "back.sealed", sealed["back"])
     store.put(model_id, version, sealed["front"])
-    total = len(sealed["front"]) + len(sealed["back"])
+    total = sum(len(data) for data in sealed.values())
     return PublishedModel(model_id, version, total, hashlib.sha256(sealed["front"]).hexdigest(), digest)

@@ -116,7 +116,7 @@ _HEADER_FIELDS = frozenset(
 _PART_FIELDS = frozenset({"part", "partition_sha256"})
 _FILE_FIELDS = frozenset({"payload"})
 #: The parts of a partitioned model that are sealed (the middle runs outside the TEE, in the clear).
-SEALED_PARTS = ("front", "back")
+SEALED_PARTS = ("front", "middle", "back")  # "middle": sealed only in a blinded partition
 DEFAULT_CHUNK_SIZE = 256 * 1024
 _MAX_HEADER = 64 * 1024
 _MAX_MANIFEST = 64 * 1024 * 1024

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, shape_inference
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sealedml.partition.blind.spec import BlindSpec, artifact_name, blind_middle
 from sealedml.partition.flops import node_flops
 from sealedml.partition.graph import GraphIndex, PartitionError, check_cut
 
@@ -81,17 +82,26 @@ class PartitionManifest(_Frozen):
     front_cut: list[TensorSpec] = Field(min_length=1)
     back_cut: list[TensorSpec] = Field(min_length=1)
     parts: dict[str, PartInfo]
+    #: Set for a blinded partition (``partition split --blind``): the middle runs in the TEE
+    #: and only its linear layers' blinded products are outsourced.
+    blind: BlindSpec | None = None
 
     @property
     def tee_flops_share(self) -> float:
-        """The share of the model's operations that runs in the TEE (front and back)."""
+        """The share of the model's operations that runs in the TEE (front and back; blinded: all but
+        the outsourced products)."""
         total = sum(p.flops for p in self.parts.values())
         tee = sum(p.flops for p in self.parts.values() if p.runs_in == "tee")
+        if self.blind is not None:
+            tee -= self.blind.outsourced_flops
         return tee / total if total else 0.0
 
     @property
     def boundary_bytes_per_sample(self) -> int:
-        """Bytes that leave and re-enter the TEE per sample (front cut out, back cut in)."""
+        """Bytes that leave and re-enter the TEE per sample (front cut out and back cut in; blinded: every
+        outsourced layer's masked input and product)."""
+        if self.blind is not None:
+            return self.blind.boundary_bytes_per_sample
         return sum(t.nbytes_per_sample for t in [*self.front_cut, *self.back_cut])
 
     def to_json(self) -> str:
@@ -106,6 +116,8 @@ class Partition:
     middle: onnx.ModelProto
     back: onnx.ModelProto
     manifest: PartitionManifest
+    #: A blinded partition's executor artifacts, by file name (``linear-<i>.onnx``).
+    artifacts: dict[str, bytes] = field(default_factory=dict)
 
     def part(self, name: str) -> onnx.ModelProto:
         """The part called ``name`` (one of :data:`PART_NAMES`)."""
@@ -121,6 +133,10 @@ class Partition:
         for name in PART_NAMES:
             path = directory / f"{name}.onnx"
             path.write_bytes(self.part(name).SerializeToString())
+            written.append(path)
+        for name, data in sorted(self.artifacts.items()):
+            path = directory / name
+            path.write_bytes(data)
             written.append(path)
         manifest = directory / "partition.json"
         manifest.write_text(self.manifest.to_json())
@@ -149,13 +165,21 @@ def _check_order(index: GraphIndex, front: Sequence[str], back: Sequence[str]) -
         )
 
 
-def split_model(model: onnx.ModelProto, front_cut: Sequence[str], back_cut: Sequence[str]) -> Partition:
+def split_model(
+    model: onnx.ModelProto,
+    front_cut: Sequence[str],
+    back_cut: Sequence[str],
+    *,
+    blind: tuple[int, int] | None = None,
+) -> Partition:
     """Split ``model`` into front, middle and back at two cuts.
 
     Args:
         model: the whole model (weights inline).
         front_cut: tensor names; the front computes them from the inputs.
         back_cut: tensor names, after the front cut; the back computes the outputs from them.
+        blind: ``(weight_bits, input_bits)`` for a blinded partition: the middle stays in
+            the TEE and its linear layers are outsourced blinded (docs/blinded-offload.md).
 
     Raises:
         PartitionError: a cut that does not separate the graph, a back cut that is
@@ -192,10 +216,16 @@ def split_model(model: onnx.ModelProto, front_cut: Sequence[str], back_cut: Sequ
     # Extracted parts hold copies of the nodes: match them to the whole graph by output name.
     producer = {out: i for i, node in enumerate(inferred.graph.node) for out in node.output if out}
     info: dict[str, PartInfo] = {}
+    spec, artifacts = (
+        (None, {}) if blind is None else blind_middle(parts["middle"], weight_bits=blind[0], input_bits=blind[1])
+    )
+    if spec is not None:
+        outsourced = sum(flops[producer[layer.node]] for layer in spec.layers)
+        spec = spec.model_copy(update={"outsourced_flops": outsourced})
     for name, part in parts.items():
         ops = sum(flops[producer[node.output[0]]] for node in part.graph.node if node.output)
         info[name] = PartInfo(
-            runs_in="untrusted" if name == "middle" else "tee",
+            runs_in="untrusted" if name == "middle" and blind is None else "tee",
             sha256=hashlib.sha256(part.SerializeToString()).hexdigest(),
             nodes=len(part.graph.node),
             flops=ops,
@@ -206,8 +236,9 @@ def split_model(model: onnx.ModelProto, front_cut: Sequence[str], back_cut: Sequ
         front_cut=[_spec(infos[t]) for t in front.tensors],
         back_cut=[_spec(infos[t]) for t in back.tensors],
         parts=info,
+        blind=spec,
     )
-    return Partition(parts["front"], parts["middle"], parts["back"], manifest)
+    return Partition(parts["front"], parts["middle"], parts["back"], manifest, artifacts)
 
 
 def load_partition(directory: Path) -> Partition:
@@ -234,7 +265,16 @@ def load_partition(directory: Path) -> Partition:
         if hashlib.sha256(data).hexdigest() != manifest.parts[name].sha256:
             raise PartitionError(f"{path} does not match partition.json (altered or from another split)")
         models[name] = onnx.ModelProto.FromString(data)
-    return Partition(models["front"], models["middle"], models["back"], manifest)
+    artifacts: dict[str, bytes] = {}
+    for layer in manifest.blind.layers if manifest.blind is not None else []:
+        path = directory / artifact_name(layer.index)
+        try:
+            artifacts[path.name] = path.read_bytes()
+        except OSError as exc:
+            raise PartitionError(f"{path}: {exc.strerror or exc}") from exc
+        if hashlib.sha256(artifacts[path.name]).hexdigest() != layer.sha256:
+            raise PartitionError(f"{path} does not match partition.json (altered or from another split)")
+    return Partition(models["front"], models["middle"], models["back"], manifest, artifacts)
 
 
 def _session(model: onnx.ModelProto) -> Any:

@@ -12,6 +12,13 @@ representations at the front cut, nothing else. Runtimes name the middle by
 its SHA-256 (from the sealed, authenticated partition manifest), so a middle
 file that the store swapped is refused here, and they check the shapes and
 dtypes of what comes back.
+
+For blinded partitions (``partition split --blind``) it also answers
+``POST /v1/linear/{model_id}/{version}/{layer}``: the product of one outsourced
+layer's quantized weights (``linear-<layer>.onnx``) with a masked input, in
+float64 (numpy on the CPU; ONNX Runtime's CUDA provider on a GPU). There it sees
+only values uniform in Z_p, and the runtime verifies every product it returns
+(docs/blinded-offload.md).
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ from sealedml._internal.http import guarded, json_response, read_body
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import ConfigurationError, Conflict, InputError, NotFound, ProtocolError
+from sealedml.partition.blind.linear import LinearLayer, apply_linear, layer_from_artifact
+from sealedml.partition.blind.spec import artifact_name
+from sealedml.partition.graph import PartitionError
+from sealedml.runtime.blinded import LINEAR_SHA256_HEADER
 from sealedml.runtime.engine import ORT_LOG_SEVERITY, ort_failure
 from sealedml.runtime.partitioned import MIDDLE_SHA256_HEADER
 from sealedml.storage.modelstore import LocalModelStore
@@ -103,6 +114,7 @@ class ExecutorService:
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.stats = ExecutorStats()
         self._middles: dict[tuple[str, int], _Middle] = {}
+        self._linears: dict[tuple[str, int, int], tuple[str, LinearLayer, Any]] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="middle")
 
@@ -153,14 +165,56 @@ class ExecutorService:
         self.stats.compute_s += time.perf_counter() - t0
         return encode_tensors({n: np.asarray(v) for n, v in zip(middle.output_names, outputs, strict=True)})
 
-    async def handle(self, model_id: str, version: int, sha256: str, body: bytes) -> bytes:
-        """:meth:`run` on the thread pool, counted in the stats."""
+    def _linear(self, model_id: str, version: int, layer: int, sha256: str) -> tuple[str, LinearLayer, Any]:
+        key = (model_id, version, layer)
+        with self._lock:
+            cached = self._linears.get(key)
+            if cached is not None and cached[0] == sha256:
+                return cached
+            data = self.store.part_path(model_id, version, artifact_name(layer)).read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise Conflict(f"the stored layer {layer} of {model_id} v{version} is not the one the runtime names")
+            try:
+                parsed = layer_from_artifact(data)
+            except PartitionError as exc:
+                raise InputError(f"layer {layer} of {model_id} v{version}: {exc}") from exc
+            session = None
+            if self.device == "cuda":  # float64 Conv and MatMul run on the GPU through ONNX Runtime's CUDA provider
+                session = ort.InferenceSession(data, providers=self.providers)
+            self._linears[key] = (sha256, parsed, session)
+            return self._linears[key]
+
+    def run_linear(self, model_id: str, version: int, layer: int, sha256: str, body: bytes) -> bytes:
+        """Multiply one blinded input (safetensors ``x``, float64) by an outsourced layer's weights.
+
+        Raises:
+            NotFound: no such layer in the store.
+            Conflict: the stored layer is not the one named by ``sha256``.
+            InputError: the body is not one float64 tensor ``x`` that fits the layer.
+        """
+        _, parsed, session = self._linear(model_id, version, layer, sha256)
+        tensors, _ = decode_tensors(body, max_tensors=1)
+        x = tensors.get("x")
+        if x is None or x.dtype != np.float64:
+            raise InputError("a blinded layer takes one float64 tensor x")
+        t0 = time.perf_counter()
+        try:
+            y = session.run(["y"], {"x": x})[0] if session is not None else apply_linear(parsed, x)
+        except Exception as exc:
+            raise InputError(f"layer {layer} of {model_id} v{version} failed: {exc.__class__.__name__}") from exc
+        self.stats.compute_s += time.perf_counter() - t0
+        return encode_tensors({"y": np.asarray(y, dtype=np.float64)})
+
+    async def handle(self, model_id: str, version: int, sha256: str, body: bytes, layer: int | None = None) -> bytes:
+        """:meth:`run` (or :meth:`run_linear` for a blinded ``layer``) on the thread pool, counted in the stats."""
         self.stats.requests += 1
         self.stats.bytes_in += len(body)
+        loop = asyncio.get_running_loop()
         try:
-            out = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.run, model_id, version, sha256, body
-            )
+            if layer is None:
+                out = await loop.run_in_executor(self._pool, self.run, model_id, version, sha256, body)
+            else:
+                out = await loop.run_in_executor(self._pool, self.run_linear, model_id, version, layer, sha256, body)
         except Exception:
             self.stats.failures += 1
             raise
@@ -186,21 +240,34 @@ def create_app(service: ExecutorService) -> Starlette:
     """The executor's HTTP API."""
     valid_id = re.compile(ID_PATTERN)
 
-    @guarded
-    async def middle(request: Request) -> Response:
+    def number(request: Request, name: str) -> int:
+        try:
+            value = int(request.path_params[name])
+        except ValueError as exc:
+            raise NotFound(f"no such {name}") from exc
+        if value < 0:
+            raise NotFound(f"no such {name}")
+        return value
+
+    async def compute(request: Request, header: str, layer: int | None) -> Response:
         model_id = request.path_params["model_id"]
         if not valid_id.match(model_id):
             raise NotFound("no such model")
-        try:
-            version = int(request.path_params["version"])
-        except ValueError as exc:
-            raise NotFound("no such version") from exc
-        sha256 = request.headers.get(MIDDLE_SHA256_HEADER, "")
+        version = number(request, "version")
+        sha256 = request.headers.get(header, "")
         if not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise ProtocolError(f"{MIDDLE_SHA256_HEADER} must name the middle's SHA-256")
+            raise ProtocolError(f"{header} must name the file's SHA-256")
         body = await read_body(request, MAX_BODY)
-        out = await service.handle(model_id, version, sha256, body)
+        out = await service.handle(model_id, version, sha256, body, layer)
         return Response(out, media_type="application/octet-stream")
+
+    @guarded
+    async def middle(request: Request) -> Response:
+        return await compute(request, MIDDLE_SHA256_HEADER, None)
+
+    @guarded
+    async def linear(request: Request) -> Response:
+        return await compute(request, LINEAR_SHA256_HEADER, number(request, "layer"))
 
     async def health(request: Request) -> Response:
         return json_response({"status": "ok", "device": service.device})
@@ -211,6 +278,7 @@ def create_app(service: ExecutorService) -> Starlette:
     return Starlette(
         routes=[
             Route("/v1/middle/{model_id}/{version}", middle, methods=["POST"]),
+            Route("/v1/linear/{model_id}/{version}/{layer}", linear, methods=["POST"]),
             Route("/v1/health", health, methods=["GET"]),
             Route("/v1/stats", stats, methods=["GET"]),
         ]

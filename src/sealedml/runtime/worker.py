@@ -226,6 +226,14 @@ class Worker:
                     header,
                     lambda part_path, part: self._open_part(part_path, lease, part, breakdown),
                     self._executor,
+                    lambda part_path: open_model(
+                        part_path,
+                        lease.model_key,
+                        expected_model_id=lease.model_id,
+                        expected_version=lease.model_version,
+                        expected_part="middle",
+                    ),
+                    threads=self._threads,
                 )
 
             loaded: Model = await self._run_blocking(decrypt_and_build)

@@ -15,12 +15,15 @@ from pathlib import Path
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ConfigurationError, NotFound, StoreError
 
-__all__ = ["PART_FILES", "LocalModelStore", "ModelStore"]
+__all__ = ["LINEAR_FILE", "PART_FILES", "LocalModelStore", "ModelStore"]
 
 #: The files of a partitioned model version besides its sealed front (``v<N>.sealed``): the
 #: sealed back, the middle in the clear (the owner chose to run it outside the TEE) and the
 #: partition manifest, whose digest both sealed parts carry in their authenticated headers.
-PART_FILES = ("back.sealed", "middle.onnx", "partition.json")
+#: A blinded partition seals its middle (``middle.sealed``) and stores each outsourced layer's
+#: quantized weights in the clear (``linear-<i>.onnx``, :data:`LINEAR_FILE`).
+PART_FILES = ("back.sealed", "middle.onnx", "middle.sealed", "partition.json")
+LINEAR_FILE = re.compile(r"linear-[0-9]{1,4}\.onnx")
 
 _ID = re.compile(ID_PATTERN)
 
@@ -91,7 +94,7 @@ class LocalModelStore(ModelStore):
         self._write_once(self._part(model_id, version, name), data, f"{model_id} version {version} {name}")
 
     def _part(self, model_id: str, version: int, name: str) -> Path:
-        if name not in PART_FILES:
+        if name not in PART_FILES and not LINEAR_FILE.fullmatch(name):
             raise StoreError(f"not a part of a partitioned model: {name}")
         return self._dir(model_id) / f"v{version}.{name}"
 
