@@ -274,3 +274,78 @@ def test_keyservice_mixing_simulated_and_tdx_refuses_to_start_without_opt_in(tmp
     last = [e for e in events if e.get("action") == "release"][-1]
     assert last["decision"] == "deny" and last["tee"] == "simulated"
     assert f"owner does not allow runtime simulated:{runtime.measurement}" in last["reason"]
+
+
+def test_a_forgotten_allow_runtime_is_explained_to_the_user_and_the_owner_but_not_to_a_stranger(tmp_path):
+    """The README's manual flow with the owner forgetting `model allow-runtime`."""
+    w = tmp_path
+    with (
+        ServiceProcess.start(
+            ["keyservice", "serve", "--data-dir", str(w / "ks-data"), "--port", "0"],
+            name="keyservice",
+            log_path=w / "ks.log",
+        ) as ks,
+        ServiceProcess.start(
+            ["platform", "serve", "--keyservice", ks.url, "--store", str(w / "store"), "--port", "0"],
+            name="platform",
+            log_path=w / "gw.log",
+        ) as gw,
+    ):
+        ids = {}
+        for who in ("owner", "user", "stranger"):
+            ids[who] = js(sealedml("identity", "new", "--out", f"{who}.json", "--json", cwd=w))["principal_id"]
+            sealedml("register", "--keyservice", ks.url, "--identity", f"{who}.json", cwd=w)
+        ks_flags = ("--keyservice", ks.url)
+        sealedml("zoo", "export", "digits", "--out", "d.onnx", "--test-data", "x.npy", "--samples", "2", cwd=w)
+        sealedml(
+            "model",
+            "seal",
+            "d.onnx",
+            "--model-id",
+            "digits",
+            "--identity",
+            "owner.json",
+            *ks_flags,
+            "--store",
+            "store",
+            cwd=w,
+        )
+        # a typo in the user id is refused, not granted silently
+        typo = sealedml(
+            "model", "grant", "digits", "--user", "0" * 64, "--identity", "owner.json", *ks_flags, cwd=w, check=False
+        )
+        assert typo.returncode != 0 and "register" in typo.stderr
+        sealedml("model", "grant", "digits", "--user", ids["user"], "--identity", "owner.json", *ks_flags, cwd=w)
+        sealedml("model", "enable", "digits", "--identity", "user.json", *ks_flags, cwd=w)  # owner forgot allow-runtime
+
+        def infer(who: str, *extra: str) -> subprocess.CompletedProcess[str]:
+            return sealedml(
+                "infer", "digits", "--input", "x.npy", "--identity", f"{who}.json", *ks_flags, "--gateway", gw.url, *extra,
+                cwd=w, check=False,
+            )  # fmt: skip
+
+        checked = infer("user")
+        assert checked.returncode != 0 and "no_runtime_allowed" in checked.stderr and "allow-runtime" in checked.stderr
+        sent = infer("user", "--skip-check")  # the request reaches a runtime, whose release is denied
+        assert sent.returncode != 0 and "no_runtime_allowed" in sent.stderr
+        info = js(sealedml("model", "info", "digits", "--identity", "user.json", *ks_flags, "--json", cwd=w))
+        assert info["access"] == "no_runtime_allowed" and info["grants"] is None and info["consents"] is None
+
+        audit = js(sealedml("model", "audit", "digits", "--identity", "owner.json", *ks_flags, "--json", cwd=w))
+        denials = [r for r in audit["records"] if r["action"] == "release" and r["decision"] == "deny"]
+        assert denials and denials[-1]["reason"] == f"digits/{ids['user']}: owner allows no runtime measurement"
+        assert denials[-1]["pairs"] == [["digits", ids["user"]]]
+        owner_info = js(sealedml("model", "info", "digits", "--identity", "owner.json", *ks_flags, "--json", cwd=w))
+        assert owner_info["grants"] == [ids["user"]] and owner_info["allowed_runtimes"] == []
+        assert [c["user_id"] for c in owner_info["consents"]] == [ids["user"]]
+
+        # a stranger learns nothing more than "denied", whatever they ask
+        stranger = infer("stranger", "--skip-check")
+        assert stranger.returncode != 0 and "no_runtime_allowed" not in stranger.stderr and "denied" in stranger.stderr
+        for command in (("model", "info", "digits"), ("model", "audit", "digits")):
+            refused = sealedml(*command, "--identity", "stranger.json", *ks_flags, "--json", cwd=w, check=False)
+            assert refused.returncode != 0 and json.loads(refused.stdout) == {"error": "denied", "message": "denied"}
+        user_audit = sealedml(
+            "model", "audit", "digits", "--identity", "user.json", *ks_flags, "--json", cwd=w, check=False
+        )
+        assert json.loads(user_audit.stdout)["error"] == "denied"

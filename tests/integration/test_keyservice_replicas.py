@@ -63,12 +63,14 @@ def test_a_replica_joins_and_carries_on_when_the_other_is_killed(tmp_path: Path,
         def write() -> None:
             with KeyServiceClient(first.url, owner) as client:
                 while not stop.is_set():
-                    grantee = Identity.generate().principal_id
+                    grantee = Identity.generate()
                     try:
-                        client.grant("m", grantee)
+                        with KeyServiceClient(first.url, grantee) as registering:
+                            registering.register()  # grants name registered principals only
+                        client.grant("m", grantee.principal_id)
                     except Error:
                         return  # the replica is gone
-                    acknowledged.append(grantee)
+                    acknowledged.append(grantee.principal_id)
 
         writer = threading.Thread(target=write)
         writer.start()

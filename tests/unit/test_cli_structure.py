@@ -36,6 +36,7 @@ COMMANDS = {
     "model revoke",
     "model enable",
     "model info",
+    "model audit",
     "infer",
     "measurement",
     "zoo export",

@@ -228,12 +228,14 @@ def _kill_halfway(kill: _Kill, start_at: float, duration: float) -> dict[str, An
     def write() -> None:
         with KeyServiceClient(kill.keyservice.url, kill.owner) as client:
             while not stop.is_set():
-                grantee = Identity.generate().principal_id
+                grantee = Identity.generate()
                 try:
-                    client.grant("bench", grantee)
+                    with KeyServiceClient(kill.keyservice.url, grantee) as registering:
+                        registering.register()  # grants name registered principals only
+                    client.grant("bench", grantee.principal_id)
                 except Error:
                     return
-                acknowledged.append(grantee)
+                acknowledged.append(grantee.principal_id)
 
     writer = threading.Thread(target=write, daemon=True)
     writer.start()

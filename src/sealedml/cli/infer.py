@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from sealedml.cli._args import Subcommands, add_command, add_keyservice, keyservice_client
-from sealedml.errors import ConfigurationError, InputError
+from sealedml.errors import AccessDenied, ConfigurationError, Error, InputError
 
 __all__ = ["add_parser", "handle_infer", "load_numpy"]
 
@@ -98,6 +98,21 @@ def _describe(array: np.ndarray) -> dict[str, Any]:
     return info
 
 
+def _denied_reason(args: argparse.Namespace) -> str:
+    """What a user may learn of a denial: the category of their own pair's state, asked of the KeyService."""
+    try:
+        with keyservice_client(args) as ks:
+            info = ks.model_info(args.model_id)
+    except Error:
+        return "denied (you are not granted this model, or it does not exist)"
+    if info.access not in (None, "ok"):
+        return f"denied ({info.access}): {info.access_hint}"
+    return (
+        "denied: your grant and consent are in order, so the runtime's attestation did not satisfy the policy "
+        "(the model's owner can see the exact reason with `sealedml model audit`)"
+    )
+
+
 def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``infer``: send encrypted inputs through the gateway, decrypt and describe (or save) the outputs.
 
@@ -133,9 +148,14 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
             info = ks.model_info(args.model_id)
         if not info.consented:
             raise ConfigurationError(f"run `sealedml model enable {args.model_id}` first (no request key/consent)")
+        if info.access not in (None, "ok"):
+            raise AccessDenied(f"denied ({info.access}): {info.access_hint}")
     t0 = time.perf_counter()
     with InferenceClient(args.gateway, identity) as client:
-        outputs = client.infer(args.model_id, inputs)
+        try:
+            outputs = client.infer(args.model_id, inputs)
+        except AccessDenied:
+            raise AccessDenied(_denied_reason(args)) from None
         cold, timing, peak = client.last_cold_start, client.last_server_timing, client.last_peak_bytes
     result: dict[str, Any] = {
         "model_id": args.model_id,

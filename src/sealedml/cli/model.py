@@ -1,4 +1,4 @@
-"""Model owner and user commands: ``model convert|seal|allow-runtime|grant|revoke|enable|info``.
+"""Model owner and user commands: ``model convert|seal|allow-runtime|grant|revoke|enable|info|audit``.
 
 ::
 
@@ -7,7 +7,8 @@
     sealedml model allow-runtime ID --measurement [TEE:]HEX [--tee T] [--remove] (owner)
     sealedml model grant|revoke ID --user USER_ID                             (owner)
     sealedml model enable ID [--measurement [TEE:]HEX ...] [--tee T]           (user)
-    sealedml model info ID                                                    (anyone registered)
+    sealedml model info ID                                                    (owner, granted users)
+    sealedml model audit ID [--since SEQ] [--limit N]                         (owner)
 
 Each but ``convert`` takes ``--identity FILE --keyservice URL`` and the KeyService trust flags.
 """
@@ -15,6 +16,7 @@ Each but ``convert`` takes ``--identity FILE --keyservice URL`` and the KeyServi
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "add_parser",
     "handle_model_allow_runtime",
+    "handle_model_audit",
     "handle_model_convert",
     "handle_model_enable",
     "handle_model_grant",
@@ -149,6 +152,26 @@ def handle_model_info(args: argparse.Namespace) -> dict[str, Any]:
         return info
 
 
+def handle_model_audit(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model audit``: the audit records about your model (owner only), oldest first.
+
+    Raises:
+        ConfigurationError: a bad ``--since`` or ``--limit``, unreadable identity or bad trust options.
+        AccessDenied: you are not the model's owner.
+    """
+    if args.since < 0 or not 1 <= args.limit <= 1000:
+        raise ConfigurationError("--since must be ≥ 0 and --limit between 1 and 1000")
+    with keyservice_client(args) as ks:
+        page = ks.model_audit(args.model_id, since=args.since, limit=args.limit)
+    records = [
+        {"seq": r.seq, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.ts)), **r.event} for r in page.records
+    ]
+    result: dict[str, Any] = {"model_id": page.model_id, "records": records, "next_since": page.next_since}
+    if page.next_since is not None and not args.json:
+        result["more"] = f"more records: --since {page.next_since}"
+    return result
+
+
 def handle_model_convert(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``model convert``: a TensorFlow SavedModel to ONNX, with its largest difference reported.
 
@@ -250,5 +273,17 @@ def add_parser(subparsers: Subcommands) -> None:
 
     p = add_command(model, "info", handle_model_info, "what you may know about a model")
     p.add_argument("model_id", metavar="ID")
+    add_identity(p)
+    add_keyservice(p)
+
+    p = add_command(
+        model,
+        "audit",
+        handle_model_audit,
+        "owner: the KeyService's audit records about your model (why a release was denied)",
+    )
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--since", type=int, default=0, metavar="SEQ", help="records after this sequence number (default 0)")
+    p.add_argument("--limit", type=int, default=100, metavar="N", help="records per page, 1–1000 (default 100)")
     add_identity(p)
     add_keyservice(p)

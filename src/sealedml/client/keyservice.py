@@ -260,6 +260,12 @@ class KeyServiceClient:
         """What this principal may know about a model."""
         return p.ModelInfoResponse.model_validate(self._signed(f"/v1/models/{model_id}/info", None))
 
+    def model_audit(self, model_id: str, *, since: int = 0, limit: int = 100) -> p.ModelAuditResponse:
+        """A page of the audit records about this owner's model (``next_since`` continues it)."""
+        return p.ModelAuditResponse.model_validate(
+            self._signed(f"/v1/models/{model_id}/audit", p.ModelAuditRequest(since=since, limit=limit))
+        )
+
     def audit_head(self, at: int | None = None) -> p.AuditHeadResponse:
         """The KeyService's audit-chain head (and the hash of record ``at``), its signature verified.
 

@@ -177,6 +177,11 @@ def create_app(service: KeyService, *, replica_measurements: frozenset[str] = fr
         Route("/v1/models/{model_id}/grants", guarded(signed(p.GrantRequest, service.grant)), methods=["POST"]),
         Route("/v1/models/{model_id}/consent", guarded(signed(p.ConsentRequest, service.consent)), methods=["POST"]),
         Route("/v1/models/{model_id}/info", guarded(signed(None, service.model_info)), methods=["POST"]),
+        Route(
+            "/v1/models/{model_id}/audit",
+            guarded(signed(p.ModelAuditRequest, service.model_audit)),
+            methods=["POST"],
+        ),
         Route("/v1/audit/head", guarded(audit_head), methods=["POST"]),
         Route("/v1/release/challenge", guarded(challenge), methods=["POST"]),
         Route("/v1/release", guarded(release), methods=["POST"]),

@@ -62,6 +62,7 @@ from sealedml.keyservice.challenges import ChallengeTable, MemoryChallenges, Sto
 from sealedml.keyservice.rows import RowKey, RowTamperedError
 from sealedml.keyservice.sessions import SessionService
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
+from sealedml.keyservice.views import access_category, owner_audit_page, runtime_names
 from sealedml.protocol import keyservice as p
 
 __all__ = ["KeyService", "MasterKey", "attestation_response", "check_tee_mix", "load_master_key"]
@@ -486,9 +487,29 @@ class KeyService:
         )
 
     def grant(self, principal: str, model_id: str, req: p.GrantRequest) -> None:
-        """Grant or revoke a user's access to the caller's model."""
+        """Grant or revoke a user's access to the caller's model.
+
+        Raises:
+            NotFound: a grant to a principal that is not registered (a typo would otherwise
+                grant nobody, silently).
+        """
         action = "grant" if req.grant else "revoke"
         self._require_owner(principal, model_id, action, {"user_id": req.user_id})
+        if req.grant and self.store.principal_key(req.user_id) is None:
+            self.store.audit(
+                {
+                    "action": action,
+                    "principal": principal,
+                    "model_id": model_id,
+                    "user_id": req.user_id,
+                    "decision": "deny",
+                    "reason": "no such principal",
+                }
+            )
+            raise NotFound(
+                f"no principal {req.user_id} is registered: the user must first run `sealedml register` "
+                "(check the id you were given)"
+            )
         self.store.set_grant(
             model_id,
             req.user_id,
@@ -556,16 +577,55 @@ class KeyService:
                 }
             )
             raise AccessDenied()
-        consent = self.store.consent(model_id, principal)
+        state = self._pair_state(model_id, principal)
+        consent, owner = state.consent, record.owner_id == principal
+        access = access_category(state) if granted else (None, None)
         return p.ModelInfoResponse(
             model_id=model_id,
             current_version=record.current_version,
-            is_owner=record.owner_id == principal,
+            is_owner=owner,
             granted=granted,
             consented=consent is not None,
             partitioned=record.partition_sha256 is not None,
             partition_sha256=record.partition_sha256,
             accepts_partitioned=consent is not None and consent.accept_partitioned,
+            allowed_runtimes=runtime_names(state.allowed_runtimes),
+            access=access[0],
+            access_hint=access[1],
+            grants=self.store.granted_users(model_id) if owner else None,
+            consents=[
+                p.ConsentSummary(
+                    user_id=c.user_id, runtimes=runtime_names(c.runtimes), accept_partitioned=c.accept_partitioned
+                )
+                for c in self.store.consents(model_id)
+            ]
+            if owner
+            else None,
+        )
+
+    def model_audit(self, principal: str, model_id: str, req: p.ModelAuditRequest) -> p.ModelAuditResponse:
+        """The audit records about the caller's model (owner only), oldest first, a page at a time.
+
+        Raises:
+            AccessDenied: the caller is not the model's owner (or there is no such model).
+        """
+        record = self.store.model(model_id)
+        if record is None or record.owner_id != principal:
+            self.store.audit(
+                {
+                    "action": "model_audit",
+                    "principal": principal,
+                    "model_id": model_id,
+                    "decision": "deny",
+                    "reason": "no such model" if record is None else "not the owner",
+                }
+            )
+            raise AccessDenied()
+        page, next_since = owner_audit_page(self.store.audit_records(req.since), model_id, req.limit)
+        return p.ModelAuditResponse(
+            model_id=model_id,
+            records=[p.ModelAuditRecord(seq=seq, ts=ts, event=event) for seq, ts, event in page],
+            next_since=next_since,
         )
 
     # ------------------------------------------------------------------ release protocol

@@ -228,6 +228,14 @@ class KeyStore(SessionStore):
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
         """The user's consent for the model, or None."""
 
+    @abc.abstractmethod
+    def granted_users(self, model_id: str) -> list[str]:
+        """The users the owner currently grants, sorted (for the owner's ``model info``)."""
+
+    @abc.abstractmethod
+    def consents(self, model_id: str) -> list[ConsentRecord]:
+        """Every user's consent for the model, by user (for the owner's ``model info``)."""
+
     # audit + metadata
     @abc.abstractmethod
     def audit(self, event: Mapping[str, Any]) -> None:
@@ -543,14 +551,24 @@ class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
             SELECT_ROWS["consents"] + " WHERE model_id = ? AND user_id = ?",
             (model_id, user_id),
         )
-        if not rows:
-            return None
-        _, _, wrapped, encoded, accept_partitioned, _, _ = self._verified("consents", rows)[0]
+        return self._consent_record(self._verified("consents", rows)[0]) if rows else None
+
+    @staticmethod
+    def _consent_record(row: Sequence[Any]) -> ConsentRecord:
+        model_id, user_id, wrapped, encoded, accept_partitioned, _, _ = row
         try:
             runtimes = frozenset(RuntimeId(TeeType(tee), str(m)) for tee, m in json.loads(encoded))
         except (ValueError, TypeError) as exc:
             raise StoreError("malformed consent record (tampered)") from exc
-        return ConsentRecord(model_id, user_id, bytes(wrapped), runtimes, bool(accept_partitioned))
+        return ConsentRecord(str(model_id), str(user_id), bytes(wrapped), runtimes, bool(accept_partitioned))
+
+    def granted_users(self, model_id: str) -> list[str]:
+        rows = self._read(SELECT_ROWS["grants"] + " WHERE model_id = ?", (model_id,))
+        return sorted(str(row[1]) for row in self._verified("grants", rows) if row[2])
+
+    def consents(self, model_id: str) -> list[ConsentRecord]:
+        rows = self._read(SELECT_ROWS["consents"] + " WHERE model_id = ?", (model_id,))
+        return sorted((self._consent_record(row) for row in self._verified("consents", rows)), key=lambda c: c.user_id)
 
     def audit(self, event: Mapping[str, Any]) -> None:
         self._group.append(event)

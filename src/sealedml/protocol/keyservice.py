@@ -7,7 +7,7 @@ See docs/protocol.md for the message-by-message specification.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,8 +28,12 @@ __all__ = [
     "AuditHeadResponse",
     "ChallengeResponse",
     "ConsentRequest",
+    "ConsentSummary",
     "EvidenceMessage",
     "GrantRequest",
+    "ModelAuditRecord",
+    "ModelAuditRequest",
+    "ModelAuditResponse",
     "ModelInfoResponse",
     "ModelKeyRequest",
     "RegisterRequest",
@@ -230,8 +234,26 @@ class ConsentRequest(_Msg):
     accept_partitioned: bool = False
 
 
+class ConsentSummary(_Msg):
+    """One user's consent, as the model's owner sees it (never the request key)."""
+
+    user_id: str
+    runtimes: list[str]
+    accept_partitioned: bool
+
+
+#: Why a granted user's requests would be denied now (their own pair only), or ``ok``.
+ACCESS_CATEGORIES = ("ok", "not_enabled", "no_runtime_allowed", "no_common_runtime", "partition_not_accepted")
+
+
 class ModelInfoResponse(_Msg):
-    """``POST /v1/models/{id}/info``: what the caller may know about a model."""
+    """``POST /v1/models/{id}/info``: what the caller may know about a model.
+
+    Strangers (neither owner nor granted) get ``denied`` and nothing else. A granted user
+    also sees the runtimes the owner allows and ``access``: whether their own requests can
+    be served, or the category of the reason they cannot. The owner also sees every grant
+    and every consent (runtimes and partition acceptance, never keys).
+    """
 
     model_id: str
     current_version: int
@@ -244,6 +266,37 @@ class ModelInfoResponse(_Msg):
     partition_sha256: Sha256Hex | None = None
     #: The caller's consent accepts partitioned execution.
     accepts_partitioned: bool = False
+    #: Runtimes the owner allows, as ``TEE:measurement`` (owner and granted users).
+    allowed_runtimes: list[str] = Field(default_factory=list)
+    #: For a user: one of :data:`ACCESS_CATEGORIES`, with what to do about it.
+    access: str | None = None
+    access_hint: str | None = None
+    #: Owner only: the granted users and every user's consent.
+    grants: list[str] | None = None
+    consents: list[ConsentSummary] | None = None
+
+
+class ModelAuditRequest(_Msg):
+    """``POST /v1/models/{id}/audit`` (owner only): audit records about the model after ``since``."""
+
+    since: int = Field(default=0, ge=0)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class ModelAuditRecord(_Msg):
+    """One audit record about the model: its sequence number, time and event (other models' pairs removed)."""
+
+    seq: int
+    ts: float
+    event: dict[str, Any]
+
+
+class ModelAuditResponse(_Msg):
+    """A page of the model's audit records; ``next_since`` continues it (None: the end of the log)."""
+
+    model_id: str
+    records: list[ModelAuditRecord]
+    next_since: int | None
 
 
 class ChallengeResponse(_Msg):

@@ -39,6 +39,7 @@ ROUTES = {
     "grant": "grants",
     "consent": "consent",
     "model_info": "info",
+    "model_audit": "audit",
 }
 
 
