@@ -349,3 +349,48 @@ def test_a_forgotten_allow_runtime_is_explained_to_the_user_and_the_owner_but_no
             "model", "audit", "digits", "--identity", "user.json", *ks_flags, "--json", cwd=w, check=False
         )
         assert json.loads(user_audit.stdout)["error"] == "denied"
+
+
+def test_model_seal_refuses_what_cannot_run_before_uploading_anything(tmp_path):
+    """An empty file and a non-ONNX file fail before any upload; a good model's inputs and outputs show in
+    `model info`."""
+    w = tmp_path
+    with ServiceProcess.start(
+        ["keyservice", "serve", "--data-dir", str(w / "ks-data"), "--port", "0"],
+        name="keyservice",
+        log_path=w / "ks.log",
+    ) as ks:
+        sealedml("identity", "new", "--out", "owner.json", cwd=w)
+        sealedml("register", "--keyservice", ks.url, "--identity", "owner.json", cwd=w)
+        (w / "empty.onnx").write_bytes(b"")
+        (w / "notes.onnx").write_text("these are not the weights you are looking for\n")
+        for name, message in (("empty.onnx", "is empty"), ("notes.onnx", "ONNX Runtime cannot load it")):
+            refused = sealedml(
+                "model", "seal", name, "--model-id", "m", "--identity", "owner.json", "--keyservice", ks.url,
+                "--store", "store", cwd=w, check=False,
+            )  # fmt: skip
+            assert refused.returncode != 0 and message in refused.stderr and "nothing was sealed" in refused.stderr
+            assert refused.stderr.strip().count("\n") == 0
+        assert not (w / "store" / "m").exists()
+        unknown = sealedml(
+            "model", "info", "m", "--identity", "owner.json", "--keyservice", ks.url, "--json", cwd=w, check=False
+        )
+        assert json.loads(unknown.stdout)["error"] == "denied"  # no key was uploaded: the model does not exist
+        sealedml("zoo", "export", "digits", "--out", "d.onnx", cwd=w)
+        sealedml(
+            "model",
+            "seal",
+            "d.onnx",
+            "--model-id",
+            "m",
+            "--identity",
+            "owner.json",
+            "--keyservice",
+            ks.url,
+            "--store",
+            "store",
+            cwd=w,
+        )
+        info = js(sealedml("model", "info", "m", "--identity", "owner.json", "--keyservice", ks.url, "--json", cwd=w))
+        assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": [None, 64]}]
+        assert {o["name"] for o in info["outputs"]} == {"label", "probabilities"}

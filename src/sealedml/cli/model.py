@@ -55,6 +55,7 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
         InputError: the file is not a usable ONNX model.
         ConfigurationError: unreadable identity or bad trust options.
     """
+    from sealedml.client.model_check import check_model_file
     from sealedml.client.owner import load_model_file, publish_model, publish_partition
     from sealedml.storage.modelstore import LocalModelStore
 
@@ -70,9 +71,12 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
                 partition, model_id=args.model_id, keyservice=ks, store=store, version=args.version
             )
     else:
+        signature = check_model_file(args.input)  # loads in ONNX Runtime (or LiteRT) before anything is sealed
         model = load_model_file(args.input)  # ONNX, or a .tflite file sealed unmodified
         with keyservice_client(args) as ks:
-            published = publish_model(model, model_id=args.model_id, keyservice=ks, store=store, version=args.version)
+            published = publish_model(
+                model, model_id=args.model_id, keyservice=ks, store=store, version=args.version, signature=signature
+            )
     result: dict[str, Any] = {
         "model_id": published.model_id,
         "version": published.version,

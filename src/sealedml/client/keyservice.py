@@ -186,12 +186,19 @@ class KeyServiceClient:
 
     # -------------------------------------------------------------- owner
     def upload_model_key(
-        self, model_id: str, version: int, model_key: bytes, *, partition_sha256: str | None = None
+        self,
+        model_id: str,
+        version: int,
+        model_key: bytes,
+        *,
+        partition_sha256: str | None = None,
+        signature: p.ModelSignature | None = None,
     ) -> None:
         """Send a model version's key, HPKE-sealed to the attested KeyService.
 
         ``partition_sha256``: the version is partitioned (that manifest's digest); users
         must then accept partitioned execution before its keys are released.
+        ``signature``: the version's inputs and outputs, for ``model info``.
         """
         if self.identity is None:
             raise ConfigurationError("this call needs an identity")
@@ -205,6 +212,7 @@ class KeyServiceClient:
                 sealed_key=b64e(sealed),
                 service_key=b64e(raw),
                 partition_sha256=partition_sha256,
+                signature=signature,
             )
 
         self._with_service_key(build, f"/v1/models/{model_id}/keys")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import onnx
 
 from sealedml.client.keyservice import KeyServiceClient
+from sealedml.client.model_check import signature_of_model, signature_of_specs
 from sealedml.crypto import KEY_SIZE, random_bytes
 from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model, seal_tflite
 from sealedml.errors import AccessDenied, ConfigurationError
@@ -17,6 +18,7 @@ from sealedml.storage.modelstore import ModelStore
 
 if TYPE_CHECKING:
     from sealedml.partition.split import Partition
+    from sealedml.protocol.keyservice import ModelSignature
 
 __all__ = ["PublishedModel", "load_onnx", "publish_model", "publish_partition"]
 
@@ -69,17 +71,24 @@ def publish_model(
     store: ModelStore,
     version: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    signature: ModelSignature | None = None,
 ) -> PublishedModel:
-    """Seal ``model`` under a fresh key, upload the key, then store the container.
+    """Check that ``model`` loads, seal it under a fresh key, upload the key, then store the container.
 
     The key goes to the KeyService first (HPKE-sealed after verifying its
     attestation), so a stored container always has its key registered.
+    ``signature``: the model's inputs and outputs, when the caller already loaded it
+    (``check_model_file``); otherwise the model is loaded here first.
+
+    Raises:
+        InputError: ONNX Runtime (or LiteRT) cannot load the model: nothing is sealed or uploaded.
     """
+    signature = signature or signature_of_model(model)
     version = version or _next_version(model_id, keyservice, store)
     model_key = random_bytes(KEY_SIZE)
     seal = seal_tflite if isinstance(model, bytes | bytearray) and is_tflite(bytes(model)) else seal_model
     sealed = seal(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
-    keyservice.upload_model_key(model_id, version, model_key)
+    keyservice.upload_model_key(model_id, version, model_key, signature=signature)
     store.put(model_id, version, sealed)
     return PublishedModel(model_id, version, len(sealed), hashlib.sha256(sealed).hexdigest())
 
@@ -128,7 +137,8 @@ def publish_partition(
         )
         for part in (("front", "middle", "back") if partition.manifest.blind else ("front", "back"))
     }
-    keyservice.upload_model_key(model_id, version, model_key, partition_sha256=digest)
+    signature = signature_of_specs(partition.manifest.inputs, partition.manifest.outputs)
+    keyservice.upload_model_key(model_id, version, model_key, partition_sha256=digest, signature=signature)
     store.put_part(model_id, version, "partition.json", manifest)
     if partition.manifest.blind is None:
         store.put_part(model_id, version, "middle.onnx", partition.middle.SerializeToString())

@@ -43,7 +43,7 @@ __all__ = ["PROTECTED_TABLES", "SELECT_ROWS", "RowKey", "RowLedger", "RowTampere
 PROTECTED_TABLES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "principals": (("id",), ("public_key", "created")),
     "models": (("id",), ("owner", "current_version")),
-    "model_keys": (("model_id", "version"), ("wrapped", "partition")),
+    "model_keys": (("model_id", "version"), ("wrapped", "partition", "signature")),
     "runtimes": (("model_id", "tee", "measurement"), ()),
     "grants": (("model_id", "user_id"), ("granted", "changed")),
     "consents": (("model_id", "user_id"), ("wrapped", "runtimes", "accept_partitioned")),

@@ -441,6 +441,7 @@ class KeyService:
                 wrapped,
                 {**event, "decision": "allow", "reason": "owner"},
                 partition_sha256=req.partition_sha256,
+                signature=req.signature.model_dump_json() if req.signature is not None else None,
             )
         except Conflict as exc:
             record = self.store.model(model_id)
@@ -580,6 +581,7 @@ class KeyService:
         state = self._pair_state(model_id, principal)
         consent, owner = state.consent, record.owner_id == principal
         access = access_category(state) if granted else (None, None)
+        signature = p.ModelSignature.model_validate_json(record.signature) if record.signature else None
         return p.ModelInfoResponse(
             model_id=model_id,
             current_version=record.current_version,
@@ -592,6 +594,8 @@ class KeyService:
             allowed_runtimes=runtime_names(state.allowed_runtimes),
             access=access[0],
             access_hint=access[1],
+            inputs=signature.inputs if signature is not None else None,
+            outputs=signature.outputs if signature is not None else None,
             grants=self.store.granted_users(model_id) if owner else None,
             consents=[
                 p.ConsentSummary(

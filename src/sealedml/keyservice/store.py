@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 #: Schema of the SQLite store; a store written by another schema is refused, never guessed at.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 @dataclass(frozen=True, order=True)
@@ -80,12 +80,14 @@ class RuntimeId:
 
 @dataclass(frozen=True)
 class ModelRecord:
-    """A registered model; ``partition_sha256``: its current version is partitioned (that manifest's digest)."""
+    """A registered model; ``partition_sha256``: its current version is partitioned (that manifest's digest);
+    ``signature``: the current version's inputs and outputs (JSON of ``ModelSignature``), if recorded."""
 
     model_id: str
     owner_id: str
     current_version: int
     partition_sha256: str | None = None
+    signature: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,10 @@ class KeyStore(SessionStore):
         wrapped_key: bytes,
         audit: Mapping[str, Any],
         partition_sha256: str | None = None,
+        signature: str | None = None,
     ) -> None:
-        """Store a model version's wrapped key (and, if partitioned, its partition digest);
-        creates the model (owner = caller) if new.
+        """Store a model version's wrapped key (and, if partitioned, its partition digest; if given,
+        its inputs and outputs as JSON); creates the model (owner = caller) if new.
 
         Raises:
             Conflict: the model belongs to someone else, or the version is not newer.
@@ -342,7 +345,7 @@ CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
 CREATE TABLE IF NOT EXISTS models (id TEXT PRIMARY KEY, owner TEXT NOT NULL, current_version INTEGER NOT NULL,
     seq INTEGER, mac TEXT);
 CREATE TABLE IF NOT EXISTS model_keys (model_id TEXT NOT NULL, version INTEGER NOT NULL, wrapped BLOB NOT NULL,
-    partition TEXT, seq INTEGER, mac TEXT, PRIMARY KEY (model_id, version));
+    partition TEXT, signature TEXT, seq INTEGER, mac TEXT, PRIMARY KEY (model_id, version));
 CREATE TABLE IF NOT EXISTS runtimes (model_id TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL,
     seq INTEGER, mac TEXT, PRIMARY KEY (model_id, tee, measurement));
 CREATE TABLE IF NOT EXISTS grants (model_id TEXT NOT NULL, user_id TEXT NOT NULL, granted INTEGER NOT NULL,
@@ -460,7 +463,8 @@ class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
                 (model_id, version),
             ),
         )
-        return ModelRecord(model_id, str(owner), int(version), keys[0][3] if keys else None)
+        partition, signature = (keys[0][3], keys[0][4]) if keys else (None, None)
+        return ModelRecord(model_id, str(owner), int(version), partition, signature)
 
     def put_model_key(
         self,
@@ -470,6 +474,7 @@ class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
         wrapped_key: bytes,
         audit: Mapping[str, Any],
         partition_sha256: str | None = None,
+        signature: str | None = None,
     ) -> None:
         with self._tx() as db:
             found = db.execute(SELECT_ROWS["models"] + " WHERE id = ?", (model_id,)).fetchone()
@@ -483,7 +488,8 @@ class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
                 raise RowTamperedError(f"model {model_id} has keys but no model row (deleted behind the KeyService)")
             written: list[Any] = []
             self._put_row(db, "models", (model_id,), (owner_id, version), written)
-            self._put_row(db, "model_keys", (model_id, version), (wrapped_key, partition_sha256), written)
+            content = (wrapped_key, partition_sha256, signature)
+            self._put_row(db, "model_keys", (model_id, version), content, written)
             self._append_audit(db, {**audit, "rows": written})
 
     def wrapped_model_key(self, model_id: str, version: int) -> bytes | None:

@@ -36,11 +36,13 @@ __all__ = [
     "ModelAuditResponse",
     "ModelInfoResponse",
     "ModelKeyRequest",
+    "ModelSignature",
     "RegisterRequest",
     "ReleasePair",
     "ReleaseRequest",
     "ReleaseResponse",
     "RuntimeRef",
+    "TensorInfo",
     "audit_head_message",
     "consent_info",
     "model_key_info",
@@ -185,6 +187,21 @@ class RegisterRequest(_Msg):
     proof: B64
 
 
+class TensorInfo(_Msg):
+    """One model input or output: name, numpy dtype name, shape (None: a symbolic dimension)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    dtype: Annotated[str, Field(min_length=1, max_length=32)]
+    shape: Annotated[list[int | None], Field(max_length=16)]
+
+
+class ModelSignature(_Msg):
+    """A model version's inputs and outputs, as the owner's ONNX Runtime (or LiteRT) loaded them."""
+
+    inputs: Annotated[list[TensorInfo], Field(max_length=256)]
+    outputs: Annotated[list[TensorInfo], Field(min_length=1, max_length=256)]
+
+
 class ModelKeyRequest(_Msg):
     """``POST /v1/models/{id}/keys``: the owner uploads the key of one model version."""
 
@@ -194,6 +211,8 @@ class ModelKeyRequest(_Msg):
     #: The version is partitioned (front and back sealed, the middle run outside the TEE):
     #: the SHA-256 of its partition manifest. Users must accept that before a release.
     partition_sha256: Sha256Hex | None = None
+    #: The version's inputs and outputs (``model info`` shows them to the owner and granted users).
+    signature: ModelSignature | None = None
 
 
 class RuntimeRef(_Msg):
@@ -271,6 +290,9 @@ class ModelInfoResponse(_Msg):
     #: For a user: one of :data:`ACCESS_CATEGORIES`, with what to do about it.
     access: str | None = None
     access_hint: str | None = None
+    #: The current version's inputs and outputs, as its owner sealed it (None: not recorded).
+    inputs: list[TensorInfo] | None = None
+    outputs: list[TensorInfo] | None = None
     #: Owner only: the granted users and every user's consent.
     grants: list[str] | None = None
     consents: list[ConsentSummary] | None = None

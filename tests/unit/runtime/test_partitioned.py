@@ -47,8 +47,11 @@ class _FakeKeyService:
 
         raise AccessDenied()
 
-    def upload_model_key(self, model_id: str, version: int, key: bytes, *, partition_sha256: str | None = None) -> None:
+    def upload_model_key(
+        self, model_id: str, version: int, key: bytes, *, partition_sha256: str | None = None, signature=None
+    ) -> None:
         self.uploads.append((model_id, version, key, partition_sha256))
+        self.signature = signature
 
 
 @pytest.fixture
