@@ -175,7 +175,7 @@ def test_errors_are_one_line_and_nonzero(tmp_path):
     again = sealedml("identity", "new", "--out", "a.json", cwd=tmp_path, check=False)
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
     down = sealedml("register", "--keyservice", "http://127.0.0.1:9", "--identity", "a.json", cwd=tmp_path, check=False)
-    assert down.returncode == 1 and "unreachable" in down.stderr
+    assert down.returncode == 6 and "unreachable" in down.stderr and "127.0.0.1:9" in down.stderr
 
 
 def test_demo_json(tmp_path):

@@ -126,8 +126,8 @@ def test_owner_cannot_hide_a_partition_from_the_keyservice(part_stack, partition
 
     upload = KeyServiceClient.upload_model_key
 
-    def hide(self, model_id, version, model_key, *, partition_sha256=None):  # type: ignore[no-untyped-def]
-        return upload(self, model_id, version, model_key, partition_sha256=None)
+    def hide(self, model_id, version, model_key, *, partition_sha256=None, signature=None):  # type: ignore[no-untyped-def]
+        return upload(self, model_id, version, model_key, partition_sha256=None, signature=signature)
 
     monkeypatch.setattr(KeyServiceClient, "upload_model_key", hide)
     model_id = unique_id("hidden")

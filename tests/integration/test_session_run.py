@@ -167,7 +167,7 @@ def test_run_injects_env_files_argv_and_a_volume_then_refuses_another_program(
         [*run_args(url, "acme/run", "app", "--volume", f"data={volume}"), "--", "python", str(app)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 1 and "denied" in proc.stderr and "token_matches" not in proc.stdout
+    assert proc.returncode == 4 and "denied" in proc.stderr and "token_matches" not in proc.stdout  # exit code: denied
     assert any("does not allow runtime simulated:" in reason for reason in denials(data_dir, "acme/run"))
 
 
@@ -192,7 +192,7 @@ def test_revocation_stops_a_running_program_and_a_restart_gets_nothing(
     finally:
         proc.kill()
     again = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 1 and "started" not in again.stdout
+    assert again.returncode == 4 and "started" not in again.stdout  # denied
 
 
 def test_two_services_talk_over_mutual_tls_and_another_session_is_refused(

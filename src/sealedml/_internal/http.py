@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from sealedml.errors import (
     AccessDenied,
     AuthenticationError,
+    ConfigurationError,
     Conflict,
     EnvelopeError,
     Error,
@@ -38,6 +39,7 @@ __all__ = [
     "PEAK_BYTES_HEADER",
     "SERVER_TIMING_HEADER",
     "BodyTooLarge",
+    "check_url",
     "error_body",
     "error_response",
     "format_server_timing",
@@ -117,14 +119,30 @@ class _Answer(Protocol):
     def headers(self) -> Mapping[str, str]: ...
 
 
-def raise_for_error(response: _Answer) -> None:
+def check_url(url: str, what: str) -> str:
+    """``url`` without a trailing slash, if it is an ``http(s)://`` URL with a host.
+
+    Raises:
+        ConfigurationError: another scheme, none (``localhost:8000``), or no host.
+    """
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigurationError(f"{what} must be an http:// or https:// URL with a host, not {url!r}")
+    return url.strip().rstrip("/")
+
+
+def raise_for_error(response: _Answer, where: str | None = None) -> None:
     """Client side of :func:`error_response`: raise the typed SealedML error an answer names.
 
     Nothing happens below HTTP 400. ``Retry-After`` of a 429 is copied into
-    :class:`Overloaded`.
+    :class:`Overloaded`. ``where`` (e.g. "the KeyService at URL") names the server in the
+    message of an answer that is not a SealedML error (a wrong URL, a proxy's page).
 
     Raises:
-        Error: the error of the answer's ``code`` (unknown codes → ``ServiceError``).
+        Error: the error of the answer's ``code`` (unknown codes → ``ServiceError``);
+            a 404 that is not a SealedML error → ``NotFound`` naming ``where``.
     """
     if response.status_code < 400:
         return
@@ -132,7 +150,11 @@ def raise_for_error(response: _Answer) -> None:
         doc = json.loads(response.content)
         code, message = str(doc["error"]), str(doc.get("message", ""))
     except (ValueError, KeyError, TypeError):
-        code, message = "service", f"HTTP {response.status_code}"
+        server = where or "the server"
+        if response.status_code == 404:
+            code, message = "not_found", f"{server} has no such endpoint (HTTP 404): is that URL the right service?"
+        else:
+            code, message = "service", f"{server} answered HTTP {response.status_code}, not a SealedML error"
     exc = error_from_code(code, message)
     if response.status_code == 429 and isinstance(exc, Overloaded):
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -232,8 +233,14 @@ def keyservice_trust_options(args: argparse.Namespace) -> dict[str, Any]:
     def absolute(path: Path | None) -> Path | None:
         return None if path is None else Path(path).resolve()
 
+    pinned = args.keyservice_measurement
+    if pinned is not None and not re.fullmatch(r"(?:[0-9a-fA-F]{64}|[0-9a-fA-F]{96})", pinned.strip()):
+        raise ConfigurationError(
+            f"--keyservice-measurement must be 64 or 96 hex digits, not {pinned[:20]!r} "
+            "(print it with `sealedml measurement --role keyservice`)"
+        )
     return {
-        "measurement": args.keyservice_measurement,
+        "measurement": pinned,
         "policy_file": absolute(args.keyservice_policy),
         "collateral": absolute(args.collateral),
         "pccs_url": args.pccs_url,
@@ -254,10 +261,12 @@ def keyservice_client(args: argparse.Namespace) -> KeyServiceClient:
     Raises:
         ConfigurationError: the identity file cannot be read, or bad trust options.
     """
+    from sealedml._internal.http import check_url
     from sealedml.client.identity import Identity
     from sealedml.client.keyservice import KeyServiceClient
 
-    return KeyServiceClient(args.keyservice, Identity.load(args.identity), trust=keyservice_trust(args))
+    url = check_url(args.keyservice, "the KeyService URL (--keyservice)")  # before anything else is read
+    return KeyServiceClient(url, Identity.load(args.identity), trust=keyservice_trust(args))
 
 
 def runtime_measurement() -> str:

@@ -2,7 +2,8 @@
 
 Every command prints a human-readable result by default and one JSON object
 with ``--json``; it exits 0 on success and non-zero with a one-line reason on
-error (``{"error": code, "message": ...}`` with ``--json``).
+error (``{"error": code, "message": ...}`` with ``--json``). The exit code says
+what kind of error it was (:data:`EXIT_CODES`, README "Exit codes").
 """
 
 from __future__ import annotations
@@ -13,9 +14,43 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from sealedml.errors import Error
+from sealedml.errors import (
+    AccessDenied,
+    AuthenticationError,
+    EnvelopeError,
+    Error,
+    InputError,
+    NotFound,
+    Overloaded,
+    SealedModelError,
+    ServiceUnavailable,
+)
 
-__all__ = ["Handler", "add_json_flag", "emit", "fail", "run_handler"]
+__all__ = ["EXIT_CODES", "Handler", "add_json_flag", "emit", "exit_code_for", "fail", "run_handler"]
+
+#: Exit codes by kind of error (2 is argparse's for a malformed command line, 130 an interrupt).
+EXIT_CODES: dict[str, int] = {
+    "error": 1,  # anything else: configuration, attestation, integrity, protocol, ...
+    "usage": 2,
+    "bad_input": 3,  # the inputs, the model file or the request envelope
+    "denied": 4,  # access denied or not authenticated
+    "not_found": 5,
+    "unavailable": 6,  # a service unreachable, overloaded or failing: retrying may help
+}
+
+
+def exit_code_for(exc: Error) -> int:
+    """The exit code of a SealedML error (:data:`EXIT_CODES`)."""
+    if isinstance(exc, AccessDenied | AuthenticationError):
+        return EXIT_CODES["denied"]
+    if isinstance(exc, NotFound):
+        return EXIT_CODES["not_found"]
+    if isinstance(exc, ServiceUnavailable | Overloaded):
+        return EXIT_CODES["unavailable"]
+    if isinstance(exc, InputError) or (isinstance(exc, EnvelopeError) and not isinstance(exc, SealedModelError)):
+        return EXIT_CODES["bad_input"]
+    return EXIT_CODES["error"]
+
 
 Handler = Callable[[argparse.Namespace], Mapping[str, Any]]
 
@@ -73,7 +108,7 @@ def run_handler(handler: Handler, args: argparse.Namespace) -> int:
     try:
         result = handler(args)
     except Error as exc:
-        return fail(exc.code, exc.message, as_json)
+        return fail(exc.code, exc.message, as_json, exit_code_for(exc))
     except KeyboardInterrupt:
         return fail("interrupted", "interrupted", as_json, 130)
     except OSError as exc:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, raise_for_error
+from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, check_url, raise_for_error
 from sealedml._internal.httpclient import FastClient, TransportError
 from sealedml.client.identity import Identity
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
@@ -26,7 +26,8 @@ class InferenceClient:
 
     def __init__(self, gateway: str, identity: Identity, *, timeout: float = 300.0) -> None:
         self.identity = identity
-        self._http = FastClient(gateway, timeout=timeout)
+        self.url = check_url(gateway, "the gateway URL (--gateway)")
+        self._http = FastClient(self.url, timeout=timeout)
         self.last_cold_start = False
         self.last_server_timing = ""
         self.last_peak_bytes: int | None = None
@@ -68,8 +69,11 @@ class InferenceClient:
                 "/v1/infer", content=envelope.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
             )
         except TransportError as exc:
-            raise ServiceUnavailable(f"gateway unreachable: {type(exc).__name__}") from exc
-        raise_for_error(response)
+            raise ServiceUnavailable(
+                f"gateway at {self.url} unreachable ({type(exc).__name__}): "
+                "is the platform running, and is the URL right?"
+            ) from exc
+        raise_for_error(response, f"the gateway at {self.url}")
         self.last_cold_start = response.headers.get("x-sealedml-cold-start") == "1"
         self.last_server_timing = response.headers.get(SERVER_TIMING_HEADER, "")
         peak = response.headers.get(PEAK_BYTES_HEADER)

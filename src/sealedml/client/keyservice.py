@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import ssl
 import time
@@ -11,15 +12,17 @@ import httpx
 from pydantic import BaseModel
 
 from sealedml._internal.encoding import b64d, b64e
-from sealedml._internal.http import raise_for_error
+from sealedml._internal.http import check_url, raise_for_error
 from sealedml._internal.httpclient import sync_client
 from sealedml.attestation.trust import AttestedKeyService, KeyServiceTrust, default_trust, verify_attestation
 from sealedml.client.identity import Identity
 from sealedml.crypto import hpke_seal, random_bytes, verify_signature
+from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import (
     AttestationError,
     ConfigurationError,
     Conflict,
+    InputError,
     ProtocolError,
     ServiceUnavailable,
     SignatureError,
@@ -47,6 +50,20 @@ def parse_runtime(text: str, tee: str | None = None) -> p.RuntimeRef:
         ) from exc
 
 
+def _model_path(model_id: str, action: str) -> str:
+    """``/v1/models/{model_id}/{action}``.
+
+    Raises:
+        InputError: a model id the KeyService would refuse (said here, before any request).
+    """
+    if not re.match(ID_PATTERN, model_id):
+        raise InputError(
+            f"model id {model_id[:40]!r} is not valid: 1–128 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit"
+        )
+    return f"/v1/models/{model_id}/{action}"
+
+
 class KeyServiceClient:
     """Talk to a KeyService as ``identity``.
 
@@ -65,7 +82,7 @@ class KeyServiceClient:
         trust: KeyServiceTrust | None = None,
         timeout: float = 30.0,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = check_url(url, "the KeyService URL (--keyservice)")
         self.identity = identity
         self._trust = trust
         self._timeout = timeout
@@ -106,8 +123,10 @@ class KeyServiceClient:
             failure = attestation_failure(exc)
             if failure is not None:  # the RA-TLS certificate did not verify: say why
                 raise failure from exc
-            raise ServiceUnavailable(f"KeyService at {self.url} unreachable: {type(exc).__name__}") from exc
-        raise_for_error(response)
+            raise ServiceUnavailable(
+                f"KeyService at {self.url} unreachable ({type(exc).__name__}): is it running, and is the URL right?"
+            ) from exc
+        raise_for_error(response, f"the KeyService at {self.url}")
         return response
 
     def get(self, path: str) -> dict[str, Any]:
@@ -215,7 +234,7 @@ class KeyServiceClient:
                 signature=signature,
             )
 
-        self._with_service_key(build, f"/v1/models/{model_id}/keys")
+        self._with_service_key(build, _model_path(model_id, "keys"))
 
     def allow_runtime(self, model_id: str, measurement: str, *, tee: str | None = None, allow: bool = True) -> None:
         """Allow (or disallow) a runtime measurement of one TEE type for the owner's model.
@@ -226,11 +245,11 @@ class KeyServiceClient:
         """
         runtime = parse_runtime(measurement, tee)
         body = p.AllowRuntimeRequest(tee=runtime.tee, measurement=runtime.measurement, allow=allow)
-        self._signed(f"/v1/models/{model_id}/runtimes", body)
+        self._signed(_model_path(model_id, "runtimes"), body)
 
     def grant(self, model_id: str, user_id: str, *, grant: bool = True) -> None:
         """Grant (or revoke) a user."""
-        self._signed(f"/v1/models/{model_id}/grants", p.GrantRequest(user_id=user_id, grant=grant))
+        self._signed(_model_path(model_id, "grants"), p.GrantRequest(user_id=user_id, grant=grant))
 
     # -------------------------------------------------------------- user
     def enable(
@@ -262,16 +281,16 @@ class KeyServiceClient:
                 accept_partitioned=accept_partitioned,
             )
 
-        self._with_service_key(build, f"/v1/models/{model_id}/consent")
+        self._with_service_key(build, _model_path(model_id, "consent"))
 
     def model_info(self, model_id: str) -> p.ModelInfoResponse:
         """What this principal may know about a model."""
-        return p.ModelInfoResponse.model_validate(self._signed(f"/v1/models/{model_id}/info", None))
+        return p.ModelInfoResponse.model_validate(self._signed(_model_path(model_id, "info"), None))
 
     def model_audit(self, model_id: str, *, since: int = 0, limit: int = 100) -> p.ModelAuditResponse:
         """A page of the audit records about this owner's model (``next_since`` continues it)."""
         return p.ModelAuditResponse.model_validate(
-            self._signed(f"/v1/models/{model_id}/audit", p.ModelAuditRequest(since=since, limit=limit))
+            self._signed(_model_path(model_id, "audit"), p.ModelAuditRequest(since=since, limit=limit))
         )
 
     def audit_head(self, at: int | None = None) -> p.AuditHeadResponse:

@@ -348,7 +348,10 @@ class KeyService:
         key = public_key if public_key is not None else self.store.principal_key(principal)
         if key is None:
             self._audit_auth_failure(principal, path, "unknown principal")
-            raise AuthenticationError("unknown principal")
+            raise AuthenticationError(
+                f"unknown principal {principal[:16]}…: register it first "
+                "(`sealedml register --identity FILE --keyservice URL`)"
+            )
         if public_key is not None and p.principal_id_for(public_key) != principal:
             raise AuthenticationError("principal id does not match the public key")
         try:

@@ -228,6 +228,10 @@ class LoadedModel(Model):
 
 
 def ort_failure(exc: BaseException) -> str:
-    """The first line of an ONNX Runtime error (it may quote tensor values: for sealed errors only)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    """An ONNX Runtime error on one line (it may quote tensor values: for sealed errors only).
+
+    Its first lines are kept, joined: a shape error's detail ("index: 2 Got: 32 Expected: 28")
+    comes on the line after "Got invalid dimensions for input".
+    """
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return " ".join(lines[:4])[:400] if lines else type(exc).__name__
