@@ -83,6 +83,8 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KS]:
     try:
         state.service_id = http.get("/v1/health").json()["service_id"]
         _SERVICE["id"] = state.service_id
+        someone, _ = state.principal()
+        _SERVICE["someone"] = someone.principal_id
         yield state
     finally:
         for client in state.clients:
@@ -91,7 +93,8 @@ def ks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KS]:
         proc.stop()
 
 
-_SERVICE = {"id": ""}  # the module's KeyService (set by the ks fixture); signed calls are bound to it
+#: The module's KeyService id (signed calls are bound to it) and a principal registered there (set by ``ks``).
+_SERVICE = {"id": "", "someone": ""}
 
 
 def sign(
@@ -115,8 +118,10 @@ def sign(
     }
 
 
-def grant_body(user_id: str = "someone", grant: bool = True) -> bytes:
-    return p.GrantRequest(user_id=user_id, grant=grant).model_dump_json().encode()
+def grant_body(user_id: str | None = None, grant: bool = True) -> bytes:
+    """A signed owner call's body; by default a grant to a principal the fixture registered (a grant must
+    name a registered one)."""
+    return p.GrantRequest(user_id=user_id or _SERVICE["someone"], grant=grant).model_dump_json().encode()
 
 
 def assert_unauthenticated(response: httpx.Response) -> None:
@@ -244,7 +249,7 @@ def test_replayed_nonce_with_a_new_signature_is_rejected(ks: KS) -> None:
     path = f"/v1/models/{model_id}/grants"
     nonce = secrets.token_hex(16)
     assert (
-        ks.http.post(path, content=grant_body("a"), headers=sign(owner, path, grant_body("a"), nonce=nonce)).status_code
+        ks.http.post(path, content=grant_body(), headers=sign(owner, path, grant_body(), nonce=nonce)).status_code
         == 200
     )
     response = ks.http.post(path, content=grant_body("b"), headers=sign(owner, path, grant_body("b"), nonce=nonce))

@@ -100,17 +100,13 @@ def _describe(array: np.ndarray) -> dict[str, Any]:
 
 def _denied_reason(args: argparse.Namespace) -> str:
     """What a user may learn of a denial: the category of their own pair's state, asked of the KeyService."""
+    from sealedml.client.keyservice import describe_denial
+
     try:
         with keyservice_client(args) as ks:
-            info = ks.model_info(args.model_id)
+            return describe_denial(ks.model_info(args.model_id))
     except Error:
-        return "denied (you are not granted this model, or it does not exist)"
-    if info.access not in (None, "ok"):
-        return f"denied ({info.access}): {info.access_hint}"
-    return (
-        "denied: your grant and consent are in order, so the runtime's attestation did not satisfy the policy "
-        "(the model's owner can see the exact reason with `sealedml model audit`)"
-    )
+        return describe_denial(None)
 
 
 def handle_infer(args: argparse.Namespace) -> dict[str, Any]:

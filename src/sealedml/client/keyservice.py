@@ -30,7 +30,20 @@ from sealedml.errors import (
 from sealedml.protocol import keyservice as p
 from sealedml.protocol import sessions as ps
 
-__all__ = ["AttestedKeyService", "KeyServiceClient", "parse_runtime"]
+__all__ = ["AttestedKeyService", "KeyServiceClient", "describe_denial", "parse_runtime"]
+
+
+def describe_denial(info: p.ModelInfoResponse | None) -> str:
+    """What a user may be told of a denial: their own pair's category (``info``: their ``model info``,
+    None when even that is denied)."""
+    if info is None:
+        return "denied (you are not granted this model, or it does not exist)"
+    if info.access not in (None, "ok"):
+        return f"denied ({info.access}): {info.access_hint}"
+    return (
+        "denied: your grant and consent are in order, so the runtime's attestation did not satisfy the policy "
+        "(the model's owner can see the exact reason with `sealedml model audit`)"
+    )
 
 
 def parse_runtime(text: str, tee: str | None = None) -> p.RuntimeRef:
