@@ -257,8 +257,9 @@ def run_trace(
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    from sealedml._internal.extras import require
 
+    matplotlib = require("matplotlib", "demo", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -22,16 +22,54 @@ Every builder is deterministic: the same ``seed`` gives a byte-identical
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import onnx
 
 from sealedml.errors import ConfigurationError
 from sealedml.zoo import trained
-from sealedml.zoo.digits import DigitsModel, digits, digits_plaintext_accuracy
 from sealedml.zoo.mobilenet import mobilenetv2
 from sealedml.zoo.resnet import resnet50
 from sealedml.zoo.toy import toy_multi_io
 from sealedml.zoo.vgg import vgg16
+
+if TYPE_CHECKING:
+    from sealedml.zoo.digits_logreg import DigitsModel
+
+
+def __getattr__(name: str) -> Any:
+    """``DigitsModel``, imported on first use (PEP 562): its module needs scikit-learn (``sealedml[demo]``)."""
+    if name == "DigitsModel":
+        from sealedml.zoo.digits_logreg import DigitsModel
+
+        return DigitsModel
+    raise AttributeError(f"module 'sealedml.zoo' has no attribute {name!r}")
+
+
+def digits() -> DigitsModel:
+    """The trained digits classifier (``zoo/digits_logreg.py``; scikit-learn, ``sealedml[demo]``).
+
+    Returns:
+        The model with its train and test splits (cached per process).
+
+    Raises:
+        ConfigurationError: scikit-learn is not installed.
+    """
+    from sealedml.zoo.digits_logreg import digits as build
+
+    return build()
+
+
+def digits_plaintext_accuracy(dm: DigitsModel) -> float:
+    """The digits model's test accuracy in plain ONNX Runtime (see ``zoo/digits_logreg.py``).
+
+    Returns:
+        The share of the test split classified correctly.
+    """
+    from sealedml.zoo.digits_logreg import digits_plaintext_accuracy as accuracy
+
+    return accuracy(dm)
+
 
 __all__ = [
     "NAMES",
@@ -48,7 +86,7 @@ __all__ = [
 
 def _digits_model(seed: int) -> onnx.ModelProto:
     del seed  # the digits model is trained, not drawn at random
-    return digits().model
+    return digits().model  # scikit-learn, on first use
 
 
 def _trained_model(name: str) -> Callable[[int], onnx.ModelProto]:

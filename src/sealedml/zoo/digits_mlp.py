@@ -20,13 +20,16 @@ import warnings
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
-from sklearn.preprocessing import StandardScaler
 
+from sealedml._internal.extras import require
 from sealedml.zoo._builder import OPSET
-from sealedml.zoo.digits import DigitsModel, digits
+from sealedml.zoo.digits_logreg import DigitsModel, digits
+
+require("sklearn", "demo", "the SECO digits models (trained with scikit-learn)")
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 __all__ = ["digits_mlp", "digits_small_cnn"]
 

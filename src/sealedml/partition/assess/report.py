@@ -90,8 +90,9 @@ def plot(assessment: Assessment, path: Path, *, example_cuts: int = 4) -> Path:
     Returns:
         ``path``.
     """
-    import matplotlib
+    from sealedml._internal.extras import require
 
+    matplotlib = require("matplotlib", "assess", "--plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

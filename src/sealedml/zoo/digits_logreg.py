@@ -17,13 +17,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import StandardScaler
 
+from sealedml._internal.extras import require
 from sealedml.zoo._builder import OPSET
+
+# Serving never trains a model: scikit-learn is an extra (`sealedml[demo]`), said in one line if missing.
+require("sklearn", "demo", "the digits models (trained with scikit-learn)")
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.pipeline import Pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 __all__ = ["DigitsModel", "digits", "digits_plaintext_accuracy"]
 
