@@ -120,3 +120,57 @@ def test_an_invalid_model_id_is_named_before_any_request(tmp_path, capsys, monke
     code = main(["model", "info", "team/model", "--identity", "a.json", "--keyservice", "http://127.0.0.1:9"])
     err = capsys.readouterr().err
     assert code == EXIT_CODES["bad_input"] and "model id 'team/model' is not valid" in err
+
+
+# ---------------------------------------------------------------------------- configuration
+
+
+def test_client_options_come_from_the_environment_then_a_config_file_and_flags_win(tmp_path, capsys, monkeypatch):
+    from sealedml.attestation.simulated import SimulatedPlatform
+
+    SimulatedPlatform.load(create=True)
+    monkeypatch.chdir(tmp_path)
+    for variable in ("SEALEDML_KEYSERVICE", "SEALEDML_IDENTITY", "SEALEDML_GATEWAY", "SEALEDML_CONFIG"):
+        monkeypatch.delenv(variable, raising=False)
+    assert main(["identity", "new", "--out", "a.json"]) == 0
+    capsys.readouterr()
+
+    assert main(["model", "info", "m"]) == 1
+    assert "give --identity or set SEALEDML_IDENTITY" in capsys.readouterr().err
+
+    monkeypatch.setenv("SEALEDML_IDENTITY", "a.json")
+    monkeypatch.setenv("SEALEDML_KEYSERVICE", "http://127.0.0.1:9")
+    assert main(["model", "info", "m"]) == EXIT_CODES["unavailable"]
+    assert "KeyService at http://127.0.0.1:9 unreachable" in capsys.readouterr().err
+
+    assert main(["model", "info", "m", "--keyservice", "http://127.0.0.1:10"]) == EXIT_CODES["unavailable"]
+    assert "http://127.0.0.1:10 unreachable" in capsys.readouterr().err  # the flag overrides the variable
+
+    monkeypatch.delenv("SEALEDML_KEYSERVICE")
+    (tmp_path / "sealedml.toml").write_text('keyservice = "http://127.0.0.1:11"\n')
+    monkeypatch.setenv("SEALEDML_CONFIG", str(tmp_path / "sealedml.toml"))
+    assert main(["model", "info", "m"]) == EXIT_CODES["unavailable"]
+    assert "http://127.0.0.1:11 unreachable" in capsys.readouterr().err  # from the config file
+
+    (tmp_path / "sealedml.toml").write_text('keyservce = "typo"\n')
+    assert main(["model", "info", "m"]) == 1
+    assert "unknown keys keyservce" in capsys.readouterr().err
+
+
+def test_infer_takes_its_gateway_from_the_environment(tmp_path, capsys, monkeypatch):
+    from sealedml.attestation.simulated import SimulatedPlatform
+
+    SimulatedPlatform.load(create=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SEALEDML_CONFIG", raising=False)
+    assert main(["identity", "new", "--out", "a.json"]) == 0
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "x.npy", np.zeros((1, 4), np.float32))
+    capsys.readouterr()
+    monkeypatch.delenv("SEALEDML_GATEWAY", raising=False)
+    assert main(["infer", "m", "--input", "x.npy", "--identity", "a.json", "--keyservice", "http://127.0.0.1:9"]) == 1
+    assert "give --gateway or set SEALEDML_GATEWAY" in capsys.readouterr().err
+    monkeypatch.setenv("SEALEDML_GATEWAY", "http://127.0.0.1:12")
+    monkeypatch.setenv("SEALEDML_KEYSERVICE", "http://127.0.0.1:9")
+    code = main(["infer", "m", "--input", "x.npy", "--identity", "a.json", "--skip-check"])
+    assert code == EXIT_CODES["unavailable"] and "gateway at http://127.0.0.1:12 unreachable" in capsys.readouterr().err

@@ -31,18 +31,36 @@ import uvicorn
 from sealedml._internal.malloc import tune_for_large_buffers
 from sealedml.attestation.ratls import RotatingRaTlsCertificate
 
-__all__ = ["bind", "configure_logging", "serve_app"]
+__all__ = ["JsonLogFormatter", "bind", "configure_logging", "serve_app"]
 
 log = logging.getLogger(__name__)
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``ts``, ``level``, ``logger``, ``pid``, ``msg`` and, for an exception, ``exc``.
+
+    Messages are escaped by ``json.dumps``, so a quote or a newline in one (an ONNX Runtime
+    error, a path) cannot break the line for a log shipper.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,  # instances log into their platform's stream
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Structured-ish single-line logs on stderr (never secrets: callers log ids, not data)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}',
-        stream=sys.stderr,
-    )
+    """JSON lines on stderr (never secrets: callers log ids, not data); uvicorn's loggers go through it too."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -228,4 +246,7 @@ def serve_app(
 
 
 def _config(app: Any, log_level: str, ssl_args: dict[str, Any]) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args)
+    # log_config=None: uvicorn installs no plain-text handlers of its own; its records reach ours (JSON).
+    return uvicorn.Config(
+        app, log_level=log_level, log_config=None, access_log=False, lifespan="on", timeout_keep_alive=30, **ssl_args
+    )

@@ -45,6 +45,16 @@ _SEAL_LABEL = b"sealedml/v1/simulated-seal-key"
 MAX_EVIDENCE_AGE = 300
 
 
+_warned: list[bool] = []
+
+
+def _warn_once() -> None:
+    """The simulated-TEE warning, once per process (every attester would otherwise repeat it)."""
+    if not _warned:
+        _warned.append(True)
+        log.warning(SIMULATED_WARNING)
+
+
 @dataclass(frozen=True)
 class SimulatedPlatform:
     """The per-host simulated platform root."""
@@ -68,7 +78,7 @@ class SimulatedPlatform:
                     f"no simulated platform root at {directory}; start a KeyService or worker first"
                 )
             if write_private_file_once(key_path, SigningKey.generate().private_bytes()):
-                log.warning("%s — created platform root %s", SIMULATED_WARNING, key_path)
+                log.info("created the simulated platform root %s", key_path)
         try:
             key = SigningKey.from_bytes(key_path.read_bytes())
         except OSError as exc:
@@ -109,7 +119,7 @@ class SimulatedAttester(Attester):
         self.platform = platform or SimulatedPlatform.load()
         self._measurement = measurement or measurement_for(role, {"tee": "simulated", **(config or {})})
         self._debug = debug
-        log.warning(SIMULATED_WARNING)
+        _warn_once()
 
     @property
     def measurement(self) -> str:

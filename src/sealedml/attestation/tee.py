@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sealedml.attestation.base import Attester, TeeType, Verifier
 from sealedml.attestation.registry import attester_for, detect_attester, verifier_for
 from sealedml.attestation.sealing import GramineSealer, Sealer, SimulatedSealer
-from sealedml.attestation.simulated import SIMULATED_WARNING, SimulatedAttester, SimulatedPlatform, SimulatedVerifier
+from sealedml.attestation.simulated import SimulatedAttester, SimulatedPlatform, SimulatedVerifier
 from sealedml.errors import ConfigurationError
 
 __all__ = [
@@ -45,7 +45,7 @@ def resolve_tee(tee: str, root: Path = Path("/")) -> str:
         return tee
     found = detect_attester(root)
     if found is None:
-        log.warning("no TEE interface found: %s", SIMULATED_WARNING)
+        log.info("no TEE interface found (--tee auto): using the simulated TEE")  # its attester warns once
         return "simulated"
     return found
 

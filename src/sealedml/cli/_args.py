@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from sealedml._internal.units import parse_size
 from sealedml.cli._common import Handler, add_json_flag
+from sealedml.cli._config import require_configured
 from sealedml.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -95,7 +96,11 @@ def add_group(parent: Subcommands, name: str, help_text: str) -> Subcommands:
 # ---------------------------------------------------------------------- shared flags
 def add_keyservice(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--keyservice URL`` and the flags saying which KeyService to trust (:func:`add_keyservice_trust`)."""
-    parser.add_argument("--keyservice", required=required, metavar="URL", help="KeyService base URL")
+    parser.add_argument(
+        "--keyservice", default=None, metavar="URL", help="KeyService base URL (default: $SEALEDML_KEYSERVICE)"
+    )
+    if required:
+        require_configured(parser, "keyservice")
     add_keyservice_trust(parser)
 
 
@@ -119,8 +124,11 @@ def add_keyservice_trust(parser: argparse.ArgumentParser) -> None:
 
 
 def add_identity(parser: argparse.ArgumentParser) -> None:
-    """``--identity FILE`` (required): who is acting."""
-    parser.add_argument("--identity", required=True, type=Path, metavar="FILE", help="identity file")
+    """``--identity FILE`` (needed: the flag, ``$SEALEDML_IDENTITY`` or the config file): who is acting."""
+    parser.add_argument(
+        "--identity", type=Path, default=None, metavar="FILE", help="identity file (default: $SEALEDML_IDENTITY)"
+    )
+    require_configured(parser, "identity")
 
 
 def add_budget(parser: argparse.ArgumentParser) -> None:

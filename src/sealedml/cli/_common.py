@@ -104,8 +104,11 @@ def fail(code: str, message: str, as_json: bool, exit_code: int = 1) -> int:
 
 def run_handler(handler: Handler, args: argparse.Namespace) -> int:
     """Run a command handler; map SealedML errors to a one-line reason and exit 1."""
+    from sealedml.cli._config import resolve_configured
+
     as_json = bool(getattr(args, "json", False))
     try:
+        resolve_configured(args)  # flags the command line left out, from the environment or the config file
         result = handler(args)
     except Error as exc:
         return fail(exc.code, exc.message, as_json, exit_code_for(exc))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sealedml.cli._args import Subcommands, add_command, add_keyservice, keyservice_client
+from sealedml.cli._config import require_configured
 from sealedml.errors import AccessDenied, ConfigurationError, Error, InputError
 
 __all__ = ["add_parser", "handle_infer", "load_numpy"]
@@ -125,6 +126,11 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
         from sealedml.cli.seco import run_seco_infer
 
         return run_seco_infer(args)
+    from sealedml.cli._config import configured
+
+    # TEE mode only: a SECO client is a directory, not an identity and a KeyService.
+    args.identity = args.identity or (Path(value) if (value := configured("identity")) else None)
+    args.keyservice = args.keyservice or configured("keyservice")
     missing = [
         flag
         for flag, value in (("ID", args.model_id), ("--identity", args.identity), ("--keyservice", args.keyservice))
@@ -188,7 +194,14 @@ def add_parser(subparsers: Subcommands) -> None:
     )
     p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
     p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
-    p.add_argument("--gateway", required=True, metavar="URL")
+    p.add_argument("--gateway", default=None, metavar="URL", help="the gateway's URL (default: $SEALEDML_GATEWAY)")
+    require_configured(p, "gateway")
     p.add_argument("--skip-check", action="store_true", help="do not ask the KeyService whether you enabled the model")
-    p.add_argument("--identity", type=Path, default=None, metavar="FILE", help="identity file (TEE mode)")
+    p.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="identity file (TEE mode; default: $SEALEDML_IDENTITY)",
+    )
     add_keyservice(p, required=False)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from sealedml.attestation.base import TeeType
 from sealedml.attestation.policy import Policy
-from sealedml.attestation.simulated import SIMULATED_WARNING
 from sealedml.attestation.tee import (
     VerifierOptions,
     build_attester,
@@ -73,9 +72,7 @@ def build_keyservice(
         raise ConfigurationError(f"unknown TEE type in --accept: {exc}") from exc
     check_tee_mix(accepted, unsafe_allow_simulated=unsafe_allow_simulated)  # before touching any state
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    attester = build_attester(kind, role="keyservice")
-    if kind == "simulated":
-        log.warning("KeyService: %s", SIMULATED_WARNING)
+    attester = build_attester(kind, role="keyservice")  # a simulated one warns, once per process
     sealer = build_sealer(kind, attester)
     if join is not None:
         if store is None:
