@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import guarded, json_response, read_body, read_model
+from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.errors import ProtocolError
 from sealedml.keyservice.replicas import JoinRequest, handle_join
@@ -186,4 +187,6 @@ def create_app(service: KeyService, *, replica_measurements: frozenset[str] = fr
         Route("/v1/release/challenge", guarded(challenge), methods=["POST"]),
         Route("/v1/release", guarded(release), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+    messages = [getattr(p, name) for name in p.__all__ if isinstance(getattr(p, name), type)]
+    schemas = [m for m in messages if issubclass(m, BaseModel)]
+    return Starlette(routes=[*routes, *ops_routes("SealedML KeyService", routes, schemas=schemas)])

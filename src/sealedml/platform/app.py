@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, guarded, json_response, read_body
+from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
 from sealedml.errors import ProtocolError
 from sealedml.platform.base import Invocation, Platform, PlatformResult
@@ -74,9 +75,6 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
     async def stats(request: Request) -> Response:
         return json_response(platform.stats())
 
-    async def metrics(request: Request) -> Response:
-        return Response(platform.metrics_text(), media_type="text/plain; version=0.0.4")
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await platform.start()
@@ -85,13 +83,11 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         finally:
             await platform.stop()
 
-    return Starlette(
-        routes=[
-            Route("/v1/infer", guarded(infer), methods=["POST"]),
-            Route("/v1/unsafe-plaintext/{model_id}", guarded(plain), methods=["POST"]),
-            Route("/v1/health", guarded(health), methods=["GET"]),
-            Route("/v1/stats", guarded(stats), methods=["GET"]),
-            Route("/metrics", guarded(metrics), methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    routes = [
+        Route("/v1/infer", guarded(infer), methods=["POST"]),
+        Route("/v1/unsafe-plaintext/{model_id}", guarded(plain), methods=["POST"]),
+        Route("/v1/health", guarded(health), methods=["GET"]),
+        Route("/v1/stats", guarded(stats), methods=["GET"]),
+    ]
+    ops = ops_routes("SealedML platform gateway", routes, metrics=platform.metrics_text)
+    return Starlette(routes=[*routes, *ops], lifespan=lifespan)

@@ -42,6 +42,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import guarded, json_response, read_body
+from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import ID_PATTERN
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import ConfigurationError, Conflict, InputError, NotFound, ProtocolError
@@ -275,14 +276,13 @@ def create_app(service: ExecutorService) -> Starlette:
     async def stats(request: Request) -> Response:
         return json_response(service.describe())
 
-    return Starlette(
-        routes=[
-            Route("/v1/middle/{model_id}/{version}", middle, methods=["POST"]),
-            Route("/v1/linear/{model_id}/{version}/{layer}", linear, methods=["POST"]),
-            Route("/v1/health", health, methods=["GET"]),
-            Route("/v1/stats", stats, methods=["GET"]),
-        ]
-    )
+    routes = [
+        Route("/v1/middle/{model_id}/{version}", middle, methods=["POST"]),
+        Route("/v1/linear/{model_id}/{version}/{layer}", linear, methods=["POST"]),
+        Route("/v1/health", health, methods=["GET"]),
+        Route("/v1/stats", stats, methods=["GET"]),
+    ]
+    return Starlette(routes=[*routes, *ops_routes("SealedML executor (untrusted)", routes)])
 
 
 def serve(store: Path, host: str, port: int, *, device: str = "auto", threads: int = 2) -> None:

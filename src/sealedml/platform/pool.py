@@ -425,6 +425,7 @@ class InstancePool:
                 {
                     "id": i.instance_id,
                     "pid": i.process.pid,
+                    "url": i.process.url,  # its /livez, /readyz and /metrics, for the operator
                     "in_flight": i.in_flight,
                     "models": sorted(i.models),
                     "claimant": i.claimant,

@@ -42,6 +42,7 @@ from sealedml._internal.http import (
     json_response,
     read_body,
 )
+from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope, is_binary
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
 from sealedml.errors import Error, NotFound, ProtocolError
@@ -169,4 +170,4 @@ def create_app(
         Route("/v1/stats", guarded(stats), methods=["GET"]),
         Route("/v1/unsafe-plaintext/{model_id}", guarded(unsafe_plain), methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=[*routes, *ops_routes("SealedML runtime instance", routes)], lifespan=lifespan)
