@@ -394,3 +394,13 @@ def test_model_seal_refuses_what_cannot_run_before_uploading_anything(tmp_path):
         info = js(sealedml("model", "info", "m", "--identity", "owner.json", "--keyservice", ks.url, "--json", cwd=w))
         assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": [None, 64]}]
         assert {o["name"] for o in info["outputs"]} == {"label", "probabilities"}
+
+        flags = ("--identity", "owner.json", "--keyservice", ks.url)
+        listed = js(sealedml("model", "list", *flags, "--json", cwd=w))
+        assert listed == {"models": [{"model_id": "m", "current_version": 1, "partitioned": False}]}
+        unconfirmed = sealedml("model", "delete", "m", *flags, "--store", "store", cwd=w, check=False)
+        assert unconfirmed.returncode == 1 and "--yes" in unconfirmed.stderr and (w / "store" / "m").exists()
+        deleted = js(sealedml("model", "delete", "m", *flags, "--store", "store", "--yes", "--json", cwd=w))
+        assert deleted == {"model_id": "m", "deleted": True, "store_files_removed": 1}
+        assert not (w / "store" / "m").exists()
+        assert js(sealedml("model", "list", *flags, "--json", cwd=w)) == {"models": []}

@@ -37,6 +37,8 @@ COMMANDS = {
     "model enable",
     "model info",
     "model audit",
+    "model list",
+    "model delete",
     "infer",
     "measurement",
     "zoo export",

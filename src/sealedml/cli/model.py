@@ -1,4 +1,4 @@
-"""Model owner and user commands: ``model convert|seal|allow-runtime|grant|revoke|enable|info|audit``.
+"""Model owner and user commands: ``model convert|seal|allow-runtime|grant|revoke|enable|info|audit|list|delete``.
 
 ::
 
@@ -9,6 +9,8 @@
     sealedml model enable ID [--measurement [TEE:]HEX ...] [--tee T]           (user)
     sealedml model info ID                                                    (owner, granted users)
     sealedml model audit ID [--since SEQ] [--limit N]                         (owner)
+    sealedml model list                                                       (owner)
+    sealedml model delete ID [--store DIR] --yes                              (owner)
 
 Each but ``convert`` takes ``--identity FILE --keyservice URL`` and the KeyService trust flags.
 """
@@ -41,9 +43,11 @@ __all__ = [
     "handle_model_allow_runtime",
     "handle_model_audit",
     "handle_model_convert",
+    "handle_model_delete",
     "handle_model_enable",
     "handle_model_grant",
     "handle_model_info",
+    "handle_model_list",
     "handle_model_seal",
 ]
 
@@ -154,6 +158,39 @@ def handle_model_info(args: argparse.Namespace) -> dict[str, Any]:
     with keyservice_client(args) as ks:
         info: dict[str, Any] = ks.model_info(args.model_id).model_dump()
         return info
+
+
+def handle_model_list(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model list``: the models you own, with their current version.
+
+    Raises:
+        ConfigurationError: unreadable identity or bad trust options.
+    """
+    with keyservice_client(args) as ks:
+        listed = ks.list_models()
+    return {"models": [m.model_dump() for m in listed.models]}
+
+
+def handle_model_delete(args: argparse.Namespace) -> dict[str, Any]:
+    """Handler of ``model delete``: remove your model from the KeyService and, with ``--store``, its files.
+
+    Raises:
+        ConfigurationError: no ``--yes``.
+        AccessDenied: you are not the model's owner.
+    """
+    from sealedml.storage.modelstore import LocalModelStore
+
+    if not args.yes:
+        raise ConfigurationError(
+            f"this deletes every key of {args.model_id} (no user can be served it again): add --yes to go ahead"
+        )
+    with keyservice_client(args) as ks:
+        ks.delete_model(args.model_id)
+    removed = LocalModelStore(args.store).delete(args.model_id) if args.store is not None else None
+    result: dict[str, Any] = {"model_id": args.model_id, "deleted": True}
+    if removed is not None:
+        result["store_files_removed"] = removed
+    return result
 
 
 def handle_model_audit(args: argparse.Namespace) -> dict[str, Any]:
@@ -277,6 +314,19 @@ def add_parser(subparsers: Subcommands) -> None:
 
     p = add_command(model, "info", handle_model_info, "what you may know about a model")
     p.add_argument("model_id", metavar="ID")
+    add_identity(p)
+    add_keyservice(p)
+
+    p = add_command(model, "list", handle_model_list, "owner: the models you own, with their current version")
+    add_identity(p)
+    add_keyservice(p)
+
+    p = add_command(
+        model, "delete", handle_model_delete, "owner: delete a model's keys, runtimes, grants and consents (and files)"
+    )
+    p.add_argument("model_id", metavar="ID")
+    p.add_argument("--store", type=Path, default=None, metavar="DIR", help="also remove its sealed files from DIR")
+    p.add_argument("--yes", action="store_true", help="confirm: no user can be served the model afterwards")
     add_identity(p)
     add_keyservice(p)
 

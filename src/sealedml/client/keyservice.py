@@ -300,6 +300,14 @@ class KeyServiceClient:
         """What this principal may know about a model."""
         return p.ModelInfoResponse.model_validate(self._signed(_model_path(model_id, "info"), None))
 
+    def list_models(self) -> p.ModelListResponse:
+        """The models this principal owns."""
+        return p.ModelListResponse.model_validate(self._signed("/v1/models/list", None))
+
+    def delete_model(self, model_id: str) -> None:
+        """Delete this owner's model from the KeyService: keys, allowed runtimes, grants and consents."""
+        self._signed(_model_path(model_id, "delete"), None)
+
     def model_audit(self, model_id: str, *, since: int = 0, limit: int = 100) -> p.ModelAuditResponse:
         """A page of the audit records about this owner's model (``next_since`` continues it)."""
         return p.ModelAuditResponse.model_validate(

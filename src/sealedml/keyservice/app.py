@@ -114,6 +114,14 @@ def create_app(service: KeyService, *, replica_measurements: frozenset[str] = fr
         )
         return json_response(await run_in_threadpool(service.audit_head, principal, req))
 
+    async def list_models(request: Request) -> Response:
+        """The models the signed caller owns."""
+        body = await read_body(request, MAX_BODY)
+        principal = await run_in_threadpool(
+            service.authenticate, request.method, request.url.path, request.headers, body
+        )
+        return json_response(await run_in_threadpool(service.list_models, principal))
+
     async def challenge(request: Request) -> Response:
         await read_body(request, MAX_BODY)
         return json_response(service.challenge())
@@ -183,6 +191,8 @@ def create_app(service: KeyService, *, replica_measurements: frozenset[str] = fr
             guarded(signed(p.ModelAuditRequest, service.model_audit)),
             methods=["POST"],
         ),
+        Route("/v1/models/{model_id}/delete", guarded(signed(None, service.delete_model)), methods=["POST"]),
+        Route("/v1/models/list", guarded(list_models), methods=["POST"]),
         Route("/v1/audit/head", guarded(audit_head), methods=["POST"]),
         Route("/v1/release/challenge", guarded(challenge), methods=["POST"]),
         Route("/v1/release", guarded(release), methods=["POST"]),

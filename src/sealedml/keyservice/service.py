@@ -57,12 +57,12 @@ from sealedml.errors import (
     SignatureError,
     StoreError,
 )
+from sealedml.keyservice import views
 from sealedml.keyservice.access import Denial, PairState, decide_pair
 from sealedml.keyservice.challenges import ChallengeTable, MemoryChallenges, StoreChallenges
 from sealedml.keyservice.rows import RowKey, RowTamperedError
 from sealedml.keyservice.sessions import SessionService
 from sealedml.keyservice.store import AuditAnchor, KeyStore, RuntimeId
-from sealedml.keyservice.views import access_category, owner_audit_page, runtime_names
 from sealedml.protocol import keyservice as p
 
 __all__ = ["KeyService", "MasterKey", "attestation_response", "check_tee_mix", "load_master_key"]
@@ -567,73 +567,20 @@ class KeyService:
         )
 
     def model_info(self, principal: str, model_id: str) -> p.ModelInfoResponse:
-        """What the caller may know of a model (owner, or a granted user)."""
-        record = self.store.model(model_id)
-        granted = self.store.is_granted(model_id, principal)
-        if record is None or (record.owner_id != principal and not granted):
-            self.store.audit(
-                {
-                    "action": "model_info",
-                    "principal": principal,
-                    "model_id": model_id,
-                    "decision": "deny",
-                    "reason": "no such model" if record is None else "neither owner nor granted",
-                }
-            )
-            raise AccessDenied()
-        state = self._pair_state(model_id, principal)
-        consent, owner = state.consent, record.owner_id == principal
-        access = access_category(state) if granted else (None, None)
-        signature = p.ModelSignature.model_validate_json(record.signature) if record.signature else None
-        return p.ModelInfoResponse(
-            model_id=model_id,
-            current_version=record.current_version,
-            is_owner=owner,
-            granted=granted,
-            consented=consent is not None,
-            partitioned=record.partition_sha256 is not None,
-            partition_sha256=record.partition_sha256,
-            accepts_partitioned=consent is not None and consent.accept_partitioned,
-            allowed_runtimes=runtime_names(state.allowed_runtimes),
-            access=access[0],
-            access_hint=access[1],
-            inputs=signature.inputs if signature is not None else None,
-            outputs=signature.outputs if signature is not None else None,
-            grants=self.store.granted_users(model_id) if owner else None,
-            consents=[
-                p.ConsentSummary(
-                    user_id=c.user_id, runtimes=runtime_names(c.runtimes), accept_partitioned=c.accept_partitioned
-                )
-                for c in self.store.consents(model_id)
-            ]
-            if owner
-            else None,
-        )
+        """What the caller may know of a model (owner, or a granted user): see ``keyservice/views.py``."""
+        return views.model_info(self.store, principal, model_id, self._pair_state)
 
     def model_audit(self, principal: str, model_id: str, req: p.ModelAuditRequest) -> p.ModelAuditResponse:
-        """The audit records about the caller's model (owner only), oldest first, a page at a time.
+        """The audit records about the caller's model (owner only), a page at a time."""
+        return views.model_audit(self.store, principal, model_id, req)
 
-        Raises:
-            AccessDenied: the caller is not the model's owner (or there is no such model).
-        """
-        record = self.store.model(model_id)
-        if record is None or record.owner_id != principal:
-            self.store.audit(
-                {
-                    "action": "model_audit",
-                    "principal": principal,
-                    "model_id": model_id,
-                    "decision": "deny",
-                    "reason": "no such model" if record is None else "not the owner",
-                }
-            )
-            raise AccessDenied()
-        page, next_since = owner_audit_page(self.store.audit_records(req.since), model_id, req.limit)
-        return p.ModelAuditResponse(
-            model_id=model_id,
-            records=[p.ModelAuditRecord(seq=seq, ts=ts, event=event) for seq, ts, event in page],
-            next_since=next_since,
-        )
+    def list_models(self, principal: str) -> p.ModelListResponse:
+        """The models the caller owns."""
+        return views.list_models(self.store, principal)
+
+    def delete_model(self, principal: str, model_id: str) -> None:
+        """Delete the caller's model: its keys, allowed runtimes, grants and consents (owner only)."""
+        views.delete_model(self.store, principal, model_id)
 
     # ------------------------------------------------------------------ release protocol
     def challenge(self) -> p.ChallengeResponse:

@@ -41,6 +41,7 @@ from sealedml.keyservice.audit_chain import GENESIS, AuditHead, chain_hash
 from sealedml.keyservice.group_commit import GroupCommit
 from sealedml.keyservice.row_checks import RowChecks
 from sealedml.keyservice.rows import (
+    PROTECTED_TABLES,
     SELECT_ROWS,
     RowKey,
     RowTamperedError,
@@ -230,6 +231,18 @@ class KeyStore(SessionStore):
     @abc.abstractmethod
     def consent(self, model_id: str, user_id: str) -> ConsentRecord | None:
         """The user's consent for the model, or None."""
+
+    @abc.abstractmethod
+    def models_of(self, owner_id: str) -> list[ModelRecord]:
+        """The models ``owner_id`` owns, by id."""
+
+    @abc.abstractmethod
+    def delete_model(self, model_id: str, audit: Mapping[str, Any]) -> None:
+        """Delete a model with its keys, allowed runtimes, grants and consents, in one audited transaction.
+
+        Raises:
+            NotFound: no such model.
+        """
 
     @abc.abstractmethod
     def granted_users(self, model_id: str) -> list[str]:
@@ -567,6 +580,27 @@ class SqlKeyStore(RowChecks, SqlSessionTables, KeyStore):
         except (ValueError, TypeError) as exc:
             raise StoreError("malformed consent record (tampered)") from exc
         return ConsentRecord(str(model_id), str(user_id), bytes(wrapped), runtimes, bool(accept_partitioned))
+
+    def models_of(self, owner_id: str) -> list[ModelRecord]:
+        rows = self._verified("models", self._read(SELECT_ROWS["models"] + " WHERE owner = ?", (owner_id,)))
+        found = (self.model(str(row[0])) for row in sorted(rows))
+        return [record for record in found if record is not None]
+
+    def delete_model(self, model_id: str, audit: Mapping[str, Any]) -> None:
+        tables = ("model_keys", "runtimes", "grants", "consents")
+        with self._tx() as db:
+            self._require_model(db, model_id)
+            written: list[Any] = []
+            for table in tables:
+                key_columns, _ = PROTECTED_TABLES[table]
+                keys = db.execute(
+                    f"SELECT {', '.join(key_columns)} FROM {table} WHERE model_id = ?",  # noqa: S608 (constants)
+                    (model_id,),
+                ).fetchall()
+                for key in keys:
+                    self._delete_row(db, table, tuple(key), written)
+            self._delete_row(db, "models", (model_id,), written)
+            self._append_audit(db, {**audit, "rows": written})
 
     def granted_users(self, model_id: str) -> list[str]:
         rows = self._read(SELECT_ROWS["grants"] + " WHERE model_id = ?", (model_id,))

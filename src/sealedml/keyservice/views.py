@@ -15,13 +15,23 @@ A stranger (neither owner nor granted) still gets ``denied`` and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from sealedml.errors import AccessDenied
 from sealedml.keyservice.access import PairState
-from sealedml.keyservice.store import AuditRecord
+from sealedml.keyservice.store import AuditRecord, KeyStore
+from sealedml.protocol import keyservice as p
 
-__all__ = ["access_category", "owner_audit_page", "runtime_names"]
+__all__ = [
+    "access_category",
+    "delete_model",
+    "list_models",
+    "model_audit",
+    "model_info",
+    "owner_audit_page",
+    "runtime_names",
+]
 
 _HINTS = {
     "ok": "your requests can be served",
@@ -89,3 +99,102 @@ def owner_audit_page(
             return page, page[-1][0]
         page.append((record.seq, record.timestamp, event))
     return page, None
+
+
+def model_info(
+    store: KeyStore, principal: str, model_id: str, pair_state: Callable[[str, str], PairState]
+) -> p.ModelInfoResponse:
+    """What the caller may know of a model (owner, or a granted user)."""
+    record = store.model(model_id)
+    granted = store.is_granted(model_id, principal)
+    if record is None or (record.owner_id != principal and not granted):
+        store.audit(
+            {
+                "action": "model_info",
+                "principal": principal,
+                "model_id": model_id,
+                "decision": "deny",
+                "reason": "no such model" if record is None else "neither owner nor granted",
+            }
+        )
+        raise AccessDenied()
+    state = pair_state(model_id, principal)
+    consent, owner = state.consent, record.owner_id == principal
+    access = access_category(state) if granted else (None, None)
+    signature = p.ModelSignature.model_validate_json(record.signature) if record.signature else None
+    return p.ModelInfoResponse(
+        model_id=model_id,
+        current_version=record.current_version,
+        is_owner=owner,
+        granted=granted,
+        consented=consent is not None,
+        partitioned=record.partition_sha256 is not None,
+        partition_sha256=record.partition_sha256,
+        accepts_partitioned=consent is not None and consent.accept_partitioned,
+        allowed_runtimes=runtime_names(state.allowed_runtimes),
+        access=access[0],
+        access_hint=access[1],
+        inputs=signature.inputs if signature is not None else None,
+        outputs=signature.outputs if signature is not None else None,
+        grants=store.granted_users(model_id) if owner else None,
+        consents=[
+            p.ConsentSummary(
+                user_id=c.user_id, runtimes=runtime_names(c.runtimes), accept_partitioned=c.accept_partitioned
+            )
+            for c in store.consents(model_id)
+        ]
+        if owner
+        else None,
+    )
+
+
+def model_audit(store: KeyStore, principal: str, model_id: str, req: p.ModelAuditRequest) -> p.ModelAuditResponse:
+    """The audit records about the caller's model (owner only), oldest first, a page at a time.
+
+    Raises:
+        AccessDenied: the caller is not the model's owner (or there is no such model).
+    """
+    record = store.model(model_id)
+    if record is None or record.owner_id != principal:
+        store.audit(
+            {
+                "action": "model_audit",
+                "principal": principal,
+                "model_id": model_id,
+                "decision": "deny",
+                "reason": "no such model" if record is None else "not the owner",
+            }
+        )
+        raise AccessDenied()
+    page, next_since = owner_audit_page(store.audit_records(req.since), model_id, req.limit)
+    return p.ModelAuditResponse(
+        model_id=model_id,
+        records=[p.ModelAuditRecord(seq=seq, ts=ts, event=event) for seq, ts, event in page],
+        next_since=next_since,
+    )
+
+
+def list_models(store: KeyStore, principal: str) -> p.ModelListResponse:
+    """The models ``principal`` owns, with their current version."""
+    return p.ModelListResponse(
+        models=[
+            p.ModelSummary(
+                model_id=m.model_id, current_version=m.current_version, partitioned=m.partition_sha256 is not None
+            )
+            for m in store.models_of(principal)
+        ]
+    )
+
+
+def delete_model(store: KeyStore, principal: str, model_id: str) -> None:
+    """Delete ``model_id`` with its keys, allowed runtimes, grants and consents (owner only; audited).
+
+    Raises:
+        AccessDenied: the caller is not the model's owner (or there is no such model).
+    """
+    record = store.model(model_id)
+    event = {"action": "delete_model", "principal": principal, "model_id": model_id}
+    if record is None or record.owner_id != principal:
+        store.audit({**event, "decision": "deny", "reason": "no such model" if record is None else "not the owner"})
+        raise AccessDenied()
+    store.delete_model(model_id, {**event, "decision": "allow", "reason": "owner"})

@@ -36,7 +36,9 @@ __all__ = [
     "ModelAuditResponse",
     "ModelInfoResponse",
     "ModelKeyRequest",
+    "ModelListResponse",
     "ModelSignature",
+    "ModelSummary",
     "RegisterRequest",
     "ReleasePair",
     "ReleaseRequest",
@@ -296,6 +298,20 @@ class ModelInfoResponse(_Msg):
     #: Owner only: the granted users and every user's consent.
     grants: list[str] | None = None
     consents: list[ConsentSummary] | None = None
+
+
+class ModelSummary(_Msg):
+    """One of the caller's models (``POST /v1/models/list``)."""
+
+    model_id: str
+    current_version: int
+    partitioned: bool
+
+
+class ModelListResponse(_Msg):
+    """``POST /v1/models/list`` (signed): the models the caller owns."""
+
+    models: list[ModelSummary]
 
 
 class ModelAuditRequest(_Msg):

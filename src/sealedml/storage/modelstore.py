@@ -48,6 +48,10 @@ class ModelStore(abc.ABC):
         """Stored versions of a model, ascending."""
 
     @abc.abstractmethod
+    def delete(self, model_id: str) -> int:
+        """Remove every stored file of a model (``model delete``); how many there were."""
+
+    @abc.abstractmethod
     def put_part(self, model_id: str, version: int, name: str, data: bytes) -> None:
         """Store one more file of a partitioned model version (one of :data:`PART_FILES`).
 
@@ -125,6 +129,16 @@ class LocalModelStore(ModelStore):
         if not target.is_file():
             raise NotFound(f"model {model_id} version {version} is not in the store")
         return target
+
+    def delete(self, model_id: str) -> int:
+        directory = self._dir(model_id)
+        if not directory.is_dir():
+            return 0
+        files = [path for path in directory.iterdir() if path.is_file()]
+        for path in files:
+            path.unlink()
+        directory.rmdir()
+        return len(files)
 
     def versions(self, model_id: str) -> list[int]:
         directory = self._dir(model_id)

@@ -101,3 +101,31 @@ def test_other_models_pairs_and_reasons_are_removed():
     assert [seq for seq, _, _ in page] == [1, 3, 4] and more is None
     assert page[0][2]["pairs"] == [["m", "v"]] and "a/u" not in str(page[0][2])
     assert "rows" not in page[1][2] and page[2][2]["reason"] == "m/v: policy: tcb"
+
+
+def test_the_owner_lists_and_deletes_their_models(h: Harness) -> None:  # noqa: F811
+    user, mallory = h.register(), h.register()
+    owner, _ = h.publish("m", [user])
+    h.upload(owner, "n")
+    listed = h.svc.list_models(owner.principal_id)
+    assert [(m.model_id, m.current_version) for m in listed.models] == [("m", 1), ("n", 1)]
+    assert h.svc.list_models(mallory.principal_id).models == []
+    h.release([("m", user.principal_id)])  # served before the deletion
+    with pytest.raises(AccessDenied):
+        h.svc.delete_model(mallory.principal_id, "m")
+    assert h.last_audit(action="delete_model")["reason"] == "not the owner"
+    h.svc.delete_model(owner.principal_id, "m")
+    event = h.last_audit(action="delete_model")
+    assert event["decision"] == "allow"
+    assert {row[0] for row in event["rows"]} == {"models", "model_keys", "runtimes", "grants", "consents"}
+    with pytest.raises(AccessDenied):
+        h.release([("m", user.principal_id)])
+    assert h.last_audit(action="release")["reason"].endswith("no such model")
+    with pytest.raises(AccessDenied):
+        h.call(owner, "model_info", "m")
+    assert [m.model_id for m in h.svc.list_models(owner.principal_id).models] == ["n"]
+    # the id is free again; nothing of the old model's grants or keys comes back with it
+    h.upload(mallory, "m")
+    assert h.svc.store.granted_users("m") == [] and h.svc.store.consents("m") == []
+    with pytest.raises(AccessDenied):
+        h.svc.delete_model(owner.principal_id, "gone")
