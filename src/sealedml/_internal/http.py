@@ -208,24 +208,35 @@ def json_response(model: BaseModel | dict[str, Any], status: int = 200) -> Respo
     return JSONResponse(model, status_code=status)
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
+async def read_body(request: Request, max_bytes: int, setting: tuple[str, str] | None = None) -> bytes:
     """Read the request body, refusing more than ``max_bytes`` without buffering it all.
+
+    ``setting`` — (whose limit, the flag that raises it), e.g. ``("this gateway's",
+    "platform serve --max-request")`` — makes the refusal say how to raise the limit.
 
     Raises:
         BodyTooLarge: the body (or its declared length) exceeds the limit.
     """
+
+    def refuse(size: int | None) -> BodyTooLarge:
+        if setting is None:
+            return BodyTooLarge(f"body larger than {max_bytes} bytes")
+        from sealedml._internal.limits import too_large
+
+        return BodyTooLarge(too_large(size, max_bytes, *setting))
+
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
             if int(declared) > max_bytes:
-                raise BodyTooLarge(f"body larger than {max_bytes} bytes")
+                raise refuse(int(declared))
         except ValueError as exc:
             raise ProtocolError("bad Content-Length") from exc
     chunks = bytearray()
     async for chunk in request.stream():
         chunks += chunk
         if len(chunks) > max_bytes:
-            raise BodyTooLarge(f"body larger than {max_bytes} bytes")
+            raise refuse(None)
     return bytes(chunks)
 
 

@@ -153,7 +153,9 @@ def handle_infer(args: argparse.Namespace) -> dict[str, Any]:
         if info.access not in (None, "ok"):
             raise AccessDenied(f"denied ({info.access}): {info.access_hint}")
     t0 = time.perf_counter()
-    with InferenceClient(args.gateway, identity) as client:
+    from sealedml._internal.limits import max_request
+
+    with InferenceClient(args.gateway, identity, max_request=max_request(args.max_request)) as client:
         try:
             outputs = client.infer(args.model_id, inputs)
         except AccessDenied:
@@ -196,6 +198,12 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
     p.add_argument("--gateway", default=None, metavar="URL", help="the gateway's URL (default: $SEALEDML_GATEWAY)")
     require_configured(p, "gateway")
+    p.add_argument(
+        "--max-request",
+        default=None,
+        metavar="SIZE",
+        help="largest request sent, e.g. 128MB (default: $SEALEDML_MAX_REQUEST or 64MiB; the gateway's must allow it)",
+    )
     p.add_argument("--skip-check", action="store_true", help="do not ask the KeyService whether you enabled the model")
     p.add_argument(
         "--identity",

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sealedml._internal.limits import max_request
 from sealedml.cli._args import (
     DEFAULT_HOST,
     Subcommands,
@@ -58,6 +59,7 @@ _LOCAL_ENGINE_ONLY: dict[str, Any] = {
     "warm_pool": 0,
     "unsafe_plaintext_dir": None,
     "executor": "none",
+    "max_request": None,
 }
 
 
@@ -173,6 +175,7 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         spill_dir=spill_dir(args),
         worker_args=keyservice_trust_args(args),
         executor=args.executor,
+        max_request=max_request(args.max_request),
     )
     return {"stopped": "platform"}
 
@@ -199,6 +202,7 @@ def handle_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         spill_dir=spill_dir(args),
         trust=keyservice_trust(args),
         executor_url=args.executor,
+        max_request=max_request(args.max_request),
     )
     return {"stopped": "worker"}
 
@@ -330,6 +334,13 @@ def add_parser(subparsers: Subcommands) -> None:
         help="memory limit per instance, MB (default 1024)",
     )
     p.add_argument(
+        "--max-request",
+        default=_LOCAL_ENGINE_ONLY["max_request"],
+        metavar="SIZE",
+        help="largest request (sealed envelope) the gateway and its instances accept, e.g. 128MB "
+        "(default: $SEALEDML_MAX_REQUEST or 64MiB)",
+    )
+    p.add_argument(
         "--queue-limit",
         type=int,
         default=_LOCAL_ENGINE_ONLY["queue_limit"],
@@ -387,6 +398,12 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
+    p.add_argument(
+        "--max-request",
+        default=None,
+        metavar="SIZE",
+        help="largest request (sealed envelope) accepted (default: $SEALEDML_MAX_REQUEST or 64MiB)",
+    )
     p.add_argument(
         "--executor",
         default=None,

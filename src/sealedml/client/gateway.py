@@ -10,7 +10,7 @@ from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, che
 from sealedml._internal.httpclient import FastClient, TransportError
 from sealedml.client.identity import Identity
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
-from sealedml.errors import ServiceUnavailable
+from sealedml.errors import InputError, ServiceUnavailable
 
 __all__ = ["InferenceClient"]
 
@@ -24,8 +24,15 @@ class InferenceClient:
         timeout: seconds per request (cold starts included).
     """
 
-    def __init__(self, gateway: str, identity: Identity, *, timeout: float = 300.0) -> None:
+    def __init__(
+        self, gateway: str, identity: Identity, *, timeout: float = 300.0, max_request: int | None = None
+    ) -> None:
+        from sealedml._internal.limits import max_request as default_limit
+
         self.identity = identity
+        #: The largest request sent (``--max-request``, ``SEALEDML_MAX_REQUEST``, 64 MiB); larger ones are
+        #: refused here, before their upload, in the words the gateway would use.
+        self.max_request = max_request or default_limit()
         self.url = check_url(gateway, "the gateway URL (--gateway)")
         self._http = FastClient(self.url, timeout=timeout)
         self.last_cold_start = False
@@ -64,10 +71,13 @@ class InferenceClient:
             user_id=self.identity.principal_id,
             is_positional=positional,
         )
+        body = envelope.to_binary()
+        if len(body) > self.max_request:
+            from sealedml._internal.limits import too_large
+
+            raise InputError(too_large(len(body), self.max_request, "this client's", "infer --max-request"))
         try:
-            response = self._http.post(
-                "/v1/infer", content=envelope.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
-            )
+            response = self._http.post("/v1/infer", content=body, headers={"content-type": BINARY_CONTENT_TYPE})
         except TransportError as exc:
             raise ServiceUnavailable(
                 f"gateway at {self.url} unreachable ({type(exc).__name__}): "

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, guarded, json_response, read_body
+from sealedml._internal.limits import DEFAULT_MAX_REQUEST
 from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
 from sealedml.errors import ProtocolError
@@ -29,11 +30,13 @@ from sealedml.platform.base import Invocation, Platform, PlatformResult
 __all__ = ["create_app"]
 
 _ID = re.compile(ID_PATTERN)
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = DEFAULT_MAX_REQUEST
+#: Whose limit a refusal names, and the flag that raises it.
+_SETTING = ("this gateway's", "platform serve --max-request")
 
 
 def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
-    """The gateway app in front of ``platform``."""
+    """The gateway app in front of ``platform`` (``max_body``: the request limit, ``--max-request``)."""
 
     def _headers(result: PlatformResult) -> dict[str, str]:
         # The instance's phases plus the platform's own wait, so a client can see a cold start's breakdown.
@@ -50,7 +53,7 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         return headers
 
     async def infer(request: Request) -> Response:
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         # The gateway reads only the envelope's metadata and forwards the bytes
         # unchanged to the instance's native endpoint (no re-encoding).
         envelope = RequestEnvelope.parse(body)
@@ -63,7 +66,7 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         model_id = request.path_params["model_id"]
         if not _ID.match(model_id):
             raise ProtocolError("invalid model id")
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         result = await platform.invoke(Invocation(model_id, f"/v1/unsafe-plaintext/{model_id}", body))
         return Response(
             result.body, status_code=result.status, media_type=result.content_type, headers=_headers(result)

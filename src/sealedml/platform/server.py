@@ -28,6 +28,7 @@ def serve(
     spill_dir: str | None = None,
     worker_args: tuple[str, ...] = (),
     executor: str = "none",
+    max_request: int | None = None,
 ) -> None:
     """Run the gateway until interrupted.
 
@@ -36,9 +37,12 @@ def serve(
     ``executor``: ``none``; ``local`` (start and supervise an executor for the
     middles of partitioned models); or the URL of one running elsewhere.
     """
+    from sealedml._internal.limits import max_request as default_limit
     from sealedml._internal.serve import serve_app
     from sealedml.platform.app import create_app
 
+    limit = max_request or default_limit()
+    worker_args = (*worker_args, "--max-request", str(limit))  # its instances accept what it accepts
     supervisor = ExecutorSupervisor(store.resolve()) if executor == "local" else None
     if supervisor is not None:
         worker_args = (*worker_args, "--executor", supervisor.url)
@@ -58,4 +62,4 @@ def serve(
         extra_args=worker_args,
     )
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool, executor=supervisor)
-    serve_app(create_app(platform), host, port, announce={"service": "platform", "policy": policy})
+    serve_app(create_app(platform, max_body=limit), host, port, announce={"service": "platform", "policy": policy})

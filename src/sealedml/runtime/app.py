@@ -42,6 +42,7 @@ from sealedml._internal.http import (
     json_response,
     read_body,
 )
+from sealedml._internal.limits import DEFAULT_MAX_REQUEST
 from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, ID_PATTERN, RequestEnvelope, is_binary
 from sealedml.envelope.tensors import decode_tensors, encode_tensors
@@ -52,7 +53,9 @@ from sealedml.runtime.worker import Prediction, Worker
 __all__ = ["DEFAULT_MAX_BODY", "create_app"]
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_MAX_BODY = DEFAULT_MAX_REQUEST
+#: Whose limit a refusal names, and the flag that raises it.
+_SETTING = ("this instance's", "worker serve --max-request")
 
 _ID = re.compile(ID_PATTERN)
 
@@ -76,7 +79,7 @@ def create_app(
     plain_models: dict[str, LoadedModel] = {}
 
     async def init(request: Request) -> Response:
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         try:
             doc = loads_json(body or b"{}")
         except ValueError as exc:
@@ -95,7 +98,7 @@ def create_app(
         # error*: HTTP 200 with {"error": ...}. Any non-200 answer makes OpenWhisk's
         # invoker destroy the container (ContainerProxy), dropping its decrypted
         # models and leases and failing its other in-flight activations.
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         if not state["initialized"]:
             return json_response({"error": "not_initialized", "message": "POST /init first"}, status=403)
         try:
@@ -116,7 +119,7 @@ def create_app(
         return _with_headers(json_response(prediction.response), prediction)
 
     async def infer(request: Request) -> Response:
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         envelope = RequestEnvelope.parse(body)
         prediction = await worker.predict_timed(envelope)
         if is_binary(body):  # answer in the framing the caller used
@@ -135,7 +138,7 @@ def create_app(
         model_id = request.path_params["model_id"]
         if not _ID.match(model_id):
             raise ProtocolError("invalid model id")
-        body = await read_body(request, max_body)
+        body = await read_body(request, max_body, _SETTING)
         model = plain_models.get(model_id)
         if model is None:
             path = unsafe_plaintext_dir / f"{model_id}.onnx"

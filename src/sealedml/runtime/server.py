@@ -113,8 +113,10 @@ def serve(
     spill_dir: str | None = None,
     trust: KeyServiceTrust | None = None,
     executor_url: str | None = None,
+    max_request: int | None = None,
 ) -> None:
-    """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate)."""
+    """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate;
+    ``max_request``: the request-size limit, default ``max_request()``)."""
     from sealedml._internal.serve import serve_app
     from sealedml.runtime.app import create_app
 
@@ -134,7 +136,9 @@ def serve(
         trust=trust,
         executor_url=executor_url,
     )
-    app = create_app(worker, unsafe_plaintext_dir=plain)
+    from sealedml._internal.limits import max_request as default_limit
+
+    app = create_app(worker, max_body=max_request or default_limit(), unsafe_plaintext_dir=plain)
     serve_app(
         app,
         host,
