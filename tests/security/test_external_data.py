@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from sealedml.envelope import model_container
+from sealedml.envelope import model_container, sealing
 from sealedml.envelope.model_container import SealedModelReader, open_model, seal_model
 from sealedml.errors import SealedModelError
 from sealedml.runtime.memory_bounded import StreamingModel
@@ -101,19 +101,18 @@ def seal_as_malicious_owner(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPa
     """Seal ``model`` as is: the owner's own tooling skips every external-data check."""
     with monkeypatch.context() as patch:
         patch.setattr(model_container, "check_external_data", lambda *args: None)
-        original = model_container._externalize
+        original = sealing._strip
 
-        def keep_external(m: onnx.ModelProto) -> tuple[bytes, list[tuple[str, bytes, int, tuple[int, ...]]]]:
+        def keep_external(m: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[TensorProto, int]]]:
             honest = onnx.ModelProto.FromString(m.SerializeToString())
             external = [i for i in honest.graph.initializer if i.data_location == TensorProto.EXTERNAL]
             for init in external:
                 honest.graph.initializer.remove(init)
-            graph, tensors = original(honest)
-            parsed = onnx.ModelProto.FromString(graph)
-            parsed.graph.initializer.extend(external)
-            return parsed.SerializeToString(), tensors
+            stripped, tensors = original(honest)
+            stripped.graph.initializer.extend(external)
+            return stripped, tensors
 
-        patch.setattr(model_container, "_externalize", keep_external)
+        patch.setattr(sealing, "_strip", keep_external)
         return seal_model(model, model_id="evil", model_version=1, model_key=KEY)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,23 @@ __all__ = [
 ]
 
 
+def _progress_printer(what: str) -> Callable[[int, int], None]:
+    """A progress callback printing ``what: N% of SIZE`` on stderr at every tenth (a line each: logs stay readable)."""
+    import sys
+
+    from sealedml._internal.units import format_bytes
+
+    shown = [-1]
+
+    def show(done: int, total: int) -> None:
+        tenth = 10 if total == 0 else done * 10 // total
+        if tenth > shown[0]:
+            shown[0] = tenth
+            print(f"{what}: {tenth * 10}% of {format_bytes(total)}", file=sys.stderr, flush=True)
+
+    return show
+
+
 def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``model seal``: seal an ONNX model, store it, and upload its key to the KeyService.
 
@@ -79,7 +97,13 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
         model = load_model_file(args.input)  # ONNX, or a .tflite file sealed unmodified
         with keyservice_client(args) as ks:
             published = publish_model(
-                model, model_id=args.model_id, keyservice=ks, store=store, version=args.version, signature=signature
+                model,
+                model_id=args.model_id,
+                keyservice=ks,
+                store=store,
+                version=args.version,
+                signature=signature,
+                progress=None if args.json else _progress_printer(f"sealing {args.input.name}"),
             )
     result: dict[str, Any] = {
         "model_id": published.model_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,11 +13,12 @@ import onnx
 from sealedml.client.keyservice import KeyServiceClient
 from sealedml.client.model_check import signature_of_model, signature_of_specs
 from sealedml.crypto import KEY_SIZE, random_bytes
-from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model, seal_tflite
+from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model, seal_model_file
 from sealedml.errors import AccessDenied, ConfigurationError
 from sealedml.storage.modelstore import ModelStore
 
 if TYPE_CHECKING:
+    from sealedml.envelope.sealing import Progress
     from sealedml.partition.split import Partition
     from sealedml.protocol.keyservice import ModelSignature
 
@@ -72,13 +74,15 @@ def publish_model(
     version: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     signature: ModelSignature | None = None,
+    progress: Progress | None = None,
 ) -> PublishedModel:
     """Check that ``model`` loads, seal it under a fresh key, upload the key, then store the container.
 
     The key goes to the KeyService first (HPKE-sealed after verifying its
     attestation), so a stored container always has its key registered.
     ``signature``: the model's inputs and outputs, when the caller already loaded it
-    (``check_model_file``); otherwise the model is loaded here first.
+    (``check_model_file``); otherwise the model is loaded here first. ``progress`` is told
+    (bytes sealed, in all) as the container is written.
 
     Raises:
         InputError: ONNX Runtime (or LiteRT) cannot load the model: nothing is sealed or uploaded.
@@ -86,11 +90,21 @@ def publish_model(
     signature = signature or signature_of_model(model)
     version = version or _next_version(model_id, keyservice, store)
     model_key = random_bytes(KEY_SIZE)
-    seal = seal_tflite if isinstance(model, bytes | bytearray) and is_tflite(bytes(model)) else seal_model
-    sealed = seal(model, model_id=model_id, model_version=version, model_key=model_key, chunk_size=chunk_size)
-    keyservice.upload_model_key(model_id, version, model_key, signature=signature)
-    store.put(model_id, version, sealed)
-    return PublishedModel(model_id, version, len(sealed), hashlib.sha256(sealed).hexdigest())
+    with tempfile.TemporaryDirectory(prefix="sealedml-seal-") as scratch:
+        sealed = Path(scratch) / "container"
+        # Streamed to a file in bounded memory (a 125 MB model does not take 5× that), then stored.
+        size, digest = seal_model_file(
+            sealed,
+            model,
+            model_id=model_id,
+            model_version=version,
+            model_key=model_key,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+        keyservice.upload_model_key(model_id, version, model_key, signature=signature)
+        store.put_file(model_id, version, sealed)
+    return PublishedModel(model_id, version, size, digest)
 
 
 def _next_version(model_id: str, keyservice: KeyServiceClient, store: ModelStore) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import re
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from sealedml._internal.encoding import canonical_json, fields, loads_json
 from sealedml.crypto import (
@@ -63,6 +64,7 @@ from sealedml.crypto import (
 from sealedml.crypto.aead import aead_decrypt_into
 from sealedml.envelope.external_data import EXTERNAL_LOCATION, check_external_data
 from sealedml.envelope.request import ID_PATTERN
+from sealedml.envelope.sealing import OnnxPayload, Progress, rechunk, sha256_of
 from sealedml.errors import CryptoError, SealedModelError
 
 __all__ = [
@@ -85,7 +87,9 @@ __all__ = [
     "open_tflite",
     "read_header",
     "seal_model",
+    "seal_model_file",
     "seal_tflite",
+    "write_sealed",
 ]
 
 MAGIC = b"SMLMDL\x00\x01"
@@ -120,7 +124,6 @@ SEALED_PARTS = ("front", "middle", "back")  # "middle": sealed only in a blinded
 DEFAULT_CHUNK_SIZE = 256 * 1024
 _MAX_HEADER = 64 * 1024
 _MAX_MANIFEST = 64 * 1024 * 1024
-_ALIGN = 64
 _KEY_LABEL = b"sealedml/v1/model-chunk-key"
 _AAD_LABEL = b"sealedml/v1/model-chunk"
 _ID = re.compile(ID_PATTERN)
@@ -313,63 +316,6 @@ def _chunk_aad(header_digest: bytes, index: int, last: bool) -> bytes:
     return fields(_AAD_LABEL, header_digest, index, int(last))
 
 
-def _externalize(model: onnx.ModelProto) -> tuple[bytes, list[tuple[str, bytes, int, tuple[int, ...]]]]:
-    """Move every numeric initializer out of the graph; return (graph bytes, tensors)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # never mutate the caller's copy
-    tensors: list[tuple[str, bytes, int, tuple[int, ...]]] = []
-    for init in model.graph.initializer:
-        if init.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
-            continue
-        if init.data_location == TensorProto.EXTERNAL:
-            raise SealedModelError(f"initializer {init.name!r} has external data: load the model with its data first")
-        array = numpy_helper.to_array(init)
-        raw = np.ascontiguousarray(array).tobytes()
-        tensors.append((init.name, raw, init.data_type, tuple(int(d) for d in init.dims)))
-        dims = list(init.dims)
-        name, dtype = init.name, init.data_type
-        init.Clear()
-        init.name, init.data_type = name, dtype
-        init.dims.extend(dims)
-        init.data_location = TensorProto.EXTERNAL
-        entry = init.external_data.add()
-        entry.key, entry.value = "location", EXTERNAL_LOCATION
-    return model.SerializeToString(), tensors
-
-
-def _build_payload(model: onnx.ModelProto) -> bytes:
-    graph, tensors = _externalize(model)
-    # Offsets depend on the manifest length, which depends on the offsets: lay
-    # out relative to the end of the manifest, then fix up.
-    rel: list[dict[str, Any]] = []
-    cursor = len(graph)
-    for name, raw, dtype, dims in tensors:
-        cursor = -(-cursor // _ALIGN) * _ALIGN
-        rel.append({"name": name, "offset": cursor, "length": len(raw), "data_type": dtype, "dims": list(dims)})
-        cursor += len(raw)
-    body_len = cursor
-    base = 0
-    for _ in range(4):  # converges in ≤ 2 rounds; offsets are aligned after the base
-        manifest = {
-            "graph": {"offset": base, "length": len(graph)},
-            "tensors": [{**t, "offset": t["offset"] + base} for t in rel],
-        }
-        mbytes = canonical_json(manifest)
-        new_base = -(-(4 + len(mbytes)) // _ALIGN) * _ALIGN
-        if new_base == base:
-            break
-        base = new_base
-    else:  # pragma: no cover - arithmetic guarantees convergence
-        raise SealedModelError("manifest layout did not converge")
-    payload = bytearray(base + body_len)
-    payload[0:4] = len(mbytes).to_bytes(4, "big")
-    payload[4 : 4 + len(mbytes)] = mbytes
-    payload[base : base + len(graph)] = graph
-    for (_, raw, _, _), t in zip(tensors, rel, strict=True):
-        start = base + t["offset"]
-        payload[start : start + len(raw)] = raw
-    return bytes(payload)
-
-
 def seal_model(
     model: onnx.ModelProto | bytes,
     *,
@@ -379,8 +325,9 @@ def seal_model(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     part: str | None = None,
     partition_sha256: str | None = None,
+    progress: Progress | None = None,
 ) -> bytes:
-    """Seal an ONNX model into a container.
+    """Seal an ONNX model into a container (in memory; :func:`write_sealed` streams one to a file).
 
     Args:
         model: the model (a ``ModelProto`` or its serialized bytes), weights inline.
@@ -390,6 +337,7 @@ def seal_model(
         chunk_size: plaintext bytes per AES-GCM chunk.
         part: for one part of a partitioned model, ``"front"`` or ``"back"``.
         partition_sha256: with ``part``, the SHA-256 (hex) of the partition manifest.
+        progress: told (plaintext bytes sealed, in all) as chunks are sealed.
 
     Returns:
         The sealed container bytes.
@@ -412,19 +360,22 @@ def seal_model(
         check_external_data(model, ())
     except SealedModelError as exc:
         raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
-    payload = _build_payload(model)
     if (part is None) != (partition_sha256 is None):
         raise SealedModelError("a partition part needs both its name and the partition digest")
     extra: dict[str, Any] = {} if part is None else {"part": part, "partition_sha256": partition_sha256}
-    return _seal_payload(
-        payload,
+    out = io.BytesIO()
+    write_sealed(
+        out,
+        OnnxPayload(model),
         FORMAT_VERSION if part is None else PART_FORMAT_VERSION,
         extra,
         model_id=model_id,
         model_version=model_version,
         model_key=model_key,
         chunk_size=chunk_size,
+        progress=progress,
     )
+    return out.getvalue()
 
 
 def seal_tflite(
@@ -449,8 +400,10 @@ def seal_tflite(
         raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
     if model_version < 1:
         raise SealedModelError("model version must be ≥ 1")
-    return _seal_payload(
-        bytes(data),
+    out = io.BytesIO()
+    write_sealed(
+        out,
+        _BytesPayload(bytes(data)),
         FILE_FORMAT_VERSION,
         {"payload": "tflite"},
         model_id=model_id,
@@ -458,10 +411,84 @@ def seal_tflite(
         model_key=model_key,
         chunk_size=chunk_size,
     )
+    return out.getvalue()
 
 
-def _seal_payload(
-    payload: bytes,
+class _HashingWriter:
+    """Passes writes on to a file, counting them and hashing them (the container's SHA-256)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out, self.size, self.hash = out, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.out.write(data)
+
+
+def seal_model_file(
+    path: Path,
+    model: onnx.ModelProto | bytes,
+    *,
+    model_id: str,
+    model_version: int,
+    model_key: bytes,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: Progress | None = None,
+) -> tuple[int, str]:
+    """Seal an ONNX model (or TFLite bytes) into the file ``path``, in bounded memory; its size and SHA-256.
+
+    Memory holds the model, one tensor and one chunk, never the container (``sealing.py``).
+
+    Raises:
+        SealedModelError: as :func:`seal_model` and :func:`seal_tflite`.
+    """
+    if not 1024 <= chunk_size <= 64 * 1024 * 1024:
+        raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
+    if model_version < 1:
+        raise SealedModelError("model version must be ≥ 1")
+    if isinstance(model, bytes | bytearray):
+        if not is_tflite(bytes(model)):
+            raise SealedModelError("input is not a TFLite model (no TFL3 identifier)")
+        payload: OnnxPayload | _BytesPayload = _BytesPayload(bytes(model))
+        version, extra = FILE_FORMAT_VERSION, {"payload": "tflite"}
+    else:
+        try:
+            check_external_data(model, ())
+        except SealedModelError as exc:
+            raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
+        payload, version, extra = OnnxPayload(model), FORMAT_VERSION, {}
+    with open(path, "wb") as fh:
+        out = _HashingWriter(fh)
+        write_sealed(
+            out,  # type: ignore[arg-type]
+            payload,
+            version,
+            extra,
+            model_id=model_id,
+            model_version=model_version,
+            model_key=model_key,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+        fh.flush()
+        os.fsync(fh.fileno())
+    return out.size, out.hash.hexdigest()
+
+
+class _BytesPayload:
+    """A payload already in memory (a TFLite file): one piece."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.length = data, len(data)
+
+    def pieces(self) -> Iterator[bytes]:
+        yield self.data
+
+
+def write_sealed(
+    out: BinaryIO,
+    payload: OnnxPayload | _BytesPayload,
     format_version: int,
     extra: dict[str, Any],
     *,
@@ -469,15 +496,20 @@ def _seal_payload(
     model_version: int,
     model_key: bytes,
     chunk_size: int,
-) -> bytes:
-    """Header, then the payload in authenticated chunks (the module docstring's layout)."""
-    n_chunks = max(1, -(-len(payload) // chunk_size))
+    progress: Progress | None = None,
+) -> None:
+    """Write the header, then the payload in authenticated chunks (the module docstring's layout), to ``out``.
+
+    The payload is read twice, piece by piece: for the SHA-256 the header names, then to
+    encrypt; memory holds one tensor and one chunk at a time, never the whole container.
+    """
+    n_chunks = max(1, -(-payload.length // chunk_size))
     doc: dict[str, Any] = {
         "format": format_version,
         "model_id": model_id,
         "model_version": model_version,
-        "plaintext_sha256": hashlib.sha256(payload).hexdigest(),
-        "plaintext_length": len(payload),
+        "plaintext_sha256": sha256_of(payload.pieces()),
+        "plaintext_length": payload.length,
         "chunk_size": chunk_size,
         "n_chunks": n_chunks,
         "salt": random_bytes(32).hex(),
@@ -487,13 +519,15 @@ def _seal_payload(
     raw = canonical_json(doc)
     header = SealedModelHeader.parse(MAGIC + len(raw).to_bytes(4, "big") + raw)
     key = _content_key(model_key, header)
-    out = bytearray(MAGIC + len(raw).to_bytes(4, "big") + raw)
-    digest = header.digest
-    for index in range(n_chunks):
-        chunk = payload[index * chunk_size : (index + 1) * chunk_size]
+    out.write(MAGIC + len(raw).to_bytes(4, "big") + raw)
+    digest, done = header.digest, 0
+    chunks = rechunk(payload.pieces(), chunk_size) if payload.length else iter([b""])
+    for index, chunk in enumerate(chunks):
         nonce = derive_nonce(header.base_nonce, index)
-        out += aead_encrypt(key, nonce, chunk, _chunk_aad(digest, index, index == n_chunks - 1))
-    return bytes(out)
+        out.write(aead_encrypt(key, nonce, chunk, _chunk_aad(digest, index, index == n_chunks - 1)))
+        done += len(chunk)
+        if progress is not None:
+            progress(done, payload.length)
 
 
 class SealedModelReader:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 import re
+import shutil
 from pathlib import Path
 
 from sealedml.envelope.request import ID_PATTERN
@@ -46,6 +47,10 @@ class ModelStore(abc.ABC):
     @abc.abstractmethod
     def versions(self, model_id: str) -> list[int]:
         """Stored versions of a model, ascending."""
+
+    def put_file(self, model_id: str, version: int, source: Path) -> None:
+        """Store a sealed container from a file (as :meth:`put`; a local store copies it in a stream)."""
+        self.put(model_id, version, source.read_bytes())
 
     @abc.abstractmethod
     def delete(self, model_id: str) -> int:
@@ -93,6 +98,20 @@ class LocalModelStore(ModelStore):
 
     def put(self, model_id: str, version: int, sealed: bytes) -> None:
         self._write_once(self._dir(model_id) / f"v{version}.sealed", sealed, f"{model_id} version {version}")
+
+    def put_file(self, model_id: str, version: int, source: Path) -> None:
+        target = self._dir(model_id) / f"v{version}.sealed"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copyfile(source, tmp)  # in blocks: a large model never sits in memory
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError as exc:
+            raise StoreError(f"{model_id} version {version} already stored") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def put_part(self, model_id: str, version: int, name: str, data: bytes) -> None:
         self._write_once(self._part(model_id, version, name), data, f"{model_id} version {version} {name}")
