@@ -116,14 +116,15 @@ class Owner(_Principal):
         Raises:
             InputError: ONNX Runtime (or LiteRT) cannot load the model; nothing is sealed.
         """
-        from sealedml.client.model_check import check_model_file
+        from sealedml.client.model_check import check_model_file, is_tflite_file
         from sealedml.client.owner import load_model_file, publish_model
         from sealedml.storage.modelstore import LocalModelStore
 
         signature = None
         if isinstance(model, str | Path):
             signature = check_model_file(Path(model))
-            model = load_model_file(Path(model))
+            # .tflite bytes are sealed unmodified; an .onnx file is read tensor by tensor, never loaded
+            model = load_model_file(Path(model)) if is_tflite_file(Path(model)) else Path(model)
         with self._keyservice() as ks:
             return publish_model(
                 model, model_id=model_id, keyservice=ks, store=LocalModelStore(Path(store)), version=version,

@@ -377,7 +377,7 @@ def test_model_seal_refuses_what_cannot_run_before_uploading_anything(tmp_path):
         )
         assert json.loads(unknown.stdout)["error"] == "denied"  # no key was uploaded: the model does not exist
         sealedml("zoo", "export", "digits", "--out", "d.onnx", cwd=w)
-        sealedml(
+        sealed = sealedml(
             "model",
             "seal",
             "d.onnx",
@@ -391,6 +391,7 @@ def test_model_seal_refuses_what_cannot_run_before_uploading_anything(tmp_path):
             "store",
             cwd=w,
         )
+        assert "sealing d.onnx: 100% of" in sealed.stderr  # progress, on stderr
         info = js(sealedml("model", "info", "m", "--identity", "owner.json", "--keyservice", ks.url, "--json", cwd=w))
         assert info["inputs"] == [{"name": "input", "dtype": "float32", "shape": [None, 64]}]
         assert {o["name"] for o in info["outputs"]} == {"label", "probabilities"}

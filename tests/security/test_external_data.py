@@ -103,7 +103,7 @@ def seal_as_malicious_owner(model: onnx.ModelProto, monkeypatch: pytest.MonkeyPa
         patch.setattr(model_container, "check_external_data", lambda *args: None)
         original = sealing._strip
 
-        def keep_external(m: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[TensorProto, int]]]:
+        def keep_external(m: onnx.ModelProto) -> tuple[onnx.ModelProto, list[sealing.PayloadTensor]]:
             honest = onnx.ModelProto.FromString(m.SerializeToString())
             external = [i for i in honest.graph.initializer if i.data_location == TensorProto.EXTERNAL]
             for init in external:

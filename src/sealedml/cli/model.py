@@ -77,7 +77,7 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
         InputError: the file is not a usable ONNX model.
         ConfigurationError: unreadable identity or bad trust options.
     """
-    from sealedml.client.model_check import check_model_file
+    from sealedml.client.model_check import check_model_file, is_tflite_file
     from sealedml.client.owner import load_model_file, publish_model, publish_partition
     from sealedml.storage.modelstore import LocalModelStore
 
@@ -94,7 +94,9 @@ def handle_model_seal(args: argparse.Namespace) -> dict[str, Any]:
             )
     else:
         signature = check_model_file(args.input)  # loads in ONNX Runtime (or LiteRT) before anything is sealed
-        model = load_model_file(args.input)  # ONNX, or a .tflite file sealed unmodified
+        # A .tflite file is sealed unmodified (its bytes); an .onnx file is read tensor by tensor, never loaded.
+        loaded = load_model_file(args.input) if is_tflite_file(args.input) else None
+        model = loaded if loaded is not None else args.input
         with keyservice_client(args) as ks:
             published = publish_model(
                 model,

@@ -10,6 +10,7 @@ MLServer's model metadata do).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from sealedml.envelope.model_container import is_tflite
 from sealedml.errors import InputError
 from sealedml.protocol.keyservice import ModelSignature, TensorInfo
 
-__all__ = ["check_model_file", "signature_of_model", "signature_of_specs"]
+__all__ = ["check_model_file", "is_tflite_file", "signature_of_model", "signature_of_specs"]
 
 _ORT_TYPES = {
     "tensor(float)": "float32",
@@ -84,6 +85,12 @@ def _tflite_signature(what: str, data: bytes) -> ModelSignature:
     )
 
 
+def is_tflite_file(path: Path) -> bool:
+    """Whether ``path`` starts like a TFLite FlatBuffer."""
+    with open(path, "rb") as fh:
+        return is_tflite(fh.read(8))
+
+
 def check_model_file(path: Path) -> ModelSignature:
     """Load the model at ``path`` as its runtime will (ONNX Runtime, or LiteRT for TFLite); its inputs and outputs.
 
@@ -99,7 +106,54 @@ def check_model_file(path: Path) -> ModelSignature:
         head = fh.read(8)
     if is_tflite(head):
         return _tflite_signature(str(path), path.read_bytes())
-    return _onnx_signature(path, str(path))
+    return _in_side_process(path)
+
+
+def _in_side_process(path: Path) -> ModelSignature:
+    """:func:`_onnx_signature` in a process of its own.
+
+    ONNX Runtime holds about twice the model while it loads one: that memory goes with the
+    side process instead of staying in the sealer's (which then seals from the file in about
+    the size of one tensor, ``envelope/onnx_file.py``). A model that crashes ONNX Runtime
+    kills only the side process, and is refused in one line.
+
+    Raises:
+        InputError: ONNX Runtime cannot load the model (its reason), or crashed on it.
+    """
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sealedml.client.model_check", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    lines = done.stdout.strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        answer = {}
+    if done.returncode == 0 and "signature" in answer:
+        return ModelSignature.model_validate(answer["signature"])
+    if "error" in answer:
+        raise InputError(str(answer["error"]))
+    raise InputError(f"{path}: ONNX Runtime crashed loading it (exit {done.returncode}); nothing was sealed")
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m sealedml.client.model_check PATH``: the signature as one JSON line, or the error."""
+    import json
+
+    try:
+        signature = _onnx_signature(Path(argv[0]), argv[0])
+    except InputError as exc:
+        print(json.dumps({"error": exc.message}))
+        return 3
+    print(json.dumps({"signature": signature.model_dump(mode="json")}))
+    return 0
 
 
 def signature_of_model(model: Any, what: str = "the model") -> ModelSignature:
@@ -117,3 +171,9 @@ def signature_of_specs(inputs: Any, outputs: Any) -> ModelSignature:
         inputs=[TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in inputs],
         outputs=[TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape)) for t in outputs],
     )
+
+
+if __name__ == "__main__":  # pragma: no cover - run by _in_side_process
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

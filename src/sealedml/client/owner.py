@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import onnx
 
 from sealedml.client.keyservice import KeyServiceClient
-from sealedml.client.model_check import signature_of_model, signature_of_specs
+from sealedml.client.model_check import check_model_file, signature_of_model, signature_of_specs
 from sealedml.crypto import KEY_SIZE, random_bytes
-from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model, seal_model_file
+from sealedml.envelope.model_container import DEFAULT_CHUNK_SIZE, is_tflite, seal_model
+from sealedml.envelope.seal_file import seal_model_file
 from sealedml.errors import AccessDenied, ConfigurationError
 from sealedml.storage.modelstore import ModelStore
 
@@ -66,7 +67,7 @@ def load_model_file(path: Path) -> onnx.ModelProto | bytes:
 
 
 def publish_model(
-    model: onnx.ModelProto | bytes,
+    model: onnx.ModelProto | bytes | Path,
     *,
     model_id: str,
     keyservice: KeyServiceClient,
@@ -87,7 +88,8 @@ def publish_model(
     Raises:
         InputError: ONNX Runtime (or LiteRT) cannot load the model: nothing is sealed or uploaded.
     """
-    signature = signature or signature_of_model(model)
+    if signature is None:
+        signature = check_model_file(model) if isinstance(model, Path) else signature_of_model(model)
     version = version or _next_version(model_id, keyservice, store)
     model_key = random_bytes(KEY_SIZE)
     with tempfile.TemporaryDirectory(prefix="sealedml-seal-") as scratch:

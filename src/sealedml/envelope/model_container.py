@@ -76,6 +76,7 @@ __all__ = [
     "PART_FORMAT_VERSION",
     "SEALED_PARTS",
     "TFLITE_MAGIC",
+    "BytesPayload",
     "Manifest",
     "SealedModelHeader",
     "SealedModelReader",
@@ -87,7 +88,6 @@ __all__ = [
     "open_tflite",
     "read_header",
     "seal_model",
-    "seal_model_file",
     "seal_tflite",
     "write_sealed",
 ]
@@ -366,7 +366,7 @@ def seal_model(
     out = io.BytesIO()
     write_sealed(
         out,
-        OnnxPayload(model),
+        OnnxPayload.of_model(model),
         FORMAT_VERSION if part is None else PART_FORMAT_VERSION,
         extra,
         model_id=model_id,
@@ -403,7 +403,7 @@ def seal_tflite(
     out = io.BytesIO()
     write_sealed(
         out,
-        _BytesPayload(bytes(data)),
+        BytesPayload(bytes(data)),
         FILE_FORMAT_VERSION,
         {"payload": "tflite"},
         model_id=model_id,
@@ -414,69 +414,7 @@ def seal_tflite(
     return out.getvalue()
 
 
-class _HashingWriter:
-    """Passes writes on to a file, counting them and hashing them (the container's SHA-256)."""
-
-    def __init__(self, out: BinaryIO) -> None:
-        self.out, self.size, self.hash = out, 0, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        self.size += len(data)
-        return self.out.write(data)
-
-
-def seal_model_file(
-    path: Path,
-    model: onnx.ModelProto | bytes,
-    *,
-    model_id: str,
-    model_version: int,
-    model_key: bytes,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    progress: Progress | None = None,
-) -> tuple[int, str]:
-    """Seal an ONNX model (or TFLite bytes) into the file ``path``, in bounded memory; its size and SHA-256.
-
-    Memory holds the model, one tensor and one chunk, never the container (``sealing.py``).
-
-    Raises:
-        SealedModelError: as :func:`seal_model` and :func:`seal_tflite`.
-    """
-    if not 1024 <= chunk_size <= 64 * 1024 * 1024:
-        raise SealedModelError("chunk size must be between 1 KiB and 64 MiB")
-    if model_version < 1:
-        raise SealedModelError("model version must be ≥ 1")
-    if isinstance(model, bytes | bytearray):
-        if not is_tflite(bytes(model)):
-            raise SealedModelError("input is not a TFLite model (no TFL3 identifier)")
-        payload: OnnxPayload | _BytesPayload = _BytesPayload(bytes(model))
-        version, extra = FILE_FORMAT_VERSION, {"payload": "tflite"}
-    else:
-        try:
-            check_external_data(model, ())
-        except SealedModelError as exc:
-            raise SealedModelError(f"{exc.message}: load the model with its data first (onnx.load)") from None
-        payload, version, extra = OnnxPayload(model), FORMAT_VERSION, {}
-    with open(path, "wb") as fh:
-        out = _HashingWriter(fh)
-        write_sealed(
-            out,  # type: ignore[arg-type]
-            payload,
-            version,
-            extra,
-            model_id=model_id,
-            model_version=model_version,
-            model_key=model_key,
-            chunk_size=chunk_size,
-            progress=progress,
-        )
-        fh.flush()
-        os.fsync(fh.fileno())
-    return out.size, out.hash.hexdigest()
-
-
-class _BytesPayload:
+class BytesPayload:
     """A payload already in memory (a TFLite file): one piece."""
 
     def __init__(self, data: bytes) -> None:
@@ -488,7 +426,7 @@ class _BytesPayload:
 
 def write_sealed(
     out: BinaryIO,
-    payload: OnnxPayload | _BytesPayload,
+    payload: OnnxPayload | BytesPayload,
     format_version: int,
     extra: dict[str, Any],
     *,

@@ -12,8 +12,10 @@ are the same as the in-memory builder's, so readers do not change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +26,7 @@ from sealedml._internal.encoding import canonical_json
 from sealedml.envelope.external_data import EXTERNAL_LOCATION
 from sealedml.errors import SealedModelError
 
-__all__ = ["OnnxPayload", "Progress", "rechunk", "sha256_of"]
+__all__ = ["OnnxPayload", "PayloadTensor", "Progress", "placeholder_for", "rechunk", "sha256_of", "tensor_length"]
 
 #: Told (bytes done, bytes in all) as chunks are sealed.
 Progress = Callable[[int, int], None]
@@ -49,27 +51,52 @@ def _numeric(init: TensorProto) -> bool:
     return init.data_type not in (TensorProto.STRING, TensorProto.UNDEFINED)
 
 
-def _strip(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[tuple[TensorProto, int]]]:
+@dataclass(frozen=True)
+class PayloadTensor:
+    """One initializer's place in the payload: what the manifest says of it, and how to read its bytes."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    length: int
+    read: Callable[[], bytes | memoryview]
+
+
+def placeholder_for(tensor: TensorProto, target: TensorProto) -> None:
+    """Make ``target`` the graph's stand-in for ``tensor``: name, type and shape, data external to the graph."""
+    target.name, target.data_type = tensor.name, tensor.data_type
+    target.dims.extend(tensor.dims)
+    target.data_location = TensorProto.EXTERNAL
+    entry = target.external_data.add()
+    entry.key, entry.value = "location", EXTERNAL_LOCATION
+
+
+def tensor_length(tensor: TensorProto) -> int:
+    """The bytes a numeric tensor of this type and shape holds."""
+    itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    return itemsize * int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _array_bytes(init: TensorProto) -> memoryview:
+    return memoryview(np.ascontiguousarray(numpy_helper.to_array(init)).data).cast("B")
+
+
+def _strip(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[PayloadTensor]]:
     """The model without its numeric initializers' data (placeholders marked external), and those
-    initializers (references into ``model``, not copies) with their lengths in bytes."""
+    initializers as payload tensors read from ``model`` when reached (references, not copies)."""
     stripped = onnx.ModelProto()
     _copy_fields(model, stripped, skip="graph")
     _copy_fields(model.graph, stripped.graph, skip="initializer")
-    tensors: list[tuple[TensorProto, int]] = []
+    tensors: list[PayloadTensor] = []
     for init in model.graph.initializer:
         if not _numeric(init):
             stripped.graph.initializer.add().CopyFrom(init)
             continue
         if init.data_location == TensorProto.EXTERNAL:
             raise SealedModelError(f"initializer {init.name!r} has external data: load the model with its data first")
-        placeholder = stripped.graph.initializer.add()
-        placeholder.name, placeholder.data_type = init.name, init.data_type
-        placeholder.dims.extend(init.dims)
-        placeholder.data_location = TensorProto.EXTERNAL
-        entry = placeholder.external_data.add()
-        entry.key, entry.value = "location", EXTERNAL_LOCATION
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-        tensors.append((init, itemsize * int(np.prod(init.dims, dtype=np.int64))))
+        placeholder_for(init, stripped.graph.initializer.add())
+        read = functools.partial(_array_bytes, init)
+        tensors.append(PayloadTensor(init.name, init.data_type, tuple(init.dims), tensor_length(init), read))
     return stripped, tensors
 
 
@@ -78,16 +105,14 @@ class OnnxPayload:
 
     The graph keeps every initializer's name, type and shape, marked as external data at
     ``EXTERNAL_LOCATION``; the manifest gives each tensor's offset, length, type and shape.
-
-    Raises:
-        SealedModelError: an initializer with external data (load the model with its data).
+    :meth:`of_model` reads the tensors from a loaded model; ``onnx_file.py:payload_of_file``
+    from the ``.onnx`` file itself, one at a time.
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
-        stripped, self._tensors = _strip(model)
+    def __init__(self, stripped: onnx.ModelProto, tensors: list[PayloadTensor]) -> None:
+        self._tensors = tensors
         rel: list[dict[str, Any]] = [
-            {"name": init.name, "length": length, "data_type": init.data_type, "dims": list(init.dims)}
-            for init, length in self._tensors
+            {"name": t.name, "length": t.length, "data_type": t.data_type, "dims": list(t.dims)} for t in tensors
         ]
         self.graph = stripped.SerializeToString()
         cursor = len(self.graph)
@@ -113,22 +138,33 @@ class OnnxPayload:
         #: The payload's length in bytes.
         self.length = base + body_length
 
+    @classmethod
+    def of_model(cls, model: onnx.ModelProto) -> OnnxPayload:
+        """The payload of a loaded model.
+
+        Raises:
+            SealedModelError: an initializer with external data (load the model with its data).
+        """
+        return cls(*_strip(model))
+
     def pieces(self) -> Iterator[bytes | memoryview]:
-        """The payload, in order, one piece at a time (a tensor is read from the model when reached)."""
+        """The payload, in order, one piece at a time (a tensor is read when reached)."""
         yield len(self.manifest).to_bytes(4, "big") + self.manifest
         at = 4 + len(self.manifest)
         yield bytes(self._base - at)
         yield self.graph
         at = self._base + len(self.graph)
-        for (init, length), entry in zip(self._tensors, self._rel, strict=True):
+        for tensor, entry in zip(self._tensors, self._rel, strict=True):
             start = self._base + entry["offset"]
             if start > at:
                 yield bytes(start - at)
-            array = np.ascontiguousarray(numpy_helper.to_array(init))
-            if array.nbytes != length:
-                raise SealedModelError(f"initializer {init.name!r} holds {array.nbytes} bytes, its shape says {length}")
-            yield memoryview(array.data).cast("B")
-            at = start + length
+            data = tensor.read()
+            if len(data) != tensor.length:
+                raise SealedModelError(
+                    f"initializer {tensor.name!r} holds {len(data)} bytes, its shape says {tensor.length}"
+                )
+            yield data
+            at = start + tensor.length
 
 
 def rechunk(pieces: Iterable[bytes | memoryview], size: int) -> Iterator[bytes]:
