@@ -318,3 +318,23 @@ def test_ray_record_is_refused_with_the_local_engine(capsys: pytest.CaptureFixtu
     argv = ["platform", "serve", "--keyservice", "http://127.0.0.1:1", "--store", str(tmp_path)]
     assert main([*argv, "--ray-record", str(tmp_path / "rec")]) == 1
     assert capsys.readouterr().err.strip() == "error: --ray-record applies to --engine ray"
+
+
+def test_every_option_of_every_command_says_what_it_is_for() -> None:
+    """`--help` explains every flag (issue 19): none is left with only its name."""
+    import argparse
+
+    from sealedml.cli.main import build_parser
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: list[str]) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif action.option_strings and not action.help:
+                missing.append(" ".join([*path, action.option_strings[0]]))
+
+    walk(build_parser(), [])
+    assert missing == []

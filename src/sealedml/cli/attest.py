@@ -173,6 +173,7 @@ def add_parser(subparsers: Any) -> None:
         "--tee",
         required=True,
         choices=[t.value for t in (TeeType.SGX, TeeType.TDX, TeeType.SEV_SNP)],
+        help="the TEE that produced the evidence",
     )
     verify.add_argument("--collateral", metavar="FILE", help="DCAP collateral JSON (sgx, tdx)")
     verify.add_argument("--pccs-url", metavar="URL", help="fetch DCAP collateral from a PCCS")

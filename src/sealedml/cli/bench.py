@@ -206,26 +206,40 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register the ``bench`` group on ``subparsers``."""
     bench = add_group(subparsers, "bench", "benchmarks")
     p = add_command(bench, "overhead", handle_bench_overhead, "secure vs plain serving vs in-process ONNX Runtime")
-    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50", "digits", "toy"])
+    p.add_argument(
+        "--model",
+        default="mobilenetv2",
+        choices=["mobilenetv2", "resnet50", "digits", "toy"],
+        help="which model (default mobilenetv2)",
+    )
     p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds before measuring (default 5)")
 
     p = add_command(
         bench, "coldstart", handle_bench_coldstart, "first request with no instance, with/without warm pool"
     )
-    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"], help="which model (default mobilenetv2)"
+    )
+    p.add_argument("--repeats", type=int, default=5, help="measured repetitions (default 5)")
 
     p = add_command(bench, "concurrency", handle_bench_concurrency, "1 instance x concurrency 2 vs 2 instances x 1")
-    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"])
+    p.add_argument(
+        "--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"], help="which model (default mobilenetv2)"
+    )
     p.add_argument("--clients", type=int, default=4, help="requests kept outstanding (default 4)")
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window (default 5)")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="measured rounds (default 3)")
 
     p = add_command(bench, "memory", handle_bench_memory, "whole-model vs memory-bounded execution at several budgets")
-    p.add_argument("--model", default="resnet50", choices=["resnet50", "mobilenetv2", "vgg16"])
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        choices=["resnet50", "mobilenetv2", "vgg16"],
+        help="which model (default resnet50)",
+    )
     p.add_argument("--budget", default="16MB,32MB,64MB", help="comma-separated budgets (default 16MB,32MB,64MB)")
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="measured repetitions (default 10)")
     p.add_argument(
         "--threads",
         type=int,
@@ -239,10 +253,15 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
     p.add_argument("--trace", type=Path, default=None, help="CSV of timestamp,model rows instead of synthetic")
     p.add_argument("--duration", type=float, default=60.0, help="synthetic trace length, seconds (default 60)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
     p.add_argument("--keep-alive", type=float, default=10.0, help="instance keep-alive, seconds (default 10)")
     p.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO, ms (default 1000)")
-    p.add_argument("--model", default="mobilenetv2", choices=["mobilenetv2", "digits", "resnet50"])
+    p.add_argument(
+        "--model",
+        default="mobilenetv2",
+        choices=["mobilenetv2", "digits", "resnet50"],
+        help="which model (default mobilenetv2)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     p.add_argument("--warm-pool", type=int, default=1, help="spare pre-started instances per platform (default 1)")
 
@@ -285,7 +304,7 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--front-cut", default=None, metavar="T[,T...]", help="default: after the first stages")
     p.add_argument("--back-cut", default=None, metavar="T[,T...]", help="default: the global pool")
     p.add_argument("--requests", type=int, default=40, help="measured requests per configuration (default 40)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds before measuring (default 5)")
     p.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where the executor runs the middle"
     )
@@ -307,7 +326,7 @@ def add_parser(subparsers: Subcommands) -> None:
         "(default digits-cnn)",
     )
     p.add_argument("--requests", type=int, default=40, help="measured requests per configuration (default 40)")
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="untimed rounds before measuring (default 5)")
     p.add_argument("--faults", type=int, default=1000, help="requests with an altered product (default 1000)")
     p.add_argument("--weight-bits", type=int, default=8, help="quantized weight bits (default 8)")
     p.add_argument("--input-bits", type=int, default=8, help="quantized layer input bits (default 8)")

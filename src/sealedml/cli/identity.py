@@ -46,7 +46,9 @@ def add_parser(subparsers: Subcommands) -> None:
     """Register ``identity new`` and ``register`` on ``subparsers``."""
     ident = add_group(subparsers, "identity", "identity commands")
     p = add_command(ident, "new", handle_identity_new, "create a new identity file (Ed25519 key + request-key seed)")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "--out", required=True, type=Path, help="where to write the identity file (mode 0600; never overwritten)"
+    )
 
     p = add_command(subparsers, "register", handle_register, "register an identity with the KeyService")
     add_keyservice(p)

@@ -194,8 +194,16 @@ def add_parser(subparsers: Subcommands) -> None:
         metavar="MODEL.onnx",
         help="--mode seco: also run the plaintext model here and report the fixed-point error",
     )
-    p.add_argument("--input", action="append", default=[], metavar="X.npy|NAME=FILE.npy|FILE.npz")
-    p.add_argument("--out", type=Path, default=None, metavar="Y.npy|Y.npz")
+    p.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="X.npy|NAME=FILE.npy|FILE.npz",
+        help="an input: X.npy (a single-input model), NAME=FILE.npy (once per input) or FILE.npz",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, metavar="Y.npy|Y.npz", help="write the outputs: Y.npy (one output) or Y.npz"
+    )
     p.add_argument("--gateway", default=None, metavar="URL", help="the gateway's URL (default: $SEALEDML_GATEWAY)")
     require_configured(p, "gateway")
     p.add_argument(

@@ -62,7 +62,12 @@ def handle_measurement(args: argparse.Namespace) -> dict[str, Any]:
 def add_parser(subparsers: Subcommands) -> None:
     """Register ``measurement`` on ``subparsers``."""
     p = add_command(subparsers, "measurement", handle_measurement, "print this build's runtime measurement")
-    p.add_argument("--role", default="runtime", choices=["runtime", "keyservice", "program"])
+    p.add_argument(
+        "--role",
+        default="runtime",
+        choices=["runtime", "keyservice", "program"],
+        help="whose measurement: runtime (default), keyservice or program",
+    )
     p.add_argument(
         "--program", type=Path, metavar="SCRIPT", help="with --role program: the script `sealedml run` will run"
     )

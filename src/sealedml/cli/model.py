@@ -286,15 +286,21 @@ def add_parser(subparsers: Subcommands) -> None:
         help="seal a partitioned model instead (`sealedml partition split`): front and back sealed, "
         "the middle stored in the clear to run outside the TEE",
     )
-    p.add_argument("--model-id", required=True)
-    p.add_argument("--store", required=True, type=Path)
+    p.add_argument("--model-id", required=True, help="the model's id (first come, first owned)")
+    p.add_argument("--store", required=True, type=Path, help="the model store directory (sealed models only)")
     p.add_argument("--version", type=int, default=None, help="version number (default: next)")
     add_identity(p)
     add_keyservice(p)
 
     p = add_command(model, "allow-runtime", handle_model_allow_runtime, "allow a runtime measurement for a model")
     p.add_argument("model_id", metavar="ID")
-    p.add_argument("--measurement", required=True, type=measurement_hex, metavar="[TEE:]HEX")
+    p.add_argument(
+        "--measurement",
+        required=True,
+        type=measurement_hex,
+        metavar="[TEE:]HEX",
+        help="the runtime's measurement: HEX, or TEE:HEX for another TEE type",
+    )
     p.add_argument(
         "--tee",
         choices=TEE_TYPES,
@@ -309,7 +315,9 @@ def add_parser(subparsers: Subcommands) -> None:
     for action in ("grant", "revoke"):
         p = add_command(model, action, handle_model_grant, f"{action} a user's access to a model")
         p.add_argument("model_id", metavar="ID")
-        p.add_argument("--user", required=True, metavar="USER_ID")
+        p.add_argument(
+            "--user", required=True, metavar="USER_ID", help="the user's principal id (printed by their `identity new`)"
+        )
         p.set_defaults(action=action)
         add_identity(p)
         add_keyservice(p)

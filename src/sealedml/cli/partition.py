@@ -149,7 +149,13 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("model", type=Path, metavar="MODEL.onnx")
     p.add_argument("--front-cut", required=True, metavar="T[,T...]", help="tensors the front computes")
     p.add_argument("--back-cut", required=True, metavar="T[,T...]", help="tensors the back starts from")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="directory for front.onnx, middle.onnx, back.onnx and partition.json",
+    )
     p.add_argument(
         "--check",
         type=int,

@@ -121,7 +121,7 @@ def add_parser(subparsers: Subcommands) -> None:
     p = add_command(ks, "recover", handle_recover, "rebuild the master key from holders' recovery shares, then stop")
     p.add_argument("--data-dir", required=True, type=Path, help="where the recovered master key is sealed")
     p.add_argument("--store", metavar="URL", help="the PostgreSQL store (default: DATA_DIR/keyservice.sqlite3)")
-    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
     add_tee(p)
     p = add_command(

@@ -233,12 +233,17 @@ def add_parser(subparsers: Subcommands) -> None:
     )
     p.add_argument("--samples", type=int, default=50, help="calibration samples to check (default 50)")
     p = add_command(seco, "serve", handle_seco_serve, "run the gateway (A) or a remote server (B or C)")
-    p.add_argument("--role", required=True, choices=["gateway", "remote"])
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["gateway", "remote"],
+        help="which server: gateway (party A) or remote (B or C)",
+    )
     p.add_argument("--dir", required=True, type=Path, metavar="DIR", help="this party's directory from seco deploy")
     p.add_argument(
         "--remote", action="append", default=[], metavar="B=URL|C=URL", help="gateway only: where B and C listen"
     )
-    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="0: any free port (announced on stdout)")
     p.add_argument(
         "--record",

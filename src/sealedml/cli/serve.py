@@ -258,11 +258,18 @@ def handle_up(args: argparse.Namespace) -> dict[str, Any]:
 def add_parser(subparsers: Subcommands) -> None:
     """Register ``up``, ``keyservice serve``, ``platform serve`` and ``worker serve`` on ``subparsers``."""
     p = add_command(subparsers, "up", handle_up, "run a KeyService and a platform gateway with embedded defaults")
-    p.add_argument("--data-dir", required=True, type=Path)
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--keyservice-port", type=int, default=8700)
-    p.add_argument("--gateway-port", type=int, default=8701)
-    p.add_argument("--lease-ttl", type=int, default=60)
+    p.add_argument(
+        "--data-dir", required=True, type=Path, help="directory for the KeyService's state and the model store"
+    )
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--keyservice-port", type=int, default=8700, help="the KeyService's port (default 8700)")
+    p.add_argument("--gateway-port", type=int, default=8701, help="the gateway's port (default 8701)")
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=60,
+        help="seconds a released lease lasts before it must be renewed (default 60)",
+    )
 
     ks = add_group(subparsers, "keyservice", "KeyService commands")
     p = add_command(ks, "serve", handle_keyservice_serve, "run the KeyService")
@@ -290,7 +297,7 @@ def add_parser(subparsers: Subcommands) -> None:
         metavar="FILE",
         help="make k-of-n recovery shares of the master key for these holders (YAML: threshold, holders)",
     )
-    p.add_argument("--host", default=DEFAULT_HOST)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8700, help="port (0 = any free port; the URL is printed)")
     p.add_argument("--lease-ttl", type=int, default=60, help="seconds released keys stay valid (default 60)")
     p.add_argument(
@@ -320,10 +327,10 @@ def add_parser(subparsers: Subcommands) -> None:
 
     pf = add_group(subparsers, "platform", "platform commands")
     p = add_command(pf, "serve", handle_platform_serve, "run the gateway with the embedded local platform")
-    p.add_argument("--keyservice", required=True, metavar="URL")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=8701)
+    p.add_argument("--keyservice", required=True, metavar="URL", help="the KeyService's URL")
+    p.add_argument("--store", required=True, type=Path, help="the model store directory (sealed models only)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8701, help="port to listen on (default 8701; 0: any free port)")
     p.add_argument("--concurrency", type=int, default=2, help="requests per instance at once (default 2)")
     p.add_argument("--max-instances", type=int, default=2, help="most instances at once (default 2)")
     p.add_argument("--keep-alive", type=float, default=60.0, help="idle seconds before stopping an instance")
@@ -392,11 +399,11 @@ def add_parser(subparsers: Subcommands) -> None:
 
     wk = add_group(subparsers, "worker", "runtime instance commands")
     p = add_command(wk, "serve", handle_worker_serve, "run one runtime instance (OpenWhisk action protocol)")
-    p.add_argument("--keyservice", required=True, metavar="URL")
-    p.add_argument("--store", required=True, type=Path)
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--concurrency", type=int, default=2)
+    p.add_argument("--keyservice", required=True, metavar="URL", help="the KeyService's URL")
+    p.add_argument("--store", required=True, type=Path, help="the model store directory (sealed models only)")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
+    p.add_argument("--concurrency", type=int, default=2, help="requests an instance serves at once (default 2)")
     p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
     p.add_argument(
         "--max-request",
@@ -420,8 +427,8 @@ def add_parser(subparsers: Subcommands) -> None:
     ex = add_group(subparsers, "executor", "untrusted executor of partitioned models' middles")
     p = add_command(ex, "serve", handle_executor_serve, "run the middles of partitioned models (outside any TEE)")
     p.add_argument("--store", required=True, type=Path, help="model store holding the middles (v<N>.middle.onnx)")
-    p.add_argument("--host", default=DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=8702)
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8702, help="port to listen on (default 8702; 0: any free port)")
     p.add_argument(
         "--device",
         default="auto",

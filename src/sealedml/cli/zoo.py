@@ -115,10 +115,10 @@ def add_parser(subparsers: Subcommands) -> None:
         "name",
         choices=["digits", "digits-mlp", "digits-small-cnn", "mobilenetv2", "resnet50", "vgg16", "toy", *TRAINED],
     )
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=Path, help="where to write the ONNX model")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of the random-weight models (default 0)")
     p.add_argument("--test-data", type=Path, default=None, help="digits only: also write test inputs (.npy)")
-    p.add_argument("--samples", type=int, default=10)
+    p.add_argument("--samples", type=int, default=10, help="test samples written with --test-data (default 10)")
     p.add_argument(
         "--data",
         type=Path,
