@@ -209,7 +209,7 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument(
         "--model",
         default="mobilenetv2",
-        choices=["mobilenetv2", "resnet50", "digits", "toy"],
+        choices=["mobilenetv2", "resnet50", "minilm", "digits", "toy"],
         help="which model (default mobilenetv2)",
     )
     p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")

@@ -113,7 +113,17 @@ def add_parser(subparsers: Subcommands) -> None:
     p = add_command(zoo, "export", handle_zoo_export, "write a built-in model as ONNX")
     p.add_argument(
         "name",
-        choices=["digits", "digits-mlp", "digits-small-cnn", "mobilenetv2", "resnet50", "vgg16", "toy", *TRAINED],
+        choices=[
+            "digits",
+            "digits-mlp",
+            "digits-small-cnn",
+            "mobilenetv2",
+            "resnet50",
+            "vgg16",
+            "minilm",
+            "toy",
+            *TRAINED,
+        ],
     )
     p.add_argument("--out", required=True, type=Path, help="where to write the ONNX model")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the random-weight models (default 0)")

@@ -28,6 +28,7 @@ import onnx
 
 from sealedml.errors import ConfigurationError
 from sealedml.zoo import trained
+from sealedml.zoo.minilm import minilm
 from sealedml.zoo.mobilenet import mobilenetv2
 from sealedml.zoo.resnet import resnet50
 from sealedml.zoo.toy import toy_multi_io
@@ -77,6 +78,7 @@ __all__ = [
     "digits",
     "digits_plaintext_accuracy",
     "get",
+    "minilm",
     "mobilenetv2",
     "resnet50",
     "toy_multi_io",
@@ -111,6 +113,7 @@ _BUILDERS: dict[str, Callable[[int], onnx.ModelProto]] = {
     "digits-small-cnn": _seco_model("digits-small-cnn"),
     "mobilenetv2": mobilenetv2,
     "resnet50": resnet50,
+    "minilm": minilm,
     "vgg16": vgg16,
     "toy": toy_multi_io,
 }

@@ -265,7 +265,16 @@ def test_toy_deterministic() -> None:
 
 
 def test_get_builds_each_fast_model_by_name() -> None:
-    assert zoo.NAMES == ("digits", "digits-mlp", "digits-small-cnn", "mobilenetv2", "resnet50", "vgg16", "toy")
+    assert zoo.NAMES == (
+        "digits",
+        "digits-mlp",
+        "digits-small-cnn",
+        "mobilenetv2",
+        "resnet50",
+        "minilm",
+        "vgg16",
+        "toy",
+    )
     builders: dict[str, Callable[[int], onnx.ModelProto]] = {
         "toy": zoo.toy_multi_io,
         "mobilenetv2": zoo.mobilenetv2,
@@ -288,13 +297,14 @@ def test_get_unknown_name_lists_valid_names() -> None:
 def test_public_api_is_explicit() -> None:
     assert set(zoo.__all__) == {
         "NAMES", "DigitsModel", "digits", "digits_plaintext_accuracy", "get",
-        "mobilenetv2", "resnet50", "toy_multi_io", "vgg16",
+        "minilm", "mobilenetv2", "resnet50", "toy_multi_io", "vgg16",
     }  # fmt: skip
     assert "Attributes:" in (zoo.DigitsModel.__doc__ or "")
     for name in (
         "digits",
         "digits_plaintext_accuracy",
         "get",
+        "minilm",
         "mobilenetv2",
         "resnet50",
         "toy_multi_io",
