@@ -530,8 +530,9 @@ def test_makefile_refuses_a_debug_enclave(gramine_workdir) -> None:
 
 
 # --------------------------------------------------------------------------- OpenWhisk image
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
+def _dockerfile_instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, rest) of a Dockerfile, continuation lines joined (deploy/docker's are read the same way)."""
+    text = path.read_text().replace("\\\n", " ")
     out = []
     for line in text.splitlines():
         line = line.strip()

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from sealedml.cli.main import build_parser
+from tests.unit.test_deploy_files import _dockerfile_instructions
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
@@ -23,20 +24,8 @@ COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes" / "sealedml.yaml"
 
 
-def _instructions(path: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) of a Dockerfile, continuation lines joined."""
-    text = path.read_text().replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
-
-
 def _exec_form(path: Path, word: str) -> list[str]:
-    (rest,) = [rest for w, rest in _instructions(path) if w == word]
+    (rest,) = [rest for w, rest in _dockerfile_instructions(path) if w == word]
     value: list[str] = json.loads(rest)
     return value
 
@@ -54,7 +43,7 @@ def _parses(argv: list[str]) -> Any:
 def test_the_images_install_the_package_and_run_sealedml():
     for name in ("keyservice", "runtime"):
         path = DOCKER / f"{name}.Dockerfile"
-        instructions = _instructions(path)
+        instructions = _dockerfile_instructions(path)
         assert instructions[0] == ("FROM", "python:3.11-slim")
         assert ("RUN", "pip install . && rm -rf /build") in instructions  # no extras: no scikit-learn
         assert any(w == "USER" for w, _ in instructions)
@@ -62,7 +51,7 @@ def test_the_images_install_the_package_and_run_sealedml():
     assert _parses(keyservice[3:]).port == 8700
     runtime = _exec_form(DOCKER / "runtime.Dockerfile", "ENTRYPOINT") + _exec_form(DOCKER / "runtime.Dockerfile", "CMD")
     assert runtime[:3] == ["python", "-m", "sealedml"] and _parses(runtime[3:]).port == 8701
-    gramine = _instructions(DOCKER / "runtime-gramine.Dockerfile")
+    gramine = _dockerfile_instructions(DOCKER / "runtime-gramine.Dockerfile")
     assert gramine[0][1].startswith("gramineproject/gramine:")
     assert json.loads(dict(gramine)["ENTRYPOINT"]) == ["gramine-sgx", "sealedml-worker"]
 

@@ -184,7 +184,7 @@ def run_blind(
             level = blinded_log.level
             blinded_log.setLevel(logging.ERROR)  # one condemnation warning per injected fault is noise here
             for trial in range(faults):
-                middle._executors = [_Faulty(http, int(rng.integers(len(spec.layers))), rng)]
+                middle.set_executors([_Faulty(http, int(rng.integers(len(spec.layers))), rng)])
                 try:
                     middle.run(crossing)
                 except VerificationError:

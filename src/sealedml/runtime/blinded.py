@@ -144,10 +144,6 @@ class BlindedMiddle:
         self._lock = threading.Lock()
         self._checks = [Freivalds(layer) for layer in plan.layers]
         self._bounds = [layer.l1_max() * (PRIME // 2) for layer in plan.layers]
-        self._out_shapes = [
-            apply_linear(layer, np.zeros((1, *shape))).shape[1:]
-            for layer, shape in zip(plan.layers, masks.sample_shapes, strict=True)
-        ]
         self.stats = BlindStats()
 
     @property
@@ -161,6 +157,11 @@ class BlindedMiddle:
             if not self._executors:
                 raise ServiceUnavailable("every executor for blinded layers failed verification; none is left")
             return self._executors[0]
+
+    def set_executors(self, executors: Sequence[LinearExecutor]) -> None:
+        """Use ``executors`` from now on: the first, then its replacements in order."""
+        with self._lock:
+            self._executors = list(executors)
 
     def _condemn(self, executor: LinearExecutor, why: str) -> None:
         with self._lock:
@@ -183,7 +184,7 @@ class BlindedMiddle:
         answer = executor.compute(layer.index, blinded)
         self.stats.bytes_out += blinded.nbytes
         self.stats.bytes_in += answer.nbytes
-        shape = (x_q.shape[0], *self._out_shapes[layer.index])
+        shape = (x_q.shape[0], *self.masks.output_shapes[layer.index])
         if not valid_product(answer, shape, self._bounds[layer.index]):
             raise VerificationError(f"the executor's product for layer {layer.index} is malformed")
         product = centered(answer.astype(np.int64) - u)

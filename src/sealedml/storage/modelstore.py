@@ -100,18 +100,8 @@ class LocalModelStore(ModelStore):
         self._write_once(self._dir(model_id) / f"v{version}.sealed", sealed, f"{model_id} version {version}")
 
     def put_file(self, model_id: str, version: int, source: Path) -> None:
-        target = self._dir(model_id) / f"v{version}.sealed"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copyfile(source, tmp)  # in blocks: a large model never sits in memory
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, target)
-        except FileExistsError as exc:
-            raise StoreError(f"{model_id} version {version} already stored") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
+        # Copied in blocks: a large model never sits in memory.
+        self._write_once(self._dir(model_id) / f"v{version}.sealed", source, f"{model_id} version {version}")
 
     def put_part(self, model_id: str, version: int, name: str, data: bytes) -> None:
         self._write_once(self._part(model_id, version, name), data, f"{model_id} version {version} {name}")
@@ -128,13 +118,18 @@ class LocalModelStore(ModelStore):
         return target
 
     @staticmethod
-    def _write_once(target: Path, data: bytes, what: str) -> None:
-        """Write ``target`` atomically (a hard link of a complete temporary file); never overwrite."""
+    def _write_once(target: Path, data: bytes | Path, what: str) -> None:
+        """Write ``target`` atomically (a hard link of a complete temporary file); never overwrite.
+
+        ``data``: the bytes, or a file whose content is copied in blocks.
+        """
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        if isinstance(data, Path):
+            shutil.copyfile(data, tmp)
+        else:
+            tmp.write_bytes(data)
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         try:
             os.link(tmp, target)

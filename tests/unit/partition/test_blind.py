@@ -311,7 +311,7 @@ def test_a_thousand_altered_products_are_all_detected(partition):
     middle = local_blinded(partition, [])
     detected = 0
     for _ in range(1000):
-        middle._executors = [Faulty(layers, int(rng.integers(len(layers))), "add", rng)]  # a fresh faulty executor
+        middle.set_executors([Faulty(layers, int(rng.integers(len(layers))), "add", rng)])  # a fresh faulty executor
         try:
             middle.run(crossing)
         except VerificationError:

@@ -73,7 +73,8 @@ class MaskPool:
         self.label, self.low_water, self.target = label, low_water, target
         self.stats = MaskStats()
         self._key = random_bytes(KEY_SIZE)
-        self._out_shapes = [
+        #: Each layer's product shape for one sample.
+        self.output_shapes = [
             apply_linear(layer, np.zeros((1, *shape))).shape[1:]
             for layer, shape in zip(layers, self.sample_shapes, strict=True)
         ]
@@ -139,7 +140,7 @@ class MaskPool:
             path.unlink(missing_ok=True)
         words = np.frombuffer(plain, dtype="<u4").astype(np.int64)
         record, at = [], 0
-        for shape, out in zip(self.sample_shapes, self._out_shapes, strict=True):
+        for shape, out in zip(self.sample_shapes, self.output_shapes, strict=True):
             n_in, n_out = int(np.prod(shape)), int(np.prod(out))
             if at + n_in + n_out > words.size:
                 raise MaskError(f"mask record {seq} has the wrong size")

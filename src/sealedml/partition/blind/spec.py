@@ -11,6 +11,7 @@ executor, and one that computes anything else fails the Freivalds checks.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import onnx
@@ -52,15 +53,8 @@ class BlindSpec(_Frozen):
     @property
     def boundary_bytes_per_sample(self) -> int:
         """Bytes that leave and re-enter the TEE per sample: blinded inputs and products, float64."""
-        count = sum(_count(layer.input_shape) + _count(layer.output_shape) for layer in self.layers)
+        count = sum(math.prod(layer.input_shape) + math.prod(layer.output_shape) for layer in self.layers)
         return 8 * count
-
-
-def _count(shape: list[int]) -> int:
-    total = 1
-    for d in shape:
-        total *= d
-    return total
 
 
 def artifact_name(index: int) -> str:
