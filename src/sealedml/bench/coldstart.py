@@ -22,6 +22,10 @@ from sealedml.bench._setup import publish_for_user
 
 __all__ = ["run_coldstart"]
 
+#: Medians a cold start must stay within (issue 20): a fresh instance, and a warm-pool spare.
+TARGET_WITHOUT_POOL_MS = 500
+TARGET_WITH_POOL_MS = 100
+
 PHASES = ("platform-queue", "attest", "release", "fetch", "decrypt", "session", "open", "compute", "seal")
 
 
@@ -30,7 +34,9 @@ def _wait_for(gateway: str, *, spares: int, timeout: float = 60.0) -> None:
     while time.monotonic() < deadline:
         stats = httpx.get(f"{gateway}/v1/stats", timeout=10).json()
         idle = all(not f["instances"] and not f["starting"] for f in stats["functions"].values())
-        if idle and stats["warm_pool_ready"] >= spares:
+        # A platform still starting its instance template is not what a cold start measures.
+        template_ready = stats.get("template_ready") is not False
+        if idle and stats["warm_pool_ready"] >= spares and template_ready:
             return
         time.sleep(0.2)
     raise TimeoutError("platform did not scale to zero in time")
@@ -76,6 +82,9 @@ def run_coldstart(model_name: str = "mobilenetv2", *, repeats: int = 5, quiet: b
         "repeats": repeats,
         "without_warm_pool": without,
         "with_warm_pool": with_pool,
-        "target_ms": 1500,
-        "target_met": with_pool["median_ms"] <= 1500,
+        "targets_ms": {"without_warm_pool": TARGET_WITHOUT_POOL_MS, "with_warm_pool": TARGET_WITH_POOL_MS},
+        "targets_met": {
+            "without_warm_pool": without["median_ms"] <= TARGET_WITHOUT_POOL_MS,
+            "with_warm_pool": with_pool["median_ms"] <= TARGET_WITH_POOL_MS,
+        },
     }

@@ -235,8 +235,8 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument(
         "--model",
         default="resnet50",
-        choices=["resnet50", "mobilenetv2", "vgg16"],
-        help="which model (default resnet50)",
+        choices=["resnet50", "mobilenetv2", "vgg16", "minilm"],
+        help="which model (default resnet50; minilm is the transformer, fed padded token ids)",
     )
     p.add_argument("--budget", default="16MB,32MB,64MB", help="comma-separated budgets (default 16MB,32MB,64MB)")
     p.add_argument("--repeats", type=int, default=10, help="measured repetitions (default 10)")

@@ -57,6 +57,7 @@ _LOCAL_ENGINE_ONLY: dict[str, Any] = {
     "queue_timeout": 60.0,
     "policy": "sealedml",
     "warm_pool": 0,
+    "instance_start": "fork",
     "unsafe_plaintext_dir": None,
     "executor": "none",
     "max_request": None,
@@ -167,6 +168,7 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         config=config,
         policy=args.policy,
         warm_pool=args.warm_pool,
+        from_template=args.instance_start == "fork",
         tee=args.tee,
         unsafe_plaintext_dir=args.unsafe_plaintext_dir,
         tls=args.tls,
@@ -367,6 +369,13 @@ def add_parser(subparsers: Subcommands) -> None:
     )
     p.add_argument(
         "--warm-pool", type=int, default=_LOCAL_ENGINE_ONLY["warm_pool"], help="spare pre-started instances (default 0)"
+    )
+    p.add_argument(
+        "--instance-start",
+        default=_LOCAL_ENGINE_ONLY["instance_start"],
+        choices=["fork", "spawn"],
+        help="fork each instance from a pre-imported template process (default; skips the imports on a cold "
+        "start) or spawn a fresh interpreter",
     )
     p.add_argument(
         "--executor",

@@ -78,6 +78,7 @@ __all__ = [
     "TFLITE_MAGIC",
     "BytesPayload",
     "Manifest",
+    "OpenedModel",
     "SealedModelHeader",
     "SealedModelReader",
     "TensorEntry",
@@ -85,6 +86,7 @@ __all__ = [
     "check_part",
     "is_tflite",
     "open_model",
+    "open_model_weights",
     "open_tflite",
     "read_header",
     "seal_model",
@@ -241,7 +243,7 @@ class TensorEntry:
     data_type: int
     dims: tuple[int, ...]
 
-    def to_array(self, data: bytes) -> np.ndarray:
+    def to_array(self, data: bytes | bytearray | memoryview) -> np.ndarray:
         """View ``data`` (this tensor's bytes) as a numpy array."""
         dtype = onnx.helper.tensor_dtype_to_np_dtype(self.data_type)
         return np.frombuffer(data, dtype=dtype).reshape(self.dims)
@@ -626,10 +628,19 @@ class SealedModelReader:
         entry = self.manifest.tensor(name)
         return entry.to_array(self.read(entry.offset, entry.length))
 
-    def read_all(self) -> bytes:
-        """Decrypt the whole payload and check its SHA-256 against the header."""
-        payload = b"".join(self.iter_chunks())
-        if not hmac.compare_digest(hashlib.sha256(payload).hexdigest(), self.header.plaintext_sha256):
+    def read_all(self) -> bytearray:
+        """Decrypt the whole payload and check its SHA-256 against the header (each chunk decrypted
+        and hashed in place in one buffer: no per-chunk objects, no joining copy)."""
+        h = self.header
+        payload = bytearray(h.plaintext_length)
+        view = memoryview(payload)
+        digest = hashlib.sha256()
+        for index in range(h.n_chunks):
+            start = index * h.chunk_size
+            written = self.chunk_into(index, view[start:])
+            digest.update(view[start : start + written])
+        view.release()
+        if not hmac.compare_digest(digest.hexdigest(), h.plaintext_sha256):
             raise SealedModelError("sealed model digest mismatch")
         return payload
 
@@ -679,7 +690,7 @@ def open_tflite(
         _check_identity(reader.header, expected_model_id, expected_version)
         if reader.header.payload != "tflite":
             raise SealedModelError(f"sealed model is an {_KIND_NAMES[reader.header.payload]} model, not TFLite")
-        return reader.read_all()
+        return bytes(reader.read_all())
 
 
 def read_header(path: Path | str) -> SealedModelHeader:
@@ -692,15 +703,26 @@ def read_header(path: Path | str) -> SealedModelHeader:
         return SealedModelHeader.parse(fh.read(len(MAGIC) + 4 + _MAX_HEADER))
 
 
-def open_model(
+@dataclass(frozen=True, repr=False)
+class OpenedModel:
+    """A decrypted, verified whole model: its graph, weights still external, and each weight as a
+    read-only array viewing ``payload``, which ONNX Runtime takes as it is (no inlining, no
+    re-serializing: ``SessionOptions.add_external_initializers``)."""
+
+    graph: onnx.ModelProto
+    weights: dict[str, np.ndarray]
+    payload: bytearray
+
+
+def open_model_weights(
     source: bytes | Path | str,
     model_key: bytes,
     *,
     expected_model_id: str | None = None,
     expected_version: int | None = None,
     expected_part: str | None = None,
-) -> onnx.ModelProto:
-    """Decrypt and verify a whole sealed model; return it with weights inline.
+) -> OpenedModel:
+    """Decrypt and verify a whole sealed model; return its graph and weights apart.
 
     Args:
         source: container bytes or path.
@@ -723,19 +745,53 @@ def open_model(
         # The payload is authenticated; parse it from memory.
         length = int.from_bytes(payload[:4], "big")
         try:
-            manifest = _parse_manifest(loads_json(payload[4 : 4 + length]), len(payload))
+            manifest = _parse_manifest(loads_json(bytes(payload[4 : 4 + length])), len(payload))
             model: onnx.ModelProto = onnx.ModelProto.FromString(
-                payload[manifest.graph_offset : manifest.graph_offset + manifest.graph_length]
+                bytes(payload[manifest.graph_offset : manifest.graph_offset + manifest.graph_length])
             )
-            spans = {t.name: (t.offset, t.length) for t in manifest.tensors}
         except Exception as exc:  # malformed JSON, manifest or protobuf: authenticated but unusable
             raise SealedModelError("malformed sealed payload") from exc
-    check_external_data(model, spans)
+    entries = {t.name: t for t in manifest.tensors}
+    # Only top-level initializers held by this container may be external (refused otherwise),
+    # so once each of them is given its array nothing is left to read from anywhere.
+    check_external_data(model, entries)
+    weights: dict[str, np.ndarray] = {}
     for init in model.graph.initializer:
-        if init.name in spans and init.data_location == TensorProto.EXTERNAL:
-            off, ln = spans[init.name]
+        if init.name in entries and init.data_location == TensorProto.EXTERNAL:
+            entry = entries[init.name]
+            data = memoryview(payload)[entry.offset : entry.offset + entry.length]
+            array = entry.to_array(data)
+            array.flags.writeable = False  # ONNX Runtime reads it in place; nothing else may write it
+            weights[init.name] = array
+    return OpenedModel(model, weights, payload)
+
+
+def open_model(
+    source: bytes | Path | str,
+    model_key: bytes,
+    *,
+    expected_model_id: str | None = None,
+    expected_version: int | None = None,
+    expected_part: str | None = None,
+) -> onnx.ModelProto:
+    """Decrypt and verify a whole sealed model; return it with weights inline (arguments as
+    :func:`open_model_weights`).
+
+    Raises:
+        SealedModelError: any authentication, integrity or identity failure.
+    """
+    opened = open_model_weights(
+        source,
+        model_key,
+        expected_model_id=expected_model_id,
+        expected_version=expected_version,
+        expected_part=expected_part,
+    )
+    model = opened.graph
+    for init in model.graph.initializer:
+        if init.name in opened.weights:
             del init.external_data[:]
             init.data_location = TensorProto.DEFAULT
-            init.raw_data = payload[off : off + ln]
+            init.raw_data = opened.weights[init.name].tobytes()
     check_external_data(model, ())  # inlined: nothing may refer to external data any more
     return model

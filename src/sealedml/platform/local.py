@@ -4,7 +4,9 @@ Functions map to pools (:mod:`sealedml.platform.pool`): with the ``per-model``
 policy every model is its own function; with a packing policy (``sesemi``,
 ``sealedml``) one pool — one endpoint — serves every model (FnPacker). A warm
 pool of pre-started spare processes takes process spawn and imports off a
-cold start. A background task stops idle instances (scale to zero).
+cold start; with or without one, instances fork from a pre-imported template
+(:mod:`sealedml.platform.template`), so a cold start skips the imports. A
+background task stops idle instances (scale to zero).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from sealedml.platform.metering import FunctionMeter, Metrics
 from sealedml.platform.policies import RoutingPolicy, policy_by_name
 from sealedml.platform.pool import InstancePool, PoolConfig
 from sealedml.platform.process import InstanceSpec, WorkerProcess
+from sealedml.platform.template import warm_up
 
 __all__ = ["LocalPlatform", "PoolConfig", "WarmPool"]
 
@@ -33,13 +36,16 @@ DEFAULT_FUNCTION = "default"
 class WarmPool:
     """Spare, already-started runtime processes (OpenWhisk "prewarm" containers).
 
-    A spare has spawned, imported everything and answered ``/init``; it holds
-    no model and no key. Taking one replaces it in the background.
+    A spare has started, imported everything and answered ``/init``; it holds
+    no model and no key. Taking one replaces it in the background, ``refill_delay``
+    seconds later: started at once, the replacement would compete for the cores
+    with the very request that took the spare (its model load and first run).
     """
 
-    def __init__(self, spec: InstanceSpec, size: int) -> None:
+    def __init__(self, spec: InstanceSpec, size: int, *, refill_delay: float = 0.5) -> None:
         self.spec = spec
         self.size = size
+        self.refill_delay = refill_delay
         self._ready: deque[WorkerProcess] = deque()
         self._filling = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,7 +80,7 @@ class WarmPool:
         while self._ready:
             proc = self._ready.popleft()
             if proc.alive():
-                self._refill()
+                asyncio.get_running_loop().call_later(self.refill_delay, self._refill)
                 return proc
         self._refill()
         return None
@@ -91,6 +97,12 @@ class WarmPool:
                 await task
         spares, self._ready = list(self._ready), deque()
         await asyncio.gather(*(p.stop() for p in spares), return_exceptions=True)
+
+
+def _log_template_failure(task: asyncio.Task[None]) -> None:
+    # Not fatal here: the first instance to fork reports the same failure to its request.
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("instance template did not start: %s", task.exception())
 
 
 class LocalPlatform(Platform):
@@ -121,6 +133,7 @@ class LocalPlatform(Platform):
         self._pools: dict[str, InstancePool] = {}
         self._warm = WarmPool(spec, warm_pool) if warm_pool > 0 else None
         self._reaper: asyncio.Task[None] | None = None
+        self._template_ready: asyncio.Task[None] | None = None
         self.executor = executor
         self.started_at = time.time()
 
@@ -146,6 +159,10 @@ class LocalPlatform(Platform):
         return proc, False
 
     async def start(self) -> None:
+        if self.spec.from_template:
+            # The template's imports take a second or two: start them now, not on the first cold start.
+            self._template_ready = asyncio.create_task(asyncio.to_thread(warm_up))
+            self._template_ready.add_done_callback(_log_template_failure)
         if self.executor is not None:
             await self.executor.start()
         if self._warm is not None:
@@ -201,6 +218,8 @@ class LocalPlatform(Platform):
         return {
             "policy": self.policy.name,
             "warm_pool_ready": self._warm.ready if self._warm else 0,
+            # Instances fork from the template once it has imported everything (None: not used).
+            "template_ready": self._template_ready.done() if self._template_ready is not None else None,
             "totals": totals,
             "functions": functions,
             "uptime_s": round(time.time() - self.started_at, 3),

@@ -20,6 +20,7 @@ from pathlib import Path
 from sealedml._internal.httpclient import FastAsyncClient, HttpResponse, TransportError
 from sealedml.envelope.request import BINARY_CONTENT_TYPE, is_binary
 from sealedml.errors import ServiceUnavailable
+from sealedml.platform.template import ForkedInstance, fork_instance
 
 __all__ = ["InstanceNotRunning", "InstanceSpec", "WorkerProcess"]
 
@@ -47,12 +48,17 @@ class InstanceSpec:
     memory_budget: str | None = None
     spill_dir: str | None = None
     extra_args: tuple[str, ...] = ()
+    # Fork instances from a pre-imported template (platform/template.py) instead of
+    # starting a fresh interpreter for each: the same command line, without the imports.
+    from_template: bool = False
 
     def command(self) -> list[str]:
+        """The command line of a freshly spawned instance."""
+        return [sys.executable, "-m", "sealedml", *self.arguments()]
+
+    def arguments(self) -> list[str]:
+        """The ``sealedml`` arguments that start an instance (``worker serve …``)."""
         cmd = [
-            sys.executable,
-            "-m",
-            "sealedml",
             "worker",
             "serve",
             "--keyservice",
@@ -90,7 +96,7 @@ class WorkerProcess:
     spec: InstanceSpec
     instance_id: str = field(default_factory=lambda: secrets.token_hex(4))
     url: str = ""
-    process: asyncio.subprocess.Process | None = None
+    process: asyncio.subprocess.Process | ForkedInstance | None = None
     client: FastAsyncClient | None = None
     spawn_s: float = 0.0
     dead: bool = False
@@ -106,15 +112,18 @@ class WorkerProcess:
         # An empty working directory of its own (the instance also moves into a fresh
         # one itself): nothing a model could name by a relative path is there.
         self.workdir = tempfile.mkdtemp(prefix="sealedml-instance-")
-        self.process = await asyncio.create_subprocess_exec(
-            *self.spec.command(),
-            stdout=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-            # Whatever a library caches (ONNX Runtime's telemetry, off by default: see
-            # sealedml/__init__.py) stays in the instance's directory, not the home.
-            env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir},
-            cwd=self.workdir,
-        )
+        if self.spec.from_template:
+            self.process = await fork_instance(self.spec.arguments(), self.workdir)
+        else:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.spec.command(),
+                stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.DEVNULL,
+                # Whatever a library caches (ONNX Runtime's telemetry, off by default: see
+                # sealedml/__init__.py) stays in the instance's directory, not the home.
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir},
+                cwd=self.workdir,
+            )
         if self.process.stdout is None:  # pragma: no cover - PIPE always gives a stream
             raise ServiceUnavailable("no stdout from worker")
         try:

@@ -21,6 +21,7 @@ def serve(
     config: PoolConfig,
     policy: str = "sealedml",
     warm_pool: int = 0,
+    from_template: bool = True,
     tee: str = "simulated",
     unsafe_plaintext_dir: Path | None = None,
     tls: str = "none",
@@ -34,6 +35,8 @@ def serve(
 
     ``worker_args`` go to every ``sealedml worker serve`` it starts (the
     ``--keyservice-*`` trust flags: which KeyService the instances accept).
+    ``from_template``: fork instances from a pre-imported template (see
+    :mod:`sealedml.platform.template`) rather than spawn each afresh.
     ``executor``: ``none``; ``local`` (start and supervise an executor for the
     middles of partitioned models); or the URL of one running elsewhere.
     """
@@ -60,6 +63,7 @@ def serve(
         memory_budget=memory_budget,
         spill_dir=spill_dir,
         extra_args=worker_args,
+        from_template=from_template,
     )
     platform = LocalPlatform(spec, config, policy=policy, warm_pool=warm_pool, executor=supervisor)
     serve_app(create_app(platform, max_body=limit), host, port, announce={"service": "platform", "policy": policy})

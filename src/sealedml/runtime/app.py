@@ -89,6 +89,7 @@ def create_app(
         if state["initialized"]:
             return json_response({"error": "Cannot initialize the action more than once."}, status=403)
         state["initialized"] = True
+        worker.keep_ready()
         return json_response({"ok": True})
 
     async def run(request: Request) -> Response:

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from sealedml.envelope.model_container import OpenedModel
 from sealedml.errors import InputError, SealedModelError
 
 __all__ = [
@@ -178,18 +179,32 @@ class LoadedModel(Model):
     """A decrypted model ready to serve: one shared ONNX Runtime session.
 
     Args:
-        model: the ONNX model with weights inline.
+        model: the ONNX model with weights inline, or a sealed model as opened
+            (:class:`~sealedml.envelope.model_container.OpenedModel`: its weights are
+            handed to ONNX Runtime in place, which saves a cold start a copy and a
+            protobuf round trip).
         model_id: for messages.
         version: the model version.
         threads: intra-op threads per run.
     """
 
-    def __init__(self, model: onnx.ModelProto | bytes, *, model_id: str, version: int, threads: int = 1) -> None:
+    def __init__(
+        self, model: onnx.ModelProto | bytes | OpenedModel, *, model_id: str, version: int, threads: int = 1
+    ) -> None:
         self.model_id = model_id
         self.version = version
-        data = model if isinstance(model, bytes) else model.SerializeToString()
-        self._nbytes = len(data)
         options = ort.SessionOptions()
+        if isinstance(model, OpenedModel):
+            names = list(model.weights)
+            # ONNX Runtime borrows these buffers for the session's lifetime: kept here.
+            self._weights = (model.payload, [ort.OrtValue.ortvalue_from_numpy(model.weights[n]) for n in names])
+            if names:
+                options.add_external_initializers(names, self._weights[1])
+            data = model.graph.SerializeToString()
+            self._nbytes = len(model.payload)
+        else:
+            data = model if isinstance(model, bytes) else model.SerializeToString()
+            self._nbytes = len(data)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = ORT_LOG_SEVERITY
@@ -225,6 +240,22 @@ class LoadedModel(Model):
         except Exception as exc:
             raise InputError(f"model {self.model_id} rejected the inputs: {ort_failure(exc)}") from exc
         return RunResult({name: np.asarray(value) for name, value in zip(self.output_names, outputs, strict=True)})
+
+
+def warm_up_onnxruntime() -> None:
+    """Create and run a one-node session once, so that ONNX Runtime's one-time set-up in this
+    process (its environment, kernel registries) is not paid by the first model a user waits for."""
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        "warm-up",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_SEVERITY
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.zeros(1, dtype=np.float32)})
 
 
 def ort_failure(exc: BaseException) -> str:

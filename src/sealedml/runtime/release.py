@@ -175,6 +175,28 @@ class ReleaseClient:
             self._service = verify_attestation(doc, nonce, self._trust)
             return self._service
 
+    async def prepare(self) -> float:
+        """Attest the KeyService and hold a fresh challenge, so that the next release is one round trip.
+
+        For an instance waiting for its first request (a warm-pool spare, a freshly
+        started instance at ``/init``): both would otherwise be fetched while a user waits.
+
+        Returns:
+            Seconds until the challenge held is too old to use (then call again).
+
+        Raises:
+            AttestationError: the KeyService is not the one this runtime trusts.
+            ServiceUnavailable: the KeyService cannot be reached.
+        """
+        await self.attest()
+        now = time.monotonic()
+        fresh = [deadline for _, deadline in self._challenges if deadline > now]
+        if not fresh:
+            challenge, _ = await self._challenge(fresh=True)
+            self._keep(challenge)
+            fresh = [self._challenges[-1][1]]
+        return max(1.0, max(fresh) - time.monotonic())
+
     async def release(self, pairs: list[tuple[str, str]]) -> list[Lease]:
         """Obtain leases for ``pairs`` of (model id, user id) (see :meth:`release_timed`)."""
         leases, _ = await self.release_timed(pairs)

@@ -14,6 +14,9 @@
   when first asked for, the victims of ``sealedml partition assess``. Only these need torch,
   which is imported lazily (``pip install 'sealedml[assess]'``); :data:`NAMES` lists the others.
 
+:func:`sample_inputs` gives a seeded input batch for the random-weight models (an image
+for the CNNs, padded token ids for ``minilm``), as the benchmarks feed them.
+
 Every builder is deterministic: the same ``seed`` gives a byte-identical
 ``SerializeToString()``. All models use ai.onnx opset 17 and pass
 :func:`onnx.checker.check_model`.
@@ -24,11 +27,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from sealedml.errors import ConfigurationError
 from sealedml.zoo import trained
 from sealedml.zoo.minilm import minilm
+from sealedml.zoo.minilm import sample_inputs as _minilm_inputs
 from sealedml.zoo.mobilenet import mobilenetv2
 from sealedml.zoo.resnet import resnet50
 from sealedml.zoo.toy import toy_multi_io
@@ -81,6 +86,7 @@ __all__ = [
     "minilm",
     "mobilenetv2",
     "resnet50",
+    "sample_inputs",
     "toy_multi_io",
     "vgg16",
 ]
@@ -147,3 +153,37 @@ def get(name: str, seed: int = 0) -> onnx.ModelProto:
         valid = ", ".join((*NAMES, *_TRAINED))
         raise ConfigurationError(f"unknown zoo model {name!r}; valid names: {valid}") from None
     return builder(seed)
+
+
+#: The ImageNet CNNs: input ``input`` float32 ``[N, 3, 224, 224]``.
+_IMAGE_MODELS = ("mobilenetv2", "resnet50", "vgg16")
+
+
+def sample_inputs(name: str, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded input batch for zoo model ``name``.
+
+    Args:
+        name: ``"minilm"``, ``"mobilenetv2"``, ``"resnet50"``, ``"vgg16"`` or ``"toy"``.
+        batch: rows.
+        seed: input seed.
+
+    Returns:
+        Input name → array: standard-normal images for the CNNs; for ``minilm``, token ids
+        in the vocabulary and an attention mask keeping the first three quarters of the
+        sequence (:func:`sealedml.zoo.minilm.sample_inputs`); for ``toy``, ``x`` and ``idx``.
+
+    Raises:
+        ConfigurationError: ``name`` has no sample inputs here, or ``batch`` < 1.
+    """
+    if batch < 1:
+        raise ConfigurationError("batch must be ≥ 1")
+    rng = np.random.default_rng(seed)
+    if name in _IMAGE_MODELS:
+        return {"input": rng.standard_normal((batch, 3, 224, 224), dtype=np.float32)}
+    if name == "minilm":
+        return _minilm_inputs(batch, seed)
+    if name == "toy":
+        return {"x": rng.standard_normal((batch, 4), dtype=np.float32), "idx": np.arange(batch, dtype=np.int64)}
+    raise ConfigurationError(
+        f"no sample inputs for zoo model {name!r}; valid: {', '.join((*_IMAGE_MODELS, 'minilm', 'toy'))}"
+    )

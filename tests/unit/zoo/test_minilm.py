@@ -11,7 +11,18 @@ import pytest
 from onnx import numpy_helper
 
 from sealedml import zoo
-from sealedml.zoo.minilm import HEADS, HIDDEN, LAYERS, SEQUENCE, VOCAB
+from sealedml.errors import ConfigurationError
+from sealedml.zoo.minilm import (
+    HEADS,
+    HIDDEN,
+    LAYERS,
+    MINILM,
+    SEQUENCE,
+    VOCAB,
+    MiniLMConfig,
+    minilm,
+    sample_inputs,
+)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +96,58 @@ def test_the_first_layer_matches_a_reference_computation(model: onnx.ModelProto)
     gelu = 0.5 * up * (1 + np.vectorize(math.erf)(up / math.sqrt(2)))
     expected = norm(linear(gelu, "layer0.ffn.down") + h)
     np.testing.assert_allclose(got, expected, atol=2e-4)
+
+
+def test_a_smaller_config_builds_the_same_graph_at_its_own_sizes() -> None:
+    small = MiniLMConfig(layers=2, hidden=32, heads=4, ffn=64, sequence=8, vocab=100, positions=16)
+    model = minilm(5, small)
+    onnx.checker.check_model(model)
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    assert shapes["embeddings.word"] == (100, 32) and shapes["layer1.ffn.up.weight"] == (32, 64)
+    assert "layer2.ffn.up.weight" not in shapes
+    assert minilm(5, small).SerializeToString() == model.SerializeToString()
+    feeds = sample_inputs(3, seed=2, config=small, kept=5)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    hidden, pooled = session.run(None, feeds)
+    assert hidden.shape == (3, 8, 32) and pooled.shape == (3, 32)
+    np.testing.assert_allclose(pooled, hidden[:, :5].mean(axis=1), atol=1e-5)
+
+
+def test_the_default_config_is_minilm() -> None:
+    assert (MINILM.layers, MINILM.hidden, MINILM.heads, MINILM.sequence, MINILM.vocab) == (
+        LAYERS,
+        HIDDEN,
+        HEADS,
+        SEQUENCE,
+        VOCAB,
+    )
+    assert MINILM.head == 32
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [{"hidden": 30, "heads": 4}, {"layers": 0}, {"sequence": 64, "positions": 32}],
+)
+def test_inconsistent_sizes_are_refused(sizes: dict[str, int]) -> None:
+    with pytest.raises(ValueError):
+        MiniLMConfig(**sizes)
+
+
+def test_sample_inputs_are_tokens_of_the_vocabulary_with_padding() -> None:
+    feeds = sample_inputs(2, seed=4)
+    ids, mask = feeds["input_ids"], feeds["attention_mask"]
+    assert ids.shape == mask.shape == (2, SEQUENCE) and ids.dtype == mask.dtype == np.int64
+    assert 0 <= ids.min() and ids.max() < VOCAB
+    assert (mask[:, :96] == 1).all() and (mask[:, 96:] == 0).all()  # three quarters kept, then padding
+    np.testing.assert_array_equal(zoo.sample_inputs("minilm", batch=2, seed=4)["input_ids"], ids)
+    assert not np.array_equal(sample_inputs(2, seed=5)["input_ids"], ids)
+
+
+def test_zoo_sample_inputs_fit_each_model() -> None:
+    assert zoo.sample_inputs("resnet50")["input"].shape == (1, 3, 224, 224)
+    toy = zoo.sample_inputs("toy", batch=3)
+    assert toy["x"].shape == (3, 4) and toy["idx"].dtype == np.int64
+    with pytest.raises(ConfigurationError):
+        zoo.sample_inputs("digits")
+    with pytest.raises(ConfigurationError):
+        zoo.sample_inputs("minilm", batch=0)

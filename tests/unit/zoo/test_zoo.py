@@ -297,7 +297,7 @@ def test_get_unknown_name_lists_valid_names() -> None:
 def test_public_api_is_explicit() -> None:
     assert set(zoo.__all__) == {
         "NAMES", "DigitsModel", "digits", "digits_plaintext_accuracy", "get",
-        "minilm", "mobilenetv2", "resnet50", "toy_multi_io", "vgg16",
+        "minilm", "mobilenetv2", "resnet50", "sample_inputs", "toy_multi_io", "vgg16",
     }  # fmt: skip
     assert "Attributes:" in (zoo.DigitsModel.__doc__ or "")
     for name in (

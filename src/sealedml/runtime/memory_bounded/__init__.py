@@ -5,7 +5,8 @@ whole model the runtime can stream it: decrypt each segment's weights on demand,
 free activations after their last consumer, split layers too big for the budget,
 and decrypt segment k + 1 while segment k computes.
 
-* :func:`plan` — cut a graph into segments that fit a byte budget
+* :func:`plan` — cut a graph (:func:`planning_graph` reads it from a container) into
+  segments that fit a byte budget
   (:mod:`.planner`; the graph's analysis in :mod:`.analysis`, layer splitting in
   :mod:`.split`, the resulting :class:`Plan` and :class:`Segment` in :mod:`.segments`).
 * :class:`StreamingModel` — run a sealed model from a
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 from sealedml.runtime.engine import InputSpec
 from sealedml.runtime.memory_bounded.accounting import MemoryTracker, ProcessMemory, process_memory, reset_peak_rss
-from sealedml.runtime.memory_bounded.container import decrypt_reserve
+from sealedml.runtime.memory_bounded.container import decrypt_reserve, planning_graph
 from sealedml.runtime.memory_bounded.executor import StreamingModel
 from sealedml.runtime.memory_bounded.planner import BudgetError, Plan, Segment, plan
 from sealedml.runtime.memory_bounded.prepare import spill_chunk_size
@@ -54,6 +55,7 @@ __all__ = [
     "WeightSlice",
     "decrypt_reserve",
     "plan",
+    "planning_graph",
     "process_memory",
     "reset_peak_rss",
     "spill_chunk_size",

@@ -16,12 +16,41 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from sealedml.errors import ConfigurationError
 from sealedml.runtime.memory_bounded.split import Op, TensorInfo, WeightSlice, split_op
 
-__all__ = ["Analysis", "Expanded", "Liveness", "analyze", "expand", "liveness", "tensor_size"]
+__all__ = [
+    "SHAPE_TENSOR_BYTES",
+    "Analysis",
+    "Expanded",
+    "Liveness",
+    "analyze",
+    "expand",
+    "liveness",
+    "shape_tensors",
+    "tensor_size",
+    "with_values",
+]
+
+#: Sealed integer tensors up to this size are shapes, axes and index lists (``Reshape``,
+#: ``Unsqueeze``, ``ReduceSum``, ``Slice`` inputs): shape inference needs their values,
+#: which the caller may inline (:func:`with_values`) before planning.
+SHAPE_TENSOR_BYTES = 4096
+
+_INTEGER_TYPES = frozenset(
+    {
+        TensorProto.INT8,
+        TensorProto.INT16,
+        TensorProto.INT32,
+        TensorProto.INT64,
+        TensorProto.UINT8,
+        TensorProto.UINT16,
+        TensorProto.UINT32,
+        TensorProto.UINT64,
+    }
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,9 +76,63 @@ class Analysis:
     estimated: tuple[str, ...]
 
 
-def _probe(model: onnx.ModelProto, weights: frozenset[str]) -> onnx.ModelProto:
+def _is_shape_tensor(init: TensorProto, nbytes: int) -> bool:
+    return init.data_type in _INTEGER_TYPES and nbytes <= SHAPE_TENSOR_BYTES
+
+
+def shape_tensors(model: onnx.ModelProto, weight_sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The sealed weights whose values shape inference needs: small integer tensors.
+
+    A graph whose ``Reshape`` targets or ``Unsqueeze`` axes are sealed leaves shape inference
+    blind after them, and the planner would have to guess activation sizes; with these
+    tensors' values inlined (:func:`with_values`) every size is exact.
+
+    Args:
+        model: the graph (sealed weights as external placeholders).
+        weight_sizes: byte size of every sealed weight.
+
+    Returns:
+        Their names, in graph order.
+    """
+    return tuple(
+        init.name
+        for init in model.graph.initializer
+        if init.name in weight_sizes and _is_shape_tensor(init, weight_sizes[init.name])
+    )
+
+
+def with_values(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers named in ``values`` carry those values inline.
+
+    They stay sealed weights for the planner (decrypted per segment like any other); only
+    shape inference reads the inline values (:func:`analyze`).
+
+    Args:
+        model: the graph.
+        values: initializer name → its decrypted value (same type and shape).
+
+    Returns:
+        The copy (``model`` is not modified).
+
+    Raises:
+        ConfigurationError: a value's type or shape differs from its initializer's.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for index, init in enumerate(copy.graph.initializer):
+        if init.name not in values:
+            continue
+        value = np.asarray(values[init.name])
+        if value.dtype != helper.tensor_dtype_to_np_dtype(init.data_type) or value.shape != tuple(init.dims):
+            raise ConfigurationError(f"value of {init.name!r} does not match its initializer")
+        copy.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
+    return copy
+
+
+def _probe(model: onnx.ModelProto, weights: Mapping[str, WeightSlice]) -> onnx.ModelProto:
     """A copy of ``model`` whose sealed weights are data-less stubs (shape inference needs
-    only their dims and type, and an inline model may carry hundreds of megabytes)."""
+    only their dims and type, and an inline model may carry hundreds of megabytes), except
+    small integer weights carried inline (:func:`with_values`): shapes and axes."""
     graph = model.graph
     probe = onnx.ModelProto()
     probe.ir_version = model.ir_version
@@ -61,7 +144,8 @@ def _probe(model: onnx.ModelProto, weights: frozenset[str]) -> onnx.ModelProto:
     probe.graph.output.extend(graph.output)
     probe.graph.sparse_initializer.extend(graph.sparse_initializer)
     for init in graph.initializer:
-        if init.name not in weights:
+        weight = weights.get(init.name)
+        if weight is None or (init.data_location != TensorProto.EXTERNAL and _is_shape_tensor(init, weight.nbytes)):
             probe.graph.initializer.append(init)
             continue
         stub = probe.graph.initializer.add()
@@ -161,7 +245,7 @@ def analyze(model: onnx.ModelProto, weight_sizes: Mapping[str, int], batch: int)
         node_weights = tuple(dict.fromkeys(weights[name] for name in node.input if name in weights))
         ops.append(Op(copy, node_weights, copy.name))
 
-    probe = _probe(model, frozenset(weights))
+    probe = _probe(model, weights)
     first, second = _infer(probe, batch), _infer(probe, batch + 1)
     infos: dict[str, TensorInfo] = {}
     for name, (elem_type, shape) in first.items():

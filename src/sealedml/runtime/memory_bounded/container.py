@@ -17,19 +17,45 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 from onnx import helper
 
 from sealedml.crypto import TAG_SIZE
 from sealedml.envelope.model_container import SealedModelReader, TensorEntry
 from sealedml.errors import ConfigurationError, SealedModelError
 from sealedml.runtime.memory_bounded.accounting import MemoryTracker
+from sealedml.runtime.memory_bounded.analysis import shape_tensors, with_values
 from sealedml.runtime.memory_bounded.run_arena import DecryptedWeights, wipe
 from sealedml.runtime.memory_bounded.segments import Plan, Segment
 
-__all__ = ["Container", "ReaderSource", "RunReaders", "decrypt_reserve"]
+__all__ = ["Container", "ReaderSource", "RunReaders", "decrypt_reserve", "planning_graph"]
 
 #: A reader, or a function returning a fresh reader for each request (closed after it).
 ReaderSource = SealedModelReader | Callable[[], SealedModelReader]
+
+
+def planning_graph(reader: SealedModelReader) -> onnx.ModelProto:
+    """The container's graph as the planner should read it.
+
+    Sealed weights stay external placeholders, except the small integer tensors whose
+    values shape inference needs (``Reshape`` targets, ``Unsqueeze`` axes; see
+    :func:`~.analysis.shape_tensors`): those are decrypted and inlined, so the plan knows
+    every activation's size instead of estimating it. They remain sealed weights of the
+    plan, read per segment like the others.
+
+    Args:
+        reader: a reader of the container.
+
+    Returns:
+        The graph, to pass to :func:`~.planner.plan` with the manifest's weight sizes.
+
+    Raises:
+        SealedModelError: the graph or a tensor fails authentication.
+    """
+    graph = reader.graph()
+    sizes = {entry.name: entry.length for entry in reader.manifest.tensors}
+    names = shape_tensors(graph, sizes)
+    return with_values(graph, {name: reader.tensor(name) for name in names}) if names else graph
 
 
 def decrypt_reserve(chunk_size: int) -> int:

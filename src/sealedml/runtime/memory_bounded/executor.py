@@ -69,7 +69,7 @@ from sealedml.runtime.engine import InputSpec, Model, RunResult, bind_inputs, or
 from sealedml.runtime.memory_bounded.accounting import MemoryTracker
 from sealedml.runtime.memory_bounded.arena import ArenaPool, Step, capacity_for, schedule
 from sealedml.runtime.memory_bounded.builder import SegmentState
-from sealedml.runtime.memory_bounded.container import Container, ReaderSource, RunReaders
+from sealedml.runtime.memory_bounded.container import Container, ReaderSource, RunReaders, planning_graph
 from sealedml.runtime.memory_bounded.decrypt import Pending, ScratchBuffer, SealedPending, SpillJob, yield_to_compute
 from sealedml.runtime.memory_bounded.planner import plan as make_plan
 from sealedml.runtime.memory_bounded.prepare import DEFAULT_SPILL_CHUNK, planning_reserve, prepare
@@ -164,7 +164,7 @@ class StreamingModel(Model):
             if plan is None:
                 if budget_bytes is None:
                     raise ConfigurationError("give a memory budget or a plan")
-                graph = reader.graph()
+                graph = planning_graph(reader)
                 scratch = planning_reserve(reserve, budget_bytes, spill_chunk, optimize=optimize)
                 # The fewest segments, each filling the budget: prefetch decrypts as much of the
                 # next segment as the arena and the budget leave beside the current one (.arena).

@@ -38,6 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
 from sealedml.runtime.engine import ORT_LOG_SEVERITY
+from sealedml.runtime.memory_bounded.analysis import SHAPE_TENSOR_BYTES
 
 __all__ = ["OptimizationError", "OptimizedSegment", "memfd_supported", "optimize_segment"]
 
@@ -156,9 +157,16 @@ def optimize_segment(
     graph.input.extend(kept_inputs)
     values: list[ort.OrtValue] = []
     arrays: list[np.ndarray] = []  # an OrtValue from NumPy borrows the buffer: keep it alive
+    external: list[str] = []
     for name in names:
         array = np.ascontiguousarray(weights[name])
+        if array.dtype.kind in "iu" and array.nbytes <= SHAPE_TENSOR_BYTES:
+            # A shape or axes tensor: ONNX Runtime's shape inference cannot read an external
+            # initializer's data ("Cannot parse data from external tensors"), so it goes inline.
+            graph.initializer.append(numpy_helper.from_array(array, name))
+            continue
         arrays.append(array)
+        external.append(name)
         init = graph.initializer.add()
         init.name = name
         init.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
@@ -171,8 +179,8 @@ def optimize_segment(
     fd = os.memfd_create("sealedml-optimized-segment", os.MFD_CLOEXEC)
     try:
         options = _temporary_options(threads, f"/proc/self/fd/{fd}")
-        if names:
-            options.add_external_initializers(names, values)
+        if external:
+            options.add_external_initializers(external, values)
         try:
             session = ort.InferenceSession(stub.SerializeToString(), options, providers=["CPUExecutionProvider"])
             reference = None

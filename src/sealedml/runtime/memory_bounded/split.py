@@ -20,6 +20,24 @@ and never needs the whole tensor in memory:
   row-major ``(K, N)`` matrix would be strided, not contiguous, which is why
   the reduction axis is split instead. Summation order differs from the
   unsplit product, so outputs agree within float tolerance, not bit for bit.
+  Splitting by output columns ``N`` would merge with a ``Concat`` and hold the
+  same activations (the pieces' outputs next to the result, where the ``Add``
+  chain holds a running sum and one partial product), but each column block is
+  ``K`` strided runs of the sealed tensor, so decrypting one would mean
+  decrypting nearly all of it: the ``K`` split is the one whose peak is
+  bounded by the piece, not by the whole weight.
+* ``Gather`` on axis 0 of a weight table (an embedding, ``(V, ...)``) with
+  activation indices: by row blocks of the table. Piece ``j`` holds rows
+  ``r0..r1``, gathers ``clip(i - r0, 0, r1 - r0 - 1)`` and keeps the rows whose
+  index fell inside its block (``Where``), the others pass through from the
+  previous piece; the result is bit-identical to the unsplit ``Gather``.
+  Every block is decrypted whatever the tokens are: reading only the rows the
+  indices name would be cheaper, but *which* chunks of the sealed file are read
+  is visible to the host, so it would disclose the input tokens (an access
+  pattern side channel); a scan of every block is oblivious to them. Negative
+  indices are wrapped first, as ``Gather`` does, and an index out of range
+  reaches the last piece's ``Gather`` out of bounds, so the run fails as it
+  does unsplit (no silent row of zeros).
 
 This module only rewrites graph fragments; choosing how many pieces a layer
 needs is the planner's job (:mod:`sealedml.runtime.memory_bounded.planner`).
@@ -277,7 +295,7 @@ def split_strategy(op: Op, infos: Mapping[str, TensorInfo]) -> str | None:
 
     Returns:
         ``"conv-out-channels"``, ``"conv-groups"``, ``"gemm-out-columns"``,
-        ``"gemm-k-rows"``, ``"matmul-k-rows"`` or None.
+        ``"gemm-k-rows"``, ``"matmul-k-rows"``, ``"gather-rows"`` or None.
     """
     node = op.node
     if node.domain not in ("", "ai.onnx") or len(op.outputs) != 1 or len(node.output) != 1:
@@ -323,7 +341,24 @@ def split_strategy(op: Op, infos: Mapping[str, TensorInfo]) -> str | None:
         if _weight_of(op, inputs[0]) is not None or len(a.dims) < 1:
             return None
         return "matmul-k-rows"
+    if node.op_type == "Gather" and len(inputs) == 2:
+        return _gather_strategy(op, infos, out)
     return None
+
+
+def _gather_strategy(op: Op, infos: Mapping[str, TensorInfo], out: TensorInfo) -> str | None:
+    """``"gather-rows"`` for a weight table gathered on axis 0 by activation indices of a known type."""
+    table = _weight_of(op, op.node.input[0])
+    indices = infos.get(op.node.input[1])
+    if table is None or table.rows is not None or not table.dims or out.dims is None:
+        return None
+    if _weight_of(op, op.node.input[1]) is not None or indices is None:
+        return None
+    if indices.elem_type not in (TensorProto.INT32, TensorProto.INT64):
+        return None
+    if int(_attr(op.node, "axis", 0)) % len(table.dims) != 0 or len(out.dims) < len(table.dims) - 1:
+        return None
+    return "gather-rows"
 
 
 def split_units(op: Op, infos: Mapping[str, TensorInfo]) -> int:
@@ -334,12 +369,12 @@ def split_units(op: Op, infos: Mapping[str, TensorInfo]) -> int:
         infos: activation types and shapes.
 
     Returns:
-        Output channels, groups, output columns or reduction rows, by strategy.
+        Output channels, groups, output columns, reduction rows or table rows, by strategy.
     """
     strategy = split_strategy(op, infos)
     if strategy is None:
         return 1
-    weight = _weight_of(op, op.node.input[1])
+    weight = _weight_of(op, op.node.input[0 if strategy == "gather-rows" else 1])
     if weight is None:  # pragma: no cover - split_strategy checked it
         return 1
     if strategy == "conv-groups":
@@ -392,6 +427,8 @@ def split_op(op: Op, pieces: int, infos: Mapping[str, TensorInfo]) -> SplitResul
         return SplitResult((op,), {}, {}, strategy)
     if strategy in ("conv-out-channels", "conv-groups", "gemm-out-columns"):
         return _split_outputs(op, pieces, infos, strategy)
+    if strategy == "gather-rows":
+        return _split_gather(op, pieces, infos)
     return _split_reduction(op, pieces, infos, strategy)
 
 
@@ -506,3 +543,94 @@ def _split_reduction(op: Op, pieces: int, infos: Mapping[str, TensorInfo], strat
             new_infos[total] = y_info
         running = total
     return SplitResult(tuple(ops), new_infos, constants, strategy)
+
+
+def _scalar(name: str, value: int, elem_type: int) -> TensorProto:
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    return numpy_helper.from_array(np.array(value, dtype=dtype), name)
+
+
+def _split_gather(op: Op, pieces: int, infos: Mapping[str, TensorInfo]) -> SplitResult:
+    """Row blocks of a gathered table, merged with ``Where`` (see the module docstring).
+
+    Indices are first wrapped as ``Gather`` reads them (``i < 0`` → ``i + V``); an index
+    still negative becomes ``V``. The last piece clamps its local index from below only, so
+    an index ≥ ``V`` reaches its ``Gather`` out of range and the run fails as the unsplit
+    node would, instead of producing a row of zeros.
+    """
+    node = op.node
+    table_name, ids = node.input[0], node.input[1]
+    y = node.output[0]
+    y_info = infos[y]
+    table = _weight_of(op, table_name)
+    if table is None or y_info.dims is None:  # pragma: no cover - checked by split_strategy
+        raise ValueError("no table")
+    index_type = infos[ids].elem_type
+    # The indices have the output's leading axes (Gather on axis 0: out = ids.shape + row shape).
+    lead = len(y_info.dims) - (len(table.dims) - 1)
+    flags = y_info.symbolic[:lead] if y_info.symbolic else ()
+    index_info = TensorInfo(index_type, y_info.dims[:lead], flags)
+    mask_info = TensorInfo(TensorProto.BOOL, y_info.dims[:lead], flags)
+    base = node.name or y
+    rows = table.dims[0]
+    others = tuple(w for w in op.weights if w.name != table_name)
+    ops: list[Op] = []
+    new_infos: dict[str, TensorInfo] = {}
+    constants: dict[str, TensorProto] = {}
+
+    def emit(op_type: str, inputs: list[str], out: str, info: TensorInfo) -> str:
+        ops.append(Op(helper.make_node(op_type, inputs, [out], name=f"{base}#{out.rsplit('#', 1)[1]}"), (), op.source))
+        new_infos[out] = info
+        return out
+
+    def const(key: str, value: int) -> str:
+        name = f"{y}#{key}"
+        constants[name] = _scalar(name, value, index_type)
+        return name
+
+    zero, size = const("zero", 0), const("rows", rows)
+    # A block's "inside" mask is broadcast over the row axes of the gathered output.
+    extra = len(table.dims) - 1
+    axes = f"{y}#axes"
+    if extra:
+        constants[axes] = numpy_helper.from_array(np.arange(-extra, 0, dtype=np.int64), axes)
+    row_mask = TensorInfo(
+        TensorProto.BOOL, y_info.dims[:lead] + (1,) * extra, (*flags, *(False,) * extra) if flags else ()
+    )
+    wrapped = emit(
+        "Where",
+        [emit("Less", [ids, zero], f"{y}#neg", mask_info), emit("Add", [ids, size], f"{y}#wrap", index_info), ids],
+        f"{y}#wrapped",
+        index_info,
+    )
+    n = emit("Where", [emit("Less", [wrapped, zero], f"{y}#bad", mask_info), size, wrapped], f"{y}#index", index_info)
+    bounds = _bounds(rows, pieces)
+    running = ""
+    for j in range(pieces):
+        r0, r1 = bounds[j], bounds[j + 1]
+        w_j = table.row_block(r0, r1)
+        shifted = emit("Sub", [n, const(f"start{j}", r0)], f"{y}#shift{j}", index_info) if r0 else n
+        if j < pieces - 1:
+            local = emit("Clip", [shifted, zero, const(f"last{j}", r1 - r0 - 1)], f"{y}#local{j}", index_info)
+        else:
+            local = emit("Max", [shifted, zero], f"{y}#local{j}", index_info)
+        part = f"{y}#part{j}"
+        gather = helper.make_node("Gather", [w_j.name, local], [part], name=f"{base}#part{j}", axis=0)
+        ops.append(Op(gather, (w_j, *others), op.source))
+        new_infos[part] = y_info
+        if j == 0:
+            # Every index is in exactly one block, and a later block overwrites its own rows,
+            # so the first piece's rows need no mask.
+            running = part
+            continue
+        inside = emit("Equal", [shifted, local], f"{y}#inside{j}", mask_info)
+        if extra:
+            inside = emit("Unsqueeze", [inside, axes], f"{y}#rows{j}", row_mask)
+        total = y if j == pieces - 1 else f"{y}#merge{j}"
+        ops.append(
+            Op(helper.make_node("Where", [inside, part, running], [total], name=f"{base}#merge{j}"), (), op.source)
+        )
+        if total != y:
+            new_infos[total] = y_info
+        running = total
+    return SplitResult(tuple(ops), new_infos, constants, "gather-rows")

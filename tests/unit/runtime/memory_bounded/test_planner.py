@@ -159,11 +159,11 @@ def test_unsatisfiable_budget_names_the_activation_and_the_smallest_feasible_bud
 
 
 def test_unsplittable_weight_larger_than_the_budget_is_named() -> None:
-    table = np.zeros((5000, 1000), dtype=np.float32)  # 20 MB embedding table
+    table = np.zeros((1000, 5000), dtype=np.float32)  # 20 MB, gathered by columns: no row blocks
     model = _model(
-        [helper.make_node("Gather", ["table", "idx"], ["y"], name="lookup")],
+        [helper.make_node("Gather", ["table", "idx"], ["y"], name="lookup", axis=1)],
         [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N"])],
-        [helper.make_tensor_value_info("y", F32, ["N", 1000])],
+        [helper.make_tensor_value_info("y", F32, [1000, "N"])],
         {"table": table},
     )
     with pytest.raises(BudgetError) as info:
@@ -172,6 +172,24 @@ def test_unsplittable_weight_larger_than_the_budget_is_named() -> None:
     assert (err.kind, err.tensor, err.node) == ("weight", "table", "lookup")
     assert "weight 'table' needs 20.0 MB" in str(err)
     assert 20_000_000 < err.minimum_budget < 20_100_000
+
+
+def test_embedding_table_heavier_than_the_budget_is_split_into_row_blocks() -> None:
+    table = np.zeros((5000, 1000), dtype=np.float32)  # 20 MB embedding table
+    model = _model(
+        [helper.make_node("Gather", ["table", "idx"], ["y"], name="lookup")],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["N", 8])],
+        [helper.make_tensor_value_info("y", F32, ["N", 8, 1000])],
+        {"table": table},
+    )
+    for prefetch in (False, True):
+        p = plan(model, _sizes(model), 8_000_000, prefetch=prefetch)
+        check_plan(p, model)
+        strategy, pieces = p.splits["lookup"]
+        assert strategy == "gather-rows" and pieces >= 3
+        rows = sorted(w.rows for seg in p.segments for w in seg.weights if w.tensor == "table" and w.rows)
+        assert len(rows) == pieces and rows[0][0] == 0 and rows[-1][1] == 5000
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
 
 
 def test_layer_heavier_than_the_budget_is_split_into_contiguous_row_blocks() -> None:

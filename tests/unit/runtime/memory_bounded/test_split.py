@@ -179,3 +179,84 @@ def test_unsupported_layers_are_not_splittable() -> None:
     # An output of unknown shape cannot be sized, so it is not split either.
     gemm = Op(helper.make_node("Gemm", ["x", "w"], ["y"], transB=1), (_whole("w", w),), "g")
     assert split_strategy(gemm, {"x": _info((1, 4)), "y": TensorInfo(F32, None)}) is None
+
+
+# -- Gather: row blocks of an embedding table ------------------------------------------------------
+
+
+def _gather_op(table: np.ndarray, index_type: int, ids_shape: tuple[int, ...]) -> tuple[Op, dict[str, TensorInfo]]:
+    node = helper.make_node("Gather", ["table", "ids"], ["y"], name="embed", axis=0)
+    batch = tuple(axis == 0 for axis in range(len(ids_shape)))
+    out = ids_shape + table.shape[1:]
+    infos = {
+        "ids": TensorInfo(index_type, ids_shape, batch),
+        "y": TensorInfo(F32, out, batch + (False,) * (table.ndim - 1)),
+    }
+    return Op(node, (_whole("table", table),), "embed"), infos
+
+
+def _gather_session(op: Op, pieces: int, infos: dict[str, TensorInfo], table: np.ndarray) -> ort.InferenceSession:
+    result = split_op(op, pieces, infos)
+    assert result.strategy == "gather-rows" and result.ops[-1].outputs == ("y",)
+    blocks = [w for piece in result.ops for w in piece.weights]
+    # The pieces read consecutive row blocks that cover the table exactly once.
+    rows = [w.rows or (-1, -1) for w in blocks]
+    assert len(rows) == pieces
+    assert [start for start, _ in rows] == [0] + [stop for _, stop in rows[:-1]]
+    assert rows[-1][1] == table.shape[0]
+    assert sum(w.nbytes for w in blocks) == table.nbytes
+    weights = {w.name: _slice_bytes({"table": table}, w) for w in blocks}
+    graph = helper.make_graph(
+        [piece.node for piece in result.ops],
+        "g",
+        [helper.make_tensor_value_info("ids", infos["ids"].elem_type, list(infos["ids"].dims or ()))],
+        [helper.make_tensor_value_info("y", F32, None)],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()] + list(result.constants.values()),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    ("table_shape", "index_type", "pieces"),
+    [
+        ((50, 6), TensorProto.INT64, 2),
+        ((50, 6), TensorProto.INT64, 7),
+        ((50, 3, 2), TensorProto.INT32, 3),
+        ((50,), TensorProto.INT64, 4),
+    ],
+)
+def test_gather_split_by_table_rows_equals_unsplit_bit_for_bit(
+    table_shape: tuple[int, ...], index_type: int, pieces: int
+) -> None:
+    rng = np.random.default_rng(pieces)
+    table = rng.standard_normal(table_shape).astype(np.float32)
+    op, infos = _gather_op(table, index_type, (2, 9))
+    assert split_strategy(op, infos) == "gather-rows" and split_units(op, infos) == 50
+    ids = rng.integers(-50, 50, (2, 9)).astype(helper.tensor_dtype_to_np_dtype(index_type))
+    ids[0, :4] = [0, 49, -1, -50]  # both ends of the table, and negative indices as Gather wraps them
+    got = _gather_session(op, pieces, infos, table).run(None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, table[ids])
+
+
+@pytest.mark.parametrize("bad", [50, 1000, -51])
+def test_gather_split_refuses_an_out_of_range_index_like_the_unsplit_node(bad: int) -> None:
+    table = np.ones((50, 4), dtype=np.float32)
+    op, infos = _gather_op(table, TensorProto.INT64, (1, 5))
+    session = _gather_session(op, 3, infos, table)
+    ids = np.array([[1, 2, 3, bad, 4]], dtype=np.int64)
+    with pytest.raises(Exception, match="out of"):
+        session.run(None, {"ids": ids})
+
+
+def test_gather_is_split_only_on_a_sealed_table_by_activation_indices() -> None:
+    table = np.ones((50, 4), dtype=np.float32)
+    op, infos = _gather_op(table, TensorProto.INT64, (1, 5))
+    ids = _whole("ids", np.zeros((1, 5), dtype=np.float32))
+    # Indices that are themselves a sealed tensor (position ids) are not split.
+    with_sealed_ids = Op(op.node, (*op.weights, ids), "embed")
+    assert split_strategy(with_sealed_ids, infos) is None
+    on_axis1 = Op(helper.make_node("Gather", ["table", "ids"], ["y"], axis=1), op.weights, "g")
+    assert split_strategy(on_axis1, infos) is None
+    activation_table = Op(op.node, (), "embed")
+    assert split_strategy(activation_table, infos) is None
