@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 import httpx
-import numpy as np
 
 from sealedml._internal.http import parse_server_timing
 from sealedml.bench._harness import bench_stack, progress
@@ -47,7 +46,7 @@ def _one_setting(model_name: str, warm_pool: int, repeats: int, quiet: bool) -> 
     from sealedml.client.gateway import InferenceClient
 
     model = zoo.get(model_name)
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    inputs = zoo.sample_inputs(model_name)
     args = ["--max-instances", "1", "--keep-alive", "0.5", "--warm-pool", str(warm_pool)]
     totals: list[float] = []
     phases: dict[str, list[float]] = {p: [] for p in PHASES}
@@ -57,7 +56,7 @@ def _one_setting(model_name: str, warm_pool: int, repeats: int, quiet: bool) -> 
             for i in range(repeats):
                 _wait_for(stack.gateway.url, spares=warm_pool)
                 t0 = time.perf_counter()
-                client.infer("cold", {"input": x})
+                client.infer("cold", inputs)
                 totals.append(time.perf_counter() - t0)
                 if not client.last_cold_start:
                     raise RuntimeError("expected a cold start")

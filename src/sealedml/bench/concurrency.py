@@ -40,7 +40,7 @@ def _instance_pids(gateway: str) -> list[int]:
     return [i["pid"] for f in stats["functions"].values() for i in f["instances"]]
 
 
-async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, seconds: float) -> int:
+async def _closed_loop(gateway: str, user: Any, inputs: dict[str, np.ndarray], clients: int, seconds: float) -> int:
     from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
 
     done = 0
@@ -51,7 +51,7 @@ async def _closed_loop(gateway: str, user: Any, x: np.ndarray, clients: int, sec
             nonlocal done
             while time.perf_counter() < deadline:
                 env, ctx = seal_request(
-                    {"input": x}, request_key=user.request_key("conc"), model_id="conc", user_id=user.principal_id
+                    inputs, request_key=user.request_key("conc"), model_id="conc", user_id=user.principal_id
                 )
                 r = await http.post("/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE})
                 r.raise_for_status()
@@ -69,7 +69,7 @@ def run_concurrency(
     from sealedml import zoo
 
     model = zoo.get(model_name)
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224), dtype=np.float32)
+    inputs = zoo.sample_inputs(model_name)
     configs = {"one_instance_c2": ("1", "2"), "two_instances_c1": ("2", "1")}
     # per-model routing: start an instance whenever none has a free slot, so the 2 x 1
     # configuration really runs two instances (a packing policy might rather queue).
@@ -92,14 +92,14 @@ def run_concurrency(
         try:
             gateways["two_instances_c1"] = extra
             for gw in gateways.values():  # warm up: all instances started, model loaded
-                asyncio.run(_closed_loop(gw.url, user, x, clients, 3.0))
+                asyncio.run(_closed_loop(gw.url, user, inputs, clients, 3.0))
             started = {name: _instance_pids(gw.url) for name, gw in gateways.items()}
             if len(started["two_instances_c1"]) != 2 or len(started["one_instance_c2"]) != 1:
                 raise RuntimeError(f"unexpected instance counts after warm-up: {started}")
             throughput: dict[str, list[float]] = {k: [] for k in gateways}
             for r in range(rounds):
                 for name, gw in gateways.items():
-                    n = asyncio.run(_closed_loop(gw.url, user, x, clients, window))
+                    n = asyncio.run(_closed_loop(gw.url, user, inputs, clients, window))
                     throughput[name].append(n / window)
                     progress(f"[concurrency] round {r + 1} {name}: {n / window:.1f} req/s", quiet)
             memory: dict[str, int] = {}

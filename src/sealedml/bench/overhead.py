@@ -44,16 +44,7 @@ def _model_and_input(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
             "x": rng.standard_normal((1, 4), dtype=np.float32),
             "idx": np.array([3], dtype=np.int64),
         }
-    if name == "minilm":
-        from sealedml.zoo.minilm import SEQUENCE, VOCAB
-
-        mask = np.ones((1, SEQUENCE), np.int64)
-        mask[:, 96:] = 0  # a 96-token sentence, padded
-        return zoo.get(name), {
-            "input_ids": rng.integers(0, VOCAB, (1, SEQUENCE)).astype(np.int64),
-            "attention_mask": mask,
-        }
-    return zoo.get(name), {"input": rng.standard_normal((1, 3, 224, 224), dtype=np.float32)}
+    return zoo.get(name), zoo.sample_inputs(name)
 
 
 def run_overhead(model_name: str, *, requests: int = 60, warmup: int = 5, quiet: bool = False) -> dict[str, Any]:

@@ -219,13 +219,19 @@ def add_parser(subparsers: Subcommands) -> None:
         bench, "coldstart", handle_bench_coldstart, "first request with no instance, with/without warm pool"
     )
     p.add_argument(
-        "--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"], help="which model (default mobilenetv2)"
+        "--model",
+        default="mobilenetv2",
+        choices=["mobilenetv2", "resnet50", "minilm"],
+        help="which model (default mobilenetv2; minilm is the transformer, fed padded token ids)",
     )
     p.add_argument("--repeats", type=int, default=5, help="measured repetitions (default 5)")
 
     p = add_command(bench, "concurrency", handle_bench_concurrency, "1 instance x concurrency 2 vs 2 instances x 1")
     p.add_argument(
-        "--model", default="mobilenetv2", choices=["mobilenetv2", "resnet50"], help="which model (default mobilenetv2)"
+        "--model",
+        default="mobilenetv2",
+        choices=["mobilenetv2", "resnet50", "minilm"],
+        help="which model (default mobilenetv2; minilm is the transformer, fed padded token ids)",
     )
     p.add_argument("--clients", type=int, default=4, help="requests kept outstanding (default 4)")
     p.add_argument("--window", type=float, default=5.0, help="seconds per measurement window (default 5)")

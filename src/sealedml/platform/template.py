@@ -99,6 +99,13 @@ def _child(target: Callable[..., Any], args: Sequence[Any], stdout: socket.socke
     reseed_after_fork()
     try:
         code = target(*args)
+    except BrokenPipeError:
+        # The platform was stopped first (a stop signals its whole process group) and no
+        # longer reads: the instance's last line goes nowhere. Not a failure of the instance.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+        code = 0
     finally:
         # multiprocessing ends a child with os._exit, which skips atexit: the instance's
         # private working directory and the like are removed here instead.
