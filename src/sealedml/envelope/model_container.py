@@ -705,9 +705,8 @@ def read_header(path: Path | str) -> SealedModelHeader:
 
 @dataclass(frozen=True, repr=False)
 class OpenedModel:
-    """A decrypted, verified whole model: its graph, weights still external, and each weight as a
-    read-only array viewing ``payload``, which ONNX Runtime takes as it is (no inlining, no
-    re-serializing: ``SessionOptions.add_external_initializers``)."""
+    """A decrypted, verified whole model: its graph (large weights still external) and each large weight
+    as a read-only view of ``payload`` for ``SessionOptions.add_external_initializers`` (no copy)."""
 
     graph: onnx.ModelProto
     weights: dict[str, np.ndarray]
@@ -759,11 +758,19 @@ def open_model_weights(
     for init in model.graph.initializer:
         if init.name in entries and init.data_location == TensorProto.EXTERNAL:
             entry = entries[init.name]
-            data = memoryview(payload)[entry.offset : entry.offset + entry.length]
-            array = entry.to_array(data)
-            array.flags.writeable = False  # ONNX Runtime reads it in place; nothing else may write it
-            weights[init.name] = array
+            array = entry.to_array(memoryview(payload)[entry.offset : entry.offset + entry.length])
+            if array.dtype.kind in "iub" or array.size <= 64:  # shapes, axes, scalars: ONNX's shape
+                _inline(init, array)  # inference reads them, and only from inside the graph
+            else:
+                array.flags.writeable = False  # ONNX Runtime reads it in place; nothing else may write it
+                weights[init.name] = array
     return OpenedModel(model, weights, payload)
+
+
+def _inline(init: TensorProto, array: np.ndarray) -> None:
+    del init.external_data[:]
+    init.data_location = TensorProto.DEFAULT
+    init.raw_data = array.tobytes()
 
 
 def open_model(
@@ -780,18 +787,11 @@ def open_model(
     Raises:
         SealedModelError: any authentication, integrity or identity failure.
     """
-    opened = open_model_weights(
-        source,
-        model_key,
-        expected_model_id=expected_model_id,
-        expected_version=expected_version,
-        expected_part=expected_part,
-    )
+    expected = {"expected_model_id": expected_model_id, "expected_version": expected_version}
+    opened = open_model_weights(source, model_key, expected_part=expected_part, **expected)  # type: ignore[arg-type]
     model = opened.graph
     for init in model.graph.initializer:
         if init.name in opened.weights:
-            del init.external_data[:]
-            init.data_location = TensorProto.DEFAULT
-            init.raw_data = opened.weights[init.name].tobytes()
+            _inline(init, opened.weights[init.name])
     check_external_data(model, ())  # inlined: nothing may refer to external data any more
     return model

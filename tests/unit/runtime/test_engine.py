@@ -258,3 +258,28 @@ def test_every_engine_is_a_model_and_only_a_bounded_one_reports_a_peak(toy_model
         assert whole.run({"x": x, "idx": idx}).peak_bytes is None
         peak = bounded.run({"x": x, "idx": idx}).peak_bytes
         assert peak is not None and 0 < peak <= 1 << 20
+
+
+def test_a_sealed_model_opened_in_place_runs_as_the_inline_one() -> None:
+    """The cold-start path: large weights handed to ONNX Runtime in place, while the shape and axes
+    tensors a transformer's Reshape and ReduceSum read go back into the graph (ONNX shape inference
+    cannot read an external tensor). A small MiniLM has both."""
+    import os
+
+    from sealedml.envelope.model_container import open_model, open_model_weights, seal_model
+    from sealedml.zoo.minilm import MiniLMConfig, minilm, sample_inputs
+
+    small = MiniLMConfig(layers=2, hidden=64, heads=4, ffn=256, sequence=16, vocab=500, positions=32)
+    key = os.urandom(32)
+    sealed = seal_model(minilm(0, small), model_id="m", model_version=1, model_key=key)
+    opened = open_model_weights(sealed, key)
+    assert opened.weights and all(not w.flags.writeable for w in opened.weights.values())
+    assert all(w.dtype.kind == "f" and w.size > 64 for w in opened.weights.values())
+    in_place = LoadedModel(opened, model_id="m", version=1)
+    inline = LoadedModel(open_model(sealed, key), model_id="m", version=1)
+    assert in_place.nbytes == len(opened.payload)
+    inputs = sample_inputs(2, 0, small)
+    got, want = in_place.run(inputs).outputs, inline.run(inputs).outputs
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
