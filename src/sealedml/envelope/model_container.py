@@ -37,7 +37,6 @@ other tensor attribute, a subgraph or a function — is refused
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import os
 import re
@@ -629,19 +628,20 @@ class SealedModelReader:
         return entry.to_array(self.read(entry.offset, entry.length))
 
     def read_all(self) -> bytearray:
-        """Decrypt the whole payload and check its SHA-256 against the header (each chunk decrypted
-        and hashed in place in one buffer: no per-chunk objects, no joining copy)."""
+        """Decrypt and authenticate the whole payload, each chunk in place in one buffer.
+
+        The header's ``plaintext_sha256`` is not recomputed: every chunk's tag already binds
+        it (through the header digest in the AAD) under a key only holders of the model key
+        have, and a holder of that key could seal any payload with a matching digest anyway.
+        The memory-bounded path never hashes either; a hash of 90 MB is 60 ms of a cold start
+        (decision 0015).
+        """
         h = self.header
         payload = bytearray(h.plaintext_length)
         view = memoryview(payload)
-        digest = hashlib.sha256()
         for index in range(h.n_chunks):
-            start = index * h.chunk_size
-            written = self.chunk_into(index, view[start:])
-            digest.update(view[start : start + written])
+            self.chunk_into(index, view[index * h.chunk_size :])
         view.release()
-        if not hmac.compare_digest(digest.hexdigest(), h.plaintext_sha256):
-            raise SealedModelError("sealed model digest mismatch")
         return payload
 
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealedml._internal.malloc import prefault_heap
 from sealedml.attestation.base import Attester
 from sealedml.envelope.model_container import (
     SealedModelReader,
@@ -149,6 +150,17 @@ class _ReplayCache:
         self._seen[request_id] = now
 
 
+#: Heap an instance faults in while it waits for its first request (see ``prefault_heap``).
+PREFAULT_BYTES = 48 * 1024 * 1024
+
+
+def _warm_up() -> None:
+    # On a pool thread, which the first model load then usually reuses (an idle thread is
+    # taken before a new one is started), so its heap is the one prefaulted.
+    warm_up_onnxruntime()
+    prefault_heap(PREFAULT_BYTES)
+
+
 class Worker:
     """The runtime's core, independent of HTTP.
 
@@ -192,15 +204,15 @@ class Worker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def keep_ready(self) -> None:
-        """From ``/init`` on, keep the KeyService attested and a release challenge at hand, and
-        have ONNX Runtime set up.
+        """From ``/init`` on, keep the KeyService attested and a release challenge at hand; set
+        up ONNX Runtime and fault in heap pages for the first model load.
 
         An instance waiting for its first request (a warm-pool spare above all) then
         spends one round trip on its first release instead of three.
         """
         if self._readiness is None:
             self._readiness = asyncio.get_running_loop().create_task(self._keep_ready())
-            self._pool.submit(warm_up_onnxruntime)
+            self._pool.submit(_warm_up)
 
     async def _keep_ready(self) -> None:
         while True:
