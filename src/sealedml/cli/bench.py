@@ -6,7 +6,7 @@
     sealedml bench coldstart [--model M] [--repeats N]
     sealedml bench concurrency [--model M] [--clients N] [--window S] [--rounds N]
     sealedml bench memory [--model M] [--budget SIZES] [--repeats N] [--threads N]
-    sealedml bench trace [--models N] [--policy P,...] [--trace CSV] [--duration S] ...
+    sealedml bench trace [--models N] [--policy P,...] [--trace CSV] [--duration S] [--seed S] [--seeds N] ...
     sealedml bench release [--concurrency N] [--kem x25519|hybrid|both] [--duration S]
     sealedml bench partition [--model M] [--front-cut T,...] [--back-cut T,...] [--requests N] [--device D]
     sealedml bench partition --model digits-cnn|faces-cnn [--seed N] [--plot FILE.png]
@@ -89,16 +89,23 @@ def handle_bench_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def handle_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
-    """Handler of ``bench trace``: replay a synthetic or CSV trace against each routing policy."""
-    from sealedml.bench.trace import run_trace
+    """Handler of ``bench trace``: replay a synthetic or CSV trace against each routing policy, per seed.
+
+    Without ``--json`` prints the per-seed table and returns only the verdict.
+
+    Raises:
+        ConfigurationError: unknown policy, ``--seeds`` below 1, or several seeds of a CSV trace.
+    """
+    from sealedml.bench.trace import format_table, run_trace
 
     policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
-    return run_trace(
+    result = run_trace(
         models=args.models,
         policies=policies,
         trace_file=args.trace,
         duration=args.duration,
         seed=args.seed,
+        seeds=args.seeds,
         keep_alive=args.keep_alive,
         slo_ms=args.slo_ms,
         model_name=args.model,
@@ -106,6 +113,10 @@ def handle_bench_trace(args: argparse.Namespace) -> dict[str, Any]:
         warm_pool=args.warm_pool,
         quiet=args.json,
     )
+    if args.json:
+        return result
+    print(format_table(result))
+    return {"targets_met": result["targets_met"], "plot": result["plot"]}
 
 
 def release_options(args: argparse.Namespace) -> tuple[int, tuple[str, ...], float]:
@@ -258,9 +269,25 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--models", type=int, default=10, help="models in a synthetic trace (default 10)")
     p.add_argument("--policy", default="per-model,sesemi,sealedml", help="comma-separated policies to compare")
     p.add_argument("--trace", type=Path, default=None, help="CSV of timestamp,model rows instead of synthetic")
-    p.add_argument("--duration", type=float, default=60.0, help="synthetic trace length, seconds (default 60)")
-    p.add_argument("--seed", type=int, default=0, help="trace seed (default 0)")
-    p.add_argument("--keep-alive", type=float, default=10.0, help="instance keep-alive, seconds (default 10)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=300.0,
+        help="synthetic trace length, seconds (default 300: every model requested, p99 past the first loads)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="first trace seed (default 0)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run the seeds --seed … --seed+N-1 and check the targets on each (default 1)",
+    )
+    p.add_argument(
+        "--keep-alive",
+        type=float,
+        default=60.0,
+        help="instance keep-alive, seconds, the same for every policy (default 60, as platform serve)",
+    )
     p.add_argument("--slo-ms", type=float, default=1000.0, help="latency SLO, ms (default 1000)")
     p.add_argument(
         "--model",
@@ -268,7 +295,13 @@ def add_parser(subparsers: Subcommands) -> None:
         choices=["mobilenetv2", "digits", "resnet50"],
         help="which model (default mobilenetv2)",
     )
-    p.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="FILE.png",
+        help="write a PNG: GB-seconds and p99 per policy and seed, and the latency CDFs",
+    )
     p.add_argument("--warm-pool", type=int, default=1, help="spare pre-started instances per platform (default 1)")
 
     p = add_command(
