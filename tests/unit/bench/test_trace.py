@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sealedml.bench import trace
-from sealedml.bench.trace import check_targets, format_table, run_order, run_trace, summarize_seeds
+from sealedml.bench.trace import check_targets, cpu_shares, format_table, run_order, run_trace, summarize_seeds
 from sealedml.bench.traces import synthetic_trace
 from sealedml.cli.main import main
 from sealedml.errors import ConfigurationError
@@ -54,11 +54,13 @@ def test_check_targets_all_met() -> None:
     assert t["all"] is True
 
 
-@pytest.mark.parametrize(("sealedml_gb", "met"), [(100 / 3, True), (33.0, True), (34.0, False)])
+@pytest.mark.parametrize(("sealedml_gb", "met"), [(100 / 3, True), (33.0, True), (33.3378, False), (34.0, False)])
 def test_gb_seconds_target_is_three_times_below_per_model(sealedml_gb: float, met: bool) -> None:
     t = check_targets(_policies(per_model=(100.0, 700.0), sesemi=(50.0, 400.0), sealedml=(sealedml_gb, 300.0)))
     assert t["gb_seconds_3x_below_per_model"] is met
     assert t["all"] is met
+    if sealedml_gb == 33.3378:  # 2.9996: reported as 3.0, but the target compares the exact ratio
+        assert t["gb_seconds_per_model_over_sealedml"] == 3.0
 
 
 @pytest.mark.parametrize(("p99", "met"), [(220.0, True), (200.0, True), (221.0, False)])
@@ -150,6 +152,14 @@ def test_plot_shows_every_seed(tmp_path: Path) -> None:
     path = tmp_path / "trace.png"
     trace._plot(seeds, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_machine_cpu_shares_from_two_proc_stat_readings() -> None:
+    before = (100, 0, 50, 800, 50, 0, 0, 0)
+    after = (200, 0, 100, 1500, 100, 0, 0, 100)  # 1000 jiffies: 250 not idle, 100 of them stolen
+    assert cpu_shares(before, after) == {"busy_pct": 25.0, "steal_pct": 10.0}
+    assert cpu_shares(None, after) == {"busy_pct": None, "steal_pct": None}
+    assert cpu_shares(after, after) == {"busy_pct": None, "steal_pct": None}
 
 
 def test_each_seed_is_its_own_trace() -> None:
