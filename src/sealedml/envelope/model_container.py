@@ -628,14 +628,8 @@ class SealedModelReader:
         return entry.to_array(self.read(entry.offset, entry.length))
 
     def read_all(self) -> bytearray:
-        """Decrypt and authenticate the whole payload, each chunk in place in one buffer.
-
-        The header's ``plaintext_sha256`` is not recomputed: every chunk's tag already binds
-        it (through the header digest in the AAD) under a key only holders of the model key
-        have, and a holder of that key could seal any payload with a matching digest anyway.
-        The memory-bounded path never hashes either; a hash of 90 MB is 60 ms of a cold start
-        (decision 0015).
-        """
+        """Decrypt and authenticate the whole payload, each chunk in place in one buffer. The header's
+        ``plaintext_sha256`` is not recomputed: the chunk tags bind it (decision 0015)."""
         h = self.header
         payload = bytearray(h.plaintext_length)
         view = memoryview(payload)
@@ -787,8 +781,13 @@ def open_model(
     Raises:
         SealedModelError: any authentication, integrity or identity failure.
     """
-    expected = {"expected_model_id": expected_model_id, "expected_version": expected_version}
-    opened = open_model_weights(source, model_key, expected_part=expected_part, **expected)  # type: ignore[arg-type]
+    opened = open_model_weights(
+        source,
+        model_key,
+        expected_model_id=expected_model_id,
+        expected_version=expected_version,
+        expected_part=expected_part,
+    )
     model = opened.graph
     for init in model.graph.initializer:
         if init.name in opened.weights:

@@ -99,6 +99,10 @@ class WarmPool:
         await asyncio.gather(*(p.stop() for p in spares), return_exceptions=True)
 
 
+def _succeeded(task: asyncio.Task[None]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
 def _log_template_failure(task: asyncio.Task[None]) -> None:
     # Not fatal here: the first instance to fork reports the same failure to its request.
     if not task.cancelled() and task.exception() is not None:
@@ -219,7 +223,7 @@ class LocalPlatform(Platform):
             "policy": self.policy.name,
             "warm_pool_ready": self._warm.ready if self._warm else 0,
             # Instances fork from the template once it has imported everything (None: not used).
-            "template_ready": self._template_ready.done() if self._template_ready is not None else None,
+            "template_ready": _succeeded(self._template_ready) if self._template_ready is not None else None,
             "totals": totals,
             "functions": functions,
             "uptime_s": round(time.time() - self.started_at, 3),

@@ -74,16 +74,6 @@ def test_siblings_hold_different_random_state_and_keys(tmp_path: Path) -> None:
         assert len({s[field] for s in states}) == SIBLINGS, f"siblings share {field}"
 
 
-def test_without_reseeding_siblings_would_share_numpy_state(tmp_path: Path) -> None:
-    """The control: NumPy's global generator is what a fork copies, so reseeding is what separates them."""
-    np.random.seed(1234)
-    first = np.random.random()
-    np.random.seed(1234)
-    assert np.random.random() == first  # a copied state repeats exactly: what each child would draw
-    template.reseed_after_fork()
-    assert np.random.random() != first
-
-
 def _certificate_key(url: str) -> bytes:
     host, port = url.removeprefix("https://").split(":")
     pem = ssl.get_server_certificate((host, int(port)))
