@@ -282,7 +282,8 @@ def attestation_failure(exc: BaseException) -> AttestationError | None:
     """The :class:`AttestationError` behind ``exc``, if there is one.
 
     HTTP clients wrap a handshake failure (``httpx.ConnectError`` from
-    ``httpcore.ConnectError`` from :class:`RaTlsVerificationError`); this walks
+    ``httpcore.ConnectError``, or SealedML's ``TransportError``, from
+    :class:`RaTlsVerificationError`); this walks
     ``__cause__`` / ``__context__`` (and exception groups) so a caller can
     re-raise the precise reason.
 

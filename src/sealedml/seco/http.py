@@ -143,8 +143,8 @@ class _Client:
 
     def __init__(self, who: str, url: str, timeout: float) -> None:
         self.who, self.url = who, url.rstrip("/")
-        # httpcore's pool without httpx's layers: a step is a few ms of work, the client's
-        # own overhead counted (TCP_NODELAY, no per-request client set-up).
+        # The hot-path client (decision 0016): a step is a few ms of work, the client's
+        # own overhead counted (TCP_NODELAY, kept connections, no per-request set-up).
         self._http = FastClient(self.url, timeout=timeout)
 
     def post(self, path: str, body: bytes, query: str = "") -> HttpResponse:
