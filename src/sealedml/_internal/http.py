@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive
 
 from sealedml.errors import (
     AccessDenied,
@@ -49,6 +50,7 @@ __all__ = [
     "raise_for_error",
     "read_body",
     "read_model",
+    "receive_body",
     "status_for",
 ]
 
@@ -216,6 +218,17 @@ async def read_body(request: Request, max_bytes: int, setting: tuple[str, str] |
 
     Raises:
         BodyTooLarge: the body (or its declared length) exceeds the limit.
+        ProtocolError: a malformed Content-Length, or the client went away mid-body.
+    """
+    return await receive_body(request.receive, request.headers.get("content-length"), max_bytes, setting)
+
+
+async def receive_body(
+    receive: Receive, declared: str | None, max_bytes: int, setting: tuple[str, str] | None = None
+) -> bytes:
+    """:func:`read_body` on a bare ASGI ``receive`` (``declared``: the Content-Length header, if any).
+
+    The chunks are joined once at the end (a body that came in one piece is not copied at all).
     """
 
     def refuse(size: int | None) -> BodyTooLarge:
@@ -225,19 +238,28 @@ async def read_body(request: Request, max_bytes: int, setting: tuple[str, str] |
 
         return BodyTooLarge(too_large(size, max_bytes, *setting))
 
-    declared = request.headers.get("content-length")
     if declared is not None:
         try:
-            if int(declared) > max_bytes:
-                raise refuse(int(declared))
+            length = int(declared)
         except ValueError as exc:
             raise ProtocolError("bad Content-Length") from exc
-    chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > max_bytes:
+        if length > max_bytes:
+            raise refuse(length)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ProtocolError("the client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
             raise refuse(None)
-    return bytes(chunks)
+        if chunk:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def read_model(body: bytes, model: type[M]) -> M:

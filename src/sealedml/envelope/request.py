@@ -134,6 +134,25 @@ class _Envelope(BaseModel):
         Raises:
             EnvelopeError: bad magic, truncated or malformed header.
         """
+        shell, start = cls._binary_metadata(raw)
+        return shell.model_copy(update={"ciphertext": raw[start:]})
+
+    @classmethod
+    def parse_metadata(cls: type[M], data: bytes) -> M:
+        """:meth:`parse`, every field validated, but the binary form's ciphertext not copied (left empty).
+
+        For the gateway, which routes on the metadata and forwards the bytes as they came.
+
+        Raises:
+            EnvelopeError: as :meth:`parse`.
+        """
+        if data.startswith(cls._magic):
+            return cls._binary_metadata(data)[0]
+        return cls.parse(data)
+
+    @classmethod
+    def _binary_metadata(cls: type[M], raw: bytes) -> tuple[M, int]:
+        """The envelope with an empty ciphertext, and where the ciphertext starts in ``raw``."""
         start = len(cls._magic) + 4
         if not raw.startswith(cls._magic) or len(raw) < start:
             raise EnvelopeError(f"malformed {cls.__name__}")
@@ -145,11 +164,11 @@ class _Envelope(BaseModel):
             if not isinstance(header, dict) or "ciphertext" in header:
                 raise ValueError("bad header")
             # Validate the header fields with the envelope's own schema (empty
-            # ciphertext), then attach the raw ciphertext without re-encoding it.
+            # ciphertext); the caller attaches the raw ciphertext without re-encoding it.
             shell = cls.model_validate_json(json.dumps({**header, "ciphertext": ""}))
         except (ValueError, ValidationError) as exc:
             raise EnvelopeError(f"malformed {cls.__name__}") from exc
-        return shell.model_copy(update={"ciphertext": raw[start + length :]})
+        return shell, start + length
 
 
 class RequestEnvelope(_Envelope):

@@ -20,7 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, guarded, json_response, read_body
+from sealedml._internal.fastroutes import FastRoute, FastRoutes
+from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, guarded, json_response
 from sealedml._internal.limits import DEFAULT_MAX_REQUEST
 from sealedml._internal.ops import ops_routes
 from sealedml.envelope.request import ID_PATTERN, RequestEnvelope
@@ -35,7 +36,7 @@ MAX_BODY = DEFAULT_MAX_REQUEST
 _SETTING = ("this gateway's", "platform serve --max-request")
 
 
-def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
+def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> FastRoutes:
     """The gateway app in front of ``platform`` (``max_body``: the request limit, ``--max-request``)."""
 
     def _headers(result: PlatformResult) -> dict[str, str]:
@@ -52,21 +53,21 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
             headers[PEAK_BYTES_HEADER] = str(result.peak_bytes)
         return headers
 
-    async def infer(request: Request) -> Response:
-        body = await read_body(request, max_body, _SETTING)
-        # The gateway reads only the envelope's metadata and forwards the bytes
-        # unchanged to the instance's native endpoint (no re-encoding).
-        envelope = RequestEnvelope.parse(body)
+    async def infer(body: bytes, params: dict[str, str]) -> Response:
+        """Route an encrypted request envelope to an instance of its model."""
+        # The gateway reads only the envelope's metadata (validated, the ciphertext not
+        # copied) and forwards the bytes unchanged to the instance's native endpoint.
+        envelope = RequestEnvelope.parse_metadata(body)
         result = await platform.invoke(Invocation(envelope.model_id, "/v1/infer", body))
         return Response(
             result.body, status_code=result.status, media_type=result.content_type, headers=_headers(result)
         )
 
-    async def plain(request: Request) -> Response:
-        model_id = request.path_params["model_id"]
+    async def plain(body: bytes, params: dict[str, str]) -> Response:
+        """Benchmarks only: forward plaintext tensors to an instance started with a plaintext directory."""
+        model_id = params["model_id"]
         if not _ID.match(model_id):
             raise ProtocolError("invalid model id")
-        body = await read_body(request, max_body, _SETTING)
         result = await platform.invoke(Invocation(model_id, f"/v1/unsafe-plaintext/{model_id}", body))
         return Response(
             result.body, status_code=result.status, media_type=result.content_type, headers=_headers(result)
@@ -86,11 +87,12 @@ def create_app(platform: Platform, *, max_body: int = MAX_BODY) -> Starlette:
         finally:
             await platform.stop()
 
+    fast = [FastRoute("/v1/infer", infer), FastRoute("/v1/unsafe-plaintext/{model_id}", plain)]
     routes = [
-        Route("/v1/infer", guarded(infer), methods=["POST"]),
-        Route("/v1/unsafe-plaintext/{model_id}", guarded(plain), methods=["POST"]),
+        *(r.listed() for r in fast),
         Route("/v1/health", guarded(health), methods=["GET"]),
         Route("/v1/stats", guarded(stats), methods=["GET"]),
     ]
     ops = ops_routes("SealedML platform gateway", routes, metrics=platform.metrics_text)
-    return Starlette(routes=[*routes, *ops], lifespan=lifespan)
+    app = Starlette(routes=[*routes, *ops], lifespan=lifespan)
+    return FastRoutes(app, fast, max_body=max_body, setting=_SETTING)

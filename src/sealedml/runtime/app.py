@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.encoding import loads_json
+from sealedml._internal.fastroutes import FastRoute, FastRoutes
 from sealedml._internal.http import (
     MODELS_HEADER,
     PEAK_BYTES_HEADER,
@@ -62,7 +63,7 @@ _ID = re.compile(ID_PATTERN)
 
 def create_app(
     worker: Worker, *, max_body: int = DEFAULT_MAX_BODY, unsafe_plaintext_dir: Path | None = None
-) -> Starlette:
+) -> FastRoutes:
     """Build the runtime's ASGI app around ``worker``."""
     state = {"initialized": False}
 
@@ -119,8 +120,8 @@ def create_app(
             return Response(error_body(exc), status_code=200, media_type="application/json")
         return _with_headers(json_response(prediction.response), prediction)
 
-    async def infer(request: Request) -> Response:
-        body = await read_body(request, max_body, _SETTING)
+    async def infer(body: bytes, params: dict[str, str]) -> Response:
+        """Answer an encrypted request envelope (binary or JSON framing) in the same framing."""
         envelope = RequestEnvelope.parse(body)
         prediction = await worker.predict_timed(envelope)
         if is_binary(body):  # answer in the framing the caller used
@@ -133,13 +134,13 @@ def create_app(
     async def stats(request: Request) -> Response:
         return json_response(worker.describe())
 
-    async def unsafe_plain(request: Request) -> Response:
-        if unsafe_plaintext_dir is None:
+    async def unsafe_plain(body: bytes, params: dict[str, str]) -> Response:
+        """Benchmarks only: run a plaintext model on plaintext tensors (off without a plaintext directory)."""
+        if unsafe_plaintext_dir is None:  # pragma: no cover - the route is then not_enabled
             raise NotFound("not found")
-        model_id = request.path_params["model_id"]
+        model_id = params["model_id"]
         if not _ID.match(model_id):
             raise ProtocolError("invalid model id")
-        body = await read_body(request, max_body, _SETTING)
         model = plain_models.get(model_id)
         if model is None:
             path = unsafe_plaintext_dir / f"{model_id}.onnx"
@@ -166,12 +167,22 @@ def create_app(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(worker.aclose(), timeout=5)
 
+    # The two routes every inference takes skip Starlette's routing and middleware.
+    async def not_enabled(request: Request) -> Response:
+        """Benchmarks only: run a plaintext model on plaintext tensors (off without a plaintext directory)."""
+        raise NotFound("not found")  # before reading any body
+
+    plain_path = "/v1/unsafe-plaintext/{model_id}"
+    fast = [FastRoute("/v1/infer", infer)]
+    if unsafe_plaintext_dir is not None:
+        fast.append(FastRoute(plain_path, unsafe_plain))
     routes = [
         Route("/init", guarded(init), methods=["POST"]),
         Route("/run", guarded(run), methods=["POST"]),
-        Route("/v1/infer", guarded(infer), methods=["POST"]),
+        *(r.listed() for r in fast),
+        *([] if unsafe_plaintext_dir is not None else [Route(plain_path, guarded(not_enabled), methods=["POST"])]),
         Route("/v1/health", guarded(health), methods=["GET"]),
         Route("/v1/stats", guarded(stats), methods=["GET"]),
-        Route("/v1/unsafe-plaintext/{model_id}", guarded(unsafe_plain), methods=["POST"]),
     ]
-    return Starlette(routes=[*routes, *ops_routes("SealedML runtime instance", routes)], lifespan=lifespan)
+    app = Starlette(routes=[*routes, *ops_routes("SealedML runtime instance", routes)], lifespan=lifespan)
+    return FastRoutes(app, fast, max_body=max_body, setting=_SETTING)

@@ -211,3 +211,19 @@ def test_id_pattern_accepts(identifier: str) -> None:
     assert re.fullmatch(ID_PATTERN.strip("^$"), identifier)
     envelope, _ = _seal({"x": np.zeros(1)}, model_id=identifier, user_id=identifier)
     assert RequestEnvelope.parse(envelope.model_dump_json()).model_id == identifier
+
+
+def test_parse_metadata_validates_every_field_but_leaves_the_ciphertext() -> None:
+    envelope, _ = _seal(MIXED)
+    binary = envelope.to_binary()
+    metadata = RequestEnvelope.parse_metadata(binary)
+    assert metadata.model_copy(update={"ciphertext": envelope.ciphertext}) == envelope
+    assert metadata.ciphertext == b""
+    # The JSON framing is parsed whole.
+    assert RequestEnvelope.parse_metadata(envelope.model_dump_json().encode()) == envelope
+    # A header field the schema refuses is refused here too, as by parse().
+    bad = binary.replace(MODEL.encode(), b"bad/model", 1)
+    with pytest.raises(EnvelopeError):
+        RequestEnvelope.parse_metadata(bad)
+    with pytest.raises(EnvelopeError):
+        RequestEnvelope.parse_metadata(binary[:12])
