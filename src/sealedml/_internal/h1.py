@@ -120,7 +120,7 @@ class SyncConnection:
         readable, _, _ = select.select([self._sock], [], [], 0)
         return not readable
 
-    def exchange(self, head: bytes, body: bytes, timeout: float) -> ResponseReader:
+    def exchange(self, head: bytes, body: bytes | bytearray, timeout: float) -> ResponseReader:
         """Send one request and read the whole answer within ``timeout`` seconds.
 
         Raises:
@@ -187,7 +187,7 @@ class AsyncConnection(asyncio.Protocol):
         """Whether this idle connection can carry another exchange."""
         return self.reusable and self._transport is not None and not self._transport.is_closing()
 
-    async def exchange(self, head: bytes, body: bytes, timeout: float) -> ResponseReader:
+    async def exchange(self, head: bytes, body: bytes | bytearray, timeout: float) -> ResponseReader:
         """Send one request and read the whole answer within ``timeout`` seconds.
 
         A connection whose exchange failed, timed out or was cancelled is closed:

@@ -101,7 +101,7 @@ class _Target:
         self,
         method: str,
         path: str,
-        content: bytes,
+        content: bytes | bytearray,
         headers: Mapping[str, str] | None,
         params: Mapping[str, str] | None,
     ) -> bytes:
@@ -147,7 +147,7 @@ class FastClient:
         method: str,
         path: str,
         *,
-        content: bytes = b"",
+        content: bytes | bytearray = b"",
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> HttpResponse:
@@ -195,7 +195,7 @@ class FastClient:
                 return
         connection.close()
 
-    def post(self, path: str, *, content: bytes, headers: Mapping[str, str] | None = None) -> HttpResponse:
+    def post(self, path: str, *, content: bytes | bytearray, headers: Mapping[str, str] | None = None) -> HttpResponse:
         """``POST path`` with ``content``."""
         return self.request("POST", path, content=content, headers=headers)
 
@@ -231,7 +231,7 @@ class FastAsyncClient:
         method: str,
         path: str,
         *,
-        content: bytes = b"",
+        content: bytes | bytearray = b"",
         headers: Mapping[str, str] | None = None,
         params: Mapping[str, str] | None = None,
     ) -> HttpResponse:
@@ -276,7 +276,9 @@ class FastAsyncClient:
         except OSError as exc:  # refused, unreachable, timed out, TLS or attestation failure
             raise _failure(method, path, exc, not_sent=True) from exc
 
-    async def post(self, path: str, *, content: bytes, headers: Mapping[str, str] | None = None) -> HttpResponse:
+    async def post(
+        self, path: str, *, content: bytes | bytearray, headers: Mapping[str, str] | None = None
+    ) -> HttpResponse:
         """``POST path`` with ``content``."""
         return await self.request("POST", path, content=content, headers=headers)
 

@@ -9,7 +9,7 @@ import numpy as np
 from sealedml._internal.http import PEAK_BYTES_HEADER, SERVER_TIMING_HEADER, check_url, raise_for_error
 from sealedml._internal.httpclient import FastClient, TransportError
 from sealedml.client.identity import Identity
-from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
+from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request_binary
 from sealedml.errors import InputError, ServiceUnavailable
 
 __all__ = ["InferenceClient"]
@@ -64,14 +64,14 @@ class InferenceClient:
             tensors, positional = {str(i): a for i, a in enumerate(inputs)}, True
         else:
             tensors, positional = dict(inputs), False
-        envelope, context = seal_request(
+        # Sealed and framed in one pass: the tensors are encrypted straight into the body.
+        body, context = seal_request_binary(
             tensors,
             request_key=self.identity.request_key(model_id),
             model_id=model_id,
             user_id=self.identity.principal_id,
             is_positional=positional,
         )
-        body = envelope.to_binary()
         if len(body) > self.max_request:
             from sealedml._internal.limits import too_large
 

@@ -8,7 +8,10 @@ under a key used for one object only.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealedml.errors import CryptoError
@@ -20,6 +23,7 @@ __all__ = [
     "aead_decrypt",
     "aead_decrypt_into",
     "aead_encrypt",
+    "aead_encrypt_parts",
     "derive_nonce",
 ]
 
@@ -53,6 +57,36 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> byte
     if len(nonce) != NONCE_SIZE:
         raise CryptoError("nonce must be 12 bytes")
     return _cipher(key).encrypt(nonce, plaintext, aad)
+
+
+def aead_encrypt_parts(
+    key: bytes, nonce: bytes, parts: Sequence[bytes | memoryview], aad: bytes, out: memoryview
+) -> None:
+    """Encrypt the concatenation of ``parts`` into ``out`` as ciphertext ‖ 16-byte tag.
+
+    The same bytes as :func:`aead_encrypt` of the joined parts, without joining them: each
+    part (e.g. a tensor's own memory) is encrypted where it lies, straight into the
+    caller's buffer (AES-GCM is a stream mode: OpenSSL's incremental interface).
+
+    Raises:
+        CryptoError: a wrong key or nonce size, or ``out`` not exactly the parts' length plus the tag.
+    """
+    if len(nonce) != NONCE_SIZE:
+        raise CryptoError("nonce must be 12 bytes")
+    if len(key) != KEY_SIZE:
+        raise CryptoError("AES-256-GCM needs a 32-byte key")
+    target = memoryview(out).cast("B")
+    size = sum(memoryview(p).nbytes for p in parts)
+    if target.nbytes != size + TAG_SIZE:
+        raise CryptoError("output buffer must be the plaintext length plus the tag")
+    encryptor = Cipher(algorithms.AES(key), modes.GCM(nonce)).encryptor()
+    encryptor.authenticate_additional_data(aad)
+    written = 0
+    for part in parts:
+        # update_into wants room for one block more than it writes: the tag's place gives it.
+        written += encryptor.update_into(memoryview(part).cast("B"), target[written:])
+    encryptor.finalize()
+    target[written:] = encryptor.tag
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:

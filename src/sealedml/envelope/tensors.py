@@ -14,7 +14,9 @@ of a shared instance's memory).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import safetensors.numpy
@@ -23,7 +25,16 @@ from safetensors import SafetensorError
 from sealedml._internal.encoding import loads_json
 from sealedml.errors import EnvelopeError
 
-__all__ = ["MAX_HEADER", "POSITIONAL_KEY", "check_header", "decode_tensors", "encode_tensors", "positional"]
+__all__ = [
+    "MAX_HEADER",
+    "POSITIONAL_KEY",
+    "EncodedTensors",
+    "check_header",
+    "decode_tensors",
+    "encode_tensor_parts",
+    "encode_tensors",
+    "positional",
+]
 
 POSITIONAL_KEY = "sealedml.positional"
 #: Largest safetensors header accepted at all (bytes), whatever the tensor count.
@@ -55,6 +66,79 @@ def encode_tensors(tensors: Mapping[str, np.ndarray], *, is_positional: bool = F
         return safetensors.numpy.save(arrays, metadata=metadata)
     except (SafetensorError, ValueError, TypeError) as exc:
         raise EnvelopeError(f"cannot encode tensors: {exc}") from exc
+
+
+#: safetensors' dtype names for the NumPy dtypes carried, in safetensors' own order of the
+#: tensors in a file (its ``Dtype`` enum, largest first; then by name), so that the parts
+#: below make byte for byte the file ``safetensors.numpy.save`` makes.
+_DTYPES = {
+    np.dtype("uint64"): ("U64", 0),
+    np.dtype("int64"): ("I64", 1),
+    np.dtype("float64"): ("F64", 2),
+    np.dtype("float32"): ("F32", 3),
+    np.dtype("uint32"): ("U32", 4),
+    np.dtype("int32"): ("I32", 5),
+    np.dtype("float16"): ("F16", 6),
+    np.dtype("uint16"): ("U16", 7),
+    np.dtype("int16"): ("I16", 8),
+    np.dtype("int8"): ("I8", 9),
+    np.dtype("uint8"): ("U8", 10),
+    np.dtype("bool"): ("BOOL", 11),
+}
+
+
+@dataclass(frozen=True)
+class EncodedTensors:
+    """A safetensors file in pieces: the framed header, then each tensor's own memory (no copy)."""
+
+    header: bytes
+    buffers: list[memoryview]
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(b.nbytes for b in self.buffers)
+
+
+def _memory_of(array: np.ndarray) -> memoryview:
+    """The array's bytes in C order: its own memory when contiguous (a copy otherwise)."""
+    contiguous = np.ascontiguousarray(array)  # 1-d for a 0-d array: the same one element
+    return contiguous.data.cast("B") if contiguous.nbytes else memoryview(b"")
+
+
+def encode_tensor_parts(tensors: Mapping[str, np.ndarray], *, is_positional: bool = False) -> EncodedTensors:
+    """:func:`encode_tensors` without assembling the file: for a writer that streams the pieces
+    (one-pass sealing, :func:`~sealedml.envelope.request.seal_request_binary`). The
+    concatenation equals ``encode_tensors(tensors)`` byte for byte.
+
+    Raises:
+        EnvelopeError: an array of a dtype safetensors cannot carry (strings, objects).
+    """
+    arrays = []
+    for name, value in tensors.items():
+        array = np.asarray(value, order="C")
+        if array.dtype.kind in "biuf" and not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        dtype = _DTYPES.get(array.dtype)
+        if dtype is None:
+            raise EnvelopeError(f"tensor {name!r}: dtype {array.dtype} is not supported")
+        arrays.append((dtype[1], name, dtype[0], array))
+    arrays.sort(key=lambda entry: (entry[0], entry[1]))
+    header: dict[str, object] = {}
+    if is_positional:
+        header["__metadata__"] = {POSITIONAL_KEY: "1"}
+    offset = 0
+    buffers = []
+    for _, name, dtype_name, array in arrays:
+        header[name] = {
+            "dtype": dtype_name,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+        buffers.append(_memory_of(array))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes with spaces
+    return EncodedTensors(len(text).to_bytes(8, "little") + text, buffers)
 
 
 def check_header(data: bytes, max_tensors: int | None = None) -> dict[str, object]:

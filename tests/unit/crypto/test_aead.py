@@ -13,6 +13,7 @@ from sealedml.crypto import (
     derive_nonce,
     random_bytes,
 )
+from sealedml.crypto.aead import aead_encrypt_parts
 from sealedml.errors import CryptoError
 
 KEY = bytes(range(32))
@@ -181,3 +182,27 @@ def test_random_bytes_are_fresh() -> None:
     draws = {random_bytes(16) for _ in range(64)}
     assert len(draws) == 64
     assert all(len(d) == 16 for d in draws)
+
+
+@pytest.mark.parametrize(("key", "nonce", "pt", "aad", "ct", "tag"), GCM_VECTORS)
+@pytest.mark.parametrize("cut", [0, 1, 7, 16, 33])
+def test_aead_encrypt_parts_known_answer_vectors(
+    key: str, nonce: str, pt: str, aad: str, ct: str, tag: str, cut: int
+) -> None:
+    """Encrypting the plaintext in pieces into one buffer gives the vector's ciphertext ‖ tag."""
+    plaintext = bytes.fromhex(pt)
+    parts = [plaintext[:cut], memoryview(plaintext[cut:]), b""]
+    out = bytearray(len(plaintext) + TAG_SIZE)
+    aead_encrypt_parts(bytes.fromhex(key), bytes.fromhex(nonce), parts, bytes.fromhex(aad), memoryview(out))
+    assert bytes(out) == bytes.fromhex(ct + tag)
+
+
+def test_aead_encrypt_parts_refuses_a_wrong_buffer_key_or_nonce() -> None:
+    with pytest.raises(CryptoError, match="output buffer"):
+        aead_encrypt_parts(KEY, NONCE, [b"abc"], b"", memoryview(bytearray(3)))  # no room for the tag
+    with pytest.raises(CryptoError, match="output buffer"):
+        aead_encrypt_parts(KEY, NONCE, [b"abc"], b"", memoryview(bytearray(3 + TAG_SIZE + 1)))
+    with pytest.raises(CryptoError, match="nonce"):
+        aead_encrypt_parts(KEY, NONCE[:8], [b"abc"], b"", memoryview(bytearray(3 + TAG_SIZE)))
+    with pytest.raises(CryptoError, match="32-byte key"):
+        aead_encrypt_parts(KEY[:16], NONCE, [b"abc"], b"", memoryview(bytearray(3 + TAG_SIZE)))

@@ -227,3 +227,32 @@ def test_parse_metadata_validates_every_field_but_leaves_the_ciphertext() -> Non
         RequestEnvelope.parse_metadata(bad)
     with pytest.raises(EnvelopeError):
         RequestEnvelope.parse_metadata(binary[:12])
+
+
+def test_one_pass_sealing_makes_the_binary_envelope_of_seal_request() -> None:
+    from sealedml.envelope.request import seal_request_binary
+
+    for tensors, is_positional in ((MIXED, False), (positional([MIXED["pixels"], MIXED["ids"]]), True)):
+        body, context = seal_request_binary(
+            tensors, request_key=REQUEST_KEY, model_id=MODEL, user_id=USER, is_positional=is_positional, now=NOW
+        )
+        envelope = RequestEnvelope.parse(bytes(body))
+        assert envelope.to_binary() == bytes(body)
+        opened = open_request(envelope, request_key=REQUEST_KEY, now=NOW)
+        _assert_same_tensors(opened.tensors, tensors)
+        assert opened.positional is is_positional
+        assert opened.context == context
+        # A flipped ciphertext bit, or another user's key, fails authentication.
+        tampered = bytearray(body)
+        tampered[-40] ^= 1
+        with pytest.raises(EnvelopeError, match="authentication"):
+            open_request(RequestEnvelope.parse(bytes(tampered)), request_key=REQUEST_KEY, now=NOW)
+        with pytest.raises(EnvelopeError, match="authentication"):
+            open_request(envelope, request_key=bytes(32), now=NOW)
+
+
+def test_one_pass_sealing_refuses_what_the_payload_cannot_carry() -> None:
+    from sealedml.envelope.request import seal_request_binary
+
+    with pytest.raises(EnvelopeError, match="not supported"):
+        seal_request_binary({"s": np.array(["text"])}, request_key=REQUEST_KEY, model_id=MODEL, user_id=USER, now=NOW)

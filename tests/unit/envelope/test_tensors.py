@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from sealedml.envelope.tensors import POSITIONAL_KEY, decode_tensors, encode_tensors, positional
+from sealedml.envelope.tensors import POSITIONAL_KEY, decode_tensors, encode_tensor_parts, encode_tensors, positional
 from sealedml.errors import EnvelopeError
 
 DTYPES = [
@@ -284,3 +284,30 @@ def test_decode_rejects_dtype_numpy_cannot_represent(dtype: str) -> None:
     data = _safetensors({"x": {"dtype": dtype, "shape": [count], "data_offsets": [0, 8]}}, bytes(8))
     with pytest.raises(EnvelopeError):
         decode_tensors(data)
+
+
+@pytest.mark.parametrize("is_positional", [False, True])
+def test_encode_tensor_parts_equal_safetensors_byte_for_byte(is_positional: bool) -> None:
+    """Every carried dtype, scalars, empty, non-contiguous and big-endian arrays: the parts joined
+    are exactly what the library writes, and each buffer is the array's own memory when it can be."""
+    tensors = {f"t{i}": _sample(dtype, (2, 3)) for i, dtype in enumerate(DTYPES)}
+    tensors |= {
+        "scalar": np.array(3.5, dtype=np.float64),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+        "strided": np.arange(20, dtype=np.int64)[::3],
+        "big_endian": np.arange(6, dtype=">f4").reshape(2, 3),
+    }
+    parts = encode_tensor_parts(tensors, is_positional=is_positional)
+    joined = parts.header + b"".join(bytes(b) for b in parts.buffers)
+    assert joined == encode_tensors(tensors, is_positional=is_positional)
+    assert parts.size == len(joined)
+    contiguous = np.zeros((1, 3, 8, 8), dtype=np.float32)
+    (view,) = encode_tensor_parts({"x": contiguous}).buffers
+    assert np.shares_memory(np.frombuffer(view, dtype=np.uint8), contiguous)  # no copy
+
+
+def test_encode_tensor_parts_rejects_unsupported_dtypes_naming_the_tensor() -> None:
+    with pytest.raises(EnvelopeError, match="'labels'"):
+        encode_tensor_parts({"labels": np.array(["cat"])})
+    with pytest.raises(EnvelopeError):
+        encode_tensor_parts({"when": np.array([1], dtype="timedelta64[s]")})
