@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["FunctionMeter", "Metrics"]
 
+#: Instance starts kept for ``summary`` (``/v1/stats``).
+_RECENT_STARTS = 20
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -87,12 +89,20 @@ class FunctionMeter:
     invocations: int = 0
     failures: int = 0
     rejected: int = 0
-    queue_waits: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    phases: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    starts: list[dict[str, Any]] = field(default_factory=list)
+    #: The latest instance starts (``summary`` shows them); distributions live in the histograms only,
+    #: so a long-running gateway keeps no per-request state.
+    starts: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=_RECENT_STARTS))
     _clocks: dict[str, _InstanceClock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Prometheus children by label, looked up once: ``labels()`` takes a lock and a dict per call.
+    _children: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (str(id(metric)), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self.function, *labels)
+        return child
 
     # instance lifecycle -------------------------------------------------------------
     def instance_started(self, instance_id: str, now: float | None = None) -> None:
@@ -130,22 +140,21 @@ class FunctionMeter:
     ) -> None:
         with self._lock:
             self.invocations += 1
-            self.queue_waits.append(queue_s)
-            self.latencies.append(total_s)
             if cold:
                 self.cold_starts += 1
-                self.metrics.cold_starts.labels(self.function).inc()
             if loaded_model:
                 self.model_loads += 1
-                self.metrics.model_loads.labels(self.function).inc()
             if not ok:
                 self.failures += 1
-            for name, seconds in phases.items():
-                self.phases[name].append(seconds)
-                self.metrics.phase.labels(self.function, name).observe(seconds)
-        self.metrics.invocations.labels(self.function, "ok" if ok else "error").inc()
-        self.metrics.queue_wait.labels(self.function).observe(queue_s)
-        self.metrics.latency.labels(self.function).observe(total_s)
+        if cold:
+            self._child(self.metrics.cold_starts).inc()
+        if loaded_model:
+            self._child(self.metrics.model_loads).inc()
+        for name, seconds in phases.items():
+            self._child(self.metrics.phase, name).observe(seconds)
+        self._child(self.metrics.invocations, "ok" if ok else "error").inc()
+        self._child(self.metrics.queue_wait).observe(queue_s)
+        self._child(self.metrics.latency).observe(total_s)
 
     def request_rejected(self) -> None:
         with self._lock:
@@ -179,5 +188,5 @@ class FunctionMeter:
                 "rejected": self.rejected,
                 "cold_starts": self.cold_starts,
                 "model_loads": self.model_loads,
-                "starts": self.starts[-20:],
+                "starts": list(self.starts),
             }

@@ -186,8 +186,8 @@ class InstancePool:
         told to wait would get the same answer, so it is skipped. A pass is
         therefore O(queue + changes × instances), not O(queue²).
         """
-        if self._closed:
-            return
+        if self._closed or not self._queue:
+            return  # nothing to decide: no snapshot to build (the path of every completed request)
         now = time.time()
         snapshot = self._snapshot(now)
         waiting_models: set[str] = set()
@@ -305,7 +305,10 @@ class InstancePool:
         self._queue.append(waiter)
         self._dispatch()
         try:
-            inst, cold = await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.config.queue_timeout)
+            if waiter.future.done():  # routed at once (a free slot): no timer, no loop iteration
+                inst, cold = waiter.future.result()
+            else:
+                inst, cold = await asyncio.wait_for(asyncio.shield(waiter.future), timeout=self.config.queue_timeout)
         except TimeoutError:
             if waiter in self._queue:
                 self._queue.remove(waiter)
