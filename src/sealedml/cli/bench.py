@@ -2,7 +2,7 @@
 
 ::
 
-    sealedml bench overhead [--model M] [--requests N] [--warmup N]
+    sealedml bench overhead [--model M] [--requests N] [--warmup N] [--runs N]
     sealedml bench coldstart [--model M] [--repeats N]
     sealedml bench concurrency [--model M] [--clients N] [--window S] [--rounds N]
     sealedml bench memory [--model M] [--budget SIZES] [--repeats N] [--threads N]
@@ -54,9 +54,13 @@ RELEASE_KEMS: dict[str, tuple[str, ...]] = {
 
 def handle_bench_overhead(args: argparse.Namespace) -> dict[str, Any]:
     """Handler of ``bench overhead``: secure serving vs plain serving vs in-process ONNX Runtime."""
-    from sealedml.bench.overhead import run_overhead
+    from sealedml.bench.overhead import run_overhead_repeated
 
-    return run_overhead(args.model, requests=args.requests, warmup=args.warmup, quiet=args.json)
+    if args.runs < 1:
+        raise ConfigurationError(f"--runs must be at least 1, not {args.runs}")
+    return run_overhead_repeated(
+        args.model, runs=args.runs, requests=args.requests, warmup=args.warmup, quiet=args.json
+    )
 
 
 def handle_bench_coldstart(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,6 +229,12 @@ def add_parser(subparsers: Subcommands) -> None:
     )
     p.add_argument("--requests", type=int, default=60, help="measured requests per path (default 60)")
     p.add_argument("--warmup", type=int, default=5, help="untimed rounds before measuring (default 5)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the whole measurement N times; targets met only if every run meets them (default 1)",
+    )
 
     p = add_command(
         bench, "coldstart", handle_bench_coldstart, "first request with no instance, with/without warm pool"
