@@ -20,7 +20,7 @@ import pytest
 
 from sealedml.envelope import request as request_module
 from sealedml.envelope.request import open_response, seal_request
-from sealedml.envelope.tensors import MAX_HEADER, check_header, decode_tensors, encode_tensors
+from sealedml.envelope.tensors import MAX_HEADER, EncodedTensors, check_header, decode_tensors, encode_tensors
 from sealedml.errors import EnvelopeError
 
 FLOOD = 600_000
@@ -118,7 +118,8 @@ def test_instance_refuses_a_tensor_flood_and_keeps_serving(stack: Any, toy_model
 
     payload = flood_payload()
     with monkeypatch.context() as patch:  # a client that sends the flood as its "tensors"
-        patch.setattr(request_module, "encode_tensors", lambda *args, **kwargs: payload)
+        flood = EncodedTensors(payload, [])  # the whole flood as the "header", no tensor buffers
+        patch.setattr(request_module, "encode_tensor_parts", lambda *args, **kwargs: flood)
         envelope, context = seal_request(
             {}, request_key=user.request_key("flood"), model_id="flood", user_id=user.principal_id
         )

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sealedml._internal.http import error_response, receive_body
 from sealedml.errors import Error, ServiceError
 
-__all__ = ["FastRoute", "FastRoutes"]
+__all__ = ["FastRoute", "FastRoutes", "Handler"]
 
 log = logging.getLogger("sealedml._internal.http")
 

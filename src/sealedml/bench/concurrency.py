@@ -41,7 +41,7 @@ def _instance_pids(gateway: str) -> list[int]:
 
 
 async def _closed_loop(gateway: str, user: Any, inputs: dict[str, np.ndarray], clients: int, seconds: float) -> int:
-    from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
+    from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request_binary
 
     done = 0
     deadline = time.perf_counter() + seconds
@@ -50,10 +50,10 @@ async def _closed_loop(gateway: str, user: Any, inputs: dict[str, np.ndarray], c
         async def worker() -> None:
             nonlocal done
             while time.perf_counter() < deadline:
-                env, ctx = seal_request(
+                body, ctx = seal_request_binary(
                     inputs, request_key=user.request_key("conc"), model_id="conc", user_id=user.principal_id
                 )
-                r = await http.post("/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE})
+                r = await http.post("/v1/infer", content=bytes(body), headers={"content-type": BINARY_CONTENT_TYPE})
                 r.raise_for_status()
                 open_response(ctx, ResponseEnvelope.parse(r.content))
                 done += 1

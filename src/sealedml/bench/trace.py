@@ -256,7 +256,7 @@ async def _replay(
     gateway: str, events: list[TraceEvent], users: dict[str, Any], x: np.ndarray, timeout: float
 ) -> list[_Outcome]:
     from sealedml._internal.http import SERVER_TIMING_HEADER, parse_server_timing
-    from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request
+    from sealedml.envelope.request import BINARY_CONTENT_TYPE, ResponseEnvelope, open_response, seal_request_binary
 
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=gateway, timeout=timeout, limits=limits) as client:
@@ -267,13 +267,13 @@ async def _replay(
             if delay > 0:
                 await asyncio.sleep(delay)
             user = users[event.model]
-            env, ctx = seal_request(
+            body, ctx = seal_request_binary(
                 {"input": x}, request_key=user.request_key(event.model), model_id=event.model, user_id=user.principal_id
             )
             sent = start + event.t
             try:
                 response = await client.post(
-                    "/v1/infer", content=env.to_binary(), headers={"content-type": BINARY_CONTENT_TYPE}
+                    "/v1/infer", content=bytes(body), headers={"content-type": BINARY_CONTENT_TYPE}
                 )
             except httpx.HTTPError:
                 return _Outcome(time.perf_counter() - sent, 0, {})

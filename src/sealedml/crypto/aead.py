@@ -32,9 +32,15 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 
 
-def _cipher(key: bytes) -> AESGCM:
+def _check(key: bytes, nonce: bytes) -> None:
+    if len(nonce) != NONCE_SIZE:
+        raise CryptoError("nonce must be 12 bytes")
     if len(key) != KEY_SIZE:
         raise CryptoError("AES-256-GCM needs a 32-byte key")
+
+
+def _cipher(key: bytes, nonce: bytes) -> AESGCM:
+    _check(key, nonce)
     return AESGCM(key)
 
 
@@ -54,9 +60,7 @@ def derive_nonce(base_nonce: bytes, index: int) -> bytes:
 
 def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
     """Encrypt and authenticate; returns ciphertext ‖ 16-byte tag."""
-    if len(nonce) != NONCE_SIZE:
-        raise CryptoError("nonce must be 12 bytes")
-    return _cipher(key).encrypt(nonce, plaintext, aad)
+    return _cipher(key, nonce).encrypt(nonce, plaintext, aad)
 
 
 def aead_encrypt_parts(
@@ -71,10 +75,7 @@ def aead_encrypt_parts(
     Raises:
         CryptoError: a wrong key or nonce size, or ``out`` not exactly the parts' length plus the tag.
     """
-    if len(nonce) != NONCE_SIZE:
-        raise CryptoError("nonce must be 12 bytes")
-    if len(key) != KEY_SIZE:
-        raise CryptoError("AES-256-GCM needs a 32-byte key")
+    _check(key, nonce)
     target = memoryview(out).cast("B")
     size = sum(memoryview(p).nbytes for p in parts)
     if target.nbytes != size + TAG_SIZE:
@@ -95,10 +96,9 @@ def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byt
     Raises:
         CryptoError: the ciphertext, nonce, AAD or key is wrong (no detail, by design).
     """
-    if len(nonce) != NONCE_SIZE:
-        raise CryptoError("nonce must be 12 bytes")
+    cipher = _cipher(key, nonce)
     try:
-        return _cipher(key).decrypt(nonce, ciphertext, aad)
+        return cipher.decrypt(nonce, ciphertext, aad)
     except InvalidTag as exc:
         raise CryptoError("authentication failed") from exc
 
@@ -125,14 +125,13 @@ def aead_decrypt_into(key: bytes, nonce: bytes, ciphertext: bytes | memoryview, 
         CryptoError: a wrong nonce or buffer size, or the ciphertext, nonce, AAD or key is
             wrong (no detail, by design).
     """
-    if len(nonce) != NONCE_SIZE:
-        raise CryptoError("nonce must be 12 bytes")
+    cipher = _cipher(key, nonce)
     target = memoryview(out)
     size = memoryview(ciphertext).nbytes - TAG_SIZE
     if size < 0 or target.nbytes != size:
         raise CryptoError("output buffer must be the ciphertext length minus the tag")
     try:
-        written: int = _cipher(key).decrypt_into(nonce, ciphertext, aad, target)
+        written: int = cipher.decrypt_into(nonce, ciphertext, aad, target)
     except InvalidTag as exc:
         target.cast("B")[:] = bytes(size)
         raise CryptoError("authentication failed") from exc

@@ -252,23 +252,15 @@ def seal_request(
 
     Returns:
         The envelope to send and the context needed to open the response.
+
+    Raises:
+        EnvelopeError: a tensor of a dtype the payload cannot carry.
     """
-    request_id = random_bytes(16)
-    rid = request_id.hex()
-    timestamp = int(time.time() if now is None else now)
-    req_key, resp_key = _keys(request_key, model_id, user_id, request_id)
-    nonce = random_bytes(NONCE_SIZE)
-    plaintext = encode_tensors(tensors, is_positional=is_positional)
-    ciphertext = aead_encrypt(req_key, nonce, plaintext, _aad(_REQ_AAD, model_id, user_id, rid, timestamp))
-    envelope = RequestEnvelope(
-        model_id=model_id,
-        user_id=user_id,
-        request_id=rid,
-        timestamp=timestamp,
-        nonce=nonce,
-        ciphertext=ciphertext,
+    # One way of sealing a request: the one-pass binary form, parsed back.
+    body, context = seal_request_binary(
+        tensors, request_key=request_key, model_id=model_id, user_id=user_id, is_positional=is_positional, now=now
     )
-    return envelope, RequestContext(model_id, user_id, rid, timestamp, resp_key)
+    return RequestEnvelope.from_binary(bytes(body)), context
 
 
 def seal_request_binary(

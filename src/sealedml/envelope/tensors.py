@@ -100,9 +100,8 @@ class EncodedTensors:
 
 
 def _memory_of(array: np.ndarray) -> memoryview:
-    """The array's bytes in C order: its own memory when contiguous (a copy otherwise)."""
-    contiguous = np.ascontiguousarray(array)  # 1-d for a 0-d array: the same one element
-    return contiguous.data.cast("B") if contiguous.nbytes else memoryview(b"")
+    """A C-contiguous array's own bytes (``reshape(-1)`` is a view; memoryview cannot cast empty shapes)."""
+    return array.reshape(-1).data.cast("B") if array.nbytes else memoryview(b"")
 
 
 def encode_tensor_parts(tensors: Mapping[str, np.ndarray], *, is_positional: bool = False) -> EncodedTensors:

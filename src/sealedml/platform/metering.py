@@ -95,10 +95,10 @@ class FunctionMeter:
     _clocks: dict[str, _InstanceClock] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     #: Prometheus children by label, looked up once: ``labels()`` takes a lock and a dict per call.
-    _children: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    _children: dict[tuple[object, ...], Any] = field(default_factory=dict)
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        key = (str(id(metric)), *labels)
+        key = (id(metric), *labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(self.function, *labels)

@@ -32,7 +32,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sealedml._internal.encoding import loads_json
-from sealedml._internal.fastroutes import FastRoute, FastRoutes
+from sealedml._internal.fastroutes import FastRoute, FastRoutes, Handler
 from sealedml._internal.http import (
     MODELS_HEADER,
     PEAK_BYTES_HEADER,
@@ -134,30 +134,31 @@ def create_app(
     async def stats(request: Request) -> Response:
         return json_response(worker.describe())
 
-    async def unsafe_plain(body: bytes, params: dict[str, str]) -> Response:
-        """Benchmarks only: run a plaintext model on plaintext tensors (off without a plaintext directory)."""
-        if unsafe_plaintext_dir is None:  # pragma: no cover - the route is then not_enabled
-            raise NotFound("not found")
-        model_id = params["model_id"]
-        if not _ID.match(model_id):
-            raise ProtocolError("invalid model id")
-        model = plain_models.get(model_id)
-        if model is None:
-            path = unsafe_plaintext_dir / f"{model_id}.onnx"
-            if not path.is_file():
-                raise NotFound("no such plaintext model")
-            model = await worker._run_blocking(
-                lambda: LoadedModel(path.read_bytes(), model_id=model_id, version=0, threads=worker._threads)
-            )
-            plain_models[model_id] = model
+    def plaintext_handler(plain_dir: Path) -> Handler:
+        async def unsafe_plain(body: bytes, params: dict[str, str]) -> Response:
+            """Benchmarks only: run a plaintext model on plaintext tensors (off without a plaintext directory)."""
+            model_id = params["model_id"]
+            if not _ID.match(model_id):
+                raise ProtocolError("invalid model id")
+            model = plain_models.get(model_id)
+            if model is None:
+                path = plain_dir / f"{model_id}.onnx"
+                if not path.is_file():
+                    raise NotFound("no such plaintext model")
+                model = await worker._run_blocking(
+                    lambda: LoadedModel(path.read_bytes(), model_id=model_id, version=0, threads=worker._threads)
+                )
+                plain_models[model_id] = model
 
-        def serve() -> bytes:
-            tensors, positional = decode_tensors(body)
-            return encode_tensors(model.run(model.bind_inputs(tensors, positional)).outputs)
+            def serve() -> bytes:
+                tensors, positional = decode_tensors(body)
+                return encode_tensors(model.run(model.bind_inputs(tensors, positional)).outputs)
 
-        async with worker._gate:
-            out = await worker._run_blocking(serve)
-        return Response(out, media_type="application/octet-stream")
+            async with worker._gate:
+                out = await worker._run_blocking(serve)
+            return Response(out, media_type="application/octet-stream")
+
+        return unsafe_plain
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -167,20 +168,23 @@ def create_app(
         with contextlib.suppress(Exception):
             await asyncio.wait_for(worker.aclose(), timeout=5)
 
-    # The two routes every inference takes skip Starlette's routing and middleware.
     async def not_enabled(request: Request) -> Response:
         """Benchmarks only: run a plaintext model on plaintext tensors (off without a plaintext directory)."""
         raise NotFound("not found")  # before reading any body
 
+    # The routes every inference takes skip Starlette's routing and middleware (decision 0016).
     plain_path = "/v1/unsafe-plaintext/{model_id}"
     fast = [FastRoute("/v1/infer", infer)]
+    disabled: list[Route] = []
     if unsafe_plaintext_dir is not None:
-        fast.append(FastRoute(plain_path, unsafe_plain))
+        fast.append(FastRoute(plain_path, plaintext_handler(unsafe_plaintext_dir)))
+    else:
+        disabled.append(Route(plain_path, guarded(not_enabled), methods=["POST"]))
     routes = [
         Route("/init", guarded(init), methods=["POST"]),
         Route("/run", guarded(run), methods=["POST"]),
         *(r.listed() for r in fast),
-        *([] if unsafe_plaintext_dir is not None else [Route(plain_path, guarded(not_enabled), methods=["POST"])]),
+        *disabled,
         Route("/v1/health", guarded(health), methods=["GET"]),
         Route("/v1/stats", guarded(stats), methods=["GET"]),
     ]
