@@ -256,8 +256,14 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
 ) -> None:
     path = tmp_path / "model.sealed"
     path.write_bytes(sealed)
+    # Without the warm head, so that the run after the tamper is the one that reads the chunk
+    # (the warm head's own case is the next test).
     model = StreamingModel(
-        SealedModelReader(path, KEY), budget_bytes=BUDGET, prefetch=prefetch, spill_dir=spill_dir(backing, tmp_path)
+        SealedModelReader(path, KEY),
+        budget_bytes=BUDGET,
+        prefetch=prefetch,
+        spill_dir=spill_dir(backing, tmp_path),
+        warm_first_segment=False,
     )
     assert len(model.plan.segments) >= 2 and set(model.segment_modes) == {"optimized"}
     assert model.spill is not None and model.spill.in_memory == (backing == "memory")
@@ -295,9 +301,42 @@ def test_tampered_spill_chunk_fails_the_run_and_the_segment_is_rebuilt(
 
 
 @pytest.mark.parametrize("backing", BACKINGS)
-def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], backing: str) -> None:
+def test_a_warm_head_authenticates_the_chunks_it_decrypts_ahead(
+    tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], backing: str
+) -> None:
+    """The first segment is decrypted for the next request once a request has returned: a
+    chunk tampered with before that fails the request that adopts it; the one after it
+    rebuilds the segment. A chunk tampered with after its authentic contents were decrypted
+    is caught by the next read of that chunk."""
     model = StreamingModel(
         SealedModelReader(sealed, KEY), budget_bytes=BUDGET, prefetch=True, spill_dir=spill_dir(backing, tmp_path)
+    )
+    assert model.warm_first_segment and model.segment_modes[0] == "optimized"
+    good = model.run(feeds).outputs
+    model.settle()  # the second request's first segment is decrypted, authentic
+    spill = SpillAccess(model)
+    position, length = spill.chunk(0, chunk=1)
+    spill.flip(position + length // 2)
+    # The second request runs on weights authenticated before the tamper.
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])
+    model.settle()  # the third request's: this read hit the tampered chunk
+    with pytest.raises(SealedModelError, match=r"spill chunk .* failed authentication"):
+        model.run(feeds)
+    assert model.stale_segments == {0}
+    np.testing.assert_array_equal(model.run(feeds).outputs["r3"], good["r3"])  # rebuilt
+    assert not model.stale_segments
+    assert model.last_peak_bytes is not None and model.last_peak_bytes <= BUDGET
+    model.close()
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_moved_spill_chunk_fails(tmp_path: Path, sealed: bytes, feeds: dict[str, np.ndarray], backing: str) -> None:
+    model = StreamingModel(
+        SealedModelReader(sealed, KEY),
+        budget_bytes=BUDGET,
+        prefetch=True,
+        spill_dir=spill_dir(backing, tmp_path),
+        warm_first_segment=False,  # the run after each tamper is the one that reads segment 0
     )
     good = model.run(feeds).outputs
     spill = SpillAccess(model)

@@ -37,7 +37,9 @@ marked bytes, either on the spot or on a background thread after the run's
 outputs are returned (``give_back(..., wipe_with=...)``). An arena whose wipe
 has not run yet is never handed out as is: :meth:`ArenaPool.borrow` wipes it
 first, and :meth:`ArenaPool.drain` (called by ``StreamingModel.close``) wipes
-whatever is left.
+whatever is left. The one arena outside the pool between requests is the one a run
+hands to the next with its first segment decrypted (:mod:`.warm`): it holds that
+segment and zeros.
 """
 
 from __future__ import annotations
@@ -329,6 +331,12 @@ class WeightArena:
             raise ValueError("view outside the arena or not aligned")
         self._marked.add(offset, offset + nbytes)
         return self._base[offset : offset + nbytes]
+
+    def marked_outside(self, lo: int, hi: int) -> list[Span]:
+        """The marked ranges outside ``[lo, hi)``."""
+        probe = self._marked.copy()
+        probe.remove(lo, hi)
+        return list(probe.items)
 
     def zero(self, spans: Sequence[Span]) -> None:
         """Zero ``spans`` (stale plaintext) and unmark them."""

@@ -1,8 +1,8 @@
 """One segment's state, and how it is built: its ONNX Runtime session and its spilled weights.
 
 * A **sealed** segment (:meth:`SegmentBuilder.sealed`) gets a session built once. Its
-  weights are graph **inputs**, not initializers, so no plaintext weight stays
-  resident between requests: only the graph structure does. Per request its weights
+  weights are graph **inputs**, not initializers, so the session holds no plaintext
+  weight between requests: only the graph structure. Per request its weights
   are decrypted from the sealed container (:mod:`.container`).
 * An **optimized** segment (:meth:`SegmentBuilder.optimized`) is optimized once by ONNX
   Runtime with its real weights (:mod:`.optimize`: NCHWc layout, reordered and padded

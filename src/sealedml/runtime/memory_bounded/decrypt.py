@@ -265,6 +265,24 @@ class SpillJob:
                         self._workers -= 1
                 self._cond.notify_all()
 
+    def turn(self) -> None:
+        """The previous segment is done: allow every chunk (idempotent; one thread at a time).
+
+        Zeroes the stale bytes the budget has no room for (outside this segment's range, so
+        no chunk in flight is touched), counts the rest of the segment's bytes, and wakes
+        the prefetch thread if it had stopped at the old limit.
+        """
+        if self._turned:
+            return
+        self._turned = True
+        self._arena.trim(self._step)
+        self._arena.count(self._step.growth)
+        with self._cond:
+            self._limit = self._n
+            idle = self._workers == 0
+        if idle and not self.solo:
+            self.submit()
+
     def finish(self, help_allowed: bool) -> tuple[DecryptedWeights, float]:
         """The decrypted weights (after helping, if allowed); and the seconds this took.
 
@@ -282,18 +300,7 @@ class SpillJob:
                 then rebuilt at the start of the next run).
         """
         started = time.perf_counter()
-        if not self._turned:
-            # The previous segment is done: zero the stale bytes the budget has no room for
-            # (outside this segment's range, so no chunk in flight is touched), then allow
-            # every chunk.
-            self._turned = True
-            self._arena.trim(self._step)
-            self._arena.count(self._step.growth)
-            with self._cond:
-                self._limit = self._n
-                idle = self._workers == 0
-            if idle and not self.solo:
-                self.submit()  # the prefetch thread stopped at the old limit: wake it again
+        self.turn()
         if help_allowed or self.solo:
             self.work()
         with self._cond:
@@ -308,6 +315,13 @@ class SpillJob:
             raise error
         arrays = self._entry.views(self._blob)
         return DecryptedWeights(arrays, self._entry.nbytes, self._busy, in_arena=True), waited
+
+    def wait_claimed(self) -> None:
+        """Block while prefetch threads are still decrypting what they may claim now (for
+        diagnostics: a job nobody works on returns at once)."""
+        with self._cond:
+            while self._in_flight or (self._error is None and self._next < self._limit and self._workers):
+                self._cond.wait()
 
     def abandon(self) -> None:
         """After a failed run: stop claiming and wait for chunks in flight (the arena is wiped later)."""

@@ -10,8 +10,9 @@ layer's compute. :class:`StreamingModel` does the same over a sealed
 container and ONNX Runtime:
 
 * One ONNX Runtime session per planned segment, built once at construction.
-  Its weights are graph **inputs**, not initializers, so no plaintext weight
-  stays resident between requests: only the graph structure does.
+  Its weights are graph **inputs**, not initializers, so no session holds a
+  plaintext weight between requests: only the graph structure (the one
+  exception, the next run's first segment, is below).
 * **Optimized segments** (``optimize=True``, the default): at construction each
   segment is optimized once by ONNX Runtime with its real weights
   (:mod:`.optimize`: NCHWc layout, reordered and padded weights, written to an
@@ -35,6 +36,10 @@ container and ONNX Runtime:
   clear of *k*'s bytes in the arena that the budget has room for (a sealed
   *k + 1* only whole). Once *k* is done, the compute thread and the background
   thread decrypt the rest together.
+* With prefetch, once a run has returned, the prefetch threads decrypt the next run's
+  first segment into the arena it used (:mod:`.warm`): a run does not start by waiting
+  for its first weights. Between requests that arena holds the first segment's
+  plaintext (within the budget); ``warm_first_segment=False`` keeps only zeros there.
 
 A chunk that fails authentication fails the request with
 :class:`~sealedml.errors.SealedModelError`. The model object keeps no
@@ -77,6 +82,7 @@ from sealedml.runtime.memory_bounded.run_arena import DecryptedWeights, Layout, 
 from sealedml.runtime.memory_bounded.segments import Plan, Segment
 from sealedml.runtime.memory_bounded.spill import SpillStore
 from sealedml.runtime.memory_bounded.stats import LoadStats, RunStats, SegmentStats
+from sealedml.runtime.memory_bounded.warm import WarmHead
 
 __all__ = ["ReaderSource", "StreamingModel"]
 
@@ -120,6 +126,9 @@ class StreamingModel(Model):
             decryption, but the ciphertext adds about the model's size to the RSS).
         spill_chunk: preferred plaintext bytes per spill chunk (smaller when the
             scratch reserve requires it).
+        warm_first_segment: with ``prefetch``, decrypt the next run's first (optimized)
+            segment after each run, so that runs do not start by waiting for it
+            (:mod:`.warm`); its plaintext then stays in memory between requests.
 
     Raises:
         BudgetError: no plan fits ``budget_bytes``.
@@ -144,6 +153,7 @@ class StreamingModel(Model):
         verify: bool = True,
         spill_dir: str | None = None,
         spill_chunk: int = DEFAULT_SPILL_CHUNK,
+        warm_first_segment: bool = True,
     ) -> None:
         started = time.perf_counter()
         if spill_chunk < 1:
@@ -154,6 +164,7 @@ class StreamingModel(Model):
             reader, factory = source(), source
         self.prefetch = prefetch
         self.threads = threads
+        self.warm_first_segment = prefetch and warm_first_segment
         self._lock = threading.Lock()
         self._scratch = ScratchBuffer()
         try:
@@ -225,6 +236,8 @@ class StreamingModel(Model):
         # out once per set of segment states.
         self._arenas = ArenaPool()
         self._schedule: tuple[tuple[SegmentState, ...], Layout] | None = None
+        #: The next run's first segment, being decrypted or ready (at most one; see .warm).
+        self._warm: WarmHead | None = None
         self._last_stats: RunStats | None = None
         states = segments.states
         spill = segments.spill
@@ -256,11 +269,14 @@ class StreamingModel(Model):
 
     @property
     def nbytes(self) -> int:
-        """Bytes resident between requests: the segment graphs, which hold no weights.
+        """Bytes resident between requests: the segment graphs, which hold no weights, and
+        the first segment's weights decrypted for the next run (``warm_first_segment``).
 
         The per-run working set is bounded by ``plan.budget_bytes`` instead.
         """
-        return sum(state.graph_bytes for state in self._segments.states)
+        states = self._segments.states
+        head = states[0].entry.nbytes if self.warm_first_segment and states and states[0].entry else 0
+        return sum(state.graph_bytes for state in states) + head
 
     @property
     def peak_bound_bytes(self) -> int:
@@ -349,20 +365,28 @@ class StreamingModel(Model):
         self, inputs: Mapping[str, np.ndarray], states: list[SegmentState], readers: RunReaders
     ) -> tuple[dict[str, np.ndarray], RunStats]:
         started = time.perf_counter()
-        tracker = MemoryTracker(self.model_id)
+        pool = self._pool
+        segments = self.plan.segments
+        layout = self._layout(states)
+        steps = layout.steps
+        pending: Pending | None = None
+        warm = self._take_warm(layout)
+        if warm is not None:
+            # The first segment was decrypted (or is being decrypted) after the previous run.
+            tracker, arena, pending = warm.tracker, warm.arena, warm.job
+        else:
+            tracker = MemoryTracker(self.model_id)
+            arena = RunArena(self._arenas, layout.capacity, tracker)
         env: dict[str, np.ndarray] = {}
         for name in self.plan.inputs:
             env[name] = np.asarray(inputs[name])
             if name in self._tracked_inputs:
                 tracker.add(env[name].nbytes)
-        pending: Pending | None = None
         segment_stats: list[SegmentStats] = []
-        pool = self._pool
-        segments = self.plan.segments
-        layout = self._layout(states)
-        steps = layout.steps
-        arena = RunArena(self._arenas, layout.capacity, tracker)
+        finished = False
         try:
+            if warm is not None:
+                warm.ready()
             for k, segment in enumerate(segments):
                 waited = 0.0
                 if not states[k].optimized:
@@ -387,12 +411,14 @@ class StreamingModel(Model):
                     pending = self._start(pool, readers, k + 1, states[k + 1], arena, steps[k + 1], early=True)
                 compute = self._compute(segment, states[k].session, env, loaded, tracker)
                 segment_stats.append(SegmentStats(k, loaded.nbytes, loaded.seconds, waited, compute))
+            finished = True
         finally:
             if pending is not None:
                 pending.abandon()  # waits for chunks in flight: nothing writes the arena after it
-            # Zeroes the plaintext the run left behind: on a prefetch thread, after the
-            # outputs are returned (a run that borrows the arena before then wipes it first).
-            arena.give_back(pool.submit if pool is not None else None)
+            if not (finished and self._warm_next(arena, layout, states)):
+                # Zeroes the plaintext the run left behind: on a prefetch thread, after the
+                # outputs are returned (a run that borrows the arena before then wipes it first).
+                arena.give_back(pool.submit if pool is not None else None)
         outputs = {name: env[name] for name in self.output_names}
         snap = tracker.snapshot()
         stats = RunStats(
@@ -431,7 +457,20 @@ class StreamingModel(Model):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        with self._lock:
+            warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.discard(None)
         self._arenas.drain()  # wipes still queued (none once the pool has run them)
+
+    def settle(self) -> None:
+        """Wait for the work done in the background for the next run: the first segment's
+        decryption (``warm_first_segment``). For tests and diagnostics that look at memory
+        or tamper with the spill between requests; serving never needs it."""
+        with self._lock:
+            warm = self._warm
+        if warm is not None:
+            warm.wait()
 
     def __enter__(self) -> StreamingModel:
         return self
@@ -511,6 +550,55 @@ class StreamingModel(Model):
         with self._lock:
             self._schedule = (tuple(states), layout)
         return layout
+
+    def _take_warm(self, layout: Layout) -> WarmHead | None:
+        """The warm head prepared after an earlier run, if it was laid out for ``layout``."""
+        with self._lock:
+            warm, self._warm = self._warm, None
+        if warm is not None and warm.layout is not layout:
+            warm.discard(self._pool)  # a segment was rebuilt since: its arena schedule changed
+            return None
+        return warm
+
+    def _warm_next(self, arena: RunArena, layout: Layout, states: Sequence[SegmentState]) -> bool:
+        """After a run: start decrypting the next run's first segment into its arena (see .warm).
+
+        Returns:
+            Whether the arena was kept for that (otherwise the caller gives it back).
+        """
+        pool, spill, first = self._pool, self._segments.spill, states[0]
+        if not self.warm_first_segment or pool is None or spill is None or first.entry is None:
+            return False
+        with self._lock:
+            if self._warm is not None:
+                return False  # one warm head per model: a concurrent run made it
+        weights = arena.detach()
+        if weights is None:
+            return False
+        step = layout.steps[0]
+        tracker = MemoryTracker(self.model_id)
+        head = RunArena(self._arenas, None, tracker, adopt=weights)
+        job = SpillJob(
+            spill,
+            first.entry,
+            head,
+            step,
+            pool,
+            self._scratch,
+            functools.partial(self._segments.mark_stale, 0, first),
+            early=True,  # nothing is claimable before the stale bytes are zeroed
+        )
+        warm = WarmHead(layout, tracker, head, job, (step.offset, step.offset + first.entry.nbytes))
+        with self._lock:
+            taken = self._warm is None
+            if taken:
+                self._warm = warm
+        if not taken or not warm.start(pool):
+            with self._lock:
+                if self._warm is warm:
+                    self._warm = None
+            warm.discard(None)
+        return True
 
     def _load_sealed(self, readers: RunReaders, index: int, tracker: MemoryTracker) -> DecryptedWeights:
         """Decrypt sealed segment ``index``'s weights from the container (any thread)."""

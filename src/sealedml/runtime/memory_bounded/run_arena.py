@@ -63,12 +63,18 @@ class RunArena:
         pool: the model's arenas.
         capacity: the arena's size (None: borrow none).
         tracker: the run's tracker.
+        adopt: an arena taken over from an earlier run instead of one borrowed (see
+            :mod:`.warm`); the caller zeroes what it must not keep (:meth:`keep_only`).
     """
 
-    def __init__(self, pool: ArenaPool, capacity: int | None, tracker: MemoryTracker) -> None:
+    def __init__(
+        self, pool: ArenaPool, capacity: int | None, tracker: MemoryTracker, *, adopt: WeightArena | None = None
+    ) -> None:
         self.tracker = tracker
         self._pool = pool
-        self._arena: WeightArena | None = pool.borrow(capacity) if capacity is not None else None
+        self._arena: WeightArena | None = adopt
+        if adopt is None and capacity is not None:
+            self._arena = pool.borrow(capacity)
         self._counted = 0
 
     def blob(self, offset: int, nbytes: int) -> np.ndarray:
@@ -104,6 +110,28 @@ class RunArena:
         self._arena.zero(step.zero)
         self.tracker.release(step.zeroed_bytes, "weights")
         self._counted -= step.zeroed_bytes
+
+    def keep_only(self, lo: int, hi: int) -> None:
+        """Zero every marked byte of the arena outside ``[lo, hi)`` (stale plaintext an adopted
+        arena brought along; uncounted, since this run never counted it).
+
+        Args:
+            lo: start of the range to keep.
+            hi: its end.
+        """
+        if self._arena is not None:
+            self._arena.zero(self._arena.marked_outside(lo, hi))
+
+    def detach(self) -> WeightArena | None:
+        """End of the run for an arena the next run takes over: stop counting it, keep it.
+
+        Returns:
+            The arena (None when the run had none); the caller gives it back eventually.
+        """
+        self.tracker.release(self._counted, "weights")
+        self._counted = 0
+        arena, self._arena = self._arena, None
+        return arena
 
     def give_back(self, wipe_with: Callable[[Callable[[], None]], object] | None) -> None:
         """End of the run: stop counting the arena and hand it back for its wipe.

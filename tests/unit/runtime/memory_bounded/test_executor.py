@@ -178,13 +178,16 @@ def test_concurrent_runs_share_one_reader(mlp_sealed: bytes) -> None:
     rng = np.random.default_rng(3)
     feeds = [{"x": rng.standard_normal((2, 64)).astype(np.float32)} for _ in range(4)]
     expected = [whole_outputs(mlp_sealed, f) for f in feeds]
-    results: dict[int, dict[str, np.ndarray]] = {}
+    results: dict[int, list[dict[str, np.ndarray]]] = {i: [] for i in range(4)}
+    peaks: list[int | None] = []
     errors: list[BaseException] = []
 
     def worker(i: int) -> None:
         try:
-            for _ in range(3):
-                results[i] = model.run(feeds[i]).outputs
+            for _ in range(3):  # concurrent runs race for the one warm head (and its arena)
+                result = model.run(feeds[i])
+                results[i].append(result.outputs)
+                peaks.append(result.peak_bytes)
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
@@ -195,7 +198,10 @@ def test_concurrent_runs_share_one_reader(mlp_sealed: bytes) -> None:
         t.join()
     assert not errors
     for i in range(4):
-        assert_close(results[i], expected[i])
+        assert len(results[i]) == 3
+        for outputs in results[i]:
+            assert_close(outputs, expected[i])
+    assert len(peaks) == 12 and all(p is not None and p <= 150_000 for p in peaks)
     model.close()
 
 
@@ -351,6 +357,50 @@ def test_no_plaintext_weight_stays_in_the_arena(
     for arena in pool.idle_arenas:
         assert arena.marked == 0
         assert arena.nonzero_bytes() == 0, "plaintext left in the weight arena after the run"
+
+
+def test_between_requests_the_arena_holds_the_first_segment_only(
+    monkeypatch: pytest.MonkeyPatch, mlp_sealed: bytes, mlp_feeds: dict[str, np.ndarray]
+) -> None:
+    """The warm head: after a run the next run's first segment is decrypted into the arena the
+    run used, after the rest of it is zeroed; the next run adopts that arena."""
+    from sealedml.runtime.memory_bounded import arena as arena_module
+
+    borrowed: list[arena_module.WeightArena] = []
+    borrow = arena_module.ArenaPool.borrow
+
+    def spy_borrow(self: arena_module.ArenaPool, capacity: int) -> arena_module.WeightArena:
+        borrowed.append(borrow(self, capacity))
+        return borrowed[-1]
+
+    monkeypatch.setattr(arena_module.ArenaPool, "borrow", spy_borrow)
+    expected = whole_outputs(mlp_sealed, mlp_feeds)
+    with StreamingModel(SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=True) as model:
+        assert model.warm_first_segment and len(model.plan.segments) >= 2
+        head = model.segment_states[0].entry
+        assert head is not None
+        for _ in range(3):
+            assert_close(model.run(mlp_feeds).outputs, expected)
+            assert model.last_peak_bytes is not None and model.last_peak_bytes <= 150_000
+            model.settle()
+            assert len(borrowed) == 1  # every later run adopted the arena the run before it used
+            arena = borrowed[0]
+            # Marked: the first segment's bytes and nothing else; the stale rest is zero.
+            assert arena.marked == head.nbytes
+            assert 0 < arena.nonzero_bytes() <= head.nbytes
+    assert arena.marked == 0 and arena.nonzero_bytes() == 0  # close() wiped it
+
+    # Without the warm head every run borrows a wiped arena.
+    borrowed.clear()
+    with StreamingModel(
+        SealedModelReader(mlp_sealed, KEY), budget_bytes=150_000, prefetch=True, warm_first_segment=False
+    ) as cold:
+        assert not cold.warm_first_segment
+        graphs = sum(state.graph_bytes for state in cold.segment_states)
+        assert cold.nbytes == graphs
+        for _ in range(2):
+            assert_close(cold.run(mlp_feeds).outputs, expected)
+        assert len(borrowed) == 2
 
 
 @pytest.mark.parametrize(("budget", "prefetch"), [(150_000, True), (300_000, True), (150_000, False)])
