@@ -11,6 +11,7 @@ A user's request key for a model is derived, not stored:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -38,9 +39,9 @@ class Identity:
         """A fresh identity."""
         return cls(SigningKey.generate(), random_bytes(32))
 
-    @property
+    @functools.cached_property
     def principal_id(self) -> str:
-        """The id the KeyService knows this principal by."""
+        """The id the KeyService knows this principal by (computed once: every request names it)."""
         return principal_id_for(self.signing_key.public_bytes)
 
     def recovery_key(self) -> HpkePrivateKey:

@@ -25,17 +25,16 @@ metadata; :func:`open_response` raises it as the typed error.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import safetensors.numpy
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from sealedml._internal.encoding import fields, loads_json
+from sealedml._internal.encoding import fields
 from sealedml.crypto import (
     NONCE_SIZE,
     TAG_SIZE,
@@ -142,7 +141,7 @@ class _Envelope(BaseModel):
             EnvelopeError: bad magic, truncated or malformed header.
         """
         shell, start = cls._binary_metadata(raw)
-        return shell.model_copy(update={"ciphertext": raw[start:]})
+        return cls.model_construct(**{**shell.__dict__, "ciphertext": raw[start:]})
 
     @classmethod
     def parse_metadata(cls: type[M], data: bytes) -> M:
@@ -167,15 +166,13 @@ class _Envelope(BaseModel):
         if length > _MAX_BINARY_HEADER or len(raw) < start + length:
             raise EnvelopeError(f"malformed {cls.__name__}")
         try:
-            header = loads_json(raw[start : start + length])
-            if not isinstance(header, dict) or "ciphertext" in header:
-                raise ValueError("bad header")
-            # Validate the header fields with the envelope's own schema (empty
-            # ciphertext); the caller attaches the raw ciphertext without re-encoding it.
-            shell = cls.model_validate_json(json.dumps({**header, "ciphertext": ""}))
-        except (ValueError, ValidationError) as exc:
+            # One pass over the header: the envelope's own field schema without the
+            # ciphertext, extra keys (a "ciphertext" among them) refused.
+            header = _HEADERS[cls].model_validate_json(raw[start : start + length])
+        except ValidationError as exc:
             raise EnvelopeError(f"malformed {cls.__name__}") from exc
-        return shell, start + length
+        # Every field validated above: the envelope is built without validating it again.
+        return cls.model_construct(**header.__dict__, ciphertext=b""), start + length
 
 
 class RequestEnvelope(_Envelope):
@@ -201,6 +198,19 @@ class ResponseEnvelope(_Envelope):
     request_id: HexId
     nonce: Annotated[bytes, Field(min_length=NONCE_SIZE, max_length=NONCE_SIZE)]
     ciphertext: bytes
+
+
+def _header_model(envelope: type[_Envelope]) -> type[BaseModel]:
+    """The binary form's header schema: ``envelope``'s fields, constraints and order, less the ciphertext."""
+    fields: dict[str, Any] = {
+        name: (info.annotation, info) for name, info in envelope.model_fields.items() if name != "ciphertext"
+    }
+    return create_model(f"{envelope.__name__}Header", __config__=_BYTES_AS_BASE64, **fields)
+
+
+_HEADERS: dict[type[_Envelope], type[BaseModel]] = {
+    envelope: _header_model(envelope) for envelope in (RequestEnvelope, ResponseEnvelope)
+}
 
 
 @dataclass(frozen=True)
