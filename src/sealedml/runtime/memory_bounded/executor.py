@@ -593,11 +593,15 @@ class StreamingModel(Model):
             taken = self._warm is None
             if taken:
                 self._warm = warm
-        if not taken or not warm.start(pool):
+        # Not kept when another run made one meanwhile, when the pool no longer takes work, or
+        # when close() ran meanwhile (it may have looked for a warm head before this one existed).
+        if not taken or not warm.start(pool) or self._pool is None:
             with self._lock:
+                mine = self._warm is warm or not taken
                 if self._warm is warm:
                     self._warm = None
-            warm.discard(None)
+            if mine:
+                warm.discard(None)
         return True
 
     def _load_sealed(self, readers: RunReaders, index: int, tracker: MemoryTracker) -> DecryptedWeights:
