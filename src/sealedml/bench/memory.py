@@ -419,6 +419,10 @@ def _measure(
                 "decrypt_ms": round(statistics.median(s.decrypt_s for s in runs) * 1000, 2),
                 "compute_ms": round(statistics.median(s.compute_s for s in runs) * 1000, 2),
                 "wait_ms": round(statistics.median(s.wait_s for s in runs) * 1000, 2),
+                # Of which before anything computed (near 0 when the first segment was decrypted
+                # after the previous run: warm_first_segment).
+                "first_wait_ms": round(statistics.median(s.segments[0].wait_s for s in runs) * 1000, 2),
+                "warm_first_segment": sm.warm_first_segment,
             }
         )
         sm.close()
