@@ -213,6 +213,8 @@ def test_demo_memory_budget_keeps_accuracy(tmp_path):
 def test_spill_dir_is_checked_before_anything_starts(tmp_path):
     no_budget = sealedml("demo", "--spill-dir", str(tmp_path), cwd=tmp_path, check=False)
     assert no_budget.returncode == 1 and "--spill-dir needs --memory-budget" in no_budget.stderr
+    no_budget = sealedml("demo", "--no-warm-first-segment", cwd=tmp_path, check=False)
+    assert no_budget.returncode == 1 and "--no-warm-first-segment needs --memory-budget" in no_budget.stderr
     missing = sealedml(
         "worker", "serve", "--keyservice", "http://127.0.0.1:9", "--store", str(tmp_path / "store"),
         "--memory-budget", "2MB", "--spill-dir", str(tmp_path / "nope"),

@@ -1,5 +1,6 @@
 """Memory-bounded serving through real processes: a gateway whose instances run
-models within ``--memory-budget`` and keep their weight spill in ``--spill-dir``."""
+models within ``--memory-budget``, keep their weight spill in ``--spill-dir`` and keep only
+zeros in their weight arenas between requests (``--no-warm-first-segment``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -27,7 +29,7 @@ def spill_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def bounded_stack(tmp_path_factory: pytest.TempPathFactory, spill_dir: Path) -> Iterator[Stack]:
-    extra = ["--memory-budget", "2MB", "--spill-dir", str(spill_dir)]
+    extra = ["--memory-budget", "2MB", "--spill-dir", str(spill_dir), "--no-warm-first-segment"]
     yield from _make_stack(tmp_path_factory.mktemp("stack-bounded"), platform_extra=extra)
 
 
@@ -62,3 +64,11 @@ def test_digits_within_a_budget_match_plaintext_and_spill_to_the_directory(bound
     # The instance keeps the re-encrypted weights in an anonymous file there (never named).
     assert list(spill_dir.iterdir()) == []
     assert any(link.endswith("(deleted)") for link in _open_files_under(spill_dir.resolve()))
+    # Every instance got the gateway's memory flags and says so.
+    functions = httpx.get(f"{bounded_stack.gateway.url}/v1/stats", timeout=10).json()["functions"]
+    instances = [instance for function in functions.values() for instance in function["instances"]]
+    assert instances
+    for instance in instances:
+        stats = httpx.get(f"{instance['url']}/v1/stats", timeout=10).json()
+        assert stats["memory_budget"] == BUDGET and stats["spill"] == "file"
+        assert stats["warm_first_segment"] is False

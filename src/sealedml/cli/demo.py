@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from sealedml._internal.procs import ServiceProcess
-from sealedml.cli._args import Subcommands, add_budget, add_command, memory_budget, spill_dir
+from sealedml.cli._args import (
+    Subcommands,
+    add_budget,
+    add_command,
+    memory_budget,
+    spill_dir,
+    warm_first_segment,
+)
 from sealedml.errors import AccessDenied, SealedModelError
 
 __all__ = ["add_parser", "handle_demo", "run_demo"]
@@ -52,6 +59,7 @@ def run_demo(
     workdir: Path | None = None,
     memory_budget: str | None = None,
     spill_dir: str | None = None,
+    warm_first_segment: bool = True,
 ) -> dict[str, Any]:
     """Run the demo; return the results (see the ``--json`` keys in the README)."""
 
@@ -81,6 +89,8 @@ def run_demo(
         budget = ["--memory-budget", memory_budget] if memory_budget else []
         if memory_budget and spill_dir:
             budget += ["--spill-dir", spill_dir]
+        if memory_budget and not warm_first_segment:
+            budget += ["--no-warm-first-segment"]
         gw = stack.enter_context(
             ServiceProcess.platform(ks.url, store_dir, "--keep-alive", "60", *budget, log_path=tmp / "platform.log")
         )
@@ -224,6 +234,7 @@ def handle_demo(args: argparse.Namespace) -> dict[str, Any]:
         quiet=args.json,
         memory_budget=args.memory_budget if memory_budget(args) else None,
         spill_dir=spill_dir(args),
+        warm_first_segment=warm_first_segment(args),
     )
 
 

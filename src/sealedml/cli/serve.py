@@ -37,6 +37,7 @@ from sealedml.cli._args import (
     memory_budget,
     runtime_measurement,
     spill_dir,
+    warm_first_segment,
 )
 from sealedml.errors import ConfigurationError
 
@@ -138,6 +139,7 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
                 tee=args.tee,
                 memory_budget=memory_budget(args) or None,
                 spill_dir=spill_dir(args),
+                warm_first_segment=warm_first_segment(args),
                 trust_options=keyservice_trust_options(args),
                 record_dir=args.ray_record,
                 tls=args.tls,
@@ -175,7 +177,8 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         # Checked here, passed on as typed: the workers parse it again.
         memory_budget=args.memory_budget if memory_budget(args) else None,
         spill_dir=spill_dir(args),
-        worker_args=keyservice_trust_args(args),
+        # Passed to every instance as typed, like the trust flags.
+        worker_args=(*keyservice_trust_args(args), *([] if warm_first_segment(args) else ["--no-warm-first-segment"])),
         executor=args.executor,
         max_request=max_request(args.max_request),
     )
@@ -202,6 +205,7 @@ def handle_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         tls=args.tls,
         memory_budget=memory_budget(args),
         spill_dir=spill_dir(args),
+        warm_first_segment=warm_first_segment(args),
         trust=keyservice_trust(args),
         executor_url=args.executor,
         max_request=max_request(args.max_request),

@@ -52,6 +52,7 @@ class RayEngineConfig:
         replica_cpus: float = 1.0,
         memory_budget: int | None = None,
         spill_dir: str | None = None,
+        warm_first_segment: bool = True,
         trust_options: dict[str, Any] | None = None,
         record_dir: Path | None = None,
         tls: str = "none",
@@ -67,6 +68,7 @@ class RayEngineConfig:
         self.replica_cpus = replica_cpus
         self.memory_budget = memory_budget
         self.spill_dir = spill_dir
+        self.warm_first_segment = warm_first_segment
         # Keyword arguments of attestation.trust.trust_from_options (absolute paths): which
         # KeyService the replicas accept. Options, not a KeyServiceTrust, because replicas are
         # built in other processes and the verifiers hold caches and clients.
@@ -129,7 +131,10 @@ class RuntimeReplica:
             spill_dir=config.spill_dir,
             tls=config.tls,
             memory_mb=config.memory_mb,
-            extra_args=trust_option_flags(config.trust_options),
+            extra_args=(
+                *trust_option_flags(config.trust_options),
+                *([] if config.warm_first_segment else ["--no-warm-first-segment"]),
+            ),
         )
         self._worker: Any = None
         self._starting: Any = None  # an asyncio.Lock, made on the replica's event loop

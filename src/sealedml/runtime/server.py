@@ -64,6 +64,7 @@ def build_worker(
     model_cache_bytes: int = 1 << 30,
     memory_budget: int | None = None,
     spill_dir: str | None = None,
+    warm_first_segment: bool = True,
     trust: KeyServiceTrust | None = None,
     executor_url: str | None = None,
 ) -> Worker:
@@ -77,6 +78,8 @@ def build_worker(
         model_cache_bytes: budget of decrypted models.
         memory_budget: run models memory-bounded within this many bytes.
         spill_dir: where memory-bounded models keep their re-encrypted weights.
+        warm_first_segment: memory-bounded models decrypt the next request's first segment
+            after each request (False: only zeros in their weight arena between requests).
         trust: the KeyService to accept (default: this build's simulated KeyService on this host).
         executor_url: the untrusted executor that runs the middles of partitioned models.
     """
@@ -93,6 +96,7 @@ def build_worker(
             model_cache_bytes=model_cache_bytes,
             memory_budget=memory_budget,
             spill_dir=spill_dir,
+            warm_first_segment=warm_first_segment,
             executor_url=executor_url,
         ),
     )
@@ -111,6 +115,7 @@ def serve(
     tls: str = "none",
     memory_budget: int | None = None,
     spill_dir: str | None = None,
+    warm_first_segment: bool = True,
     trust: KeyServiceTrust | None = None,
     executor_url: str | None = None,
     max_request: int | None = None,
@@ -133,6 +138,7 @@ def serve(
         model_cache_bytes=model_cache_bytes,
         memory_budget=memory_budget,
         spill_dir=spill_dir,
+        warm_first_segment=warm_first_segment,
         trust=trust,
         executor_url=executor_url,
     )

@@ -82,6 +82,8 @@ class WorkerConfig:
         spill_dir: with ``memory_budget``: keep each model's re-encrypted weights in an
             anonymous file in this directory instead of process memory.
         stream_prefetch: decrypt segment k+1 while segment k computes.
+        warm_first_segment: with ``stream_prefetch``, decrypt the next request's first
+            segment after each request (False: only zeros in the weight arena between requests).
         executor_url: where the middles of partitioned models run (an untrusted executor);
             None: partitioned models are refused with a clear error.
         lease_margin: seconds before expiry at which a lease is renewed.
@@ -93,6 +95,7 @@ class WorkerConfig:
     memory_budget: int | None = None
     spill_dir: str | None = None
     stream_prefetch: bool = True
+    warm_first_segment: bool = True
     executor_url: str | None = None
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
@@ -370,6 +373,7 @@ class Worker:
             threads=self._threads,
             prefetch=self.config.stream_prefetch,
             spill_dir=self.config.spill_dir,
+            warm_first_segment=self.config.warm_first_segment,
             model_id=lease.model_id,
             version=lease.model_version,
         )
@@ -485,6 +489,8 @@ class Worker:
             "memory_budget": self.config.memory_budget,
             # Where memory-bounded models keep their re-encrypted weights.
             "spill": None if self.config.memory_budget is None else ("file" if self.config.spill_dir else "memory"),
+            # Whether they decrypt the next request's first segment ahead (docs/memory-bounded.md).
+            "warm_first_segment": None if self.config.memory_budget is None else self.config.warm_first_segment,
             "peak_tracked_bytes": self.stats.peak_bytes,
             "rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self.started_at, 3),
