@@ -2,7 +2,7 @@
 
 ::
 
-    sealedml demo [--lease-ttl S] [--samples N] [--memory-budget SIZE [--spill-dir DIR]]
+    sealedml demo [--lease-ttl S] [--samples N] [--memory-budget SIZE [--spill-dir DIR] [--no-warm-first-segment]]
 
 KeyService and platform run as separate processes on free loopback ports in
 a temporary directory (its own simulated platform root included); the owner

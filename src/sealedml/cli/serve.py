@@ -177,8 +177,8 @@ def handle_platform_serve(args: argparse.Namespace) -> dict[str, Any]:
         # Checked here, passed on as typed: the workers parse it again.
         memory_budget=args.memory_budget if memory_budget(args) else None,
         spill_dir=spill_dir(args),
-        # Passed to every instance as typed, like the trust flags.
-        worker_args=(*keyservice_trust_args(args), *([] if warm_first_segment(args) else ["--no-warm-first-segment"])),
+        warm_first_segment=warm_first_segment(args),
+        worker_args=keyservice_trust_args(args),
         executor=args.executor,
         max_request=max_request(args.max_request),
     )

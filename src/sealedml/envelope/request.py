@@ -140,8 +140,8 @@ class _Envelope(BaseModel):
         Raises:
             EnvelopeError: bad magic, truncated or malformed header.
         """
-        shell, start = cls._binary_metadata(raw)
-        return cls.model_construct(**{**shell.__dict__, "ciphertext": raw[start:]})
+        header, start = cls._binary_header(raw)
+        return cls.model_construct(**header, ciphertext=raw[start:])
 
     @classmethod
     def parse_metadata(cls: type[M], data: bytes) -> M:
@@ -153,12 +153,15 @@ class _Envelope(BaseModel):
             EnvelopeError: as :meth:`parse`.
         """
         if data.startswith(cls._magic):
-            return cls._binary_metadata(data)[0]
+            return cls.model_construct(**cls._binary_header(data)[0], ciphertext=b"")
         return cls.parse(data)
 
     @classmethod
-    def _binary_metadata(cls: type[M], raw: bytes) -> tuple[M, int]:
-        """The envelope with an empty ciphertext, and where the ciphertext starts in ``raw``."""
+    def _binary_header(cls, raw: bytes) -> tuple[dict[str, Any], int]:
+        """The header's validated fields, and where the ciphertext starts in ``raw``.
+
+        Every field but the ciphertext is validated here, so callers build the envelope
+        with ``model_construct`` (no second validation)."""
         start = len(cls._magic) + 4
         if not raw.startswith(cls._magic) or len(raw) < start:
             raise EnvelopeError(f"malformed {cls.__name__}")
@@ -171,8 +174,7 @@ class _Envelope(BaseModel):
             header = _HEADERS[cls].model_validate_json(raw[start : start + length])
         except ValidationError as exc:
             raise EnvelopeError(f"malformed {cls.__name__}") from exc
-        # Every field validated above: the envelope is built without validating it again.
-        return cls.model_construct(**header.__dict__, ciphertext=b""), start + length
+        return header.__dict__, start + length
 
 
 class RequestEnvelope(_Envelope):

@@ -47,6 +47,7 @@ class InstanceSpec:
     tls: str = "none"
     memory_budget: str | None = None
     spill_dir: str | None = None
+    warm_first_segment: bool = True
     extra_args: tuple[str, ...] = ()
     # Fork instances from a pre-imported template (platform/template.py) instead of
     # starting a fresh interpreter for each: the same command line, without the imports.
@@ -84,6 +85,8 @@ class InstanceSpec:
             cmd += ["--memory-budget", self.memory_budget]
             if self.spill_dir:
                 cmd += ["--spill-dir", self.spill_dir]
+            if not self.warm_first_segment:
+                cmd.append("--no-warm-first-segment")
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
         return cmd + list(self.extra_args)

@@ -131,10 +131,8 @@ class RuntimeReplica:
             spill_dir=config.spill_dir,
             tls=config.tls,
             memory_mb=config.memory_mb,
-            extra_args=(
-                *trust_option_flags(config.trust_options),
-                *([] if config.warm_first_segment else ["--no-warm-first-segment"]),
-            ),
+            warm_first_segment=config.warm_first_segment,
+            extra_args=trust_option_flags(config.trust_options),
         )
         self._worker: Any = None
         self._starting: Any = None  # an asyncio.Lock, made on the replica's event loop

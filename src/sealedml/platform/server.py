@@ -27,6 +27,7 @@ def serve(
     tls: str = "none",
     memory_budget: str | None = None,
     spill_dir: str | None = None,
+    warm_first_segment: bool = True,
     worker_args: tuple[str, ...] = (),
     executor: str = "none",
     max_request: int | None = None,
@@ -62,6 +63,7 @@ def serve(
         tls=tls,
         memory_budget=memory_budget,
         spill_dir=spill_dir,
+        warm_first_segment=warm_first_segment,
         extra_args=worker_args,
         from_template=from_template,
     )
