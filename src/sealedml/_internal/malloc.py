@@ -18,8 +18,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Callable
 
-__all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "prefault_heap", "trim_heap", "tune_for_large_buffers"]
+__all__ = [
+    "MMAP_THRESHOLD",
+    "TRIM_THRESHOLD",
+    "prefault_heap",
+    "single_arena",
+    "trim_heap",
+    "tune_for_large_buffers",
+]
 
 #: Allocations below this size come from the heap, not from fresh mmap pages.
 MMAP_THRESHOLD = 32 * 1024 * 1024
@@ -27,6 +35,7 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 TRIM_THRESHOLD = 128 * 1024 * 1024
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 @functools.lru_cache(maxsize=1)
@@ -76,15 +85,49 @@ def trim_heap() -> bool:
     return True
 
 
-def prefault_heap(nbytes: int, *, piece: int = 16 * 1024 * 1024) -> None:
-    """Have the calling thread's heap hold ``nbytes`` of pages the kernel has already faulted in.
+def single_arena() -> bool:
+    """Have every thread of this process allocate from one glibc arena (``M_ARENA_MAX`` 1).
 
-    A fresh process pays a page fault (and the kernel's zeroing) for every 4 KiB the first
-    time its heap grows: measured here, loading MobileNetV2 (a 14 MB payload, as much again
-    in ONNX Runtime's packed weights) spent ~25 ms of a 70 ms load on that. An instance
-    waiting for its first request allocates and frees that much once; with
-    :func:`tune_for_large_buffers` the freed pages stay in the heap, and the first model
-    load reuses them. Pieces stay below :data:`MMAP_THRESHOLD` so they come from the heap.
+    glibc gives threads their own arenas, so memory one thread faulted in and freed is
+    not what another thread's next allocation reuses. An instance faults in heap pages
+    ahead of its model loads (:func:`prefault_heap`, :mod:`sealedml.runtime.heap_reserve`)
+    on one thread, and loads them on another: that only helps if both share the arena.
+    Effective for threads that allocate for the first time after the call; the instance
+    template calls it before anything starts a thread (``sealedml.platform.template``),
+    and instances started as fresh processes also get ``MALLOC_ARENA_MAX=1``.
+
+    Returns:
+        True if glibc accepted the setting, False where there is no glibc.
     """
-    pieces = [bytearray(min(piece, nbytes - done)) for done in range(0, nbytes, piece)]  # zero-filled: touched
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(_M_ARENA_MAX, 1))
+
+
+def prefault_heap(nbytes: int, *, piece: int = 4 * 1024 * 1024, stop: Callable[[], bool] | None = None) -> int:
+    """Leave ``nbytes`` of zeroed heap pages faulted in and free, for the next large allocations to reuse.
+
+    A process pays a page fault (and the kernel's zeroing) for every 4 KiB the first time
+    its heap grows: measured here, loading MobileNetV2 (a 14 MB payload, as much again in
+    ONNX Runtime's packed weights) spent ~25 ms of a 70 ms load on ~9,500 faults. The
+    pages are allocated in zero-filled pieces below :data:`MMAP_THRESHOLD` (so they come
+    from the heap) and freed together; with :func:`tune_for_large_buffers` freed pages
+    stay in the heap and the next allocations reuse them. Zero-filling also wipes stale
+    bytes (other buffers' plaintext) from the freed memory it reuses.
+
+    Args:
+        nbytes: how much to fault in.
+        piece: the allocation size; ``stop`` is asked between pieces.
+        stop: when it returns True, stop early and free what is held (a model load wants
+            the memory now).
+
+    Returns:
+        The bytes faulted in and freed.
+    """
+    pieces: list[bytearray] = []
+    done = 0
+    while done < nbytes and not (stop is not None and stop()):
+        size = min(piece, nbytes - done)
+        pieces.append(bytearray(size))  # malloc, then memset: every page faulted in and zeroed
+        done += size
     del pieces
+    return done

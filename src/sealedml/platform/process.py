@@ -123,8 +123,9 @@ class WorkerProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stdin=asyncio.subprocess.DEVNULL,
                 # Whatever a library caches (ONNX Runtime's telemetry, off by default: see
-                # sealedml/__init__.py) stays in the instance's directory, not the home.
-                env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir},
+                # sealedml/__init__.py) stays in the instance's directory, not the home. One
+                # malloc arena, as for instances forked from the template (template_arena.py).
+                env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": self.workdir, "MALLOC_ARENA_MAX": "1"},
                 cwd=self.workdir,
             )
         if self.process.stdout is None:  # pragma: no cover - PIPE always gives a stream

@@ -41,6 +41,7 @@ __all__ = ["PRELOAD", "ForkedInstance", "fork", "fork_instance", "reseed_after_f
 
 # What ``worker serve`` imports before it listens; the template imports it once.
 PRELOAD = (
+    "sealedml.platform.template_arena",  # first: before any library starts a thread
     "numpy",
     "numpy.random",  # its global generator is then copied by every fork: reseed_after_fork()
     "onnxruntime",

@@ -122,9 +122,13 @@ def serve(
 ) -> None:
     """Run one runtime instance until interrupted (``tls="ra"``: HTTPS with an RA-TLS certificate;
     ``max_request``: the request-size limit, default ``max_request()``)."""
+    from sealedml._internal.malloc import single_arena
     from sealedml._internal.serve import serve_app
     from sealedml.runtime.app import create_app
 
+    # Before the worker starts its threads (a no-op in instances the template forked, or
+    # started with MALLOC_ARENA_MAX=1): the heap reserve only helps within one arena.
+    single_arena()
     # Paths from the command line are resolved before leaving the working directory.
     store = store.resolve()
     spill_dir = str(Path(spill_dir).resolve()) if spill_dir else None

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sealedml._internal.malloc import prefault_heap
 from sealedml.attestation.base import Attester
 from sealedml.envelope.model_container import (
     SealedModelReader,
@@ -60,6 +59,7 @@ from sealedml.envelope.tensors import decode_tensors
 from sealedml.errors import EnvelopeError, Error, SealedModelError, ServiceError
 from sealedml.runtime.cache import SingleFlightLRU
 from sealedml.runtime.engine import LoadedModel, Model, intra_op_threads, warm_up_onnxruntime
+from sealedml.runtime.heap_reserve import HeapReserve
 from sealedml.runtime.partitioned import ExecutorClient, open_partitioned
 from sealedml.runtime.release import Lease, ReleaseClient
 from sealedml.storage.modelstore import ModelStore
@@ -153,15 +153,8 @@ class _ReplayCache:
         self._seen[request_id] = now
 
 
-#: Heap an instance faults in while it waits for its first request (see ``prefault_heap``).
+#: Heap an instance keeps faulted in and free for its next model load (``runtime/heap_reserve.py``).
 PREFAULT_BYTES = 48 * 1024 * 1024
-
-
-def _warm_up() -> None:
-    # On a pool thread, which the first model load then usually reuses (an idle thread is
-    # taken before a new one is started), so its heap is the one prefaulted.
-    warm_up_onnxruntime()
-    prefault_heap(PREFAULT_BYTES)
 
 
 class Worker:
@@ -192,6 +185,9 @@ class Worker:
             self.config.model_cache_bytes, on_evict=self._evicted
         )
         self._replays = _ReplayCache(self.config.replay_window)
+        # Memory-bounded instances fault it in once, for their first load only: they run
+        # where memory is scarce, and their loads allocate little beyond the weights' spill.
+        self._heap = HeapReserve(PREFAULT_BYTES, after_loads=self.config.memory_budget is None)
         self.stats = WorkerStats()
         self.started_at = time.time()
 
@@ -215,7 +211,8 @@ class Worker:
         """
         if self._readiness is None:
             self._readiness = asyncio.get_running_loop().create_task(self._keep_ready())
-            self._pool.submit(_warm_up)
+            self._pool.submit(warm_up_onnxruntime)
+            self._heap.replenish()
 
     async def _keep_ready(self) -> None:
         while True:
@@ -280,7 +277,11 @@ class Worker:
                     threads=self._threads,
                 )
 
-            loaded: Model = await self._run_blocking(decrypt_and_build)
+            self._heap.load_started()
+            try:
+                loaded: Model = await self._run_blocking(decrypt_and_build)
+            finally:
+                self._heap.load_finished()
             self.stats.model_loads += 1
             self.stats.load_breakdown.append(breakdown)
             if timings is not None:
@@ -422,6 +423,8 @@ class Worker:
         except BaseException:
             self.stats.errors += 1
             raise
+        finally:
+            self._heap.request_finished()
 
     def _predict_blocking(
         self, envelope: RequestEnvelope, lease: Lease, model: Model, timings: dict[str, float]
@@ -470,6 +473,7 @@ class Worker:
         if self._executor is not None:
             self._executor.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._heap.close()
 
     def describe(self) -> dict[str, Any]:
         """State for the stats endpoint (ids and counters only, never keys)."""
@@ -492,6 +496,8 @@ class Worker:
             # Whether they decrypt the next request's first segment ahead (docs/memory-bounded.md).
             "warm_first_segment": None if self.config.memory_budget is None else self.config.warm_first_segment,
             "peak_tracked_bytes": self.stats.peak_bytes,
+            # Heap faulted in ahead of model loads, and how often it was topped up after one.
+            "heap_reserve": {"bytes": self._heap.nbytes, "top_ups": self._heap.top_ups},
             "rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }

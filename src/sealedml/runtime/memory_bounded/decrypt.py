@@ -8,7 +8,7 @@ current layer's compute. A run starts at most one job ahead:
 * :class:`SpillJob` — an optimized segment's spill entry decrypted chunk by chunk into
   the run's arena, by the prefetch thread and the compute thread together.
 
-Prefetch threads run at idle priority (:func:`yield_to_compute`). A job holds no
+Prefetch threads run at idle priority (:func:`~sealedml._internal.priority.yield_to_compute`). A job holds no
 reference to the model: it is given the spill, the run's arena and tracker, the
 per-thread ciphertext buffers (:class:`ScratchBuffer`) and what to do when a chunk
 fails authentication.
@@ -16,8 +16,6 @@ fails authentication.
 
 from __future__ import annotations
 
-import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,9 +29,7 @@ from sealedml.runtime.memory_bounded.arena import Step
 from sealedml.runtime.memory_bounded.run_arena import DecryptedWeights, RunArena, wipe
 from sealedml.runtime.memory_bounded.spill import SpillEntry, SpillStore
 
-__all__ = ["Pending", "ScratchBuffer", "SealedPending", "SpillJob", "yield_to_compute"]
-
-log = logging.getLogger(__name__)
+__all__ = ["Pending", "ScratchBuffer", "SealedPending", "SpillJob"]
 
 
 class ScratchBuffer:
@@ -57,28 +53,6 @@ class ScratchBuffer:
             self._local.buf = buf
         view: memoryview = buf.data
         return view[:nbytes]
-
-
-def yield_to_compute() -> None:
-    """Run the calling (prefetch) thread only on CPU time nothing else wants (``SCHED_IDLE``).
-
-    ONNX Runtime's intra-op threads split each operator into equal parts and wait for the
-    slowest: a prefetch thread competing for a core at normal priority preempts one of
-    them and stalls the whole operator (measured on two cores: ResNet-50's segments ran
-    ~30% slower beside it). At idle priority the kernel runs it only in the gaps —
-    between operators, in serial stretches, whenever a request leaves a core free — and
-    the compute thread decrypts whatever is left when it gets there. Best effort: where
-    the policy is unavailable (not Linux, or a TEE runtime without it) the thread keeps
-    normal priority.
-    """
-    setter = getattr(os, "sched_setscheduler", None)
-    policy = getattr(os, "SCHED_IDLE", None)
-    if setter is None or policy is None:
-        return
-    try:
-        setter(0, policy, os.sched_param(0))
-    except OSError as exc:
-        log.debug("prefetch thread keeps normal priority: %s", exc.strerror or exc)
 
 
 class SealedPending:

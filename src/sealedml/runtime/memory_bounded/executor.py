@@ -67,6 +67,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import helper
 
+from sealedml._internal.priority import yield_to_compute
 from sealedml._internal.units import format_bytes
 from sealedml.envelope.model_container import SealedModelReader
 from sealedml.errors import ConfigurationError, InputError, SealedModelError
@@ -75,7 +76,7 @@ from sealedml.runtime.memory_bounded.accounting import MemoryTracker
 from sealedml.runtime.memory_bounded.arena import ArenaPool, Step, capacity_for, schedule
 from sealedml.runtime.memory_bounded.builder import SegmentState
 from sealedml.runtime.memory_bounded.container import Container, ReaderSource, RunReaders, planning_graph
-from sealedml.runtime.memory_bounded.decrypt import Pending, ScratchBuffer, SealedPending, SpillJob, yield_to_compute
+from sealedml.runtime.memory_bounded.decrypt import Pending, ScratchBuffer, SealedPending, SpillJob
 from sealedml.runtime.memory_bounded.planner import plan as make_plan
 from sealedml.runtime.memory_bounded.prepare import DEFAULT_SPILL_CHUNK, planning_reserve, prepare
 from sealedml.runtime.memory_bounded.run_arena import DecryptedWeights, Layout, RunArena, arena_segment, wipe
