@@ -42,6 +42,15 @@ def test_instances_started_either_way_serve_the_same_answer(stack_by_start: Stac
     assert stats["template_ready"] is (True if forked else None)
     pids = _pids(stack)
     assert pids and all(isinstance(p, int) for p in pids)
+    # Either way, the instance keeps heap faulted in for its next model load and tops it up
+    # (at idle priority) after the request that loaded one: runtime/heap_reserve.py.
+    reserves = _heap_reserves(stack)
+    assert reserves and all(r["bytes"] == 48 << 20 for r in reserves)
+    deadline = time.monotonic() + 30
+    while not all(r["top_ups"] >= 1 for r in reserves) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        reserves = _heap_reserves(stack)
+    assert all(r["top_ups"] >= 1 for r in reserves), reserves
     # After keep-alive stops it, the next request starts another instance, which answers the same.
     deadline = time.monotonic() + 30
     while _pids(stack) and time.monotonic() < deadline:
@@ -59,3 +68,9 @@ def test_instances_started_either_way_serve_the_same_answer(stack_by_start: Stac
 def _pids(stack: Stack) -> set[int]:
     stats = httpx.get(f"{stack.gateway.url}/v1/stats", timeout=10).json()
     return {i["pid"] for f in stats["functions"].values() for i in f["instances"]}
+
+
+def _heap_reserves(stack: Stack) -> list[dict[str, int]]:
+    stats = httpx.get(f"{stack.gateway.url}/v1/stats", timeout=10).json()
+    urls = [i["url"] for f in stats["functions"].values() for i in f["instances"]]
+    return [httpx.get(f"{url}/v1/stats", timeout=10).json()["heap_reserve"] for url in urls]

@@ -115,8 +115,8 @@ class HeapReserve:
             self._wanted.clear()
             if self._closed:
                 return
-            if self._loads:
-                continue  # asked again after the load's request
+            if self._loads or self._due:
+                continue  # asked again after the loading request (request_finished)
             done = prefault_heap(self.nbytes, stop=self._interrupted)
             if done >= self.nbytes:
                 self.top_ups += 1

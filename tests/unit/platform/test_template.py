@@ -49,8 +49,44 @@ def report_state() -> int:
     return 0
 
 
-async def _fork_and_read(workdir: str) -> dict[str, Any]:
-    child = await template.fork(report_state, (), workdir)
+def report_second_thread_faults() -> int:
+    """Runs in a forked child: one thread faults in 24 MB of heap and frees it, staying alive;
+    prints how many page faults a second thread then takes to allocate as much."""
+    import resource
+    import threading
+
+    from sealedml._internal.malloc import prefault_heap, tune_for_large_buffers
+
+    tune_for_large_buffers()  # as every server does before it serves
+    done, hold = threading.Event(), threading.Event()
+
+    def first() -> None:
+        prefault_heap(24 << 20)
+        done.set()
+        hold.wait()  # alive, so that its arena is not handed to the next thread
+
+    faults = []
+
+    def second() -> None:
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        data = bytearray(24 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+        del data
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    done.wait()
+    t2 = threading.Thread(target=second)
+    t2.start()
+    t2.join()
+    hold.set()
+    t1.join()
+    print(json.dumps({"faults": faults[0]}), flush=True)
+    return 0
+
+
+async def _fork_and_read(workdir: str, target: Any = report_state) -> dict[str, Any]:
+    child = await template.fork(target, (), workdir)
     assert child.stdout is not None
     line = await asyncio.wait_for(child.stdout.readline(), timeout=60)
     assert await asyncio.wait_for(child.wait(), timeout=30) == 0
@@ -72,6 +108,16 @@ def test_siblings_hold_different_random_state_and_keys(tmp_path: Path) -> None:
     assert [Path(s["cwd"]).resolve() for s in states] == [(tmp_path / str(i)).resolve() for i in range(SIBLINGS)]
     for field in ("numpy", "python", "urandom", "x25519", "hpke"):
         assert len({s[field] for s in states}) == SIBLINGS, f"siblings share {field}"
+
+
+@pytest.mark.skipif(not os.uname().sysname == "Linux", reason="glibc arenas, per-thread page faults")
+def test_forked_instances_allocate_from_one_arena(tmp_path: Path) -> None:
+    # The heap reserve (runtime/heap_reserve.py) faults pages in on its own thread for a model
+    # load on another: only one arena makes them the same pages. The template sets it before
+    # any library starts a thread (template_arena.py). tests/unit/runtime/test_heap_reserve.py
+    # shows the same measurement counting every page again with glibc's default arenas.
+    state = asyncio.run(_fork_and_read(str(tmp_path), report_second_thread_faults))
+    assert state["faults"] < (24 << 20) // 4096 // 10
 
 
 def _certificate_key(url: str) -> bytes:

@@ -1,0 +1,134 @@
+"""The heap an instance keeps faulted in for its next model load (:mod:`sealedml.runtime.heap_reserve`).
+
+The reserve only helps if memory one thread faulted in and freed is what another
+thread's allocation reuses: that is measured here with the kernel's count of the
+second thread's page faults, in a fresh interpreter with and without one malloc arena.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sealedml._internal.malloc import prefault_heap
+from sealedml.runtime.heap_reserve import HeapReserve
+
+MB = 1024 * 1024
+linux_glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc and per-thread page faults")
+
+
+def _eventually(check, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.02)
+    return check()
+
+
+def test_prefault_heap_stops_between_pieces_when_asked() -> None:
+    assert prefault_heap(3 * MB, piece=MB) == 3 * MB
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2  # two pieces, then a load wants the memory
+
+    assert prefault_heap(8 * MB, piece=MB, stop=stop) == 2 * MB
+
+
+def test_a_reserve_is_topped_up_after_the_request_that_loaded_not_during_the_load() -> None:
+    reserve = HeapReserve(2 * MB)
+    try:
+        reserve.replenish()  # at start
+        assert _eventually(lambda: reserve.top_ups == 1)
+        assert reserve.running
+
+        reserve.load_started()
+        reserve.replenish()  # asked while a load runs: the thread waits for the load's request
+        reserve.load_finished()
+        time.sleep(0.2)
+        assert reserve.top_ups == 1
+        reserve.request_finished()
+        assert _eventually(lambda: reserve.top_ups == 2)
+
+        reserve.request_finished()  # a request that loaded nothing asks for nothing
+        time.sleep(0.2)
+        assert reserve.top_ups == 2
+    finally:
+        reserve.close()
+    assert _eventually(lambda: not reserve.running, timeout=10)
+
+
+def test_a_reserve_for_memory_bounded_instances_is_faulted_in_once() -> None:
+    reserve = HeapReserve(MB, after_loads=False)
+    try:
+        reserve.replenish()
+        assert _eventually(lambda: reserve.top_ups == 1)
+        reserve.load_started()
+        reserve.load_finished()
+        reserve.request_finished()
+        time.sleep(0.2)
+        assert reserve.top_ups == 1
+    finally:
+        reserve.close()
+
+
+def test_a_closed_reserve_starts_nothing() -> None:
+    reserve = HeapReserve(MB)
+    reserve.close()
+    reserve.replenish()
+    assert not reserve.running and reserve.top_ups == 0
+
+
+#: Runs in a fresh interpreter: one thread faults in 24 MB and frees it while it stays alive,
+#: then a second thread allocates as much; prints the second thread's minor page faults.
+SECOND_THREAD_FAULTS = textwrap.dedent(
+    """
+    import json, resource, sys, threading
+    from sealedml._internal.malloc import single_arena, tune_for_large_buffers, prefault_heap
+    tune_for_large_buffers()
+    if sys.argv[1] == "one":
+        single_arena()
+    done, hold = threading.Event(), threading.Event()
+    def first():
+        prefault_heap(24 << 20)
+        done.set()
+        hold.wait()  # alive: its arena is not handed to the next thread
+    faults = []
+    def second():
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        data = bytearray(24 << 20)
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+        del data
+    t1 = threading.Thread(target=first); t1.start(); done.wait()
+    t2 = threading.Thread(target=second); t2.start(); t2.join()
+    hold.set(); t1.join()
+    print(json.dumps({"faults": faults[0]}))
+    """
+)
+
+
+def second_thread_faults(arenas: str) -> int:
+    out = subprocess.run(
+        [sys.executable, "-c", SECOND_THREAD_FAULTS, arenas],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return int(json.loads(out.stdout.strip().splitlines()[-1])["faults"])
+
+
+@linux_glibc
+def test_with_one_arena_a_thread_reuses_the_pages_another_faulted_in() -> None:
+    pages = (24 << 20) // 4096
+    # Control: glibc's default gives the second thread an arena of its own, which faults
+    # every page in again: the measurement can tell the two apart.
+    assert second_thread_faults("default") > pages // 2
+    assert second_thread_faults("one") < pages // 10
