@@ -13,7 +13,9 @@ loads, 7–10 ms and 11–18 ms with ~20 faults.
 :class:`HeapReserve` keeps that much of the heap faulted in and free: one thread, at
 idle priority (it takes only CPU time nothing else wants), allocates zero-filled pieces
 and frees them again after each load. A load that starts while it is working stops it
-at the next 4 MB piece and finds whatever it had faulted in already free. It only works
+at the next 4 MB piece and finds whatever it had faulted in already free. The pieces go
+through glibc without the GIL (:func:`~sealedml._internal.malloc.prefault_heap`), so the
+faults never stall the event loop. It only works
 when the loading thread and the reserve's thread allocate from the same glibc arena:
 instances run with a single arena (:func:`sealedml._internal.malloc.single_arena`).
 
