@@ -45,7 +45,7 @@ def test_instances_started_either_way_serve_the_same_answer(stack_by_start: Stac
     # Either way, the instance keeps heap faulted in for its next model load and tops it up
     # (at idle priority) after the request that loaded one: runtime/heap_reserve.py.
     reserves = _heap_reserves(stack)
-    assert reserves and all(r["bytes"] == 48 << 20 for r in reserves)
+    assert reserves and all(r["bytes"] == 48 << 20 and r["mode"] == "after-loads" for r in reserves)
     deadline = time.monotonic() + 30
     while not all(r["top_ups"] >= 1 for r in reserves) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -40,6 +40,7 @@ from sealedml.cli._args import (
     warm_first_segment,
 )
 from sealedml.errors import ConfigurationError
+from sealedml.runtime.heap_reserve import HEAP_RESERVE_MODES
 
 __all__ = [
     "add_parser",
@@ -206,6 +207,7 @@ def handle_worker_serve(args: argparse.Namespace) -> dict[str, Any]:
         memory_budget=memory_budget(args),
         spill_dir=spill_dir(args),
         warm_first_segment=warm_first_segment(args),
+        heap_reserve=args.heap_reserve,
         trust=keyservice_trust(args),
         executor_url=args.executor,
         max_request=max_request(args.max_request),
@@ -418,6 +420,14 @@ def add_parser(subparsers: Subcommands) -> None:
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free port)")
     p.add_argument("--concurrency", type=int, default=2, help="requests an instance serves at once (default 2)")
     p.add_argument("--model-cache-mb", type=int, default=1024, help="budget for decrypted models (LRU)")
+    p.add_argument(
+        "--heap-reserve",
+        choices=HEAP_RESERVE_MODES,
+        default=None,
+        help="48 MB of heap kept faulted in for model loads: after-loads (default) tops it up after each "
+        "request that loaded a model, at-start only before the first (default with --memory-budget; "
+        "platforms with one model per instance pass it), off not at all",
+    )
     p.add_argument(
         "--max-request",
         default=None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -131,8 +132,12 @@ class LocalPlatform(Platform):
         executor: ExecutorSupervisor | None = None,
     ) -> None:
         self.config = config or PoolConfig()
-        self.spec = spec
         self.policy: RoutingPolicy = policy_by_name(policy)
+        if self.policy.per_model_pools and spec.heap_reserve is None:
+            # An instance of a one-model function loads once: keeping heap faulted in for a
+            # next load would only hold memory (runtime/heap_reserve.py).
+            spec = dataclasses.replace(spec, heap_reserve="at-start")
+        self.spec = spec
         self.metrics = Metrics()
         self._pools: dict[str, InstancePool] = {}
         self._warm = WarmPool(spec, warm_pool) if warm_pool > 0 else None

@@ -48,6 +48,8 @@ class InstanceSpec:
     memory_budget: str | None = None
     spill_dir: str | None = None
     warm_first_segment: bool = True
+    # ``worker serve --heap-reserve``; None: the instance's default (runtime/heap_reserve.py).
+    heap_reserve: str | None = None
     extra_args: tuple[str, ...] = ()
     # Fork instances from a pre-imported template (platform/template.py) instead of
     # starting a fresh interpreter for each: the same command line, without the imports.
@@ -87,6 +89,8 @@ class InstanceSpec:
                 cmd += ["--spill-dir", self.spill_dir]
             if not self.warm_first_segment:
                 cmd.append("--no-warm-first-segment")
+        if self.heap_reserve is not None:
+            cmd += ["--heap-reserve", self.heap_reserve]
         if self.unsafe_plaintext_dir is not None:
             cmd += ["--unsafe-plaintext-dir", str(self.unsafe_plaintext_dir)]
         return cmd + list(self.extra_args)

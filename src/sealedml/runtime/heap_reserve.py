@@ -32,8 +32,14 @@ import threading
 
 from sealedml._internal.malloc import prefault_heap
 from sealedml._internal.priority import yield_to_compute
+from sealedml.errors import ConfigurationError
 
-__all__ = ["HeapReserve"]
+__all__ = ["HEAP_RESERVE_MODES", "HeapReserve"]
+
+#: ``after-loads``: at start and after each request that loaded a model (packed instances);
+#: ``at-start``: only before the first load (one model per instance, or scarce memory);
+#: ``off``: never.
+HEAP_RESERVE_MODES = ("after-loads", "at-start", "off")
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +54,7 @@ class HeapReserve:
 
     def __init__(self, nbytes: int, *, after_loads: bool = True) -> None:
         self.nbytes = nbytes
-        self.after_loads = after_loads
+        self.after_loads = after_loads and nbytes > 0
         #: Completed top-ups (a top-up a load interrupted does not count).
         self.top_ups = 0
         self._wanted = threading.Event()
@@ -58,6 +64,22 @@ class HeapReserve:
         self._closed = False
         self._thread: threading.Thread | None = None
 
+    @classmethod
+    def for_mode(cls, mode: str, nbytes: int) -> HeapReserve:
+        """The reserve a :data:`HEAP_RESERVE_MODES` mode asks for.
+
+        Raises:
+            ConfigurationError: an unknown mode.
+        """
+        if mode not in HEAP_RESERVE_MODES:
+            raise ConfigurationError(f"unknown heap reserve mode {mode!r}; choose from {', '.join(HEAP_RESERVE_MODES)}")
+        return cls(0 if mode == "off" else nbytes, after_loads=mode == "after-loads")
+
+    @property
+    def mode(self) -> str:
+        """This reserve's :data:`HEAP_RESERVE_MODES` mode."""
+        return "off" if self.nbytes == 0 else "after-loads" if self.after_loads else "at-start"
+
     @property
     def running(self) -> bool:
         """Whether the background thread is alive."""
@@ -66,7 +88,7 @@ class HeapReserve:
     def replenish(self) -> None:
         """Fault the reserve in again soon (after a load used it, or at start)."""
         with self._lock:
-            if self._closed:
+            if self._closed or self.nbytes == 0:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="heap-reserve", daemon=True)

@@ -65,6 +65,7 @@ def build_worker(
     memory_budget: int | None = None,
     spill_dir: str | None = None,
     warm_first_segment: bool = True,
+    heap_reserve: str | None = None,
     trust: KeyServiceTrust | None = None,
     executor_url: str | None = None,
 ) -> Worker:
@@ -80,6 +81,8 @@ def build_worker(
         spill_dir: where memory-bounded models keep their re-encrypted weights.
         warm_first_segment: memory-bounded models decrypt the next request's first segment
             after each request (False: only zeros in their weight arena between requests).
+        heap_reserve: ``after-loads``, ``at-start`` or ``off`` (:mod:`sealedml.runtime.heap_reserve`;
+            None: ``at-start`` with a memory budget, else ``after-loads``).
         trust: the KeyService to accept (default: this build's simulated KeyService on this host).
         executor_url: the untrusted executor that runs the middles of partitioned models.
     """
@@ -97,6 +100,7 @@ def build_worker(
             memory_budget=memory_budget,
             spill_dir=spill_dir,
             warm_first_segment=warm_first_segment,
+            heap_reserve=heap_reserve,
             executor_url=executor_url,
         ),
     )
@@ -116,6 +120,7 @@ def serve(
     memory_budget: int | None = None,
     spill_dir: str | None = None,
     warm_first_segment: bool = True,
+    heap_reserve: str | None = None,
     trust: KeyServiceTrust | None = None,
     executor_url: str | None = None,
     max_request: int | None = None,
@@ -143,6 +148,7 @@ def serve(
         memory_budget=memory_budget,
         spill_dir=spill_dir,
         warm_first_segment=warm_first_segment,
+        heap_reserve=heap_reserve,
         trust=trust,
         executor_url=executor_url,
     )

@@ -84,6 +84,9 @@ class WorkerConfig:
         stream_prefetch: decrypt segment k+1 while segment k computes.
         warm_first_segment: with ``stream_prefetch``, decrypt the next request's first
             segment after each request (False: only zeros in the weight arena between requests).
+        heap_reserve: heap kept faulted in for model loads (:mod:`sealedml.runtime.heap_reserve`):
+            ``after-loads``, ``at-start`` or ``off``; None: ``at-start`` with a memory budget
+            (such instances run where memory is scarce), else ``after-loads``.
         executor_url: where the middles of partitioned models run (an untrusted executor);
             None: partitioned models are refused with a clear error.
         lease_margin: seconds before expiry at which a lease is renewed.
@@ -96,6 +99,7 @@ class WorkerConfig:
     spill_dir: str | None = None
     stream_prefetch: bool = True
     warm_first_segment: bool = True
+    heap_reserve: str | None = None
     executor_url: str | None = None
     lease_margin: float = 0.5
     replay_window: int = 2 * MAX_CLOCK_SKEW
@@ -185,9 +189,8 @@ class Worker:
             self.config.model_cache_bytes, on_evict=self._evicted
         )
         self._replays = _ReplayCache(self.config.replay_window)
-        # Memory-bounded instances fault it in once, for their first load only: they run
-        # where memory is scarce, and their loads allocate little beyond the weights' spill.
-        self._heap = HeapReserve(PREFAULT_BYTES, after_loads=self.config.memory_budget is None)
+        default_mode = "at-start" if self.config.memory_budget is not None else "after-loads"
+        self._heap = HeapReserve.for_mode(self.config.heap_reserve or default_mode, PREFAULT_BYTES)
         self.stats = WorkerStats()
         self.started_at = time.time()
 
@@ -497,7 +500,7 @@ class Worker:
             "warm_first_segment": None if self.config.memory_budget is None else self.config.warm_first_segment,
             "peak_tracked_bytes": self.stats.peak_bytes,
             # Heap faulted in ahead of model loads, and how often it was topped up after one.
-            "heap_reserve": {"bytes": self._heap.nbytes, "top_ups": self._heap.top_ups},
+            "heap_reserve": {"mode": self._heap.mode, "bytes": self._heap.nbytes, "top_ups": self._heap.top_ups},
             "rss_bytes": _rss_bytes(),
             "uptime_s": round(time.time() - self.started_at, 3),
         }

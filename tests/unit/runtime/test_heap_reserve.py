@@ -16,6 +16,7 @@ import time
 import pytest
 
 from sealedml._internal.malloc import prefault_heap
+from sealedml.errors import ConfigurationError
 from sealedml.runtime.heap_reserve import HeapReserve
 
 MB = 1024 * 1024
@@ -132,3 +133,28 @@ def test_with_one_arena_a_thread_reuses_the_pages_another_faulted_in() -> None:
     # every page in again: the measurement can tell the two apart.
     assert second_thread_faults("default") > pages // 2
     assert second_thread_faults("one") < pages // 10
+
+
+def test_modes_choose_when_the_reserve_is_faulted_in() -> None:
+    assert HeapReserve.for_mode("after-loads", MB).mode == "after-loads"
+    at_start = HeapReserve.for_mode("at-start", MB)
+    assert at_start.mode == "at-start" and not at_start.after_loads and at_start.nbytes == MB
+    off = HeapReserve.for_mode("off", MB)
+    off.replenish()
+    assert off.mode == "off" and off.nbytes == 0 and not off.running
+    with pytest.raises(ConfigurationError, match="unknown heap reserve mode 'sometimes'"):
+        HeapReserve.for_mode("sometimes", MB)
+
+
+def test_instances_of_one_model_functions_fault_the_reserve_in_only_at_start(tmp_path) -> None:
+    from sealedml.platform.local import LocalPlatform
+    from sealedml.platform.process import InstanceSpec
+
+    spec = InstanceSpec(keyservice="http://127.0.0.1:1", store=tmp_path)
+    assert "--heap-reserve" not in spec.arguments()  # the instance's own default
+    per_model = LocalPlatform(spec, policy="per-model").spec
+    assert per_model.heap_reserve == "at-start"
+    assert per_model.arguments()[-2:] == ["--heap-reserve", "at-start"]
+    assert LocalPlatform(spec, policy="sealedml").spec.heap_reserve is None
+    chosen = InstanceSpec(keyservice="http://127.0.0.1:1", store=tmp_path, heap_reserve="off")
+    assert LocalPlatform(chosen, policy="per-model").spec.heap_reserve == "off"  # an operator's choice stays
