@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 from collections.abc import Callable
+from typing import Any
 
 __all__ = [
     "MMAP_THRESHOLD",
@@ -116,8 +117,9 @@ def prefault_heap(nbytes: int, *, piece: int = 4 * 1024 * 1024, stop: Callable[[
     its heap grows: measured here, loading MobileNetV2 (a 14 MB payload, as much again in
     ONNX Runtime's packed weights) spent ~25 ms of a 70 ms load on ~9,500 faults. The
     pages are allocated in zero-filled pieces below :data:`MMAP_THRESHOLD` (so they come
-    from the heap), without holding the GIL, and freed together; with :func:`tune_for_large_buffers` freed pages
-    stay in the heap and the next allocations reuse them. Zero-filling also wipes stale
+    from the heap), through glibc without holding the GIL, and freed together; with
+    :func:`tune_for_large_buffers` freed pages stay in the heap and the next allocations
+    reuse them. Zero-filling also wipes stale
     bytes (other buffers' plaintext) from the freed memory it reuses.
 
     Args:
@@ -130,25 +132,24 @@ def prefault_heap(nbytes: int, *, piece: int = 4 * 1024 * 1024, stop: Callable[[
         The bytes faulted in and freed.
     """
     libc = _libc()
-    if libc is None:  # not glibc: the same through Python's allocator (holding the GIL meanwhile)
-        held: list[bytearray] = []
-        while len(held) * piece < nbytes and not (stop is not None and stop()):
-            held.append(bytearray(min(piece, nbytes - len(held) * piece)))
-        return sum(len(b) for b in held)
-    # Through glibc directly: ctypes releases the GIL around each call, so a piece's ~1,000
-    # page faults (several milliseconds) never hold up the instance's event loop.
-    pointers: list[int] = []
+    held: list[Any] = []  # glibc pointers, or bytearrays where there is no glibc
     done = 0
     try:
         while done < nbytes and not (stop is not None and stop()):
             size = min(piece, nbytes - done)
-            pointer = libc.malloc(size)
-            if not pointer:
-                break
-            pointers.append(pointer)
-            libc.memset(pointer, 0, size)  # every page faulted in and zeroed
+            if libc is None:
+                held.append(bytearray(size))  # zero-filled, holding the GIL meanwhile
+            else:
+                # ctypes releases the GIL around each call, so a piece's ~1,000 page faults
+                # (several milliseconds) never hold up the instance's event loop.
+                pointer = libc.malloc(size)
+                if not pointer:
+                    break
+                held.append(pointer)
+                libc.memset(pointer, 0, size)  # every page faulted in and zeroed
             done += size
     finally:
-        for pointer in pointers:
-            libc.free(pointer)
+        if libc is not None:
+            for pointer in held:
+                libc.free(pointer)
     return done

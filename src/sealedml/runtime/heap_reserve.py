@@ -1,4 +1,4 @@
-"""Faulted-in heap kept free for the next model load, topped up after each load.
+"""Faulted-in heap kept free for the next model load, topped up after each request that loaded one.
 
 A model load allocates tens of megabytes (MobileNetV2: the 14 MB decrypted payload and
 about as much again in ONNX Runtime's packed weights). Memory a process has never
@@ -12,12 +12,13 @@ loads, 7–10 ms and 11–18 ms with ~20 faults.
 
 :class:`HeapReserve` keeps that much of the heap faulted in and free: one thread, at
 idle priority (it takes only CPU time nothing else wants), allocates zero-filled pieces
-and frees them again after each load. A load that starts while it is working stops it
-at the next 4 MB piece and finds whatever it had faulted in already free. The pieces go
-through glibc without the GIL (:func:`~sealedml._internal.malloc.prefault_heap`), so the
-faults never stall the event loop. It only works
-when the loading thread and the reserve's thread allocate from the same glibc arena:
-instances run with a single arena (:func:`sealedml._internal.malloc.single_arena`).
+and frees them again after each request that loaded a model. A load that starts while it
+is working stops it at the next 4 MB piece and finds whatever it had faulted in already
+free. The pieces go through glibc without the GIL
+(:func:`~sealedml._internal.malloc.prefault_heap`), so the faults never stall the event
+loop. It only works when the loading thread and the reserve's thread allocate from the
+same glibc arena: instances run with a single arena
+(:func:`sealedml._internal.malloc.single_arena`).
 
 What it costs: the instance's resident memory includes the reserve between loads (it
 did already between start and the first load), and about 0.1 s of otherwise idle CPU
@@ -111,8 +112,11 @@ class HeapReserve:
 
         Not as soon as the load ends: the request's first run of the new model allocates
         ONNX Runtime's activation buffers, and a top-up beside it would take the free pages
-        that run is about to reuse.
+        that run is about to reuse. Called on every request: without a load to follow up,
+        one attribute read.
         """
+        if not self._due:
+            return
         with self._lock:
             due = self._due and self._loads == 0
             if due:

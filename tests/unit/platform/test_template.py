@@ -27,6 +27,7 @@ from sealedml.crypto import HpkeKem, HpkePrivateKey
 from sealedml.errors import ServiceUnavailable
 from sealedml.platform import template
 from sealedml.platform.process import InstanceSpec, WorkerProcess
+from tests.unit.runtime.test_heap_reserve import report_second_thread_faults
 
 SIBLINGS = 3
 
@@ -46,42 +47,6 @@ def report_state() -> int:
         "cwd": os.getcwd(),
     }
     print(json.dumps(state), flush=True)
-    return 0
-
-
-def report_second_thread_faults() -> int:
-    """Runs in a forked child: one thread faults in 24 MB of heap and frees it, staying alive;
-    prints how many page faults a second thread then takes to allocate as much."""
-    import resource
-    import threading
-
-    from sealedml._internal.malloc import prefault_heap, tune_for_large_buffers
-
-    tune_for_large_buffers()  # as every server does before it serves
-    done, hold = threading.Event(), threading.Event()
-
-    def first() -> None:
-        prefault_heap(24 << 20)
-        done.set()
-        hold.wait()  # alive, so that its arena is not handed to the next thread
-
-    faults = []
-
-    def second() -> None:
-        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-        data = bytearray(24 << 20)
-        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
-        del data
-
-    t1 = threading.Thread(target=first)
-    t1.start()
-    done.wait()
-    t2 = threading.Thread(target=second)
-    t2.start()
-    t2.join()
-    hold.set()
-    t1.join()
-    print(json.dumps({"faults": faults[0]}), flush=True)
     return 0
 
 

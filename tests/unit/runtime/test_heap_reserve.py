@@ -11,8 +11,8 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,44 +88,63 @@ def test_a_closed_reserve_starts_nothing() -> None:
     assert not reserve.running and reserve.top_ups == 0
 
 
-#: Runs in a fresh interpreter: one thread faults in 24 MB and frees it while it stays alive,
-#: then a second thread allocates as much; prints the second thread's minor page faults.
-SECOND_THREAD_FAULTS = textwrap.dedent(
+def report_second_thread_faults(set_single_arena: bool = False) -> int:
+    """One thread faults in 24 MB of heap and frees it, staying alive; prints (one JSON line) how
+    many page faults a second thread then takes to allocate as much.
+
+    Run in a fresh interpreter here, and in a child forked from the instance template in
+    ``tests/unit/platform/test_template.py``.
     """
-    import json, resource, sys, threading
-    from sealedml._internal.malloc import single_arena, tune_for_large_buffers, prefault_heap
-    tune_for_large_buffers()
-    if sys.argv[1] == "one":
+    import resource
+    import threading
+
+    from sealedml._internal.malloc import single_arena, tune_for_large_buffers
+
+    tune_for_large_buffers()  # as every server does before it serves
+    if set_single_arena:
         single_arena()
     done, hold = threading.Event(), threading.Event()
-    def first():
+
+    def first() -> None:
         prefault_heap(24 << 20)
         done.set()
-        hold.wait()  # alive: its arena is not handed to the next thread
+        hold.wait()  # alive, so that its arena is not handed to the next thread
+
     faults = []
-    def second():
+
+    def second() -> None:
         before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
         data = bytearray(24 << 20)
         faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
         del data
-    t1 = threading.Thread(target=first); t1.start(); done.wait()
-    t2 = threading.Thread(target=second); t2.start(); t2.join()
-    hold.set(); t1.join()
-    print(json.dumps({"faults": faults[0]}))
-    """
-)
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    done.wait()
+    t2 = threading.Thread(target=second)
+    t2.start()
+    t2.join()
+    hold.set()
+    t1.join()
+    print(json.dumps({"faults": faults[0]}), flush=True)
+    return 0
 
 
-def second_thread_faults(arenas: str) -> int:
+def second_thread_faults(set_single_arena: bool) -> int:
+    """:func:`report_second_thread_faults` in a fresh interpreter."""
+    root = Path(__file__).resolve().parents[3]
     # glibc's defaults for the control, whatever the environment running the tests sets.
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    code = "import sys\nfrom tests.unit.runtime.test_heap_reserve import report_second_thread_faults as f\nf(sys.argv[1] == 'one')"
     out = subprocess.run(
-        [sys.executable, "-c", SECOND_THREAD_FAULTS, arenas],
+        [sys.executable, "-c", code, "one" if set_single_arena else "default"],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
         env=env,
+        cwd=root,
     )
     return int(json.loads(out.stdout.strip().splitlines()[-1])["faults"])
 
@@ -135,8 +154,8 @@ def test_with_one_arena_a_thread_reuses_the_pages_another_faulted_in() -> None:
     pages = (24 << 20) // 4096
     # Control: glibc's default gives the second thread an arena of its own, which faults
     # every page in again: the measurement can tell the two apart.
-    assert second_thread_faults("default") > pages // 2
-    assert second_thread_faults("one") < pages // 10
+    assert second_thread_faults(set_single_arena=False) > pages // 2
+    assert second_thread_faults(set_single_arena=True) < pages // 10
 
 
 def test_modes_choose_when_the_reserve_is_faulted_in() -> None:
